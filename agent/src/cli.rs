@@ -1,0 +1,49 @@
+//! Command line of `gammaray-agent`.
+
+use std::{net::SocketAddrV4, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "gammaray-agent", version, about = "gammaray's per-node mesh agent")]
+pub struct Cli {
+    /// Log filter when RUST_LOG is unset; add `gammaray::kernel=debug` to see every redirect.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    /// The agent's control socket.
+    #[arg(long, global = true, default_value = "/run/gammaray/agent.sock", env = "GAMMARAY_CONTROL")]
+    pub control: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the eBPF programs, run the node proxy and serve until SIGTERM.
+    Run {
+        /// This node's name.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// Address of the node proxy's outbound listener; enrolled pods' connections go here.
+        #[arg(long)]
+        proxy_addr: SocketAddrV4,
+        /// cgroup2 directory to attach to (default: detected from /proc/self/mountinfo).
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+        /// Kernel BTF, checked before loading.
+        #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
+        btf: PathBuf,
+        /// Worker threads of the proxy.
+        #[arg(long, default_value_t = 2)]
+        proxy_threads: usize,
+    },
+    /// Enrol a network namespace (/proc/PID/ns/net or /run/netns/NAME) in a running agent.
+    Enrol { netns: PathBuf },
+    /// Stop steering a network namespace.
+    Unenrol { netns: PathBuf },
+    /// Print the running agent's status as JSON.
+    Status,
+}

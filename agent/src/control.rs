@@ -1,0 +1,219 @@
+//! The agent's control socket: a Unix socket speaking HTTP/1.1 with JSON bodies, for the CLI
+//! (`gammaray-agent enrol …`) and tests. A Unix socket, not TCP, so it is reachable from any
+//! network namespace and guarded by file permissions.
+//!
+//! - `POST /enrol` `{"netns": PATH}` → `{"cookie": N}`
+//! - `POST /unenrol` `{"netns": PATH}` → `{"cookie": N, "wasEnrolled": bool}`
+//! - `GET /status` → [`Status`]
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::{
+    ebpf::{Attachment, Datapath, KernelCounters},
+    netns,
+};
+use gammaray_proxy::stats::{OutboundCounts, OutboundStats};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot bind the control socket {path}: {source}")]
+    Bind { path: PathBuf, source: std::io::Error },
+    #[error("cannot reach the agent's control socket {path}: {source} (is the agent running?)")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("control request failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("the agent refused: {status}: {body}")]
+    Refused { status: StatusCode, body: String },
+    #[error("bad control response: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetnsRequest {
+    pub netns: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrolResponse {
+    pub cookie: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub was_enrolled: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub node: String,
+    pub attachment: Attachment,
+    pub enrolled: Vec<u64>,
+    pub kernel: KernelCounters,
+    pub outbound: OutboundCounts,
+}
+
+/// What the control socket serves from.
+pub struct State {
+    pub node: String,
+    pub datapath: Datapath,
+    pub outbound: Arc<OutboundStats>,
+}
+
+/// Serves the control socket until the task is dropped. An existing socket file at `path` is
+/// replaced (a previous agent that crashed leaves one behind).
+pub async fn serve(path: &Path, state: Arc<State>) -> Result<(), ControlError> {
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|source| ControlError::Bind { path: path.to_owned(), source })?;
+    tracing::info!(path = %path.display(), component = "control", "listener ready");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(error = %err, "control accept failed");
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, state.clone()));
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %err, "control connection ended");
+            }
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<State>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let route = (req.method().clone(), req.uri().path().to_owned());
+    let body = req.into_body().collect().await?.to_bytes();
+    Ok(match (route.0, route.1.as_str()) {
+        (Method::GET, "/status") => match status(&state) {
+            Ok(s) => json(StatusCode::OK, &s),
+            Err(err) => text(StatusCode::INTERNAL_SERVER_ERROR, err),
+        },
+        (Method::POST, op @ ("/enrol" | "/unenrol")) => {
+            let req: NetnsRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(err) => return Ok(text(StatusCode::BAD_REQUEST, format!("bad request: {err}"))),
+            };
+            let enrol = op == "/enrol";
+            let netns = req.netns.clone();
+            // Entering a namespace blocks a thread briefly; keep it off the runtime's workers.
+            let result = tokio::task::spawn_blocking(move || {
+                let cookie = netns::cookie_of(&netns).map_err(|e| e.to_string())?;
+                if enrol {
+                    state.datapath.enrol(cookie).map_err(|e| e.to_string())?;
+                    tracing::info!(netns = %netns.display(), cookie, "enrolled");
+                    Ok(EnrolResponse { cookie, was_enrolled: None })
+                } else {
+                    let was = state.datapath.unenrol(cookie).map_err(|e| e.to_string())?;
+                    tracing::info!(netns = %netns.display(), cookie, was_enrolled = was, "unenrolled");
+                    Ok(EnrolResponse { cookie, was_enrolled: Some(was) })
+                }
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("enrolment task failed: {e}")));
+            match result {
+                Ok(r) => json(StatusCode::OK, &r),
+                Err(err) => text(StatusCode::UNPROCESSABLE_ENTITY, err),
+            }
+        }
+        (_, path) => text(StatusCode::NOT_FOUND, format!("no such control endpoint: {path}")),
+    })
+}
+
+fn status(state: &State) -> Result<Status, crate::ebpf::EbpfError> {
+    Ok(Status {
+        node: state.node.clone(),
+        attachment: state.datapath.attachment().clone(),
+        enrolled: state.datapath.enrolled(),
+        kernel: state.datapath.counters()?,
+        outbound: state.outbound.snapshot(),
+    })
+}
+
+fn json<T: Serialize>(code: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).expect("control responses serialise");
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+fn text(code: StatusCode, msg: impl ToString) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from(msg.to_string())))
+        .expect("static response parts are valid")
+}
+
+/// A client of the control socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    path: PathBuf,
+}
+
+impl Client {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    async fn call(&self, method: Method, uri: &str, body: Vec<u8>) -> Result<Bytes, ControlError> {
+        let stream = UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| ControlError::Connect { path: self.path.clone(), source })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "gammaray-agent")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("static request parts are valid");
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(ControlError::Refused { status, body: String::from_utf8_lossy(&body).into_owned() })
+        }
+    }
+
+    pub async fn enrol(&self, netns: &Path) -> Result<EnrolResponse, ControlError> {
+        let body = serde_json::to_vec(&NetnsRequest { netns: netns.to_owned() })?;
+        Ok(serde_json::from_slice(&self.call(Method::POST, "/enrol", body).await?)?)
+    }
+
+    pub async fn unenrol(&self, netns: &Path) -> Result<EnrolResponse, ControlError> {
+        let body = serde_json::to_vec(&NetnsRequest { netns: netns.to_owned() })?;
+        Ok(serde_json::from_slice(&self.call(Method::POST, "/unenrol", body).await?)?)
+    }
+
+    pub async fn status(&self) -> Result<Status, ControlError> {
+        Ok(serde_json::from_slice(&self.call(Method::GET, "/status", Vec::new()).await?)?)
+    }
+}

@@ -1,0 +1,11 @@
+//! gammaray's per-node agent: checks the node can run the mesh, loads and attaches the eBPF
+//! programs, enrols pods' network namespaces, forwards the kernel's log lines, and runs the
+//! node proxy in-process on its own runtime.
+
+pub mod cli;
+pub mod control;
+pub mod ebpf;
+pub mod logging;
+pub mod netns;
+pub mod preflight;
+pub mod run;

@@ -1,0 +1,122 @@
+//! `gammaray-agent run`: preflight, load and attach, serve the proxy and the control socket
+//! until SIGTERM or SIGINT, then detach.
+
+use std::{
+    net::SocketAddrV4,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use gammaray_proxy::{outbound, stats::OutboundStats};
+
+use crate::{control, ebpf, preflight};
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub node: String,
+    /// The node proxy's outbound listener; the eBPF program redirects to it.
+    pub proxy_addr: SocketAddrV4,
+    /// cgroup2 directory to attach at; detected from /proc/self/mountinfo when `None`.
+    pub cgroup_root: Option<PathBuf>,
+    pub control_socket: PathBuf,
+    pub btf_path: PathBuf,
+    /// Worker threads of the proxy's runtime.
+    pub proxy_threads: usize,
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(
+    cfg: RunConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    preflight::check_privileges()?;
+    preflight::check_btf(&cfg.btf_path)?;
+    let cgroup_root = match &cfg.cgroup_root {
+        Some(path) => {
+            preflight::check_cgroup2(path)?;
+            path.clone()
+        }
+        None => preflight::detect_cgroup2(std::path::Path::new("/proc/self/mountinfo"))?,
+    };
+
+    // Bind before attaching, so a redirected connection never finds the port closed.
+    let listener = std::net::TcpListener::bind(cfg.proxy_addr)
+        .with_context(|| format!("cannot bind the outbound listener on {}", cfg.proxy_addr))?;
+    listener.set_nonblocking(true).context("outbound listener non-blocking")?;
+
+    let mut datapath = ebpf::Datapath::load(&cgroup_root, cfg.proxy_addr)?;
+    let logger = datapath.take_logger();
+    let kernel_logs = logger.map(|l| tokio::spawn(ebpf::forward_kernel_logs(l)));
+
+    // The proxy runs on a runtime of its own, so a burst of traffic never starves the agent's
+    // control work, and the agent's work never adds latency to requests.
+    let outbound_stats = Arc::new(OutboundStats::default());
+    let lookup = datapath.orig_dst_lookup();
+    let proxy_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.proxy_threads.max(1))
+        .thread_name("proxy")
+        .enable_all()
+        .build()
+        .context("cannot start the proxy runtime")?;
+    {
+        let stats = outbound_stats.clone();
+        proxy_rt.spawn(async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot register the outbound listener");
+                    return;
+                }
+            };
+            if let Err(err) = outbound::serve(listener, lookup, stats).await {
+                tracing::error!(error = %err, "outbound listener stopped");
+            }
+        });
+    }
+
+    let state = Arc::new(control::State {
+        node: cfg.node.clone(),
+        datapath,
+        outbound: outbound_stats,
+    });
+    let control_path = cfg.control_socket.clone();
+    let mut control = tokio::spawn({
+        let state = state.clone();
+        async move { control::serve(&control_path, state).await }
+    });
+    tracing::info!(node = %cfg.node, proxy = %cfg.proxy_addr, "agent ready");
+
+    tokio::select! {
+        () = shutdown => tracing::info!("shutting down"),
+        res = &mut control => match res {
+            Ok(Err(err)) => tracing::error!(error = %err, "control socket stopped"),
+            _ => tracing::error!("control socket task ended"),
+        },
+    }
+    control.abort();
+    let _ = control.await;
+    if let Some(task) = kernel_logs {
+        task.abort();
+        let _ = task.await;
+    }
+    proxy_rt.shutdown_background();
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    // The control task holds the last other reference; once it is gone the links drop here.
+    match Arc::try_unwrap(state) {
+        Ok(mut state) => state.datapath.detach(),
+        Err(_) => tracing::warn!("state still shared at exit; links close with the process"),
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

@@ -1,0 +1,76 @@
+//! `cgroup/connect4`: rewrite the destination of an enrolled namespace's TCP connect to the
+//! node proxy, keeping the original destination by socket cookie.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_netns_cookie, generated::bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::{debug, warn};
+use gammaray_common::{COUNTER_ERRORS, COUNTER_REDIRECTED, COUNTER_SKIPPED, OrigDst};
+
+use crate::maps::{GR_ENROLLED, GR_SOCK_ORIG, config, count};
+
+const ALLOW: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+
+#[cgroup_sock_addr(connect4)]
+pub fn gr_connect4(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext) {
+    // SAFETY: the helper takes the program's own context, which the kernel hands us valid.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if GR_ENROLLED.get_ptr(&netns).is_none() {
+        return;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: `sock_addr` is the kernel's context pointer for this invocation; the verifier
+    // checks every field access against the context layout.
+    let (kind, protocol, dst_addr, dst_port) =
+        unsafe { ((*sa).type_, (*sa).protocol, (*sa).user_ip4, (*sa).user_port as u16) };
+    if kind != SOCK_STREAM || protocol != IPPROTO_TCP {
+        count(COUNTER_SKIPPED);
+        return;
+    }
+    let Some(cfg) = config() else {
+        warn!(ctx, "enrolled netns {} connects before the proxy address is configured", netns);
+        count(COUNTER_SKIPPED);
+        return;
+    };
+    let first_octet = u32::from_be(dst_addr) >> 24;
+    if first_octet == 127 || dst_addr == 0 || (dst_addr == cfg.proxy_addr && dst_port == cfg.proxy_port) {
+        count(COUNTER_SKIPPED);
+        return;
+    }
+    // SAFETY: as above; the helper reads the socket behind this context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst { addr: dst_addr, port: dst_port, _pad: 0 };
+    if let Err(err) = GR_SOCK_ORIG.insert(&cookie, &orig, 0) {
+        // Without a record the proxy could not route the connection: leave it alone.
+        warn!(ctx, "cannot record original destination of socket {}: error {}", cookie, err);
+        count(COUNTER_ERRORS);
+        return;
+    }
+    // SAFETY: user_ip4 and user_port are writable in connect4 programs (4-byte writes).
+    unsafe {
+        (*sa).user_ip4 = cfg.proxy_addr;
+        (*sa).user_port = u32::from(cfg.proxy_port);
+    }
+    count(COUNTER_REDIRECTED);
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    debug!(
+        ctx,
+        "redirect pid={} dst={:i}:{} proxy={:i}:{}",
+        pid,
+        u32::from_be(dst_addr),
+        u16::from_be(dst_port),
+        u32::from_be(cfg.proxy_addr),
+        u16::from_be(cfg.proxy_port)
+    );
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs everything gammaray needs to build and test on a fresh Debian machine, idempotently.
+# Runs in seconds when everything is already in place. Must run before any cargo command:
+# RUSTUP_AUTO_INSTALL=0 on these machines means the pinned toolchain is never fetched implicitly.
+set -euo pipefail
+
+TOOLCHAIN="nightly-2026-07-01"
+BPF_LINKER_VERSION="0.13.0"
+LLVM_MAJOR="22"
+
+log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+  log "must run as root (it installs Debian packages); rerun with sudo"
+  exit 1
+fi
+
+export PATH="$HOME/.cargo/bin:$PATH"
+
+# Debian packages: LLVM for bpf-linker, iproute2 for network namespaces, wrk and iperf3 for benchmarks.
+need_pkgs=()
+for p in "llvm-${LLVM_MAJOR}-dev" iproute2 procps; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
+done
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${need_pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+# The pinned toolchain (rust-toolchain.toml names the same one).
+if ! rustup toolchain list | grep -q "^${TOOLCHAIN}"; then
+  log "installing toolchain ${TOOLCHAIN}"
+  rustup toolchain install "${TOOLCHAIN}" --profile minimal -c rust-src -c rustfmt -c clippy
+else
+  for c in rust-src rustfmt clippy; do
+    rustup component list --toolchain "${TOOLCHAIN}" --installed | grep -q "^${c}" \
+      || rustup component add --toolchain "${TOOLCHAIN}" "$c"
+  done
+fi
+
+# bpf-linker, built against the same LLVM major as the pinned rustc.
+if ! bpf-linker --version 2>/dev/null | grep -q "${BPF_LINKER_VERSION}"; then
+  log "installing bpf-linker ${BPF_LINKER_VERSION} against LLVM ${LLVM_MAJOR} (about 70 s)"
+  LLVM_PREFIX="/usr/lib/llvm-${LLVM_MAJOR}" cargo "+${TOOLCHAIN}" install bpf-linker --locked \
+    --version "${BPF_LINKER_VERSION}" --no-default-features --features "llvm-${LLVM_MAJOR}"
+fi
+
+log "ready: ${TOOLCHAIN}, bpf-linker ${BPF_LINKER_VERSION}, LLVM ${LLVM_MAJOR}"

@@ -1,0 +1,8 @@
+//! gammaray's node proxy. Connections that the eBPF program steers here arrive on the outbound
+//! listener; the proxy recovers where each one was going through an [`orig_dst::OrigDstLookup`]
+//! (the agent implements it over the kernel's map) and carries it there.
+#![forbid(unsafe_code)]
+
+pub mod orig_dst;
+pub mod outbound;
+pub mod stats;

@@ -1,0 +1,39 @@
+//! Counters the proxy keeps for the agent's status and metrics endpoints.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Debug, Default)]
+pub struct OutboundStats {
+    /// Connections accepted on the outbound listener.
+    pub accepted: AtomicU64,
+    /// Accepted connections whose original destination was not found: closed at once.
+    pub lookup_misses: AtomicU64,
+    /// Connections whose original destination could not be reached.
+    pub upstream_errors: AtomicU64,
+    /// Bytes carried from clients to destinations, and back.
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+}
+
+/// A point-in-time copy of [`OutboundStats`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundCounts {
+    pub accepted: u64,
+    pub lookup_misses: u64,
+    pub upstream_errors: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl OutboundStats {
+    pub fn snapshot(&self) -> OutboundCounts {
+        OutboundCounts {
+            accepted: self.accepted.load(Relaxed),
+            lookup_misses: self.lookup_misses.load(Relaxed),
+            upstream_errors: self.upstream_errors.load(Relaxed),
+            bytes_sent: self.bytes_sent.load(Relaxed),
+            bytes_received: self.bytes_received.load(Relaxed),
+        }
+    }
+}
