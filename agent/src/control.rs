@@ -56,6 +56,7 @@ pub struct EnrolResponse {
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     pub node: String,
+    pub proxy: std::net::SocketAddrV4,
     pub attachment: Attachment,
     pub enrolled: Vec<u64>,
     pub kernel: KernelCounters,
@@ -65,6 +66,7 @@ pub struct Status {
 /// What the control socket serves from.
 pub struct State {
     pub node: String,
+    pub proxy: std::net::SocketAddrV4,
     pub datapath: Datapath,
     pub outbound: Arc<OutboundStats>,
 }
@@ -145,6 +147,7 @@ async fn handle(
 fn status(state: &State) -> Result<Status, crate::ebpf::EbpfError> {
     Ok(Status {
         node: state.node.clone(),
+        proxy: state.proxy,
         attachment: state.datapath.attachment().clone(),
         enrolled: state.datapath.enrolled(),
         kernel: state.datapath.counters()?,

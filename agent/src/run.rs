@@ -77,6 +77,7 @@ pub async fn run(
 
     let state = Arc::new(control::State {
         node: cfg.node.clone(),
+        proxy: cfg.proxy_addr,
         datapath,
         outbound: outbound_stats,
     });
