@@ -6,9 +6,15 @@ use tracing_subscriber::{EnvFilter, fmt};
 /// `info,gammaray::kernel=debug` to see every redirect the kernel logs.
 pub fn init(default: &str, json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let result = if json { builder.json().try_init() } else { builder.try_init() };
+    let result = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
     if let Err(err) = result {
         eprintln!("logging already initialised: {err}");
     }

@@ -14,7 +14,13 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         let client = control::Client::new(&cli.control);
         match cli.command {
-            Command::Run { node, proxy_addr, cgroup_root, btf, proxy_threads } => {
+            Command::Run {
+                node,
+                proxy_addr,
+                cgroup_root,
+                btf,
+                proxy_threads,
+            } => {
                 let cfg = RunConfig {
                     node,
                     proxy_addr,

@@ -27,7 +27,10 @@ pub enum PreflightError {
     #[error("missing cgroup2: {path} is not a cgroup2 mount ({reason})")]
     NotCgroup2 { path: PathBuf, reason: String },
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Effective capabilities of this process, from /proc/self/status.
@@ -46,31 +49,47 @@ fn effective_caps() -> Result<u64, PreflightError> {
 /// CAP_SYS_ADMIN to enter network namespaces when enrolling them.
 pub fn check_privileges() -> Result<(), PreflightError> {
     let caps = effective_caps()?;
-    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
-        .into_iter()
-        .filter(|(bit, _)| caps & (1u64 << bit) == 0)
-        .map(|(_, name)| name)
-        .collect();
+    let missing: Vec<&str> = [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| caps & (1u64 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect();
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(PreflightError::Privilege { missing: missing.join(", ") })
+        Err(PreflightError::Privilege {
+            missing: missing.join(", "),
+        })
     }
 }
 
 pub fn check_btf(path: &Path) -> Result<(), PreflightError> {
-    if path.exists() { Ok(()) } else { Err(PreflightError::Btf { path: path.to_owned() }) }
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(PreflightError::Btf {
+            path: path.to_owned(),
+        })
+    }
 }
 
 /// Finds the cgroup2 mount to attach at. A hybrid host mounts it at /sys/fs/cgroup/unified, a
 /// pure v2 host at /sys/fs/cgroup; the shortest cgroup2 mount point is the root of the tree.
 pub fn detect_cgroup2(mountinfo: &Path) -> Result<PathBuf, PreflightError> {
-    let text = std::fs::read_to_string(mountinfo)
-        .map_err(|source| PreflightError::Read { path: mountinfo.to_owned(), source })?;
+    let text = std::fs::read_to_string(mountinfo).map_err(|source| PreflightError::Read {
+        path: mountinfo.to_owned(),
+        source,
+    })?;
     cgroup2_mounts(&text)
         .into_iter()
         .min_by_key(|p| p.as_os_str().len())
-        .ok_or_else(|| PreflightError::NoCgroup2 { mountinfo: mountinfo.to_owned() })
+        .ok_or_else(|| PreflightError::NoCgroup2 {
+            mountinfo: mountinfo.to_owned(),
+        })
 }
 
 /// cgroup2 mount points listed in a mountinfo text (proc(5) format).
@@ -117,7 +136,10 @@ mod tests {
 
     #[test]
     fn finds_the_unified_mount_on_a_hybrid_host() {
-        assert_eq!(cgroup2_mounts(HYBRID), vec![PathBuf::from("/sys/fs/cgroup/unified")]);
+        assert_eq!(
+            cgroup2_mounts(HYBRID),
+            vec![PathBuf::from("/sys/fs/cgroup/unified")]
+        );
     }
 
     #[test]
@@ -131,9 +153,13 @@ mod tests {
 
     #[test]
     fn no_cgroup2_names_what_is_missing() {
-        let dir = std::env::temp_dir().join(format!("gammaray-mountinfo-v1-{}", std::process::id()));
-        std::fs::write(&dir, "28 26 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n")
-            .expect("write mountinfo");
+        let dir =
+            std::env::temp_dir().join(format!("gammaray-mountinfo-v1-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "28 26 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n",
+        )
+        .expect("write mountinfo");
         let err = detect_cgroup2(&dir).expect_err("no cgroup2 mount");
         std::fs::remove_file(&dir).expect("remove mountinfo");
         assert!(err.to_string().contains("missing cgroup2"), "{err}");

@@ -1,11 +1,7 @@
 //! `gammaray-agent run`: preflight, load and attach, serve the proxy and the control socket
 //! until SIGTERM or SIGINT, then detach.
 
-use std::{
-    net::SocketAddrV4,
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{net::SocketAddrV4, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use gammaray_proxy::{outbound, stats::OutboundStats};
@@ -43,7 +39,9 @@ pub async fn run(
     // Bind before attaching, so a redirected connection never finds the port closed.
     let listener = std::net::TcpListener::bind(cfg.proxy_addr)
         .with_context(|| format!("cannot bind the outbound listener on {}", cfg.proxy_addr))?;
-    listener.set_nonblocking(true).context("outbound listener non-blocking")?;
+    listener
+        .set_nonblocking(true)
+        .context("outbound listener non-blocking")?;
 
     let mut datapath = ebpf::Datapath::load(&cgroup_root, cfg.proxy_addr)?;
     let logger = datapath.take_logger();

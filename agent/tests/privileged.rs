@@ -56,10 +56,20 @@ impl Agent {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let env = [("RUST_LOG".to_owned(), "info,gammaray::kernel=debug".to_owned())];
+        let env = [(
+            "RUST_LOG".to_owned(),
+            "info,gammaray::kernel=debug".to_owned(),
+        )];
         let bin = Path::new(env!("CARGO_BIN_EXE_gammaray-agent"));
-        let process = node.spawn("agent", bin, &args, &env, Some(&log)).expect("agent starts");
-        let agent = Self { process, control: Client::new(&socket), log, proxy };
+        let process = node
+            .spawn("agent", bin, &args, &env, Some(&log))
+            .expect("agent starts");
+        let agent = Self {
+            process,
+            control: Client::new(&socket),
+            log,
+            proxy,
+        };
         assert_eventually("agent answers on its control socket", TIMEOUT, || {
             block_on(agent.control.status()).map_err(|e| format!("{e}; log: {}", agent.log_text()))
         });
@@ -87,20 +97,29 @@ impl Agent {
 /// A backend pod answering on `SERVICE_VIP:80` and on its own IP at port 8080.
 fn backend(cluster: &Cluster, node: u8, name: &str) -> (Arc<Pod>, Vec<EchoServer>) {
     let pod = cluster.add_pod(node, "demo", name).expect("backend pod");
-    cluster.add_pod_address(&pod, SERVICE_VIP).expect("service address on backend");
-    let servers = [SocketAddr::from((SERVICE_VIP, 80)), SocketAddr::from((pod.ip, 8080))]
-        .into_iter()
-        .map(|addr| {
-            let listener =
-                pod.run(|| std::net::TcpListener::bind(addr)).expect("enter pod").expect("bind");
-            EchoServer::start(listener, name).expect("echo server")
-        })
-        .collect();
+    cluster
+        .add_pod_address(&pod, SERVICE_VIP)
+        .expect("service address on backend");
+    let servers = [
+        SocketAddr::from((SERVICE_VIP, 80)),
+        SocketAddr::from((pod.ip, 8080)),
+    ]
+    .into_iter()
+    .map(|addr| {
+        let listener = pod
+            .run(|| std::net::TcpListener::bind(addr))
+            .expect("enter pod")
+            .expect("bind");
+        EchoServer::start(listener, name).expect("echo server")
+    })
+    .collect();
     (pod, servers)
 }
 
 fn call_from(pod: &Pod, dst: SocketAddr) -> Greeting {
-    pod.run(|| echo::call(dst, TIMEOUT)).expect("enter pod").expect("call through the mesh")
+    pod.run(|| echo::call(dst, TIMEOUT))
+        .expect("enter pod")
+        .expect("call through the mesh")
 }
 
 /// Opens a connection and reads the greeting, keeping the connection open.
@@ -108,7 +127,9 @@ fn open_and_greet(dst: SocketAddr) -> (Greeting, TcpStream) {
     let conn = TcpStream::connect_timeout(&dst, TIMEOUT).expect("connect");
     conn.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     let mut line = String::new();
-    BufReader::new(conn.try_clone().expect("clone")).read_line(&mut line).expect("greeting");
+    BufReader::new(conn.try_clone().expect("clone"))
+        .read_line(&mut line)
+        .expect("greeting");
     (Greeting::parse(line.trim()).expect("parse greeting"), conn)
 }
 
@@ -126,7 +147,10 @@ fn an_enrolled_pod_lands_on_the_proxy_which_recovers_the_exact_original_destinat
     let dst = SocketAddr::from((SERVICE_VIP, 80));
     let greeting = call_from(&client, dst);
     assert_eq!(greeting.hostname, "backend-v1");
-    assert_eq!(greeting.local, dst, "the proxy connected to the exact original destination");
+    assert_eq!(
+        greeting.local, dst,
+        "the proxy connected to the exact original destination"
+    );
     assert_eq!(
         greeting.peer.ip(),
         IpAddr::V4(pod_gateway(1)),
@@ -154,8 +178,10 @@ fn two_hundred_concurrent_connections_from_two_pods_all_find_their_destination()
         let pod = cluster.add_pod(1, "demo", name).expect("backend pod");
         for port in 9000..9010 {
             let addr = SocketAddr::from((pod.ip, port));
-            let listener =
-                pod.run(|| std::net::TcpListener::bind(addr)).expect("enter").expect("bind");
+            let listener = pod
+                .run(|| std::net::TcpListener::bind(addr))
+                .expect("enter")
+                .expect("bind");
             servers.push(EchoServer::start(listener, name).expect("echo"));
             destinations.push(addr);
         }
@@ -186,7 +212,10 @@ fn two_hundred_concurrent_connections_from_two_pods_all_find_their_destination()
                                     s.spawn(move || (dst, open_and_greet(dst)))
                                 })
                                 .collect();
-                            handles.into_iter().map(|h| h.join().expect("connection thread")).collect()
+                            handles
+                                .into_iter()
+                                .map(|h| h.join().expect("connection thread"))
+                                .collect()
                         });
                         for (dst, (greeting, _)) in &conns {
                             assert_eq!(greeting.local, *dst, "original destination preserved");
@@ -215,25 +244,47 @@ fn unenrolled_pods_node_processes_and_the_proxys_own_connections_are_not_redirec
     let cluster = Cluster::new(1).expect("cluster");
     let agent = Agent::start(&cluster, 1);
     let (backend, _servers) = backend(&cluster, 1, "backend-v1");
-    let outsider = cluster.add_pod(1, "other", "unenrolled").expect("unenrolled pod");
-    let member = cluster.add_pod(1, "demo", "enrolled").expect("enrolled pod");
+    let outsider = cluster
+        .add_pod(1, "other", "unenrolled")
+        .expect("unenrolled pod");
+    let member = cluster
+        .add_pod(1, "demo", "enrolled")
+        .expect("enrolled pod");
     agent.enrol(&member);
     let dst = SocketAddr::from((backend.ip, 8080));
 
     let direct = call_from(&outsider, dst);
-    assert_eq!(direct.peer.ip(), IpAddr::V4(outsider.ip), "unenrolled pod connects directly");
+    assert_eq!(
+        direct.peer.ip(),
+        IpAddr::V4(outsider.ip),
+        "unenrolled pod connects directly"
+    );
 
     let node = cluster.node(1);
-    let from_node = node.run(|| echo::call(dst, TIMEOUT)).expect("enter node").expect("node call");
-    assert_eq!(from_node.peer.ip(), IpAddr::V4(pod_gateway(1)), "node process connects directly");
-    assert_eq!(agent.status().kernel.redirected, 0, "nothing redirected so far");
+    let from_node = node
+        .run(|| echo::call(dst, TIMEOUT))
+        .expect("enter node")
+        .expect("node call");
+    assert_eq!(
+        from_node.peer.ip(),
+        IpAddr::V4(pod_gateway(1)),
+        "node process connects directly"
+    );
+    assert_eq!(
+        agent.status().kernel.redirected,
+        0,
+        "nothing redirected so far"
+    );
 
     let meshed = call_from(&member, dst);
     assert_eq!(meshed.local, dst);
     let status = agent.status();
     // Had the proxy's own connection to the backend been redirected too, it would have looped
     // back into the proxy and counted twice.
-    assert_eq!(status.kernel.redirected, 1, "only the enrolled pod's connection");
+    assert_eq!(
+        status.kernel.redirected, 1,
+        "only the enrolled pod's connection"
+    );
     assert_eq!(status.outbound.accepted, 1);
     assert_eq!(status.outbound.upstream_errors, 0);
 }
@@ -249,17 +300,31 @@ fn enrolling_and_unenrolling_a_running_pod_moves_its_next_connection() {
     let pod = cluster.add_pod(1, "demo", "client").expect("client pod");
     let dst = SocketAddr::from((backend.ip, 8080));
 
-    assert_eq!(call_from(&pod, dst).peer.ip(), IpAddr::V4(pod.ip), "direct before enrolment");
+    assert_eq!(
+        call_from(&pod, dst).peer.ip(),
+        IpAddr::V4(pod.ip),
+        "direct before enrolment"
+    );
     agent.enrol(&pod);
-    assert_eq!(call_from(&pod, dst).peer.ip(), IpAddr::V4(pod_gateway(1)), "via the proxy once enrolled");
+    assert_eq!(
+        call_from(&pod, dst).peer.ip(),
+        IpAddr::V4(pod_gateway(1)),
+        "via the proxy once enrolled"
+    );
 
     // A connection opened while enrolled survives unenrolment.
     let (_, mut open) = pod.run(|| open_and_greet(dst)).expect("enter pod");
     agent.unenrol(&pod);
-    assert_eq!(call_from(&pod, dst).peer.ip(), IpAddr::V4(pod.ip), "direct again after unenrolment");
-    open.write_all(b"still here\n").expect("write on the old connection");
+    assert_eq!(
+        call_from(&pod, dst).peer.ip(),
+        IpAddr::V4(pod.ip),
+        "direct again after unenrolment"
+    );
+    open.write_all(b"still here\n")
+        .expect("write on the old connection");
     let mut buf = [0u8; 11];
-    open.read_exact(&mut buf).expect("the old connection still echoes");
+    open.read_exact(&mut buf)
+        .expect("the old connection still echoes");
     assert_eq!(&buf, b"still here\n");
     assert_eq!(agent.status().kernel.redirected, 2);
 }
@@ -276,13 +341,21 @@ fn the_kernel_programs_log_lines_appear_in_the_agent_log() {
     agent.enrol(&client);
     call_from(&client, SocketAddr::from((SERVICE_VIP, 80)));
     let expected = format!("dst={SERVICE_VIP}:80 proxy={}", agent.proxy);
-    assert_eventually("the redirect's kernel log line reaches the agent log", TIMEOUT, || {
-        let log = agent.log_text();
-        log.lines()
-            .find(|l| l.contains("gammaray::kernel") && l.contains("redirect pid=") && l.contains(&expected))
-            .map(str::to_owned)
-            .ok_or_else(|| format!("no line with {expected:?} in:\n{log}"))
-    });
+    assert_eventually(
+        "the redirect's kernel log line reaches the agent log",
+        TIMEOUT,
+        || {
+            let log = agent.log_text();
+            log.lines()
+                .find(|l| {
+                    l.contains("gammaray::kernel")
+                        && l.contains("redirect pid=")
+                        && l.contains(&expected)
+                })
+                .map(str::to_owned)
+                .ok_or_else(|| format!("no line with {expected:?} in:\n{log}"))
+        },
+    );
 }
 
 #[test]
@@ -291,15 +364,32 @@ fn a_missing_privilege_is_named() {
         return;
     }
     let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
         .arg(env!("CARGO_BIN_EXE_gammaray-agent"))
-        .args(["--control", "/tmp/gammaray-never.sock", "run", "--node", "n", "--proxy-addr", "127.0.0.1:1"])
+        .args([
+            "--control",
+            "/tmp/gammaray-never.sock",
+            "run",
+            "--node",
+            "n",
+            "--proxy-addr",
+            "127.0.0.1:1",
+        ])
         .env("RUST_BACKTRACE", "0")
         .output()
         .expect("run agent without privileges");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("missing privilege: CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"), "{stderr}");
+    assert!(
+        stderr.contains("missing privilege: CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -314,16 +404,26 @@ fn nothing_is_left_behind() {
         let client = cluster.add_pod(1, "demo", "client").expect("client pod");
         agent.enrol(&client);
         let greeting = call_from(&client, SocketAddr::from((SERVICE_VIP, 80)));
-        assert_eq!(greeting.hostname, "backend-v1", "reached the backend on the other node");
+        assert_eq!(
+            greeting.hostname, "backend-v1",
+            "reached the backend on the other node"
+        );
         let links = agent.status().attachment.link_ids;
         assert_eq!(links.len(), 2, "connect4 and sockops links");
         let exit = agent.process.stop(TIMEOUT).expect("agent exit status");
-        assert!(exit.success(), "agent exits cleanly on SIGTERM: {exit:?}\n{}", agent.log_text());
+        assert!(
+            exit.success(),
+            "agent exits cleanly on SIGTERM: {exit:?}\n{}",
+            agent.log_text()
+        );
         (cluster.run_name().to_owned(), links)
     };
     let left = gammaray_testkit::sweep::leftovers(&run);
     assert!(left.is_empty(), "left behind: {left:?}");
-    let live: Vec<u32> = aya::programs::loaded_links().filter_map(Result::ok).map(|l| l.id()).collect();
+    let live: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| l.id())
+        .collect();
     for id in links {
         assert!(!live.contains(&id), "BPF link {id} still attached");
     }

@@ -74,7 +74,10 @@ impl Cluster {
         let fabric = Netns::create(&format!("{run}-fabric"))?;
         let cgroup = Cgroup::create(cgroup2_root()?.join(&run))?;
         let dir = std::env::temp_dir().join(&run);
-        std::fs::create_dir_all(&dir).map_err(|source| crate::Error::Io { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| crate::Error::Io {
+            path: dir.clone(),
+            source,
+        })?;
         ip(&["-n", fabric.name(), "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", fabric.name(), "link", "set", "br0", "up"])?;
         let mut built = Vec::new();
@@ -82,24 +85,76 @@ impl Cluster {
             let name = format!("node{index}");
             let netns = Netns::create(&format!("{run}-{name}"))?;
             let fab_if = format!("{}{index}", names::VETH_PREFIX);
-            ip(&["-n", fabric.name(), "link", "add", &fab_if, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
-            ip(&["-n", fabric.name(), "link", "set", &fab_if, "master", "br0", "up"])?;
+            ip(&[
+                "-n",
+                fabric.name(),
+                "link",
+                "add",
+                &fab_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                netns.name(),
+            ])?;
+            ip(&[
+                "-n",
+                fabric.name(),
+                "link",
+                "set",
+                &fab_if,
+                "master",
+                "br0",
+                "up",
+            ])?;
             let node_ip = node_ip(index);
-            ip(&["-n", netns.name(), "addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                netns.name(),
+                "addr",
+                "add",
+                &format!("{node_ip}/24"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", netns.name(), "link", "set", "eth0", "up"])?;
             netns.sysctl("net.ipv4.ip_forward", "1")?;
             let node_cg = cgroup.child(&name)?;
             let system_cgroup = cgroup.child(&format!("{name}/system"))?;
             let _ = node_cg;
-            built.push(Node { name, index, ip: node_ip, netns, system_cgroup, next_pod: Mutex::new(0) });
+            built.push(Node {
+                name,
+                index,
+                ip: node_ip,
+                netns,
+                system_cgroup,
+                next_pod: Mutex::new(0),
+            });
         }
         for node in &built {
             for other in built.iter().filter(|o| o.index != node.index) {
                 let cidr = format!("10.244.{}.0/24", other.index);
-                ip(&["-n", node.netns.name(), "route", "add", &cidr, "via", &other.ip.to_string()])?;
+                ip(&[
+                    "-n",
+                    node.netns.name(),
+                    "route",
+                    "add",
+                    &cidr,
+                    "via",
+                    &other.ip.to_string(),
+                ])?;
             }
         }
-        Ok(Self { run, nodes: built, pods: Mutex::new(Vec::new()), dir, cgroup, _fabric: fabric })
+        Ok(Self {
+            run,
+            nodes: built,
+            pods: Mutex::new(Vec::new()),
+            dir,
+            cgroup,
+            _fabric: fabric,
+        })
     }
 
     /// The run's unique name (prefix of every namespace and cgroup it made).
@@ -107,7 +162,8 @@ impl Cluster {
         &self.run
     }
 
-    /// A scratch directory for this run's logs and files, kept after the run for inspection.
+    /// A scratch directory for this run's logs and files; removed with the cluster, unless the
+    /// thread is panicking, when it is kept for inspection.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -136,16 +192,67 @@ impl Cluster {
         let netns = Netns::create(&format!("{}-{}-{namespace}-{name}", self.run, node.name))?;
         let host_veth = format!("{}p{k}", names::VETH_PREFIX);
         let n = node.netns.name();
-        ip(&["-n", n, "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
-        ip(&["-n", n, "addr", "add", &format!("{}/32", pod_gateway(node.index)), "dev", &host_veth])?;
+        ip(&[
+            "-n",
+            n,
+            "link",
+            "add",
+            &host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{}/32", pod_gateway(node.index)),
+            "dev",
+            &host_veth,
+        ])?;
         ip(&["-n", n, "link", "set", &host_veth, "up"])?;
-        ip(&["-n", n, "route", "add", &format!("{pod_ip}/32"), "dev", &host_veth, "scope", "link"])?;
+        ip(&[
+            "-n",
+            n,
+            "route",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            &host_veth,
+            "scope",
+            "link",
+        ])?;
         let p = netns.name();
-        ip(&["-n", p, "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            p,
+            "addr",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", p, "link", "set", "eth0", "up"])?;
         let gw = pod_gateway(node.index).to_string();
-        ip(&["-n", p, "route", "add", &format!("{gw}/32"), "dev", "eth0", "scope", "link"])?;
-        ip(&["-n", p, "route", "add", "default", "via", &gw, "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            p,
+            "route",
+            "add",
+            &format!("{gw}/32"),
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        ip(&[
+            "-n", p, "route", "add", "default", "via", &gw, "dev", "eth0",
+        ])?;
 
         let uid = pod_uid(&self.run, node.index, k);
         let container = format!("{:064x}", u128::from(k) << 8 | u128::from(node.index));
@@ -170,26 +277,66 @@ impl Cluster {
     /// Makes `addr` an extra address of `pod`, reachable from every node: how tests stand up
     /// a fixed address (a Service-like VIP) served by one pod.
     pub fn add_pod_address(&self, pod: &Pod, addr: Ipv4Addr) -> Result<()> {
-        ip(&["-n", pod.netns.name(), "addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
-        let home = self.nodes.iter().find(|n| n.name == pod.node).expect("pod's node exists");
-        ip(&["-n", home.netns.name(), "route", "add", &format!("{addr}/32"), "dev", &pod.host_veth, "scope", "link"])?;
+        ip(&[
+            "-n",
+            pod.netns.name(),
+            "addr",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            "eth0",
+        ])?;
+        let home = self
+            .nodes
+            .iter()
+            .find(|n| n.name == pod.node)
+            .expect("pod's node exists");
+        ip(&[
+            "-n",
+            home.netns.name(),
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            &pod.host_veth,
+            "scope",
+            "link",
+        ])?;
         for other in self.nodes.iter().filter(|n| n.index != home.index) {
-            ip(&["-n", other.netns.name(), "route", "add", &format!("{addr}/32"), "via", &home.ip.to_string()])?;
+            ip(&[
+                "-n",
+                other.netns.name(),
+                "route",
+                "add",
+                &format!("{addr}/32"),
+                "via",
+                &home.ip.to_string(),
+            ])?;
         }
         Ok(())
     }
 
     /// Removes a pod now (its processes are killed, its namespace deleted).
     pub fn remove_pod(&self, pod: &Arc<Pod>) {
-        self.pods.lock().expect("pods lock").retain(|p| !Arc::ptr_eq(p, pod));
+        self.pods
+            .lock()
+            .expect("pods lock")
+            .retain(|p| !Arc::ptr_eq(p, pod));
         let _ = crate::cgroup::remove_tree(pod.cgroup.parent().unwrap_or(&pod.cgroup));
     }
 }
 
 fn pod_uid(run: &str, node: u8, k: u8) -> String {
     let pid = names::owner_pid(run).unwrap_or(0);
-    let seq: u32 = run.rsplit('-').next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    format!("{pid:08x}-{seq:04x}-4{node:03x}-8{k:03x}-{:012x}", u64::from(node) << 8 | u64::from(k))
+    let seq: u32 = run
+        .rsplit('-')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    format!(
+        "{pid:08x}-{seq:04x}-4{node:03x}-8{k:03x}-{:012x}",
+        u64::from(node) << 8 | u64::from(k)
+    )
 }
 
 impl Node {
@@ -203,9 +350,26 @@ impl Node {
     }
 
     /// Starts a host process on this node.
-    pub fn spawn(&self, name: &str, program: &Path, args: &[String], env: &[(String, String)], log: Option<&Path>) -> Result<Process> {
+    pub fn spawn(
+        &self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: Option<&Path>,
+    ) -> Result<Process> {
         let procs = self.system_cgroup.join("cgroup.procs");
-        Process::spawn(name, Placement { netns: &self.netns.path(), cgroup_procs: &procs }, program, args, env, log)
+        Process::spawn(
+            name,
+            Placement {
+                netns: &self.netns.path(),
+                cgroup_procs: &procs,
+            },
+            program,
+            args,
+            env,
+            log,
+        )
     }
 }
 
@@ -229,9 +393,25 @@ impl Pod {
     }
 
     /// Starts a process in this pod: it joins the pod's cgroup, then its network namespace.
-    pub fn spawn(&self, program: &Path, args: &[String], env: &[(String, String)], log: Option<&Path>) -> Result<Process> {
+    pub fn spawn(
+        &self,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: Option<&Path>,
+    ) -> Result<Process> {
         let procs = self.cgroup.join("cgroup.procs");
-        Process::spawn(&self.name, Placement { netns: &self.netns.path(), cgroup_procs: &procs }, program, args, env, log)
+        Process::spawn(
+            &self.name,
+            Placement {
+                netns: &self.netns.path(),
+                cgroup_procs: &procs,
+            },
+            program,
+            args,
+            env,
+            log,
+        )
     }
 }
 
@@ -242,5 +422,14 @@ impl Drop for Cluster {
             eprintln!("testkit: cannot remove cgroup tree of {}: {err}", self.run);
         }
         self.pods.lock().map(|mut p| p.clear()).ok();
+        if std::thread::panicking() {
+            eprintln!(
+                "testkit: logs of the failed run {} kept in {}",
+                self.run,
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }

@@ -6,7 +6,10 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
-    sync::{Arc, atomic::{AtomicBool, Ordering}},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread::JoinHandle,
     time::Duration,
 };
@@ -37,7 +40,12 @@ impl EchoServer {
                 std::thread::spawn(move || serve(conn, &hostname));
             }
         });
-        Ok(Self { addr, stop, fd, thread: Some(thread) })
+        Ok(Self {
+            addr,
+            stop,
+            fd,
+            thread: Some(thread),
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -46,7 +54,9 @@ impl EchoServer {
 }
 
 fn serve(mut conn: TcpStream, hostname: &str) {
-    let (Ok(local), Ok(peer)) = (conn.local_addr(), conn.peer_addr()) else { return };
+    let (Ok(local), Ok(peer)) = (conn.local_addr(), conn.peer_addr()) else {
+        return;
+    };
     if writeln!(conn, "hostname={hostname} local={local} peer={peer}").is_err() {
         return;
     }
@@ -91,7 +101,11 @@ impl Greeting {
                 _ => {}
             }
         }
-        Some(Self { hostname: hostname?, local: local?, peer: peer? })
+        Some(Self {
+            hostname: hostname?,
+            local: local?,
+            peer: peer?,
+        })
     }
 }
 
@@ -104,14 +118,20 @@ pub fn call(addr: SocketAddr, timeout: Duration) -> std::io::Result<Greeting> {
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let greeting = Greeting::parse(line.trim()).ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad greeting {line:?}"))
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad greeting {line:?}"),
+        )
     })?;
     let mut conn = conn;
     conn.write_all(b"gammaray\n")?;
     let mut echoed = String::new();
     reader.read_line(&mut echoed)?;
     if echoed != "gammaray\n" {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad echo {echoed:?}")));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad echo {echoed:?}"),
+        ));
     }
     Ok(greeting)
 }

@@ -5,7 +5,11 @@ use std::time::{Duration, Instant};
 /// Polls `check` every 20 ms until it returns `Ok`, for at most `timeout`; panics with the
 /// last error and `what` otherwise.
 #[track_caller]
-pub fn assert_eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+pub fn assert_eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         match check() {

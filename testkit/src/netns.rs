@@ -1,10 +1,6 @@
 //! Named network namespaces (`/run/netns/NAME`), removed when their guard drops.
 
-use std::{
-    os::fd::AsFd as _,
-    path::PathBuf,
-    process::Command,
-};
+use std::{os::fd::AsFd as _, path::PathBuf, process::Command};
 
 use nix::sched::{CloneFlags, setns};
 
@@ -20,7 +16,10 @@ pub(crate) fn run(program: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| Error::Command { command: command.clone(), detail: e.to_string() })?;
+        .map_err(|e| Error::Command {
+            command: command.clone(),
+            detail: e.to_string(),
+        })?;
     if out.status.success() {
         Ok(())
     } else {
@@ -41,7 +40,9 @@ impl Netns {
     /// Creates `/run/netns/NAME` with loopback up.
     pub fn create(name: &str) -> Result<Self> {
         ip(&["netns", "add", name])?;
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ip(&["-n", name, "link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -57,8 +58,10 @@ impl Netns {
     /// Runs `f` on a thread inside this namespace and returns its result. Sockets created by
     /// `f` stay in this namespace wherever they are used afterwards.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let file = std::fs::File::open(self.path())
-            .map_err(|source| Error::Io { path: self.path(), source })?;
+        let file = std::fs::File::open(self.path()).map_err(|source| Error::Io {
+            path: self.path(),
+            source,
+        })?;
         let name = self.name.clone();
         std::thread::scope(|scope| {
             scope
@@ -75,14 +78,22 @@ impl Netns {
     /// Sets a sysctl inside this namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
-        self.run(|| std::fs::write(&path, value).map_err(|source| Error::Io { path: path.clone(), source }))?
+        self.run(|| {
+            std::fs::write(&path, value).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })
+        })?
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(err) = ip(&["netns", "del", &self.name]) {
-            eprintln!("testkit: cannot delete network namespace {}: {err}", self.name);
+            eprintln!(
+                "testkit: cannot delete network namespace {}: {err}",
+                self.name
+            );
         }
     }
 }

@@ -12,7 +12,9 @@ pub fn require_privileged(name: &str) -> bool {
     if std::env::var("GAMMARAY_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
         panic!("{msg} (GAMMARAY_REQUIRE_PRIVILEGED=1)");
     }
-    eprintln!("\n!!!!!!!! SKIP: {msg}. Run as root, or set GAMMARAY_REQUIRE_PRIVILEGED=1 to fail instead. !!!!!!!!\n");
+    eprintln!(
+        "\n!!!!!!!! SKIP: {msg}. Run as root, or set GAMMARAY_REQUIRE_PRIVILEGED=1 to fail instead. !!!!!!!!\n"
+    );
     false
 }
 

@@ -20,7 +20,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
     #[error("cannot accept on the outbound listener {addr}: {source}")]
-    Accept { addr: SocketAddr, source: std::io::Error },
+    Accept {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Serves the outbound listener until the task is dropped.
@@ -29,10 +32,12 @@ pub async fn serve(
     lookup: Arc<dyn OrigDstLookup>,
     stats: Arc<OutboundStats>,
 ) -> Result<(), OutboundError> {
-    let addr = listener.local_addr().map_err(|source| OutboundError::Accept {
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
-    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| OutboundError::Accept {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
     info!(%addr, component = "outbound", "listener ready");
     loop {
         let (stream, peer) = match listener.accept().await {

@@ -1,1 +1,49 @@
-fn main(){}
+//! Project tasks: `cargo xtask demo | test | lint`.
+
+mod demo;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "gammaray's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run the demo on a simulated cluster (needs root).
+    Demo,
+    /// Run every test and print "N passed, N failed".
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt check and clippy with warnings denied.
+    Lint,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Demo => demo::run(),
+        Task::Test { args } => test::run(&args),
+        Task::Lint => test::lint(),
+    }
+}
+
+/// Runs cargo with `args`, failing with the command line if it fails.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(args)
+            .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "`cargo {}` failed: {status}",
+        args.join(" ")
+    );
+    Ok(())
+}
