@@ -77,30 +77,36 @@ pub fn check_btf(path: &Path) -> Result<(), PreflightError> {
     }
 }
 
-/// Finds the cgroup2 mount to attach at. A hybrid host mounts it at /sys/fs/cgroup/unified, a
-/// pure v2 host at /sys/fs/cgroup; the shortest cgroup2 mount point is the root of the tree.
+/// Finds the cgroup2 mount to attach at: one that shows the whole hierarchy (its root within
+/// the file system is `/`, unlike a bind mount of a subtree), preferring the well-known places:
+/// /sys/fs/cgroup/unified on a hybrid host, /sys/fs/cgroup on a pure v2 host.
 pub fn detect_cgroup2(mountinfo: &Path) -> Result<PathBuf, PreflightError> {
     let text = std::fs::read_to_string(mountinfo).map_err(|source| PreflightError::Read {
         path: mountinfo.to_owned(),
         source,
     })?;
-    cgroup2_mounts(&text)
-        .into_iter()
-        .min_by_key(|p| p.as_os_str().len())
+    let mounts = cgroup2_mounts(&text);
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .find_map(|w| mounts.iter().find(|m| m.as_path() == Path::new(w)))
+        .or_else(|| mounts.first())
+        .cloned()
         .ok_or_else(|| PreflightError::NoCgroup2 {
             mountinfo: mountinfo.to_owned(),
         })
 }
 
-/// cgroup2 mount points listed in a mountinfo text (proc(5) format).
+/// Mount points of whole cgroup2 hierarchies listed in a mountinfo text (proc(5) format).
 pub fn cgroup2_mounts(mountinfo: &str) -> Vec<PathBuf> {
     mountinfo
         .lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
             let fstype = right.split_whitespace().next()?;
-            let mount_point = left.split_whitespace().nth(4)?;
-            (fstype == "cgroup2").then(|| PathBuf::from(mount_point.replace("\\040", " ")))
+            let mut fields = left.split_whitespace().skip(3);
+            let (root, mount_point) = (fields.next()?, fields.next()?);
+            (fstype == "cgroup2" && root == "/")
+                .then(|| PathBuf::from(mount_point.replace("\\040", " ")))
         })
         .collect()
 }
@@ -143,7 +149,7 @@ mod tests {
     }
 
     #[test]
-    fn prefers_the_shortest_cgroup2_mount_on_a_pure_v2_host() {
+    fn finds_the_whole_hierarchy_on_a_pure_v2_host_not_a_bind_mount_of_a_subtree() {
         let dir = std::env::temp_dir().join(format!("gammaray-mountinfo-{}", std::process::id()));
         std::fs::write(&dir, PURE_V2).expect("write mountinfo");
         let found = detect_cgroup2(&dir).expect("a cgroup2 mount");

@@ -7,7 +7,8 @@ use std::{
 
 use crate::{Error, Result};
 
-/// The cgroup2 mount: /sys/fs/cgroup/unified on hybrid hosts, /sys/fs/cgroup on pure v2.
+/// The cgroup2 mount that shows the whole hierarchy (root `/` in mountinfo):
+/// /sys/fs/cgroup/unified on hybrid hosts, /sys/fs/cgroup on pure v2.
 pub fn cgroup2_root() -> Result<PathBuf> {
     let mountinfo =
         std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| Error::Io {
@@ -18,11 +19,12 @@ pub fn cgroup2_root() -> Result<PathBuf> {
         .lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-                .flatten()
+            let mut fields = left.split_whitespace().skip(3);
+            let (root, mount_point) = (fields.next()?, fields.next()?);
+            (right.split_whitespace().next()? == "cgroup2" && root == "/")
+                .then(|| PathBuf::from(mount_point))
         })
-        .min_by_key(|p| p.as_os_str().len())
+        .next()
         .ok_or_else(|| Error::Other("no cgroup2 file system is mounted".into()))
 }
 
