@@ -1,0 +1,302 @@
+//! The immutable routing state the proxy reads: one [`Snapshot`] per configuration change,
+//! published by the agent on a `tokio::sync::watch` channel and read once per connection or
+//! request. Everything here is already validated and defaulted: the data path never parses.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use http::{HeaderName, HeaderValue, Method};
+use regex::Regex;
+
+/// The whole routing state of a node at one point in time.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Increases with every new snapshot.
+    pub version: u64,
+    /// Service frontends by ClusterIP and port. Routes apply only to traffic addressed here,
+    /// never to traffic sent straight to a pod.
+    pub frontends: HashMap<SocketAddr, Arc<Frontend>>,
+    /// Meshed workloads by pod IP: who a client is, and where a pod runs.
+    pub workloads: HashMap<IpAddr, Arc<Workload>>,
+}
+
+impl Snapshot {
+    pub fn frontend(&self, addr: SocketAddr) -> Option<&Arc<Frontend>> {
+        self.frontends.get(&addr)
+    }
+}
+
+/// A namespace/name pair.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A pod the mesh knows about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub pod: ObjectRef,
+    pub node: Option<String>,
+    pub service_account: String,
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub identity: String,
+}
+
+/// What a Service port speaks, from its `appProtocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppProtocol {
+    /// HTTP/1.1 (or HTTP/2 with prior knowledge, detected per connection).
+    Http,
+    /// HTTP/2 over cleartext (`kubernetes.io/h2c`), which gRPC uses.
+    H2c,
+    /// Anything else: carried as bytes.
+    Opaque,
+}
+
+/// One port of a Service's ClusterIP.
+#[derive(Debug)]
+pub struct Frontend {
+    pub service: ObjectRef,
+    pub port: u16,
+    pub port_name: Option<String>,
+    pub protocol: AppProtocol,
+    /// Where traffic goes when no route applies: the Service's own endpoints for this port.
+    pub default_backend: Arc<Backend>,
+    /// Routes in the Service's own namespace: they apply to clients of every namespace...
+    pub producer: Option<Arc<RouteTable>>,
+    /// ...except clients in a namespace with consumer routes for this Service, for whom those
+    /// replace the producer routes.
+    pub consumers: BTreeMap<String, Arc<RouteTable>>,
+}
+
+impl Frontend {
+    /// The routes that apply to a client in `client_namespace`, or `None` when no route is
+    /// attached for it (traffic flows as without a mesh).
+    pub fn routes_for(&self, client_namespace: Option<&str>) -> Option<&RouteTable> {
+        client_namespace
+            .and_then(|ns| self.consumers.get(ns))
+            .or(self.producer.as_ref())
+            .map(Arc::as_ref)
+    }
+
+    /// Whether requests to this frontend must be parsed as HTTP.
+    pub fn is_http(&self) -> bool {
+        self.protocol != AppProtocol::Opaque
+            || self.producer.is_some()
+            || !self.consumers.is_empty()
+    }
+}
+
+/// A Service port with the endpoints behind it.
+#[derive(Debug)]
+pub struct Backend {
+    pub service: ObjectRef,
+    /// The Service port the backendRef named.
+    pub port: u16,
+    pub protocol: AppProtocol,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One ready endpoint of a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Pod IP and target port.
+    pub addr: SocketAddr,
+    pub pod: Option<ObjectRef>,
+    pub node: Option<String>,
+    /// The SPIFFE identity the endpoint's proxy must present.
+    pub identity: Option<String>,
+}
+
+/// The routes of one route group (producer, or one namespace's consumers) for one frontend.
+/// Only one kind applies per Service port: GRPCRoute wins over HTTPRoute.
+#[derive(Debug)]
+pub enum RouteTable {
+    /// Sorted by precedence: the first entry that matches wins.
+    Http(Vec<HttpRuleMatch>),
+    /// Sorted by precedence: the first entry that matches wins.
+    Grpc(Vec<GrpcRuleMatch>),
+}
+
+/// Which route a rule came from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteId {
+    pub kind: RouteKind,
+    pub route: ObjectRef,
+    pub rule: usize,
+    pub rule_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteKind {
+    Http,
+    Grpc,
+}
+
+impl std::fmt::Display for RouteKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RouteKind::Http => "HTTPRoute",
+            RouteKind::Grpc => "GRPCRoute",
+        })
+    }
+}
+
+/// One `matches[]` entry of an HTTPRoute rule, with the rule's action.
+#[derive(Debug)]
+pub struct HttpRuleMatch {
+    pub id: Arc<RouteId>,
+    pub matcher: HttpMatch,
+    pub action: Arc<RuleAction>,
+}
+
+/// One `matches[]` entry of a GRPCRoute rule (or the catch-all of a rule without matches).
+#[derive(Debug)]
+pub struct GrpcRuleMatch {
+    pub id: Arc<RouteId>,
+    pub matcher: GrpcMatch,
+    pub action: Arc<RuleAction>,
+}
+
+/// Conditions ANDed together.
+#[derive(Debug, Clone)]
+pub struct HttpMatch {
+    pub path: PathMatch,
+    pub method: Option<Method>,
+    pub headers: Vec<HeaderMatch>,
+    pub query: Vec<QueryMatch>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Exact(String),
+    /// Whole path segments: `/v2` matches `/v2`, `/v2/`, `/v2/x`, not `/v2x`.
+    Prefix(String),
+    Regex(Regex),
+}
+
+#[derive(Debug, Clone)]
+pub enum ValueMatch {
+    Exact(String),
+    /// Anchored: the whole value must match.
+    Regex(Regex),
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderMatch {
+    pub name: HeaderName,
+    pub value: ValueMatch,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryMatch {
+    pub name: String,
+    pub value: ValueMatch,
+}
+
+/// gRPC method match on `/<service>/<method>`, plus metadata.
+#[derive(Debug, Clone, Default)]
+pub struct GrpcMatch {
+    pub service: Option<ValueMatch>,
+    pub method: Option<ValueMatch>,
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// What a rule does with a matched request.
+#[derive(Debug, Default)]
+pub struct RuleAction {
+    pub filters: Vec<Filter>,
+    pub backends: Vec<WeightedBackend>,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From the proxy receiving the request to sending the whole response.
+    pub request: Option<Duration>,
+    /// One attempt to the backend.
+    pub backend_request: Option<Duration>,
+}
+
+#[derive(Debug)]
+pub struct WeightedBackend {
+    pub weight: u32,
+    pub target: BackendTarget,
+    /// backendRef-level filters, applied after the rule's.
+    pub filters: Vec<Filter>,
+}
+
+#[derive(Debug, Clone)]
+pub enum BackendTarget {
+    Service(Arc<Backend>),
+    /// A backendRef that does not resolve: its share of requests gets a 500.
+    Invalid {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum Filter {
+    RequestHeaders(HeaderModifier),
+    ResponseHeaders(HeaderModifier),
+    Redirect(Redirect),
+    Rewrite(Rewrite),
+    Mirror(Mirror),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HeaderModifier {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathModifier {
+    Full(String),
+    /// Replaces the part of the path matched by the rule's PathPrefix.
+    Prefix(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+    pub port: Option<u16>,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Rewrite {
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    pub target: BackendTarget,
+    /// Fraction of requests mirrored: numerator / denominator.
+    pub numerator: u32,
+    pub denominator: u32,
+}
