@@ -9,3 +9,5 @@ pub mod logging;
 pub mod netns;
 pub mod preflight;
 pub mod run;
+pub mod store;
+pub mod translate;

@@ -1,0 +1,198 @@
+//! The typed stores every configuration source fills (Kubernetes reflectors, manifest files,
+//! test fixtures) and the one translation reads. Objects are the upstream types.
+
+use std::collections::BTreeMap;
+
+use gateway_api::{
+    grpcroutes::GrpcRoute as GRPCRoute, httproutes::HttpRoute as HTTPRoute,
+    referencegrants::ReferenceGrant,
+};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde::de::DeserializeOwned;
+
+/// `namespace/name` key; cluster-scoped objects use an empty namespace.
+pub type Key = (String, String);
+
+#[derive(Debug, Default, Clone)]
+pub struct Store {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub nodes: BTreeMap<String, Node>,
+    pub services: BTreeMap<Key, Service>,
+    pub endpoint_slices: BTreeMap<Key, EndpointSlice>,
+    pub pods: BTreeMap<Key, Pod>,
+    pub http_routes: BTreeMap<Key, HTTPRoute>,
+    pub grpc_routes: BTreeMap<Key, GRPCRoute>,
+    pub reference_grants: BTreeMap<Key, ReferenceGrant>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("document {index}: not valid YAML: {source}")]
+    Yaml {
+        index: usize,
+        source: serde_yaml::Error,
+    },
+    #[error("document {index} ({kind} {name}): {source}")]
+    Decode {
+        index: usize,
+        kind: String,
+        name: String,
+        source: serde_json::Error,
+    },
+    #[error("document {index}: {reason}")]
+    Invalid { index: usize, reason: String },
+}
+
+/// What applying a multi-document text did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub objects: usize,
+    /// Documents of kinds the mesh does not read (Deployments, ConfigMaps, …): `kind name`.
+    pub ignored: Vec<String>,
+    /// Documents that could not be read; the rest were applied.
+    pub errors: Vec<StoreError>,
+}
+
+impl Store {
+    /// Applies every document of a multi-document YAML text. A document that cannot be read
+    /// is reported in [`Applied::errors`] and skipped; the others still apply.
+    pub fn apply_yaml(&mut self, text: &str) -> Applied {
+        let mut applied = Applied::default();
+        for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let value = match serde_json::Value::deserialize_yaml(doc) {
+                Ok(v) => v,
+                Err(source) => {
+                    applied.errors.push(StoreError::Yaml { index, source });
+                    continue;
+                }
+            };
+            if value.is_null() {
+                continue;
+            }
+            match self.apply_value(index, value) {
+                Ok(Some(ignored)) => applied.ignored.push(ignored),
+                Ok(None) => applied.objects += 1,
+                Err(err) => applied.errors.push(err),
+            }
+        }
+        applied
+    }
+
+    /// Applies one object given as JSON. Returns `Some("kind name")` for kinds the mesh does
+    /// not read.
+    pub fn apply_value(
+        &mut self,
+        index: usize,
+        value: serde_json::Value,
+    ) -> Result<Option<String>, StoreError> {
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or("")
+            .to_owned();
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|k| k.as_str())
+            .unwrap_or("")
+            .to_owned();
+        let meta = value.get("metadata");
+        let name = meta
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("")
+            .to_owned();
+        let namespace = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("default")
+            .to_owned();
+        let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+        let read = matches!(
+            (group, kind.as_str()),
+            ("", "Namespace" | "Node" | "Service" | "Pod")
+                | ("discovery.k8s.io", "EndpointSlice")
+                | (
+                    "gateway.networking.k8s.io",
+                    "HTTPRoute" | "GRPCRoute" | "ReferenceGrant"
+                )
+        );
+        if kind.is_empty() {
+            return Err(StoreError::Invalid {
+                index,
+                reason: "object without kind".into(),
+            });
+        }
+        if !read {
+            return Ok(Some(format!("{kind} {namespace}/{name}")));
+        }
+        if name.is_empty() {
+            return Err(StoreError::Invalid {
+                index,
+                reason: format!("{kind} without metadata.name"),
+            });
+        }
+        let key = (namespace.clone(), name.clone());
+        fn decode<T: DeserializeOwned>(
+            index: usize,
+            kind: &str,
+            name: &str,
+            v: serde_json::Value,
+        ) -> Result<T, StoreError> {
+            serde_json::from_value(v).map_err(|source| StoreError::Decode {
+                index,
+                kind: kind.to_owned(),
+                name: name.to_owned(),
+                source,
+            })
+        }
+        match (group, kind.as_str()) {
+            ("", "Namespace") => {
+                self.namespaces
+                    .insert(name.clone(), decode(index, &kind, &name, value)?);
+            }
+            ("", "Node") => {
+                self.nodes
+                    .insert(name.clone(), decode(index, &kind, &name, value)?);
+            }
+            ("", "Service") => {
+                self.services
+                    .insert(key, decode(index, &kind, &name, value)?);
+            }
+            ("", "Pod") => {
+                self.pods.insert(key, decode(index, &kind, &name, value)?);
+            }
+            ("discovery.k8s.io", "EndpointSlice") => {
+                self.endpoint_slices
+                    .insert(key, decode(index, &kind, &name, value)?);
+            }
+            ("gateway.networking.k8s.io", "HTTPRoute") => {
+                self.http_routes
+                    .insert(key, decode(index, &kind, &name, value)?);
+            }
+            ("gateway.networking.k8s.io", "GRPCRoute") => {
+                self.grpc_routes
+                    .insert(key, decode(index, &kind, &name, value)?);
+            }
+            ("gateway.networking.k8s.io", "ReferenceGrant") => {
+                self.reference_grants
+                    .insert(key, decode(index, &kind, &name, value)?);
+            }
+            _ => return Ok(Some(format!("{kind} {namespace}/{name}"))),
+        }
+        Ok(None)
+    }
+}
+
+/// serde_yaml documents into JSON values, so the upstream types decode from one format.
+trait FromYamlDoc: Sized {
+    fn deserialize_yaml(doc: serde_yaml::Deserializer<'_>) -> Result<Self, serde_yaml::Error>;
+}
+
+impl FromYamlDoc for serde_json::Value {
+    fn deserialize_yaml(doc: serde_yaml::Deserializer<'_>) -> Result<Self, serde_yaml::Error> {
+        serde::Deserialize::deserialize(doc)
+    }
+}

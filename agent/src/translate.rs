@@ -1,0 +1,670 @@
+//! The one translation: stores of Kubernetes objects in, an immutable [`Snapshot`] and the
+//! status of every route out. Pure: no I/O, no clock, no randomness, so that every source
+//! (API server, manifest files, tests) gets the same answer for the same objects.
+//!
+//! GAMMA semantics implemented here: routes bind to a Service through `parentRefs`
+//! (group `""` or `core`, kind `Service`, optional port and sectionName); routes in the
+//! Service's namespace are producer routes for every client, routes elsewhere are consumer
+//! routes for clients of their own namespace and replace the producer routes for them; only
+//! one route kind applies per Service port (GRPCRoute over HTTPRoute); rules are sorted by the
+//! spec's precedence; invalid rules are dropped with a status, invalid backends answer 500.
+
+mod rules;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use gammaray_proxy::snapshot::{
+    AppProtocol, Backend, Endpoint, Frontend, GrpcRuleMatch, HttpRuleMatch, ObjectRef, RouteKind,
+    RouteTable, Snapshot, Workload,
+};
+use k8s_openapi::api::core::v1::{Service, ServicePort};
+use serde::Serialize;
+
+use crate::store::Store;
+pub use rules::{CompiledRoute, CompiledRule};
+
+/// The controller name gammaray writes into route status.
+pub const CONTROLLER_NAME: &str = "gammaray.dev/mesh";
+/// The label an EndpointSlice carries to name its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub trust_domain: String,
+    /// The version stamped on the snapshot.
+    pub version: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".into(),
+            version: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Translation {
+    pub snapshot: Snapshot,
+    /// One entry per route that has at least one Service parentRef.
+    pub statuses: Vec<RouteStatus>,
+}
+
+/// What gammaray says about one route, to be written to `status.parents`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteStatus {
+    #[serde(serialize_with = "serialize_kind")]
+    pub kind: RouteKind,
+    pub route: String,
+    pub generation: Option<i64>,
+    pub parents: Vec<ParentStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentStatus {
+    /// The parentRef as the route wrote it, with the namespace filled in.
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub port: Option<i32>,
+    pub section_name: Option<String>,
+    pub controller_name: &'static str,
+    pub conditions: Vec<RouteCondition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteCondition {
+    #[serde(rename = "type")]
+    pub type_: &'static str,
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+    pub observed_generation: Option<i64>,
+}
+
+impl ParentStatus {
+    pub fn condition(&self, type_: &str) -> Option<&RouteCondition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+fn serialize_kind<S: serde::Serializer>(kind: &RouteKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&kind.to_string())
+}
+
+/// Which routes apply to whom on one frontend.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Group {
+    Producer,
+    Consumer(String),
+}
+
+/// A route's rules attached to one Service port.
+struct Attachment<'a> {
+    route: &'a CompiledRoute,
+}
+
+pub fn translate(store: &Store, opts: &Options) -> Translation {
+    let workloads = workloads(store, &opts.trust_domain);
+    let mut backends = BackendResolver {
+        store,
+        workloads: &workloads,
+        cache: HashMap::new(),
+    };
+
+    let mut routes: Vec<CompiledRoute> = store
+        .http_routes
+        .values()
+        .map(|r| rules::compile_http(r, &mut backends))
+        .collect();
+    routes.extend(
+        store
+            .grpc_routes
+            .values()
+            .map(|r| rules::compile_grpc(r, &mut backends)),
+    );
+
+    // (service, port) → group → attached routes.
+    let mut attached: BTreeMap<(ObjectRef, u16), BTreeMap<Group, Vec<Attachment<'_>>>> =
+        BTreeMap::new();
+    let mut statuses = Vec::new();
+    // (route index, parent index) → ports where the route lost a kind conflict / attached.
+    let mut bound: Vec<Vec<Vec<u16>>> = Vec::new();
+    for route in &routes {
+        let mut per_parent = Vec::new();
+        for parent in &route.parents {
+            let ports = match bind(store, route, parent) {
+                Ok(ports) => ports,
+                Err(_) => {
+                    per_parent.push(Vec::new());
+                    continue;
+                }
+            };
+            if route.has_valid_rules() {
+                let service = ObjectRef::new(&parent.namespace, &parent.name);
+                let group = if route.id.namespace == parent.namespace {
+                    Group::Producer
+                } else {
+                    Group::Consumer(route.id.namespace.clone())
+                };
+                for &port in &ports {
+                    attached
+                        .entry((service.clone(), port))
+                        .or_default()
+                        .entry(group.clone())
+                        .or_default()
+                        .push(Attachment { route });
+                }
+            }
+            per_parent.push(ports);
+        }
+        bound.push(per_parent);
+    }
+
+    // Kind conflicts: on one Service port and group, GRPCRoute wins over HTTPRoute.
+    let mut conflicted: HashMap<(ObjectRef, RouteKind, ObjectRef, u16), ()> = HashMap::new();
+    for ((service, port), groups) in &attached {
+        for attachments in groups.values() {
+            if attachments.iter().any(|a| a.route.kind == RouteKind::Grpc) {
+                for a in attachments
+                    .iter()
+                    .filter(|a| a.route.kind == RouteKind::Http)
+                {
+                    conflicted.insert(
+                        (a.route.id.clone(), a.route.kind, service.clone(), *port),
+                        (),
+                    );
+                }
+            }
+        }
+    }
+
+    for (route, per_parent) in routes.iter().zip(&bound) {
+        if route.parents.is_empty() {
+            continue;
+        }
+        let parents = route
+            .parents
+            .iter()
+            .zip(per_parent)
+            .map(|(parent, ports)| {
+                let service = ObjectRef::new(&parent.namespace, &parent.name);
+                let lost: Vec<u16> = ports
+                    .iter()
+                    .copied()
+                    .filter(|p| {
+                        conflicted.contains_key(&(
+                            route.id.clone(),
+                            route.kind,
+                            service.clone(),
+                            *p,
+                        ))
+                    })
+                    .collect();
+                parent_status(store, route, parent, ports, &lost)
+            })
+            .collect();
+        statuses.push(RouteStatus {
+            kind: route.kind,
+            route: route.id.to_string(),
+            generation: route.generation,
+            parents,
+        });
+    }
+
+    let mut frontends = HashMap::new();
+    for ((ns, name), svc) in &store.services {
+        let service = ObjectRef::new(ns, name);
+        let Some(spec) = &svc.spec else { continue };
+        if !has_frontend(svc) {
+            continue;
+        }
+        let ips: Vec<IpAddr> = spec
+            .cluster_ips
+            .clone()
+            .unwrap_or_else(|| spec.cluster_ip.clone().into_iter().collect())
+            .iter()
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        for sp in spec.ports.iter().flatten() {
+            let Ok(port) = u16::try_from(sp.port) else {
+                continue;
+            };
+            let default_backend = backends.resolve(&service, port).unwrap_or_else(|_| {
+                Arc::new(Backend {
+                    service: service.clone(),
+                    port,
+                    protocol: app_protocol(sp),
+                    endpoints: Vec::new(),
+                })
+            });
+            let mut producer = None;
+            let mut consumers = BTreeMap::new();
+            if let Some(groups) = attached.get(&(service.clone(), port)) {
+                for (group, attachments) in groups {
+                    let table = Arc::new(route_table(attachments));
+                    match group {
+                        Group::Producer => producer = Some(table),
+                        Group::Consumer(ns) => {
+                            consumers.insert(ns.clone(), table);
+                        }
+                    }
+                }
+            }
+            let frontend = Arc::new(Frontend {
+                service: service.clone(),
+                port,
+                port_name: sp.name.clone(),
+                protocol: app_protocol(sp),
+                default_backend,
+                producer,
+                consumers,
+            });
+            for ip in &ips {
+                frontends.insert(SocketAddr::new(*ip, port), frontend.clone());
+            }
+        }
+    }
+
+    Translation {
+        snapshot: Snapshot {
+            version: opts.version,
+            frontends,
+            workloads: workloads
+                .into_iter()
+                .map(|(ip, w)| (ip, Arc::new(w)))
+                .collect(),
+        },
+        statuses,
+    }
+}
+
+/// The rules of the routes attached to one frontend for one group, in precedence order.
+fn route_table(attachments: &[Attachment<'_>]) -> RouteTable {
+    let grpc = attachments.iter().any(|a| a.route.kind == RouteKind::Grpc);
+    let mut chosen: Vec<&CompiledRoute> = attachments
+        .iter()
+        .map(|a| a.route)
+        .filter(|r| {
+            r.kind
+                == if grpc {
+                    RouteKind::Grpc
+                } else {
+                    RouteKind::Http
+                }
+        })
+        .collect();
+    // Ties go to the oldest route, then to namespace/name in alphabetical order.
+    chosen.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+    chosen.dedup_by(|a, b| a.id == b.id && a.kind == b.kind);
+    if grpc {
+        let mut entries: Vec<(rules::GrpcKey, GrpcRuleMatch)> = Vec::new();
+        for (order, route) in chosen.iter().enumerate() {
+            for rule in route.rules.iter().filter(|r| r.problem.is_none()) {
+                for (i, m) in rule.grpc_matches.iter().enumerate() {
+                    entries.push((
+                        rules::GrpcKey::new(m, order, rule.index, i),
+                        GrpcRuleMatch {
+                            id: rule.id.clone(),
+                            matcher: m.clone(),
+                            action: rule.action.clone(),
+                        },
+                    ));
+                }
+            }
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        RouteTable::Grpc(entries.into_iter().map(|(_, e)| e).collect())
+    } else {
+        let mut entries: Vec<(rules::HttpKey, HttpRuleMatch)> = Vec::new();
+        for (order, route) in chosen.iter().enumerate() {
+            for rule in route.rules.iter().filter(|r| r.problem.is_none()) {
+                for (i, m) in rule.http_matches.iter().enumerate() {
+                    entries.push((
+                        rules::HttpKey::new(m, order, rule.index, i),
+                        HttpRuleMatch {
+                            id: rule.id.clone(),
+                            matcher: m.clone(),
+                            action: rule.action.clone(),
+                        },
+                    ));
+                }
+            }
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        RouteTable::Http(entries.into_iter().map(|(_, e)| e).collect())
+    }
+}
+
+/// A route's Service parentRef, with defaults applied.
+#[derive(Debug, Clone)]
+pub struct ParentRef {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub port: Option<i32>,
+    pub section_name: Option<String>,
+}
+
+/// Why a parentRef does not bind.
+#[derive(Debug)]
+struct NotBound {
+    reason: &'static str,
+    message: String,
+}
+
+/// The Service ports a parentRef binds to.
+fn bind(store: &Store, route: &CompiledRoute, parent: &ParentRef) -> Result<Vec<u16>, NotBound> {
+    let Some(svc) = store
+        .services
+        .get(&(parent.namespace.clone(), parent.name.clone()))
+    else {
+        return Err(NotBound {
+            reason: "NoMatchingParent",
+            message: format!(
+                "Service {}/{} does not exist",
+                parent.namespace, parent.name
+            ),
+        });
+    };
+    let spec = svc.spec.clone().unwrap_or_default();
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Err(NotBound {
+            reason: "UnsupportedValue",
+            message: "an ExternalName Service cannot be a route parent".into(),
+        });
+    }
+    if !has_frontend(svc) {
+        return Err(NotBound {
+            reason: "UnsupportedValue",
+            message: "a headless Service (clusterIP None) cannot be a route parent".into(),
+        });
+    }
+    let _ = route;
+    let ports: Vec<u16> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| parent.port.is_none_or(|want| p.port == want))
+        .filter(|p| {
+            parent
+                .section_name
+                .as_ref()
+                .is_none_or(|want| p.name.as_ref() == Some(want))
+        })
+        .filter_map(|p| u16::try_from(p.port).ok())
+        .collect();
+    if ports.is_empty() {
+        return Err(NotBound {
+            reason: "NoMatchingParent",
+            message: format!(
+                "Service {}/{} has no port matching port {:?} and sectionName {:?}",
+                parent.namespace, parent.name, parent.port, parent.section_name
+            ),
+        });
+    }
+    Ok(ports)
+}
+
+fn has_frontend(svc: &Service) -> bool {
+    let Some(spec) = &svc.spec else { return false };
+    spec.type_.as_deref() != Some("ExternalName")
+        && spec
+            .cluster_ip
+            .as_deref()
+            .is_some_and(|ip| ip != "None" && !ip.is_empty())
+}
+
+fn parent_status(
+    store: &Store,
+    route: &CompiledRoute,
+    parent: &ParentRef,
+    ports: &[u16],
+    lost: &[u16],
+) -> ParentStatus {
+    let cond = |type_, ok: bool, reason, message: String| RouteCondition {
+        type_,
+        status: if ok { "True" } else { "False" },
+        reason,
+        message,
+        observed_generation: route.generation,
+    };
+    let mut conditions = Vec::new();
+    let valid_rules = route.rules.iter().filter(|r| r.problem.is_none()).count();
+    let invalid: Vec<String> = route
+        .rules
+        .iter()
+        .filter_map(|r| {
+            r.problem
+                .as_ref()
+                .map(|p| format!("rule {}: {}", r.index, p.message))
+        })
+        .collect();
+    let accepted = match bind(store, route, parent) {
+        Err(nb) => cond("Accepted", false, nb.reason, nb.message),
+        Ok(_) if valid_rules == 0 => cond(
+            "Accepted",
+            false,
+            "UnsupportedValue",
+            format!("no valid rule: {}", invalid.join("; ")),
+        ),
+        Ok(_) if !lost.is_empty() && lost.len() == ports.len() => cond(
+            "Accepted",
+            false,
+            "Conflicted",
+            format!(
+                "a GRPCRoute is attached to the same Service port(s) {lost:?} and takes precedence"
+            ),
+        ),
+        Ok(_) if !lost.is_empty() => cond(
+            "Accepted",
+            true,
+            "Accepted",
+            format!(
+                "applied on ports {:?}; port(s) {lost:?} are taken by a GRPCRoute",
+                ports
+                    .iter()
+                    .filter(|p| !lost.contains(p))
+                    .collect::<Vec<_>>()
+            ),
+        ),
+        Ok(_) => cond(
+            "Accepted",
+            true,
+            "Accepted",
+            format!("applied to Service port(s) {ports:?}"),
+        ),
+    };
+    conditions.push(accepted);
+    conditions.push(match &route.unresolved {
+        Some(problem) => cond(
+            "ResolvedRefs",
+            false,
+            problem.reason,
+            problem.message.clone(),
+        ),
+        None => cond(
+            "ResolvedRefs",
+            true,
+            "ResolvedRefs",
+            "all references resolved".into(),
+        ),
+    });
+    if !invalid.is_empty() && valid_rules > 0 {
+        conditions.push(RouteCondition {
+            type_: "PartiallyInvalid",
+            status: "True",
+            reason: "UnsupportedValue",
+            message: format!("dropped {}", invalid.join("; ")),
+            observed_generation: route.generation,
+        });
+    }
+    ParentStatus {
+        group: parent.group.clone(),
+        kind: parent.kind.clone(),
+        namespace: parent.namespace.clone(),
+        name: parent.name.clone(),
+        port: parent.port,
+        section_name: parent.section_name.clone(),
+        controller_name: CONTROLLER_NAME,
+        conditions,
+    }
+}
+
+fn app_protocol(port: &ServicePort) -> AppProtocol {
+    match port.app_protocol.as_deref() {
+        Some("http") => AppProtocol::Http,
+        Some("kubernetes.io/h2c" | "grpc" | "h2c") => AppProtocol::H2c,
+        _ => AppProtocol::Opaque,
+    }
+}
+
+/// Meshed pods by IP, with their SPIFFE identity.
+fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
+    let mut out = HashMap::new();
+    for ((ns, name), pod) in &store.pods {
+        let spec = pod.spec.as_ref();
+        let sa = spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        let workload = Workload {
+            pod: ObjectRef::new(ns, name),
+            node: spec.and_then(|s| s.node_name.clone()),
+            identity: format!("spiffe://{trust_domain}/ns/{ns}/sa/{sa}"),
+            service_account: sa,
+        };
+        let status = pod.status.as_ref();
+        let ips = status
+            .and_then(|s| s.pod_ips.clone())
+            .map(|ips| ips.into_iter().map(|i| i.ip).collect::<Vec<_>>())
+            .or_else(|| status.and_then(|s| s.pod_ip.clone()).map(|ip| vec![ip]))
+            .unwrap_or_default();
+        for ip in ips.iter().filter_map(|ip| ip.parse().ok()) {
+            out.insert(ip, workload.clone());
+        }
+    }
+    out
+}
+
+/// Why a backendRef does not resolve.
+#[derive(Debug, Clone)]
+pub struct Unresolved {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Resolves Service backends to endpoints, sharing one [`Backend`] per Service port.
+pub struct BackendResolver<'a> {
+    store: &'a Store,
+    workloads: &'a HashMap<IpAddr, Workload>,
+    cache: HashMap<(ObjectRef, u16), Arc<Backend>>,
+}
+
+impl BackendResolver<'_> {
+    pub fn resolve(&mut self, service: &ObjectRef, port: u16) -> Result<Arc<Backend>, Unresolved> {
+        if let Some(b) = self.cache.get(&(service.clone(), port)) {
+            return Ok(b.clone());
+        }
+        let Some(svc) = self
+            .store
+            .services
+            .get(&(service.namespace.clone(), service.name.clone()))
+        else {
+            return Err(Unresolved {
+                reason: "BackendNotFound",
+                message: format!("Service {service} does not exist"),
+            });
+        };
+        let Some(sp) = svc
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .find(|p| p.port == i32::from(port))
+        else {
+            return Err(Unresolved {
+                reason: "BackendNotFound",
+                message: format!("Service {service} has no port {port}"),
+            });
+        };
+        let mut endpoints = Vec::new();
+        for ((ns, _), slice) in &self.store.endpoint_slices {
+            let owner = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL));
+            if ns != &service.namespace || owner != Some(&service.name) {
+                continue;
+            }
+            if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+                continue;
+            }
+            let Some(target) = slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| {
+                    p.name == sp.name
+                        || (p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""))
+                })
+                .and_then(|p| p.port)
+                .and_then(|p| u16::try_from(p).ok())
+            else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                    continue;
+                }
+                for addr in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                    let workload = self.workloads.get(&addr);
+                    let pod = ep
+                        .target_ref
+                        .as_ref()
+                        .filter(|t| t.kind.as_deref() == Some("Pod"))
+                        .and_then(|t| {
+                            Some(ObjectRef::new(
+                                t.namespace.clone().unwrap_or_else(|| ns.clone()),
+                                t.name.clone()?,
+                            ))
+                        })
+                        .or_else(|| workload.map(|w| w.pod.clone()));
+                    endpoints.push(Endpoint {
+                        addr: SocketAddr::new(addr, target),
+                        pod,
+                        node: ep
+                            .node_name
+                            .clone()
+                            .or_else(|| workload.and_then(|w| w.node.clone())),
+                        identity: workload.map(|w| w.identity.clone()),
+                    });
+                }
+            }
+        }
+        endpoints.sort_by_key(|e| e.addr);
+        endpoints.dedup_by_key(|e| e.addr);
+        let backend = Arc::new(Backend {
+            service: service.clone(),
+            port,
+            protocol: app_protocol(sp),
+            endpoints,
+        });
+        self.cache.insert((service.clone(), port), backend.clone());
+        Ok(backend)
+    }
+}
+
+#[cfg(test)]
+mod catalogue_tests;
+#[cfg(test)]
+mod tests;
