@@ -61,8 +61,10 @@ impl Store {
     /// is reported in [`Applied::errors`] and skipped; the others still apply.
     pub fn apply_yaml(&mut self, text: &str) -> Applied {
         let mut applied = Applied::default();
-        for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value = match serde_json::Value::deserialize_yaml(doc) {
+        // Documents are split at their `---` markers first: after a syntax error a YAML stream
+        // cannot be resumed, but the next marker still starts a document of its own.
+        for (index, doc) in split_documents(text).into_iter().enumerate() {
+            let value: serde_json::Value = match serde_yaml::from_str(doc) {
                 Ok(v) => v,
                 Err(source) => {
                     applied.errors.push(StoreError::Yaml { index, source });
@@ -186,13 +188,64 @@ impl Store {
     }
 }
 
-/// serde_yaml documents into JSON values, so the upstream types decode from one format.
-trait FromYamlDoc: Sized {
-    fn deserialize_yaml(doc: serde_yaml::Deserializer<'_>) -> Result<Self, serde_yaml::Error>;
+/// Splits a YAML stream at document markers: a line that is `---` or starts with `--- `.
+/// Block scalars are indented, so a marker at the start of a line always starts a document.
+pub fn split_documents(text: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if bare == "---" || bare == "..." {
+            docs.push(&text[start..offset]);
+            start = offset + line.len();
+        } else if bare.starts_with("--- ") {
+            // Content may follow the marker on its line: it belongs to the new document.
+            docs.push(&text[start..offset]);
+            start = offset + 3;
+        }
+        offset += line.len();
+    }
+    docs.push(&text[start..]);
+    docs.into_iter().filter(|d| !d.trim().is_empty()).collect()
 }
 
-impl FromYamlDoc for serde_json::Value {
-    fn deserialize_yaml(doc: serde_yaml::Deserializer<'_>) -> Result<Self, serde_yaml::Error> {
-        serde::Deserialize::deserialize(doc)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_document_is_reported_and_the_others_apply() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\nkind: [unclosed\n  nested: {\n--- # next\napiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n";
+        let mut store = Store::default();
+        let applied = store.apply_yaml(text);
+        assert_eq!(applied.objects, 2);
+        assert_eq!(applied.errors.len(), 1, "{:?}", applied.errors);
+        assert_eq!(applied.ignored, vec!["Deployment default/d".to_owned()]);
+        assert!(store.namespaces.contains_key("a") && store.namespaces.contains_key("b"));
+    }
+
+    #[test]
+    fn a_document_of_a_known_kind_that_does_not_decode_names_itself() {
+        let mut store = Store::default();
+        let applied = store.apply_yaml(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: n}\nspec: {ports: 7}\n",
+        );
+        assert_eq!(applied.objects, 0);
+        let err = applied.errors[0].to_string();
+        assert!(err.contains("Service s"), "{err}");
+    }
+
+    #[test]
+    fn markers_split_documents() {
+        assert_eq!(
+            split_documents("a: 1\n---\nb: 2\n--- \nc: 3\n...\n"),
+            vec!["a: 1\n", "b: 2\n", " \nc: 3\n"]
+        );
+        assert_eq!(split_documents("---\na: 1\n"), vec!["a: 1\n"]);
+        assert_eq!(
+            split_documents("a: |\n  ---\n  x\n"),
+            vec!["a: |\n  ---\n  x\n"]
+        );
     }
 }

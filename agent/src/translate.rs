@@ -307,42 +307,55 @@ fn route_table(attachments: &[Attachment<'_>]) -> RouteTable {
     chosen.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
     chosen.dedup_by(|a, b| a.id == b.id && a.kind == b.kind);
     if grpc {
-        let mut entries: Vec<(rules::GrpcKey, GrpcRuleMatch)> = Vec::new();
-        for (order, route) in chosen.iter().enumerate() {
-            for rule in route.rules.iter().filter(|r| r.problem.is_none()) {
-                for (i, m) in rule.grpc_matches.iter().enumerate() {
-                    entries.push((
-                        rules::GrpcKey::new(m, order, rule.index, i),
-                        GrpcRuleMatch {
-                            id: rule.id.clone(),
-                            matcher: m.clone(),
-                            action: rule.action.clone(),
-                        },
-                    ));
-                }
-            }
-        }
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        RouteTable::Grpc(entries.into_iter().map(|(_, e)| e).collect())
+        RouteTable::Grpc(sorted(
+            &chosen,
+            |rule| &rule.grpc_matches,
+            |m, order, rule, i| rules::GrpcKey::new(m, order, rule, i),
+            |id, matcher, action| GrpcRuleMatch {
+                id,
+                matcher,
+                action,
+            },
+        ))
     } else {
-        let mut entries: Vec<(rules::HttpKey, HttpRuleMatch)> = Vec::new();
-        for (order, route) in chosen.iter().enumerate() {
-            for rule in route.rules.iter().filter(|r| r.problem.is_none()) {
-                for (i, m) in rule.http_matches.iter().enumerate() {
-                    entries.push((
-                        rules::HttpKey::new(m, order, rule.index, i),
-                        HttpRuleMatch {
-                            id: rule.id.clone(),
-                            matcher: m.clone(),
-                            action: rule.action.clone(),
-                        },
-                    ));
-                }
+        RouteTable::Http(sorted(
+            &chosen,
+            |rule| &rule.http_matches,
+            |m, order, rule, i| rules::HttpKey::new(m, order, rule, i),
+            |id, matcher, action| HttpRuleMatch {
+                id,
+                matcher,
+                action,
+            },
+        ))
+    }
+}
+
+/// Every match of every valid rule of `routes` (already in creation/name order), sorted by
+/// precedence key.
+fn sorted<M: Clone, K: Ord, E>(
+    routes: &[&CompiledRoute],
+    matches: impl Fn(&CompiledRule) -> &Vec<M>,
+    key: impl Fn(&M, usize, usize, usize) -> K,
+    entry: impl Fn(
+        Arc<gammaray_proxy::snapshot::RouteId>,
+        M,
+        Arc<gammaray_proxy::snapshot::RuleAction>,
+    ) -> E,
+) -> Vec<E> {
+    let mut entries: Vec<(K, E)> = Vec::new();
+    for (order, route) in routes.iter().enumerate() {
+        for rule in route.rules.iter().filter(|r| r.problem.is_none()) {
+            for (i, m) in matches(rule).iter().enumerate() {
+                entries.push((
+                    key(m, order, rule.index, i),
+                    entry(rule.id.clone(), m.clone(), rule.action.clone()),
+                ));
             }
         }
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        RouteTable::Http(entries.into_iter().map(|(_, e)| e).collect())
     }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries.into_iter().map(|(_, e)| e).collect()
 }
 
 /// A route's Service parentRef, with defaults applied.

@@ -13,7 +13,7 @@ use gammaray_proxy::snapshot::{
 use gateway_api::{
     grpcroutes::{GrpcRoute, GrpcRouteRulesMatches, GrpcRouteRulesMatchesMethodType},
     httproutes::{
-        HttpRoute, HttpRouteRulesBackendRefs, HttpRouteRulesFilters,
+        HttpRoute, HttpRouteParentRefs, HttpRouteRulesBackendRefs, HttpRouteRulesFilters,
         HttpRouteRulesFiltersRequestHeaderModifier, HttpRouteRulesFiltersRequestRedirectPathType,
         HttpRouteRulesFiltersRequestRedirectScheme, HttpRouteRulesFiltersType,
         HttpRouteRulesFiltersUrlRewritePathType, HttpRouteRulesMatches,
@@ -94,184 +94,130 @@ fn meta(
 
 /// parentRefs that name a Service, with defaults: group and kind default to Gateway, so a
 /// Service parent must say `group: ""` (or `core`) and `kind: Service`.
-fn service_parents<'a>(
-    route_ns: &str,
-    refs: impl Iterator<
-        Item = (
-            Option<&'a String>,
-            Option<&'a String>,
-            &'a String,
-            Option<&'a String>,
-            Option<i32>,
-            Option<&'a String>,
-        ),
-    >,
-) -> Vec<ParentRef> {
-    refs.filter_map(|(group, kind, name, namespace, port, section)| {
-        let group = group.map_or("gateway.networking.k8s.io", String::as_str);
-        let kind = kind.map_or("Gateway", String::as_str);
-        ((group.is_empty() || group == "core") && kind == "Service").then(|| ParentRef {
-            group: group.to_owned(),
-            kind: kind.to_owned(),
-            namespace: namespace.cloned().unwrap_or_else(|| route_ns.to_owned()),
-            name: name.clone(),
-            port,
-            section_name: section.cloned(),
+fn service_parents(route_ns: &str, refs: &[HttpRouteParentRefs]) -> Vec<ParentRef> {
+    refs.iter()
+        .filter_map(|p| {
+            let group = p.group.as_deref().unwrap_or("gateway.networking.k8s.io");
+            let kind = p.kind.as_deref().unwrap_or("Gateway");
+            ((group.is_empty() || group == "core") && kind == "Service").then(|| ParentRef {
+                group: group.to_owned(),
+                kind: kind.to_owned(),
+                namespace: p.namespace.clone().unwrap_or_else(|| route_ns.to_owned()),
+                name: p.name.clone(),
+                port: p.port,
+                section_name: p.section_name.clone(),
+            })
         })
-    })
-    .collect()
+        .collect()
 }
 
 pub fn compile_http(route: &HttpRoute, backends: &mut BackendResolver<'_>) -> CompiledRoute {
-    let (id, generation, created) = meta(&route.metadata);
-    let parents = service_parents(
-        &id.namespace,
-        route.spec.parent_refs.iter().flatten().map(|p| {
-            (
-                p.group.as_ref(),
-                p.kind.as_ref(),
-                &p.name,
-                p.namespace.as_ref(),
-                p.port,
-                p.section_name.as_ref(),
-            )
-        }),
-    );
-    let mut unresolved = None;
+    let parents = route.spec.parent_refs.clone().unwrap_or_default();
     // The API server defaults `rules` to one rule matching every path.
-    let default_rules = vec![Default::default()];
     let rules = route
         .spec
         .rules
-        .as_ref()
+        .clone()
         .filter(|r| !r.is_empty())
-        .unwrap_or(&default_rules);
-    let rules = rules
-        .iter()
-        .enumerate()
-        .map(|(index, rule)| {
-            let rid = Arc::new(RouteId {
-                kind: RouteKind::Http,
-                route: id.clone(),
-                rule: index,
-                rule_name: rule.name.clone(),
-            });
-            let compiled = compile_http_rule(
-                &id.namespace,
+        .unwrap_or_else(|| vec![Default::default()]);
+    compile_route(
+        RouteKind::Http,
+        &route.metadata,
+        &parents,
+        &rules,
+        backends,
+        |ns, rule, backends, unresolved| {
+            let (matches, action) = compile_http_rule(
+                ns,
                 rule.matches.as_deref(),
                 rule.filters.as_deref().unwrap_or_default(),
                 rule.backend_refs.as_deref().unwrap_or_default(),
                 rule.timeouts.as_ref(),
                 backends,
-                &mut unresolved,
-            );
-            match compiled {
-                Ok((matches, action)) => CompiledRule {
-                    index,
-                    id: rid,
-                    http_matches: matches,
-                    grpc_matches: Vec::new(),
-                    action: Arc::new(action),
-                    problem: None,
-                },
-                Err(p) => CompiledRule {
-                    index,
-                    id: rid,
-                    http_matches: Vec::new(),
-                    grpc_matches: Vec::new(),
-                    action: Arc::default(),
-                    problem: Some(p),
-                },
-            }
-        })
-        .collect();
-    CompiledRoute {
-        kind: RouteKind::Http,
-        id,
-        generation,
-        created,
-        parents,
-        rules,
-        unresolved,
-    }
+                unresolved,
+            )?;
+            Ok((rule.name.clone(), matches, Vec::new(), action))
+        },
+    )
 }
 
 pub fn compile_grpc(route: &GrpcRoute, backends: &mut BackendResolver<'_>) -> CompiledRoute {
-    let (id, generation, created) = meta(&route.metadata);
-    let parents = service_parents(
-        &id.namespace,
-        route.spec.parent_refs.iter().flatten().map(|p| {
-            (
-                p.group.as_ref(),
-                p.kind.as_ref(),
-                &p.name,
-                p.namespace.as_ref(),
-                p.port,
-                p.section_name.as_ref(),
-            )
-        }),
-    );
-    let mut unresolved = None;
-    let default_rules = vec![Default::default()];
+    // GRPCRoute parentRefs, filters and backendRefs have the HTTPRoute shape: one compiler.
+    let parents =
+        reshape(route.spec.parent_refs.as_deref().unwrap_or_default()).unwrap_or_default();
     let rules = route
         .spec
         .rules
-        .as_ref()
+        .clone()
         .filter(|r| !r.is_empty())
-        .unwrap_or(&default_rules);
+        .unwrap_or_else(|| vec![Default::default()]);
+    compile_route(
+        RouteKind::Grpc,
+        &route.metadata,
+        &parents,
+        &rules,
+        backends,
+        |ns, rule, backends, unresolved| {
+            let filters: Vec<HttpRouteRulesFilters> =
+                reshape(rule.filters.as_deref().unwrap_or_default())?;
+            let refs: Vec<HttpRouteRulesBackendRefs> =
+                reshape(rule.backend_refs.as_deref().unwrap_or_default())?;
+            let matches = grpc_matches(rule.matches.as_deref())?;
+            let (_, action) =
+                compile_http_rule(ns, None, &filters, &refs, None, backends, unresolved)?;
+            Ok((rule.name.clone(), Vec::new(), matches, action))
+        },
+    )
+}
+
+type RuleResult = Result<(Option<String>, Vec<HttpMatch>, Vec<GrpcMatch>, RuleAction), Unresolved>;
+
+fn compile_route<R>(
+    kind: RouteKind,
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    parent_refs: &[HttpRouteParentRefs],
+    rules: &[R],
+    backends: &mut BackendResolver<'_>,
+    mut compile: impl FnMut(&str, &R, &mut BackendResolver<'_>, &mut Option<Unresolved>) -> RuleResult,
+) -> CompiledRoute {
+    let (id, generation, created) = meta(metadata);
+    let parents = service_parents(&id.namespace, parent_refs);
+    let mut unresolved = None;
     let rules = rules
         .iter()
         .enumerate()
         .map(|(index, rule)| {
-            let rid = Arc::new(RouteId {
-                kind: RouteKind::Grpc,
-                route: id.clone(),
-                rule: index,
-                rule_name: rule.name.clone(),
-            });
-            // GRPCRoute filters and backendRefs have the HTTPRoute shape: reuse one compiler.
-            let converted = (|| -> Result<_, Unresolved> {
-                let filters: Vec<HttpRouteRulesFilters> =
-                    reshape(rule.filters.as_deref().unwrap_or_default())?;
-                let refs: Vec<HttpRouteRulesBackendRefs> =
-                    reshape(rule.backend_refs.as_deref().unwrap_or_default())?;
-                let matches = grpc_matches(rule.matches.as_deref())?;
-                Ok((filters, refs, matches))
-            })();
-            let compiled = converted.and_then(|(filters, refs, matches)| {
-                let (_, action) = compile_http_rule(
-                    &id.namespace,
-                    None,
-                    &filters,
-                    &refs,
-                    None,
-                    backends,
-                    &mut unresolved,
-                )?;
-                Ok((matches, action))
-            });
-            match compiled {
-                Ok((matches, action)) => CompiledRule {
+            let result = compile(&id.namespace, rule, backends, &mut unresolved);
+            let rule_id = |rule_name| {
+                Arc::new(RouteId {
+                    kind,
+                    route: id.clone(),
+                    rule: index,
+                    rule_name,
+                })
+            };
+            match result {
+                Ok((name, http_matches, grpc_matches, action)) => CompiledRule {
                     index,
-                    id: rid,
-                    http_matches: Vec::new(),
-                    grpc_matches: matches,
+                    id: rule_id(name),
+                    http_matches,
+                    grpc_matches,
                     action: Arc::new(action),
                     problem: None,
                 },
-                Err(p) => CompiledRule {
+                Err(problem) => CompiledRule {
                     index,
-                    id: rid,
+                    id: rule_id(None),
                     http_matches: Vec::new(),
                     grpc_matches: Vec::new(),
                     action: Arc::default(),
-                    problem: Some(p),
+                    problem: Some(problem),
                 },
             }
         })
         .collect();
     CompiledRoute {
-        kind: RouteKind::Grpc,
+        kind,
         id,
         generation,
         created,
