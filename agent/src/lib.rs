@@ -11,3 +11,6 @@ pub mod preflight;
 pub mod run;
 pub mod store;
 pub mod translate;
+
+#[cfg(test)]
+mod proxy_tests;

@@ -4,7 +4,7 @@
 use std::{net::SocketAddrV4, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
-use gammaray_proxy::{outbound, stats::OutboundStats};
+use gammaray_proxy::{outbound, snapshot::Snapshot, stats::OutboundStats};
 
 use crate::{control, ebpf, preflight};
 
@@ -51,6 +51,9 @@ pub async fn run(
     // control work, and the agent's work never adds latency to requests.
     let outbound_stats = Arc::new(OutboundStats::default());
     let lookup = datapath.orig_dst_lookup();
+    // No configuration source is wired in yet: an empty snapshot makes every destination pass
+    // through untouched. The sender is where a source will publish its translations.
+    let (_snapshot_tx, snapshot_rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
     let proxy_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.proxy_threads.max(1))
         .thread_name("proxy")
@@ -67,7 +70,7 @@ pub async fn run(
                     return;
                 }
             };
-            if let Err(err) = outbound::serve(listener, lookup, stats).await {
+            if let Err(err) = outbound::serve(listener, lookup, snapshot_rx, stats).await {
                 tracing::error!(error = %err, "outbound listener stopped");
             }
         });

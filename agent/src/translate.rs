@@ -310,7 +310,7 @@ fn route_table(attachments: &[Attachment<'_>]) -> RouteTable {
         RouteTable::Grpc(sorted(
             &chosen,
             |rule| &rule.grpc_matches,
-            |m, order, rule, i| rules::GrpcKey::new(m, order, rule, i),
+            rules::GrpcKey::new,
             |id, matcher, action| GrpcRuleMatch {
                 id,
                 matcher,
@@ -321,7 +321,7 @@ fn route_table(attachments: &[Attachment<'_>]) -> RouteTable {
         RouteTable::Http(sorted(
             &chosen,
             |rule| &rule.http_matches,
-            |m, order, rule, i| rules::HttpKey::new(m, order, rule, i),
+            rules::HttpKey::new,
             |id, matcher, action| HttpRuleMatch {
                 id,
                 matcher,

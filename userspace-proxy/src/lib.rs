@@ -6,6 +6,7 @@
 //! that the agent's translation builds from Kubernetes objects.
 #![forbid(unsafe_code)]
 
+pub mod http;
 pub mod orig_dst;
 pub mod outbound;
 pub mod route;

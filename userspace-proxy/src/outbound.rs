@@ -1,7 +1,9 @@
 //! The outbound listener: where the eBPF program sends enrolled pods' connections.
 //!
-//! Today it carries each connection to its original destination at L4; routing by the
-//! snapshot builds on this.
+//! Each connection's original destination decides its path: a Service frontend whose port
+//! speaks HTTP or has routes attached is proxied request by request ([`crate::http`]); any
+//! other frontend is balanced at L4 across the Service's ready endpoints; an address that is
+//! no frontend (a pod IP, anything outside the mesh) is carried there untouched.
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
@@ -9,10 +11,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::{orig_dst::OrigDstLookup, stats::OutboundStats};
+use crate::{
+    http::{ConnContext, Upstreams, pick_endpoint},
+    orig_dst::OrigDstLookup,
+    snapshot::Snapshot,
+    stats::OutboundStats,
+};
 
 /// How long to wait for the original destination to accept before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,8 +40,10 @@ pub enum OutboundError {
 pub async fn serve(
     listener: TcpListener,
     lookup: Arc<dyn OrigDstLookup>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
     stats: Arc<OutboundStats>,
 ) -> Result<(), OutboundError> {
+    let upstreams = Upstreams::default();
     let addr = listener
         .local_addr()
         .map_err(|source| OutboundError::Accept {
@@ -52,10 +64,14 @@ pub async fn serve(
             Err(source) => return Err(OutboundError::Accept { addr, source }),
         };
         stats.accepted.fetch_add(1, Relaxed);
-        let lookup = lookup.clone();
-        let stats = stats.clone();
+        let conn = Conn {
+            lookup: lookup.clone(),
+            snapshot: snapshot.clone(),
+            upstreams: upstreams.clone(),
+            stats: stats.clone(),
+        };
         let span = info_span!("outbound", src = %peer);
-        tokio::spawn(handle(stream, peer, lookup, stats).instrument(span));
+        tokio::spawn(handle(stream, peer, conn).instrument(span));
     }
 }
 
@@ -66,13 +82,21 @@ fn is_transient(err: &std::io::Error) -> bool {
         || err.raw_os_error() == Some(23) // ENFILE
 }
 
-async fn handle(
-    mut client: TcpStream,
-    peer: SocketAddr,
+/// What a connection's task needs from its listener.
+struct Conn {
     lookup: Arc<dyn OrigDstLookup>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    upstreams: Upstreams,
     stats: Arc<OutboundStats>,
-) {
-    let started = Instant::now();
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
+    let Conn {
+        lookup,
+        snapshot,
+        upstreams,
+        stats,
+    } = conn;
     let SocketAddr::V4(peer) = peer else {
         stats.lookup_misses.fetch_add(1, Relaxed);
         warn!("IPv6 client on the outbound listener; closing");
@@ -91,7 +115,46 @@ async fn handle(
             return;
         }
     };
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(orig)).await {
+    let target = {
+        let snap = snapshot.borrow().clone();
+        match snap.frontend(SocketAddr::V4(orig)) {
+            Some(frontend) if frontend.is_http() => None,
+            Some(frontend) => {
+                match pick_endpoint(&frontend.default_backend.endpoints, fastrand::u64(..)) {
+                    Some(endpoint) => Some(endpoint.addr),
+                    None => {
+                        stats.no_endpoint.fetch_add(1, Relaxed);
+                        warn!(dst = %orig, service = %frontend.service, "no ready endpoint; closing");
+                        return;
+                    }
+                }
+            }
+            None => Some(SocketAddr::V4(orig)),
+        }
+    };
+    let Some(target) = target else {
+        let ctx = ConnContext {
+            client: SocketAddr::V4(peer),
+            orig_dst: SocketAddr::V4(orig),
+            snapshot,
+            upstreams,
+            stats,
+        };
+        crate::http::serve_connection(client, Arc::new(ctx)).await;
+        return;
+    };
+    relay(client, orig, target, &stats).await;
+}
+
+/// Carries a connection's bytes to `target` and back.
+async fn relay(
+    mut client: TcpStream,
+    orig: SocketAddrV4,
+    target: SocketAddr,
+    stats: &OutboundStats,
+) {
+    let started = Instant::now();
+    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(s)) => s,
         Ok(Err(err)) => {
             stats.upstream_errors.fetch_add(1, Relaxed);
@@ -113,6 +176,7 @@ async fn handle(
             stats.bytes_received.fetch_add(received, Relaxed);
             info!(
                 dst = %orig,
+                %target,
                 sent,
                 received,
                 duration_ms = started.elapsed().as_millis() as u64,

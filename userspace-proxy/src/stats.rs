@@ -8,8 +8,12 @@ pub struct OutboundStats {
     pub accepted: AtomicU64,
     /// Accepted connections whose original destination was not found: closed at once.
     pub lookup_misses: AtomicU64,
-    /// Connections whose original destination could not be reached.
+    /// Connections or requests whose upstream could not be reached.
     pub upstream_errors: AtomicU64,
+    /// Connections to a Service frontend with no ready endpoint.
+    pub no_endpoint: AtomicU64,
+    /// HTTP requests handled.
+    pub requests: AtomicU64,
     /// Bytes carried from clients to destinations, and back.
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
@@ -22,6 +26,8 @@ pub struct OutboundCounts {
     pub accepted: u64,
     pub lookup_misses: u64,
     pub upstream_errors: u64,
+    pub no_endpoint: u64,
+    pub requests: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
@@ -32,6 +38,8 @@ impl OutboundStats {
             accepted: self.accepted.load(Relaxed),
             lookup_misses: self.lookup_misses.load(Relaxed),
             upstream_errors: self.upstream_errors.load(Relaxed),
+            no_endpoint: self.no_endpoint.load(Relaxed),
+            requests: self.requests.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),
             bytes_received: self.bytes_received.load(Relaxed),
         }

@@ -200,7 +200,8 @@ fn precedence_across_rules_and_routes() {
 "#;
     let t = translated(&http_route("main", "shop", WEB80, rules));
     let f = frontend(&t.snapshot, "10.96.0.1:80");
-    let cases: &[(&Method, &str, &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a Method, &'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case<'_>] = &[
         (&Method::GET, "/", &[], "svc:v1"),
         (&Method::GET, "/apix", &[], "svc:v1"),
         (&Method::GET, "/api", &[], "svc:v2"),

@@ -39,7 +39,9 @@ async fn carries_a_connection_to_its_recorded_destination() {
     let proxy_addr = proxy.local_addr().expect("proxy addr");
     let table = Arc::new(StaticTable::default());
     let stats = Arc::new(OutboundStats::default());
-    tokio::spawn(serve(proxy, table.clone(), stats.clone()));
+    let (_tx, snapshot) =
+        tokio::sync::watch::channel(std::sync::Arc::new(crate::snapshot::Snapshot::default()));
+    tokio::spawn(serve(proxy, table.clone(), snapshot, stats.clone()));
 
     let client = tokio::net::TcpSocket::new_v4().expect("socket");
     client
@@ -70,7 +72,9 @@ async fn closes_a_connection_with_no_recorded_destination_and_keeps_serving() {
     let proxy_addr = proxy.local_addr().expect("proxy addr");
     let table = Arc::new(StaticTable::default());
     let stats = Arc::new(OutboundStats::default());
-    tokio::spawn(serve(proxy, table.clone(), stats.clone()));
+    let (_tx, snapshot) =
+        tokio::sync::watch::channel(std::sync::Arc::new(crate::snapshot::Snapshot::default()));
+    tokio::spawn(serve(proxy, table.clone(), snapshot, stats.clone()));
 
     for _ in 0..3 {
         let mut client = TcpStream::connect(proxy_addr)

@@ -1,0 +1,389 @@
+//! The node proxy's data path on 127.0.0.1: the real outbound listener, real HTTP/1.1 and h2c
+//! backends, snapshots made by the real translation. The original destination comes from an
+//! in-memory table instead of the kernel (the privileged tests cover that part).
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use gammaray_proxy::{orig_dst::StaticTable, outbound, snapshot::Snapshot, stats::OutboundStats};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpSocket},
+    sync::watch,
+};
+
+use crate::{
+    store::Store,
+    translate::{Options, translate},
+};
+
+/// The Service address clients dial; it is only a key in the snapshot.
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 80);
+
+/// An HTTP backend (HTTP/1.1 and h2c) answering with what it saw, one `key=value` per line.
+async fn backend(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind backend");
+    let addr = listener.local_addr().expect("backend addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: Request<hyper::body::Incoming>| async move {
+                        let mut body = format!(
+                            "backend={name}\npath={}\nversion={:?}\n",
+                            req.uri(),
+                            req.version()
+                        );
+                        for (k, v) in req.headers() {
+                            body.push_str(&format!("h:{k}={}\n", v.to_str().unwrap_or("?")));
+                        }
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn service(name: &str, ip: &str, app_protocol: &str, endpoints: &[SocketAddr]) -> String {
+    let port = endpoints.first().map_or(1, |e| e.port());
+    let mut y = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, targetPort: {port}{app_protocol}}}]}}\n"
+    );
+    // One slice per endpoint: each backend listens on its own port.
+    for (i, e) in endpoints.iter().enumerate() {
+        y.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-{i}, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: ['{}']}}]\n",
+            e.port(),
+            e.ip()
+        ));
+    }
+    y
+}
+
+struct Proxy {
+    addr: SocketAddr,
+    table: Arc<StaticTable>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    stats: Arc<OutboundStats>,
+}
+
+impl Proxy {
+    async fn start(yaml: &str) -> Self {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let table = Arc::new(StaticTable::default());
+        let stats = Arc::new(OutboundStats::default());
+        let (tx, rx) = watch::channel(Arc::new(snapshot_of(yaml)));
+        tokio::spawn(outbound::serve(listener, table.clone(), rx, stats.clone()));
+        Self {
+            addr,
+            table,
+            snapshot: tx,
+            stats,
+        }
+    }
+
+    /// Opens a connection "to" `dst` through the proxy, as the eBPF redirect would.
+    async fn connect(&self, dst: SocketAddrV4) -> tokio::net::TcpStream {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket
+            .bind((Ipv4Addr::LOCALHOST, 0).into())
+            .expect("bind client");
+        let SocketAddr::V4(local) = socket.local_addr().expect("client addr") else {
+            unreachable!()
+        };
+        self.table.insert(local, dst);
+        socket.connect(self.addr).await.expect("connect to proxy")
+    }
+
+    async fn http1(
+        &self,
+        dst: SocketAddrV4,
+    ) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+        let stream = self.connect(dst).await;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("h1 handshake");
+        tokio::spawn(conn);
+        sender
+    }
+}
+
+fn snapshot_of(yaml: &str) -> Snapshot {
+    let mut store = Store::default();
+    let applied = store.apply_yaml(yaml);
+    assert!(applied.errors.is_empty(), "{:?}", applied.errors);
+    translate(&store, &Options::default()).snapshot
+}
+
+async fn get(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, BTreeMap<String, String>, http::HeaderMap) {
+    let mut req = Request::get(path).header("host", "backend");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    sender.ready().await.expect("connection ready");
+    let resp = sender
+        .send_request(req.body(Empty::new()).expect("request"))
+        .await
+        .expect("response");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let fields = String::from_utf8_lossy(&body)
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect();
+    (status, fields, headers)
+}
+
+fn canary_route(v1: u32, v2: u32) -> String {
+    format!(
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: canary, namespace: demo}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: backend, port: 80}}]\n  rules:\n  - backendRefs: [{{name: backend-v1, port: 80, weight: {v1}}}, {{name: backend-v2, port: 80, weight: {v2}}}]\n"
+    )
+}
+
+async fn canary_world() -> String {
+    let v1 = [
+        backend("v1-a").await,
+        backend("v1-b").await,
+        backend("v1-c").await,
+    ];
+    let v2 = [backend("v2-a").await, backend("v2-b").await];
+    let all: Vec<SocketAddr> = v1.iter().chain(&v2).copied().collect();
+    format!(
+        "{}{}{}",
+        service("backend", "10.96.0.1", ", appProtocol: http", &all),
+        service("backend-v1", "10.96.0.2", "", &v1),
+        service("backend-v2", "10.96.0.3", "", &v2)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_90_10_canary_splits_1000_requests_on_one_connection() {
+    let world = canary_world().await;
+    let proxy = Proxy::start(&format!("{world}{}", canary_route(90, 10))).await;
+    let mut sender = proxy.http1(VIP).await;
+    let mut counts = BTreeMap::<String, u32>::new();
+    for _ in 0..1000 {
+        let (status, fields, _) = get(&mut sender, "/", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        let version = fields["backend"]
+            .split('-')
+            .next()
+            .expect("v1 or v2")
+            .to_owned();
+        *counts.entry(version).or_default() += 1;
+    }
+    let v2 = f64::from(counts.get("v2").copied().unwrap_or(0)) / 1000.0;
+    assert!((v2 - 0.10).abs() <= 0.03, "v2 got {v2}: {counts:?}");
+    assert_eq!(proxy.stats.snapshot().requests, 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weight_change_takes_effect_without_failing_a_request() {
+    let world = canary_world().await;
+    let proxy = Proxy::start(&format!("{world}{}", canary_route(100, 0))).await;
+    let mut sender = proxy.http1(VIP).await;
+    for _ in 0..50 {
+        let (status, fields, _) = get(&mut sender, "/", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            fields["backend"].starts_with("v1"),
+            "all to v1 before the change"
+        );
+    }
+    proxy.snapshot.send_replace(Arc::new(snapshot_of(&format!(
+        "{world}{}",
+        canary_route(0, 100)
+    ))));
+    for _ in 0..50 {
+        let (status, fields, _) = get(&mut sender, "/", &[]).await;
+        assert_eq!(status, StatusCode::OK, "no request fails across the change");
+        assert!(
+            fields["backend"].starts_with("v2"),
+            "the next request on the same connection follows the new weights"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_routing_adds_a_header_only_on_matched_requests() {
+    let v1 = backend("reviews-v1").await;
+    let v2 = backend("reviews-v2").await;
+    let yaml = format!(
+        "{}{}{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: reviews, namespace: demo}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: backend, port: 80}}]\n  rules:\n  - matches: [{{headers: [{{name: x-user, value: tester}}]}}]\n    filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{add: [{{name: x-canary, value: 'true'}}]}}}}, {{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: x-served-by, value: v2}}]}}}}]\n    backendRefs: [{{name: reviews-v2, port: 80}}]\n  - backendRefs: [{{name: reviews-v1, port: 80}}]\n",
+        service("backend", "10.96.0.1", "", &[v1]),
+        service("reviews-v1", "10.96.0.2", "", &[v1]),
+        service("reviews-v2", "10.96.0.3", "", &[v2]),
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let mut sender = proxy.http1(VIP).await;
+    let (status, fields, headers) = get(&mut sender, "/reviews/1", &[("x-user", "tester")]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(fields["backend"], "reviews-v2");
+    assert_eq!(fields.get("h:x-canary").map(String::as_str), Some("true"));
+    assert_eq!(fields["path"], "/reviews/1");
+    assert_eq!(fields["h:host"], "backend", "the client's Host is kept");
+    assert_eq!(headers["x-served-by"], "v2");
+    let (_, fields, headers) = get(&mut sender, "/reviews/1", &[("x-user", "someone")]).await;
+    assert_eq!(fields["backend"], "reviews-v1");
+    assert!(!fields.contains_key("h:x-canary"));
+    assert!(!headers.contains_key("x-served-by"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_become_status_codes_and_the_proxy_keeps_serving() {
+    let v1 = backend("v1").await;
+    // A port that was bound and released: connections to it are refused.
+    let closed = {
+        let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let yaml = format!(
+        "{}{}{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: demo}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: backend, port: 80}}]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /ok}}}}]\n    backendRefs: [{{name: good, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: /refused}}}}]\n    backendRefs: [{{name: refused, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: /missing}}}}]\n    backendRefs: [{{name: nowhere, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: /empty}}}}]\n    backendRefs: [{{name: backend, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: /moved}}}}]\n    filters: [{{type: RequestRedirect, requestRedirect: {{hostname: example.org, statusCode: 301}}}}]\n",
+        service("backend", "10.96.0.1", "", &[]),
+        service("good", "10.96.0.2", "", &[v1]),
+        service("refused", "10.96.0.3", "", &[closed]),
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let mut sender = proxy.http1(VIP).await;
+    let cases = [
+        ("/ok", StatusCode::OK),
+        ("/elsewhere", StatusCode::NOT_FOUND),
+        ("/missing", StatusCode::INTERNAL_SERVER_ERROR),
+        ("/empty", StatusCode::SERVICE_UNAVAILABLE),
+        ("/refused", StatusCode::BAD_GATEWAY),
+        ("/moved/x", StatusCode::MOVED_PERMANENTLY),
+        ("/ok", StatusCode::OK),
+    ];
+    for (path, expected) in cases {
+        let (status, _, headers) = get(&mut sender, path, &[]).await;
+        assert_eq!(status, expected, "{path}");
+        if expected == StatusCode::MOVED_PERMANENTLY {
+            assert_eq!(headers["location"], "http://example.org/moved/x");
+        }
+    }
+
+    // Malformed HTTP: a 400 and that connection closes; the proxy serves the next one.
+    let mut raw = proxy.connect(VIP).await;
+    raw.write_all(b"NOT HTTP AT ALL\r\n\r\n")
+        .await
+        .expect("write garbage");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut reply))
+        .await
+        .expect("the proxy closes the connection")
+        .expect("read");
+    assert!(
+        String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    let mut again = proxy.http1(VIP).await;
+    assert_eq!(get(&mut again, "/ok", &[]).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_requests_reach_an_h2c_backend() {
+    let b = backend("grpc-v1").await;
+    let yaml = service(
+        "backend",
+        "10.96.0.1",
+        ", appProtocol: kubernetes.io/h2c",
+        &[b],
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let stream = proxy.connect(VIP).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = Request::post("http://backend/proto.EchoTestService/Echo")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("h2 response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains("backend=grpc-v1"), "{body}");
+        assert!(
+            body.contains("version=HTTP/2.0"),
+            "the backend spoke HTTP/2: {body}"
+        );
+        assert!(
+            body.contains("h:te=trailers"),
+            "te: trailers reaches a gRPC backend: {body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_ports_are_balanced_at_l4_and_other_addresses_pass_through() {
+    let echo = |name: &'static str| async move {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let _ = s.write_all(name.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    };
+    let a = echo("tcp-a").await;
+    let b = echo("tcp-b").await;
+    let proxy = Proxy::start(&service("backend", "10.96.0.1", "", &[a, b])).await;
+    let mut seen = BTreeMap::<String, u32>::new();
+    for _ in 0..40 {
+        let mut s = proxy.connect(VIP).await;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.expect("read");
+        *seen.entry(buf).or_default() += 1;
+    }
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        vec!["tcp-a".to_owned(), "tcp-b".to_owned()],
+        "{seen:?}"
+    );
+    // Not a frontend: carried to the address itself.
+    let SocketAddr::V4(direct) = a else {
+        unreachable!()
+    };
+    let mut s = proxy.connect(direct).await;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.expect("read");
+    assert_eq!(buf, "tcp-a");
+}

@@ -1,0 +1,333 @@
+//! HTTP proxying by the snapshot: HTTP/1.1 and h2c (gRPC) from the client, each request routed
+//! by [`crate::route::decide`], its filters applied, and forwarded to one endpoint of the
+//! chosen backend over pooled connections.
+//!
+//! Failures become responses, never a dropped proxy: no rule matched → 404, unusable backend →
+//! 500, no ready endpoint → 503, upstream refused or reset → 502, timeout → 504. Malformed HTTP
+//! gets hyper's 400 and that connection closes.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use tokio::{net::TcpStream, sync::watch};
+use tracing::{debug, info, warn};
+
+use crate::{
+    route::{Decision, Forward, RequestView, decide},
+    snapshot::{AppProtocol, Backend, Endpoint, Snapshot},
+    stats::OutboundStats,
+};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Headers that describe one hop and are not forwarded.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+/// Shared by every HTTP connection of a proxy: upstream connection pools.
+#[derive(Clone)]
+pub struct Upstreams {
+    http1: Client<HttpConnector, Incoming>,
+    http2: Client<HttpConnector, Incoming>,
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector);
+        Self { http1, http2 }
+    }
+}
+
+/// What one client connection carries with it.
+pub struct ConnContext {
+    pub client: SocketAddr,
+    pub orig_dst: SocketAddr,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub upstreams: Upstreams,
+    pub stats: Arc<OutboundStats>,
+}
+
+/// Serves one client connection as HTTP/1.1 or HTTP/2 (prior knowledge) until it closes.
+pub async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(err) = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        debug!(error = %err, "http connection ended with an error");
+    }
+}
+
+async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let response = route_request(req, ctx).await;
+    let status = response.status().as_u16();
+    ctx.stats.requests.fetch_add(1, Relaxed);
+    info!(
+        src = %ctx.client,
+        dst = %ctx.orig_dst,
+        %method,
+        path,
+        status,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    response
+}
+
+async fn route_request(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
+    // One clone of the Arc per request; never held across an await as a borrow.
+    let snapshot = ctx.snapshot.borrow().clone();
+    let Some(frontend) = snapshot.frontend(ctx.orig_dst) else {
+        return local(
+            StatusCode::BAD_GATEWAY,
+            "the destination is no longer a Service frontend",
+        );
+    };
+    let client_ns = snapshot
+        .workloads
+        .get(&ctx.client.ip())
+        .map(|w| w.pod.namespace.clone());
+    let host = request_host(&req);
+    let random = fastrand::u64(..);
+    let (decision_backend, forward) = {
+        let view = RequestView {
+            method: req.method(),
+            scheme: "http",
+            host: host.as_deref(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+        };
+        match decide(frontend, client_ns.as_deref(), &view, random) {
+            Decision::Passthrough(backend) => (backend.clone(), None),
+            Decision::Forward(f) => (f.backend.clone(), Some(Plan::from(&f, req.uri().path()))),
+            Decision::Respond(r) => {
+                let mut resp = local(
+                    StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    &r.reason,
+                );
+                for (name, value) in r.headers {
+                    resp.headers_mut().insert(name, value);
+                }
+                return resp;
+            }
+        }
+    };
+    let timeouts = forward.as_ref().map(|p| p.timeouts).unwrap_or_default();
+    let call = forward_to(req, &decision_backend, forward, ctx, random);
+    match timeouts.request {
+        Some(limit) => match tokio::time::timeout(limit, call).await {
+            Ok(resp) => resp,
+            Err(_) => local(StatusCode::GATEWAY_TIMEOUT, "request timeout"),
+        },
+        None => call.await,
+    }
+}
+
+/// The parts of a forward decision that outlive the borrow of the request.
+struct Plan {
+    request_headers: Vec<crate::snapshot::HeaderModifier>,
+    response_headers: Vec<crate::snapshot::HeaderModifier>,
+    host: Option<String>,
+    path: Option<String>,
+    timeouts: crate::snapshot::Timeouts,
+}
+
+impl Plan {
+    fn from(f: &Forward<'_>, path: &str) -> Self {
+        Self {
+            request_headers: f.request_header_modifiers().cloned().collect(),
+            response_headers: f.response_header_modifiers().cloned().collect(),
+            host: f.rewritten_host().map(str::to_owned),
+            path: f.rewritten_path(path),
+            timeouts: f.timeouts,
+        }
+    }
+}
+
+async fn forward_to(
+    mut req: Request<Incoming>,
+    backend: &Arc<Backend>,
+    plan: Option<Plan>,
+    ctx: &ConnContext,
+    random: u64,
+) -> Response<Body> {
+    let Some(endpoint) = pick_endpoint(&backend.endpoints, random) else {
+        return local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("no ready endpoint for {}:{}", backend.service, backend.port),
+        );
+    };
+    let path_and_query = {
+        let path = plan
+            .as_ref()
+            .and_then(|p| p.path.clone())
+            .unwrap_or_else(|| req.uri().path().to_owned());
+        match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        }
+    };
+    let uri = match Uri::builder()
+        .scheme("http")
+        .authority(endpoint.addr.to_string())
+        .path_and_query(path_and_query)
+        .build()
+    {
+        Ok(uri) => uri,
+        Err(err) => {
+            return local(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot forward this request target: {err}"),
+            );
+        }
+    };
+    let h2 = backend.protocol == AppProtocol::H2c || req.version() == Version::HTTP_2;
+    let host = request_host(&req);
+    *req.uri_mut() = uri;
+    strip_hop_by_hop(req.headers_mut());
+    if let Some(p) = &plan {
+        for m in &p.request_headers {
+            crate::route::apply_header_modifier(m, req.headers_mut());
+        }
+    }
+    // Keep the Host the client asked for unless a rewrite changes it.
+    let host = plan.as_ref().and_then(|p| p.host.clone()).or(host);
+    if let Some(host) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+        req.headers_mut().insert(header::HOST, host);
+    }
+    *req.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let client = if h2 {
+        &ctx.upstreams.http2
+    } else {
+        &ctx.upstreams.http1
+    };
+    let sent = client.request(req);
+    let result = match plan.as_ref().and_then(|p| p.timeouts.backend_request) {
+        Some(limit) => match tokio::time::timeout(limit, sent).await {
+            Ok(r) => r,
+            Err(_) => return local(StatusCode::GATEWAY_TIMEOUT, "backend request timeout"),
+        },
+        None => sent.await,
+    };
+    match result {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            if let Some(p) = &plan {
+                for m in &p.response_headers {
+                    crate::route::apply_header_modifier(m, &mut parts.headers);
+                }
+            }
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(err) => {
+            ctx.stats.upstream_errors.fetch_add(1, Relaxed);
+            warn!(endpoint = %endpoint.addr, error = %err, "upstream request failed");
+            local(
+                StatusCode::BAD_GATEWAY,
+                &format!("upstream {} failed: {err}", endpoint.addr),
+            )
+        }
+    }
+}
+
+/// An endpoint chosen uniformly at random.
+pub fn pick_endpoint(endpoints: &[Endpoint], random: u64) -> Option<&Endpoint> {
+    if endpoints.is_empty() {
+        return None;
+    }
+    // The high bits: the low ones already picked the weighted backend.
+    endpoints.get(((random >> 32) % endpoints.len() as u64) as usize)
+}
+
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    let raw = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))?;
+    Some(strip_port(&raw).to_owned())
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host
+            .split(']')
+            .next()
+            .map_or(host, |h| h.trim_start_matches('['));
+    }
+    host.rsplit_once(':')
+        .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+        .map_or(host, |(h, _)| h)
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// A response made by the proxy itself, with a one-line reason as the body.
+pub fn local(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(format!("{reason}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp.headers_mut()
+        .insert("x-gammaray-local", HeaderValue::from_static("1"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hosts_lose_their_ports() {
+        assert_eq!(super::strip_port("echo:80"), "echo");
+        assert_eq!(super::strip_port("echo"), "echo");
+        assert_eq!(super::strip_port("[::1]:80"), "::1");
+        assert_eq!(super::strip_port("10.96.0.1:8080"), "10.96.0.1");
+    }
+}
