@@ -48,6 +48,12 @@ pub enum Command {
         /// Worker threads of the proxy.
         #[arg(long, default_value_t = 2)]
         proxy_threads: usize,
+        /// Route by the Kubernetes manifests in this directory (re-read on change).
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+        /// Trust domain of the SPIFFE identities.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
     },
     /// Enrol a network namespace (/proc/PID/ns/net or /run/netns/NAME) in a running agent.
     Enrol { netns: PathBuf },

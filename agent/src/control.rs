@@ -5,6 +5,7 @@
 //! - `POST /enrol` `{"netns": PATH}` → `{"cookie": N}`
 //! - `POST /unenrol` `{"netns": PATH}` → `{"cookie": N, "wasEnrolled": bool}`
 //! - `GET /status` → [`Status`]
+//! - `GET /routes` → the status of every route, as translation computed it
 
 use std::{
     path::{Path, PathBuf},
@@ -67,12 +68,17 @@ pub struct Status {
     pub enrolled: Vec<u64>,
     pub kernel: KernelCounters,
     pub outbound: OutboundCounts,
+    /// Version of the snapshot the proxy routes by (0: none published yet).
+    pub config_version: u64,
+    pub frontends: usize,
 }
 
 /// What the control socket serves from.
 pub struct State {
     pub node: String,
     pub proxy: std::net::SocketAddrV4,
+    pub snapshot: tokio::sync::watch::Receiver<Arc<gammaray_proxy::snapshot::Snapshot>>,
+    pub statuses: tokio::sync::watch::Receiver<Arc<Vec<crate::translate::RouteStatus>>>,
     pub datapath: Datapath,
     pub outbound: Arc<OutboundStats>,
 }
@@ -117,6 +123,10 @@ async fn handle(
     let route = (req.method().clone(), req.uri().path().to_owned());
     let body = req.into_body().collect().await?.to_bytes();
     Ok(match (route.0, route.1.as_str()) {
+        (Method::GET, "/routes") => {
+            let statuses = state.statuses.borrow().clone();
+            json(StatusCode::OK, &*statuses)
+        }
         (Method::GET, "/status") => match status(&state) {
             Ok(s) => json(StatusCode::OK, &s),
             Err(err) => text(StatusCode::INTERNAL_SERVER_ERROR, err),
@@ -165,6 +175,8 @@ fn status(state: &State) -> Result<Status, crate::ebpf::EbpfError> {
         enrolled: state.datapath.enrolled(),
         kernel: state.datapath.counters()?,
         outbound: state.outbound.snapshot(),
+        config_version: state.snapshot.borrow().version,
+        frontends: state.snapshot.borrow().frontends.len(),
     })
 }
 

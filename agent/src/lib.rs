@@ -6,6 +6,7 @@ pub mod cli;
 pub mod control;
 pub mod ebpf;
 pub mod logging;
+pub mod manifests;
 pub mod netns;
 pub mod preflight;
 pub mod run;

@@ -20,6 +20,8 @@ fn main() -> anyhow::Result<()> {
                 cgroup_root,
                 btf,
                 proxy_threads,
+                manifests,
+                trust_domain,
             } => {
                 let cfg = RunConfig {
                     node,
@@ -28,6 +30,8 @@ fn main() -> anyhow::Result<()> {
                     control_socket: cli.control,
                     btf_path: btf,
                     proxy_threads,
+                    manifests,
+                    trust_domain,
                 };
                 run(cfg, shutdown_signal()).await
             }

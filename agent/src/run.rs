@@ -6,7 +6,7 @@ use std::{net::SocketAddrV4, path::PathBuf, sync::Arc};
 use anyhow::Context as _;
 use gammaray_proxy::{outbound, snapshot::Snapshot, stats::OutboundStats};
 
-use crate::{control, ebpf, preflight};
+use crate::{control, ebpf, manifests, preflight, translate};
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -19,6 +19,9 @@ pub struct RunConfig {
     pub btf_path: PathBuf,
     /// Worker threads of the proxy's runtime.
     pub proxy_threads: usize,
+    /// Directory of Kubernetes manifests to route by (the source without a cluster).
+    pub manifests: Option<PathBuf>,
+    pub trust_domain: String,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -51,9 +54,26 @@ pub async fn run(
     // control work, and the agent's work never adds latency to requests.
     let outbound_stats = Arc::new(OutboundStats::default());
     let lookup = datapath.orig_dst_lookup();
-    // No configuration source is wired in yet: an empty snapshot makes every destination pass
-    // through untouched. The sender is where a source will publish its translations.
-    let (_snapshot_tx, snapshot_rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
+    // Until a source publishes, the empty snapshot makes every destination pass through.
+    let (snapshot_tx, snapshot_rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
+    let (statuses_tx, statuses_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+    let snapshot_for_status = snapshot_rx.clone();
+    let source = cfg.manifests.clone().map(|dir| {
+        let options = translate::Options {
+            trust_domain: cfg.trust_domain.clone(),
+            version: 0,
+        };
+        let out = manifests::Published {
+            snapshot: snapshot_tx,
+            statuses: statuses_tx,
+        };
+        tokio::spawn(manifests::watch_dir(
+            dir,
+            options,
+            out,
+            std::time::Duration::from_millis(250),
+        ))
+    });
     let proxy_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.proxy_threads.max(1))
         .thread_name("proxy")
@@ -81,6 +101,8 @@ pub async fn run(
         proxy: cfg.proxy_addr,
         datapath,
         outbound: outbound_stats,
+        snapshot: snapshot_for_status,
+        statuses: statuses_rx,
     });
     let control_path = cfg.control_socket.clone();
     let mut control = tokio::spawn({
@@ -98,6 +120,9 @@ pub async fn run(
     }
     control.abort();
     let _ = control.await;
+    if let Some(task) = source {
+        task.abort();
+    }
     if let Some(task) = kernel_logs {
         task.abort();
         let _ = task.await;

@@ -15,8 +15,10 @@ use gammaray_testkit::{
     Cluster, Pod, assert_eventually,
     cluster::pod_gateway,
     echo::{self, EchoServer, Greeting},
+    http::HttpClient,
     process::Process,
     require_privileged,
+    scenarios::{self, Canary},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,11 +42,16 @@ struct Agent {
 
 impl Agent {
     fn start(cluster: &Cluster, node: u8) -> Self {
+        Self::start_with(cluster, node, None)
+    }
+
+    /// Starts the agent, routing by the manifests in `manifests` if given.
+    fn start_with(cluster: &Cluster, node: u8, manifests: Option<&Path>) -> Self {
         let node = cluster.node(node);
         let socket = cluster.dir().join(format!("{}-agent.sock", node.name));
         let log = cluster.dir().join(format!("{}-agent.log", node.name));
         let proxy = SocketAddrV4::new(node.ip, 15001);
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--control",
             socket.to_str().expect("utf-8 path"),
             "run",
@@ -56,6 +63,9 @@ impl Agent {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let Some(dir) = manifests {
+            args.extend(["--manifests".to_owned(), dir.display().to_string()]);
+        }
         let env = [(
             "RUST_LOG".to_owned(),
             "info,gammaray::kernel=debug".to_owned(),
@@ -427,4 +437,103 @@ fn nothing_is_left_behind() {
     for id in links {
         assert!(!live.contains(&id), "BPF link {id} still attached");
     }
+}
+
+/// Writes `text` to `path` atomically, as a config management tool would.
+fn write_manifest(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write manifest");
+    std::fs::rename(&tmp, path).expect("replace manifest");
+}
+
+/// Sends `n` GETs on one keep-alive connection from `pod` to the canary Service and counts
+/// the versions that answered; every request must succeed.
+fn canary_split(pod: &Pod, n: usize) -> std::collections::BTreeMap<String, usize> {
+    pod.run(|| {
+        let mut client = HttpClient::connect(
+            SocketAddr::from((scenarios::BACKEND_VIP, 80)),
+            "backend",
+            TIMEOUT,
+        )
+        .expect("connect to the backend Service");
+        let mut counts = std::collections::BTreeMap::new();
+        for i in 0..n {
+            let reply = client
+                .get("/", &[])
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(reply.status, 200, "request {i}: {}", reply.body);
+            *counts.entry(reply.fields["message"].clone()).or_insert(0) += 1;
+        }
+        counts
+    })
+    .expect("enter client pod")
+}
+
+#[test]
+fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
+    if !require_privileged("canary") {
+        return;
+    }
+    let cluster = Cluster::new(2).expect("cluster");
+    let canary = Canary::build(&cluster).expect("canary world");
+    let dir = cluster.dir().join("manifests");
+    std::fs::create_dir_all(&dir).expect("manifest dir");
+    std::fs::write(dir.join("objects.yaml"), &canary.objects).expect("objects");
+    write_manifest(&dir.join("route.yaml"), &Canary::route(90, 10));
+    let agent = Agent::start_with(&cluster, 1, Some(&dir));
+    let _agent2 = Agent::start_with(&cluster, 2, Some(&dir));
+    agent.enrol(&canary.client);
+    assert_eventually("node1 routes by the manifests", TIMEOUT, || {
+        let st = agent.status();
+        (st.frontends >= 3)
+            .then_some(st.config_version)
+            .ok_or(format!("{st:?}"))
+    });
+
+    let counts = canary_split(&canary.client, 1000);
+    let v2 = counts.get("hello from backend v2").copied().unwrap_or(0);
+    assert!((70..=130).contains(&v2), "10% ± 3 to v2, got {counts:?}");
+    // Every backend pod, on both nodes, took part.
+    for (pod, server) in &canary.backends {
+        assert!(
+            server.served() > 0 || pod.name.starts_with("backend-v2"),
+            "{} served nothing",
+            pod.name
+        );
+    }
+    let status = agent.status();
+    assert_eq!(
+        status.kernel.redirected, 1,
+        "one keep-alive connection, redirected once"
+    );
+    assert_eq!(status.outbound.requests, 1000);
+
+    // Shift to 50/50 while requests flow: none fails, and the new split takes over.
+    let before = status.config_version;
+    let shifter = std::thread::spawn({
+        let path = dir.join("route.yaml");
+        move || {
+            std::thread::sleep(Duration::from_millis(200));
+            write_manifest(&path, &Canary::route(50, 50));
+        }
+    });
+    let during = canary_split(&canary.client, 600);
+    shifter.join().expect("shifter");
+    assert_eq!(
+        during.values().sum::<usize>(),
+        600,
+        "no request failed across the change"
+    );
+    assert_eventually("the new weights are applied", TIMEOUT, || {
+        let v = agent.status().config_version;
+        (v > before)
+            .then_some(v)
+            .ok_or(format!("still version {v}"))
+    });
+    let after = canary_split(&canary.client, 1000);
+    let v2 = after.get("hello from backend v2").copied().unwrap_or(0);
+    assert!(
+        (430..=570).contains(&v2),
+        "50% ± 7 to v2 after the change, got {after:?}"
+    );
 }

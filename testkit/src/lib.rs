@@ -12,10 +12,13 @@ pub mod cgroup;
 pub mod cluster;
 pub mod echo;
 pub mod eventually;
+pub mod http;
 pub mod names;
 pub mod netns;
+pub mod objects;
 pub mod privileged;
 pub mod process;
+pub mod scenarios;
 pub mod sweep;
 
 pub use cluster::{Cluster, Node, Pod};
