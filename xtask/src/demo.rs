@@ -1,23 +1,28 @@
 //! `cargo xtask demo`: gammaray on a simulated two-node cluster, narrated step by step.
 //!
-//! What it shows today: real agents load the eBPF programs; an enrolled pod's connections to a
-//! Service-like address are steered into its node's proxy, which recovers the original
-//! destination and carries the connection there, across nodes; an unenrolled pod goes
-//! direct; the kernel's own log lines come out of the agent's log.
+//! Real agents load the eBPF programs and route by Gateway API objects from a manifest
+//! directory: a 90/10 canary split of 1000 requests, a live shift to 50/50, header routing,
+//! the identities the mesh assigns, and the kernel's own log lines.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::PathBuf,
+    collections::BTreeMap,
+    io::Write as _,
+    net::{SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use gammaray_agent::control::{Client, Status};
-use gammaray_testkit::{Cluster, echo, process::Process};
+use gammaray_testkit::{
+    Cluster, Pod,
+    http::HttpClient,
+    process::Process,
+    scenarios::{self, Canary},
+};
 
-const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const TIMEOUT: Duration = Duration::from_secs(10);
-const REQUESTS: usize = 20;
+const REQUESTS: usize = 1000;
 
 fn step(msg: &str) {
     println!("\n\x1b[1m==> {msg}\x1b[0m");
@@ -44,21 +49,41 @@ impl Agent {
 }
 
 pub fn run() -> anyhow::Result<()> {
-    if !nix_is_root() {
+    if !is_root() {
         bail!("the demo needs root: it creates network namespaces and loads eBPF programs");
     }
     let started = Instant::now();
     step("building the agent (and its eBPF programs)");
-    crate::cargo(&["build", "--quiet", "-p", "gammaray-agent", "--bins"])?;
+    crate::cargo_quiet(&["build", "-p", "gammaray-agent", "--bins"])?;
     let agent_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
 
     step("creating a simulated cluster: 2 nodes on a bridge, pods as network namespaces");
     let cluster = Cluster::new(2).context("building the simulated cluster")?;
-    for node in cluster.nodes() {
-        println!("    {} at {}", node.name, node.ip);
+    let canary = Canary::build(&cluster).context("starting the backend pods")?;
+    for (pod, _) in &canary.backends {
+        println!(
+            "    {:<32} {:<12} on {}",
+            pod.name,
+            pod.ip.to_string(),
+            pod.node
+        );
     }
+    println!(
+        "    {:<32} {:<12} on {}",
+        canary.client.name,
+        canary.client.ip.to_string(),
+        canary.client.node
+    );
 
-    step("starting one gammaray agent per node");
+    step("writing the cluster's objects and the HTTPRoute (backend-v1 90, backend-v2 10)");
+    let manifests = cluster.dir().join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    std::fs::write(manifests.join("objects.yaml"), &canary.objects)?;
+    let route_file = manifests.join("route.yaml");
+    write_atomically(&route_file, &Canary::route(90, 10))?;
+    print!("{}", indent(&Canary::route(90, 10)));
+
+    step("starting one gammaray agent per node (eBPF redirect + node proxy)");
     let mut agents = Vec::new();
     for node in cluster.nodes() {
         let socket = cluster.dir().join(format!("{}.sock", node.name));
@@ -72,6 +97,8 @@ pub fn run() -> anyhow::Result<()> {
             node.name.clone(),
             "--proxy-addr".into(),
             proxy.to_string(),
+            "--manifests".into(),
+            manifests.display().to_string(),
         ];
         let env = [(
             "RUST_LOG".to_owned(),
@@ -83,72 +110,75 @@ pub fn run() -> anyhow::Result<()> {
             control: Client::new(&socket),
             log,
         };
-        wait_ready(&agent)?;
-        let st = agent.status()?;
+        let st = wait_for(&agent, |s| s.frontends >= 3)?;
         println!(
-            "    {}: eBPF attached at {} (links {:?}), proxy listening on {}",
+            "    {}: eBPF links {:?} at {}, proxy on {}, config v{} with {} Service frontends",
             node.name,
-            st.attachment.cgroup.display(),
             st.attachment.link_ids,
-            st.proxy
+            st.attachment.cgroup.display(),
+            st.proxy,
+            st.config_version,
+            st.frontends
         );
         agents.push(agent);
     }
+    let enrolled = block_on(agents[0].control.enrol(&canary.client.netns_path()))?;
+    println!(
+        "    enrolled pod {} (netns cookie {})",
+        canary.client.name, enrolled.cookie
+    );
 
     step(&format!(
-        "backend pod on node2 serves the Service address {SERVICE_VIP}:80"
+        "the client sends {REQUESTS} requests to http://backend (ClusterIP {})",
+        scenarios::BACKEND_VIP
     ));
-    let backend = cluster.add_pod(2, "demo", "backend-v1-7d4b9c-x2x7q")?;
-    cluster.add_pod_address(&backend, SERVICE_VIP)?;
-    let listener = backend.run(|| std::net::TcpListener::bind((SERVICE_VIP, 80)))??;
-    let _server = echo::EchoServer::start(listener, &backend.name)?;
-    println!("    {} ({}) on {}", backend.name, backend.ip, backend.node);
+    let split = send(&canary.client, REQUESTS, &[])?;
+    chart(&split, REQUESTS);
 
-    step("client pods on node1: `client` is enrolled in the mesh, `outsider` is not");
-    let client = cluster.add_pod(1, "demo", "client")?;
-    let outsider = cluster.add_pod(1, "legacy", "outsider")?;
-    let enrolled = block_on(agents[0].control.enrol(&client.netns_path()))?;
-    println!(
-        "    enrolled {} (netns cookie {})",
-        client.name, enrolled.cookie
-    );
+    step("shifting the weights to 50/50, live (what Flagger does during a rollout)");
+    let before = agents[0].status()?.config_version;
+    write_atomically(&route_file, &Canary::route(50, 50))?;
+    let st = wait_for(&agents[0], |s| s.config_version > before)?;
+    println!("    node1 now routes by config v{}", st.config_version);
+    let split = send(&canary.client, REQUESTS, &[])?;
+    chart(&split, REQUESTS);
 
-    let dst = SocketAddr::from((SERVICE_VIP, 80));
-    step(&format!("client connects to {dst} {REQUESTS} times"));
-    for i in 0..REQUESTS {
-        let g = client.run(|| echo::call(dst, TIMEOUT))??;
-        if i == 0 {
-            println!(
-                "    backend {} answered on {} and saw the peer {}",
-                g.hostname, g.local, g.peer
-            );
-            println!(
-                "    (the peer is node1's address: the connection went through node1's proxy)"
-            );
-        }
-        if g.local != dst {
-            bail!("original destination lost: backend answered on {}", g.local);
-        }
+    step("header routing: requests with `x-user: tester` go to v2 with `x-canary: true` added");
+    write_atomically(&route_file, &header_route())?;
+    print!("{}", indent(&header_route()));
+    let before = st.config_version;
+    wait_for(&agents[0], |s| s.config_version > before)?;
+    for user in ["tester", "someone"] {
+        let reply = canary.client.run(|| -> std::io::Result<_> {
+            let mut c = HttpClient::connect(
+                SocketAddr::from((scenarios::BACKEND_VIP, 80)),
+                "backend",
+                TIMEOUT,
+            )?;
+            c.get("/reviews/1", &[("x-user", user)])
+        })??;
+        println!(
+            "    x-user: {user:<8} → {} ({}), backend saw x-canary: {}",
+            reply.fields.get("message").map_or("?", String::as_str),
+            reply.fields.get("hostname").map_or("?", String::as_str),
+            reply
+                .fields
+                .get("header:x-canary")
+                .map_or("(none)", String::as_str)
+        );
     }
-    let st = agents[0].status()?;
-    println!(
-        "    node1: kernel redirected {}, lookup misses {}; proxy accepted {}, lookup misses {}",
-        st.kernel.redirected,
-        st.kernel.lookup_misses,
-        st.outbound.accepted,
-        st.outbound.lookup_misses
-    );
 
-    step("the unenrolled pod connects to the backend directly");
-    let backend_direct = SocketAddr::from((SERVICE_VIP, 80));
-    let g = outsider.run(|| echo::call(backend_direct, TIMEOUT))??;
+    step("the SPIFFE identities the mesh assigns to the backends");
+    for (pod, _) in &canary.backends {
+        println!(
+            "    {:<32} spiffe://cluster.local/ns/{}/sa/{}",
+            pod.name,
+            pod.namespace,
+            gammaray_testkit::objects::service_account(pod)
+        );
+    }
     println!(
-        "    backend saw the peer {} (the outsider's own address {})",
-        g.peer, outsider.ip
-    );
-    println!(
-        "    node1 redirects still {}",
-        agents[0].status()?.kernel.redirected
+        "    (mutual TLS between nodes with these identities arrives with HBONE; traffic between nodes is plaintext today)"
     );
 
     step("the kernel's own log lines, from node1's agent log (aya-log)");
@@ -156,36 +186,117 @@ pub fn run() -> anyhow::Result<()> {
     for line in log
         .lines()
         .filter(|l| l.contains("gammaray::kernel"))
-        .take(5)
+        .take(3)
     {
         println!("    {line}");
     }
+    let st = agents[0].status()?;
+    println!(
+        "    node1 totals: {} connections redirected, {} lookup misses, {} HTTP requests routed",
+        st.kernel.redirected, st.kernel.lookup_misses, st.outbound.requests
+    );
 
     step("cleaning up: agents stop, links detach, namespaces and cgroups go");
     drop(agents);
+    drop(canary);
     drop(cluster);
     println!("\ndone in {:.1} s", started.elapsed().as_secs_f64());
-    println!(
-        "next on the roadmap: GAMMA routing (canary 90/10), HBONE mTLS between nodes, Kubernetes sources"
-    );
     Ok(())
 }
 
-fn wait_ready(agent: &Agent) -> anyhow::Result<()> {
+fn header_route() -> String {
+    "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: backend-header, namespace: demo}\nspec:\n  parentRefs: [{group: '', kind: Service, name: backend, port: 80}]\n  rules:\n  - matches: [{headers: [{name: x-user, value: tester}]}]\n    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-canary, value: 'true'}]}}]\n    backendRefs: [{name: backend-v2, port: 80}]\n  - backendRefs: [{name: backend-v1, port: 80}]\n".to_owned()
+}
+
+/// Sends `n` GETs on one keep-alive connection from `pod`, with a progress bar; returns the
+/// count per answering version.
+fn send(pod: &Pod, n: usize, headers: &[(&str, &str)]) -> anyhow::Result<BTreeMap<String, usize>> {
+    let started = Instant::now();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let counts = pod.run(|| -> anyhow::Result<BTreeMap<String, usize>> {
+        let mut client = HttpClient::connect(
+            SocketAddr::from((scenarios::BACKEND_VIP, 80)),
+            "backend",
+            TIMEOUT,
+        )?;
+        let mut counts = BTreeMap::new();
+        for i in 1..=n {
+            let reply = client
+                .get("/", headers)
+                .with_context(|| format!("request {i}"))?;
+            if reply.status != 200 {
+                bail!("request {i} got {}: {}", reply.status, reply.body);
+            }
+            *counts
+                .entry(reply.fields.get("message").cloned().unwrap_or_default())
+                .or_insert(0) += 1;
+            if tty && (i % 25 == 0 || i == n) {
+                let filled = i * 40 / n;
+                print!(
+                    "\r    [{}{}] {i}/{n}",
+                    "#".repeat(filled),
+                    " ".repeat(40 - filled)
+                );
+                let _ = std::io::stdout().flush();
+            }
+        }
+        if tty {
+            println!();
+        }
+        Ok(counts)
+    })??;
+    println!(
+        "    {n} requests in {:.2} s, all 200",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(counts)
+}
+
+fn chart(counts: &BTreeMap<String, usize>, total: usize) {
+    for (message, count) in counts {
+        let share = *count as f64 / total as f64;
+        let bar = "█".repeat((share * 50.0).round() as usize);
+        println!(
+            "    {message:<24} {bar:<50} {count:>4} ({:.1}%)",
+            share * 100.0
+        );
+    }
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .filter(|l| *l != "---")
+        .map(|l| format!("    | {l}\n"))
+        .collect()
+}
+
+fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn wait_for(agent: &Agent, ready: impl Fn(&Status) -> bool) -> anyhow::Result<Status> {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         match agent.status() {
-            Ok(_) => return Ok(()),
-            Err(err) if Instant::now() > deadline => {
-                let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
-                bail!("agent did not become ready: {err}\n{log}");
+            Ok(st) if ready(&st) => return Ok(st),
+            Ok(_) | Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            other => {
+                let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+                bail!(
+                    "agent not ready in time ({:?})\n{log}",
+                    other.map(|s| s.config_version)
+                );
+            }
         }
     }
 }
 
-fn nix_is_root() -> bool {
+fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

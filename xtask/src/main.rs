@@ -47,3 +47,16 @@ pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Runs cargo with `args`, showing its output only if it fails (the eBPF build's trampolined
+/// compiler lines are noise when all goes well).
+pub fn cargo_quiet(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        anyhow::bail!("`cargo {}` failed: {}", args.join(" "), out.status);
+    }
+    Ok(())
+}
