@@ -134,13 +134,18 @@ fn one() -> u32 {
     1
 }
 
-/// Where the catalogue lives: `GAMMARAY_CONFORMANCE_DIR`, else `shared/conformance` beside the
-/// project's checkout.
+/// Where the catalogue lives: `GAMMARAY_CONFORMANCE_DIR`, else the first `shared/conformance`
+/// found going up from the working directory (the checkout sits beside `shared/`).
 pub fn default_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("GAMMARAY_CONFORMANCE_DIR") {
         return PathBuf::from(dir);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance")
+    let start = std::env::current_dir().unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    start
+        .ancestors()
+        .map(|a| a.join("shared/conformance"))
+        .find(|p| p.join("cases").is_dir())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance"))
 }
 
 #[derive(Debug, thiserror::Error)]
