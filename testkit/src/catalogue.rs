@@ -140,7 +140,8 @@ pub fn default_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("GAMMARAY_CONFORMANCE_DIR") {
         return PathBuf::from(dir);
     }
-    let start = std::env::current_dir().unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let start =
+        std::env::current_dir().unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     start
         .ancestors()
         .map(|a| a.join("shared/conformance"))
