@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod http;
+pub mod identity;
 pub mod orig_dst;
 pub mod outbound;
 pub mod route;

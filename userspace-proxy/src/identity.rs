@@ -1,0 +1,489 @@
+//! Workload identity and the mesh's certificates.
+//!
+//! A workload's identity is `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`. The
+//! mesh root CA signs short-lived (24 h) certificates whose only subject alternative name is
+//! that URI; a node issues them only for workloads on that node, and renews them at half life.
+//! TLS is 1.3 only. A client checks that the server presents exactly the identity expected for
+//! the endpoint it chose; a server checks the client's chain and records its identity.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::{
+    DigitallySignedStruct, RootCertStore, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime},
+    server::WebPkiClientVerifier,
+    sign::CertifiedKey,
+};
+
+/// How long an issued workload certificate is valid.
+pub const CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{0:?} is not a SPIFFE workload identity (spiffe://<trust domain>/ns/<ns>/sa/<sa>)")]
+    Parse(String),
+    #[error("certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("the peer certificate cannot be parsed: {0}")]
+    PeerCert(String),
+    #[error("the peer certificate carries no SPIFFE identity")]
+    NoIdentity,
+    #[error("client verifier: {0}")]
+    Verifier(String),
+}
+
+/// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl FromStr for Identity {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || IdentityError::Parse(s.to_owned());
+        let rest = s.strip_prefix("spiffe://").ok_or_else(err)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
+                Ok(Self {
+                    trust_domain: (*td).to_owned(),
+                    namespace: (*ns).to_owned(),
+                    service_account: (*sa).to_owned(),
+                })
+            }
+            _ => Err(err()),
+        }
+    }
+}
+
+impl Identity {
+    /// The TLS server name a client sends to ask a node for this identity's certificate:
+    /// `<sa>.<ns>.id.gammaray` (Kubernetes names are DNS labels, so this is a valid name).
+    pub fn server_name(&self) -> String {
+        format!("{}.{}.id.gammaray", self.service_account, self.namespace)
+    }
+
+    /// The identity a server name asks for, in `trust_domain`.
+    pub fn from_server_name(name: &str, trust_domain: &str) -> Option<Self> {
+        let rest = name.strip_suffix(".id.gammaray")?;
+        let (sa, ns) = rest.split_once('.')?;
+        (!sa.is_empty() && !ns.is_empty() && !ns.contains('.')).then(|| Self {
+            trust_domain: trust_domain.to_owned(),
+            namespace: ns.to_owned(),
+            service_account: sa.to_owned(),
+        })
+    }
+}
+
+/// The mesh root CA (or an intermediate a node holds).
+pub struct Authority {
+    cert: CertificateDer<'static>,
+    cert_pem: String,
+    key: KeyPair,
+    params_issuer: Issuer<'static, KeyPair>,
+}
+
+impl Authority {
+    /// A new self-signed root, for the demo and tests.
+    pub fn generate(trust_domain: &str) -> Result<Self, IdentityError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("gammaray mesh root ({trust_domain})"),
+        );
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "gammaray");
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(3650);
+        let cert = params.self_signed(&key)?;
+        Self::from_pem(&cert.pem(), &key.serialize_pem())
+    }
+
+    /// Loads a CA from PEM (the Secret's `ca.crt` and `ca.key`).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, IdentityError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, KeyPair::from_pem(key_pem)?)?;
+        let der = pem_to_der(cert_pem)?;
+        Ok(Self {
+            cert: der,
+            cert_pem: cert_pem.to_owned(),
+            key,
+            params_issuer: issuer,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// A root store holding only this CA.
+    pub fn roots(&self) -> RootCertStore {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.cert.clone())
+            .expect("our own CA certificate parses");
+        roots
+    }
+
+    /// Issues a certificate for `identity`, valid from `not_before` for `lifetime`.
+    pub fn issue_at(
+        &self,
+        identity: &Identity,
+        not_before: SystemTime,
+        lifetime: Duration,
+    ) -> Result<Issued, IdentityError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let uri = rcgen::string::Ia5String::try_from(identity.to_string())?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "gammaray");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let start = time::OffsetDateTime::from(not_before);
+        params.not_before = start;
+        params.not_after =
+            start + time::Duration::try_from(lifetime).unwrap_or(time::Duration::DAY);
+        let cert = params.signed_by(&key, &self.params_issuer)?;
+        let chain = vec![cert.der().clone()];
+        let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing = provider().key_provider.load_private_key(private)?;
+        Ok(Issued {
+            identity: identity.clone(),
+            certified: Arc::new(CertifiedKey::new(chain, signing)),
+            not_before,
+            not_after: not_before + lifetime,
+        })
+    }
+
+    pub fn issue(&self, identity: &Identity) -> Result<Issued, IdentityError> {
+        // Backdated a little, so a peer whose clock lags a few seconds accepts it at once.
+        self.issue_at(
+            identity,
+            SystemTime::now() - Duration::from_secs(60),
+            CERT_LIFETIME,
+        )
+    }
+}
+
+fn pem_to_der(pem_text: &str) -> Result<CertificateDer<'static>, IdentityError> {
+    let p = pem::parse(pem_text).map_err(|e| IdentityError::PeerCert(e.to_string()))?;
+    Ok(CertificateDer::from(p.into_contents()))
+}
+
+/// A workload certificate with its key, ready for rustls.
+#[derive(Clone)]
+pub struct Issued {
+    pub identity: Identity,
+    pub certified: Arc<CertifiedKey>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl fmt::Debug for Issued {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Issued")
+            .field("identity", &self.identity.to_string())
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
+impl Issued {
+    /// Renewal is due at half the certificate's life.
+    pub fn needs_renewal(&self, now: SystemTime) -> bool {
+        let half = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default()
+            / 2;
+        now >= self.not_before + half
+    }
+}
+
+/// The certificates a node holds for the workloads on it, issued on first use and renewed at
+/// half life. Renewal swaps the certificate for new handshakes; connections already made keep
+/// theirs, so none is dropped.
+pub struct CertStore {
+    authority: Arc<Authority>,
+    certs: Mutex<HashMap<Identity, Issued>>,
+}
+
+impl CertStore {
+    pub fn new(authority: Arc<Authority>) -> Self {
+        Self {
+            authority,
+            certs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.authority
+    }
+
+    /// The current certificate for `identity`, issuing or renewing it if needed.
+    pub fn get(&self, identity: &Identity) -> Result<Issued, IdentityError> {
+        self.get_at(identity, SystemTime::now())
+    }
+
+    pub fn get_at(&self, identity: &Identity, now: SystemTime) -> Result<Issued, IdentityError> {
+        let mut certs = self.certs.lock().expect("cert store lock");
+        if let Some(c) = certs.get(identity)
+            && !c.needs_renewal(now)
+        {
+            return Ok(c.clone());
+        }
+        let issued =
+            self.authority
+                .issue_at(identity, now - Duration::from_secs(60), CERT_LIFETIME)?;
+        tracing::info!(identity = %identity, not_after = ?issued.not_after, "workload certificate issued");
+        certs.insert(identity.clone(), issued.clone());
+        Ok(issued)
+    }
+
+    /// The earliest expiry among held certificates, for metrics.
+    pub fn earliest_expiry(&self) -> Option<SystemTime> {
+        self.certs
+            .lock()
+            .expect("cert store lock")
+            .values()
+            .map(|c| c.not_after)
+            .min()
+    }
+}
+
+/// The crypto provider used for every TLS config: ring, TLS 1.3 cipher suites only.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The SPIFFE identity in a certificate's URI subject alternative name.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, IdentityError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| IdentityError::PeerCert(e.to_string()))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::PeerCert(e.to_string()))?
+        .ok_or(IdentityError::NoIdentity)?;
+    san.value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
+                uri.parse().ok()
+            }
+            _ => None,
+        })
+        .ok_or(IdentityError::NoIdentity)
+}
+
+/// Verifies a server's chain against the mesh roots and that it is exactly `expected`.
+#[derive(Debug)]
+pub struct ExpectIdentity {
+    roots: Arc<RootCertStore>,
+    expected: Identity,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ExpectIdentity {
+    pub fn new(roots: Arc<RootCertStore>, expected: Identity) -> Self {
+        Self {
+            roots,
+            expected,
+            algs: provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for ExpectIdentity {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        let got = identity_of(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
+        if got != self.expected {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(IdentityMismatch {
+                    expected: self.expected.to_string(),
+                    got: got.to_string(),
+                }))),
+            ));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("server identity {got} is not the expected {expected}")]
+pub struct IdentityMismatch {
+    pub expected: String,
+    pub got: String,
+}
+
+/// A TLS 1.3 client config presenting `client` and expecting the server to be `expected`.
+pub fn client_config(
+    roots: Arc<RootCertStore>,
+    client: &Issued,
+    expected: Identity,
+) -> Result<rustls::ClientConfig, IdentityError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ExpectIdentity::new(roots, expected)))
+        .with_client_cert_resolver(Arc::new(PresentCert(client.certified.clone())));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Always presents one workload certificate as the client certificate.
+#[derive(Debug)]
+struct PresentCert(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for PresentCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A TLS 1.3 server config requiring a client certificate from the mesh roots, with server
+/// certificates chosen per handshake by `resolver`.
+pub fn server_config(
+    roots: Arc<RootCertStore>,
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<rustls::ServerConfig, IdentityError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| IdentityError::Verifier(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Chooses the server certificate by the identity the client names in SNI, for identities this
+/// node may serve (`allowed`: a workload with that identity runs here).
+pub struct SniResolver {
+    pub store: Arc<CertStore>,
+    pub trust_domain: String,
+    pub allowed: Box<dyn Fn(&Identity) -> bool + Send + Sync>,
+}
+
+impl fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SniResolver")
+            .field("trust_domain", &self.trust_domain)
+            .finish()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let identity = Identity::from_server_name(hello.server_name()?, &self.trust_domain)?;
+        if !(self.allowed)(&identity) {
+            tracing::warn!(%identity, "refusing a handshake for an identity that has no workload on this node");
+            return None;
+        }
+        match self.store.get(&identity) {
+            Ok(c) => Some(c.certified),
+            Err(err) => {
+                tracing::warn!(%identity, error = %err, "cannot issue a certificate");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
