@@ -54,6 +54,18 @@ pub enum Command {
         /// Trust domain of the SPIFFE identities.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        /// The mesh root CA certificate (PEM). With --ca-key, traffic between nodes is carried
+        /// over mutual TLS (HBONE); without, it is plaintext.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// The mesh root CA key (PEM).
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+    },
+    /// Mesh CA management.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
     },
     /// Enrol a network namespace (/proc/PID/ns/net or /run/netns/NAME) in a running agent.
     Enrol { netns: PathBuf },
@@ -61,4 +73,15 @@ pub enum Command {
     Unenrol { netns: PathBuf },
     /// Print the running agent's status as JSON.
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Generate a new root CA as ca.crt and ca.key in a directory (mode 0600 for the key).
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
 }

@@ -1,6 +1,6 @@
 use clap::Parser as _;
 use gammaray_agent::{
-    cli::{Cli, Command},
+    cli::{CaCommand, Cli, Command},
     control, logging,
     run::{RunConfig, run, shutdown_signal},
 };
@@ -22,6 +22,8 @@ fn main() -> anyhow::Result<()> {
                 proxy_threads,
                 manifests,
                 trust_domain,
+                ca_cert,
+                ca_key,
             } => {
                 let cfg = RunConfig {
                     node,
@@ -32,6 +34,7 @@ fn main() -> anyhow::Result<()> {
                     proxy_threads,
                     manifests,
                     trust_domain,
+                    ca: ca_cert.zip(ca_key),
                 };
                 run(cfg, shutdown_signal()).await
             }
@@ -43,6 +46,25 @@ fn main() -> anyhow::Result<()> {
             Command::Unenrol { netns } => {
                 let r = client.unenrol(&netns).await?;
                 println!("{}", serde_json::to_string(&r)?);
+                Ok(())
+            }
+            Command::Ca {
+                command: CaCommand::Generate { out, trust_domain },
+            } => {
+                let ca = gammaray_proxy::identity::Authority::generate(&trust_domain)?;
+                std::fs::create_dir_all(&out)?;
+                std::fs::write(out.join("ca.crt"), ca.cert_pem())?;
+                let key = out.join("ca.key");
+                std::fs::write(&key, ca.key_pem())?;
+                std::fs::set_permissions(
+                    &key,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )?;
+                println!(
+                    "wrote {} and {}",
+                    out.join("ca.crt").display(),
+                    key.display()
+                );
                 Ok(())
             }
             Command::Status => {

@@ -96,7 +96,13 @@ impl Proxy {
         let table = Arc::new(StaticTable::default());
         let stats = Arc::new(OutboundStats::default());
         let (tx, rx) = watch::channel(Arc::new(snapshot_of(yaml)));
-        tokio::spawn(outbound::serve(listener, table.clone(), rx, stats.clone()));
+        tokio::spawn(outbound::serve(
+            listener,
+            table.clone(),
+            rx,
+            Arc::new(gammaray_proxy::hbone::Mesh::plaintext()),
+            stats.clone(),
+        ));
         Self {
             addr,
             table,

@@ -4,7 +4,7 @@
 use std::{net::SocketAddrV4, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
-use gammaray_proxy::{outbound, snapshot::Snapshot, stats::OutboundStats};
+use gammaray_proxy::{hbone, outbound, snapshot::Snapshot, stats::OutboundStats};
 
 use crate::{control, ebpf, manifests, preflight, translate};
 
@@ -22,6 +22,8 @@ pub struct RunConfig {
     /// Directory of Kubernetes manifests to route by (the source without a cluster).
     pub manifests: Option<PathBuf>,
     pub trust_domain: String,
+    /// The mesh CA's certificate and key files; `None` leaves traffic between nodes plaintext.
+    pub ca: Option<(PathBuf, PathBuf)>,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -80,8 +82,55 @@ pub async fn run(
         .enable_all()
         .build()
         .context("cannot start the proxy runtime")?;
+    let certs = match &cfg.ca {
+        Some((cert, key)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            let authority =
+                gammaray_proxy::identity::Authority::from_pem(&read(cert)?, &read(key)?)
+                    .context("cannot load the mesh CA")?;
+            Some(Arc::new(gammaray_proxy::identity::CertStore::new(
+                Arc::new(authority),
+            )))
+        }
+        None => {
+            tracing::warn!(
+                "no mesh CA (--ca-cert/--ca-key): traffic between nodes is NOT encrypted"
+            );
+            None
+        }
+    };
+    let mesh = Arc::new(hbone::Mesh {
+        node: Some(cfg.node.clone()),
+        hbone: certs.clone().map(|c| Arc::new(hbone::Pool::new(c))),
+    });
+    if let Some(certs) = certs {
+        let addr = std::net::SocketAddr::new((*cfg.proxy_addr.ip()).into(), hbone::HBONE_PORT);
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot bind the inbound HBONE listener on {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let inbound = Arc::new(hbone::Inbound {
+            node: cfg.node.clone(),
+            trust_domain: cfg.trust_domain.clone(),
+            snapshot: snapshot_rx.clone(),
+            certs,
+            stats: outbound_stats.clone(),
+        });
+        proxy_rt.spawn(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => {
+                    if let Err(err) = hbone::serve_inbound(l, inbound).await {
+                        tracing::error!(error = %err, "inbound listener stopped");
+                    }
+                }
+                Err(err) => tracing::error!(error = %err, "cannot register the inbound listener"),
+            }
+        });
+    }
     {
         let stats = outbound_stats.clone();
+        let mesh = mesh.clone();
         proxy_rt.spawn(async move {
             let listener = match tokio::net::TcpListener::from_std(listener) {
                 Ok(l) => l,
@@ -90,7 +139,7 @@ pub async fn run(
                     return;
                 }
             };
-            if let Err(err) = outbound::serve(listener, lookup, snapshot_rx, stats).await {
+            if let Err(err) = outbound::serve(listener, lookup, snapshot_rx, mesh, stats).await {
                 tracing::error!(error = %err, "outbound listener stopped");
             }
         });

@@ -283,6 +283,7 @@ pub fn translate(store: &Store, opts: &Options) -> Translation {
                 .into_iter()
                 .map(|(ip, w)| (ip, Arc::new(w)))
                 .collect(),
+            nodes: node_addresses(store),
         },
         statuses,
     }
@@ -540,6 +541,23 @@ fn app_protocol(port: &ServicePort) -> AppProtocol {
         Some("kubernetes.io/h2c" | "grpc" | "h2c") => AppProtocol::H2c,
         _ => AppProtocol::Opaque,
     }
+}
+
+/// Each node's InternalIP (else its first address).
+fn node_addresses(store: &Store) -> HashMap<String, IpAddr> {
+    store
+        .nodes
+        .iter()
+        .filter_map(|(name, node)| {
+            let addrs = node.status.as_ref()?.addresses.as_ref()?;
+            let ip = addrs
+                .iter()
+                .find(|a| a.type_ == "InternalIP")
+                .or_else(|| addrs.first())
+                .and_then(|a| a.address.parse().ok())?;
+            Some((name.clone(), ip))
+        })
+        .collect()
 }
 
 /// Meshed pods by IP, with their SPIFFE identity.

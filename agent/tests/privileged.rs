@@ -42,11 +42,17 @@ struct Agent {
 
 impl Agent {
     fn start(cluster: &Cluster, node: u8) -> Self {
-        Self::start_with(cluster, node, None)
+        Self::start_with(cluster, node, None, None)
     }
 
-    /// Starts the agent, routing by the manifests in `manifests` if given.
-    fn start_with(cluster: &Cluster, node: u8, manifests: Option<&Path>) -> Self {
+    /// Starts the agent, routing by the manifests in `manifests` if given, with the mesh CA
+    /// in `ca_dir` (ca.crt, ca.key) if given.
+    fn start_with(
+        cluster: &Cluster,
+        node: u8,
+        manifests: Option<&Path>,
+        ca_dir: Option<&Path>,
+    ) -> Self {
         let node = cluster.node(node);
         let socket = cluster.dir().join(format!("{}-agent.sock", node.name));
         let log = cluster.dir().join(format!("{}-agent.log", node.name));
@@ -66,9 +72,17 @@ impl Agent {
         if let Some(dir) = manifests {
             args.extend(["--manifests".to_owned(), dir.display().to_string()]);
         }
+        if let Some(dir) = ca_dir {
+            args.extend([
+                "--ca-cert".to_owned(),
+                dir.join("ca.crt").display().to_string(),
+                "--ca-key".to_owned(),
+                dir.join("ca.key").display().to_string(),
+            ]);
+        }
         let env = [(
             "RUST_LOG".to_owned(),
-            "info,gammaray::kernel=debug".to_owned(),
+            "info,gammaray::kernel=debug,gammaray_proxy::http=debug".to_owned(),
         )];
         let bin = Path::new(env!("CARGO_BIN_EXE_gammaray-agent"));
         let process = node
@@ -480,8 +494,8 @@ fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
     std::fs::create_dir_all(&dir).expect("manifest dir");
     std::fs::write(dir.join("objects.yaml"), &canary.objects).expect("objects");
     write_manifest(&dir.join("route.yaml"), &Canary::route(90, 10));
-    let agent = Agent::start_with(&cluster, 1, Some(&dir));
-    let _agent2 = Agent::start_with(&cluster, 2, Some(&dir));
+    let agent = Agent::start_with(&cluster, 1, Some(&dir), None);
+    let _agent2 = Agent::start_with(&cluster, 2, Some(&dir), None);
     agent.enrol(&canary.client);
     assert_eventually("node1 routes by the manifests", TIMEOUT, || {
         let st = agent.status();
@@ -536,4 +550,205 @@ fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
         (430..=570).contains(&v2),
         "50% ± 7 to v2 after the change, got {after:?}"
     );
+}
+
+/// Generates a mesh CA with the agent's own command.
+fn generate_ca(dir: &Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gammaray-agent"))
+        .args(["ca", "generate", "--out"])
+        .arg(dir)
+        .output()
+        .expect("run the agent's CA command");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Captures every frame crossing the fabric bridge namespace while `f` runs.
+fn capture_fabric<T>(cluster: &Cluster, f: impl FnOnce() -> T) -> (T, Vec<u8>) {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
+    let fabric =
+        gammaray_testkit::netns::Netns::existing(&format!("{}-fabric", cluster.run_name()));
+    let sock = fabric
+        .run(|| {
+            socket(
+                AddressFamily::Packet,
+                SockType::Raw,
+                SockFlag::SOCK_NONBLOCK,
+                SockProtocol::EthAll,
+            )
+        })
+        .expect("enter fabric")
+        .expect("packet socket (needs CAP_NET_RAW)");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut captured = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while std::time::Instant::now() < deadline {
+                match nix::unistd::read(&sock, &mut buf) {
+                    Ok(n) => captured.extend_from_slice(&buf[..n]),
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(e) => panic!("capture: {e}"),
+                }
+            }
+            captured
+        }
+    });
+    let result = f();
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    (result, reader.join().expect("capture thread"))
+}
+
+#[test]
+fn between_nodes_traffic_is_mutual_tls_with_spiffe_identities() {
+    if !require_privileged("mtls") {
+        return;
+    }
+    let cluster = Cluster::new(2).expect("cluster");
+    let canary = Canary::build(&cluster).expect("canary world");
+    let dir = cluster.dir().join("manifests");
+    let ca = cluster.dir().join("ca");
+    std::fs::create_dir_all(&dir).expect("manifest dir");
+    generate_ca(&ca);
+    std::fs::write(dir.join("objects.yaml"), &canary.objects).expect("objects");
+    write_manifest(&dir.join("route.yaml"), &Canary::route(50, 50));
+    let node1 = Agent::start_with(&cluster, 1, Some(&dir), Some(&ca));
+    let node2 = Agent::start_with(&cluster, 2, Some(&dir), Some(&ca));
+    node1.enrol(&canary.client);
+    assert_eventually("node1 routes by the manifests", TIMEOUT, || {
+        let st = node1.status();
+        (st.frontends >= 3).then_some(()).ok_or(format!("{st:?}"))
+    });
+
+    const MARKER: &str = "plaintext-marker-7f3a91";
+    let (counts, wire) = capture_fabric(&cluster, || {
+        canary
+            .client
+            .run(|| {
+                let mut client = HttpClient::connect(
+                    SocketAddr::from((scenarios::BACKEND_VIP, 80)),
+                    "backend",
+                    TIMEOUT,
+                )
+                .expect("connect");
+                let mut counts = std::collections::BTreeMap::<String, usize>::new();
+                for i in 0..200 {
+                    let reply = client
+                        .get("/", &[("x-secret", MARKER)])
+                        .unwrap_or_else(|e| panic!("request {i}: {e}"));
+                    assert_eq!(reply.status, 200, "{}", reply.body);
+                    assert_eq!(
+                        reply.fields.get("header:x-secret").map(String::as_str),
+                        Some(MARKER)
+                    );
+                    *counts.entry(reply.fields["hostname"].clone()).or_default() += 1;
+                }
+                counts
+            })
+            .expect("enter client pod")
+    });
+    assert!(
+        counts.keys().any(|h| canary
+            .backends
+            .iter()
+            .any(|(p, _)| &p.name == h && p.node == "node2")),
+        "some requests crossed to node2: {counts:?}"
+    );
+    assert!(
+        wire.len() > 1000,
+        "the capture saw traffic between the nodes ({} bytes)",
+        wire.len()
+    );
+    assert!(
+        !wire.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+        "the request's plaintext crossed the wire between nodes"
+    );
+    // TLS 1.3 application data records on the wire.
+    assert!(
+        wire.windows(3).any(|w| w == [0x17, 0x03, 0x03]),
+        "TLS records between the nodes"
+    );
+
+    let st1 = node1.status();
+    assert!(
+        st1.outbound.hbone_tunnels > 0,
+        "node1 tunnelled: {:?}",
+        st1.outbound
+    );
+    let st2 = node2.status();
+    assert!(
+        st2.outbound.inbound_tunnels > 0,
+        "node2 accepted tunnels: {:?}",
+        st2.outbound
+    );
+    assert_eventually("node2 logs the client's SPIFFE identity", TIMEOUT, || {
+        let log = node2.log_text();
+        log.lines()
+            .find(|l| {
+                l.contains("inbound")
+                    && l.contains("src_identity=spiffe://cluster.local/ns/demo/sa/client")
+            })
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no inbound line with the client identity in:\n{log}"))
+    });
+
+    // A certificate from another CA is refused at the handshake, and counted.
+    let rogue = gammaray_proxy::identity::Authority::generate("cluster.local").expect("rogue CA");
+    let cert = rogue
+        .issue(
+            &"spiffe://cluster.local/ns/demo/sa/client"
+                .parse()
+                .expect("identity"),
+        )
+        .expect("rogue cert");
+    let expected: gammaray_proxy::identity::Identity =
+        "spiffe://cluster.local/ns/demo/sa/backend-v1"
+            .parse()
+            .expect("identity");
+    let config = gammaray_proxy::identity::client_config(
+        std::sync::Arc::new(rogue.roots()),
+        &cert,
+        expected.clone(),
+    )
+    .expect("config");
+    let node2_addr = SocketAddr::from((cluster.node(2).ip, 15008));
+    let refused = cluster
+        .node(1)
+        .run(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("rt")
+                .block_on(async {
+                    let tcp = tokio::net::TcpStream::connect(node2_addr)
+                        .await
+                        .expect("reach node2");
+                    let name = rustls::pki_types::ServerName::try_from(expected.server_name())
+                        .expect("name");
+                    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                        .connect(name, tcp)
+                        .await
+                        .is_err()
+                })
+        })
+        .expect("enter node1");
+    assert!(
+        refused,
+        "a handshake with a certificate from another CA fails"
+    );
+    assert_eventually("node2 counts the refused handshake", TIMEOUT, || {
+        let n = node2.status().outbound.tls_refused;
+        (n > 0).then_some(n).ok_or("no refusal counted".to_owned())
+    });
 }

@@ -47,6 +47,14 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A handle on a namespace someone else created and will delete (never deleted by this
+    /// handle).
+    pub fn existing(name: &str) -> Borrowed {
+        Borrowed(std::mem::ManuallyDrop::new(Self {
+            name: name.to_owned(),
+        }))
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -95,5 +103,15 @@ impl Drop for Netns {
                 self.name
             );
         }
+    }
+}
+
+/// A namespace this handle does not own: it is not deleted when the handle drops.
+pub struct Borrowed(std::mem::ManuallyDrop<Netns>);
+
+impl std::ops::Deref for Borrowed {
+    type Target = Netns;
+    fn deref(&self) -> &Netns {
+        &self.0
     }
 }

@@ -6,6 +6,13 @@ use std::net::Ipv4Addr;
 
 use crate::cluster::Pod;
 
+/// A Node object with its InternalIP.
+pub fn node(name: &str, ip: Ipv4Addr) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nstatus: {{addresses: [{{type: InternalIP, address: '{ip}'}}, {{type: Hostname, address: {name}}}]}}\n"
+    )
+}
+
 /// A Pod object for a simulated pod (running, ready).
 pub fn pod(p: &Pod, labels: &[(&str, &str)]) -> String {
     let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();

@@ -38,6 +38,9 @@ impl Canary {
         let mut objects = format!(
             "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}, labels: {{gammaray.dev/dataplane-mode: ambient}}}}\n"
         );
+        for n in cluster.nodes() {
+            objects.push_str(&objects::node(&n.name, n.ip));
+        }
         let layout: [(&str, &str, u8); 5] = [
             ("backend-v1", "v1", 1),
             ("backend-v1", "v1", 2),

@@ -66,6 +66,7 @@ impl Default for Upstreams {
 
 /// What one client connection carries with it.
 pub struct ConnContext {
+    pub mesh: Arc<crate::hbone::Mesh>,
     pub client: SocketAddr,
     pub orig_dst: SocketAddr,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
@@ -234,12 +235,13 @@ async fn forward_to(
     } else {
         Version::HTTP_11
     };
-    let client = if h2 {
-        &ctx.upstreams.http2
-    } else {
-        &ctx.upstreams.http1
-    };
-    let sent = client.request(req);
+    let hop = ctx.mesh.hop(
+        &ctx.snapshot.borrow().clone(),
+        ctx.client.ip(),
+        endpoint.addr,
+    );
+    debug!(endpoint = %endpoint.addr, ?hop, "upstream hop");
+    let sent = send(req, hop, h2, ctx);
     let result = match plan.as_ref().and_then(|p| p.timeouts.backend_request) {
         Some(limit) => match tokio::time::timeout(limit, sent).await {
             Ok(r) => r,
@@ -265,6 +267,66 @@ async fn forward_to(
                 StatusCode::BAD_GATEWAY,
                 &format!("upstream {} failed: {err}", endpoint.addr),
             )
+        }
+    }
+}
+
+/// Sends a request along `hop`: pooled plain connections on this node, an HBONE stream to a
+/// pod on another node (one stream per request for now; pooling inner connections over HBONE
+/// streams is a later optimisation).
+async fn send(
+    mut req: Request<Incoming>,
+    hop: crate::hbone::Hop,
+    h2: bool,
+    ctx: &ConnContext,
+) -> Result<Response<Incoming>, String> {
+    use crate::hbone::Hop;
+    match hop {
+        Hop::Direct(_) => {
+            let client = if h2 {
+                &ctx.upstreams.http2
+            } else {
+                &ctx.upstreams.http1
+            };
+            client.request(req).await.map_err(|e| e.to_string())
+        }
+        Hop::Refuse(why) => Err(why.to_owned()),
+        Hop::Tunnel {
+            src,
+            dst,
+            node,
+            target,
+        } => {
+            let pool = ctx.mesh.hbone.as_ref().ok_or("no HBONE pool")?;
+            let upgraded = pool
+                .connect(&src, &dst, node, target)
+                .await
+                .map_err(|e| e.to_string())?;
+            ctx.stats.hbone_tunnels.fetch_add(1, Relaxed);
+            // An upgraded stream already speaks hyper's IO traits.
+            let io = upgraded;
+            if h2 {
+                let (mut sender, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                tokio::spawn(conn);
+                sender.send_request(req).await.map_err(|e| e.to_string())
+            } else {
+                // Origin-form on a connection of its own.
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/".to_owned(), |p| p.as_str().to_owned());
+                *req.uri_mut() = pq
+                    .parse()
+                    .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(conn);
+                sender.send_request(req).await.map_err(|e| e.to_string())
+            }
         }
     }
 }

@@ -18,6 +18,7 @@ use tokio::{
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
+    hbone::{Hop, Mesh},
     http::{ConnContext, Upstreams, pick_endpoint},
     orig_dst::OrigDstLookup,
     snapshot::Snapshot,
@@ -41,6 +42,7 @@ pub async fn serve(
     listener: TcpListener,
     lookup: Arc<dyn OrigDstLookup>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
+    mesh: Arc<Mesh>,
     stats: Arc<OutboundStats>,
 ) -> Result<(), OutboundError> {
     let upstreams = Upstreams::default();
@@ -65,6 +67,7 @@ pub async fn serve(
         };
         stats.accepted.fetch_add(1, Relaxed);
         let conn = Conn {
+            mesh: mesh.clone(),
             lookup: lookup.clone(),
             snapshot: snapshot.clone(),
             upstreams: upstreams.clone(),
@@ -84,6 +87,7 @@ fn is_transient(err: &std::io::Error) -> bool {
 
 /// What a connection's task needs from its listener.
 struct Conn {
+    mesh: Arc<Mesh>,
     lookup: Arc<dyn OrigDstLookup>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     upstreams: Upstreams,
@@ -92,6 +96,7 @@ struct Conn {
 
 async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
     let Conn {
+        mesh,
         lookup,
         snapshot,
         upstreams,
@@ -134,6 +139,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
     };
     let Some(target) = target else {
         let ctx = ConnContext {
+            mesh,
             client: SocketAddr::V4(peer),
             orig_dst: SocketAddr::V4(orig),
             snapshot,
@@ -143,17 +149,58 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
         crate::http::serve_connection(client, Arc::new(ctx)).await;
         return;
     };
-    relay(client, orig, target, &stats).await;
+    let hop = mesh.hop(
+        &snapshot.borrow().clone(),
+        std::net::IpAddr::V4(*peer.ip()),
+        target,
+    );
+    relay(client, orig, hop, &mesh, &stats).await;
 }
 
-/// Carries a connection's bytes to `target` and back.
+/// Carries a connection's bytes along `hop` and back.
 async fn relay(
     mut client: TcpStream,
     orig: SocketAddrV4,
-    target: SocketAddr,
+    hop: Hop,
+    mesh: &Mesh,
     stats: &OutboundStats,
 ) {
     let started = Instant::now();
+    let target = match hop {
+        Hop::Direct(t) => t,
+        Hop::Refuse(why) => {
+            stats.upstream_errors.fetch_add(1, Relaxed);
+            warn!(dst = %orig, why, "refusing to leave the node without mTLS");
+            return;
+        }
+        Hop::Tunnel {
+            src,
+            dst,
+            node,
+            target,
+        } => {
+            let pool = mesh.hbone.as_ref().expect("a tunnel hop implies HBONE");
+            match pool.connect(&src, &dst, node, target).await {
+                Ok(upgraded) => {
+                    stats.hbone_tunnels.fetch_add(1, Relaxed);
+                    let _ = client.set_nodelay(true);
+                    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                    let (sent, received) = tokio::io::copy_bidirectional(&mut client, &mut io)
+                        .await
+                        .unwrap_or((0, 0));
+                    stats.bytes_sent.fetch_add(sent, Relaxed);
+                    stats.bytes_received.fetch_add(received, Relaxed);
+                    info!(dst = %orig, %target, via = %node, src_identity = %src, dst_identity = %dst, sent, received,
+                        duration_ms = started.elapsed().as_millis() as u64, "connection closed");
+                }
+                Err(err) => {
+                    stats.upstream_errors.fetch_add(1, Relaxed);
+                    warn!(dst = %orig, %target, error = %err, "cannot open an HBONE tunnel");
+                }
+            }
+            return;
+        }
+    };
     let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(s)) => s,
         Ok(Err(err)) => {

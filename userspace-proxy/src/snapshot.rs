@@ -22,6 +22,8 @@ pub struct Snapshot {
     pub frontends: HashMap<SocketAddr, Arc<Frontend>>,
     /// Meshed workloads by pod IP: who a client is, and where a pod runs.
     pub workloads: HashMap<IpAddr, Arc<Workload>>,
+    /// Node addresses by node name: where another node's HBONE listener is.
+    pub nodes: HashMap<String, IpAddr>,
 }
 
 impl Snapshot {

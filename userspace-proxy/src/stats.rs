@@ -14,6 +14,12 @@ pub struct OutboundStats {
     pub no_endpoint: AtomicU64,
     /// HTTP requests handled.
     pub requests: AtomicU64,
+    /// Outbound connections carried to another node inside HBONE.
+    pub hbone_tunnels: AtomicU64,
+    /// Inbound HBONE streams forwarded to a local pod.
+    pub inbound_tunnels: AtomicU64,
+    /// Inbound TLS handshakes refused (unknown CA, expired, no such identity here).
+    pub tls_refused: AtomicU64,
     /// Bytes carried from clients to destinations, and back.
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
@@ -28,6 +34,9 @@ pub struct OutboundCounts {
     pub upstream_errors: u64,
     pub no_endpoint: u64,
     pub requests: u64,
+    pub hbone_tunnels: u64,
+    pub inbound_tunnels: u64,
+    pub tls_refused: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
@@ -40,6 +49,9 @@ impl OutboundStats {
             upstream_errors: self.upstream_errors.load(Relaxed),
             no_endpoint: self.no_endpoint.load(Relaxed),
             requests: self.requests.load(Relaxed),
+            hbone_tunnels: self.hbone_tunnels.load(Relaxed),
+            inbound_tunnels: self.inbound_tunnels.load(Relaxed),
+            tls_refused: self.tls_refused.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),
             bytes_received: self.bytes_received.load(Relaxed),
         }

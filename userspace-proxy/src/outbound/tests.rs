@@ -41,7 +41,13 @@ async fn carries_a_connection_to_its_recorded_destination() {
     let stats = Arc::new(OutboundStats::default());
     let (_tx, snapshot) =
         tokio::sync::watch::channel(std::sync::Arc::new(crate::snapshot::Snapshot::default()));
-    tokio::spawn(serve(proxy, table.clone(), snapshot, stats.clone()));
+    tokio::spawn(serve(
+        proxy,
+        table.clone(),
+        snapshot,
+        Arc::new(crate::hbone::Mesh::plaintext()),
+        stats.clone(),
+    ));
 
     let client = tokio::net::TcpSocket::new_v4().expect("socket");
     client
@@ -74,7 +80,13 @@ async fn closes_a_connection_with_no_recorded_destination_and_keeps_serving() {
     let stats = Arc::new(OutboundStats::default());
     let (_tx, snapshot) =
         tokio::sync::watch::channel(std::sync::Arc::new(crate::snapshot::Snapshot::default()));
-    tokio::spawn(serve(proxy, table.clone(), snapshot, stats.clone()));
+    tokio::spawn(serve(
+        proxy,
+        table.clone(),
+        snapshot,
+        Arc::new(crate::hbone::Mesh::plaintext()),
+        stats.clone(),
+    ));
 
     for _ in 0..3 {
         let mut client = TcpStream::connect(proxy_addr)

@@ -1,0 +1,397 @@
+//! HBONE: connections between nodes carried as HTTP/2 CONNECT streams inside mutual TLS 1.3.
+//!
+//! Outbound, one TLS connection per (source identity, destination identity, destination node)
+//! carries many streams; the client presents the source workload's certificate and accepts
+//! only the destination workload's identity. Inbound (port 15008), the node presents the
+//! certificate of the identity the client asks for in SNI, verifies the client's chain,
+//! checks that the CONNECT target is a pod on this node with that identity, and forwards.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Empty, combinators::BoxBody};
+use hyper::{client::conn::http2::SendRequest, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use crate::{
+    identity::{CertStore, Identity, SniResolver, client_config, identity_of, server_config},
+    snapshot::Snapshot,
+    stats::OutboundStats,
+};
+
+/// The port every node's inbound HBONE listener uses.
+pub const HBONE_PORT: u16 = 15008;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("cannot reach node {node}: {source}")]
+    Connect {
+        node: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS with node {node} failed: {source}")]
+    Tls {
+        node: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("identity: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("HTTP/2 with node {node}: {source}")]
+    H2 {
+        node: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("node {node} refused the tunnel to {target}: {status}")]
+    Refused {
+        node: SocketAddr,
+        target: SocketAddr,
+        status: StatusCode,
+    },
+    #[error("timed out reaching node {node}")]
+    Timeout { node: SocketAddr },
+}
+
+type Key = (Identity, Identity, SocketAddr);
+
+/// How this node reaches the mesh: its name, and HBONE when a CA is configured.
+pub struct Mesh {
+    pub node: Option<String>,
+    pub hbone: Option<Arc<Pool>>,
+}
+
+impl Mesh {
+    /// No mesh identity: every connection goes direct (plaintext).
+    pub fn plaintext() -> Self {
+        Self {
+            node: None,
+            hbone: None,
+        }
+    }
+}
+
+/// The way to one destination.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Hop {
+    /// Same node, not meshed, or no HBONE: a plain TCP connection.
+    Direct(SocketAddr),
+    /// A pod on another node: a tunnel through that node.
+    Tunnel {
+        src: Identity,
+        dst: Identity,
+        node: SocketAddr,
+        target: SocketAddr,
+    },
+    /// A meshed destination on another node, but the client has no identity: refused.
+    Refuse(&'static str),
+}
+
+impl Mesh {
+    /// Where a connection from `client` to `target` goes.
+    pub fn hop(&self, snapshot: &Snapshot, client: std::net::IpAddr, target: SocketAddr) -> Hop {
+        let (Some(node), Some(_)) = (&self.node, &self.hbone) else {
+            return Hop::Direct(target);
+        };
+        let Some(dst) = snapshot.workloads.get(&target.ip()) else {
+            return Hop::Direct(target);
+        };
+        let Some(dst_node) = dst.node.as_deref().filter(|n| *n != node.as_str()) else {
+            return Hop::Direct(target);
+        };
+        let Some(node_ip) = snapshot.nodes.get(dst_node) else {
+            return Hop::Refuse("the destination's node has no known address");
+        };
+        let (Some(src), Ok(dst_id)) = (
+            snapshot.workloads.get(&client),
+            dst.identity.parse::<Identity>(),
+        ) else {
+            return Hop::Refuse("the client is not a known workload, so it has no identity");
+        };
+        let Ok(src_id) = src.identity.parse::<Identity>() else {
+            return Hop::Refuse("the client's identity does not parse");
+        };
+        Hop::Tunnel {
+            src: src_id,
+            dst: dst_id,
+            node: SocketAddr::new(*node_ip, HBONE_PORT),
+            target,
+        }
+    }
+}
+
+/// Outbound HBONE connections, pooled.
+pub struct Pool {
+    certs: Arc<CertStore>,
+    conns: Mutex<HashMap<Key, SendRequest<Empty<Bytes>>>>,
+}
+
+impl Pool {
+    pub fn new(certs: Arc<CertStore>) -> Self {
+        Self {
+            certs,
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Opens a tunnel to `target` (a pod on the node at `node`) as `src`, expecting the
+    /// destination to be `dst`.
+    pub async fn connect(
+        &self,
+        src: &Identity,
+        dst: &Identity,
+        node: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<Upgraded, HboneError> {
+        let key = (src.clone(), dst.clone(), node);
+        let pooled = self
+            .conns
+            .lock()
+            .expect("pool lock")
+            .get(&key)
+            .filter(|s| !s.is_closed())
+            .cloned();
+        let mut sender = match pooled {
+            Some(s) => s,
+            None => {
+                let s = tokio::time::timeout(CONNECT_TIMEOUT, self.dial(src, dst, node))
+                    .await
+                    .map_err(|_| HboneError::Timeout { node })??;
+                self.conns.lock().expect("pool lock").insert(key, s.clone());
+                s
+            }
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|source| HboneError::H2 { node, source })?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .body(Empty::new())
+            .expect("CONNECT request parts are valid");
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| HboneError::H2 { node, source })?;
+        if resp.status() != StatusCode::OK {
+            return Err(HboneError::Refused {
+                node,
+                target,
+                status: resp.status(),
+            });
+        }
+        hyper::upgrade::on(resp)
+            .await
+            .map_err(|source| HboneError::H2 { node, source })
+    }
+
+    async fn dial(
+        &self,
+        src: &Identity,
+        dst: &Identity,
+        node: SocketAddr,
+    ) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
+        let cert = self.certs.get(src)?;
+        let roots = Arc::new(self.certs.authority().roots());
+        let config = client_config(roots, &cert, dst.clone())?;
+        let tcp = TcpStream::connect(node)
+            .await
+            .map_err(|source| HboneError::Connect { node, source })?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(dst.server_name()).map_err(|e| HboneError::Tls {
+            node,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })?;
+        let tls = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|source| HboneError::Tls { node, source })?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| HboneError::H2 { node, source })?;
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                debug!(%node, error = %err, "HBONE connection ended");
+            }
+        });
+        info!(%node, src = %src, dst = %dst, "HBONE connection established");
+        Ok(sender)
+    }
+}
+
+/// What the inbound listener needs to decide.
+pub struct Inbound {
+    pub node: String,
+    pub trust_domain: String,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub certs: Arc<CertStore>,
+    pub stats: Arc<OutboundStats>,
+}
+
+/// Serves the inbound HBONE listener until the task is dropped.
+pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Result<(), HboneError> {
+    let snapshot = inbound.snapshot.clone();
+    let node = inbound.node.clone();
+    let resolver = SniResolver {
+        store: inbound.certs.clone(),
+        trust_domain: inbound.trust_domain.clone(),
+        // Only identities with a workload on this node get a certificate here.
+        allowed: Box::new(move |id| {
+            let snap = snapshot.borrow().clone();
+            snap.workloads
+                .values()
+                .any(|w| w.node.as_deref() == Some(node.as_str()) && w.identity == id.to_string())
+        }),
+    };
+    let config = server_config(
+        Arc::new(inbound.certs.authority().roots()),
+        Arc::new(resolver),
+    )?;
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let addr = listener.local_addr().ok();
+    info!(addr = ?addr, component = "inbound", "listener ready");
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(err) => {
+                warn!(error = %err, "inbound accept failed; continuing");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let inbound = inbound.clone();
+        tokio::spawn(
+            async move {
+                let tls = match acceptor.accept(tcp).await {
+                    Ok(t) => t,
+                    Err(err) => {
+                        inbound.stats.tls_refused.fetch_add(1, Relaxed);
+                        warn!(error = %err, "inbound TLS handshake refused");
+                        return;
+                    }
+                };
+                let conn = tls.get_ref().1;
+                let (Some(peer_id), Some(local_id)) = (
+                    conn.peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| identity_of(c).ok()),
+                    conn.server_name()
+                        .and_then(|n| Identity::from_server_name(n, &inbound.trust_domain)),
+                ) else {
+                    warn!("inbound connection without a peer identity or server name; closing");
+                    return;
+                };
+                info!(src_identity = %peer_id, dst_identity = %local_id, "inbound mTLS connection");
+                let service = hyper::service::service_fn(move |req| {
+                    let inbound = inbound.clone();
+                    let (peer_id, local_id) = (peer_id.clone(), local_id.clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(tunnel(req, &inbound, peer_id, local_id))
+                    }
+                });
+                if let Err(err) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .initial_stream_window_size(4 << 20)
+                    .initial_connection_window_size(16 << 20)
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await
+                {
+                    debug!(error = %err, "inbound HBONE connection ended");
+                }
+            }
+            .instrument(info_span!("inbound", %peer)),
+        );
+    }
+}
+
+type TunnelBody = BoxBody<Bytes, hyper::Error>;
+
+fn reply(status: StatusCode) -> Response<TunnelBody> {
+    let mut r = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+/// Accepts one CONNECT stream: the target must be a pod on this node with the identity the
+/// client asked for; then the stream is joined to a TCP connection to it.
+fn tunnel(
+    mut req: Request<hyper::body::Incoming>,
+    inbound: &Inbound,
+    peer: Identity,
+    local: Identity,
+) -> Response<TunnelBody> {
+    if req.method() != Method::CONNECT {
+        return reply(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(target) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return reply(StatusCode::BAD_REQUEST);
+    };
+    let snapshot = inbound.snapshot.borrow().clone();
+    let Some(workload) = snapshot.workloads.get(&target.ip()) else {
+        warn!(%target, src_identity = %peer, "CONNECT to an address that is no pod here");
+        return reply(StatusCode::NOT_FOUND);
+    };
+    if workload.node.as_deref() != Some(inbound.node.as_str())
+        || workload.identity != local.to_string()
+    {
+        warn!(%target, pod = %workload.pod, expected = %local, "CONNECT target is not a pod on this node with the presented identity");
+        return reply(StatusCode::FORBIDDEN);
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let stats = inbound.stats.clone();
+    let pod = workload.pod.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(err) => {
+                debug!(error = %err, "CONNECT stream closed before upgrade");
+                return;
+            }
+        };
+        let mut upstream = match TcpStream::connect(target).await {
+            Ok(s) => s,
+            Err(err) => {
+                stats.upstream_errors.fetch_add(1, Relaxed);
+                warn!(%target, error = %err, "cannot reach the pod");
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        stats.inbound_tunnels.fetch_add(1, Relaxed);
+        let mut io = TokioIo::new(upgraded);
+        let result = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+        let (sent, received) = result.unwrap_or((0, 0));
+        info!(
+            src_identity = %peer,
+            dst_identity = %local,
+            dst = %target,
+            %pod,
+            sent,
+            received,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "inbound tunnel closed"
+        );
+    });
+    reply(StatusCode::OK)
+}
