@@ -46,18 +46,12 @@ fn bench(c: &mut Criterion) {
         b.iter(|| translate(black_box(&store), &Options::default()))
     });
     let t = translate(&store, &Options::default());
-    let frontend = t
-        .snapshot
-        .frontend("10.96.0.1:80".parse().expect("addr"))
-        .expect("frontend");
+    let frontend = t.snapshot.frontend("10.96.0.1:80".parse().expect("addr")).expect("frontend");
     let mut headers = HeaderMap::new();
     headers.insert("x-tenant", HeaderValue::from_static("t7"));
     headers.insert("user-agent", HeaderValue::from_static("bench"));
-    let cases = [
-        ("hit, last route", "/r99/p7/items"),
-        ("hit, first route", "/r0/p7"),
-        ("no match, 404", "/nowhere"),
-    ];
+    let cases =
+        [("hit, last route", "/r99/p7/items"), ("hit, first route", "/r0/p7"), ("no match, 404", "/nowhere")];
     let mut random = 0x9e37_79b9_7f4a_7c15u64;
     for (name, path) in cases {
         c.bench_function(&format!("match+pick: {name}"), |b| {

@@ -5,11 +5,7 @@ use std::{net::SocketAddrV4, path::PathBuf};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "gammaray-agent",
-    version,
-    about = "gammaray's per-node mesh agent"
-)]
+#[command(name = "gammaray-agent", version, about = "gammaray's per-node mesh agent")]
 pub struct Cli {
     /// Log filter when RUST_LOG is unset; add `gammaray::kernel=debug` to see every redirect.
     #[arg(long, global = true, default_value = "info")]
@@ -18,12 +14,7 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub log_json: bool,
     /// The agent's control socket.
-    #[arg(
-        long,
-        global = true,
-        default_value = "/run/gammaray/agent.sock",
-        env = "GAMMARAY_CONTROL"
-    )]
+    #[arg(long, global = true, default_value = "/run/gammaray/agent.sock", env = "GAMMARAY_CONTROL")]
     pub control: PathBuf,
     #[command(subcommand)]
     pub command: Command,

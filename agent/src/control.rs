@@ -28,15 +28,9 @@ use gammaray_proxy::stats::{OutboundCounts, OutboundStats};
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("cannot bind the control socket {path}: {source}")]
-    Bind {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Bind { path: PathBuf, source: std::io::Error },
     #[error("cannot reach the agent's control socket {path}: {source} (is the agent running?)")]
-    Connect {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Connect { path: PathBuf, source: std::io::Error },
     #[error("control request failed: {0}")]
     Http(#[from] hyper::Error),
     #[error("the agent refused: {status}: {body}")]
@@ -90,10 +84,8 @@ pub async fn serve(path: &Path, state: Arc<State>) -> Result<(), ControlError> {
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
-        path: path.to_owned(),
-        source,
-    })?;
+    let listener =
+        UnixListener::bind(path).map_err(|source| ControlError::Bind { path: path.to_owned(), source })?;
     tracing::info!(path = %path.display(), component = "control", "listener ready");
     loop {
         let (stream, _) = match listener.accept().await {
@@ -116,10 +108,7 @@ pub async fn serve(path: &Path, state: Arc<State>) -> Result<(), ControlError> {
     }
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    state: Arc<State>,
-) -> Result<Response<Full<Bytes>>, hyper::Error> {
+async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let route = (req.method().clone(), req.uri().path().to_owned());
     let body = req.into_body().collect().await?.to_bytes();
     Ok(match (route.0, route.1.as_str()) {
@@ -160,10 +149,7 @@ async fn handle(
                 Err(err) => text(StatusCode::UNPROCESSABLE_ENTITY, err),
             }
         }
-        (_, path) => text(
-            StatusCode::NOT_FOUND,
-            format!("no such control endpoint: {path}"),
-        ),
+        (_, path) => text(StatusCode::NOT_FOUND, format!("no such control endpoint: {path}")),
     })
 }
 
@@ -209,15 +195,10 @@ impl Client {
     }
 
     async fn call(&self, method: Method, uri: &str, body: Vec<u8>) -> Result<Bytes, ControlError> {
-        let stream =
-            UnixStream::connect(&self.path)
-                .await
-                .map_err(|source| ControlError::Connect {
-                    path: self.path.clone(),
-                    source,
-                })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let stream = UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| ControlError::Connect { path: self.path.clone(), source })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         let req = Request::builder()
             .method(method)
@@ -232,34 +213,21 @@ impl Client {
         if status.is_success() {
             Ok(body)
         } else {
-            Err(ControlError::Refused {
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            })
+            Err(ControlError::Refused { status, body: String::from_utf8_lossy(&body).into_owned() })
         }
     }
 
     pub async fn enrol(&self, netns: &Path) -> Result<EnrolResponse, ControlError> {
-        let body = serde_json::to_vec(&NetnsRequest {
-            netns: netns.to_owned(),
-        })?;
-        Ok(serde_json::from_slice(
-            &self.call(Method::POST, "/enrol", body).await?,
-        )?)
+        let body = serde_json::to_vec(&NetnsRequest { netns: netns.to_owned() })?;
+        Ok(serde_json::from_slice(&self.call(Method::POST, "/enrol", body).await?)?)
     }
 
     pub async fn unenrol(&self, netns: &Path) -> Result<EnrolResponse, ControlError> {
-        let body = serde_json::to_vec(&NetnsRequest {
-            netns: netns.to_owned(),
-        })?;
-        Ok(serde_json::from_slice(
-            &self.call(Method::POST, "/unenrol", body).await?,
-        )?)
+        let body = serde_json::to_vec(&NetnsRequest { netns: netns.to_owned() })?;
+        Ok(serde_json::from_slice(&self.call(Method::POST, "/unenrol", body).await?)?)
     }
 
     pub async fn status(&self) -> Result<Status, ControlError> {
-        Ok(serde_json::from_slice(
-            &self.call(Method::GET, "/status", Vec::new()).await?,
-        )?)
+        Ok(serde_json::from_slice(&self.call(Method::GET, "/status", Vec::new()).await?)?)
     }
 }

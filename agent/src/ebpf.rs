@@ -33,25 +33,13 @@ pub enum EbpfError {
     #[error("cannot load the eBPF object: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no {kind} named {name}")]
-    Missing {
-        kind: &'static str,
-        name: &'static str,
-    },
+    Missing { kind: &'static str, name: &'static str },
     #[error("eBPF program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("eBPF map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error("cannot open cgroup {path}: {source}")]
-    Cgroup {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Cgroup { path: PathBuf, source: std::io::Error },
     #[error("cannot start forwarding kernel log lines: {0}")]
     Log(#[source] aya_log::Error),
     #[error("cannot read link info: {0}")]
@@ -94,8 +82,7 @@ impl Datapath {
     /// programs to `cgroup_root` as links beside any other programs there.
     pub fn load(cgroup_root: &Path, proxy: SocketAddrV4) -> Result<Self, EbpfError> {
         let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(EbpfError::Load)?;
-        let logger =
-            aya_log::EbpfLogger::init_with_logger(&mut ebpf, KernelLog).map_err(EbpfError::Log)?;
+        let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, KernelLog).map_err(EbpfError::Log)?;
 
         let mut config: Array<MapData, Config> = take_map(&mut ebpf, MAP_CONFIG)?;
         let cfg = Config {
@@ -104,36 +91,25 @@ impl Datapath {
             flags: CONFIG_FLAG_ACTIVE,
             ..Config::default()
         };
-        config.set(0, &cfg, 0).map_err(|source| EbpfError::Map {
-            name: MAP_CONFIG,
-            source,
-        })?;
+        config.set(0, &cfg, 0).map_err(|source| EbpfError::Map { name: MAP_CONFIG, source })?;
         let enrolled = take_map(&mut ebpf, MAP_ENROLLED)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
         let client_orig = take_map(&mut ebpf, MAP_CLIENT_ORIG)?;
 
-        let cgroup = File::open(cgroup_root).map_err(|source| EbpfError::Cgroup {
-            path: cgroup_root.to_owned(),
-            source,
-        })?;
+        let cgroup = File::open(cgroup_root)
+            .map_err(|source| EbpfError::Cgroup { path: cgroup_root.to_owned(), source })?;
         let mut links = Vec::new();
         let mut program_ids = Vec::new();
 
         let prog: &mut CgroupSockAddr = program(&mut ebpf, PROG_CONNECT4)?;
-        let err = |source| EbpfError::Program {
-            name: PROG_CONNECT4,
-            source,
-        };
+        let err = |source| EbpfError::Program { name: PROG_CONNECT4, source };
         prog.load().map_err(err)?;
         let id = prog.attach(&cgroup, ATTACH_MODE).map_err(err)?;
         links.push(FdLink::try_from(prog.take_link(id).map_err(err)?).map_err(EbpfError::Link)?);
         program_ids.push(prog.info().map_err(err)?.id());
 
         let prog: &mut SockOps = program(&mut ebpf, PROG_SOCKOPS)?;
-        let err = |source| EbpfError::Program {
-            name: PROG_SOCKOPS,
-            source,
-        };
+        let err = |source| EbpfError::Program { name: PROG_SOCKOPS, source };
         prog.load().map_err(err)?;
         let id = prog.attach(&cgroup, ATTACH_MODE).map_err(err)?;
         links.push(FdLink::try_from(prog.take_link(id).map_err(err)?).map_err(EbpfError::Link)?);
@@ -150,11 +126,7 @@ impl Datapath {
         );
         Ok(Self {
             links,
-            attachment: Attachment {
-                cgroup: cgroup_root.to_owned(),
-                link_ids,
-                program_ids,
-            },
+            attachment: Attachment { cgroup: cgroup_root.to_owned(), link_ids, program_ids },
             enrolled: Mutex::new(enrolled),
             counters,
             client_orig: Arc::new(Mutex::new(client_orig)),
@@ -178,26 +150,15 @@ impl Datapath {
             .lock()
             .expect("enrolled map lock")
             .insert(&netns_cookie, &Enrolled::default(), 0)
-            .map_err(|source| EbpfError::Map {
-                name: MAP_ENROLLED,
-                source,
-            })
+            .map_err(|source| EbpfError::Map { name: MAP_ENROLLED, source })
     }
 
     /// Stops steering the namespace. Returns whether it was enrolled.
     pub fn unenrol(&self, netns_cookie: u64) -> Result<bool, EbpfError> {
-        match self
-            .enrolled
-            .lock()
-            .expect("enrolled map lock")
-            .remove(&netns_cookie)
-        {
+        match self.enrolled.lock().expect("enrolled map lock").remove(&netns_cookie) {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
-            Err(source) => Err(EbpfError::Map {
-                name: MAP_ENROLLED,
-                source,
-            }),
+            Err(source) => Err(EbpfError::Map { name: MAP_ENROLLED, source }),
         }
     }
 
@@ -212,10 +173,7 @@ impl Datapath {
             let values = self
                 .counters
                 .get(&index, 0)
-                .map_err(|source| EbpfError::Map {
-                    name: MAP_COUNTERS,
-                    source,
-                })?;
+                .map_err(|source| EbpfError::Map { name: MAP_COUNTERS, source })?;
             Ok(values.iter().sum())
         };
         Ok(KernelCounters {
@@ -228,9 +186,7 @@ impl Datapath {
 
     /// The proxy's view of the original-destination map.
     pub fn orig_dst_lookup(&self) -> Arc<dyn OrigDstLookup> {
-        Arc::new(MapLookup {
-            map: self.client_orig.clone(),
-        })
+        Arc::new(MapLookup { map: self.client_orig.clone() })
     }
 
     /// Detaches both programs now (dropping the datapath does the same).
@@ -245,9 +201,7 @@ fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    let map = ebpf.take_map(name).ok_or(EbpfError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| EbpfError::Map { name, source })
 }
 
@@ -255,12 +209,8 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, E
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing {
-        kind: "program",
-        name,
-    })?;
-    prog.try_into()
-        .map_err(|source| EbpfError::Program { name, source })
+    let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing { kind: "program", name })?;
+    prog.try_into().map_err(|source| EbpfError::Program { name, source })
 }
 
 struct MapLookup {
@@ -269,30 +219,20 @@ struct MapLookup {
 
 impl OrigDstLookup for MapLookup {
     fn take(&self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>, LookupError> {
-        let key = ClientKey {
-            addr: u32::from(*client.ip()).to_be(),
-            port: client.port().to_be(),
-            _pad: 0,
-        };
+        let key = ClientKey { addr: u32::from(*client.ip()).to_be(), port: client.port().to_be(), _pad: 0 };
         let mut map = self.map.lock().expect("client map lock");
         let orig = match map.get(&key, 0) {
             Ok(orig) => orig,
             Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
             Err(err) => {
-                return Err(LookupError {
-                    client,
-                    reason: err.to_string(),
-                });
+                return Err(LookupError { client, reason: err.to_string() });
             }
         };
         // A failed delete only leaves the entry to the LRU; the lookup itself succeeded.
         if let Err(err) = map.remove(&key) {
             tracing::debug!(%client, error = %err, "cannot delete original destination entry");
         }
-        Ok(Some(SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(orig.addr)),
-            u16::from_be(orig.port),
-        )))
+        Ok(Some(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(orig.addr)), u16::from_be(orig.port))))
     }
 }
 
@@ -323,10 +263,9 @@ impl log::Log for KernelLog {
 pub async fn forward_kernel_logs(logger: aya_log::EbpfLogger<KernelLog>) -> std::io::Result<()> {
     // SAFETY: the logger owns its ring buffer's fd for its whole life, and the AsyncFd owns the
     // logger, so the fd stays open and unchanged while registered.
-    let mut fd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    }
-    .map_err(std::io::Error::from)?;
+    let mut fd =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
     loop {
         let mut guard = fd.readable_mut().await?;
         guard.get_inner_mut().flush();

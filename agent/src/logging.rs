@@ -10,11 +10,7 @@ pub fn init(default: &str, json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let result = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let result = if json { builder.json().try_init() } else { builder.try_init() };
     if let Err(err) = result {
         eprintln!("logging already initialised: {err}");
     }

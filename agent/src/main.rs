@@ -8,9 +8,7 @@ use gammaray_agent::{
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     logging::init(&cli.log_level, cli.log_json);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         let client = control::Client::new(&cli.control);
         match cli.command {
@@ -48,23 +46,14 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
                 Ok(())
             }
-            Command::Ca {
-                command: CaCommand::Generate { out, trust_domain },
-            } => {
+            Command::Ca { command: CaCommand::Generate { out, trust_domain } } => {
                 let ca = gammaray_proxy::identity::Authority::generate(&trust_domain)?;
                 std::fs::create_dir_all(&out)?;
                 std::fs::write(out.join("ca.crt"), ca.cert_pem())?;
                 let key = out.join("ca.key");
                 std::fs::write(&key, ca.key_pem())?;
-                std::fs::set_permissions(
-                    &key,
-                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
-                )?;
-                println!(
-                    "wrote {} and {}",
-                    out.join("ca.crt").display(),
-                    key.display()
-                );
+                std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+                println!("wrote {} and {}", out.join("ca.crt").display(), key.display());
                 Ok(())
             }
             Command::Status => {

@@ -23,36 +23,22 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("cannot read manifest directory {path}: {source}")]
-    ReadDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ReadDir { path: PathBuf, source: std::io::Error },
     #[error("cannot read manifest file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
 }
 
 /// The YAML files of `dir` with their modification times and sizes, sorted by name.
 fn listing(dir: &Path) -> Result<Vec<(PathBuf, SystemTime, u64)>, ManifestError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| ManifestError::ReadDir {
-        path: dir.to_owned(),
-        source,
-    })?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|source| ManifestError::ReadDir { path: dir.to_owned(), source })?;
     let mut files: Vec<_> = entries
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .filter_map(|p| {
             let meta = std::fs::metadata(&p).ok()?;
-            meta.is_file().then(|| {
-                (
-                    p,
-                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    meta.len(),
-                )
-            })
+            meta.is_file().then(|| (p, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()))
         })
         .collect();
     files.sort();
@@ -63,10 +49,8 @@ fn listing(dir: &Path) -> Result<Vec<(PathBuf, SystemTime, u64)>, ManifestError>
 pub fn load(dir: &Path) -> Result<Store, ManifestError> {
     let mut store = Store::default();
     for (path, _, _) in listing(dir)? {
-        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ManifestError::Read { path: path.clone(), source })?;
         let applied = store.apply_yaml(&text);
         for err in &applied.errors {
             warn!(file = %path.display(), error = %err, "manifest skipped");
@@ -92,20 +76,14 @@ pub async fn watch_dir(dir: PathBuf, options: Options, out: Published, interval:
                 Ok(store) => {
                     version += 1;
                     let started = std::time::Instant::now();
-                    let t = translate(
-                        &store,
-                        &Options {
-                            version,
-                            ..options.clone()
-                        },
-                    );
+                    let t = translate(&store, &Options { version, ..options.clone() });
                     let rejected = t
                         .statuses
                         .iter()
                         .filter(|s| {
-                            s.parents.iter().any(|p| {
-                                p.condition("Accepted").is_some_and(|c| c.status != "True")
-                            })
+                            s.parents
+                                .iter()
+                                .any(|p| p.condition("Accepted").is_some_and(|c| c.status != "True"))
                         })
                         .count();
                     info!(
@@ -161,18 +139,11 @@ mod tests {
             Duration::from_millis(100),
         ));
         snap_rx.changed().await.expect("first snapshot");
-        assert_eq!(
-            snap_rx.borrow().frontends.len(),
-            1,
-            "the good document applied"
-        );
+        assert_eq!(snap_rx.borrow().frontends.len(), 1, "the good document applied");
         let first = snap_rx.borrow().version;
 
-        std::fs::write(
-            dir.join("b.yaml"),
-            svc.replace("web", "api").replace("10.96.0.1", "10.96.0.2"),
-        )
-        .expect("write");
+        std::fs::write(dir.join("b.yaml"), svc.replace("web", "api").replace("10.96.0.1", "10.96.0.2"))
+            .expect("write");
         snap_rx.changed().await.expect("second snapshot");
         assert_eq!(snap_rx.borrow().frontends.len(), 2);
         assert!(snap_rx.borrow().version > first);

@@ -11,19 +11,13 @@ use nix::sched::{CloneFlags, setns};
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     #[error("cannot open network namespace {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Open { path: PathBuf, source: std::io::Error },
     #[error("cannot enter network namespace {path}: {source} (entering one needs CAP_SYS_ADMIN)")]
     Enter { path: PathBuf, source: nix::Error },
     #[error(
         "cannot read the cookie of network namespace {path}: {source} (SO_NETNS_COOKIE needs Linux 5.14)"
     )]
-    Cookie {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Cookie { path: PathBuf, source: std::io::Error },
 }
 
 /// Returns the netns cookie of the namespace at `path`.
@@ -31,26 +25,17 @@ pub enum NetnsError {
 /// A cookie can only be read from a socket inside the namespace, so this creates one on a
 /// short-lived thread that enters the namespace; the caller's thread never moves.
 pub fn cookie_of(path: &Path) -> Result<u64, NetnsError> {
-    let file = std::fs::File::open(path).map_err(|source| NetnsError::Open {
-        path: path.to_owned(),
-        source,
-    })?;
+    let file =
+        std::fs::File::open(path).map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
     let path = path.to_owned();
     std::thread::scope(|scope| {
         scope
             .spawn(move || {
-                setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
-                    NetnsError::Enter {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
+                setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(|source| NetnsError::Enter { path: path.clone(), source })?;
                 let socket = std::net::UdpSocket::bind("127.0.0.1:0")
                     .or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))
-                    .map_err(|source| NetnsError::Cookie {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    .map_err(|source| NetnsError::Cookie { path: path.clone(), source })?;
                 socket_netns_cookie(&socket).map_err(|source| NetnsError::Cookie { path, source })
             })
             .join()
@@ -60,14 +45,10 @@ pub fn cookie_of(path: &Path) -> Result<u64, NetnsError> {
 
 /// The netns cookie of the namespace this process runs in.
 pub fn own_cookie() -> Result<u64, NetnsError> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|source| NetnsError::Cookie {
-        path: PathBuf::from("/proc/self/ns/net"),
-        source,
-    })?;
-    socket_netns_cookie(&socket).map_err(|source| NetnsError::Cookie {
-        path: PathBuf::from("/proc/self/ns/net"),
-        source,
-    })
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .map_err(|source| NetnsError::Cookie { path: PathBuf::from("/proc/self/ns/net"), source })?;
+    socket_netns_cookie(&socket)
+        .map_err(|source| NetnsError::Cookie { path: PathBuf::from("/proc/self/ns/net"), source })
 }
 
 fn socket_netns_cookie(socket: &std::net::UdpSocket) -> std::io::Result<u64> {
@@ -84,9 +65,5 @@ fn socket_netns_cookie(socket: &std::net::UdpSocket) -> std::io::Result<u64> {
             &mut len,
         )
     };
-    if rc == 0 {
-        Ok(cookie)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(cookie) } else { Err(std::io::Error::last_os_error()) }
 }

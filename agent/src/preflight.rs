@@ -27,17 +27,13 @@ pub enum PreflightError {
     #[error("missing cgroup2: {path} is not a cgroup2 mount ({reason})")]
     NotCgroup2 { path: PathBuf, reason: String },
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
 }
 
 /// Effective capabilities of this process, from /proc/self/status.
 fn effective_caps() -> Result<u64, PreflightError> {
     let path = PathBuf::from("/proc/self/status");
-    let status =
-        std::fs::read_to_string(&path).map_err(|source| PreflightError::Read { path, source })?;
+    let status = std::fs::read_to_string(&path).map_err(|source| PreflightError::Read { path, source })?;
     Ok(status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -49,51 +45,32 @@ fn effective_caps() -> Result<u64, PreflightError> {
 /// CAP_SYS_ADMIN to enter network namespaces when enrolling them.
 pub fn check_privileges() -> Result<(), PreflightError> {
     let caps = effective_caps()?;
-    let missing: Vec<&str> = [
-        (CAP_BPF, "CAP_BPF"),
-        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
-        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| caps & (1u64 << bit) == 0)
-    .map(|(_, name)| name)
-    .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(PreflightError::Privilege {
-            missing: missing.join(", "),
-        })
-    }
+    let missing: Vec<&str> =
+        [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
+            .into_iter()
+            .filter(|(bit, _)| caps & (1u64 << bit) == 0)
+            .map(|(_, name)| name)
+            .collect();
+    if missing.is_empty() { Ok(()) } else { Err(PreflightError::Privilege { missing: missing.join(", ") }) }
 }
 
 pub fn check_btf(path: &Path) -> Result<(), PreflightError> {
-    if path.exists() {
-        Ok(())
-    } else {
-        Err(PreflightError::Btf {
-            path: path.to_owned(),
-        })
-    }
+    if path.exists() { Ok(()) } else { Err(PreflightError::Btf { path: path.to_owned() }) }
 }
 
 /// Finds the cgroup2 mount to attach at: one that shows the whole hierarchy (its root within
 /// the file system is `/`, unlike a bind mount of a subtree), preferring the well-known places:
 /// /sys/fs/cgroup/unified on a hybrid host, /sys/fs/cgroup on a pure v2 host.
 pub fn detect_cgroup2(mountinfo: &Path) -> Result<PathBuf, PreflightError> {
-    let text = std::fs::read_to_string(mountinfo).map_err(|source| PreflightError::Read {
-        path: mountinfo.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(mountinfo)
+        .map_err(|source| PreflightError::Read { path: mountinfo.to_owned(), source })?;
     let mounts = cgroup2_mounts(&text);
     ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
         .iter()
         .find_map(|w| mounts.iter().find(|m| m.as_path() == Path::new(w)))
         .or_else(|| mounts.first())
         .cloned()
-        .ok_or_else(|| PreflightError::NoCgroup2 {
-            mountinfo: mountinfo.to_owned(),
-        })
+        .ok_or_else(|| PreflightError::NoCgroup2 { mountinfo: mountinfo.to_owned() })
 }
 
 /// Mount points of whole cgroup2 hierarchies listed in a mountinfo text (proc(5) format).
@@ -105,8 +82,7 @@ pub fn cgroup2_mounts(mountinfo: &str) -> Vec<PathBuf> {
             let fstype = right.split_whitespace().next()?;
             let mut fields = left.split_whitespace().skip(3);
             let (root, mount_point) = (fields.next()?, fields.next()?);
-            (fstype == "cgroup2" && root == "/")
-                .then(|| PathBuf::from(mount_point.replace("\\040", " ")))
+            (fstype == "cgroup2" && root == "/").then(|| PathBuf::from(mount_point.replace("\\040", " ")))
         })
         .collect()
 }
@@ -142,10 +118,7 @@ mod tests {
 
     #[test]
     fn finds_the_unified_mount_on_a_hybrid_host() {
-        assert_eq!(
-            cgroup2_mounts(HYBRID),
-            vec![PathBuf::from("/sys/fs/cgroup/unified")]
-        );
+        assert_eq!(cgroup2_mounts(HYBRID), vec![PathBuf::from("/sys/fs/cgroup/unified")]);
     }
 
     #[test]
@@ -159,13 +132,9 @@ mod tests {
 
     #[test]
     fn no_cgroup2_names_what_is_missing() {
-        let dir =
-            std::env::temp_dir().join(format!("gammaray-mountinfo-v1-{}", std::process::id()));
-        std::fs::write(
-            &dir,
-            "28 26 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n",
-        )
-        .expect("write mountinfo");
+        let dir = std::env::temp_dir().join(format!("gammaray-mountinfo-v1-{}", std::process::id()));
+        std::fs::write(&dir, "28 26 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n")
+            .expect("write mountinfo");
         let err = detect_cgroup2(&dir).expect_err("no cgroup2 mount");
         std::fs::remove_file(&dir).expect("remove mountinfo");
         assert!(err.to_string().contains("missing cgroup2"), "{err}");

@@ -30,9 +30,7 @@ const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 80);
 
 /// An HTTP backend (HTTP/1.1 and h2c) answering with what it saw, one `key=value` per line.
 async fn backend(name: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .expect("bind backend");
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind backend");
     let addr = listener.local_addr().expect("backend addr");
     tokio::spawn(async move {
         loop {
@@ -40,21 +38,14 @@ async fn backend(name: &'static str) -> SocketAddr {
                 return;
             };
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: Request<hyper::body::Incoming>| async move {
-                        let mut body = format!(
-                            "backend={name}\npath={}\nversion={:?}\n",
-                            req.uri(),
-                            req.version()
-                        );
-                        for (k, v) in req.headers() {
-                            body.push_str(&format!("h:{k}={}\n", v.to_str().unwrap_or("?")));
-                        }
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::from(body),
-                        )))
-                    },
-                );
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                    let mut body =
+                        format!("backend={name}\npath={}\nversion={:?}\n", req.uri(), req.version());
+                    for (k, v) in req.headers() {
+                        body.push_str(&format!("h:{k}={}\n", v.to_str().unwrap_or("?")));
+                    }
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+                });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
@@ -89,9 +80,7 @@ struct Proxy {
 
 impl Proxy {
     async fn start(yaml: &str) -> Self {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .expect("bind proxy");
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let table = Arc::new(StaticTable::default());
         let stats = Arc::new(OutboundStats::default());
@@ -103,35 +92,22 @@ impl Proxy {
             Arc::new(gammaray_proxy::hbone::Mesh::plaintext()),
             stats.clone(),
         ));
-        Self {
-            addr,
-            table,
-            snapshot: tx,
-            stats,
-        }
+        Self { addr, table, snapshot: tx, stats }
     }
 
     /// Opens a connection "to" `dst` through the proxy, as the eBPF redirect would.
     async fn connect(&self, dst: SocketAddrV4) -> tokio::net::TcpStream {
         let socket = TcpSocket::new_v4().expect("socket");
-        socket
-            .bind((Ipv4Addr::LOCALHOST, 0).into())
-            .expect("bind client");
-        let SocketAddr::V4(local) = socket.local_addr().expect("client addr") else {
-            unreachable!()
-        };
+        socket.bind((Ipv4Addr::LOCALHOST, 0).into()).expect("bind client");
+        let SocketAddr::V4(local) = socket.local_addr().expect("client addr") else { unreachable!() };
         self.table.insert(local, dst);
         socket.connect(self.addr).await.expect("connect to proxy")
     }
 
-    async fn http1(
-        &self,
-        dst: SocketAddrV4,
-    ) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    async fn http1(&self, dst: SocketAddrV4) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
         let stream = self.connect(dst).await;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("h1 handshake");
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("h1 handshake");
         tokio::spawn(conn);
         sender
     }
@@ -154,10 +130,7 @@ async fn get(
         req = req.header(*k, *v);
     }
     sender.ready().await.expect("connection ready");
-    let resp = sender
-        .send_request(req.body(Empty::new()).expect("request"))
-        .await
-        .expect("response");
+    let resp = sender.send_request(req.body(Empty::new()).expect("request")).await.expect("response");
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
@@ -175,11 +148,7 @@ fn canary_route(v1: u32, v2: u32) -> String {
 }
 
 async fn canary_world() -> String {
-    let v1 = [
-        backend("v1-a").await,
-        backend("v1-b").await,
-        backend("v1-c").await,
-    ];
+    let v1 = [backend("v1-a").await, backend("v1-b").await, backend("v1-c").await];
     let v2 = [backend("v2-a").await, backend("v2-b").await];
     let all: Vec<SocketAddr> = v1.iter().chain(&v2).copied().collect();
     format!(
@@ -199,11 +168,7 @@ async fn a_90_10_canary_splits_1000_requests_on_one_connection() {
     for _ in 0..1000 {
         let (status, fields, _) = get(&mut sender, "/", &[]).await;
         assert_eq!(status, StatusCode::OK);
-        let version = fields["backend"]
-            .split('-')
-            .next()
-            .expect("v1 or v2")
-            .to_owned();
+        let version = fields["backend"].split('-').next().expect("v1 or v2").to_owned();
         *counts.entry(version).or_default() += 1;
     }
     let v2 = f64::from(counts.get("v2").copied().unwrap_or(0)) / 1000.0;
@@ -219,15 +184,9 @@ async fn a_weight_change_takes_effect_without_failing_a_request() {
     for _ in 0..50 {
         let (status, fields, _) = get(&mut sender, "/", &[]).await;
         assert_eq!(status, StatusCode::OK);
-        assert!(
-            fields["backend"].starts_with("v1"),
-            "all to v1 before the change"
-        );
+        assert!(fields["backend"].starts_with("v1"), "all to v1 before the change");
     }
-    proxy.snapshot.send_replace(Arc::new(snapshot_of(&format!(
-        "{world}{}",
-        canary_route(0, 100)
-    ))));
+    proxy.snapshot.send_replace(Arc::new(snapshot_of(&format!("{world}{}", canary_route(0, 100)))));
     for _ in 0..50 {
         let (status, fields, _) = get(&mut sender, "/", &[]).await;
         assert_eq!(status, StatusCode::OK, "no request fails across the change");
@@ -298,9 +257,7 @@ async fn failures_become_status_codes_and_the_proxy_keeps_serving() {
 
     // Malformed HTTP: a 400 and that connection closes; the proxy serves the next one.
     let mut raw = proxy.connect(VIP).await;
-    raw.write_all(b"NOT HTTP AT ALL\r\n\r\n")
-        .await
-        .expect("write garbage");
+    raw.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.expect("write garbage");
     let mut reply = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut reply))
         .await
@@ -318,12 +275,7 @@ async fn failures_become_status_codes_and_the_proxy_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_requests_reach_an_h2c_backend() {
     let b = backend("grpc-v1").await;
-    let yaml = service(
-        "backend",
-        "10.96.0.1",
-        ", appProtocol: kubernetes.io/h2c",
-        &[b],
-    );
+    let yaml = service("backend", "10.96.0.1", ", appProtocol: kubernetes.io/h2c", &[b]);
     let proxy = Proxy::start(&yaml).await;
     let stream = proxy.connect(VIP).await;
     let (mut sender, conn) =
@@ -342,23 +294,15 @@ async fn h2c_requests_reach_an_h2c_backend() {
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         let body = String::from_utf8_lossy(&body);
         assert!(body.contains("backend=grpc-v1"), "{body}");
-        assert!(
-            body.contains("version=HTTP/2.0"),
-            "the backend spoke HTTP/2: {body}"
-        );
-        assert!(
-            body.contains("h:te=trailers"),
-            "te: trailers reaches a gRPC backend: {body}"
-        );
+        assert!(body.contains("version=HTTP/2.0"), "the backend spoke HTTP/2: {body}");
+        assert!(body.contains("h:te=trailers"), "te: trailers reaches a gRPC backend: {body}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opaque_ports_are_balanced_at_l4_and_other_addresses_pass_through() {
     let echo = |name: &'static str| async move {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .expect("bind");
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
         let addr = l.local_addr().expect("addr");
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
@@ -385,9 +329,7 @@ async fn opaque_ports_are_balanced_at_l4_and_other_addresses_pass_through() {
         "{seen:?}"
     );
     // Not a frontend: carried to the address itself.
-    let SocketAddr::V4(direct) = a else {
-        unreachable!()
-    };
+    let SocketAddr::V4(direct) = a else { unreachable!() };
     let mut s = proxy.connect(direct).await;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.expect("read");

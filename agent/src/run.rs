@@ -27,10 +27,7 @@ pub struct RunConfig {
 }
 
 /// Runs the agent until `shutdown` completes.
-pub async fn run(
-    cfg: RunConfig,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     preflight::check_privileges()?;
     preflight::check_btf(&cfg.btf_path)?;
     let cgroup_root = match &cfg.cgroup_root {
@@ -44,9 +41,7 @@ pub async fn run(
     // Bind before attaching, so a redirected connection never finds the port closed.
     let listener = std::net::TcpListener::bind(cfg.proxy_addr)
         .with_context(|| format!("cannot bind the outbound listener on {}", cfg.proxy_addr))?;
-    listener
-        .set_nonblocking(true)
-        .context("outbound listener non-blocking")?;
+    listener.set_nonblocking(true).context("outbound listener non-blocking")?;
 
     let mut datapath = ebpf::Datapath::load(&cgroup_root, cfg.proxy_addr)?;
     let logger = datapath.take_logger();
@@ -61,20 +56,9 @@ pub async fn run(
     let (statuses_tx, statuses_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
     let snapshot_for_status = snapshot_rx.clone();
     let source = cfg.manifests.clone().map(|dir| {
-        let options = translate::Options {
-            trust_domain: cfg.trust_domain.clone(),
-            version: 0,
-        };
-        let out = manifests::Published {
-            snapshot: snapshot_tx,
-            statuses: statuses_tx,
-        };
-        tokio::spawn(manifests::watch_dir(
-            dir,
-            options,
-            out,
-            std::time::Duration::from_millis(250),
-        ))
+        let options = translate::Options { trust_domain: cfg.trust_domain.clone(), version: 0 };
+        let out = manifests::Published { snapshot: snapshot_tx, statuses: statuses_tx };
+        tokio::spawn(manifests::watch_dir(dir, options, out, std::time::Duration::from_millis(250)))
     });
     let proxy_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.proxy_threads.max(1))
@@ -87,17 +71,12 @@ pub async fn run(
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
             };
-            let authority =
-                gammaray_proxy::identity::Authority::from_pem(&read(cert)?, &read(key)?)
-                    .context("cannot load the mesh CA")?;
-            Some(Arc::new(gammaray_proxy::identity::CertStore::new(
-                Arc::new(authority),
-            )))
+            let authority = gammaray_proxy::identity::Authority::from_pem(&read(cert)?, &read(key)?)
+                .context("cannot load the mesh CA")?;
+            Some(Arc::new(gammaray_proxy::identity::CertStore::new(Arc::new(authority))))
         }
         None => {
-            tracing::warn!(
-                "no mesh CA (--ca-cert/--ca-key): traffic between nodes is NOT encrypted"
-            );
+            tracing::warn!("no mesh CA (--ca-cert/--ca-key): traffic between nodes is NOT encrypted");
             None
         }
     };

@@ -4,8 +4,7 @@
 use std::collections::BTreeMap;
 
 use gateway_api::{
-    grpcroutes::GrpcRoute as GRPCRoute, httproutes::HttpRoute as HTTPRoute,
-    referencegrants::ReferenceGrant,
+    grpcroutes::GrpcRoute as GRPCRoute, httproutes::HttpRoute as HTTPRoute, referencegrants::ReferenceGrant,
 };
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
@@ -31,17 +30,9 @@ pub struct Store {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("document {index}: not valid YAML: {source}")]
-    Yaml {
-        index: usize,
-        source: serde_yaml::Error,
-    },
+    Yaml { index: usize, source: serde_yaml::Error },
     #[error("document {index} ({kind} {name}): {source}")]
-    Decode {
-        index: usize,
-        kind: String,
-        name: String,
-        source: serde_json::Error,
-    },
+    Decode { index: usize, kind: String, name: String, source: serde_json::Error },
     #[error("document {index}: {reason}")]
     Invalid { index: usize, reason: String },
 }
@@ -90,51 +81,27 @@ impl Store {
         index: usize,
         value: serde_json::Value,
     ) -> Result<Option<String>, StoreError> {
-        let kind = value
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .unwrap_or("")
-            .to_owned();
-        let api_version = value
-            .get("apiVersion")
-            .and_then(|k| k.as_str())
-            .unwrap_or("")
-            .to_owned();
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_owned();
+        let api_version = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("").to_owned();
         let meta = value.get("metadata");
-        let name = meta
-            .and_then(|m| m.get("name"))
-            .and_then(|n| n.as_str())
-            .unwrap_or("")
-            .to_owned();
-        let namespace = meta
-            .and_then(|m| m.get("namespace"))
-            .and_then(|n| n.as_str())
-            .unwrap_or("default")
-            .to_owned();
+        let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("").to_owned();
+        let namespace =
+            meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()).unwrap_or("default").to_owned();
         let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
         let read = matches!(
             (group, kind.as_str()),
             ("", "Namespace" | "Node" | "Service" | "Pod")
                 | ("discovery.k8s.io", "EndpointSlice")
-                | (
-                    "gateway.networking.k8s.io",
-                    "HTTPRoute" | "GRPCRoute" | "ReferenceGrant"
-                )
+                | ("gateway.networking.k8s.io", "HTTPRoute" | "GRPCRoute" | "ReferenceGrant")
         );
         if kind.is_empty() {
-            return Err(StoreError::Invalid {
-                index,
-                reason: "object without kind".into(),
-            });
+            return Err(StoreError::Invalid { index, reason: "object without kind".into() });
         }
         if !read {
             return Ok(Some(format!("{kind} {namespace}/{name}")));
         }
         if name.is_empty() {
-            return Err(StoreError::Invalid {
-                index,
-                reason: format!("{kind} without metadata.name"),
-            });
+            return Err(StoreError::Invalid { index, reason: format!("{kind} without metadata.name") });
         }
         let key = (namespace.clone(), name.clone());
         fn decode<T: DeserializeOwned>(
@@ -152,35 +119,28 @@ impl Store {
         }
         match (group, kind.as_str()) {
             ("", "Namespace") => {
-                self.namespaces
-                    .insert(name.clone(), decode(index, &kind, &name, value)?);
+                self.namespaces.insert(name.clone(), decode(index, &kind, &name, value)?);
             }
             ("", "Node") => {
-                self.nodes
-                    .insert(name.clone(), decode(index, &kind, &name, value)?);
+                self.nodes.insert(name.clone(), decode(index, &kind, &name, value)?);
             }
             ("", "Service") => {
-                self.services
-                    .insert(key, decode(index, &kind, &name, value)?);
+                self.services.insert(key, decode(index, &kind, &name, value)?);
             }
             ("", "Pod") => {
                 self.pods.insert(key, decode(index, &kind, &name, value)?);
             }
             ("discovery.k8s.io", "EndpointSlice") => {
-                self.endpoint_slices
-                    .insert(key, decode(index, &kind, &name, value)?);
+                self.endpoint_slices.insert(key, decode(index, &kind, &name, value)?);
             }
             ("gateway.networking.k8s.io", "HTTPRoute") => {
-                self.http_routes
-                    .insert(key, decode(index, &kind, &name, value)?);
+                self.http_routes.insert(key, decode(index, &kind, &name, value)?);
             }
             ("gateway.networking.k8s.io", "GRPCRoute") => {
-                self.grpc_routes
-                    .insert(key, decode(index, &kind, &name, value)?);
+                self.grpc_routes.insert(key, decode(index, &kind, &name, value)?);
             }
             ("gateway.networking.k8s.io", "ReferenceGrant") => {
-                self.reference_grants
-                    .insert(key, decode(index, &kind, &name, value)?);
+                self.reference_grants.insert(key, decode(index, &kind, &name, value)?);
             }
             _ => return Ok(Some(format!("{kind} {namespace}/{name}"))),
         }
@@ -243,9 +203,6 @@ mod tests {
             vec!["a: 1\n", "b: 2\n", " \nc: 3\n"]
         );
         assert_eq!(split_documents("---\na: 1\n"), vec!["a: 1\n"]);
-        assert_eq!(
-            split_documents("a: |\n  ---\n  x\n"),
-            vec!["a: |\n  ---\n  x\n"]
-        );
+        assert_eq!(split_documents("a: |\n  ---\n  x\n"), vec!["a: |\n  ---\n  x\n"]);
     }
 }

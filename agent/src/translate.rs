@@ -18,8 +18,8 @@ use std::{
 };
 
 use gammaray_proxy::snapshot::{
-    AppProtocol, Backend, Endpoint, Frontend, GrpcRuleMatch, HttpRuleMatch, ObjectRef, RouteKind,
-    RouteTable, Snapshot, Workload,
+    AppProtocol, Backend, Endpoint, Frontend, GrpcRuleMatch, HttpRuleMatch, ObjectRef, RouteKind, RouteTable,
+    Snapshot, Workload,
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use serde::Serialize;
@@ -41,10 +41,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            trust_domain: "cluster.local".into(),
-            version: 0,
-        }
+        Self { trust_domain: "cluster.local".into(), version: 0 }
     }
 }
 
@@ -115,27 +112,14 @@ struct Attachment<'a> {
 
 pub fn translate(store: &Store, opts: &Options) -> Translation {
     let workloads = workloads(store, &opts.trust_domain);
-    let mut backends = BackendResolver {
-        store,
-        workloads: &workloads,
-        cache: HashMap::new(),
-    };
+    let mut backends = BackendResolver { store, workloads: &workloads, cache: HashMap::new() };
 
-    let mut routes: Vec<CompiledRoute> = store
-        .http_routes
-        .values()
-        .map(|r| rules::compile_http(r, &mut backends))
-        .collect();
-    routes.extend(
-        store
-            .grpc_routes
-            .values()
-            .map(|r| rules::compile_grpc(r, &mut backends)),
-    );
+    let mut routes: Vec<CompiledRoute> =
+        store.http_routes.values().map(|r| rules::compile_http(r, &mut backends)).collect();
+    routes.extend(store.grpc_routes.values().map(|r| rules::compile_grpc(r, &mut backends)));
 
     // (service, port) → group → attached routes.
-    let mut attached: BTreeMap<(ObjectRef, u16), BTreeMap<Group, Vec<Attachment<'_>>>> =
-        BTreeMap::new();
+    let mut attached: BTreeMap<(ObjectRef, u16), BTreeMap<Group, Vec<Attachment<'_>>>> = BTreeMap::new();
     let mut statuses = Vec::new();
     // (route index, parent index) → ports where the route lost a kind conflict / attached.
     let mut bound: Vec<Vec<Vec<u16>>> = Vec::new();
@@ -175,14 +159,8 @@ pub fn translate(store: &Store, opts: &Options) -> Translation {
     for ((service, port), groups) in &attached {
         for attachments in groups.values() {
             if attachments.iter().any(|a| a.route.kind == RouteKind::Grpc) {
-                for a in attachments
-                    .iter()
-                    .filter(|a| a.route.kind == RouteKind::Http)
-                {
-                    conflicted.insert(
-                        (a.route.id.clone(), a.route.kind, service.clone(), *port),
-                        (),
-                    );
+                for a in attachments.iter().filter(|a| a.route.kind == RouteKind::Http) {
+                    conflicted.insert((a.route.id.clone(), a.route.kind, service.clone(), *port), ());
                 }
             }
         }
@@ -201,14 +179,7 @@ pub fn translate(store: &Store, opts: &Options) -> Translation {
                 let lost: Vec<u16> = ports
                     .iter()
                     .copied()
-                    .filter(|p| {
-                        conflicted.contains_key(&(
-                            route.id.clone(),
-                            route.kind,
-                            service.clone(),
-                            *p,
-                        ))
-                    })
+                    .filter(|p| conflicted.contains_key(&(route.id.clone(), route.kind, service.clone(), *p)))
                     .collect();
                 parent_status(store, route, parent, ports, &lost)
             })
@@ -279,10 +250,7 @@ pub fn translate(store: &Store, opts: &Options) -> Translation {
         snapshot: Snapshot {
             version: opts.version,
             frontends,
-            workloads: workloads
-                .into_iter()
-                .map(|(ip, w)| (ip, Arc::new(w)))
-                .collect(),
+            workloads: workloads.into_iter().map(|(ip, w)| (ip, Arc::new(w))).collect(),
             nodes: node_addresses(store),
         },
         statuses,
@@ -295,14 +263,7 @@ fn route_table(attachments: &[Attachment<'_>]) -> RouteTable {
     let mut chosen: Vec<&CompiledRoute> = attachments
         .iter()
         .map(|a| a.route)
-        .filter(|r| {
-            r.kind
-                == if grpc {
-                    RouteKind::Grpc
-                } else {
-                    RouteKind::Http
-                }
-        })
+        .filter(|r| r.kind == if grpc { RouteKind::Grpc } else { RouteKind::Http })
         .collect();
     // Ties go to the oldest route, then to namespace/name in alphabetical order.
     chosen.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
@@ -312,22 +273,14 @@ fn route_table(attachments: &[Attachment<'_>]) -> RouteTable {
             &chosen,
             |rule| &rule.grpc_matches,
             rules::GrpcKey::new,
-            |id, matcher, action| GrpcRuleMatch {
-                id,
-                matcher,
-                action,
-            },
+            |id, matcher, action| GrpcRuleMatch { id, matcher, action },
         ))
     } else {
         RouteTable::Http(sorted(
             &chosen,
             |rule| &rule.http_matches,
             rules::HttpKey::new,
-            |id, matcher, action| HttpRuleMatch {
-                id,
-                matcher,
-                action,
-            },
+            |id, matcher, action| HttpRuleMatch { id, matcher, action },
         ))
     }
 }
@@ -338,11 +291,7 @@ fn sorted<M: Clone, K: Ord, E>(
     routes: &[&CompiledRoute],
     matches: impl Fn(&CompiledRule) -> &Vec<M>,
     key: impl Fn(&M, usize, usize, usize) -> K,
-    entry: impl Fn(
-        Arc<gammaray_proxy::snapshot::RouteId>,
-        M,
-        Arc<gammaray_proxy::snapshot::RuleAction>,
-    ) -> E,
+    entry: impl Fn(Arc<gammaray_proxy::snapshot::RouteId>, M, Arc<gammaray_proxy::snapshot::RuleAction>) -> E,
 ) -> Vec<E> {
     let mut entries: Vec<(K, E)> = Vec::new();
     for (order, route) in routes.iter().enumerate() {
@@ -379,16 +328,10 @@ struct NotBound {
 
 /// The Service ports a parentRef binds to.
 fn bind(store: &Store, route: &CompiledRoute, parent: &ParentRef) -> Result<Vec<u16>, NotBound> {
-    let Some(svc) = store
-        .services
-        .get(&(parent.namespace.clone(), parent.name.clone()))
-    else {
+    let Some(svc) = store.services.get(&(parent.namespace.clone(), parent.name.clone())) else {
         return Err(NotBound {
             reason: "NoMatchingParent",
-            message: format!(
-                "Service {}/{} does not exist",
-                parent.namespace, parent.name
-            ),
+            message: format!("Service {}/{} does not exist", parent.namespace, parent.name),
         });
     };
     let spec = svc.spec.clone().unwrap_or_default();
@@ -410,12 +353,7 @@ fn bind(store: &Store, route: &CompiledRoute, parent: &ParentRef) -> Result<Vec<
         .iter()
         .flatten()
         .filter(|p| parent.port.is_none_or(|want| p.port == want))
-        .filter(|p| {
-            parent
-                .section_name
-                .as_ref()
-                .is_none_or(|want| p.name.as_ref() == Some(want))
-        })
+        .filter(|p| parent.section_name.as_ref().is_none_or(|want| p.name.as_ref() == Some(want)))
         .filter_map(|p| u16::try_from(p.port).ok())
         .collect();
     if ports.is_empty() {
@@ -433,10 +371,7 @@ fn bind(store: &Store, route: &CompiledRoute, parent: &ParentRef) -> Result<Vec<
 fn has_frontend(svc: &Service) -> bool {
     let Some(spec) = &svc.spec else { return false };
     spec.type_.as_deref() != Some("ExternalName")
-        && spec
-            .cluster_ip
-            .as_deref()
-            .is_some_and(|ip| ip != "None" && !ip.is_empty())
+        && spec.cluster_ip.as_deref().is_some_and(|ip| ip != "None" && !ip.is_empty())
 }
 
 fn parent_status(
@@ -458,27 +393,18 @@ fn parent_status(
     let invalid: Vec<String> = route
         .rules
         .iter()
-        .filter_map(|r| {
-            r.problem
-                .as_ref()
-                .map(|p| format!("rule {}: {}", r.index, p.message))
-        })
+        .filter_map(|r| r.problem.as_ref().map(|p| format!("rule {}: {}", r.index, p.message)))
         .collect();
     let accepted = match bind(store, route, parent) {
         Err(nb) => cond("Accepted", false, nb.reason, nb.message),
-        Ok(_) if valid_rules == 0 => cond(
-            "Accepted",
-            false,
-            "UnsupportedValue",
-            format!("no valid rule: {}", invalid.join("; ")),
-        ),
+        Ok(_) if valid_rules == 0 => {
+            cond("Accepted", false, "UnsupportedValue", format!("no valid rule: {}", invalid.join("; ")))
+        }
         Ok(_) if !lost.is_empty() && lost.len() == ports.len() => cond(
             "Accepted",
             false,
             "Conflicted",
-            format!(
-                "a GRPCRoute is attached to the same Service port(s) {lost:?} and takes precedence"
-            ),
+            format!("a GRPCRoute is attached to the same Service port(s) {lost:?} and takes precedence"),
         ),
         Ok(_) if !lost.is_empty() => cond(
             "Accepted",
@@ -486,33 +412,15 @@ fn parent_status(
             "Accepted",
             format!(
                 "applied on ports {:?}; port(s) {lost:?} are taken by a GRPCRoute",
-                ports
-                    .iter()
-                    .filter(|p| !lost.contains(p))
-                    .collect::<Vec<_>>()
+                ports.iter().filter(|p| !lost.contains(p)).collect::<Vec<_>>()
             ),
         ),
-        Ok(_) => cond(
-            "Accepted",
-            true,
-            "Accepted",
-            format!("applied to Service port(s) {ports:?}"),
-        ),
+        Ok(_) => cond("Accepted", true, "Accepted", format!("applied to Service port(s) {ports:?}")),
     };
     conditions.push(accepted);
     conditions.push(match &route.unresolved {
-        Some(problem) => cond(
-            "ResolvedRefs",
-            false,
-            problem.reason,
-            problem.message.clone(),
-        ),
-        None => cond(
-            "ResolvedRefs",
-            true,
-            "ResolvedRefs",
-            "all references resolved".into(),
-        ),
+        Some(problem) => cond("ResolvedRefs", false, problem.reason, problem.message.clone()),
+        None => cond("ResolvedRefs", true, "ResolvedRefs", "all references resolved".into()),
     });
     if !invalid.is_empty() && valid_rules > 0 {
         conditions.push(RouteCondition {
@@ -565,9 +473,7 @@ fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
     let mut out = HashMap::new();
     for ((ns, name), pod) in &store.pods {
         let spec = pod.spec.as_ref();
-        let sa = spec
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_else(|| "default".into());
+        let sa = spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
         let workload = Workload {
             pod: ObjectRef::new(ns, name),
             node: spec.and_then(|s| s.node_name.clone()),
@@ -606,21 +512,14 @@ impl BackendResolver<'_> {
         if let Some(b) = self.cache.get(&(service.clone(), port)) {
             return Ok(b.clone());
         }
-        let Some(svc) = self
-            .store
-            .services
-            .get(&(service.namespace.clone(), service.name.clone()))
-        else {
+        let Some(svc) = self.store.services.get(&(service.namespace.clone(), service.name.clone())) else {
             return Err(Unresolved {
                 reason: "BackendNotFound",
                 message: format!("Service {service} does not exist"),
             });
         };
-        let Some(sp) = svc
-            .spec
-            .iter()
-            .flat_map(|s| s.ports.iter().flatten())
-            .find(|p| p.port == i32::from(port))
+        let Some(sp) =
+            svc.spec.iter().flat_map(|s| s.ports.iter().flatten()).find(|p| p.port == i32::from(port))
         else {
             return Err(Unresolved {
                 reason: "BackendNotFound",
@@ -629,11 +528,7 @@ impl BackendResolver<'_> {
         };
         let mut endpoints = Vec::new();
         for ((ns, _), slice) in &self.store.endpoint_slices {
-            let owner = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL));
+            let owner = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
             if ns != &service.namespace || owner != Some(&service.name) {
                 continue;
             }
@@ -645,8 +540,7 @@ impl BackendResolver<'_> {
                 .iter()
                 .flatten()
                 .find(|p| {
-                    p.name == sp.name
-                        || (p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""))
+                    p.name == sp.name || (p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""))
                 })
                 .and_then(|p| p.port)
                 .and_then(|p| u16::try_from(p).ok())
@@ -673,10 +567,7 @@ impl BackendResolver<'_> {
                     endpoints.push(Endpoint {
                         addr: SocketAddr::new(addr, target),
                         pod,
-                        node: ep
-                            .node_name
-                            .clone()
-                            .or_else(|| workload.and_then(|w| w.node.clone())),
+                        node: ep.node_name.clone().or_else(|| workload.and_then(|w| w.node.clone())),
                         identity: workload.map(|w| w.identity.clone()),
                     });
                 }
@@ -684,12 +575,8 @@ impl BackendResolver<'_> {
         }
         endpoints.sort_by_key(|e| e.addr);
         endpoints.dedup_by_key(|e| e.addr);
-        let backend = Arc::new(Backend {
-            service: service.clone(),
-            port,
-            protocol: app_protocol(sp),
-            endpoints,
-        });
+        let backend =
+            Arc::new(Backend { service: service.clone(), port, protocol: app_protocol(sp), endpoints });
         self.cache.insert((service.clone(), port), backend.clone());
         Ok(backend)
     }

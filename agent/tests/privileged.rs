@@ -25,11 +25,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("test runtime")
-        .block_on(f)
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("test runtime").block_on(f)
 }
 
 /// A real agent process on one simulated node.
@@ -47,12 +43,7 @@ impl Agent {
 
     /// Starts the agent, routing by the manifests in `manifests` if given, with the mesh CA
     /// in `ca_dir` (ca.crt, ca.key) if given.
-    fn start_with(
-        cluster: &Cluster,
-        node: u8,
-        manifests: Option<&Path>,
-        ca_dir: Option<&Path>,
-    ) -> Self {
+    fn start_with(cluster: &Cluster, node: u8, manifests: Option<&Path>, ca_dir: Option<&Path>) -> Self {
         let node = cluster.node(node);
         let socket = cluster.dir().join(format!("{}-agent.sock", node.name));
         let log = cluster.dir().join(format!("{}-agent.log", node.name));
@@ -80,20 +71,11 @@ impl Agent {
                 dir.join("ca.key").display().to_string(),
             ]);
         }
-        let env = [(
-            "RUST_LOG".to_owned(),
-            "info,gammaray::kernel=debug,gammaray_proxy::http=debug".to_owned(),
-        )];
+        let env =
+            [("RUST_LOG".to_owned(), "info,gammaray::kernel=debug,gammaray_proxy::http=debug".to_owned())];
         let bin = Path::new(env!("CARGO_BIN_EXE_gammaray-agent"));
-        let process = node
-            .spawn("agent", bin, &args, &env, Some(&log))
-            .expect("agent starts");
-        let agent = Self {
-            process,
-            control: Client::new(&socket),
-            log,
-            proxy,
-        };
+        let process = node.spawn("agent", bin, &args, &env, Some(&log)).expect("agent starts");
+        let agent = Self { process, control: Client::new(&socket), log, proxy };
         assert_eventually("agent answers on its control socket", TIMEOUT, || {
             block_on(agent.control.status()).map_err(|e| format!("{e}; log: {}", agent.log_text()))
         });
@@ -121,29 +103,19 @@ impl Agent {
 /// A backend pod answering on `SERVICE_VIP:80` and on its own IP at port 8080.
 fn backend(cluster: &Cluster, node: u8, name: &str) -> (Arc<Pod>, Vec<EchoServer>) {
     let pod = cluster.add_pod(node, "demo", name).expect("backend pod");
-    cluster
-        .add_pod_address(&pod, SERVICE_VIP)
-        .expect("service address on backend");
-    let servers = [
-        SocketAddr::from((SERVICE_VIP, 80)),
-        SocketAddr::from((pod.ip, 8080)),
-    ]
-    .into_iter()
-    .map(|addr| {
-        let listener = pod
-            .run(|| std::net::TcpListener::bind(addr))
-            .expect("enter pod")
-            .expect("bind");
-        EchoServer::start(listener, name).expect("echo server")
-    })
-    .collect();
+    cluster.add_pod_address(&pod, SERVICE_VIP).expect("service address on backend");
+    let servers = [SocketAddr::from((SERVICE_VIP, 80)), SocketAddr::from((pod.ip, 8080))]
+        .into_iter()
+        .map(|addr| {
+            let listener = pod.run(|| std::net::TcpListener::bind(addr)).expect("enter pod").expect("bind");
+            EchoServer::start(listener, name).expect("echo server")
+        })
+        .collect();
     (pod, servers)
 }
 
 fn call_from(pod: &Pod, dst: SocketAddr) -> Greeting {
-    pod.run(|| echo::call(dst, TIMEOUT))
-        .expect("enter pod")
-        .expect("call through the mesh")
+    pod.run(|| echo::call(dst, TIMEOUT)).expect("enter pod").expect("call through the mesh")
 }
 
 /// Opens a connection and reads the greeting, keeping the connection open.
@@ -151,9 +123,7 @@ fn open_and_greet(dst: SocketAddr) -> (Greeting, TcpStream) {
     let conn = TcpStream::connect_timeout(&dst, TIMEOUT).expect("connect");
     conn.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     let mut line = String::new();
-    BufReader::new(conn.try_clone().expect("clone"))
-        .read_line(&mut line)
-        .expect("greeting");
+    BufReader::new(conn.try_clone().expect("clone")).read_line(&mut line).expect("greeting");
     (Greeting::parse(line.trim()).expect("parse greeting"), conn)
 }
 
@@ -171,10 +141,7 @@ fn an_enrolled_pod_lands_on_the_proxy_which_recovers_the_exact_original_destinat
     let dst = SocketAddr::from((SERVICE_VIP, 80));
     let greeting = call_from(&client, dst);
     assert_eq!(greeting.hostname, "backend-v1");
-    assert_eq!(
-        greeting.local, dst,
-        "the proxy connected to the exact original destination"
-    );
+    assert_eq!(greeting.local, dst, "the proxy connected to the exact original destination");
     assert_eq!(
         greeting.peer.ip(),
         IpAddr::V4(pod_gateway(1)),
@@ -202,18 +169,13 @@ fn two_hundred_concurrent_connections_from_two_pods_all_find_their_destination()
         let pod = cluster.add_pod(1, "demo", name).expect("backend pod");
         for port in 9000..9010 {
             let addr = SocketAddr::from((pod.ip, port));
-            let listener = pod
-                .run(|| std::net::TcpListener::bind(addr))
-                .expect("enter")
-                .expect("bind");
+            let listener = pod.run(|| std::net::TcpListener::bind(addr)).expect("enter").expect("bind");
             servers.push(EchoServer::start(listener, name).expect("echo"));
             destinations.push(addr);
         }
     }
-    let clients: Vec<_> = ["client-a", "client-b"]
-        .iter()
-        .map(|n| cluster.add_pod(1, "demo", n).expect("client pod"))
-        .collect();
+    let clients: Vec<_> =
+        ["client-a", "client-b"].iter().map(|n| cluster.add_pod(1, "demo", n).expect("client pod")).collect();
     for c in &clients {
         agent.enrol(c);
     }
@@ -236,10 +198,7 @@ fn two_hundred_concurrent_connections_from_two_pods_all_find_their_destination()
                                     s.spawn(move || (dst, open_and_greet(dst)))
                                 })
                                 .collect();
-                            handles
-                                .into_iter()
-                                .map(|h| h.join().expect("connection thread"))
-                                .collect()
+                            handles.into_iter().map(|h| h.join().expect("connection thread")).collect()
                         });
                         for (dst, (greeting, _)) in &conns {
                             assert_eq!(greeting.local, *dst, "original destination preserved");
@@ -268,47 +227,25 @@ fn unenrolled_pods_node_processes_and_the_proxys_own_connections_are_not_redirec
     let cluster = Cluster::new(1).expect("cluster");
     let agent = Agent::start(&cluster, 1);
     let (backend, _servers) = backend(&cluster, 1, "backend-v1");
-    let outsider = cluster
-        .add_pod(1, "other", "unenrolled")
-        .expect("unenrolled pod");
-    let member = cluster
-        .add_pod(1, "demo", "enrolled")
-        .expect("enrolled pod");
+    let outsider = cluster.add_pod(1, "other", "unenrolled").expect("unenrolled pod");
+    let member = cluster.add_pod(1, "demo", "enrolled").expect("enrolled pod");
     agent.enrol(&member);
     let dst = SocketAddr::from((backend.ip, 8080));
 
     let direct = call_from(&outsider, dst);
-    assert_eq!(
-        direct.peer.ip(),
-        IpAddr::V4(outsider.ip),
-        "unenrolled pod connects directly"
-    );
+    assert_eq!(direct.peer.ip(), IpAddr::V4(outsider.ip), "unenrolled pod connects directly");
 
     let node = cluster.node(1);
-    let from_node = node
-        .run(|| echo::call(dst, TIMEOUT))
-        .expect("enter node")
-        .expect("node call");
-    assert_eq!(
-        from_node.peer.ip(),
-        IpAddr::V4(pod_gateway(1)),
-        "node process connects directly"
-    );
-    assert_eq!(
-        agent.status().kernel.redirected,
-        0,
-        "nothing redirected so far"
-    );
+    let from_node = node.run(|| echo::call(dst, TIMEOUT)).expect("enter node").expect("node call");
+    assert_eq!(from_node.peer.ip(), IpAddr::V4(pod_gateway(1)), "node process connects directly");
+    assert_eq!(agent.status().kernel.redirected, 0, "nothing redirected so far");
 
     let meshed = call_from(&member, dst);
     assert_eq!(meshed.local, dst);
     let status = agent.status();
     // Had the proxy's own connection to the backend been redirected too, it would have looped
     // back into the proxy and counted twice.
-    assert_eq!(
-        status.kernel.redirected, 1,
-        "only the enrolled pod's connection"
-    );
+    assert_eq!(status.kernel.redirected, 1, "only the enrolled pod's connection");
     assert_eq!(status.outbound.accepted, 1);
     assert_eq!(status.outbound.upstream_errors, 0);
 }
@@ -324,31 +261,17 @@ fn enrolling_and_unenrolling_a_running_pod_moves_its_next_connection() {
     let pod = cluster.add_pod(1, "demo", "client").expect("client pod");
     let dst = SocketAddr::from((backend.ip, 8080));
 
-    assert_eq!(
-        call_from(&pod, dst).peer.ip(),
-        IpAddr::V4(pod.ip),
-        "direct before enrolment"
-    );
+    assert_eq!(call_from(&pod, dst).peer.ip(), IpAddr::V4(pod.ip), "direct before enrolment");
     agent.enrol(&pod);
-    assert_eq!(
-        call_from(&pod, dst).peer.ip(),
-        IpAddr::V4(pod_gateway(1)),
-        "via the proxy once enrolled"
-    );
+    assert_eq!(call_from(&pod, dst).peer.ip(), IpAddr::V4(pod_gateway(1)), "via the proxy once enrolled");
 
     // A connection opened while enrolled survives unenrolment.
     let (_, mut open) = pod.run(|| open_and_greet(dst)).expect("enter pod");
     agent.unenrol(&pod);
-    assert_eq!(
-        call_from(&pod, dst).peer.ip(),
-        IpAddr::V4(pod.ip),
-        "direct again after unenrolment"
-    );
-    open.write_all(b"still here\n")
-        .expect("write on the old connection");
+    assert_eq!(call_from(&pod, dst).peer.ip(), IpAddr::V4(pod.ip), "direct again after unenrolment");
+    open.write_all(b"still here\n").expect("write on the old connection");
     let mut buf = [0u8; 11];
-    open.read_exact(&mut buf)
-        .expect("the old connection still echoes");
+    open.read_exact(&mut buf).expect("the old connection still echoes");
     assert_eq!(&buf, b"still here\n");
     assert_eq!(agent.status().kernel.redirected, 2);
 }
@@ -365,21 +288,13 @@ fn the_kernel_programs_log_lines_appear_in_the_agent_log() {
     agent.enrol(&client);
     call_from(&client, SocketAddr::from((SERVICE_VIP, 80)));
     let expected = format!("dst={SERVICE_VIP}:80 proxy={}", agent.proxy);
-    assert_eventually(
-        "the redirect's kernel log line reaches the agent log",
-        TIMEOUT,
-        || {
-            let log = agent.log_text();
-            log.lines()
-                .find(|l| {
-                    l.contains("gammaray::kernel")
-                        && l.contains("redirect pid=")
-                        && l.contains(&expected)
-                })
-                .map(str::to_owned)
-                .ok_or_else(|| format!("no line with {expected:?} in:\n{log}"))
-        },
-    );
+    assert_eventually("the redirect's kernel log line reaches the agent log", TIMEOUT, || {
+        let log = agent.log_text();
+        log.lines()
+            .find(|l| l.contains("gammaray::kernel") && l.contains("redirect pid=") && l.contains(&expected))
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no line with {expected:?} in:\n{log}"))
+    });
 }
 
 #[test]
@@ -388,32 +303,15 @@ fn a_missing_privilege_is_named() {
         return;
     }
     let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
         .arg(env!("CARGO_BIN_EXE_gammaray-agent"))
-        .args([
-            "--control",
-            "/tmp/gammaray-never.sock",
-            "run",
-            "--node",
-            "n",
-            "--proxy-addr",
-            "127.0.0.1:1",
-        ])
+        .args(["--control", "/tmp/gammaray-never.sock", "run", "--node", "n", "--proxy-addr", "127.0.0.1:1"])
         .env("RUST_BACKTRACE", "0")
         .output()
         .expect("run agent without privileges");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("missing privilege: CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("missing privilege: CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"), "{stderr}");
 }
 
 #[test]
@@ -428,26 +326,16 @@ fn nothing_is_left_behind() {
         let client = cluster.add_pod(1, "demo", "client").expect("client pod");
         agent.enrol(&client);
         let greeting = call_from(&client, SocketAddr::from((SERVICE_VIP, 80)));
-        assert_eq!(
-            greeting.hostname, "backend-v1",
-            "reached the backend on the other node"
-        );
+        assert_eq!(greeting.hostname, "backend-v1", "reached the backend on the other node");
         let links = agent.status().attachment.link_ids;
         assert_eq!(links.len(), 2, "connect4 and sockops links");
         let exit = agent.process.stop(TIMEOUT).expect("agent exit status");
-        assert!(
-            exit.success(),
-            "agent exits cleanly on SIGTERM: {exit:?}\n{}",
-            agent.log_text()
-        );
+        assert!(exit.success(), "agent exits cleanly on SIGTERM: {exit:?}\n{}", agent.log_text());
         (cluster.run_name().to_owned(), links)
     };
     let left = gammaray_testkit::sweep::leftovers(&run);
     assert!(left.is_empty(), "left behind: {left:?}");
-    let live: Vec<u32> = aya::programs::loaded_links()
-        .filter_map(Result::ok)
-        .map(|l| l.id())
-        .collect();
+    let live: Vec<u32> = aya::programs::loaded_links().filter_map(Result::ok).map(|l| l.id()).collect();
     for id in links {
         assert!(!live.contains(&id), "BPF link {id} still attached");
     }
@@ -464,17 +352,12 @@ fn write_manifest(path: &Path, text: &str) {
 /// the versions that answered; every request must succeed.
 fn canary_split(pod: &Pod, n: usize) -> std::collections::BTreeMap<String, usize> {
     pod.run(|| {
-        let mut client = HttpClient::connect(
-            SocketAddr::from((scenarios::BACKEND_VIP, 80)),
-            "backend",
-            TIMEOUT,
-        )
-        .expect("connect to the backend Service");
+        let mut client =
+            HttpClient::connect(SocketAddr::from((scenarios::BACKEND_VIP, 80)), "backend", TIMEOUT)
+                .expect("connect to the backend Service");
         let mut counts = std::collections::BTreeMap::new();
         for i in 0..n {
-            let reply = client
-                .get("/", &[])
-                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            let reply = client.get("/", &[]).unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(reply.status, 200, "request {i}: {}", reply.body);
             *counts.entry(reply.fields["message"].clone()).or_insert(0) += 1;
         }
@@ -494,14 +377,14 @@ fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
     std::fs::create_dir_all(&dir).expect("manifest dir");
     std::fs::write(dir.join("objects.yaml"), &canary.objects).expect("objects");
     write_manifest(&dir.join("route.yaml"), &Canary::route(90, 10));
-    let agent = Agent::start_with(&cluster, 1, Some(&dir), None);
-    let _agent2 = Agent::start_with(&cluster, 2, Some(&dir), None);
+    let ca = cluster.dir().join("ca");
+    generate_ca(&ca);
+    let agent = Agent::start_with(&cluster, 1, Some(&dir), Some(&ca));
+    let agent2 = Agent::start_with(&cluster, 2, Some(&dir), Some(&ca));
     agent.enrol(&canary.client);
     assert_eventually("node1 routes by the manifests", TIMEOUT, || {
         let st = agent.status();
-        (st.frontends >= 3)
-            .then_some(st.config_version)
-            .ok_or(format!("{st:?}"))
+        (st.frontends >= 3).then_some(st.config_version).ok_or(format!("{st:?}"))
     });
 
     let counts = canary_split(&canary.client, 1000);
@@ -509,47 +392,42 @@ fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
     assert!((70..=130).contains(&v2), "10% ± 3 to v2, got {counts:?}");
     // Every backend pod, on both nodes, took part.
     for (pod, server) in &canary.backends {
-        assert!(
-            server.served() > 0 || pod.name.starts_with("backend-v2"),
-            "{} served nothing",
-            pod.name
-        );
+        assert!(server.served() > 0 || pod.name.starts_with("backend-v2"), "{} served nothing", pod.name);
     }
     let status = agent.status();
-    assert_eq!(
-        status.kernel.redirected, 1,
-        "one keep-alive connection, redirected once"
-    );
+    assert_eq!(status.kernel.redirected, 1, "one keep-alive connection, redirected once");
     assert_eq!(status.outbound.requests, 1000);
+    assert!(status.outbound.hbone_tunnels > 0, "requests to node2's pods went through HBONE");
+    assert!(agent2.status().outbound.inbound_tunnels > 0);
 
     // Shift to 50/50 while requests flow: none fails, and the new split takes over.
     let before = status.config_version;
+    let control = agent.control.clone();
     let shifter = std::thread::spawn({
         let path = dir.join("route.yaml");
         move || {
             std::thread::sleep(Duration::from_millis(200));
             write_manifest(&path, &Canary::route(50, 50));
+            // How long until the proxy routes by the new weights (measured, not asserted).
+            let written = std::time::Instant::now();
+            while block_on(control.status()).map(|s| s.config_version).unwrap_or(0) <= before
+                && written.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            eprintln!("weight change in force {:?} after the manifest was written", written.elapsed());
         }
     });
     let during = canary_split(&canary.client, 600);
     shifter.join().expect("shifter");
-    assert_eq!(
-        during.values().sum::<usize>(),
-        600,
-        "no request failed across the change"
-    );
+    assert_eq!(during.values().sum::<usize>(), 600, "no request failed across the change");
     assert_eventually("the new weights are applied", TIMEOUT, || {
         let v = agent.status().config_version;
-        (v > before)
-            .then_some(v)
-            .ok_or(format!("still version {v}"))
+        (v > before).then_some(v).ok_or(format!("still version {v}"))
     });
     let after = canary_split(&canary.client, 1000);
     let v2 = after.get("hello from backend v2").copied().unwrap_or(0);
-    assert!(
-        (430..=570).contains(&v2),
-        "50% ± 7 to v2 after the change, got {after:?}"
-    );
+    assert!((430..=570).contains(&v2), "50% ± 7 to v2 after the change, got {after:?}");
 }
 
 /// Generates a mesh CA with the agent's own command.
@@ -559,27 +437,15 @@ fn generate_ca(dir: &Path) {
         .arg(dir)
         .output()
         .expect("run the agent's CA command");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Captures every frame crossing the fabric bridge namespace while `f` runs.
 fn capture_fabric<T>(cluster: &Cluster, f: impl FnOnce() -> T) -> (T, Vec<u8>) {
     use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
-    let fabric =
-        gammaray_testkit::netns::Netns::existing(&format!("{}-fabric", cluster.run_name()));
+    let fabric = gammaray_testkit::netns::Netns::existing(&format!("{}-fabric", cluster.run_name()));
     let sock = fabric
-        .run(|| {
-            socket(
-                AddressFamily::Packet,
-                SockType::Raw,
-                SockFlag::SOCK_NONBLOCK,
-                SockProtocol::EthAll,
-            )
-        })
+        .run(|| socket(AddressFamily::Packet, SockType::Raw, SockFlag::SOCK_NONBLOCK, SockProtocol::EthAll))
         .expect("enter fabric")
         .expect("packet socket (needs CAP_NET_RAW)");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -636,22 +502,16 @@ fn between_nodes_traffic_is_mutual_tls_with_spiffe_identities() {
         canary
             .client
             .run(|| {
-                let mut client = HttpClient::connect(
-                    SocketAddr::from((scenarios::BACKEND_VIP, 80)),
-                    "backend",
-                    TIMEOUT,
-                )
-                .expect("connect");
+                let mut client =
+                    HttpClient::connect(SocketAddr::from((scenarios::BACKEND_VIP, 80)), "backend", TIMEOUT)
+                        .expect("connect");
                 let mut counts = std::collections::BTreeMap::<String, usize>::new();
                 for i in 0..200 {
                     let reply = client
                         .get("/", &[("x-secret", MARKER)])
                         .unwrap_or_else(|e| panic!("request {i}: {e}"));
                     assert_eq!(reply.status, 200, "{}", reply.body);
-                    assert_eq!(
-                        reply.fields.get("header:x-secret").map(String::as_str),
-                        Some(MARKER)
-                    );
+                    assert_eq!(reply.fields.get("header:x-secret").map(String::as_str), Some(MARKER));
                     *counts.entry(reply.fields["hostname"].clone()).or_default() += 1;
                 }
                 counts
@@ -659,45 +519,26 @@ fn between_nodes_traffic_is_mutual_tls_with_spiffe_identities() {
             .expect("enter client pod")
     });
     assert!(
-        counts.keys().any(|h| canary
-            .backends
-            .iter()
-            .any(|(p, _)| &p.name == h && p.node == "node2")),
+        counts.keys().any(|h| canary.backends.iter().any(|(p, _)| &p.name == h && p.node == "node2")),
         "some requests crossed to node2: {counts:?}"
     );
-    assert!(
-        wire.len() > 1000,
-        "the capture saw traffic between the nodes ({} bytes)",
-        wire.len()
-    );
+    assert!(wire.len() > 1000, "the capture saw traffic between the nodes ({} bytes)", wire.len());
     assert!(
         !wire.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
         "the request's plaintext crossed the wire between nodes"
     );
     // TLS 1.3 application data records on the wire.
-    assert!(
-        wire.windows(3).any(|w| w == [0x17, 0x03, 0x03]),
-        "TLS records between the nodes"
-    );
+    assert!(wire.windows(3).any(|w| w == [0x17, 0x03, 0x03]), "TLS records between the nodes");
 
     let st1 = node1.status();
-    assert!(
-        st1.outbound.hbone_tunnels > 0,
-        "node1 tunnelled: {:?}",
-        st1.outbound
-    );
+    assert!(st1.outbound.hbone_tunnels > 0, "node1 tunnelled: {:?}", st1.outbound);
     let st2 = node2.status();
-    assert!(
-        st2.outbound.inbound_tunnels > 0,
-        "node2 accepted tunnels: {:?}",
-        st2.outbound
-    );
+    assert!(st2.outbound.inbound_tunnels > 0, "node2 accepted tunnels: {:?}", st2.outbound);
     assert_eventually("node2 logs the client's SPIFFE identity", TIMEOUT, || {
         let log = node2.log_text();
         log.lines()
             .find(|l| {
-                l.contains("inbound")
-                    && l.contains("src_identity=spiffe://cluster.local/ns/demo/sa/client")
+                l.contains("inbound") && l.contains("src_identity=spiffe://cluster.local/ns/demo/sa/client")
             })
             .map(str::to_owned)
             .ok_or_else(|| format!("no inbound line with the client identity in:\n{log}"))
@@ -706,49 +547,154 @@ fn between_nodes_traffic_is_mutual_tls_with_spiffe_identities() {
     // A certificate from another CA is refused at the handshake, and counted.
     let rogue = gammaray_proxy::identity::Authority::generate("cluster.local").expect("rogue CA");
     let cert = rogue
-        .issue(
-            &"spiffe://cluster.local/ns/demo/sa/client"
-                .parse()
-                .expect("identity"),
-        )
+        .issue(&"spiffe://cluster.local/ns/demo/sa/client".parse().expect("identity"))
         .expect("rogue cert");
     let expected: gammaray_proxy::identity::Identity =
-        "spiffe://cluster.local/ns/demo/sa/backend-v1"
-            .parse()
-            .expect("identity");
-    let config = gammaray_proxy::identity::client_config(
-        std::sync::Arc::new(rogue.roots()),
-        &cert,
-        expected.clone(),
-    )
-    .expect("config");
+        "spiffe://cluster.local/ns/demo/sa/backend-v1".parse().expect("identity");
+    let config =
+        gammaray_proxy::identity::client_config(std::sync::Arc::new(rogue.roots()), &cert, expected.clone())
+            .expect("config");
     let node2_addr = SocketAddr::from((cluster.node(2).ip, 15008));
     let refused = cluster
         .node(1)
         .run(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("rt")
-                .block_on(async {
-                    let tcp = tokio::net::TcpStream::connect(node2_addr)
-                        .await
-                        .expect("reach node2");
-                    let name = rustls::pki_types::ServerName::try_from(expected.server_name())
-                        .expect("name");
-                    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-                        .connect(name, tcp)
-                        .await
-                        .is_err()
-                })
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt").block_on(async {
+                let tcp = tokio::net::TcpStream::connect(node2_addr).await.expect("reach node2");
+                let name = rustls::pki_types::ServerName::try_from(expected.server_name()).expect("name");
+                tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                    .connect(name, tcp)
+                    .await
+                    .is_err()
+            })
         })
         .expect("enter node1");
-    assert!(
-        refused,
-        "a handshake with a certificate from another CA fails"
-    );
+    assert!(refused, "a handshake with a certificate from another CA fails");
     assert_eventually("node2 counts the refused handshake", TIMEOUT, || {
         let n = node2.status().outbound.tls_refused;
         (n > 0).then_some(n).ok_or("no refusal counted".to_owned())
+    });
+}
+
+#[test]
+fn header_routing_adds_a_header_only_on_matched_requests() {
+    if !require_privileged("header-routing") {
+        return;
+    }
+    let cluster = Cluster::new(2).expect("cluster");
+    let canary = Canary::build(&cluster).expect("world");
+    let dir = cluster.dir().join("manifests");
+    std::fs::create_dir_all(&dir).expect("manifest dir");
+    let ca = cluster.dir().join("ca");
+    generate_ca(&ca);
+    let route = "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews, namespace: demo}\nspec:\n  parentRefs: [{group: '', kind: Service, name: backend, port: 80}]\n  rules:\n  - matches: [{headers: [{name: x-user, value: tester}]}]\n    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-canary, value: 'true'}]}}]\n    backendRefs: [{name: backend-v2, port: 80}]\n  - backendRefs: [{name: backend-v1, port: 80}]\n";
+    std::fs::write(dir.join("objects.yaml"), format!("{}{route}", canary.objects)).expect("objects");
+    let node1 = Agent::start_with(&cluster, 1, Some(&dir), Some(&ca));
+    let _node2 = Agent::start_with(&cluster, 2, Some(&dir), Some(&ca));
+    node1.enrol(&canary.client);
+    assert_eventually("node1 routes by the manifests", TIMEOUT, || {
+        let st = node1.status();
+        (st.frontends >= 3).then_some(()).ok_or(format!("{st:?}"))
+    });
+    canary
+        .client
+        .run(|| {
+            let mut c =
+                HttpClient::connect(SocketAddr::from((scenarios::BACKEND_VIP, 80)), "backend", TIMEOUT)
+                    .expect("connect");
+            for i in 0..40 {
+                let tester = i % 2 == 0;
+                let headers: &[(&str, &str)] =
+                    if tester { &[("x-user", "tester")] } else { &[("x-user", "someone")] };
+                let reply = c.get("/reviews/1", headers).expect("request");
+                assert_eq!(reply.status, 200, "{}", reply.body);
+                if tester {
+                    assert_eq!(reply.fields["message"], "hello from backend v2");
+                    assert_eq!(reply.fields.get("header:x-canary").map(String::as_str), Some("true"));
+                } else {
+                    assert_eq!(reply.fields["message"], "hello from backend v1");
+                    assert!(!reply.fields.contains_key("header:x-canary"), "no header on unmatched requests");
+                }
+            }
+        })
+        .expect("enter client pod");
+}
+
+#[test]
+fn an_expired_certificate_and_a_wrong_identity_are_refused_by_a_real_node() {
+    if !require_privileged("refusals") {
+        return;
+    }
+    use gammaray_proxy::identity::{Authority, Identity, client_config};
+    let cluster = Cluster::new(2).expect("cluster");
+    let canary = Canary::build(&cluster).expect("world");
+    let dir = cluster.dir().join("manifests");
+    std::fs::create_dir_all(&dir).expect("manifest dir");
+    let ca_dir = cluster.dir().join("ca");
+    generate_ca(&ca_dir);
+    std::fs::write(dir.join("objects.yaml"), &canary.objects).expect("objects");
+    let node2 = Agent::start_with(&cluster, 2, Some(&dir), Some(&ca_dir));
+    assert_eventually("node2 has its configuration", TIMEOUT, || {
+        let st = node2.status();
+        (st.frontends >= 3).then_some(()).ok_or(format!("{st:?}"))
+    });
+    let read = |f: &str| std::fs::read_to_string(ca_dir.join(f)).expect("CA file");
+    let ca = Authority::from_pem(&read("ca.crt"), &read("ca.key")).expect("the mesh CA");
+    let client: Identity = "spiffe://cluster.local/ns/demo/sa/client".parse().expect("identity");
+    let backend: Identity = "spiffe://cluster.local/ns/demo/sa/backend-v1".parse().expect("identity");
+    let node2_addr = SocketAddr::from((cluster.node(2).ip, 15008));
+    let attempt = |config: rustls::ClientConfig, sni: &Identity| -> Result<(), String> {
+        let name = rustls::pki_types::ServerName::try_from(sni.server_name()).expect("name");
+        cluster
+            .node(1)
+            .run(|| {
+                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt").block_on(
+                    async {
+                        let tcp =
+                            tokio::net::TcpStream::connect(node2_addr).await.map_err(|e| e.to_string())?;
+                        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                            .connect(name, tcp)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        // TLS 1.3 reports a refused client certificate on the first read.
+                        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let mut buf = [0u8; 64];
+                        match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
+                            Ok(Ok(n)) if n > 0 => Ok(()),
+                            Ok(Ok(_)) => Err("closed".to_owned()),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err("no answer".to_owned()),
+                        }
+                    },
+                )
+            })
+            .expect("enter node1")
+    };
+    let roots = std::sync::Arc::new(ca.roots());
+    let good = ca.issue(&client).expect("cert");
+    attempt(client_config(roots.clone(), &good, backend.clone()).expect("config"), &backend)
+        .expect("a valid certificate from the mesh CA is accepted");
+
+    let expired = ca
+        .issue_at(
+            &client,
+            std::time::SystemTime::now() - Duration::from_secs(3 * 86400),
+            Duration::from_secs(3600),
+        )
+        .expect("expired cert");
+    let err = attempt(client_config(roots.clone(), &expired, backend.clone()).expect("config"), &backend)
+        .expect_err("an expired client certificate is refused");
+    eprintln!("expired: {err}");
+
+    // The node presents backend-v1's certificate; a client expecting backend-v2 refuses it.
+    let v2: Identity = "spiffe://cluster.local/ns/demo/sa/backend-v2".parse().expect("identity");
+    let err = attempt(client_config(roots, &good, v2).expect("config"), &backend)
+        .expect_err("a server with the wrong identity is refused");
+    assert!(err.contains("IdentityMismatch"), "{err}");
+    assert_eventually("node2 counts the refused handshakes", TIMEOUT, || {
+        let n = node2.status().outbound.tls_refused;
+        (n >= 2).then_some(n).ok_or(format!("{n} refusals counted"))
     });
 }

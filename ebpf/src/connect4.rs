@@ -3,9 +3,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{
-        bpf_get_current_pid_tgid, generated::bpf_get_netns_cookie, generated::bpf_get_socket_cookie,
-    },
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_netns_cookie, generated::bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -34,47 +32,28 @@ fn redirect(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: `sock_addr` is the kernel's context pointer for this invocation; the verifier
     // checks every field access against the context layout.
-    let (kind, protocol, dst_addr, dst_port) = unsafe {
-        (
-            (*sa).type_,
-            (*sa).protocol,
-            (*sa).user_ip4,
-            (*sa).user_port as u16,
-        )
-    };
+    let (kind, protocol, dst_addr, dst_port) =
+        unsafe { ((*sa).type_, (*sa).protocol, (*sa).user_ip4, (*sa).user_port as u16) };
     if kind != SOCK_STREAM || protocol != IPPROTO_TCP {
         count(COUNTER_SKIPPED);
         return;
     }
     let Some(cfg) = config() else {
-        warn!(
-            ctx,
-            "enrolled netns {} connects before the proxy address is configured", netns
-        );
+        warn!(ctx, "enrolled netns {} connects before the proxy address is configured", netns);
         count(COUNTER_SKIPPED);
         return;
     };
     let first_octet = u32::from_be(dst_addr) >> 24;
-    if first_octet == 127
-        || dst_addr == 0
-        || (dst_addr == cfg.proxy_addr && dst_port == cfg.proxy_port)
-    {
+    if first_octet == 127 || dst_addr == 0 || (dst_addr == cfg.proxy_addr && dst_port == cfg.proxy_port) {
         count(COUNTER_SKIPPED);
         return;
     }
     // SAFETY: as above; the helper reads the socket behind this context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst {
-        addr: dst_addr,
-        port: dst_port,
-        _pad: 0,
-    };
+    let orig = OrigDst { addr: dst_addr, port: dst_port, _pad: 0 };
     if let Err(err) = GR_SOCK_ORIG.insert(&cookie, &orig, 0) {
         // Without a record the proxy could not route the connection: leave it alone.
-        warn!(
-            ctx,
-            "cannot record original destination of socket {}: error {}", cookie, err
-        );
+        warn!(ctx, "cannot record original destination of socket {}: error {}", cookie, err);
         count(COUNTER_ERRORS);
         return;
     }

@@ -13,12 +13,10 @@ use gammaray_common::{
 pub static GR_ENROLLED: HashMap<u64, Enrolled> = HashMap::with_max_entries(ENROLLED_MAX_ENTRIES, 0);
 
 #[map]
-pub static GR_SOCK_ORIG: LruHashMap<u64, OrigDst> =
-    LruHashMap::with_max_entries(ORIG_MAX_ENTRIES, 0);
+pub static GR_SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(ORIG_MAX_ENTRIES, 0);
 
 #[map]
-pub static GR_CLIENT_ORIG: LruHashMap<ClientKey, OrigDst> =
-    LruHashMap::with_max_entries(ORIG_MAX_ENTRIES, 0);
+pub static GR_CLIENT_ORIG: LruHashMap<ClientKey, OrigDst> = LruHashMap::with_max_entries(ORIG_MAX_ENTRIES, 0);
 
 #[map]
 pub static GR_CONFIG: Array<Config> = Array::with_max_entries(1, 0);

@@ -43,26 +43,16 @@ fn rekey(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(orig) = GR_SOCK_ORIG.get_ptr(&cookie) else {
         // A pod dialling the proxy address itself lands here too; both are worth a look.
-        warn!(
-            ctx,
-            "established socket {} to the proxy has no original destination", cookie
-        );
+        warn!(ctx, "established socket {} to the proxy has no original destination", cookie);
         count(COUNTER_LOOKUP_MISSES);
         return;
     };
     // SAFETY: the pointer comes from a successful lookup and is read before any map update.
     let orig = unsafe { *orig };
     // local_port is in host byte order in sock_ops; the key holds network byte order.
-    let key = ClientKey {
-        addr: ctx.local_ip4(),
-        port: (ctx.local_port() as u16).to_be(),
-        _pad: 0,
-    };
+    let key = ClientKey { addr: ctx.local_ip4(), port: (ctx.local_port() as u16).to_be(), _pad: 0 };
     if let Err(err) = GR_CLIENT_ORIG.insert(&key, &orig, 0) {
-        warn!(
-            ctx,
-            "cannot re-key original destination of socket {}: error {}", cookie, err
-        );
+        warn!(ctx, "cannot re-key original destination of socket {}: error {}", cookie, err);
         count(COUNTER_ERRORS);
     }
     let _ = GR_SOCK_ORIG.remove(&cookie);

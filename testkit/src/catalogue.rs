@@ -140,8 +140,7 @@ pub fn default_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("GAMMARAY_CONFORMANCE_DIR") {
         return PathBuf::from(dir);
     }
-    let start =
-        std::env::current_dir().unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let start = std::env::current_dir().unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     start
         .ancestors()
         .map(|a| a.join("shared/conformance"))
@@ -152,15 +151,9 @@ pub fn default_dir() -> PathBuf {
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogueError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_yaml::Error,
-    },
+    Parse { path: PathBuf, source: serde_yaml::Error },
     #[error("{path}: unsupported schema {schema:?}")]
     Schema { path: PathBuf, schema: String },
 }
@@ -168,10 +161,8 @@ pub enum CatalogueError {
 /// Every case in `dir/cases`, sorted by file name.
 pub fn load_cases(dir: &Path) -> Result<Vec<(PathBuf, Case)>, CatalogueError> {
     let cases_dir = dir.join("cases");
-    let entries = std::fs::read_dir(&cases_dir).map_err(|source| CatalogueError::Read {
-        path: cases_dir.clone(),
-        source,
-    })?;
+    let entries = std::fs::read_dir(&cases_dir)
+        .map_err(|source| CatalogueError::Read { path: cases_dir.clone(), source })?;
     let mut paths: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
@@ -181,20 +172,12 @@ pub fn load_cases(dir: &Path) -> Result<Vec<(PathBuf, Case)>, CatalogueError> {
     paths
         .into_iter()
         .map(|path| {
-            let text = std::fs::read_to_string(&path).map_err(|source| CatalogueError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            let case: Case =
-                serde_yaml::from_str(&text).map_err(|source| CatalogueError::Parse {
-                    path: path.clone(),
-                    source,
-                })?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|source| CatalogueError::Read { path: path.clone(), source })?;
+            let case: Case = serde_yaml::from_str(&text)
+                .map_err(|source| CatalogueError::Parse { path: path.clone(), source })?;
             if case.schema != "gamma-catalogue/v1" {
-                return Err(CatalogueError::Schema {
-                    path,
-                    schema: case.schema,
-                });
+                return Err(CatalogueError::Schema { path, schema: case.schema });
             }
             Ok((path, case))
         })
@@ -210,10 +193,7 @@ pub fn base_texts(dir: &Path, case: &Case) -> Result<Vec<String>, CatalogueError
         if name == "base-synthetic.yaml" && !path.exists() {
             continue;
         }
-        texts.push(
-            std::fs::read_to_string(&path)
-                .map_err(|source| CatalogueError::Read { path, source })?,
-        );
+        texts.push(std::fs::read_to_string(&path).map_err(|source| CatalogueError::Read { path, source })?);
     }
     Ok(texts)
 }
@@ -228,23 +208,14 @@ pub fn cluster_ip_assignments(text: &str) -> BTreeMap<String, Vec<String>> {
         if value.get("kind").and_then(|k| k.as_str()) != Some("ServiceClusterIPAssignments") {
             continue;
         }
-        for item in value
-            .get("items")
-            .and_then(|i| i.as_array())
-            .into_iter()
-            .flatten()
-        {
+        for item in value.get("items").and_then(|i| i.as_array()).into_iter().flatten() {
             let Some(service) = item.get("service").and_then(|s| s.as_str()) else {
                 continue;
             };
             let ips = item
                 .get("spec.clusterIPs")
                 .and_then(|i| i.as_array())
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_owned))
-                        .collect()
-                })
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
                 .unwrap_or_default();
             out.insert(service.to_owned(), ips);
         }

@@ -10,19 +10,15 @@ use crate::{Error, Result};
 /// The cgroup2 mount that shows the whole hierarchy (root `/` in mountinfo):
 /// /sys/fs/cgroup/unified on hybrid hosts, /sys/fs/cgroup on pure v2.
 pub fn cgroup2_root() -> Result<PathBuf> {
-    let mountinfo =
-        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| Error::Io {
-            path: "/proc/self/mountinfo".into(),
-            source,
-        })?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|source| Error::Io { path: "/proc/self/mountinfo".into(), source })?;
     mountinfo
         .lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
             let mut fields = left.split_whitespace().skip(3);
             let (root, mount_point) = (fields.next()?, fields.next()?);
-            (right.split_whitespace().next()? == "cgroup2" && root == "/")
-                .then(|| PathBuf::from(mount_point))
+            (right.split_whitespace().next()? == "cgroup2" && root == "/").then(|| PathBuf::from(mount_point))
         })
         .next()
         .ok_or_else(|| Error::Other("no cgroup2 file system is mounted".into()))
@@ -37,10 +33,7 @@ pub struct Cgroup {
 impl Cgroup {
     /// Creates `path` and any missing parents.
     pub fn create(path: PathBuf) -> Result<Self> {
-        std::fs::create_dir_all(&path).map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
         Ok(Self { path })
     }
 
@@ -56,10 +49,7 @@ impl Cgroup {
     /// Creates a child cgroup that is removed together with this one.
     pub fn child(&self, relative: &str) -> Result<PathBuf> {
         let path = self.path.join(relative);
-        std::fs::create_dir_all(&path).map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
         Ok(path)
     }
 }
@@ -99,10 +89,8 @@ pub fn remove_tree(path: &Path) -> Result<()> {
 fn kill_procs(dir: &Path) {
     if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
         for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
@@ -121,10 +109,7 @@ fn collect_dirs(path: &Path, out: &mut Vec<PathBuf>) {
 impl Drop for Cgroup {
     fn drop(&mut self) {
         if let Err(err) = remove_tree(&self.path) {
-            eprintln!(
-                "testkit: cannot remove cgroup {}: {err}",
-                self.path.display()
-            );
+            eprintln!("testkit: cannot remove cgroup {}: {err}", self.path.display());
         }
     }
 }

@@ -74,10 +74,7 @@ impl Cluster {
         let fabric = Netns::create(&format!("{run}-fabric"))?;
         let cgroup = Cgroup::create(cgroup2_root()?.join(&run))?;
         let dir = std::env::temp_dir().join(&run);
-        std::fs::create_dir_all(&dir).map_err(|source| crate::Error::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&dir).map_err(|source| crate::Error::Io { path: dir.clone(), source })?;
         ip(&["-n", fabric.name(), "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", fabric.name(), "link", "set", "br0", "up"])?;
         let mut built = Vec::new();
@@ -99,62 +96,23 @@ impl Cluster {
                 "netns",
                 netns.name(),
             ])?;
-            ip(&[
-                "-n",
-                fabric.name(),
-                "link",
-                "set",
-                &fab_if,
-                "master",
-                "br0",
-                "up",
-            ])?;
+            ip(&["-n", fabric.name(), "link", "set", &fab_if, "master", "br0", "up"])?;
             let node_ip = node_ip(index);
-            ip(&[
-                "-n",
-                netns.name(),
-                "addr",
-                "add",
-                &format!("{node_ip}/24"),
-                "dev",
-                "eth0",
-            ])?;
+            ip(&["-n", netns.name(), "addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
             ip(&["-n", netns.name(), "link", "set", "eth0", "up"])?;
             netns.sysctl("net.ipv4.ip_forward", "1")?;
             let node_cg = cgroup.child(&name)?;
             let system_cgroup = cgroup.child(&format!("{name}/system"))?;
             let _ = node_cg;
-            built.push(Node {
-                name,
-                index,
-                ip: node_ip,
-                netns,
-                system_cgroup,
-                next_pod: Mutex::new(0),
-            });
+            built.push(Node { name, index, ip: node_ip, netns, system_cgroup, next_pod: Mutex::new(0) });
         }
         for node in &built {
             for other in built.iter().filter(|o| o.index != node.index) {
                 let cidr = format!("10.244.{}.0/24", other.index);
-                ip(&[
-                    "-n",
-                    node.netns.name(),
-                    "route",
-                    "add",
-                    &cidr,
-                    "via",
-                    &other.ip.to_string(),
-                ])?;
+                ip(&["-n", node.netns.name(), "route", "add", &cidr, "via", &other.ip.to_string()])?;
             }
         }
-        Ok(Self {
-            run,
-            nodes: built,
-            pods: Mutex::new(Vec::new()),
-            dir,
-            cgroup,
-            _fabric: fabric,
-        })
+        Ok(Self { run, nodes: built, pods: Mutex::new(Vec::new()), dir, cgroup, _fabric: fabric })
     }
 
     /// The run's unique name (prefix of every namespace and cgroup it made).
@@ -206,60 +164,19 @@ impl Cluster {
             "netns",
             netns.name(),
         ])?;
-        ip(&[
-            "-n",
-            n,
-            "addr",
-            "add",
-            &format!("{}/32", pod_gateway(node.index)),
-            "dev",
-            &host_veth,
-        ])?;
+        ip(&["-n", n, "addr", "add", &format!("{}/32", pod_gateway(node.index)), "dev", &host_veth])?;
         ip(&["-n", n, "link", "set", &host_veth, "up"])?;
-        ip(&[
-            "-n",
-            n,
-            "route",
-            "add",
-            &format!("{pod_ip}/32"),
-            "dev",
-            &host_veth,
-            "scope",
-            "link",
-        ])?;
+        ip(&["-n", n, "route", "add", &format!("{pod_ip}/32"), "dev", &host_veth, "scope", "link"])?;
         let p = netns.name();
-        ip(&[
-            "-n",
-            p,
-            "addr",
-            "add",
-            &format!("{pod_ip}/32"),
-            "dev",
-            "eth0",
-        ])?;
+        ip(&["-n", p, "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
         ip(&["-n", p, "link", "set", "eth0", "up"])?;
         let gw = pod_gateway(node.index).to_string();
-        ip(&[
-            "-n",
-            p,
-            "route",
-            "add",
-            &format!("{gw}/32"),
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ])?;
-        ip(&[
-            "-n", p, "route", "add", "default", "via", &gw, "dev", "eth0",
-        ])?;
+        ip(&["-n", p, "route", "add", &format!("{gw}/32"), "dev", "eth0", "scope", "link"])?;
+        ip(&["-n", p, "route", "add", "default", "via", &gw, "dev", "eth0"])?;
 
         let uid = pod_uid(&self.run, node.index, k);
         let container = format!("{:064x}", u128::from(k) << 8 | u128::from(node.index));
-        let cgroup = self.cgroup.child(&format!(
-            "{}/kubepods/besteffort/pod{uid}/{container}",
-            node.name
-        ))?;
+        let cgroup = self.cgroup.child(&format!("{}/kubepods/besteffort/pod{uid}/{container}", node.name))?;
         let pod = Arc::new(Pod {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
@@ -277,20 +194,8 @@ impl Cluster {
     /// Makes `addr` an extra address of `pod`, reachable from every node: how tests stand up
     /// a fixed address (a Service-like VIP) served by one pod.
     pub fn add_pod_address(&self, pod: &Pod, addr: Ipv4Addr) -> Result<()> {
-        ip(&[
-            "-n",
-            pod.netns.name(),
-            "addr",
-            "add",
-            &format!("{addr}/32"),
-            "dev",
-            "eth0",
-        ])?;
-        let home = self
-            .nodes
-            .iter()
-            .find(|n| n.name == pod.node)
-            .expect("pod's node exists");
+        ip(&["-n", pod.netns.name(), "addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+        let home = self.nodes.iter().find(|n| n.name == pod.node).expect("pod's node exists");
         ip(&[
             "-n",
             home.netns.name(),
@@ -318,25 +223,15 @@ impl Cluster {
 
     /// Removes a pod now (its processes are killed, its namespace deleted).
     pub fn remove_pod(&self, pod: &Arc<Pod>) {
-        self.pods
-            .lock()
-            .expect("pods lock")
-            .retain(|p| !Arc::ptr_eq(p, pod));
+        self.pods.lock().expect("pods lock").retain(|p| !Arc::ptr_eq(p, pod));
         let _ = crate::cgroup::remove_tree(pod.cgroup.parent().unwrap_or(&pod.cgroup));
     }
 }
 
 fn pod_uid(run: &str, node: u8, k: u8) -> String {
     let pid = names::owner_pid(run).unwrap_or(0);
-    let seq: u32 = run
-        .rsplit('-')
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    format!(
-        "{pid:08x}-{seq:04x}-4{node:03x}-8{k:03x}-{:012x}",
-        u64::from(node) << 8 | u64::from(k)
-    )
+    let seq: u32 = run.rsplit('-').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    format!("{pid:08x}-{seq:04x}-4{node:03x}-8{k:03x}-{:012x}", u64::from(node) << 8 | u64::from(k))
 }
 
 impl Node {
@@ -361,10 +256,7 @@ impl Node {
         let procs = self.system_cgroup.join("cgroup.procs");
         Process::spawn(
             name,
-            Placement {
-                netns: &self.netns.path(),
-                cgroup_procs: &procs,
-            },
+            Placement { netns: &self.netns.path(), cgroup_procs: &procs },
             program,
             args,
             env,
@@ -403,10 +295,7 @@ impl Pod {
         let procs = self.cgroup.join("cgroup.procs");
         Process::spawn(
             &self.name,
-            Placement {
-                netns: &self.netns.path(),
-                cgroup_procs: &procs,
-            },
+            Placement { netns: &self.netns.path(), cgroup_procs: &procs },
             program,
             args,
             env,
@@ -423,11 +312,7 @@ impl Drop for Cluster {
         }
         self.pods.lock().map(|mut p| p.clear()).ok();
         if std::thread::panicking() {
-            eprintln!(
-                "testkit: logs of the failed run {} kept in {}",
-                self.run,
-                self.dir.display()
-            );
+            eprintln!("testkit: logs of the failed run {} kept in {}", self.run, self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

@@ -40,12 +40,7 @@ impl EchoServer {
                 std::thread::spawn(move || serve(conn, &hostname));
             }
         });
-        Ok(Self {
-            addr,
-            stop,
-            fd,
-            thread: Some(thread),
-        })
+        Ok(Self { addr, stop, fd, thread: Some(thread) })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -101,11 +96,7 @@ impl Greeting {
                 _ => {}
             }
         }
-        Some(Self {
-            hostname: hostname?,
-            local: local?,
-            peer: peer?,
-        })
+        Some(Self { hostname: hostname?, local: local?, peer: peer? })
     }
 }
 
@@ -118,20 +109,14 @@ pub fn call(addr: SocketAddr, timeout: Duration) -> std::io::Result<Greeting> {
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let greeting = Greeting::parse(line.trim()).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("bad greeting {line:?}"),
-        )
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad greeting {line:?}"))
     })?;
     let mut conn = conn;
     conn.write_all(b"gammaray\n")?;
     let mut echoed = String::new();
     reader.read_line(&mut echoed)?;
     if echoed != "gammaray\n" {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("bad echo {echoed:?}"),
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad echo {echoed:?}")));
     }
     Ok(greeting)
 }

@@ -41,18 +41,11 @@ impl HttpBackend {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (hostname, message, served) =
-                    (hostname.clone(), message.clone(), served2.clone());
+                let (hostname, message, served) = (hostname.clone(), message.clone(), served2.clone());
                 std::thread::spawn(move || serve(conn, &hostname, &message, &served));
             }
         });
-        Ok(Self {
-            addr,
-            stop,
-            served,
-            fd,
-            thread: Some(thread),
-        })
+        Ok(Self { addr, stop, served, fd, thread: Some(thread) })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -91,10 +84,7 @@ fn read_head(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Head>>
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "head cut short",
-            ));
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "head cut short"));
         }
         let line = line.trim_end();
         if line.is_empty() {
@@ -104,24 +94,14 @@ fn read_head(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Head>>
             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
         }
         if headers.len() > 200 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "too many headers",
-            ));
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "too many headers"));
         }
     }
-    Ok(Some(Head {
-        first: first.trim_end().to_owned(),
-        headers,
-    }))
+    Ok(Some(Head { first: first.trim_end().to_owned(), headers }))
 }
 
 fn content_length(headers: &[(String, String)]) -> usize {
-    headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0)
+    headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0)
 }
 
 fn serve(conn: TcpStream, hostname: &str, message: &str, served: &AtomicU64) {
@@ -136,16 +116,12 @@ fn serve(conn: TcpStream, hostname: &str, message: &str, served: &AtomicU64) {
         }
         let mut parts = head.first.split_whitespace();
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        let mut text = format!(
-            "hostname={hostname}\nmessage={message}\nmethod={method}\npath={path}\npeer={peer}\n"
-        );
+        let mut text =
+            format!("hostname={hostname}\nmessage={message}\nmethod={method}\npath={path}\npeer={peer}\n");
         for (k, v) in &head.headers {
             text.push_str(&format!("header:{k}={v}\n"));
         }
-        let close = head
-            .headers
-            .iter()
-            .any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close"));
+        let close = head.headers.iter().any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close"));
         let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{text}",
             text.len(),
@@ -184,11 +160,7 @@ impl HttpClient {
         let conn = TcpStream::connect_timeout(&addr, timeout)?;
         conn.set_read_timeout(Some(timeout))?;
         conn.set_nodelay(true)?;
-        Ok(Self {
-            writer: conn.try_clone()?,
-            reader: BufReader::new(conn),
-            host: host.to_owned(),
-        })
+        Ok(Self { writer: conn.try_clone()?, reader: BufReader::new(conn), host: host.to_owned() })
     }
 
     pub fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Reply> {
@@ -198,15 +170,9 @@ impl HttpClient {
         }
         req.push_str("\r\n");
         self.writer.write_all(req.as_bytes())?;
-        let head = read_head(&mut self.reader)?.ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed")
-        })?;
-        let status = head
-            .first
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let head = read_head(&mut self.reader)?
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"))?;
+        let status = head.first.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
         let mut body = vec![0u8; content_length(&head.headers)];
         self.reader.read_exact(&mut body)?;
         let body = String::from_utf8_lossy(&body).into_owned();
@@ -215,11 +181,6 @@ impl HttpClient {
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        Ok(Reply {
-            status,
-            headers: head.headers.into_iter().collect(),
-            fields,
-            body,
-        })
+        Ok(Reply { status, headers: head.headers.into_iter().collect(), fields, body })
     }
 }

@@ -31,10 +31,7 @@ pub enum Error {
     #[error("`{command}` failed: {detail}")]
     Command { command: String, detail: String },
     #[error("{path}: {source}")]
-    Io {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("cannot enter network namespace {name}: {source}")]
     Setns { name: String, source: nix::Error },
     #[error("{0}")]

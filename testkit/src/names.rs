@@ -11,11 +11,7 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique on this machine while this process lives: `gammaray-<pid>-<n>`.
 pub fn unique_run() -> String {
-    format!(
-        "{PREFIX}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{PREFIX}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// The creating pid encoded in a testkit name, if it is one.
@@ -30,10 +26,7 @@ mod tests {
     fn names_carry_their_creator() {
         let name = super::unique_run();
         assert_eq!(super::owner_pid(&name), Some(std::process::id()));
-        assert_eq!(
-            super::owner_pid(&format!("{name}-node1-pod3")),
-            Some(std::process::id())
-        );
+        assert_eq!(super::owner_pid(&format!("{name}-node1-pod3")), Some(std::process::id()));
         assert_eq!(super::owner_pid("cni-1234"), None);
         assert_ne!(super::unique_run(), super::unique_run());
     }

@@ -16,17 +16,11 @@ pub(crate) fn run(program: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| Error::Command {
-            command: command.clone(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| Error::Command { command: command.clone(), detail: e.to_string() })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(Error::Command {
-            command,
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
+        Err(Error::Command { command, detail: String::from_utf8_lossy(&out.stderr).trim().to_owned() })
     }
 }
 
@@ -40,9 +34,7 @@ impl Netns {
     /// Creates `/run/netns/NAME` with loopback up.
     pub fn create(name: &str) -> Result<Self> {
         ip(&["netns", "add", name])?;
-        let ns = Self {
-            name: name.to_owned(),
-        };
+        let ns = Self { name: name.to_owned() };
         ip(&["-n", name, "link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -50,9 +42,7 @@ impl Netns {
     /// A handle on a namespace someone else created and will delete (never deleted by this
     /// handle).
     pub fn existing(name: &str) -> Borrowed {
-        Borrowed(std::mem::ManuallyDrop::new(Self {
-            name: name.to_owned(),
-        }))
+        Borrowed(std::mem::ManuallyDrop::new(Self { name: name.to_owned() }))
     }
 
     pub fn name(&self) -> &str {
@@ -66,10 +56,8 @@ impl Netns {
     /// Runs `f` on a thread inside this namespace and returns its result. Sockets created by
     /// `f` stay in this namespace wherever they are used afterwards.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let file = std::fs::File::open(self.path()).map_err(|source| Error::Io {
-            path: self.path(),
-            source,
-        })?;
+        let file =
+            std::fs::File::open(self.path()).map_err(|source| Error::Io { path: self.path(), source })?;
         let name = self.name.clone();
         std::thread::scope(|scope| {
             scope
@@ -86,22 +74,14 @@ impl Netns {
     /// Sets a sysctl inside this namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
-        self.run(|| {
-            std::fs::write(&path, value).map_err(|source| Error::Io {
-                path: path.clone(),
-                source,
-            })
-        })?
+        self.run(|| std::fs::write(&path, value).map_err(|source| Error::Io { path: path.clone(), source }))?
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(err) = ip(&["netns", "del", &self.name]) {
-            eprintln!(
-                "testkit: cannot delete network namespace {}: {err}",
-                self.name
-            );
+            eprintln!("testkit: cannot delete network namespace {}: {err}", self.name);
         }
     }
 }

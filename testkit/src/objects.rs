@@ -32,11 +32,7 @@ pub fn pod(p: &Pod, labels: &[(&str, &str)]) -> String {
 /// The service account a simulated pod runs as: its name up to the pod-template hash.
 pub fn service_account(p: &Pod) -> String {
     let parts: Vec<&str> = p.name.split('-').collect();
-    if parts.len() > 2 {
-        parts[..parts.len() - 2].join("-")
-    } else {
-        p.name.clone()
-    }
+    if parts.len() > 2 { parts[..parts.len() - 2].join("-") } else { p.name.clone() }
 }
 
 /// A ClusterIP Service with one port, and its EndpointSlice listing `pods` on `target_port`.
@@ -49,9 +45,7 @@ pub fn service(
     app_protocol: Option<&str>,
     pods: &[&Pod],
 ) -> String {
-    let proto = app_protocol
-        .map(|p| format!(", appProtocol: {p}"))
-        .unwrap_or_default();
+    let proto = app_protocol.map(|p| format!(", appProtocol: {p}")).unwrap_or_default();
     let mut y = format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{type: ClusterIP, clusterIP: {cluster_ip}, clusterIPs: [{cluster_ip}], ports: [{{name: http, port: {port}, targetPort: {target_port}{proto}}}]}}\n"
     );
@@ -72,16 +66,9 @@ pub fn service(
 }
 
 /// An HTTPRoute on Service `parent` (port 80) splitting between weighted backends (port 80).
-pub fn weighted_route(
-    namespace: &str,
-    name: &str,
-    parent: &str,
-    backends: &[(&str, u32)],
-) -> String {
-    let refs: Vec<String> = backends
-        .iter()
-        .map(|(b, w)| format!("{{name: {b}, port: 80, weight: {w}}}"))
-        .collect();
+pub fn weighted_route(namespace: &str, name: &str, parent: &str, backends: &[(&str, u32)]) -> String {
+    let refs: Vec<String> =
+        backends.iter().map(|(b, w)| format!("{{name: {b}, port: 80, weight: {w}}}")).collect();
     format!(
         "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: {parent}, port: 80}}]\n  rules:\n  - backendRefs: [{}]\n",
         refs.join(", ")

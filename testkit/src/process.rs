@@ -53,24 +53,15 @@ impl Process {
                 .create(true)
                 .append(true)
                 .open(log)
-                .map_err(|source| Error::Io {
-                    path: log.to_owned(),
-                    source,
-                })?;
-            let file2 = file.try_clone().map_err(|source| Error::Io {
-                path: log.to_owned(),
-                source,
-            })?;
+                .map_err(|source| Error::Io { path: log.to_owned(), source })?;
+            let file2 = file.try_clone().map_err(|source| Error::Io { path: log.to_owned(), source })?;
             cmd.stdout(file).stderr(file2);
         }
         let child = cmd.spawn().map_err(|e| Error::Command {
             command: format!("{} {}", program.display(), args.join(" ")),
             detail: e.to_string(),
         })?;
-        Ok(Self {
-            child: Some(child),
-            name: name.to_owned(),
-        })
+        Ok(Self { child: Some(child), name: name.to_owned() })
     }
 
     pub fn pid(&self) -> u32 {
@@ -79,9 +70,7 @@ impl Process {
 
     /// Whether the process has exited (and with what).
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status.
@@ -96,10 +85,7 @@ impl Process {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        eprintln!(
-            "testkit: {} did not stop within {grace:?}; killing it",
-            self.name
-        );
+        eprintln!("testkit: {} did not stop within {grace:?}; killing it", self.name);
         let _ = child.kill();
         child.wait().ok()
     }
@@ -115,10 +101,6 @@ impl Drop for Process {
 pub fn cargo_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
-    let dir = if dir.ends_with("deps") {
-        dir.parent().expect("profile dir")
-    } else {
-        dir
-    };
+    let dir = if dir.ends_with("deps") { dir.parent().expect("profile dir") } else { dir };
     dir.join(name)
 }

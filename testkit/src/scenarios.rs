@@ -22,14 +22,8 @@ pub const TARGET_PORT: u16 = 8080;
 
 /// A pod name in the Deployment shape: `<deployment>-<template hash>-<suffix>`.
 pub fn pod_name(deployment: &str, index: usize) -> String {
-    let hash: u32 = deployment.bytes().fold(0x811c_9dc5, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    format!(
-        "{deployment}-{:08x}-{}",
-        hash,
-        ["x7k2p", "m4q9z", "b2n8w", "r5t1c", "h3j6v"][index % 5]
-    )
+    let hash: u32 = deployment.bytes().fold(0x811c_9dc5, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    format!("{deployment}-{:08x}-{}", hash, ["x7k2p", "m4q9z", "b2n8w", "r5t1c", "h3j6v"][index % 5])
 }
 
 impl Canary {
@@ -54,23 +48,15 @@ impl Canary {
             let listener = pod
                 .run(|| std::net::TcpListener::bind((pod.ip, TARGET_PORT)))?
                 .map_err(|e| crate::Error::Other(format!("bind {name}: {e}")))?;
-            let server =
-                HttpBackend::start(listener, &name, &format!("hello from backend {version}"))
-                    .map_err(|e| crate::Error::Other(format!("serve {name}: {e}")))?;
-            objects.push_str(&objects::pod(
-                &pod,
-                &[("app", "backend"), ("version", version)],
-            ));
+            let server = HttpBackend::start(listener, &name, &format!("hello from backend {version}"))
+                .map_err(|e| crate::Error::Other(format!("serve {name}: {e}")))?;
+            objects.push_str(&objects::pod(&pod, &[("app", "backend"), ("version", version)]));
             backends.push((pod, server));
         }
         let client = cluster.add_pod(1, NAMESPACE, &pod_name("client", 0))?;
         objects.push_str(&objects::pod(&client, &[("app", "client")]));
         let select = |prefix: &str| -> Vec<&Pod> {
-            backends
-                .iter()
-                .map(|(p, _)| p.as_ref())
-                .filter(|p| p.name.starts_with(prefix))
-                .collect()
+            backends.iter().map(|(p, _)| p.as_ref()).filter(|p| p.name.starts_with(prefix)).collect()
         };
         for (name, vip, prefix) in [
             ("backend", BACKEND_VIP, "backend-v"),
@@ -87,11 +73,7 @@ impl Canary {
                 &select(prefix),
             ));
         }
-        Ok(Self {
-            client,
-            backends,
-            objects,
-        })
+        Ok(Self { client, backends, objects })
     }
 
     /// The canary HTTPRoute on `backend` with these weights for v1 and v2.

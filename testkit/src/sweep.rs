@@ -28,8 +28,7 @@ pub fn sweep() -> usize {
 }
 
 fn is_orphan(name: &str) -> bool {
-    names::owner_pid(name)
-        .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    names::owner_pid(name).is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// Testkit namespaces and cgroups that exist now whose name starts with `prefix`.

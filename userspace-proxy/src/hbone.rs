@@ -39,28 +39,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
     #[error("cannot reach node {node}: {source}")]
-    Connect {
-        node: SocketAddr,
-        source: std::io::Error,
-    },
+    Connect { node: SocketAddr, source: std::io::Error },
     #[error("TLS with node {node} failed: {source}")]
-    Tls {
-        node: SocketAddr,
-        source: std::io::Error,
-    },
+    Tls { node: SocketAddr, source: std::io::Error },
     #[error("identity: {0}")]
     Identity(#[from] crate::identity::IdentityError),
     #[error("HTTP/2 with node {node}: {source}")]
-    H2 {
-        node: SocketAddr,
-        source: hyper::Error,
-    },
+    H2 { node: SocketAddr, source: hyper::Error },
     #[error("node {node} refused the tunnel to {target}: {status}")]
-    Refused {
-        node: SocketAddr,
-        target: SocketAddr,
-        status: StatusCode,
-    },
+    Refused { node: SocketAddr, target: SocketAddr, status: StatusCode },
     #[error("timed out reaching node {node}")]
     Timeout { node: SocketAddr },
 }
@@ -76,10 +63,7 @@ pub struct Mesh {
 impl Mesh {
     /// No mesh identity: every connection goes direct (plaintext).
     pub fn plaintext() -> Self {
-        Self {
-            node: None,
-            hbone: None,
-        }
+        Self { node: None, hbone: None }
     }
 }
 
@@ -89,12 +73,7 @@ pub enum Hop {
     /// Same node, not meshed, or no HBONE: a plain TCP connection.
     Direct(SocketAddr),
     /// A pod on another node: a tunnel through that node.
-    Tunnel {
-        src: Identity,
-        dst: Identity,
-        node: SocketAddr,
-        target: SocketAddr,
-    },
+    Tunnel { src: Identity, dst: Identity, node: SocketAddr, target: SocketAddr },
     /// A meshed destination on another node, but the client has no identity: refused.
     Refuse(&'static str),
 }
@@ -114,21 +93,18 @@ impl Mesh {
         let Some(node_ip) = snapshot.nodes.get(dst_node) else {
             return Hop::Refuse("the destination's node has no known address");
         };
-        let (Some(src), Ok(dst_id)) = (
-            snapshot.workloads.get(&client),
-            dst.identity.parse::<Identity>(),
-        ) else {
+        let (Some(src), Ok(dst_id)) = (snapshot.workloads.get(&client), dst.identity.parse::<Identity>())
+        else {
             return Hop::Refuse("the client is not a known workload, so it has no identity");
         };
+        if src.node.as_deref() != Some(node.as_str()) {
+            // A node speaks only for the workloads it runs.
+            return Hop::Refuse("the client is not a workload of this node");
+        }
         let Ok(src_id) = src.identity.parse::<Identity>() else {
             return Hop::Refuse("the client's identity does not parse");
         };
-        Hop::Tunnel {
-            src: src_id,
-            dst: dst_id,
-            node: SocketAddr::new(*node_ip, HBONE_PORT),
-            target,
-        }
+        Hop::Tunnel { src: src_id, dst: dst_id, node: SocketAddr::new(*node_ip, HBONE_PORT), target }
     }
 }
 
@@ -140,10 +116,7 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(certs: Arc<CertStore>) -> Self {
-        Self {
-            certs,
-            conns: Mutex::new(HashMap::new()),
-        }
+        Self { certs, conns: Mutex::new(HashMap::new()) }
     }
 
     /// Opens a tunnel to `target` (a pod on the node at `node`) as `src`, expecting the
@@ -156,13 +129,7 @@ impl Pool {
         target: SocketAddr,
     ) -> Result<Upgraded, HboneError> {
         let key = (src.clone(), dst.clone(), node);
-        let pooled = self
-            .conns
-            .lock()
-            .expect("pool lock")
-            .get(&key)
-            .filter(|s| !s.is_closed())
-            .cloned();
+        let pooled = self.conns.lock().expect("pool lock").get(&key).filter(|s| !s.is_closed()).cloned();
         let mut sender = match pooled {
             Some(s) => s,
             None => {
@@ -173,29 +140,17 @@ impl Pool {
                 s
             }
         };
-        sender
-            .ready()
-            .await
-            .map_err(|source| HboneError::H2 { node, source })?;
+        sender.ready().await.map_err(|source| HboneError::H2 { node, source })?;
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .body(Empty::new())
             .expect("CONNECT request parts are valid");
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|source| HboneError::H2 { node, source })?;
+        let resp = sender.send_request(req).await.map_err(|source| HboneError::H2 { node, source })?;
         if resp.status() != StatusCode::OK {
-            return Err(HboneError::Refused {
-                node,
-                target,
-                status: resp.status(),
-            });
+            return Err(HboneError::Refused { node, target, status: resp.status() });
         }
-        hyper::upgrade::on(resp)
-            .await
-            .map_err(|source| HboneError::H2 { node, source })
+        hyper::upgrade::on(resp).await.map_err(|source| HboneError::H2 { node, source })
     }
 
     async fn dial(
@@ -207,9 +162,7 @@ impl Pool {
         let cert = self.certs.get(src)?;
         let roots = Arc::new(self.certs.authority().roots());
         let config = client_config(roots, &cert, dst.clone())?;
-        let tcp = TcpStream::connect(node)
-            .await
-            .map_err(|source| HboneError::Connect { node, source })?;
+        let tcp = TcpStream::connect(node).await.map_err(|source| HboneError::Connect { node, source })?;
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(dst.server_name()).map_err(|e| HboneError::Tls {
             node,
@@ -259,10 +212,7 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
                 .any(|w| w.node.as_deref() == Some(node.as_str()) && w.identity == id.to_string())
         }),
     };
-    let config = server_config(
-        Arc::new(inbound.certs.authority().roots()),
-        Arc::new(resolver),
-    )?;
+    let config = server_config(Arc::new(inbound.certs.authority().roots()), Arc::new(resolver))?;
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, component = "inbound", "listener ready");
@@ -289,11 +239,8 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
                 };
                 let conn = tls.get_ref().1;
                 let (Some(peer_id), Some(local_id)) = (
-                    conn.peer_certificates()
-                        .and_then(|c| c.first())
-                        .and_then(|c| identity_of(c).ok()),
-                    conn.server_name()
-                        .and_then(|n| Identity::from_server_name(n, &inbound.trust_domain)),
+                    conn.peer_certificates().and_then(|c| c.first()).and_then(|c| identity_of(c).ok()),
+                    conn.server_name().and_then(|n| Identity::from_server_name(n, &inbound.trust_domain)),
                 ) else {
                     warn!("inbound connection without a peer identity or server name; closing");
                     return;
@@ -302,9 +249,7 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
                 let service = hyper::service::service_fn(move |req| {
                     let inbound = inbound.clone();
                     let (peer_id, local_id) = (peer_id.clone(), local_id.clone());
-                    async move {
-                        Ok::<_, std::convert::Infallible>(tunnel(req, &inbound, peer_id, local_id))
-                    }
+                    async move { Ok::<_, std::convert::Infallible>(tunnel(req, &inbound, peer_id, local_id)) }
                 });
                 if let Err(err) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .initial_stream_window_size(4 << 20)
@@ -339,11 +284,7 @@ fn tunnel(
     if req.method() != Method::CONNECT {
         return reply(StatusCode::METHOD_NOT_ALLOWED);
     }
-    let Some(target) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
+    let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
         return reply(StatusCode::BAD_REQUEST);
     };
     let snapshot = inbound.snapshot.borrow().clone();
@@ -351,9 +292,7 @@ fn tunnel(
         warn!(%target, src_identity = %peer, "CONNECT to an address that is no pod here");
         return reply(StatusCode::NOT_FOUND);
     };
-    if workload.node.as_deref() != Some(inbound.node.as_str())
-        || workload.identity != local.to_string()
-    {
+    if workload.node.as_deref() != Some(inbound.node.as_str()) || workload.identity != local.to_string() {
         warn!(%target, pod = %workload.pod, expected = %local, "CONNECT target is not a pod on this node with the presented identity");
         return reply(StatusCode::FORBIDDEN);
     }

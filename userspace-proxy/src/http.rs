@@ -33,14 +33,8 @@ use crate::{
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Headers that describe one hop and are not forwarded.
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-];
+const HOP_BY_HOP: [&str; 6] =
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "proxy-authorization"];
 
 /// Shared by every HTTP connection of a proxy: upstream connection pools.
 #[derive(Clone)]
@@ -57,9 +51,7 @@ impl Default for Upstreams {
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector.clone());
-        let http2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(connector);
+        let http2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
         Self { http1, http2 }
     }
 }
@@ -81,10 +73,7 @@ pub async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
         async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(err) = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .await
-    {
+    if let Err(err) = builder.serve_connection(TokioIo::new(stream), service).await {
         debug!(error = %err, "http connection ended with an error");
     }
 }
@@ -96,12 +85,20 @@ async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
     let response = route_request(req, ctx).await;
     let status = response.status().as_u16();
     ctx.stats.requests.fetch_add(1, Relaxed);
+    let src_identity = ctx.snapshot.borrow().workloads.get(&ctx.client.ip()).map(|w| w.identity.clone());
+    let upstream = response.extensions().get::<UpstreamInfo>();
     info!(
         src = %ctx.client,
+        src_identity = src_identity.as_deref().unwrap_or("-"),
         dst = %ctx.orig_dst,
+        service = upstream.map_or("-", |u| u.service.as_str()),
+        backend = %upstream.map_or_else(|| "-".to_owned(), |u| u.endpoint.to_string()),
+        dst_identity = upstream.and_then(|u| u.identity.as_deref()).unwrap_or("-"),
+        mtls = upstream.is_some_and(|u| u.tunnelled),
         %method,
         path,
         status,
+        bytes = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-"),
         duration_ms = started.elapsed().as_millis() as u64,
         "request"
     );
@@ -112,15 +109,9 @@ async fn route_request(req: Request<Incoming>, ctx: &ConnContext) -> Response<Bo
     // One clone of the Arc per request; never held across an await as a borrow.
     let snapshot = ctx.snapshot.borrow().clone();
     let Some(frontend) = snapshot.frontend(ctx.orig_dst) else {
-        return local(
-            StatusCode::BAD_GATEWAY,
-            "the destination is no longer a Service frontend",
-        );
+        return local(StatusCode::BAD_GATEWAY, "the destination is no longer a Service frontend");
     };
-    let client_ns = snapshot
-        .workloads
-        .get(&ctx.client.ip())
-        .map(|w| w.pod.namespace.clone());
+    let client_ns = snapshot.workloads.get(&ctx.client.ip()).map(|w| w.pod.namespace.clone());
     let host = request_host(&req);
     let random = fastrand::u64(..);
     let (decision_backend, forward) = {
@@ -193,10 +184,7 @@ async fn forward_to(
         );
     };
     let path_and_query = {
-        let path = plan
-            .as_ref()
-            .and_then(|p| p.path.clone())
-            .unwrap_or_else(|| req.uri().path().to_owned());
+        let path = plan.as_ref().and_then(|p| p.path.clone()).unwrap_or_else(|| req.uri().path().to_owned());
         match req.uri().query() {
             Some(q) => format!("{path}?{q}"),
             None => path,
@@ -210,10 +198,7 @@ async fn forward_to(
     {
         Ok(uri) => uri,
         Err(err) => {
-            return local(
-                StatusCode::BAD_REQUEST,
-                &format!("cannot forward this request target: {err}"),
-            );
+            return local(StatusCode::BAD_REQUEST, &format!("cannot forward this request target: {err}"));
         }
     };
     let h2 = backend.protocol == AppProtocol::H2c || req.version() == Version::HTTP_2;
@@ -230,19 +215,30 @@ async fn forward_to(
     if let Some(host) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
         req.headers_mut().insert(header::HOST, host);
     }
-    *req.version_mut() = if h2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
-    let hop = ctx.mesh.hop(
-        &ctx.snapshot.borrow().clone(),
-        ctx.client.ip(),
-        endpoint.addr,
-    );
+    *req.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let hop = ctx.mesh.hop(&ctx.snapshot.borrow().clone(), ctx.client.ip(), endpoint.addr);
     debug!(endpoint = %endpoint.addr, ?hop, "upstream hop");
+    let info = UpstreamInfo {
+        service: format!("{}:{}", backend.service, backend.port),
+        endpoint: endpoint.addr,
+        identity: endpoint.identity.clone(),
+        tunnelled: matches!(hop, crate::hbone::Hop::Tunnel { .. }),
+    };
+    let mut response = forward_along(req, hop, h2, plan.as_ref(), ctx, endpoint).await;
+    response.extensions_mut().insert(info);
+    response
+}
+
+async fn forward_along(
+    req: Request<Incoming>,
+    hop: crate::hbone::Hop,
+    h2: bool,
+    plan: Option<&Plan>,
+    ctx: &ConnContext,
+    endpoint: &Endpoint,
+) -> Response<Body> {
     let sent = send(req, hop, h2, ctx);
-    let result = match plan.as_ref().and_then(|p| p.timeouts.backend_request) {
+    let result = match plan.and_then(|p| p.timeouts.backend_request) {
         Some(limit) => match tokio::time::timeout(limit, sent).await {
             Ok(r) => r,
             Err(_) => return local(StatusCode::GATEWAY_TIMEOUT, "backend request timeout"),
@@ -253,7 +249,7 @@ async fn forward_to(
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            if let Some(p) = &plan {
+            if let Some(p) = plan {
                 for m in &p.response_headers {
                     crate::route::apply_header_modifier(m, &mut parts.headers);
                 }
@@ -263,10 +259,7 @@ async fn forward_to(
         Err(err) => {
             ctx.stats.upstream_errors.fetch_add(1, Relaxed);
             warn!(endpoint = %endpoint.addr, error = %err, "upstream request failed");
-            local(
-                StatusCode::BAD_GATEWAY,
-                &format!("upstream {} failed: {err}", endpoint.addr),
-            )
+            local(StatusCode::BAD_GATEWAY, &format!("upstream {} failed: {err}", endpoint.addr))
         }
     }
 }
@@ -283,52 +276,42 @@ async fn send(
     use crate::hbone::Hop;
     match hop {
         Hop::Direct(_) => {
-            let client = if h2 {
-                &ctx.upstreams.http2
-            } else {
-                &ctx.upstreams.http1
-            };
+            let client = if h2 { &ctx.upstreams.http2 } else { &ctx.upstreams.http1 };
             client.request(req).await.map_err(|e| e.to_string())
         }
         Hop::Refuse(why) => Err(why.to_owned()),
-        Hop::Tunnel {
-            src,
-            dst,
-            node,
-            target,
-        } => {
+        Hop::Tunnel { src, dst, node, target } => {
             let pool = ctx.mesh.hbone.as_ref().ok_or("no HBONE pool")?;
-            let upgraded = pool
-                .connect(&src, &dst, node, target)
-                .await
-                .map_err(|e| e.to_string())?;
+            let upgraded = pool.connect(&src, &dst, node, target).await.map_err(|e| e.to_string())?;
             ctx.stats.hbone_tunnels.fetch_add(1, Relaxed);
             // An upgraded stream already speaks hyper's IO traits.
             let io = upgraded;
             if h2 {
-                let (mut sender, conn) =
-                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 tokio::spawn(conn);
                 sender.send_request(req).await.map_err(|e| e.to_string())
             } else {
                 // Origin-form on a connection of its own.
-                let pq = req
-                    .uri()
-                    .path_and_query()
-                    .map_or("/".to_owned(), |p| p.as_str().to_owned());
-                *req.uri_mut() = pq
-                    .parse()
-                    .map_err(|e: http::uri::InvalidUri| e.to_string())?;
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let pq = req.uri().path_and_query().map_or("/".to_owned(), |p| p.as_str().to_owned());
+                *req.uri_mut() = pq.parse().map_err(|e: http::uri::InvalidUri| e.to_string())?;
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
                 tokio::spawn(conn);
                 sender.send_request(req).await.map_err(|e| e.to_string())
             }
         }
     }
+}
+
+/// What the forwarder chose, carried on the response for the access log.
+#[derive(Debug, Clone)]
+struct UpstreamInfo {
+    service: String,
+    endpoint: SocketAddr,
+    identity: Option<String>,
+    tunnelled: bool,
 }
 
 /// An endpoint chosen uniformly at random.
@@ -352,14 +335,9 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
-        return host
-            .split(']')
-            .next()
-            .map_or(host, |h| h.trim_start_matches('['));
+        return host.split(']').next().map_or(host, |h| h.trim_start_matches('['));
     }
-    host.rsplit_once(':')
-        .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-        .map_or(host, |(h, _)| h)
+    host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h)
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -370,16 +348,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// A response made by the proxy itself, with a one-line reason as the body.
 pub fn local(status: StatusCode, reason: &str) -> Response<Body> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(format!("{reason}\n")))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut resp =
+        Response::new(Full::new(Bytes::from(format!("{reason}\n"))).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    resp.headers_mut()
-        .insert("x-gammaray-local", HeaderValue::from_static("1"));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp.headers_mut().insert("x-gammaray-local", HeaderValue::from_static("1"));
     resp
 }
 

@@ -56,11 +56,7 @@ pub struct Identity {
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 }
 
@@ -71,13 +67,11 @@ impl FromStr for Identity {
         let rest = s.strip_prefix("spiffe://").ok_or_else(err)?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
-                Ok(Self {
-                    trust_domain: (*td).to_owned(),
-                    namespace: (*ns).to_owned(),
-                    service_account: (*sa).to_owned(),
-                })
-            }
+            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => Ok(Self {
+                trust_domain: (*td).to_owned(),
+                namespace: (*ns).to_owned(),
+                service_account: (*sa).to_owned(),
+            }),
             _ => Err(err()),
         }
     }
@@ -116,18 +110,10 @@ impl Authority {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(
-            DnType::CommonName,
-            format!("gammaray mesh root ({trust_domain})"),
-        );
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "gammaray");
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.distinguished_name.push(DnType::CommonName, format!("gammaray mesh root ({trust_domain})"));
+        params.distinguished_name.push(DnType::OrganizationName, "gammaray");
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(3650);
@@ -140,12 +126,7 @@ impl Authority {
         let key = KeyPair::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, KeyPair::from_pem(key_pem)?)?;
         let der = pem_to_der(cert_pem)?;
-        Ok(Self {
-            cert: der,
-            cert_pem: cert_pem.to_owned(),
-            key,
-            params_issuer: issuer,
-        })
+        Ok(Self { cert: der, cert_pem: cert_pem.to_owned(), key, params_issuer: issuer })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -163,9 +144,7 @@ impl Authority {
     /// A root store holding only this CA.
     pub fn roots(&self) -> RootCertStore {
         let mut roots = RootCertStore::empty();
-        roots
-            .add(self.cert.clone())
-            .expect("our own CA certificate parses");
+        roots.add(self.cert.clone()).expect("our own CA certificate parses");
         roots
     }
 
@@ -180,22 +159,14 @@ impl Authority {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let uri = rcgen::string::Ia5String::try_from(identity.to_string())?;
         params.subject_alt_names = vec![SanType::URI(uri)];
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "gammaray");
+        params.distinguished_name.push(DnType::OrganizationName, "gammaray");
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let start = time::OffsetDateTime::from(not_before);
         params.not_before = start;
-        params.not_after =
-            start + time::Duration::try_from(lifetime).unwrap_or(time::Duration::DAY);
+        params.not_after = start + time::Duration::try_from(lifetime).unwrap_or(time::Duration::DAY);
         let cert = params.signed_by(&key, &self.params_issuer)?;
         let chain = vec![cert.der().clone()];
         let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
@@ -210,11 +181,7 @@ impl Authority {
 
     pub fn issue(&self, identity: &Identity) -> Result<Issued, IdentityError> {
         // Backdated a little, so a peer whose clock lags a few seconds accepts it at once.
-        self.issue_at(
-            identity,
-            SystemTime::now() - Duration::from_secs(60),
-            CERT_LIFETIME,
-        )
+        self.issue_at(identity, SystemTime::now() - Duration::from_secs(60), CERT_LIFETIME)
     }
 }
 
@@ -244,11 +211,7 @@ impl fmt::Debug for Issued {
 impl Issued {
     /// Renewal is due at half the certificate's life.
     pub fn needs_renewal(&self, now: SystemTime) -> bool {
-        let half = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default()
-            / 2;
+        let half = self.not_after.duration_since(self.not_before).unwrap_or_default() / 2;
         now >= self.not_before + half
     }
 }
@@ -263,10 +226,7 @@ pub struct CertStore {
 
 impl CertStore {
     pub fn new(authority: Arc<Authority>) -> Self {
-        Self {
-            authority,
-            certs: Mutex::new(HashMap::new()),
-        }
+        Self { authority, certs: Mutex::new(HashMap::new()) }
     }
 
     pub fn authority(&self) -> &Arc<Authority> {
@@ -285,9 +245,7 @@ impl CertStore {
         {
             return Ok(c.clone());
         }
-        let issued =
-            self.authority
-                .issue_at(identity, now - Duration::from_secs(60), CERT_LIFETIME)?;
+        let issued = self.authority.issue_at(identity, now - Duration::from_secs(60), CERT_LIFETIME)?;
         tracing::info!(identity = %identity, not_after = ?issued.not_after, "workload certificate issued");
         certs.insert(identity.clone(), issued.clone());
         Ok(issued)
@@ -295,12 +253,7 @@ impl CertStore {
 
     /// The earliest expiry among held certificates, for metrics.
     pub fn earliest_expiry(&self) -> Option<SystemTime> {
-        self.certs
-            .lock()
-            .expect("cert store lock")
-            .values()
-            .map(|c| c.not_after)
-            .min()
+        self.certs.lock().expect("cert store lock").values().map(|c| c.not_after).min()
     }
 }
 
@@ -339,11 +292,7 @@ pub struct ExpectIdentity {
 
 impl ExpectIdentity {
     pub fn new(roots: Arc<RootCertStore>, expected: Identity) -> Self {
-        Self {
-            roots,
-            expected,
-            algs: provider().signature_verification_algorithms,
-        }
+        Self { roots, expected, algs: provider().signature_verification_algorithms }
     }
 }
 
@@ -366,12 +315,12 @@ impl ServerCertVerifier for ExpectIdentity {
         )?;
         let got = identity_of(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
         if got != self.expected {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(IdentityMismatch {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                rustls::OtherError(Arc::new(IdentityMismatch {
                     expected: self.expected.to_string(),
                     got: got.to_string(),
-                }))),
-            ));
+                })),
+            )));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -462,9 +411,7 @@ pub struct SniResolver {
 
 impl fmt::Debug for SniResolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SniResolver")
-            .field("trust_domain", &self.trust_domain)
-            .finish()
+        f.debug_struct("SniResolver").field("trust_domain", &self.trust_domain).finish()
     }
 }
 

@@ -27,10 +27,7 @@ pub struct StaticTable {
 
 impl StaticTable {
     pub fn insert(&self, client: SocketAddrV4, orig: SocketAddrV4) {
-        self.entries
-            .lock()
-            .expect("table lock")
-            .insert(client, orig);
+        self.entries.lock().expect("table lock").insert(client, orig);
     }
 }
 

@@ -31,10 +31,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
     #[error("cannot accept on the outbound listener {addr}: {source}")]
-    Accept {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Accept { addr: SocketAddr, source: std::io::Error },
 }
 
 /// Serves the outbound listener until the task is dropped.
@@ -48,10 +45,7 @@ pub async fn serve(
     let upstreams = Upstreams::default();
     let addr = listener
         .local_addr()
-        .map_err(|source| OutboundError::Accept {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source,
-        })?;
+        .map_err(|source| OutboundError::Accept { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
     info!(%addr, component = "outbound", "listener ready");
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -95,13 +89,7 @@ struct Conn {
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
-    let Conn {
-        mesh,
-        lookup,
-        snapshot,
-        upstreams,
-        stats,
-    } = conn;
+    let Conn { mesh, lookup, snapshot, upstreams, stats } = conn;
     let SocketAddr::V4(peer) = peer else {
         stats.lookup_misses.fetch_add(1, Relaxed);
         warn!("IPv6 client on the outbound listener; closing");
@@ -124,16 +112,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
         let snap = snapshot.borrow().clone();
         match snap.frontend(SocketAddr::V4(orig)) {
             Some(frontend) if frontend.is_http() => None,
-            Some(frontend) => {
-                match pick_endpoint(&frontend.default_backend.endpoints, fastrand::u64(..)) {
-                    Some(endpoint) => Some(endpoint.addr),
-                    None => {
-                        stats.no_endpoint.fetch_add(1, Relaxed);
-                        warn!(dst = %orig, service = %frontend.service, "no ready endpoint; closing");
-                        return;
-                    }
+            Some(frontend) => match pick_endpoint(&frontend.default_backend.endpoints, fastrand::u64(..)) {
+                Some(endpoint) => Some(endpoint.addr),
+                None => {
+                    stats.no_endpoint.fetch_add(1, Relaxed);
+                    warn!(dst = %orig, service = %frontend.service, "no ready endpoint; closing");
+                    return;
                 }
-            }
+            },
             None => Some(SocketAddr::V4(orig)),
         }
     };
@@ -149,22 +135,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
         crate::http::serve_connection(client, Arc::new(ctx)).await;
         return;
     };
-    let hop = mesh.hop(
-        &snapshot.borrow().clone(),
-        std::net::IpAddr::V4(*peer.ip()),
-        target,
-    );
+    let hop = mesh.hop(&snapshot.borrow().clone(), std::net::IpAddr::V4(*peer.ip()), target);
     relay(client, orig, hop, &mesh, &stats).await;
 }
 
 /// Carries a connection's bytes along `hop` and back.
-async fn relay(
-    mut client: TcpStream,
-    orig: SocketAddrV4,
-    hop: Hop,
-    mesh: &Mesh,
-    stats: &OutboundStats,
-) {
+async fn relay(mut client: TcpStream, orig: SocketAddrV4, hop: Hop, mesh: &Mesh, stats: &OutboundStats) {
     let started = Instant::now();
     let target = match hop {
         Hop::Direct(t) => t,
@@ -173,21 +149,15 @@ async fn relay(
             warn!(dst = %orig, why, "refusing to leave the node without mTLS");
             return;
         }
-        Hop::Tunnel {
-            src,
-            dst,
-            node,
-            target,
-        } => {
+        Hop::Tunnel { src, dst, node, target } => {
             let pool = mesh.hbone.as_ref().expect("a tunnel hop implies HBONE");
             match pool.connect(&src, &dst, node, target).await {
                 Ok(upgraded) => {
                     stats.hbone_tunnels.fetch_add(1, Relaxed);
                     let _ = client.set_nodelay(true);
                     let mut io = hyper_util::rt::TokioIo::new(upgraded);
-                    let (sent, received) = tokio::io::copy_bidirectional(&mut client, &mut io)
-                        .await
-                        .unwrap_or((0, 0));
+                    let (sent, received) =
+                        tokio::io::copy_bidirectional(&mut client, &mut io).await.unwrap_or((0, 0));
                     stats.bytes_sent.fetch_add(sent, Relaxed);
                     stats.bytes_received.fetch_add(received, Relaxed);
                     info!(dst = %orig, %target, via = %node, src_identity = %src, dst_identity = %dst, sent, received,

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 
 use crate::snapshot::{
-    Backend, BackendTarget, Filter, Frontend, GrpcMatch, GrpcRuleMatch, HeaderMatch,
-    HeaderModifier, HttpMatch, HttpRuleMatch, Mirror, PathMatch, PathModifier, Redirect, RouteId,
-    RouteTable, RuleAction, Timeouts, ValueMatch, WeightedBackend,
+    Backend, BackendTarget, Filter, Frontend, GrpcMatch, GrpcRuleMatch, HeaderMatch, HeaderModifier,
+    HttpMatch, HttpRuleMatch, Mirror, PathMatch, PathModifier, Redirect, RouteId, RouteTable, RuleAction,
+    Timeouts, ValueMatch, WeightedBackend,
 };
 
 /// The parts of a request that routing looks at.
@@ -172,10 +172,7 @@ pub fn pick_weighted(backends: &[WeightedBackend], random: u64) -> Option<&Weigh
 }
 
 /// The first rule (tables are sorted by precedence) whose match accepts the request.
-pub fn match_http<'a>(
-    rules: &'a [HttpRuleMatch],
-    req: &RequestView<'_>,
-) -> Option<&'a HttpRuleMatch> {
+pub fn match_http<'a>(rules: &'a [HttpRuleMatch], req: &RequestView<'_>) -> Option<&'a HttpRuleMatch> {
     rules.iter().find(|r| http_matches(&r.matcher, req))
 }
 
@@ -193,9 +190,7 @@ pub fn path_matches(m: &PathMatch, path: &str) -> bool {
         PathMatch::Exact(p) => path == p,
         PathMatch::Prefix(p) => {
             let p = p.trim_end_matches('/');
-            p.is_empty()
-                || path == p
-                || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'/'))
+            p.is_empty() || path == p || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'/'))
         }
         PathMatch::Regex(re) => re.is_match(path),
     }
@@ -207,10 +202,7 @@ fn header_matches(m: &HeaderMatch, headers: &HeaderMap) -> bool {
         return false;
     }
     // Several lines of one header compare as their values joined with ",".
-    let joined = values
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(",");
+    let joined = values.filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
     value_matches(&m.value, &joined)
 }
 
@@ -230,14 +222,9 @@ fn query_value(query: Option<&str>, name: &str) -> Option<String> {
 }
 
 /// The first gRPC rule whose match accepts the request, whose path is `/<service>/<method>`.
-pub fn match_grpc<'a>(
-    rules: &'a [GrpcRuleMatch],
-    req: &RequestView<'_>,
-) -> Option<&'a GrpcRuleMatch> {
+pub fn match_grpc<'a>(rules: &'a [GrpcRuleMatch], req: &RequestView<'_>) -> Option<&'a GrpcRuleMatch> {
     let (service, method) = grpc_path(req.path);
-    rules
-        .iter()
-        .find(|r| grpc_matches(&r.matcher, service, method, req.headers))
+    rules.iter().find(|r| grpc_matches(&r.matcher, service, method, req.headers))
 }
 
 fn grpc_path(path: &str) -> (&str, &str) {
@@ -284,11 +271,7 @@ pub fn redirect_location(
 }
 
 fn well_known_port(scheme: &str) -> u16 {
-    if scheme.eq_ignore_ascii_case("https") {
-        443
-    } else {
-        80
-    }
+    if scheme.eq_ignore_ascii_case("https") { 443 } else { 80 }
 }
 
 /// Applies a path modifier. ReplacePrefixMatch replaces the matched prefix (whole segments);
@@ -341,10 +324,7 @@ impl<'a> Forward<'a> {
     /// The path to send upstream (the last URLRewrite with a path wins).
     pub fn rewritten_path(&self, path: &str) -> Option<String> {
         self.filters.iter().rev().find_map(|f| match f {
-            Filter::Rewrite(r) => r
-                .path
-                .as_ref()
-                .map(|m| modified_path(m, self.matched_prefix, path)),
+            Filter::Rewrite(r) => r.path.as_ref().map(|m| modified_path(m, self.matched_prefix, path)),
             _ => None,
         })
     }
@@ -375,11 +355,7 @@ pub fn apply_header_modifier(m: &HeaderModifier, headers: &mut HeaderMap) {
         headers.insert(name.clone(), value.clone());
     }
     for (name, value) in &m.add {
-        let existing: Vec<&[u8]> = headers
-            .get_all(name)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect();
+        let existing: Vec<&[u8]> = headers.get_all(name).iter().map(HeaderValue::as_bytes).collect();
         if existing.is_empty() {
             headers.insert(name.clone(), value.clone());
             continue;

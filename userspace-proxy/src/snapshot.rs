@@ -41,10 +41,7 @@ pub struct ObjectRef {
 
 impl ObjectRef {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        Self { namespace: namespace.into(), name: name.into() }
     }
 }
 
@@ -95,17 +92,12 @@ impl Frontend {
     /// The routes that apply to a client in `client_namespace`, or `None` when no route is
     /// attached for it (traffic flows as without a mesh).
     pub fn routes_for(&self, client_namespace: Option<&str>) -> Option<&RouteTable> {
-        client_namespace
-            .and_then(|ns| self.consumers.get(ns))
-            .or(self.producer.as_ref())
-            .map(Arc::as_ref)
+        client_namespace.and_then(|ns| self.consumers.get(ns)).or(self.producer.as_ref()).map(Arc::as_ref)
     }
 
     /// Whether requests to this frontend must be parsed as HTTP.
     pub fn is_http(&self) -> bool {
-        self.protocol != AppProtocol::Opaque
-            || self.producer.is_some()
-            || !self.consumers.is_empty()
+        self.protocol != AppProtocol::Opaque || self.producer.is_some() || !self.consumers.is_empty()
     }
 }
 

@@ -29,11 +29,7 @@ fn step(msg: &str) {
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(f)
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
 }
 
 struct Agent {
@@ -61,19 +57,9 @@ pub fn run() -> anyhow::Result<()> {
     let cluster = Cluster::new(2).context("building the simulated cluster")?;
     let canary = Canary::build(&cluster).context("starting the backend pods")?;
     for (pod, _) in &canary.backends {
-        println!(
-            "    {:<32} {:<12} on {}",
-            pod.name,
-            pod.ip.to_string(),
-            pod.node
-        );
+        println!("    {:<32} {:<12} on {}", pod.name, pod.ip.to_string(), pod.node);
     }
-    println!(
-        "    {:<32} {:<12} on {}",
-        canary.client.name,
-        canary.client.ip.to_string(),
-        canary.client.node
-    );
+    println!("    {:<32} {:<12} on {}", canary.client.name, canary.client.ip.to_string(), canary.client.node);
 
     step("writing the cluster's objects and the HTTPRoute (backend-v1 90, backend-v2 10)");
     let manifests = cluster.dir().join("manifests");
@@ -100,16 +86,9 @@ pub fn run() -> anyhow::Result<()> {
             "--manifests".into(),
             manifests.display().to_string(),
         ];
-        let env = [(
-            "RUST_LOG".to_owned(),
-            "info,gammaray::kernel=debug".to_owned(),
-        )];
+        let env = [("RUST_LOG".to_owned(), "info,gammaray::kernel=debug".to_owned())];
         let process = node.spawn("agent", &agent_bin, &args, &env, Some(&log))?;
-        let agent = Agent {
-            _process: process,
-            control: Client::new(&socket),
-            log,
-        };
+        let agent = Agent { _process: process, control: Client::new(&socket), log };
         let st = wait_for(&agent, |s| s.frontends >= 3)?;
         println!(
             "    {}: eBPF links {:?} at {}, proxy on {}, config v{} with {} Service frontends",
@@ -123,10 +102,7 @@ pub fn run() -> anyhow::Result<()> {
         agents.push(agent);
     }
     let enrolled = block_on(agents[0].control.enrol(&canary.client.netns_path()))?;
-    println!(
-        "    enrolled pod {} (netns cookie {})",
-        canary.client.name, enrolled.cookie
-    );
+    println!("    enrolled pod {} (netns cookie {})", canary.client.name, enrolled.cookie);
 
     step(&format!(
         "the client sends {REQUESTS} requests to http://backend (ClusterIP {})",
@@ -150,21 +126,15 @@ pub fn run() -> anyhow::Result<()> {
     wait_for(&agents[0], |s| s.config_version > before)?;
     for user in ["tester", "someone"] {
         let reply = canary.client.run(|| -> std::io::Result<_> {
-            let mut c = HttpClient::connect(
-                SocketAddr::from((scenarios::BACKEND_VIP, 80)),
-                "backend",
-                TIMEOUT,
-            )?;
+            let mut c =
+                HttpClient::connect(SocketAddr::from((scenarios::BACKEND_VIP, 80)), "backend", TIMEOUT)?;
             c.get("/reviews/1", &[("x-user", user)])
         })??;
         println!(
             "    x-user: {user:<8} → {} ({}), backend saw x-canary: {}",
             reply.fields.get("message").map_or("?", String::as_str),
             reply.fields.get("hostname").map_or("?", String::as_str),
-            reply
-                .fields
-                .get("header:x-canary")
-                .map_or("(none)", String::as_str)
+            reply.fields.get("header:x-canary").map_or("(none)", String::as_str)
         );
     }
 
@@ -183,11 +153,7 @@ pub fn run() -> anyhow::Result<()> {
 
     step("the kernel's own log lines, from node1's agent log (aya-log)");
     let log = std::fs::read_to_string(&agents[0].log)?;
-    for line in log
-        .lines()
-        .filter(|l| l.contains("gammaray::kernel"))
-        .take(3)
-    {
+    for line in log.lines().filter(|l| l.contains("gammaray::kernel")).take(3) {
         println!("    {line}");
     }
     let st = agents[0].status()?;
@@ -214,29 +180,18 @@ fn send(pod: &Pod, n: usize, headers: &[(&str, &str)]) -> anyhow::Result<BTreeMa
     let started = Instant::now();
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let counts = pod.run(|| -> anyhow::Result<BTreeMap<String, usize>> {
-        let mut client = HttpClient::connect(
-            SocketAddr::from((scenarios::BACKEND_VIP, 80)),
-            "backend",
-            TIMEOUT,
-        )?;
+        let mut client =
+            HttpClient::connect(SocketAddr::from((scenarios::BACKEND_VIP, 80)), "backend", TIMEOUT)?;
         let mut counts = BTreeMap::new();
         for i in 1..=n {
-            let reply = client
-                .get("/", headers)
-                .with_context(|| format!("request {i}"))?;
+            let reply = client.get("/", headers).with_context(|| format!("request {i}"))?;
             if reply.status != 200 {
                 bail!("request {i} got {}: {}", reply.status, reply.body);
             }
-            *counts
-                .entry(reply.fields.get("message").cloned().unwrap_or_default())
-                .or_insert(0) += 1;
+            *counts.entry(reply.fields.get("message").cloned().unwrap_or_default()).or_insert(0) += 1;
             if tty && (i % 25 == 0 || i == n) {
                 let filled = i * 40 / n;
-                print!(
-                    "\r    [{}{}] {i}/{n}",
-                    "#".repeat(filled),
-                    " ".repeat(40 - filled)
-                );
+                print!("\r    [{}{}] {i}/{n}", "#".repeat(filled), " ".repeat(40 - filled));
                 let _ = std::io::stdout().flush();
             }
         }
@@ -245,10 +200,7 @@ fn send(pod: &Pod, n: usize, headers: &[(&str, &str)]) -> anyhow::Result<BTreeMa
         }
         Ok(counts)
     })??;
-    println!(
-        "    {n} requests in {:.2} s, all 200",
-        started.elapsed().as_secs_f64()
-    );
+    println!("    {n} requests in {:.2} s, all 200", started.elapsed().as_secs_f64());
     Ok(counts)
 }
 
@@ -256,18 +208,12 @@ fn chart(counts: &BTreeMap<String, usize>, total: usize) {
     for (message, count) in counts {
         let share = *count as f64 / total as f64;
         let bar = "█".repeat((share * 50.0).round() as usize);
-        println!(
-            "    {message:<24} {bar:<50} {count:>4} ({:.1}%)",
-            share * 100.0
-        );
+        println!("    {message:<24} {bar:<50} {count:>4} ({:.1}%)", share * 100.0);
     }
 }
 
 fn indent(text: &str) -> String {
-    text.lines()
-        .filter(|l| *l != "---")
-        .map(|l| format!("    | {l}\n"))
-        .collect()
+    text.lines().filter(|l| *l != "---").map(|l| format!("    | {l}\n")).collect()
 }
 
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -282,15 +228,10 @@ fn wait_for(agent: &Agent, ready: impl Fn(&Status) -> bool) -> anyhow::Result<St
     loop {
         match agent.status() {
             Ok(st) if ready(&st) => return Ok(st),
-            Ok(_) | Err(_) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
+            Ok(_) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
             other => {
                 let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
-                bail!(
-                    "agent not ready in time ({:?})\n{log}",
-                    other.map(|s| s.config_version)
-                );
+                bail!("agent not ready in time ({:?})\n{log}", other.map(|s| s.config_version));
             }
         }
     }
@@ -300,9 +241,7 @@ fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|v| v.split_whitespace().nth(1) == Some("0"))
+            s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|v| v.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false)
 }

@@ -36,15 +36,10 @@ fn main() -> anyhow::Result<()> {
 
 /// Runs cargo with `args`, failing with the command line if it fails.
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    let status =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(args)
-            .status()?;
-    anyhow::ensure!(
-        status.success(),
-        "`cargo {}` failed: {status}",
-        args.join(" ")
-    );
+    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .status()?;
+    anyhow::ensure!(status.success(), "`cargo {}` failed: {status}", args.join(" "));
     Ok(())
 }
 

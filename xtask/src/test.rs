@@ -6,15 +6,12 @@ use anyhow::Context as _;
 
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
     if std::env::var("GAMMARAY_REQUIRE_PRIVILEGED").as_deref() != Ok("1") {
-        eprintln!(
-            "xtask: GAMMARAY_REQUIRE_PRIVILEGED is not 1: privileged tests skip (loudly) without root"
-        );
+        eprintln!("xtask: GAMMARAY_REQUIRE_PRIVILEGED is not 1: privileged tests skip (loudly) without root");
     }
     lint()?;
     // Build first, so compile output is not mixed into the test output we count.
     crate::cargo(&["build", "--tests", "--bins"])?;
-    let mut cmd =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(["test", "--no-fail-fast"]).args(extra);
     cmd.stdout(std::process::Stdio::piped());
     let mut child = cmd.spawn().context("cargo test")?;

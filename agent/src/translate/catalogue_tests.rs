@@ -35,44 +35,28 @@ fn world(dir: &Path, case: &Case) -> Store {
     let bases = catalogue::base_texts(dir, case).expect("base manifests readable");
     for text in &bases {
         let applied = store.apply_yaml(text);
-        assert!(
-            applied.errors.is_empty(),
-            "{}: base manifests: {:?}",
-            case.name,
-            applied.errors
-        );
+        assert!(applied.errors.is_empty(), "{}: base manifests: {:?}", case.name, applied.errors);
     }
     for text in &bases {
         for (service, ips) in catalogue::cluster_ip_assignments(text) {
             let (ns, name) = service.split_once('/').expect("namespace/name");
-            let svc = store
-                .services
-                .get_mut(&(ns.to_owned(), name.to_owned()))
-                .expect("assigned Service exists");
+            let svc =
+                store.services.get_mut(&(ns.to_owned(), name.to_owned())).expect("assigned Service exists");
             let spec = svc.spec.get_or_insert_default();
             spec.cluster_ip = ips.first().cloned();
             spec.cluster_ips = Some(ips);
         }
     }
     for (i, m) in case.manifests.iter().enumerate() {
-        store
-            .apply_value(i, m.clone())
-            .unwrap_or_else(|e| panic!("{}: manifest {i}: {e}", case.name));
+        store.apply_value(i, m.clone()).unwrap_or_else(|e| panic!("{}: manifest {i}: {e}", case.name));
     }
     store
 }
 
 fn cluster_ip(store: &Store, service: &str) -> IpAddr {
     let (ns, name) = service.split_once('/').expect("namespace/name");
-    let svc = store
-        .services
-        .get(&(ns.to_owned(), name.to_owned()))
-        .expect("destination Service exists");
-    svc.spec
-        .as_ref()
-        .and_then(|s| s.cluster_ip.as_ref())
-        .and_then(|ip| ip.parse().ok())
-        .expect("ClusterIP")
+    let svc = store.services.get(&(ns.to_owned(), name.to_owned())).expect("destination Service exists");
+    svc.spec.as_ref().and_then(|s| s.cluster_ip.as_ref()).and_then(|ip| ip.parse().ok()).expect("ClusterIP")
 }
 
 fn pod_ip(snapshot: &Snapshot, workload: &str) -> IpAddr {
@@ -83,10 +67,7 @@ fn pod_ip(snapshot: &Snapshot, workload: &str) -> IpAddr {
         .filter(|(_, w)| w.pod.namespace == ns && w.pod.name.starts_with(&format!("{prefix}-")))
         .collect();
     pods.sort_by(|a, b| a.1.pod.name.cmp(&b.1.pod.name));
-    *pods
-        .first()
-        .unwrap_or_else(|| panic!("a pod of {workload}"))
-        .0
+    *pods.first().unwrap_or_else(|| panic!("a pod of {workload}")).0
 }
 
 fn send(store: &Store, snapshot: &Snapshot, req: &Request, random: u64) -> Outcome {
@@ -111,18 +92,9 @@ fn send(store: &Store, snapshot: &Snapshot, req: &Request, random: u64) -> Outco
     } else {
         req.path.clone().unwrap_or_else(|| "/".into())
     };
-    let (path, query) = target
-        .split_once('?')
-        .map_or((target.as_str(), None), |(p, q)| (p, Some(q)));
-    let method = if grpc {
-        Method::POST
-    } else {
-        req.method
-            .as_deref()
-            .unwrap_or("GET")
-            .parse()
-            .expect("method")
-    };
+    let (path, query) = target.split_once('?').map_or((target.as_str(), None), |(p, q)| (p, Some(q)));
+    let method =
+        if grpc { Method::POST } else { req.method.as_deref().unwrap_or("GET").parse().expect("method") };
     let view = RequestView {
         method: &method,
         scheme: if scheme == "grpc" { "http" } else { scheme },
@@ -148,10 +120,7 @@ fn send(store: &Store, snapshot: &Snapshot, req: &Request, random: u64) -> Outco
     };
     let Some(frontend) = snapshot.frontend(dst) else {
         // Not a Service frontend: the mesh passes it to that address untouched.
-        let backend = snapshot
-            .workloads
-            .get(&dst.ip())
-            .map(|w| w.pod.name.clone());
+        let backend = snapshot.workloads.get(&dst.ip()).map(|w| w.pod.name.clone());
         return Outcome {
             status: if backend.is_some() { 200 } else { 503 },
             backend,
@@ -178,11 +147,7 @@ fn send(store: &Store, snapshot: &Snapshot, req: &Request, random: u64) -> Outco
                 request_path = format!("{request_path}?{q}");
             }
             Outcome {
-                status: if f.backend.endpoints.is_empty() {
-                    503
-                } else {
-                    200
-                },
+                status: if f.backend.endpoints.is_empty() { 503 } else { 200 },
                 backend: pick(&f.backend.endpoints),
                 request_headers,
                 request_path,
@@ -206,11 +171,8 @@ fn send(store: &Store, snapshot: &Snapshot, req: &Request, random: u64) -> Outco
 }
 
 fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
-    let values: Vec<&str> = headers
-        .get_all(name.to_ascii_lowercase().as_str())
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
+    let values: Vec<&str> =
+        headers.get_all(name.to_ascii_lowercase().as_str()).iter().filter_map(|v| v.to_str().ok()).collect();
     (!values.is_empty()).then(|| values.join(","))
 }
 
@@ -222,29 +184,18 @@ fn check(req: &Request, out: &Outcome) -> Vec<String> {
         wrong.push(format!("status {} not in {:?}", out.status, e.status));
     }
     if let Some(backend) = &e.backend
-        && !out
-            .backend
-            .as_deref()
-            .is_some_and(|b| b.starts_with(backend.as_str()))
+        && !out.backend.as_deref().is_some_and(|b| b.starts_with(backend.as_str()))
     {
-        wrong.push(format!(
-            "backend {:?} does not start with {backend}",
-            out.backend
-        ));
+        wrong.push(format!("backend {:?} does not start with {backend}", out.backend));
     }
     for (name, value) in &e.response_headers {
         let got = joined(&out.response_headers, name);
         if got.as_deref() != Some(value.as_str()) {
-            wrong.push(format!(
-                "response header {name}: {got:?}, expected {value:?}"
-            ));
+            wrong.push(format!("response header {name}: {got:?}, expected {value:?}"));
         }
     }
     for name in &e.absent_response_headers {
-        if out
-            .response_headers
-            .contains_key(name.to_ascii_lowercase().as_str())
-        {
+        if out.response_headers.contains_key(name.to_ascii_lowercase().as_str()) {
             wrong.push(format!("response header {name} should be absent"));
         }
     }
@@ -252,16 +203,11 @@ fn check(req: &Request, out: &Outcome) -> Vec<String> {
         for (name, value) in &br.headers {
             let got = joined(&out.request_headers, name);
             if got.as_deref() != Some(value.as_str()) {
-                wrong.push(format!(
-                    "backend saw header {name}: {got:?}, expected {value:?}"
-                ));
+                wrong.push(format!("backend saw header {name}: {got:?}, expected {value:?}"));
             }
         }
         for name in &br.absent_headers {
-            if out
-                .request_headers
-                .contains_key(name.to_ascii_lowercase().as_str())
-            {
+            if out.request_headers.contains_key(name.to_ascii_lowercase().as_str()) {
                 wrong.push(format!("backend header {name} should be absent"));
             }
         }
@@ -270,10 +216,7 @@ fn check(req: &Request, out: &Outcome) -> Vec<String> {
             && out.status == 200
             && &out.request_path != path
         {
-            wrong.push(format!(
-                "backend saw path {:?}, expected {path:?}",
-                out.request_path
-            ));
+            wrong.push(format!("backend saw path {:?}, expected {path:?}", out.request_path));
         }
     }
     // Stricter than upstream: the redirect's Location.
@@ -298,9 +241,7 @@ fn check_location(req: &Request, r: &catalogue::RedirectExpect, location: &str) 
     };
     let want_scheme = r.scheme.as_deref().unwrap_or("http");
     if scheme != want_scheme {
-        wrong.push(format!(
-            "Location scheme {scheme:?}, expected {want_scheme:?}"
-        ));
+        wrong.push(format!("Location scheme {scheme:?}, expected {want_scheme:?}"));
     }
     if let Some(h) = &r.host
         && host != h
@@ -309,21 +250,14 @@ fn check_location(req: &Request, r: &catalogue::RedirectExpect, location: &str) 
     }
     let default_port = if want_scheme == "https" { "443" } else { "80" };
     match (&r.port, port) {
-        (Some(p), Some(got)) if p != got => {
-            wrong.push(format!("Location port {got}, expected {p}"))
+        (Some(p), Some(got)) if p != got => wrong.push(format!("Location port {got}, expected {p}")),
+        (Some(p), None) if p != default_port => wrong.push(format!("Location has no port, expected {p}")),
+        (None, Some(got)) if got != default_port => {
+            wrong.push(format!("Location port {got}, expected none or {default_port}"))
         }
-        (Some(p), None) if p != default_port => {
-            wrong.push(format!("Location has no port, expected {p}"))
-        }
-        (None, Some(got)) if got != default_port => wrong.push(format!(
-            "Location port {got}, expected none or {default_port}"
-        )),
         _ => {}
     }
-    let want_path = r
-        .path
-        .clone()
-        .unwrap_or_else(|| req.path.clone().unwrap_or_else(|| "/".into()));
+    let want_path = r.path.clone().unwrap_or_else(|| req.path.clone().unwrap_or_else(|| "/".into()));
     if path != want_path {
         wrong.push(format!("Location path {path:?}, expected {want_path:?}"));
     }
@@ -339,18 +273,9 @@ fn deployment_of(pod: &str) -> String {
 #[test]
 fn every_catalogue_request_routes_as_expected() {
     let dir = catalogue::default_dir();
-    let cases = catalogue::load_cases(&dir).unwrap_or_else(|e| {
-        panic!(
-            "the conformance catalogue must be readable at {} ({e})",
-            dir.display()
-        )
-    });
-    assert!(
-        cases.len() >= 23,
-        "expected the 23 catalogue cases in {}, found {}",
-        dir.display(),
-        cases.len()
-    );
+    let cases = catalogue::load_cases(&dir)
+        .unwrap_or_else(|e| panic!("the conformance catalogue must be readable at {} ({e})", dir.display()));
+    assert!(cases.len() >= 23, "expected the 23 catalogue cases in {}, found {}", dir.display(), cases.len());
     let mut failures = Vec::new();
     let mut checked = 0;
     for (path, case) in &cases {
@@ -361,18 +286,11 @@ fn every_catalogue_request_routes_as_expected() {
             let out = send(&store, &t.snapshot, req, rng.u64(..));
             checked += 1;
             for w in check(req, &out) {
-                failures.push(format!(
-                    "{} request {} ({}): {w}",
-                    case.name, req.id, req.upstream_subtest
-                ));
+                failures.push(format!("{} request {} ({}): {w}", case.name, req.id, req.upstream_subtest));
             }
         }
         if let Some(d) = &case.distribution {
-            let req = case
-                .requests
-                .iter()
-                .find(|r| r.id == d.request)
-                .expect("distribution request exists");
+            let req = case.requests.iter().find(|r| r.id == d.request).expect("distribution request exists");
             let passed = (0..d.attempts).any(|_| {
                 let mut counts: BTreeMap<String, usize> = BTreeMap::new();
                 for _ in 0..d.batch_size {
@@ -399,12 +317,7 @@ fn every_catalogue_request_routes_as_expected() {
         }
         let _ = path;
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {checked} requests failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {checked} requests failed:\n{}", failures.len(), failures.join("\n"));
     assert!(checked >= 85, "only {checked} requests checked");
 }
 
@@ -418,23 +331,13 @@ fn catalogue_routes_get_accepted_status_with_our_controller_name() {
             for parent in &status.parents {
                 assert_eq!(parent.controller_name, "gammaray.dev/mesh");
                 let accepted = parent.condition("Accepted").expect("Accepted condition");
-                assert_eq!(
-                    accepted.status, "True",
-                    "{}: {} {:?}",
-                    case.name, status.route, accepted
-                );
-                let resolved = parent
-                    .condition("ResolvedRefs")
-                    .expect("ResolvedRefs condition");
+                assert_eq!(accepted.status, "True", "{}: {} {:?}", case.name, status.route, accepted);
+                let resolved = parent.condition("ResolvedRefs").expect("ResolvedRefs condition");
                 // MeshGRPCRouteWeight names the nonexistent echo-v3 (weight 0).
                 if case.name == "MeshGRPCRouteWeight" {
                     assert_eq!(resolved.reason, "BackendNotFound");
                 } else {
-                    assert_eq!(
-                        resolved.status, "True",
-                        "{}: {} {:?}",
-                        case.name, status.route, resolved
-                    );
+                    assert_eq!(resolved.status, "True", "{}: {} {:?}", case.name, status.route, resolved);
                 }
             }
         }

@@ -6,9 +6,9 @@
 use std::{cmp::Reverse, sync::Arc, time::Duration};
 
 use gammaray_proxy::snapshot::{
-    BackendTarget, Filter, GrpcMatch, HeaderMatch, HeaderModifier, HttpMatch, Mirror, ObjectRef,
-    PathMatch, PathModifier, QueryMatch, Redirect, Rewrite, RouteId, RouteKind, RuleAction,
-    Timeouts, ValueMatch, WeightedBackend,
+    BackendTarget, Filter, GrpcMatch, HeaderMatch, HeaderModifier, HttpMatch, Mirror, ObjectRef, PathMatch,
+    PathModifier, QueryMatch, Redirect, Rewrite, RouteId, RouteKind, RuleAction, Timeouts, ValueMatch,
+    WeightedBackend,
 };
 use gateway_api::{
     grpcroutes::{GrpcRoute, GrpcRouteRulesMatches, GrpcRouteRulesMatchesMethodType},
@@ -16,9 +16,8 @@ use gateway_api::{
         HttpRoute, HttpRouteParentRefs, HttpRouteRulesBackendRefs, HttpRouteRulesFilters,
         HttpRouteRulesFiltersRequestHeaderModifier, HttpRouteRulesFiltersRequestRedirectPathType,
         HttpRouteRulesFiltersRequestRedirectScheme, HttpRouteRulesFiltersType,
-        HttpRouteRulesFiltersUrlRewritePathType, HttpRouteRulesMatches,
-        HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesMethod,
-        HttpRouteRulesMatchesPathType, HttpRouteRulesMatchesQueryParamsType,
+        HttpRouteRulesFiltersUrlRewritePathType, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType,
+        HttpRouteRulesMatchesMethod, HttpRouteRulesMatchesPathType, HttpRouteRulesMatchesQueryParamsType,
         HttpRouteRulesTimeouts,
     },
 };
@@ -69,26 +68,18 @@ pub struct CompiledRule {
 }
 
 fn problem(message: impl Into<String>) -> Unresolved {
-    Unresolved {
-        reason: "UnsupportedValue",
-        message: message.into(),
-    }
+    Unresolved { reason: "UnsupportedValue", message: message.into() }
 }
 
 fn meta(
     route_meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
 ) -> (ObjectRef, Option<i64>, CreatedAt) {
     let id = ObjectRef::new(
-        route_meta
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
+        route_meta.namespace.clone().unwrap_or_else(|| "default".into()),
         route_meta.name.clone().unwrap_or_default(),
     );
-    let created = route_meta
-        .creation_timestamp
-        .as_ref()
-        .map_or(CreatedAt::Unknown, |t| CreatedAt::At(t.0.to_string()));
+    let created =
+        route_meta.creation_timestamp.as_ref().map_or(CreatedAt::Unknown, |t| CreatedAt::At(t.0.to_string()));
     (id, route_meta.generation, created)
 }
 
@@ -114,12 +105,8 @@ fn service_parents(route_ns: &str, refs: &[HttpRouteParentRefs]) -> Vec<ParentRe
 pub fn compile_http(route: &HttpRoute, backends: &mut BackendResolver<'_>) -> CompiledRoute {
     let parents = route.spec.parent_refs.clone().unwrap_or_default();
     // The API server defaults `rules` to one rule matching every path.
-    let rules = route
-        .spec
-        .rules
-        .clone()
-        .filter(|r| !r.is_empty())
-        .unwrap_or_else(|| vec![Default::default()]);
+    let rules =
+        route.spec.rules.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| vec![Default::default()]);
     compile_route(
         RouteKind::Http,
         &route.metadata,
@@ -143,14 +130,9 @@ pub fn compile_http(route: &HttpRoute, backends: &mut BackendResolver<'_>) -> Co
 
 pub fn compile_grpc(route: &GrpcRoute, backends: &mut BackendResolver<'_>) -> CompiledRoute {
     // GRPCRoute parentRefs, filters and backendRefs have the HTTPRoute shape: one compiler.
-    let parents =
-        reshape(route.spec.parent_refs.as_deref().unwrap_or_default()).unwrap_or_default();
-    let rules = route
-        .spec
-        .rules
-        .clone()
-        .filter(|r| !r.is_empty())
-        .unwrap_or_else(|| vec![Default::default()]);
+    let parents = reshape(route.spec.parent_refs.as_deref().unwrap_or_default()).unwrap_or_default();
+    let rules =
+        route.spec.rules.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| vec![Default::default()]);
     compile_route(
         RouteKind::Grpc,
         &route.metadata,
@@ -158,13 +140,11 @@ pub fn compile_grpc(route: &GrpcRoute, backends: &mut BackendResolver<'_>) -> Co
         &rules,
         backends,
         |ns, rule, backends, unresolved| {
-            let filters: Vec<HttpRouteRulesFilters> =
-                reshape(rule.filters.as_deref().unwrap_or_default())?;
+            let filters: Vec<HttpRouteRulesFilters> = reshape(rule.filters.as_deref().unwrap_or_default())?;
             let refs: Vec<HttpRouteRulesBackendRefs> =
                 reshape(rule.backend_refs.as_deref().unwrap_or_default())?;
             let matches = grpc_matches(rule.matches.as_deref())?;
-            let (_, action) =
-                compile_http_rule(ns, None, &filters, &refs, None, backends, unresolved)?;
+            let (_, action) = compile_http_rule(ns, None, &filters, &refs, None, backends, unresolved)?;
             Ok((rule.name.clone(), Vec::new(), matches, action))
         },
     )
@@ -188,14 +168,7 @@ fn compile_route<R>(
         .enumerate()
         .map(|(index, rule)| {
             let result = compile(&id.namespace, rule, backends, &mut unresolved);
-            let rule_id = |rule_name| {
-                Arc::new(RouteId {
-                    kind,
-                    route: id.clone(),
-                    rule: index,
-                    rule_name,
-                })
-            };
+            let rule_id = |rule_name| Arc::new(RouteId { kind, route: id.clone(), rule: index, rule_name });
             match result {
                 Ok((name, http_matches, grpc_matches, action)) => CompiledRule {
                     index,
@@ -216,22 +189,12 @@ fn compile_route<R>(
             }
         })
         .collect();
-    CompiledRoute {
-        kind,
-        id,
-        generation,
-        created,
-        parents,
-        rules,
-        unresolved,
-    }
+    CompiledRoute { kind, id, generation, created, parents, rules, unresolved }
 }
 
 /// Converts between the generated types that share one JSON shape (GRPCRoute and backendRef
 /// filters have the HTTPRoute rule filter's shape).
-fn reshape<A: serde::Serialize, B: serde::de::DeserializeOwned>(
-    items: &[A],
-) -> Result<Vec<B>, Unresolved> {
+fn reshape<A: serde::Serialize, B: serde::de::DeserializeOwned>(items: &[A]) -> Result<Vec<B>, Unresolved> {
     items
         .iter()
         .map(|i| {
@@ -252,10 +215,7 @@ fn grpc_matches(matches: Option<&[GrpcRouteRulesMatches]>) -> Result<Vec<GrpcMat
         .map(|m| {
             let (service, method) = match &m.method {
                 Some(mm) => {
-                    let regex = matches!(
-                        mm.r#type,
-                        Some(GrpcRouteRulesMatchesMethodType::RegularExpression)
-                    );
+                    let regex = matches!(mm.r#type, Some(GrpcRouteRulesMatchesMethodType::RegularExpression));
                     let value = |v: &Option<String>| -> Result<Option<ValueMatch>, Unresolved> {
                         v.as_ref().map(|v| value_match(v, regex)).transpose()
                     };
@@ -274,17 +234,11 @@ fn grpc_matches(matches: Option<&[GrpcRouteRulesMatches]>) -> Result<Vec<GrpcMat
                     header_match(
                         &h.name,
                         &h.value,
-                        h.r#type
-                            .as_ref()
-                            .is_some_and(|t| format!("{t:?}") == "RegularExpression"),
+                        h.r#type.as_ref().is_some_and(|t| format!("{t:?}") == "RegularExpression"),
                     )
                 })
                 .collect::<Result<_, _>>()?;
-            Ok(GrpcMatch {
-                service,
-                method,
-                headers,
-            })
+            Ok(GrpcMatch { service, method, headers })
         })
         .collect()
 }
@@ -300,16 +254,12 @@ fn compile_http_rule(
     unresolved: &mut Option<Unresolved>,
 ) -> Result<(Vec<HttpMatch>, RuleAction), Unresolved> {
     let http_matches = http_matches(matches)?;
-    let all_prefix = http_matches
-        .iter()
-        .all(|m| matches!(m.path, PathMatch::Prefix(_)));
+    let all_prefix = http_matches.iter().all(|m| matches!(m.path, PathMatch::Prefix(_)));
     let filters = compile_filters(route_ns, filters, all_prefix, backends, unresolved)?;
     if filters.iter().any(|f| matches!(f, Filter::Redirect(_)))
         && filters.iter().any(|f| matches!(f, Filter::Rewrite(_)))
     {
-        return Err(problem(
-            "RequestRedirect and URLRewrite cannot be used together",
-        ));
+        return Err(problem("RequestRedirect and URLRewrite cannot be used together"));
     }
     let mut weighted = Vec::new();
     for r in refs {
@@ -320,14 +270,9 @@ fn compile_http_rule(
                 r.name
             )));
         }
-        let backend_filters: Vec<HttpRouteRulesFilters> =
-            reshape(r.filters.as_deref().unwrap_or_default())?;
-        let backend_filters =
-            compile_filters(route_ns, &backend_filters, all_prefix, backends, unresolved)?;
-        if backend_filters
-            .iter()
-            .any(|f| matches!(f, Filter::Redirect(_)))
-        {
+        let backend_filters: Vec<HttpRouteRulesFilters> = reshape(r.filters.as_deref().unwrap_or_default())?;
+        let backend_filters = compile_filters(route_ns, &backend_filters, all_prefix, backends, unresolved)?;
+        if backend_filters.iter().any(|f| matches!(f, Filter::Redirect(_))) {
             return Err(problem("RequestRedirect is not allowed on a backendRef"));
         }
         let target = resolve_ref(
@@ -340,21 +285,10 @@ fn compile_http_rule(
             backends,
             unresolved,
         );
-        weighted.push(WeightedBackend {
-            weight: weight as u32,
-            target,
-            filters: backend_filters,
-        });
+        weighted.push(WeightedBackend { weight: weight as u32, target, filters: backend_filters });
     }
     let timeouts = compile_timeouts(timeouts)?;
-    Ok((
-        http_matches,
-        RuleAction {
-            filters,
-            backends: weighted,
-            timeouts,
-        },
-    ))
+    Ok((http_matches, RuleAction { filters, backends: weighted, timeouts }))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -369,10 +303,7 @@ fn resolve_ref(
     unresolved: &mut Option<Unresolved>,
 ) -> BackendTarget {
     let mut fail = |reason: &'static str, message: String| {
-        unresolved.get_or_insert(Unresolved {
-            reason,
-            message: message.clone(),
-        });
+        unresolved.get_or_insert(Unresolved { reason, message: message.clone() });
         BackendTarget::Invalid { reason: message }
     };
     let group = group.unwrap_or("");
@@ -385,10 +316,7 @@ fn resolve_ref(
     }
     let service = ObjectRef::new(namespace.unwrap_or(route_ns), name);
     let Some(port) = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) else {
-        return fail(
-            "BackendNotFound",
-            format!("backendRef {service}: a Service backendRef needs a port"),
-        );
+        return fail("BackendNotFound", format!("backendRef {service}: a Service backendRef needs a port"));
     };
     // Mesh routes may send to Services of other namespaces without a ReferenceGrant: the
     // client could reach them directly, so the route widens nothing.
@@ -405,10 +333,7 @@ fn http_matches(matches: Option<&[HttpRouteRulesMatches]>) -> Result<Vec<HttpMat
         .iter()
         .map(|m| {
             // Every match's path defaults to PathPrefix "/", even when only headers are given.
-            let (kind, value) = m
-                .path
-                .as_ref()
-                .map_or((None, None), |p| (p.r#type.clone(), p.value.clone()));
+            let (kind, value) = m.path.as_ref().map_or((None, None), |p| (p.r#type.clone(), p.value.clone()));
             let value = value.unwrap_or_else(|| "/".into());
             let path = match kind.unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix) {
                 HttpRouteRulesMatchesPathType::Exact => {
@@ -419,9 +344,7 @@ fn http_matches(matches: Option<&[HttpRouteRulesMatches]>) -> Result<Vec<HttpMat
                     check_path(&value)?;
                     PathMatch::Prefix(value)
                 }
-                HttpRouteRulesMatchesPathType::RegularExpression => {
-                    PathMatch::Regex(anchored(&value)?)
-                }
+                HttpRouteRulesMatchesPathType::RegularExpression => PathMatch::Regex(anchored(&value)?),
             };
             let method = m.method.as_ref().map(method_of);
             let headers = m
@@ -432,10 +355,7 @@ fn http_matches(matches: Option<&[HttpRouteRulesMatches]>) -> Result<Vec<HttpMat
                     header_match(
                         &h.name,
                         &h.value,
-                        matches!(
-                            h.r#type,
-                            Some(HttpRouteRulesMatchesHeadersType::RegularExpression)
-                        ),
+                        matches!(h.r#type, Some(HttpRouteRulesMatchesHeadersType::RegularExpression)),
                     )
                 })
                 .collect::<Result<_, _>>()?;
@@ -444,22 +364,12 @@ fn http_matches(matches: Option<&[HttpRouteRulesMatches]>) -> Result<Vec<HttpMat
                 .iter()
                 .flatten()
                 .map(|q| {
-                    let regex = matches!(
-                        q.r#type,
-                        Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression)
-                    );
-                    Ok(QueryMatch {
-                        name: q.name.clone(),
-                        value: value_match(&q.value, regex)?,
-                    })
+                    let regex =
+                        matches!(q.r#type, Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression));
+                    Ok(QueryMatch { name: q.name.clone(), value: value_match(&q.value, regex)? })
                 })
                 .collect::<Result<_, Unresolved>>()?;
-            Ok(HttpMatch {
-                path,
-                method,
-                headers,
-                query,
-            })
+            Ok(HttpMatch { path, method, headers, query })
         })
         .collect()
 }
@@ -468,9 +378,7 @@ fn check_path(value: &str) -> Result<(), Unresolved> {
     if value.starts_with('/') && !value.contains("//") && !value.contains(['?', '#']) {
         Ok(())
     } else {
-        Err(problem(format!(
-            "path {value:?} must start with '/' and hold no '//', '?' or '#'"
-        )))
+        Err(problem(format!("path {value:?} must start with '/' and hold no '//', '?' or '#'")))
     }
 }
 
@@ -482,20 +390,13 @@ fn anchored(pattern: &str) -> Result<Regex, Unresolved> {
 }
 
 fn value_match(value: &str, regex: bool) -> Result<ValueMatch, Unresolved> {
-    Ok(if regex {
-        ValueMatch::Regex(anchored(value)?)
-    } else {
-        ValueMatch::Exact(value.to_owned())
-    })
+    Ok(if regex { ValueMatch::Regex(anchored(value)?) } else { ValueMatch::Exact(value.to_owned()) })
 }
 
 fn header_match(name: &str, value: &str, regex: bool) -> Result<HeaderMatch, Unresolved> {
     let name = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
         .map_err(|_| problem(format!("invalid header name {name:?}")))?;
-    Ok(HeaderMatch {
-        name,
-        value: value_match(value, regex)?,
-    })
+    Ok(HeaderMatch { name, value: value_match(value, regex)? })
 }
 
 fn method_of(m: &HttpRouteRulesMatchesMethod) -> Method {
@@ -525,13 +426,9 @@ fn compile_filters(
         .iter()
         .map(|f| {
             Ok(match f.r#type {
-                HttpRouteRulesFiltersType::RequestHeaderModifier => {
-                    Filter::RequestHeaders(header_modifier(
-                        f.request_header_modifier
-                            .as_ref()
-                            .ok_or_else(|| missing("RequestHeaderModifier"))?,
-                    )?)
-                }
+                HttpRouteRulesFiltersType::RequestHeaderModifier => Filter::RequestHeaders(header_modifier(
+                    f.request_header_modifier.as_ref().ok_or_else(|| missing("RequestHeaderModifier"))?,
+                )?),
                 HttpRouteRulesFiltersType::ResponseHeaderModifier => {
                     let m = f
                         .response_header_modifier
@@ -542,10 +439,7 @@ fn compile_filters(
                     Filter::ResponseHeaders(header_modifier(&m)?)
                 }
                 HttpRouteRulesFiltersType::RequestRedirect => {
-                    let r = f
-                        .request_redirect
-                        .as_ref()
-                        .ok_or_else(|| missing("RequestRedirect"))?;
+                    let r = f.request_redirect.as_ref().ok_or_else(|| missing("RequestRedirect"))?;
                     let status = match r.status_code.unwrap_or(302) {
                         s @ (301 | 302 | 303 | 307 | 308) => s as u16,
                         s => {
@@ -557,9 +451,10 @@ fn compile_filters(
                     let port = r
                         .port
                         .map(|p| {
-                            u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| {
-                                problem(format!("redirect port {p} is out of range"))
-                            })
+                            u16::try_from(p)
+                                .ok()
+                                .filter(|p| *p > 0)
+                                .ok_or_else(|| problem(format!("redirect port {p} is out of range")))
                         })
                         .transpose()?;
                     let path = r
@@ -586,10 +481,7 @@ fn compile_filters(
                     })
                 }
                 HttpRouteRulesFiltersType::UrlRewrite => {
-                    let r = f
-                        .url_rewrite
-                        .as_ref()
-                        .ok_or_else(|| missing("URLRewrite"))?;
+                    let r = f.url_rewrite.as_ref().ok_or_else(|| missing("URLRewrite"))?;
                     let path = r
                         .path
                         .as_ref()
@@ -606,16 +498,10 @@ fn compile_filters(
                         HeaderValue::from_str(h)
                             .map_err(|_| problem(format!("invalid rewrite hostname {h:?}")))?;
                     }
-                    Filter::Rewrite(Rewrite {
-                        hostname: r.hostname.clone(),
-                        path,
-                    })
+                    Filter::Rewrite(Rewrite { hostname: r.hostname.clone(), path })
                 }
                 HttpRouteRulesFiltersType::RequestMirror => {
-                    let m = f
-                        .request_mirror
-                        .as_ref()
-                        .ok_or_else(|| missing("RequestMirror"))?;
+                    let m = f.request_mirror.as_ref().ok_or_else(|| missing("RequestMirror"))?;
                     let b = &m.backend_ref;
                     let target = resolve_ref(
                         route_ns,
@@ -644,28 +530,19 @@ fn compile_filters(
                     })
                 }
                 HttpRouteRulesFiltersType::ExtensionRef | HttpRouteRulesFiltersType::Cors => {
-                    return Err(problem(format!(
-                        "filter type {:?} is not supported by gammaray",
-                        f.r#type
-                    )));
+                    return Err(problem(format!("filter type {:?} is not supported by gammaray", f.r#type)));
                 }
             })
         })
         .collect()
 }
 
-fn path_modifier(
-    prefix: bool,
-    value: Option<&str>,
-    all_prefix: bool,
-) -> Result<PathModifier, Unresolved> {
+fn path_modifier(prefix: bool, value: Option<&str>, all_prefix: bool) -> Result<PathModifier, Unresolved> {
     let value = value.ok_or_else(|| problem("a path modifier needs a value for its type"))?;
     check_path(value)?;
     if prefix {
         if !all_prefix {
-            return Err(problem(
-                "ReplacePrefixMatch needs every match of the rule to be a PathPrefix",
-            ));
+            return Err(problem("ReplacePrefixMatch needs every match of the rule to be a PathPrefix"));
         }
         Ok(PathModifier::Prefix(value.to_owned()))
     } else {
@@ -673,30 +550,17 @@ fn path_modifier(
     }
 }
 
-fn header_modifier(
-    m: &HttpRouteRulesFiltersRequestHeaderModifier,
-) -> Result<HeaderModifier, Unresolved> {
+fn header_modifier(m: &HttpRouteRulesFiltersRequestHeaderModifier) -> Result<HeaderModifier, Unresolved> {
     let pair = |name: &str, value: &str| -> Result<(HeaderName, HeaderValue), Unresolved> {
         Ok((
             HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
                 .map_err(|_| problem(format!("invalid header name {name:?}")))?,
-            HeaderValue::from_str(value)
-                .map_err(|_| problem(format!("invalid value for header {name}")))?,
+            HeaderValue::from_str(value).map_err(|_| problem(format!("invalid value for header {name}")))?,
         ))
     };
     Ok(HeaderModifier {
-        set: m
-            .set
-            .iter()
-            .flatten()
-            .map(|h| pair(&h.name, &h.value))
-            .collect::<Result<_, _>>()?,
-        add: m
-            .add
-            .iter()
-            .flatten()
-            .map(|h| pair(&h.name, &h.value))
-            .collect::<Result<_, _>>()?,
+        set: m.set.iter().flatten().map(|h| pair(&h.name, &h.value)).collect::<Result<_, _>>()?,
+        add: m.add.iter().flatten().map(|h| pair(&h.name, &h.value)).collect::<Result<_, _>>()?,
         remove: m
             .remove
             .iter()
@@ -729,14 +593,9 @@ fn compile_timeouts(t: Option<&HttpRouteRulesTimeouts>) -> Result<Timeouts, Unre
     if let (Some(r), Some(b)) = (request, backend_request)
         && b > r
     {
-        return Err(problem(format!(
-            "backendRequest timeout {b:?} exceeds the request timeout {r:?}"
-        )));
+        return Err(problem(format!("backendRequest timeout {b:?} exceeds the request timeout {r:?}")));
     }
-    Ok(Timeouts {
-        request,
-        backend_request,
-    })
+    Ok(Timeouts { request, backend_request })
 }
 
 /// HTTP precedence, smallest first: Exact path; then the longer path value (a PathPrefix

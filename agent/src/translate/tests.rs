@@ -97,28 +97,17 @@ fn translated(routes: &str) -> Translation {
     let mut store = Store::default();
     for text in [WORLD, routes] {
         let applied = store.apply_yaml(text);
-        assert!(
-            applied.errors.is_empty(),
-            "fixtures parse: {:?}",
-            applied.errors
-        );
+        assert!(applied.errors.is_empty(), "fixtures parse: {:?}", applied.errors);
     }
     translate(&store, &Options::default())
 }
 
 fn frontend<'a>(s: &'a Snapshot, addr: &str) -> &'a Frontend {
-    s.frontend(addr.parse::<SocketAddr>().expect("addr"))
-        .expect("frontend exists")
+    s.frontend(addr.parse::<SocketAddr>().expect("addr")).expect("frontend exists")
 }
 
 /// Sends a GET and names the outcome: `svc:<service>` for a forward, the status otherwise.
-fn route(
-    f: &Frontend,
-    client_ns: &str,
-    method: &Method,
-    target: &str,
-    headers: &[(&str, &str)],
-) -> String {
+fn route(f: &Frontend, client_ns: &str, method: &Method, target: &str, headers: &[(&str, &str)]) -> String {
     let mut map = HeaderMap::new();
     for (n, v) in headers {
         map.append(
@@ -126,17 +115,8 @@ fn route(
             HeaderValue::from_str(v).expect("value"),
         );
     }
-    let (path, query) = target
-        .split_once('?')
-        .map_or((target, None), |(p, q)| (p, Some(q)));
-    let view = RequestView {
-        method,
-        scheme: "http",
-        host: Some("web"),
-        path,
-        query,
-        headers: &map,
-    };
+    let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
+    let view = RequestView { method, scheme: "http", host: Some("web"), path, query, headers: &map };
     match decide(f, Some(client_ns), &view, 0) {
         Decision::Passthrough(b) => format!("pass:{}", b.service.name),
         Decision::Forward(fw) => format!("svc:{}", fw.backend.service.name),
@@ -152,16 +132,11 @@ fn get(f: &Frontend, client_ns: &str, target: &str, headers: &[(&str, &str)]) ->
 }
 
 fn status_of<'a>(t: &'a Translation, route: &str) -> &'a RouteStatus {
-    t.statuses
-        .iter()
-        .find(|s| s.route == route)
-        .unwrap_or_else(|| panic!("status of {route}"))
+    t.statuses.iter().find(|s| s.route == route).unwrap_or_else(|| panic!("status of {route}"))
 }
 
 fn condition(t: &Translation, route: &str, type_: &str) -> (String, String) {
-    let c = status_of(t, route).parents[0]
-        .condition(type_)
-        .unwrap_or_else(|| panic!("{type_} on {route}"));
+    let c = status_of(t, route).parents[0].condition(type_).unwrap_or_else(|| panic!("{type_} on {route}"));
     (c.status.to_owned(), c.reason.to_owned())
 }
 
@@ -221,11 +196,7 @@ fn precedence_across_rules_and_routes() {
         (&Method::GET, "/re/4x", &[], "svc:v1"),
     ];
     for (method, target, headers, expected) in cases {
-        assert_eq!(
-            &route(f, "shop", method, target, headers),
-            expected,
-            "{method} {target} {headers:?}"
-        );
+        assert_eq!(&route(f, "shop", method, target, headers), expected, "{method} {target} {headers:?}");
     }
 }
 
@@ -236,64 +207,31 @@ fn ties_go_to_the_older_route_then_to_the_name() {
             "  - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n    backendRefs: [{{name: {svc}, port: 80}}]"
         )
     };
-    let older = http_route("zzz", "shop", WEB80, &rule("v2")).replace(
-        "generation: 3}",
-        "generation: 3, creationTimestamp: '2024-01-01T00:00:00Z'}",
-    );
-    let newer = http_route("aaa", "shop", WEB80, &rule("v1")).replace(
-        "generation: 3}",
-        "generation: 3, creationTimestamp: '2025-01-01T00:00:00Z'}",
-    );
+    let older = http_route("zzz", "shop", WEB80, &rule("v2"))
+        .replace("generation: 3}", "generation: 3, creationTimestamp: '2024-01-01T00:00:00Z'}");
+    let newer = http_route("aaa", "shop", WEB80, &rule("v1"))
+        .replace("generation: 3}", "generation: 3, creationTimestamp: '2025-01-01T00:00:00Z'}");
     let t = translated(&format!("{older}{newer}"));
-    assert_eq!(
-        get(frontend(&t.snapshot, "10.96.0.1:80"), "shop", "/", &[]),
-        "svc:v2",
-        "older route wins"
-    );
+    assert_eq!(get(frontend(&t.snapshot, "10.96.0.1:80"), "shop", "/", &[]), "svc:v2", "older route wins");
 
     let t = translated(&format!(
         "{}{}",
         http_route("bbb", "shop", WEB80, &rule("v2")),
         http_route("aaa", "shop", WEB80, &rule("v1"))
     ));
-    assert_eq!(
-        get(frontend(&t.snapshot, "10.96.0.1:80"), "shop", "/", &[]),
-        "svc:v1",
-        "then namespace/name"
-    );
+    assert_eq!(get(frontend(&t.snapshot, "10.96.0.1:80"), "shop", "/", &[]), "svc:v1", "then namespace/name");
 }
 
 #[test]
 fn producer_and_consumer_routes() {
-    let producer = http_route(
-        "prod",
-        "shop",
-        WEB,
-        "  - backendRefs: [{name: v1, port: 80}]",
-    );
-    let consumer = http_route(
-        "cons",
-        "other",
-        WEB,
-        "  - backendRefs: [{name: v2, namespace: shop, port: 80}]",
-    );
+    let producer = http_route("prod", "shop", WEB, "  - backendRefs: [{name: v1, port: 80}]");
+    let consumer =
+        http_route("cons", "other", WEB, "  - backendRefs: [{name: v2, namespace: shop, port: 80}]");
     let t = translated(&format!("{producer}{consumer}"));
     let f = frontend(&t.snapshot, "10.96.0.1:80");
-    assert_eq!(
-        get(f, "shop", "/", &[]),
-        "svc:v1",
-        "producer route for the producer's namespace"
-    );
-    assert_eq!(
-        get(f, "third", "/", &[]),
-        "svc:v1",
-        "producer route for any other namespace"
-    );
-    assert_eq!(
-        get(f, "other", "/", &[]),
-        "svc:v2",
-        "the consumer route replaces it in its namespace"
-    );
+    assert_eq!(get(f, "shop", "/", &[]), "svc:v1", "producer route for the producer's namespace");
+    assert_eq!(get(f, "third", "/", &[]), "svc:v1", "producer route for any other namespace");
+    assert_eq!(get(f, "other", "/", &[]), "svc:v2", "the consumer route replaces it in its namespace");
     // A consumer route alone leaves other namespaces without routes: plain Service traffic.
     let t = translated(&consumer);
     let f = frontend(&t.snapshot, "10.96.0.1:80");
@@ -306,44 +244,24 @@ fn producer_and_consumer_routes() {
 fn ports_and_section_names_bind_only_where_they_say() {
     let rule = "  - backendRefs: [{name: v1, port: 80}]";
     let t = translated(&http_route("p", "shop", WEB80, rule));
-    assert_eq!(
-        get(frontend(&t.snapshot, "10.96.0.1:80"), "shop", "/", &[]),
-        "svc:v1"
-    );
-    assert_eq!(
-        get(frontend(&t.snapshot, "10.96.0.1:7070"), "shop", "/", &[]),
-        "pass:web"
-    );
+    assert_eq!(get(frontend(&t.snapshot, "10.96.0.1:80"), "shop", "/", &[]), "svc:v1");
+    assert_eq!(get(frontend(&t.snapshot, "10.96.0.1:7070"), "shop", "/", &[]), "pass:web");
     let t = translated(&http_route(
         "p",
         "shop",
         "{group: '', kind: Service, name: web, sectionName: grpc}",
         rule,
     ));
-    assert_eq!(
-        get(frontend(&t.snapshot, "10.96.0.1:80"), "shop", "/", &[]),
-        "pass:web"
-    );
-    assert_eq!(
-        get(frontend(&t.snapshot, "10.96.0.1:7070"), "shop", "/", &[]),
-        "svc:v1"
-    );
+    assert_eq!(get(frontend(&t.snapshot, "10.96.0.1:80"), "shop", "/", &[]), "pass:web");
+    assert_eq!(get(frontend(&t.snapshot, "10.96.0.1:7070"), "shop", "/", &[]), "svc:v1");
     let t = translated(&http_route("p", "shop", WEB, rule));
     assert_eq!(
         get(frontend(&t.snapshot, "10.96.0.1:7070"), "shop", "/", &[]),
         "svc:v1",
         "no port: every port"
     );
-    let t = translated(&http_route(
-        "p",
-        "shop",
-        "{group: '', kind: Service, name: web, port: 81}",
-        rule,
-    ));
-    assert_eq!(
-        condition(&t, "shop/p", "Accepted"),
-        ("False".into(), "NoMatchingParent".into())
-    );
+    let t = translated(&http_route("p", "shop", "{group: '', kind: Service, name: web, port: 81}", rule));
+    assert_eq!(condition(&t, "shop/p", "Accepted"), ("False".into(), "NoMatchingParent".into()));
     let t = translated(&http_route(
         "p",
         "shop",
@@ -369,28 +287,16 @@ fn routes_apply_to_the_service_frontend_only_and_no_match_is_404() {
     assert_eq!(get(f, "shop", "/only", &[]), "svc:v1");
     assert_eq!(get(f, "shop", "/else", &[]), "404");
     assert!(
-        t.snapshot
-            .frontend("10.244.1.2:8080".parse().expect("addr"))
-            .is_none(),
+        t.snapshot.frontend("10.244.1.2:8080".parse().expect("addr")).is_none(),
         "pod IPs are no frontend"
     );
     // Routes attached to web do not apply to v1's own frontend.
-    assert_eq!(
-        get(frontend(&t.snapshot, "10.96.0.2:80"), "shop", "/else", &[]),
-        "pass:v1"
-    );
+    assert_eq!(get(frontend(&t.snapshot, "10.96.0.2:80"), "shop", "/else", &[]), "pass:v1");
     // Without routes, the frontend passes traffic to the Service's ready endpoints.
     let t = translated("");
     let v2 = frontend(&t.snapshot, "10.96.0.3:80");
-    assert_eq!(
-        v2.default_backend.endpoints.len(),
-        1,
-        "the not-ready endpoint is left out"
-    );
-    assert_eq!(
-        v2.default_backend.endpoints[0].addr,
-        "10.244.2.2:8080".parse().expect("addr")
-    );
+    assert_eq!(v2.default_backend.endpoints.len(), 1, "the not-ready endpoint is left out");
+    assert_eq!(v2.default_backend.endpoints[0].addr, "10.244.2.2:8080".parse().expect("addr"));
     assert_eq!(
         v2.default_backend.endpoints[0].identity.as_deref(),
         Some("spiffe://cluster.local/ns/shop/sa/default")
@@ -400,10 +306,7 @@ fn routes_apply_to_the_service_frontend_only_and_no_match_is_404() {
         v1.default_backend.endpoints[0].identity.as_deref(),
         Some("spiffe://cluster.local/ns/shop/sa/v1-sa")
     );
-    assert_eq!(
-        v1.default_backend.endpoints[0].node.as_deref(),
-        Some("node1")
-    );
+    assert_eq!(v1.default_backend.endpoints[0].node.as_deref(), Some("node1"));
 }
 
 #[test]
@@ -438,12 +341,7 @@ fn redirects_have_exact_locations() {
         (f7070, "/scheme", "307 https://web/scheme"),
     ];
     for (f, target, expected) in cases {
-        assert_eq!(
-            get(f, "shop", target, &[]),
-            expected,
-            "{target} on port {}",
-            f.port
-        );
+        assert_eq!(get(f, "shop", target, &[]), expected, "{target} on port {}", f.port);
     }
 }
 
@@ -476,9 +374,7 @@ fn filters_modify_what_the_backend_and_client_see() {
         query: None,
         headers: &headers,
     };
-    let Decision::Forward(fw) = decide(f, Some("shop"), &view, 0) else {
-        panic!("forwarded")
-    };
+    let Decision::Forward(fw) = decide(f, Some("shop"), &view, 0) else { panic!("forwarded") };
     let mut sent = headers.clone();
     fw.apply_request_headers(&mut sent);
     assert_eq!(sent["x-set"], "s");
@@ -486,24 +382,15 @@ fn filters_modify_what_the_backend_and_client_see() {
     assert!(!sent.contains_key("x-gone"));
     assert_eq!(sent["x-backend"], "v1");
     assert_eq!(sent["host"], "internal.web");
-    assert_eq!(
-        fw.rewritten_path("/api/users").as_deref(),
-        Some("/v2/users")
-    );
+    assert_eq!(fw.rewritten_path("/api/users").as_deref(), Some("/v2/users"));
     let mut resp = HeaderMap::new();
     fw.apply_response_headers(&mut resp);
     assert_eq!(resp["x-resp"], "r");
     let mirrors: Vec<_> = fw.mirrors().collect();
     assert_eq!(mirrors.len(), 1);
     assert_eq!((mirrors[0].numerator, mirrors[0].denominator), (25, 100));
-    assert_eq!(
-        fw.timeouts.request,
-        Some(std::time::Duration::from_secs(10))
-    );
-    assert_eq!(
-        fw.timeouts.backend_request,
-        Some(std::time::Duration::from_secs(2))
-    );
+    assert_eq!(fw.timeouts.request, Some(std::time::Duration::from_secs(10)));
+    assert_eq!(fw.timeouts.backend_request, Some(std::time::Duration::from_secs(2)));
 }
 
 #[test]
@@ -543,14 +430,8 @@ fn weights_zero_absent_and_all_zero() {
         let half = name(decide(f, None, &view("/half"), r));
         assert!(half == "v1" || half == "500", "{half}");
     }
-    assert_eq!(
-        condition(&t, "shop/w", "ResolvedRefs"),
-        ("False".into(), "BackendNotFound".into())
-    );
-    assert_eq!(
-        condition(&t, "shop/w", "Accepted"),
-        ("True".into(), "Accepted".into())
-    );
+    assert_eq!(condition(&t, "shop/w", "ResolvedRefs"), ("False".into(), "BackendNotFound".into()));
+    assert_eq!(condition(&t, "shop/w", "Accepted"), ("True".into(), "Accepted".into()));
 }
 
 #[test]
@@ -580,36 +461,15 @@ spec:
     let post = Method::POST;
     assert_eq!(route(f, "shop", &post, "/pkg.Echo/Echo", &[]), "svc:v1");
     assert_eq!(
-        route(
-            f,
-            "shop",
-            &post,
-            "/pkg.Echo/Echo",
-            &[("x-test-case", "two")]
-        ),
+        route(f, "shop", &post, "/pkg.Echo/Echo", &[("x-test-case", "two")]),
         "svc:v1",
         "service+method outranks"
     );
-    assert_eq!(
-        route(
-            f,
-            "shop",
-            &post,
-            "/pkg.Echo/Other",
-            &[("x-test-case", "two")]
-        ),
-        "svc:v2"
-    );
+    assert_eq!(route(f, "shop", &post, "/pkg.Echo/Other", &[("x-test-case", "two")]), "svc:v2");
     assert_eq!(route(f, "shop", &post, "/pkg.Other/X", &[]), "svc:web");
     assert_eq!(route(f, "shop", &post, "/elsewhere.S/X", &[]), "404");
-    assert_eq!(
-        condition(&t, "shop/h", "Accepted"),
-        ("False".into(), "Conflicted".into())
-    );
-    assert_eq!(
-        condition(&t, "shop/g", "Accepted"),
-        ("True".into(), "Accepted".into())
-    );
+    assert_eq!(condition(&t, "shop/h", "Accepted"), ("False".into(), "Conflicted".into()));
+    assert_eq!(condition(&t, "shop/g", "Accepted"), ("True".into(), "Accepted".into()));
 }
 
 #[test]
@@ -689,23 +549,13 @@ fn bad_input_is_rejected_with_a_reason_and_the_rest_keeps_working() {
         ),
         (
             "weight",
-            http_route(
-                "bad",
-                "shop",
-                WEB80,
-                "  - backendRefs: [{name: v1, port: 80, weight: 1000001}]",
-            ),
+            http_route("bad", "shop", WEB80, "  - backendRefs: [{name: v1, port: 80, weight: 1000001}]"),
             "Accepted",
             "UnsupportedValue",
         ),
         (
             "negative weight",
-            http_route(
-                "bad",
-                "shop",
-                WEB80,
-                "  - backendRefs: [{name: v1, port: 80, weight: -1}]",
-            ),
+            http_route("bad", "shop", WEB80, "  - backendRefs: [{name: v1, port: 80, weight: -1}]"),
             "Accepted",
             "UnsupportedValue",
         ),
@@ -746,22 +596,10 @@ fn bad_input_is_rejected_with_a_reason_and_the_rest_keeps_working() {
     for (what, bad, cond, reason) in cases {
         let t = translated(&format!("{good}{bad}"));
         let (status, got_reason) = condition(&t, "shop/bad", cond);
-        assert_eq!(
-            (status.as_str(), got_reason.as_str()),
-            ("False", *reason),
-            "{what}"
-        );
-        assert_eq!(
-            status_of(&t, "shop/bad").parents[0].conditions[0].observed_generation,
-            Some(3),
-            "{what}"
-        );
+        assert_eq!((status.as_str(), got_reason.as_str()), ("False", *reason), "{what}");
+        assert_eq!(status_of(&t, "shop/bad").parents[0].conditions[0].observed_generation, Some(3), "{what}");
         let f = frontend(&t.snapshot, "10.96.0.1:80");
-        assert_eq!(
-            get(f, "shop", "/good", &[]),
-            "svc:v1",
-            "{what}: the good route still routes"
-        );
+        assert_eq!(get(f, "shop", "/good", &[]), "svc:v1", "{what}: the good route still routes");
         assert_eq!(condition(&t, "shop/good", "Accepted").0, "True", "{what}");
     }
 }
@@ -771,17 +609,10 @@ fn a_partly_invalid_route_keeps_its_valid_rules() {
     let rules = "  - matches: [{path: {type: PathPrefix, value: /ok}}]\n    backendRefs: [{name: v1, port: 80}]\n  - matches: [{headers: [{name: x, type: RegularExpression, value: '('}]}]\n    backendRefs: [{name: v2, port: 80}]";
     let t = translated(&http_route("mixed", "shop", WEB80, rules));
     assert_eq!(condition(&t, "shop/mixed", "Accepted").0, "True");
-    assert_eq!(
-        condition(&t, "shop/mixed", "PartiallyInvalid"),
-        ("True".into(), "UnsupportedValue".into())
-    );
+    assert_eq!(condition(&t, "shop/mixed", "PartiallyInvalid"), ("True".into(), "UnsupportedValue".into()));
     let f = frontend(&t.snapshot, "10.96.0.1:80");
     assert_eq!(get(f, "shop", "/ok", &[]), "svc:v1");
-    assert_eq!(
-        get(f, "shop", "/other", &[("x", "(")]),
-        "404",
-        "the invalid rule is dropped"
-    );
+    assert_eq!(get(f, "shop", "/other", &[("x", "(")]), "404", "the invalid rule is dropped");
 }
 
 #[test]
@@ -792,13 +623,6 @@ fn routes_to_gateways_are_not_ours() {
         "{name: some-gateway}",
         "  - backendRefs: [{name: v1, port: 80}]",
     ));
-    assert!(
-        t.statuses.is_empty(),
-        "no status for a Gateway parent: {:?}",
-        t.statuses
-    );
-    assert_eq!(
-        get(frontend(&t.snapshot, "10.96.0.1:80"), "shop", "/", &[]),
-        "pass:web"
-    );
+    assert!(t.statuses.is_empty(), "no status for a Gateway parent: {:?}", t.statuses);
+    assert_eq!(get(frontend(&t.snapshot, "10.96.0.1:80"), "shop", "/", &[]), "pass:web");
 }

@@ -27,15 +27,11 @@ fn v4(addr: SocketAddr) -> SocketAddrV4 {
 
 #[tokio::test]
 async fn carries_a_connection_to_its_recorded_destination() {
-    let backend = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .expect("bind backend");
+    let backend = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind backend");
     let backend_addr = v4(backend.local_addr().expect("backend addr"));
     tokio::spawn(echo_once(backend));
 
-    let proxy = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .expect("bind proxy");
+    let proxy = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind proxy");
     let proxy_addr = proxy.local_addr().expect("proxy addr");
     let table = Arc::new(StaticTable::default());
     let stats = Arc::new(OutboundStats::default());
@@ -50,18 +46,13 @@ async fn carries_a_connection_to_its_recorded_destination() {
     ));
 
     let client = tokio::net::TcpSocket::new_v4().expect("socket");
-    client
-        .bind((Ipv4Addr::LOCALHOST, 0).into())
-        .expect("bind client");
+    client.bind((Ipv4Addr::LOCALHOST, 0).into()).expect("bind client");
     let client_addr = v4(client.local_addr().expect("client addr"));
     table.insert(client_addr, backend_addr);
     let mut client: TcpStream = client.connect(proxy_addr).await.expect("connect to proxy");
     client.write_all(b"ping").await.expect("write");
     let mut reply = [0u8; 4];
-    client
-        .read_exact(&mut reply)
-        .await
-        .expect("reply through the proxy");
+    client.read_exact(&mut reply).await.expect("reply through the proxy");
     assert_eq!(&reply, b"ping");
     drop(client);
 
@@ -72,9 +63,7 @@ async fn carries_a_connection_to_its_recorded_destination() {
 
 #[tokio::test]
 async fn closes_a_connection_with_no_recorded_destination_and_keeps_serving() {
-    let proxy = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .expect("bind proxy");
+    let proxy = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind proxy");
     let proxy_addr = proxy.local_addr().expect("proxy addr");
     let table = Arc::new(StaticTable::default());
     let stats = Arc::new(OutboundStats::default());
@@ -89,9 +78,7 @@ async fn closes_a_connection_with_no_recorded_destination_and_keeps_serving() {
     ));
 
     for _ in 0..3 {
-        let mut client = TcpStream::connect(proxy_addr)
-            .await
-            .expect("connect to proxy");
+        let mut client = TcpStream::connect(proxy_addr).await.expect("connect to proxy");
         let mut buf = [0u8; 1];
         let n = client.read(&mut buf).await.unwrap_or(0);
         assert_eq!(n, 0, "the proxy closes an unknown connection without data");

@@ -4,14 +4,7 @@ use super::*;
 use crate::snapshot::{Redirect, ValueMatch};
 
 fn view<'a>(path: &'a str, query: Option<&'a str>, headers: &'a HeaderMap) -> RequestView<'a> {
-    RequestView {
-        method: &Method::GET,
-        scheme: "http",
-        host: Some("echo"),
-        path,
-        query,
-        headers,
-    }
+    RequestView { method: &Method::GET, scheme: "http", host: Some("echo"), path, query, headers }
 }
 
 #[test]
@@ -52,53 +45,26 @@ fn header_and_query_matches_are_anded_and_header_names_case_insensitive() {
         path: PathMatch::Prefix("/".into()),
         method: None,
         headers: vec![
-            HeaderMatch {
-                name: HeaderName::from_static("version"),
-                value: ValueMatch::Exact("two".into()),
-            },
-            HeaderMatch {
-                name: HeaderName::from_static("x-multi"),
-                value: ValueMatch::Exact("a,b".into()),
-            },
+            HeaderMatch { name: HeaderName::from_static("version"), value: ValueMatch::Exact("two".into()) },
+            HeaderMatch { name: HeaderName::from_static("x-multi"), value: ValueMatch::Exact("a,b".into()) },
         ],
         query: vec![QueryMatchFixture::exact("animal", "whale")],
     };
-    assert!(http_matches(
-        &m,
-        &view("/", Some("animal=whale&color=blue"), &headers)
-    ));
-    assert!(
-        !http_matches(&m, &view("/", Some("animal=dolphin"), &headers)),
-        "query value differs"
-    );
-    assert!(
-        !http_matches(&m, &view("/", None, &headers)),
-        "query missing"
-    );
+    assert!(http_matches(&m, &view("/", Some("animal=whale&color=blue"), &headers)));
+    assert!(!http_matches(&m, &view("/", Some("animal=dolphin"), &headers)), "query value differs");
+    assert!(!http_matches(&m, &view("/", None, &headers)), "query missing");
     let mut one = headers.clone();
     one.remove("version");
-    assert!(
-        !http_matches(&m, &view("/", Some("animal=whale"), &one)),
-        "header missing"
-    );
-    let post = RequestView {
-        method: &Method::POST,
-        ..view("/", Some("animal=whale"), &headers)
-    };
-    let with_method = HttpMatch {
-        method: Some(Method::GET),
-        ..m.clone()
-    };
+    assert!(!http_matches(&m, &view("/", Some("animal=whale"), &one)), "header missing");
+    let post = RequestView { method: &Method::POST, ..view("/", Some("animal=whale"), &headers) };
+    let with_method = HttpMatch { method: Some(Method::GET), ..m.clone() };
     assert!(!http_matches(&with_method, &post));
 }
 
 struct QueryMatchFixture;
 impl QueryMatchFixture {
     fn exact(name: &str, value: &str) -> crate::snapshot::QueryMatch {
-        crate::snapshot::QueryMatch {
-            name: name.into(),
-            value: ValueMatch::Exact(value.into()),
-        }
+        crate::snapshot::QueryMatch { name: name.into(), value: ValueMatch::Exact(value.into()) }
     }
 }
 
@@ -106,74 +72,31 @@ impl QueryMatchFixture {
 fn redirect_locations() {
     let headers = HeaderMap::new();
     let req = view("/prefix/one", Some("a=b"), &headers);
-    let redirect = |scheme: Option<&str>,
-                    host: Option<&str>,
-                    port: Option<u16>,
-                    path: Option<PathModifier>| Redirect {
-        scheme: scheme.map(str::to_owned),
-        hostname: host.map(str::to_owned),
-        path,
-        port,
-        status: 302,
-    };
+    let redirect =
+        |scheme: Option<&str>, host: Option<&str>, port: Option<u16>, path: Option<PathModifier>| Redirect {
+            scheme: scheme.map(str::to_owned),
+            hostname: host.map(str::to_owned),
+            path,
+            port,
+            status: 302,
+        };
     let cases = [
+        (redirect(None, Some("example.org"), None, None), 80, "http://example.org/prefix/one?a=b"),
+        (redirect(None, None, Some(8083), None), 80, "http://echo:8083/prefix/one?a=b"),
+        (redirect(Some("https"), None, None, None), 80, "https://echo/prefix/one?a=b"),
+        (redirect(Some("https"), None, Some(8443), None), 80, "https://echo:8443/prefix/one?a=b"),
+        (redirect(Some("http"), None, None, None), 8080, "http://echo/prefix/one?a=b"),
+        (redirect(None, None, None, None), 8080, "http://echo:8080/prefix/one?a=b"),
+        (redirect(None, None, Some(80), None), 8080, "http://echo/prefix/one?a=b"),
+        (redirect(None, None, None, Some(PathModifier::Full("/full".into()))), 80, "http://echo/full?a=b"),
         (
-            redirect(None, Some("example.org"), None, None),
-            80,
-            "http://example.org/prefix/one?a=b",
-        ),
-        (
-            redirect(None, None, Some(8083), None),
-            80,
-            "http://echo:8083/prefix/one?a=b",
-        ),
-        (
-            redirect(Some("https"), None, None, None),
-            80,
-            "https://echo/prefix/one?a=b",
-        ),
-        (
-            redirect(Some("https"), None, Some(8443), None),
-            80,
-            "https://echo:8443/prefix/one?a=b",
-        ),
-        (
-            redirect(Some("http"), None, None, None),
-            8080,
-            "http://echo/prefix/one?a=b",
-        ),
-        (
-            redirect(None, None, None, None),
-            8080,
-            "http://echo:8080/prefix/one?a=b",
-        ),
-        (
-            redirect(None, None, Some(80), None),
-            8080,
-            "http://echo/prefix/one?a=b",
-        ),
-        (
-            redirect(None, None, None, Some(PathModifier::Full("/full".into()))),
-            80,
-            "http://echo/full?a=b",
-        ),
-        (
-            redirect(
-                None,
-                None,
-                None,
-                Some(PathModifier::Prefix("/replacement".into())),
-            ),
+            redirect(None, None, None, Some(PathModifier::Prefix("/replacement".into()))),
             80,
             "http://echo/replacement/one?a=b",
         ),
     ];
     for (r, port, expected) in cases {
-        assert_eq!(
-            redirect_location(&r, port, Some("/prefix"), &req),
-            expected,
-            "{r:?}"
-        );
+        assert_eq!(redirect_location(&r, port, Some("/prefix"), &req), expected, "{r:?}");
     }
 }
 
@@ -193,19 +116,12 @@ fn replace_prefix_match_follows_the_spec_table() {
     ];
     for (prefix, path, replacement, expected) in cases {
         assert_eq!(
-            modified_path(
-                &PathModifier::Prefix(replacement.into()),
-                Some(prefix),
-                path
-            ),
+            modified_path(&PathModifier::Prefix(replacement.into()), Some(prefix), path),
             expected,
             "prefix {prefix}, path {path}, replacement {replacement}"
         );
     }
-    assert_eq!(
-        modified_path(&PathModifier::Full("/one".into()), Some("/x"), "/x/y"),
-        "/one"
-    );
+    assert_eq!(modified_path(&PathModifier::Full("/one".into()), Some("/x"), "/x/y"), "/one");
 }
 
 #[test]
@@ -220,14 +136,8 @@ fn header_modifier_sets_adds_and_removes() {
             HeaderValue::from_static("set-overwrites-values"),
         )],
         add: vec![
-            (
-                HeaderName::from_static("x-header-add"),
-                HeaderValue::from_static("add-appends-values"),
-            ),
-            (
-                HeaderName::from_static("x-new"),
-                HeaderValue::from_static("fresh"),
-            ),
+            (HeaderName::from_static("x-header-add"), HeaderValue::from_static("add-appends-values")),
+            (HeaderName::from_static("x-new"), HeaderValue::from_static("fresh")),
         ],
         remove: vec![HeaderName::from_static("x-header-remove")],
     };
@@ -243,9 +153,7 @@ fn weighted(weights: &[u32]) -> Vec<WeightedBackend> {
         .iter()
         .map(|&weight| WeightedBackend {
             weight,
-            target: BackendTarget::Invalid {
-                reason: format!("w{weight}"),
-            },
+            target: BackendTarget::Invalid { reason: format!("w{weight}") },
             filters: Vec::new(),
         })
         .collect()
@@ -253,13 +161,7 @@ fn weighted(weights: &[u32]) -> Vec<WeightedBackend> {
 
 #[test]
 fn weighted_selection_over_100_000_draws_is_within_half_a_point() {
-    for weights in [
-        vec![90, 10],
-        vec![70, 30],
-        vec![50, 50],
-        vec![1, 2, 3, 4],
-        vec![1, 0, 1],
-    ] {
+    for weights in [vec![90, 10], vec![70, 30], vec![50, 50], vec![1, 2, 3, 4], vec![1, 0, 1]] {
         let backends = weighted(&weights);
         let total: u32 = weights.iter().sum();
         let mut counts = vec![0u32; weights.len()];
@@ -267,10 +169,7 @@ fn weighted_selection_over_100_000_draws_is_within_half_a_point() {
         const DRAWS: u32 = 100_000;
         for _ in 0..DRAWS {
             let chosen = pick_weighted(&backends, rng.u64(..)).expect("some weight is non-zero");
-            let index = backends
-                .iter()
-                .position(|b| std::ptr::eq(b, chosen))
-                .expect("from the list");
+            let index = backends.iter().position(|b| std::ptr::eq(b, chosen)).expect("from the list");
             counts[index] += 1;
         }
         for (i, (&w, &c)) in weights.iter().zip(&counts).enumerate() {
@@ -295,10 +194,7 @@ fn all_zero_weights_pick_nothing() {
 
 #[test]
 fn grpc_paths_split_into_service_and_method() {
-    assert_eq!(
-        grpc_path("/proto.EchoTestService/Echo"),
-        ("proto.EchoTestService", "Echo")
-    );
+    assert_eq!(grpc_path("/proto.EchoTestService/Echo"), ("proto.EchoTestService", "Echo"));
     assert_eq!(grpc_path("/only"), ("only", ""));
     assert_eq!(grpc_path(""), ("", ""));
 }
