@@ -64,6 +64,11 @@ pub enum Command {
     Unenrol { netns: PathBuf },
     /// Print the running agent's status as JSON.
     Status,
+    /// Describe how the running agent handles a resource.
+    Describe {
+        #[command(subcommand)]
+        what: DescribeCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,5 +79,16 @@ pub enum CaCommand {
         out: PathBuf,
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DescribeCommand {
+    /// A Service: ports, attached routes with rules and weights, endpoints per backend and
+    /// node, TLS mode and identities.
+    Service {
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
     },
 }

@@ -5,6 +5,7 @@
 //! - `POST /enrol` `{"netns": PATH}` → `{"cookie": N}`
 //! - `POST /unenrol` `{"netns": PATH}` → `{"cookie": N, "wasEnrolled": bool}`
 //! - `GET /status` → [`Status`]
+//! - `GET /describe?namespace=NS&name=NAME` → a text description of a Service
 //! - `GET /routes` → the status of every route, as translation computed it
 
 use std::{
@@ -73,6 +74,8 @@ pub struct State {
     pub proxy: std::net::SocketAddrV4,
     pub snapshot: tokio::sync::watch::Receiver<Arc<gammaray_proxy::snapshot::Snapshot>>,
     pub statuses: tokio::sync::watch::Receiver<Arc<Vec<crate::translate::RouteStatus>>>,
+    /// Whether traffic between nodes is carried over mutual TLS.
+    pub mtls: bool,
     pub datapath: Datapath,
     pub outbound: Arc<OutboundStats>,
 }
@@ -110,8 +113,29 @@ pub async fn serve(path: &Path, state: Arc<State>) -> Result<(), ControlError> {
 
 async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let route = (req.method().clone(), req.uri().path().to_owned());
+    let route_query = req.uri().query().map(str::to_owned);
     let body = req.into_body().collect().await?.to_bytes();
     Ok(match (route.0, route.1.as_str()) {
+        (Method::GET, "/describe") => {
+            let query = route_query.unwrap_or_default();
+            let param = |k: &str| {
+                query
+                    .split('&')
+                    .find_map(|p| p.strip_prefix(&format!("{k}=")))
+                    .map(str::to_owned)
+                    .unwrap_or_default()
+            };
+            let (ns, name) = (param("namespace"), param("name"));
+            let snapshot = state.snapshot.borrow().clone();
+            let statuses = state.statuses.borrow().clone();
+            match crate::describe::describe(&snapshot, &statuses, &ns, &name, state.mtls) {
+                Some(text) => self::text(StatusCode::OK, text),
+                None => self::text(
+                    StatusCode::NOT_FOUND,
+                    format!("no Service {ns}/{name} with a ClusterIP in the mesh's configuration"),
+                ),
+            }
+        }
         (Method::GET, "/routes") => {
             let statuses = state.statuses.borrow().clone();
             json(StatusCode::OK, &*statuses)
@@ -225,6 +249,14 @@ impl Client {
     pub async fn unenrol(&self, netns: &Path) -> Result<EnrolResponse, ControlError> {
         let body = serde_json::to_vec(&NetnsRequest { netns: netns.to_owned() })?;
         Ok(serde_json::from_slice(&self.call(Method::POST, "/unenrol", body).await?)?)
+    }
+
+    /// The text description of Service `namespace/name`.
+    pub async fn describe(&self, namespace: &str, name: &str) -> Result<String, ControlError> {
+        let body = self
+            .call(Method::GET, &format!("/describe?namespace={namespace}&name={name}"), Vec::new())
+            .await?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
     pub async fn status(&self) -> Result<Status, ControlError> {

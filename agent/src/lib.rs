@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod describe;
 pub mod ebpf;
 pub mod logging;
 pub mod manifests;

@@ -1,6 +1,6 @@
 use clap::Parser as _;
 use gammaray_agent::{
-    cli::{CaCommand, Cli, Command},
+    cli::{CaCommand, Cli, Command, DescribeCommand},
     control, logging,
     run::{RunConfig, run, shutdown_signal},
 };
@@ -54,6 +54,10 @@ fn main() -> anyhow::Result<()> {
                 std::fs::write(&key, ca.key_pem())?;
                 std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
                 println!("wrote {} and {}", out.join("ca.crt").display(), key.display());
+                Ok(())
+            }
+            Command::Describe { what: DescribeCommand::Service { name, namespace } } => {
+                print!("{}", client.describe(&namespace, &name).await?);
                 Ok(())
             }
             Command::Status => {

@@ -131,6 +131,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         outbound: outbound_stats,
         snapshot: snapshot_for_status,
         statuses: statuses_rx,
+        mtls: mesh.hbone.is_some(),
     });
     let control_path = cfg.control_socket.clone();
     let mut control = tokio::spawn({

@@ -225,6 +225,8 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
                 continue;
             }
         };
+        // Small HTTP/2 frames must not wait for delayed ACKs (Nagle).
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let inbound = inbound.clone();
         tokio::spawn(

@@ -60,6 +60,7 @@ pub async fn serve(
             Err(source) => return Err(OutboundError::Accept { addr, source }),
         };
         stats.accepted.fetch_add(1, Relaxed);
+        let _ = stream.set_nodelay(true);
         let conn = Conn {
             mesh: mesh.clone(),
             lookup: lookup.clone(),
