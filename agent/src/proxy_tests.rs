@@ -30,21 +30,32 @@ const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 80);
 
 /// An HTTP backend (HTTP/1.1 and h2c) answering with what it saw, one `key=value` per line.
 async fn backend(name: &'static str) -> SocketAddr {
+    counting_backend(name).await.0
+}
+
+/// [`backend`], also counting the requests it answered.
+async fn counting_backend(name: &'static str) -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind backend");
     let addr = listener.local_addr().expect("backend addr");
+    let counter = served.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            let counter = counter.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
-                    let mut body =
-                        format!("backend={name}\npath={}\nversion={:?}\n", req.uri(), req.version());
-                    for (k, v) in req.headers() {
-                        body.push_str(&format!("h:{k}={}\n", v.to_str().unwrap_or("?")));
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    async move {
+                        let mut body =
+                            format!("backend={name}\npath={}\nversion={:?}\n", req.uri(), req.version());
+                        for (k, v) in req.headers() {
+                            body.push_str(&format!("h:{k}={}\n", v.to_str().unwrap_or("?")));
+                        }
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
                     }
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
@@ -52,7 +63,7 @@ async fn backend(name: &'static str) -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, served)
 }
 
 fn service(name: &str, ip: &str, app_protocol: &str, endpoints: &[SocketAddr]) -> String {
@@ -334,4 +345,41 @@ async fn opaque_ports_are_balanced_at_l4_and_other_addresses_pass_through() {
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.expect("read");
     assert_eq!(buf, "tcp-a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_gets_a_copy_of_bodiless_requests() {
+    let (main, main_count) = counting_backend("main").await;
+    let (shadow, shadow_count) = counting_backend("shadow").await;
+    let yaml = format!(
+        "{}{}{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: m, namespace: demo}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: backend, port: 80}}]\n  rules:\n  - filters: [{{type: RequestMirror, requestMirror: {{backendRef: {{name: shadow, port: 80}}}}}}]\n    backendRefs: [{{name: main, port: 80}}]\n",
+        service("backend", "10.96.0.1", "", &[main]),
+        service("main", "10.96.0.2", "", &[main]),
+        service("shadow", "10.96.0.3", "", &[shadow]),
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let mut sender = proxy.http1(VIP).await;
+    for _ in 0..10 {
+        let (status, fields, _) = get(&mut sender, "/", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(fields["backend"], "main", "the client gets the primary's answer");
+    }
+    let stream = proxy.connect(VIP).await;
+    let (mut post, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("h1");
+    tokio::spawn(conn);
+    let req = Request::post("/upload")
+        .header("host", "backend")
+        .body(Full::new(Bytes::from_static(b"payload")))
+        .expect("req");
+    assert_eq!(post.send_request(req).await.expect("post").status(), StatusCode::OK);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while shadow_count.load(std::sync::atomic::Ordering::Relaxed) < 10 && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(shadow_count.load(std::sync::atomic::Ordering::Relaxed), 10, "every GET was mirrored");
+    assert_eq!(main_count.load(std::sync::atomic::Ordering::Relaxed), 11);
+    let counts = proxy.stats.snapshot();
+    assert_eq!((counts.mirrored, counts.mirror_skipped), (10, 1), "the POST with a body was not mirrored");
 }

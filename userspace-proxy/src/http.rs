@@ -15,7 +15,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
-use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -41,6 +41,8 @@ const HOP_BY_HOP: [&str; 6] =
 pub struct Upstreams {
     http1: Client<HttpConnector, Incoming>,
     http2: Client<HttpConnector, Incoming>,
+    /// Mirrored copies of bodiless requests.
+    mirror: Client<HttpConnector, Empty<Bytes>>,
 }
 
 impl Default for Upstreams {
@@ -51,8 +53,9 @@ impl Default for Upstreams {
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector.clone());
-        let http2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
-        Self { http1, http2 }
+        let http2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector.clone());
+        let mirror = Client::builder(TokioExecutor::new()).build(connector);
+        Self { http1, http2, mirror }
     }
 }
 
@@ -156,6 +159,7 @@ struct Plan {
     host: Option<String>,
     path: Option<String>,
     timeouts: crate::snapshot::Timeouts,
+    mirrors: Vec<crate::snapshot::Mirror>,
 }
 
 impl Plan {
@@ -166,6 +170,7 @@ impl Plan {
             host: f.rewritten_host().map(str::to_owned),
             path: f.rewritten_path(path),
             timeouts: f.timeouts,
+            mirrors: f.mirrors().cloned().collect(),
         }
     }
 }
@@ -216,6 +221,11 @@ async fn forward_to(
         req.headers_mut().insert(header::HOST, host);
     }
     *req.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    if let Some(p) = &plan {
+        for m in &p.mirrors {
+            mirror(&req, m, ctx, random);
+        }
+    }
     let hop = ctx.mesh.hop(&ctx.snapshot.borrow().clone(), ctx.client.ip(), endpoint.addr);
     debug!(endpoint = %endpoint.addr, ?hop, "upstream hop");
     let info = UpstreamInfo {
@@ -303,6 +313,66 @@ async fn send(
             }
         }
     }
+}
+
+/// Sends a copy of a bodiless request to the mirror's backend, for its share of requests, and
+/// forgets the answer. A request with a body is not mirrored (that would mean buffering it):
+/// it is counted and logged at debug.
+fn mirror(req: &Request<Incoming>, m: &crate::snapshot::Mirror, ctx: &ConnContext, random: u64) {
+    use crate::snapshot::BackendTarget;
+    // The low bits picked the backend and the high bits the endpoint; mix for the fraction.
+    let roll = random.rotate_left(17).wrapping_mul(0x9e37_79b9_7f4a_7c15) % u64::from(m.denominator.max(1));
+    if roll >= u64::from(m.numerator) {
+        return;
+    }
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req.headers().get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        ctx.stats.mirror_skipped.fetch_add(1, Relaxed);
+        debug!("request with a body not mirrored");
+        return;
+    }
+    let BackendTarget::Service(backend) = &m.target else { return };
+    let Some(endpoint) = pick_endpoint(&backend.endpoints, random.rotate_left(29)) else { return };
+    let mut copy = Request::new(Empty::<Bytes>::new());
+    *copy.method_mut() = req.method().clone();
+    *copy.headers_mut() = req.headers().clone();
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let hop = ctx.mesh.hop(&ctx.snapshot.borrow().clone(), ctx.client.ip(), endpoint.addr);
+    let (client, mesh, stats, target) =
+        (ctx.upstreams.mirror.clone(), ctx.mesh.clone(), ctx.stats.clone(), endpoint.addr);
+    tokio::spawn(async move {
+        use crate::hbone::Hop;
+        let result = match hop {
+            Hop::Direct(addr) => match format!("http://{addr}{pq}").parse() {
+                Ok(uri) => {
+                    *copy.uri_mut() = uri;
+                    client.request(copy).await.map(|r| r.status()).map_err(|e| e.to_string())
+                }
+                Err(e) => Err(format!("{e}")),
+            },
+            Hop::Refuse(why) => Err(why.to_owned()),
+            Hop::Tunnel { src, dst, node, target } => {
+                async {
+                    let pool = mesh.hbone.as_ref().ok_or("no HBONE pool")?;
+                    let io = pool.connect(&src, &dst, node, target).await.map_err(|e| e.to_string())?;
+                    *copy.uri_mut() = pq.parse().map_err(|e: http::uri::InvalidUri| e.to_string())?;
+                    let (mut sender, conn) =
+                        hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+                    tokio::spawn(conn);
+                    sender.send_request(copy).await.map(|r| r.status()).map_err(|e| e.to_string())
+                }
+                .await
+            }
+        };
+        match result {
+            Ok(status) => {
+                stats.mirrored.fetch_add(1, Relaxed);
+                debug!(%target, %status, "mirrored");
+            }
+            Err(err) => debug!(%target, error = %err, "mirror failed"),
+        }
+    });
 }
 
 /// What the forwarder chose, carried on the response for the access log.

@@ -20,6 +20,10 @@ pub struct OutboundStats {
     pub inbound_tunnels: AtomicU64,
     /// Inbound TLS handshakes refused (unknown CA, expired, no such identity here).
     pub tls_refused: AtomicU64,
+    /// Requests copied to a RequestMirror backend.
+    pub mirrored: AtomicU64,
+    /// Requests a mirror filter applied to but that had a body, so were not copied.
+    pub mirror_skipped: AtomicU64,
     /// Bytes carried from clients to destinations, and back.
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
@@ -37,6 +41,8 @@ pub struct OutboundCounts {
     pub hbone_tunnels: u64,
     pub inbound_tunnels: u64,
     pub tls_refused: u64,
+    pub mirrored: u64,
+    pub mirror_skipped: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
@@ -52,6 +58,8 @@ impl OutboundStats {
             hbone_tunnels: self.hbone_tunnels.load(Relaxed),
             inbound_tunnels: self.inbound_tunnels.load(Relaxed),
             tls_refused: self.tls_refused.load(Relaxed),
+            mirrored: self.mirrored.load(Relaxed),
+            mirror_skipped: self.mirror_skipped.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),
             bytes_received: self.bytes_received.load(Relaxed),
         }
