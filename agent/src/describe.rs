@@ -84,12 +84,16 @@ pub fn describe(
     }
     let attached: Vec<&RouteStatus> = statuses
         .iter()
-        .filter(|s| s.parents.iter().any(|p| p.namespace == namespace && p.name == name))
+        .filter(|s| {
+            s.parents.iter().any(|p| p.parent_ref.namespace == namespace && p.parent_ref.name == name)
+        })
         .collect();
     if !attached.is_empty() {
         let _ = writeln!(out, "   Route status:");
         for s in attached {
-            for p in s.parents.iter().filter(|p| p.namespace == namespace && p.name == name) {
+            for p in
+                s.parents.iter().filter(|p| p.parent_ref.namespace == namespace && p.parent_ref.name == name)
+            {
                 let conds: Vec<String> =
                     p.conditions.iter().map(|c| format!("{}={} ({})", c.type_, c.status, c.reason)).collect();
                 let _ = writeln!(out, "      {} {}: {}", s.kind, s.route, conds.join(", "));

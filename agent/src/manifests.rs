@@ -103,7 +103,7 @@ pub async fn watch_dir(dir: PathBuf, options: Options, out: Published, interval:
                                 .iter()
                                 .filter(|c| c.status != "True" || c.type_ == "PartiallyInvalid")
                             {
-                                warn!(route = %s.route, kind = %s.kind, parent = %p.name, condition = c.type_, reason = c.reason, message = %c.message, "route status");
+                                warn!(route = %s.route, kind = %s.kind, parent = %p.parent_ref.name, condition = c.type_, reason = c.reason, message = %c.message, "route status");
                             }
                         }
                     }

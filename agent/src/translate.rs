@@ -67,12 +67,8 @@ pub struct RouteStatus {
 #[serde(rename_all = "camelCase")]
 pub struct ParentStatus {
     /// The parentRef as the route wrote it, with the namespace filled in.
-    pub group: String,
-    pub kind: String,
-    pub namespace: String,
-    pub name: String,
-    pub port: Option<i32>,
-    pub section_name: Option<String>,
+    #[serde(flatten)]
+    pub parent_ref: ParentRef,
     pub controller_name: &'static str,
     pub conditions: Vec<RouteCondition>,
 }
@@ -309,7 +305,8 @@ fn sorted<M: Clone, K: Ord, E>(
 }
 
 /// A route's Service parentRef, with defaults applied.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ParentRef {
     pub group: String,
     pub kind: String,
@@ -431,16 +428,7 @@ fn parent_status(
             observed_generation: route.generation,
         });
     }
-    ParentStatus {
-        group: parent.group.clone(),
-        kind: parent.kind.clone(),
-        namespace: parent.namespace.clone(),
-        name: parent.name.clone(),
-        port: parent.port,
-        section_name: parent.section_name.clone(),
-        controller_name: CONTROLLER_NAME,
-        conditions,
-    }
+    ParentStatus { parent_ref: parent.clone(), controller_name: CONTROLLER_NAME, conditions }
 }
 
 fn app_protocol(port: &ServicePort) -> AppProtocol {

@@ -371,21 +371,8 @@ fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
     if !require_privileged("canary") {
         return;
     }
-    let cluster = Cluster::new(2).expect("cluster");
-    let canary = Canary::build(&cluster).expect("canary world");
-    let dir = cluster.dir().join("manifests");
-    std::fs::create_dir_all(&dir).expect("manifest dir");
-    std::fs::write(dir.join("objects.yaml"), &canary.objects).expect("objects");
-    write_manifest(&dir.join("route.yaml"), &Canary::route(90, 10));
-    let ca = cluster.dir().join("ca");
-    generate_ca(&ca);
-    let agent = Agent::start_with(&cluster, 1, Some(&dir), Some(&ca));
-    let agent2 = Agent::start_with(&cluster, 2, Some(&dir), Some(&ca));
-    agent.enrol(&canary.client);
-    assert_eventually("node1 routes by the manifests", TIMEOUT, || {
-        let st = agent.status();
-        (st.frontends >= 3).then_some(st.config_version).ok_or(format!("{st:?}"))
-    });
+    let mesh = CanaryMesh::start(&Canary::route(90, 10), &[1, 2]);
+    let (canary, dir, agent, agent2) = (&mesh.canary, &mesh.dir, mesh.agent(1), mesh.agent(2));
 
     let counts = canary_split(&canary.client, 1000);
     let v2 = counts.get("hello from backend v2").copied().unwrap_or(0);
@@ -440,6 +427,46 @@ fn generate_ca(dir: &Path) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// The canary world on two nodes, agents on `nodes` routing by a manifest directory (the
+/// world's objects plus `route`), mTLS between nodes, the client enrolled when node 1 has an
+/// agent. Fields drop in order: agents, backends, then the cluster.
+struct CanaryMesh {
+    agents: Vec<(u8, Agent)>,
+    canary: Canary,
+    dir: PathBuf,
+    ca: PathBuf,
+    cluster: Cluster,
+}
+
+impl CanaryMesh {
+    fn start(route: &str, nodes: &[u8]) -> Self {
+        let cluster = Cluster::new(2).expect("cluster");
+        let canary = Canary::build(&cluster).expect("canary world");
+        let dir = cluster.dir().join("manifests");
+        let ca = cluster.dir().join("ca");
+        std::fs::create_dir_all(&dir).expect("manifest dir");
+        generate_ca(&ca);
+        std::fs::write(dir.join("objects.yaml"), &canary.objects).expect("objects");
+        write_manifest(&dir.join("route.yaml"), route);
+        let agents: Vec<(u8, Agent)> =
+            nodes.iter().map(|&n| (n, Agent::start_with(&cluster, n, Some(&dir), Some(&ca)))).collect();
+        for (n, agent) in &agents {
+            assert_eventually(&format!("node{n} routes by the manifests"), TIMEOUT, || {
+                let st = agent.status();
+                (st.frontends >= 3).then_some(()).ok_or(format!("{st:?}"))
+            });
+            if *n == 1 {
+                agent.enrol(&canary.client);
+            }
+        }
+        Self { agents, canary, dir, ca, cluster }
+    }
+
+    fn agent(&self, node: u8) -> &Agent {
+        &self.agents.iter().find(|(n, _)| *n == node).expect("an agent on that node").1
+    }
+}
+
 /// Captures every frame crossing the fabric bridge namespace while `f` runs.
 fn capture_fabric<T>(cluster: &Cluster, f: impl FnOnce() -> T) -> (T, Vec<u8>) {
     use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
@@ -481,24 +508,11 @@ fn between_nodes_traffic_is_mutual_tls_with_spiffe_identities() {
     if !require_privileged("mtls") {
         return;
     }
-    let cluster = Cluster::new(2).expect("cluster");
-    let canary = Canary::build(&cluster).expect("canary world");
-    let dir = cluster.dir().join("manifests");
-    let ca = cluster.dir().join("ca");
-    std::fs::create_dir_all(&dir).expect("manifest dir");
-    generate_ca(&ca);
-    std::fs::write(dir.join("objects.yaml"), &canary.objects).expect("objects");
-    write_manifest(&dir.join("route.yaml"), &Canary::route(50, 50));
-    let node1 = Agent::start_with(&cluster, 1, Some(&dir), Some(&ca));
-    let node2 = Agent::start_with(&cluster, 2, Some(&dir), Some(&ca));
-    node1.enrol(&canary.client);
-    assert_eventually("node1 routes by the manifests", TIMEOUT, || {
-        let st = node1.status();
-        (st.frontends >= 3).then_some(()).ok_or(format!("{st:?}"))
-    });
+    let mesh = CanaryMesh::start(&Canary::route(50, 50), &[1, 2]);
+    let (cluster, canary, node1, node2) = (&mesh.cluster, &mesh.canary, mesh.agent(1), mesh.agent(2));
 
     const MARKER: &str = "plaintext-marker-7f3a91";
-    let (counts, wire) = capture_fabric(&cluster, || {
+    let (counts, wire) = capture_fabric(cluster, || {
         canary
             .client
             .run(|| {
@@ -580,21 +594,9 @@ fn header_routing_adds_a_header_only_on_matched_requests() {
     if !require_privileged("header-routing") {
         return;
     }
-    let cluster = Cluster::new(2).expect("cluster");
-    let canary = Canary::build(&cluster).expect("world");
-    let dir = cluster.dir().join("manifests");
-    std::fs::create_dir_all(&dir).expect("manifest dir");
-    let ca = cluster.dir().join("ca");
-    generate_ca(&ca);
     let route = "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews, namespace: demo}\nspec:\n  parentRefs: [{group: '', kind: Service, name: backend, port: 80}]\n  rules:\n  - matches: [{headers: [{name: x-user, value: tester}]}]\n    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-canary, value: 'true'}]}}]\n    backendRefs: [{name: backend-v2, port: 80}]\n  - backendRefs: [{name: backend-v1, port: 80}]\n";
-    std::fs::write(dir.join("objects.yaml"), format!("{}{route}", canary.objects)).expect("objects");
-    let node1 = Agent::start_with(&cluster, 1, Some(&dir), Some(&ca));
-    let _node2 = Agent::start_with(&cluster, 2, Some(&dir), Some(&ca));
-    node1.enrol(&canary.client);
-    assert_eventually("node1 routes by the manifests", TIMEOUT, || {
-        let st = node1.status();
-        (st.frontends >= 3).then_some(()).ok_or(format!("{st:?}"))
-    });
+    let mesh = CanaryMesh::start(route, &[1, 2]);
+    let canary = &mesh.canary;
     canary
         .client
         .run(|| {
@@ -625,18 +627,8 @@ fn an_expired_certificate_and_a_wrong_identity_are_refused_by_a_real_node() {
         return;
     }
     use gammaray_proxy::identity::{Authority, Identity, client_config};
-    let cluster = Cluster::new(2).expect("cluster");
-    let canary = Canary::build(&cluster).expect("world");
-    let dir = cluster.dir().join("manifests");
-    std::fs::create_dir_all(&dir).expect("manifest dir");
-    let ca_dir = cluster.dir().join("ca");
-    generate_ca(&ca_dir);
-    std::fs::write(dir.join("objects.yaml"), &canary.objects).expect("objects");
-    let node2 = Agent::start_with(&cluster, 2, Some(&dir), Some(&ca_dir));
-    assert_eventually("node2 has its configuration", TIMEOUT, || {
-        let st = node2.status();
-        (st.frontends >= 3).then_some(()).ok_or(format!("{st:?}"))
-    });
+    let mesh = CanaryMesh::start("", &[2]);
+    let (cluster, ca_dir, node2) = (&mesh.cluster, &mesh.ca, mesh.agent(2));
     let read = |f: &str| std::fs::read_to_string(ca_dir.join(f)).expect("CA file");
     let ca = Authority::from_pem(&read("ca.crt"), &read("ca.key")).expect("the mesh CA");
     let client: Identity = "spiffe://cluster.local/ns/demo/sa/client".parse().expect("identity");

@@ -460,13 +460,12 @@ fn compile_filters(
                     let path = r
                         .path
                         .as_ref()
-                        .map(|p| match p.r#type {
-                            HttpRouteRulesFiltersRequestRedirectPathType::ReplaceFullPath => {
-                                path_modifier(false, p.replace_full_path.as_deref(), all_prefix)
-                            }
-                            HttpRouteRulesFiltersRequestRedirectPathType::ReplacePrefixMatch => {
-                                path_modifier(true, p.replace_prefix_match.as_deref(), all_prefix)
-                            }
+                        .map(|p| {
+                            let prefix = matches!(
+                                p.r#type,
+                                HttpRouteRulesFiltersRequestRedirectPathType::ReplacePrefixMatch
+                            );
+                            path_modifier(prefix, &p.replace_full_path, &p.replace_prefix_match, all_prefix)
                         })
                         .transpose()?;
                     Filter::Redirect(Redirect {
@@ -485,13 +484,12 @@ fn compile_filters(
                     let path = r
                         .path
                         .as_ref()
-                        .map(|p| match p.r#type {
-                            HttpRouteRulesFiltersUrlRewritePathType::ReplaceFullPath => {
-                                path_modifier(false, p.replace_full_path.as_deref(), all_prefix)
-                            }
-                            HttpRouteRulesFiltersUrlRewritePathType::ReplacePrefixMatch => {
-                                path_modifier(true, p.replace_prefix_match.as_deref(), all_prefix)
-                            }
+                        .map(|p| {
+                            let prefix = matches!(
+                                p.r#type,
+                                HttpRouteRulesFiltersUrlRewritePathType::ReplacePrefixMatch
+                            );
+                            path_modifier(prefix, &p.replace_full_path, &p.replace_prefix_match, all_prefix)
                         })
                         .transpose()?;
                     if let Some(h) = &r.hostname {
@@ -537,8 +535,15 @@ fn compile_filters(
         .collect()
 }
 
-fn path_modifier(prefix: bool, value: Option<&str>, all_prefix: bool) -> Result<PathModifier, Unresolved> {
-    let value = value.ok_or_else(|| problem("a path modifier needs a value for its type"))?;
+/// A path modifier of either type; `prefix` says which of the two values applies.
+fn path_modifier(
+    prefix: bool,
+    full: &Option<String>,
+    replace_prefix: &Option<String>,
+    all_prefix: bool,
+) -> Result<PathModifier, Unresolved> {
+    let value = if prefix { replace_prefix } else { full };
+    let value = value.as_deref().ok_or_else(|| problem("a path modifier needs a value for its type"))?;
     check_path(value)?;
     if prefix {
         if !all_prefix {
