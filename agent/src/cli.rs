@@ -52,6 +52,9 @@ pub enum Command {
         /// The mesh root CA key (PEM).
         #[arg(long, requires = "ca_cert")]
         ca_key: Option<PathBuf>,
+        /// The admin endpoint: /healthz, /readyz, /metrics.
+        #[arg(long, default_value = "0.0.0.0:15021")]
+        admin_addr: std::net::SocketAddr,
     },
     /// Mesh CA management.
     Ca {

@@ -2,6 +2,7 @@
 //! programs, enrols pods' network namespaces, forwards the kernel's log lines, and runs the
 //! node proxy in-process on its own runtime.
 
+pub mod admin;
 pub mod cli;
 pub mod control;
 pub mod describe;

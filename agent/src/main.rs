@@ -22,6 +22,7 @@ fn main() -> anyhow::Result<()> {
                 trust_domain,
                 ca_cert,
                 ca_key,
+                admin_addr,
             } => {
                 let cfg = RunConfig {
                     node,
@@ -33,6 +34,7 @@ fn main() -> anyhow::Result<()> {
                     manifests,
                     trust_domain,
                     ca: ca_cert.zip(ca_key),
+                    admin_addr,
                 };
                 run(cfg, shutdown_signal()).await
             }

@@ -6,7 +6,7 @@ use std::{net::SocketAddrV4, path::PathBuf, sync::Arc};
 use anyhow::Context as _;
 use gammaray_proxy::{hbone, outbound, snapshot::Snapshot, stats::OutboundStats};
 
-use crate::{control, ebpf, manifests, preflight, translate};
+use crate::{admin, control, ebpf, manifests, preflight, translate};
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -24,6 +24,8 @@ pub struct RunConfig {
     pub trust_domain: String,
     /// The mesh CA's certificate and key files; `None` leaves traffic between nodes plaintext.
     pub ca: Option<(PathBuf, PathBuf)>,
+    /// Where /healthz, /readyz and /metrics are served.
+    pub admin_addr: std::net::SocketAddr,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -84,7 +86,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         node: Some(cfg.node.clone()),
         hbone: certs.clone().map(|c| Arc::new(hbone::Pool::new(c))),
     });
-    if let Some(certs) = certs {
+    if let Some(certs) = certs.clone() {
         let addr = std::net::SocketAddr::new((*cfg.proxy_addr.ip()).into(), hbone::HBONE_PORT);
         let listener = std::net::TcpListener::bind(addr)
             .with_context(|| format!("cannot bind the inbound HBONE listener on {addr}"))?;
@@ -133,6 +135,14 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         statuses: statuses_rx,
         mtls: mesh.hbone.is_some(),
     });
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_addr)
+        .await
+        .with_context(|| format!("cannot bind the admin endpoint on {}", cfg.admin_addr))?;
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        state.clone(),
+        admin::Readiness { expects_config: cfg.manifests.is_some(), certs },
+    ));
     let control_path = cfg.control_socket.clone();
     let mut control = tokio::spawn({
         let state = state.clone();
@@ -149,6 +159,8 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     }
     control.abort();
     let _ = control.await;
+    admin.abort();
+    let _ = admin.await;
     if let Some(task) = source {
         task.abort();
     }

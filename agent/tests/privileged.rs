@@ -385,6 +385,29 @@ fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
     assert_eq!(status.kernel.redirected, 1, "one keep-alive connection, redirected once");
     assert_eq!(status.outbound.requests, 1000);
     assert!(status.outbound.hbone_tunnels > 0, "requests to node2's pods went through HBONE");
+    // The admin endpoint: health, readiness, and the metrics of what just happened.
+    let admin = SocketAddr::from((mesh.cluster.node(1).ip, 15021));
+    let (health, ready, metrics) = mesh
+        .cluster
+        .node(1)
+        .run(|| {
+            let mut c = HttpClient::connect(admin, "admin", TIMEOUT).expect("admin endpoint");
+            (
+                c.get("/healthz", &[]).expect("healthz"),
+                c.get("/readyz", &[]).expect("readyz"),
+                c.get("/metrics", &[]).expect("metrics"),
+            )
+        })
+        .expect("enter node1");
+    assert_eq!((health.status, ready.status), (200, 200), "{}", ready.body);
+    for needle in [
+        "gammaray_redirects_total 1",
+        "gammaray_hbone_tunnels_total ",
+        "gammaray_certificate_expiry_timestamp_seconds ",
+        "gammaray_requests_total{source_workload=\"demo/client\",destination_service=\"demo/backend:80\",backend=\"demo/backend-v2:80\",response_code=\"200\"}",
+    ] {
+        assert!(metrics.body.contains(needle), "missing {needle} in:\n{}", metrics.body);
+    }
     assert!(agent2.status().outbound.inbound_tunnels > 0);
 
     // Shift to 50/50 while requests flow: none fails, and the new split takes over.

@@ -90,6 +90,22 @@ async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
     ctx.stats.requests.fetch_add(1, Relaxed);
     let src_identity = ctx.snapshot.borrow().workloads.get(&ctx.client.ip()).map(|w| w.identity.clone());
     let upstream = response.extensions().get::<UpstreamInfo>();
+    let destination_service = {
+        let snapshot = ctx.snapshot.borrow();
+        snapshot.frontend(ctx.orig_dst).map(|f| format!("{}:{}", f.service, f.port))
+    };
+    ctx.stats
+        .requests_by
+        .get_or_create(&crate::stats::RequestLabels {
+            source_workload: src_identity
+                .as_deref()
+                .and_then(|i| i.parse::<crate::identity::Identity>().ok())
+                .map_or_else(|| "unknown".to_owned(), |i| format!("{}/{}", i.namespace, i.service_account)),
+            destination_service: destination_service.unwrap_or_else(|| ctx.orig_dst.to_string()),
+            backend: upstream.map_or_else(|| "-".to_owned(), |u| u.service.clone()),
+            response_code: status,
+        })
+        .inc();
     info!(
         src = %ctx.client,
         src_identity = src_identity.as_deref().unwrap_or("-"),

@@ -2,8 +2,26 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+/// Labels of the per-request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `namespace/serviceaccount` of the client, or `unknown`.
+    pub source_workload: String,
+    /// The Service frontend the client addressed, `namespace/name:port`.
+    pub destination_service: String,
+    /// The backend Service the request went to, `namespace/name:port`, or `-` when answered
+    /// locally.
+    pub backend: String,
+    pub response_code: u16,
+}
+
 #[derive(Debug, Default)]
 pub struct OutboundStats {
+    /// Requests by source workload, destination service, backend and response code.
+    pub requests_by: prometheus_client::metrics::family::Family<
+        RequestLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
     /// Connections accepted on the outbound listener.
     pub accepted: AtomicU64,
     /// Accepted connections whose original destination was not found: closed at once.

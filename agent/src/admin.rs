@@ -1,0 +1,219 @@
+//! The admin endpoint (`--admin-addr`, HTTP): `/healthz` (the process serves), `/readyz`
+//! (eBPF attached, the mesh CA loaded when mTLS is on, the first configuration applied when a
+//! source is configured) and `/metrics` in the Prometheus text format (prometheus-client).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::control::State;
+
+/// What readiness needs beyond the shared state.
+pub struct Readiness {
+    /// A configuration source is configured, so a first snapshot must arrive.
+    pub expects_config: bool,
+    pub certs: Option<Arc<gammaray_proxy::identity::CertStore>>,
+}
+
+/// Serves the admin endpoint until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<State>, readiness: Readiness) {
+    let mut registry = Registry::with_prefix("gammaray");
+    registry.register(
+        "requests",
+        "HTTP requests by source workload, destination service, backend and response code",
+        state.outbound.requests_by.clone(),
+    );
+    registry.register_collector(Box::new(Scrape { state: state.clone(), certs: readiness.certs.clone() }));
+    let registry = Arc::new(registry);
+    let readiness = Arc::new(readiness);
+    tracing::info!(addr = ?listener.local_addr().ok(), component = "admin", "listener ready");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (state, registry, readiness) = (state.clone(), registry.clone(), readiness.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let response = handle(&req, &state, &registry, &readiness);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn handle(
+    req: &Request<Incoming>,
+    state: &State,
+    registry: &Registry,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
+    let reply = |code: StatusCode, content_type: &'static str, body: String| {
+        Response::builder()
+            .status(code)
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts are valid")
+    };
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, "/readyz") => match not_ready(state, readiness) {
+            None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+            Some(why) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n")),
+        },
+        (&Method::GET, "/metrics") => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, registry) {
+                Ok(()) => {
+                    reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text)
+                }
+                Err(err) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{err}\n")),
+            }
+        }
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// Why the agent is not ready, if it is not.
+fn not_ready(state: &State, readiness: &Readiness) -> Option<&'static str> {
+    if state.datapath.attachment().link_ids.len() < 2 {
+        return Some("eBPF programs not attached");
+    }
+    if readiness.expects_config && state.snapshot.borrow().version == 0 {
+        return Some("no configuration applied yet");
+    }
+    if state.mtls && readiness.certs.is_none() {
+        return Some("mesh CA not loaded");
+    }
+    None
+}
+
+/// Reads the kernel's and the proxy's counters at each scrape.
+struct Scrape {
+    state: Arc<State>,
+    certs: Option<Arc<gammaray_proxy::identity::CertStore>>,
+}
+
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scrape")
+    }
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(value);
+    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Ok(k) = self.state.datapath.counters() {
+            counter(
+                &mut encoder,
+                "gammaray_redirects",
+                "Connections the kernel redirected to the node proxy",
+                k.redirected,
+            )?;
+            counter(
+                &mut encoder,
+                "gammaray_redirects_skipped",
+                "Enrolled connects left alone (loopback, the proxy, not TCP)",
+                k.skipped,
+            )?;
+            counter(
+                &mut encoder,
+                "gammaray_kernel_lookup_misses",
+                "Established redirected sockets without a recorded destination",
+                k.lookup_misses,
+            )?;
+            counter(
+                &mut encoder,
+                "gammaray_kernel_errors",
+                "Map updates that failed in the kernel",
+                k.errors,
+            )?;
+        }
+        let o = self.state.outbound.snapshot();
+        counter(
+            &mut encoder,
+            "gammaray_tcp_connections",
+            "Connections accepted by the outbound listener",
+            o.accepted,
+        )?;
+        counter(
+            &mut encoder,
+            "gammaray_proxy_lookup_misses",
+            "Accepted connections whose original destination was unknown",
+            o.lookup_misses,
+        )?;
+        counter(
+            &mut encoder,
+            "gammaray_tcp_sent_bytes",
+            "Bytes carried from clients to destinations",
+            o.bytes_sent,
+        )?;
+        counter(
+            &mut encoder,
+            "gammaray_tcp_received_bytes",
+            "Bytes carried from destinations to clients",
+            o.bytes_received,
+        )?;
+        counter(
+            &mut encoder,
+            "gammaray_upstream_errors",
+            "Connections or requests whose upstream failed",
+            o.upstream_errors,
+        )?;
+        counter(
+            &mut encoder,
+            "gammaray_hbone_tunnels",
+            "Connections carried to another node over mTLS",
+            o.hbone_tunnels,
+        )?;
+        counter(
+            &mut encoder,
+            "gammaray_hbone_inbound_tunnels",
+            "mTLS streams forwarded to a pod of this node",
+            o.inbound_tunnels,
+        )?;
+        counter(&mut encoder, "gammaray_tls_refused", "Inbound TLS handshakes refused", o.tls_refused)?;
+        let g = ConstGauge::new(self.state.snapshot.borrow().version as i64);
+        g.encode(encoder.encode_descriptor(
+            "gammaray_config_version",
+            "Version of the configuration in force",
+            None,
+            g.metric_type(),
+        )?)?;
+        if let Some(expiry) = self.certs.as_ref().and_then(|c| c.earliest_expiry()) {
+            let secs = expiry.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+            let g = ConstGauge::new(secs);
+            g.encode(encoder.encode_descriptor(
+                "gammaray_certificate_expiry_timestamp_seconds",
+                "Earliest expiry of the workload certificates this node holds",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The default admin address: every address of the node, port 15021.
+pub fn default_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15021))
+}
