@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod echo;
 pub mod eventually;
 pub mod http;
+pub mod istio_echo;
 pub mod names;
 pub mod netns;
 pub mod objects;
