@@ -182,7 +182,7 @@ impl Collector for Scrape {
         counter(
             &mut encoder,
             "gammaray_hbone_tunnels",
-            "Connections carried to another node over mTLS",
+            "Connections and requests carried to another node over mTLS",
             o.hbone_tunnels,
         )?;
         counter(

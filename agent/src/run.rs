@@ -82,10 +82,10 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
             None
         }
     };
-    let mesh = Arc::new(hbone::Mesh {
-        node: Some(cfg.node.clone()),
-        hbone: certs.clone().map(|c| Arc::new(hbone::Pool::new(c))),
-    });
+    let mesh = Arc::new(hbone::Mesh::new(
+        Some(cfg.node.clone()),
+        certs.clone().map(|c| Arc::new(hbone::Pool::new(c))),
+    ));
     if let Some(certs) = certs.clone() {
         let addr = std::net::SocketAddr::new((*cfg.proxy_addr.ip()).into(), hbone::HBONE_PORT);
         let listener = std::net::TcpListener::bind(addr)

@@ -50,6 +50,8 @@ pub enum HboneError {
     Refused { node: SocketAddr, target: SocketAddr, status: StatusCode },
     #[error("timed out reaching node {node}")]
     Timeout { node: SocketAddr },
+    #[error("{target} is not a pod of another node")]
+    NotAPod { target: String },
 }
 
 type Key = (Identity, Identity, SocketAddr);
@@ -58,12 +60,122 @@ type Key = (Identity, Identity, SocketAddr);
 pub struct Mesh {
     pub node: Option<String>,
     pub hbone: Option<Arc<Pool>>,
+    /// HTTP clients whose connections are HBONE streams, one per (source identity, h2), so
+    /// pooled connections never mix identities.
+    clients: Mutex<HashMap<(Identity, bool), TunnelClient>>,
 }
 
+/// A pooled HTTP client over HBONE streams.
+pub type TunnelClient = hyper_util::client::legacy::Client<TunnelConnector, hyper::body::Incoming>;
+
 impl Mesh {
+    pub fn new(node: Option<String>, hbone: Option<Arc<Pool>>) -> Self {
+        Self { node, hbone, clients: Mutex::new(HashMap::new()) }
+    }
+
     /// No mesh identity: every connection goes direct (plaintext).
     pub fn plaintext() -> Self {
-        Self { node: None, hbone: None }
+        Self::new(None, None)
+    }
+
+    /// The pooled client that speaks as `src` to pods of other nodes.
+    pub fn tunnel_client(
+        &self,
+        src: &Identity,
+        h2: bool,
+        snapshot: &watch::Receiver<Arc<Snapshot>>,
+    ) -> Option<TunnelClient> {
+        let pool = self.hbone.clone()?;
+        let mut clients = self.clients.lock().expect("tunnel clients lock");
+        let client = clients.entry((src.clone(), h2)).or_insert_with(|| {
+            let connector = TunnelConnector { pool, src: src.clone(), snapshot: snapshot.clone() };
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .http2_only(h2)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector)
+        });
+        Some(client.clone())
+    }
+}
+
+/// Where a pod of another node is reached: its identity and its node's HBONE address.
+fn remote_pod(snapshot: &Snapshot, target: SocketAddr) -> Option<(Identity, SocketAddr)> {
+    let w = snapshot.workloads.get(&target.ip())?;
+    let node_ip = snapshot.nodes.get(w.node.as_deref()?)?;
+    Some((w.identity.parse().ok()?, SocketAddr::new(*node_ip, HBONE_PORT)))
+}
+
+/// Makes hyper client connections out of HBONE streams: the URI names the pod.
+#[derive(Clone)]
+pub struct TunnelConnector {
+    pool: Arc<Pool>,
+    src: Identity,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl tower_service::Service<http::Uri> for TunnelConnector {
+    type Response = TunnelIo;
+    type Error = HboneError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<TunnelIo, HboneError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), HboneError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let (pool, src, snapshot) = (self.pool.clone(), self.src.clone(), self.snapshot.borrow().clone());
+        Box::pin(async move {
+            let target: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or(HboneError::NotAPod { target: uri.to_string() })?;
+            let (dst, node) =
+                remote_pod(&snapshot, target).ok_or(HboneError::NotAPod { target: target.to_string() })?;
+            Ok(TunnelIo(pool.connect(&src, &dst, node, target).await?))
+        })
+    }
+}
+
+/// One HBONE stream as a client connection.
+pub struct TunnelIo(Upgraded);
+
+impl hyper::rt::Read for TunnelIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for TunnelIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for TunnelIo {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
     }
 }
 

@@ -290,11 +290,10 @@ async fn forward_along(
     }
 }
 
-/// Sends a request along `hop`: pooled plain connections on this node, an HBONE stream to a
-/// pod on another node (one stream per request for now; pooling inner connections over HBONE
-/// streams is a later optimisation).
+/// Sends a request along `hop`: pooled plain connections on this node; to a pod on another
+/// node, pooled connections that are HBONE streams.
 async fn send(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     hop: crate::hbone::Hop,
     h2: bool,
     ctx: &ConnContext,
@@ -306,27 +305,11 @@ async fn send(
             client.request(req).await.map_err(|e| e.to_string())
         }
         Hop::Refuse(why) => Err(why.to_owned()),
-        Hop::Tunnel { src, dst, node, target } => {
-            let pool = ctx.mesh.hbone.as_ref().ok_or("no HBONE pool")?;
-            let upgraded = pool.connect(&src, &dst, node, target).await.map_err(|e| e.to_string())?;
+        Hop::Tunnel { src, .. } => {
+            // Pooled: connections are HBONE streams, kept per source identity.
+            let client = ctx.mesh.tunnel_client(&src, h2, &ctx.snapshot).ok_or("no HBONE pool")?;
             ctx.stats.hbone_tunnels.fetch_add(1, Relaxed);
-            // An upgraded stream already speaks hyper's IO traits.
-            let io = upgraded;
-            if h2 {
-                let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tokio::spawn(conn);
-                sender.send_request(req).await.map_err(|e| e.to_string())
-            } else {
-                // Origin-form on a connection of its own.
-                let pq = req.uri().path_and_query().map_or("/".to_owned(), |p| p.as_str().to_owned());
-                *req.uri_mut() = pq.parse().map_err(|e: http::uri::InvalidUri| e.to_string())?;
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
-                tokio::spawn(conn);
-                sender.send_request(req).await.map_err(|e| e.to_string())
-            }
+            client.request(req).await.map_err(|e| e.to_string())
         }
     }
 }

@@ -32,7 +32,8 @@ pub struct OutboundStats {
     pub no_endpoint: AtomicU64,
     /// HTTP requests handled.
     pub requests: AtomicU64,
-    /// Outbound connections carried to another node inside HBONE.
+    /// Outbound connections and HTTP requests carried to another node inside HBONE (requests
+    /// share pooled streams, so this can exceed the streams the other node counts).
     pub hbone_tunnels: AtomicU64,
     /// Inbound HBONE streams forwarded to a local pod.
     pub inbound_tunnels: AtomicU64,
