@@ -284,7 +284,7 @@ fn wait_for(agent: &Agent, ready: impl Fn(&Status) -> bool) -> anyhow::Result<St
     }
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

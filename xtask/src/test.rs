@@ -27,6 +27,23 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
+    // The main job must keep working: run the demo once, as the README's first command would.
+    println!("\nxtask: the demo (the README's first command) as a smoke test");
+    if crate::demo::is_root() {
+        match crate::demo::run() {
+            Ok(()) => passed += 1,
+            Err(err) => {
+                eprintln!("xtask: the demo failed: {err:#}");
+                failed += 1;
+            }
+        }
+    } else if std::env::var("GAMMARAY_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        eprintln!("xtask: the demo needs root and GAMMARAY_REQUIRE_PRIVILEGED=1");
+        failed += 1;
+    } else {
+        eprintln!("\n!!!!!!!! SKIP: the demo needs root !!!!!!!!\n");
+        ignored += 1;
+    }
     println!();
     println!("{passed} passed, {failed} failed, {ignored} skipped");
     anyhow::ensure!(status.success() && failed == 0, "tests failed");
