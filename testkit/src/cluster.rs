@@ -82,20 +82,7 @@ impl Cluster {
             let name = format!("node{index}");
             let netns = Netns::create(&format!("{run}-{name}"))?;
             let fab_if = format!("{}{index}", names::VETH_PREFIX);
-            ip(&[
-                "-n",
-                fabric.name(),
-                "link",
-                "add",
-                &fab_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                netns.name(),
-            ])?;
+            veth(fabric.name(), &fab_if, netns.name())?;
             ip(&["-n", fabric.name(), "link", "set", &fab_if, "master", "br0", "up"])?;
             let node_ip = node_ip(index);
             ip(&["-n", netns.name(), "addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
@@ -150,20 +137,7 @@ impl Cluster {
         let netns = Netns::create(&format!("{}-{}-{namespace}-{name}", self.run, node.name))?;
         let host_veth = format!("{}p{k}", names::VETH_PREFIX);
         let n = node.netns.name();
-        ip(&[
-            "-n",
-            n,
-            "link",
-            "add",
-            &host_veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
+        veth(n, &host_veth, netns.name())?;
         ip(&["-n", n, "addr", "add", &format!("{}/32", pod_gateway(node.index)), "dev", &host_veth])?;
         ip(&["-n", n, "link", "set", &host_veth, "up"])?;
         ip(&["-n", n, "route", "add", &format!("{pod_ip}/32"), "dev", &host_veth, "scope", "link"])?;
@@ -226,6 +200,11 @@ impl Cluster {
         self.pods.lock().expect("pods lock").retain(|p| !Arc::ptr_eq(p, pod));
         let _ = crate::cgroup::remove_tree(pod.cgroup.parent().unwrap_or(&pod.cgroup));
     }
+}
+
+/// A veth pair: `host_if` in namespace `ns`, its peer `eth0` in namespace `peer_ns`.
+fn veth(ns: &str, host_if: &str, peer_ns: &str) -> Result<()> {
+    ip(&["-n", ns, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", peer_ns])
 }
 
 fn pod_uid(run: &str, node: u8, k: u8) -> String {

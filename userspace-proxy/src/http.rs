@@ -88,19 +88,21 @@ async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
     let response = route_request(req, ctx).await;
     let status = response.status().as_u16();
     ctx.stats.requests.fetch_add(1, Relaxed);
-    let src_identity = ctx.snapshot.borrow().workloads.get(&ctx.client.ip()).map(|w| w.identity.clone());
     let upstream = response.extensions().get::<UpstreamInfo>();
-    let destination_service = {
+    // One look at the snapshot for both the log line and the metric labels.
+    let (source, src_identity, destination_service) = {
         let snapshot = ctx.snapshot.borrow();
-        snapshot.frontend(ctx.orig_dst).map(|f| format!("{}:{}", f.service, f.port))
+        let client = snapshot.workloads.get(&ctx.client.ip());
+        (
+            client.map(|w| format!("{}/{}", w.pod.namespace, w.service_account)),
+            client.map(|w| w.identity.clone()),
+            snapshot.frontend(ctx.orig_dst).map(|f| format!("{}:{}", f.service, f.port)),
+        )
     };
     ctx.stats
         .requests_by
         .get_or_create(&crate::stats::RequestLabels {
-            source_workload: src_identity
-                .as_deref()
-                .and_then(|i| i.parse::<crate::identity::Identity>().ok())
-                .map_or_else(|| "unknown".to_owned(), |i| format!("{}/{}", i.namespace, i.service_account)),
+            source_workload: source.unwrap_or_else(|| "unknown".to_owned()),
             destination_service: destination_service.unwrap_or_else(|| ctx.orig_dst.to_string()),
             backend: upstream.map_or_else(|| "-".to_owned(), |u| u.service.clone()),
             response_code: status,

@@ -197,12 +197,19 @@ pub fn path_matches(m: &PathMatch, path: &str) -> bool {
 }
 
 fn header_matches(m: &HeaderMatch, headers: &HeaderMap) -> bool {
-    let mut values = headers.get_all(&m.name).iter().peekable();
-    if values.peek().is_none() {
-        return false;
-    }
+    let mut values = headers.get_all(&m.name).iter();
+    let Some(first) = values.next() else { return false };
+    let Some(second) = values.next() else {
+        // The common case, one line: no allocation.
+        return first.to_str().is_ok_and(|v| value_matches(&m.value, v));
+    };
     // Several lines of one header compare as their values joined with ",".
-    let joined = values.filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+    let joined = [first, second]
+        .into_iter()
+        .chain(values)
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
     value_matches(&m.value, &joined)
 }
 
