@@ -87,7 +87,9 @@ async fn answer(
         field("StatusCode", "200");
         field("ServiceVersion", &who.service_version);
         field("ServicePort", &port.to_string());
-        field("Namespace", &who.namespace);
+        if !who.namespace.is_empty() {
+            field("Namespace", &who.namespace);
+        }
         field("IP", &peer.ip().to_string());
         field("Proto", "GRPC");
         field("Echo", &message);
@@ -101,12 +103,12 @@ async fn answer(
     field("ServicePort", &port.to_string());
     field("Host", &host);
     field("URL", &req.uri().path_and_query().map_or("/".to_owned(), |p| p.to_string()));
-    field("Cluster", "");
-    field("IstioVersion", "");
+    if !who.namespace.is_empty() {
+        field("Namespace", &who.namespace);
+    }
     field("Method", req.method().as_str());
     field("Proto", &format!("{:?}", req.version()));
     field("IP", &peer.ip().to_string());
-    field("Alpn", "");
     for (k, v) in &headers {
         field("RequestHeader", &format!("{k}:{v}"));
     }
@@ -232,6 +234,36 @@ impl EchoReply {
         (!values.is_empty()).then(|| values.join(","))
     }
 
+    /// The outcome the conformance checks judge: status, backend pod and namespace, the request
+    /// headers and target the backend saw, and the response headers.
+    pub fn outcome(&self) -> crate::catalogue::Outcome {
+        let mut request_headers = HeaderMap::new();
+        for (_, line) in self.fields.iter().filter(|(k, _)| k == "RequestHeader") {
+            let Some((name, value)) = line.split_once(':') else { continue };
+            if let (Ok(n), Ok(v)) =
+                (http::HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value))
+            {
+                request_headers.append(n, v);
+            }
+        }
+        let mut response_headers = HeaderMap::new();
+        for (name, value) in &self.response_headers {
+            if let (Ok(n), Ok(v)) =
+                (http::HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value))
+            {
+                response_headers.append(n, v);
+            }
+        }
+        crate::catalogue::Outcome {
+            status: self.status,
+            backend: self.field("Hostname").map(str::to_owned),
+            backend_namespace: self.field("Namespace").map(str::to_owned),
+            request_headers,
+            request_path: self.field("URL").map(str::to_owned),
+            response_headers,
+        }
+    }
+
     fn parse_fields(text: &str) -> Vec<(String, String)> {
         text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
     }
@@ -349,6 +381,12 @@ mod tests {
         assert_eq!(reply.field("Proto"), Some("HTTP/1.1"));
         assert_eq!(reply.field("ServicePort"), Some(addr.port().to_string().as_str()));
         assert_eq!(reply.request_header("x-header-add").as_deref(), Some("a"));
+        assert_eq!(reply.field("Namespace"), Some("ns"));
+        let outcome = reply.outcome();
+        assert_eq!(outcome.backend.as_deref(), Some("echo-v1-5c7d8f9b6d-abcde"));
+        assert_eq!(outcome.backend_namespace.as_deref(), Some("ns"));
+        assert_eq!(outcome.request_path.as_deref(), Some("/path?x=1"));
+        assert_eq!(crate::catalogue::joined(&outcome.request_headers, "X-Header-Add").as_deref(), Some("a"));
     }
 
     #[tokio::test]

@@ -4,44 +4,20 @@
 //! directory: a 90/10 canary split of 1000 requests, a live shift to 50/50, header routing,
 //! the identities the mesh assigns, and the kernel's own log lines.
 
-use std::{
-    collections::BTreeMap,
-    io::Write as _,
-    net::{SocketAddr, SocketAddrV4},
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, io::Write as _, net::SocketAddr, time::Instant};
 
 use anyhow::{Context as _, bail};
-use gammaray_agent::control::{Client, Status};
 use gammaray_testkit::{
     Cluster, Pod,
     http::HttpClient,
-    process::Process,
     scenarios::{self, Canary},
 };
 
-const TIMEOUT: Duration = Duration::from_secs(10);
+use crate::agents::{Agent, TIMEOUT, block_on, generate_ca, is_root, write_atomically};
 const REQUESTS: usize = 1000;
 
 fn step(msg: &str) {
     println!("\n\x1b[1m==> {msg}\x1b[0m");
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
-}
-
-struct Agent {
-    _process: Process,
-    control: Client,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn status(&self) -> anyhow::Result<Status> {
-        Ok(block_on(self.control.status())?)
-    }
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -73,37 +49,13 @@ pub fn run() -> anyhow::Result<()> {
 
     step("generating the mesh root CA (gammaray-agent ca generate)");
     let ca = cluster.dir().join("ca");
-    let out = std::process::Command::new(&agent_bin).args(["ca", "generate", "--out"]).arg(&ca).output()?;
-    if !out.status.success() {
-        bail!("cannot generate the CA: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    println!("    {}", String::from_utf8_lossy(&out.stdout).trim());
+    println!("    {}", generate_ca(&agent_bin, &ca)?);
 
     step("starting one gammaray agent per node (eBPF redirect, node proxy, HBONE mTLS on :15008)");
     let mut agents = Vec::new();
     for node in cluster.nodes() {
-        let socket = cluster.dir().join(format!("{}.sock", node.name));
-        let log = cluster.dir().join(format!("{}.log", node.name));
-        let proxy = SocketAddrV4::new(node.ip, 15001);
-        let args: Vec<String> = vec![
-            "--control".into(),
-            socket.display().to_string(),
-            "run".into(),
-            "--node".into(),
-            node.name.clone(),
-            "--proxy-addr".into(),
-            proxy.to_string(),
-            "--manifests".into(),
-            manifests.display().to_string(),
-            "--ca-cert".into(),
-            ca.join("ca.crt").display().to_string(),
-            "--ca-key".into(),
-            ca.join("ca.key").display().to_string(),
-        ];
-        let env = [("RUST_LOG".to_owned(), "info,gammaray::kernel=debug".to_owned())];
-        let process = node.spawn("agent", &agent_bin, &args, &env, Some(&log))?;
-        let agent = Agent { _process: process, control: Client::new(&socket), log };
-        let st = wait_for(&agent, |s| s.frontends >= 3)?;
+        let agent = Agent::start(&agent_bin, &cluster, node, &manifests, &ca, "info,gammaray::kernel=debug")?;
+        let st = agent.wait_for(|s| s.frontends >= 3)?;
         println!(
             "    {}: eBPF links {:?} at {}, proxy on {}, config v{} with {} Service frontends",
             node.name,
@@ -129,7 +81,7 @@ pub fn run() -> anyhow::Result<()> {
     let described = std::process::Command::new(&agent_bin)
         .args([
             "--control",
-            &cluster.dir().join("node1.sock").display().to_string(),
+            &agents[0].socket.display().to_string(),
             "describe",
             "service",
             "backend",
@@ -145,7 +97,7 @@ pub fn run() -> anyhow::Result<()> {
     step("shifting the weights to 50/50, live (what Flagger does during a rollout)");
     let before = agents[0].status()?.config_version;
     write_atomically(&route_file, &Canary::route(50, 50))?;
-    let st = wait_for(&agents[0], |s| s.config_version > before)?;
+    let st = agents[0].wait_for(|s| s.config_version > before)?;
     println!("    node1 now routes by config v{}", st.config_version);
     let split = send(&canary.client, REQUESTS, &[])?;
     chart(&split, REQUESTS);
@@ -154,7 +106,7 @@ pub fn run() -> anyhow::Result<()> {
     write_atomically(&route_file, &header_route())?;
     print!("{}", indent(&header_route()));
     let before = st.config_version;
-    wait_for(&agents[0], |s| s.config_version > before)?;
+    agents[0].wait_for(|s| s.config_version > before)?;
     for user in ["tester", "someone"] {
         let reply = canary.client.run(|| -> std::io::Result<_> {
             let mut c =
@@ -261,34 +213,4 @@ fn chart(counts: &BTreeMap<String, usize>, total: usize) {
 
 fn indent(text: &str) -> String {
     text.lines().filter(|l| *l != "---").map(|l| format!("    | {l}\n")).collect()
-}
-
-fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-fn wait_for(agent: &Agent, ready: impl Fn(&Status) -> bool) -> anyhow::Result<Status> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        match agent.status() {
-            Ok(st) if ready(&st) => return Ok(st),
-            Ok(_) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            other => {
-                let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
-                bail!("agent not ready in time ({:?})\n{log}", other.map(|s| s.config_version));
-            }
-        }
-    }
-}
-
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|v| v.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }

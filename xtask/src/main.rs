@@ -1,5 +1,7 @@
-//! Project tasks: `cargo xtask demo | test | lint`.
+//! Project tasks: `cargo xtask demo | test | conformance | lint`.
 
+mod agents;
+mod conformance;
 mod demo;
 mod test;
 
@@ -22,6 +24,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the GAMMA conformance catalogue on the real data path (needs root).
+    Conformance {
+        /// A catalogue directory: `cases/*.yaml` with their base manifests beside it (default:
+        /// the shared catalogue, `GAMMARAY_CONFORMANCE_DIR` or `shared/conformance` above here).
+        #[arg(long)]
+        cases: Option<std::path::PathBuf>,
+    },
     /// rustfmt check and clippy with warnings denied.
     Lint,
 }
@@ -30,6 +39,11 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Demo => demo::run(),
         Task::Test { args } => test::run(&args),
+        Task::Conformance { cases } => {
+            let summary = conformance::run(&conformance::dir(cases))?;
+            anyhow::ensure!(summary.failed == 0, "{} conformance cases failed", summary.failed);
+            Ok(())
+        }
         Task::Lint => test::lint(),
     }
 }

@@ -29,7 +29,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     let status = child.wait()?;
     // The main job must keep working: run the demo once, as the README's first command would.
     println!("\nxtask: the demo (the README's first command) as a smoke test");
-    if crate::demo::is_root() {
+    if crate::agents::is_root() {
         match crate::demo::run() {
             Ok(()) => passed += 1,
             Err(err) => {
@@ -42,6 +42,27 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
         failed += 1;
     } else {
         eprintln!("\n!!!!!!!! SKIP: the demo needs root !!!!!!!!\n");
+        ignored += 1;
+    }
+    // The conformance catalogue on the real data path, one count per case.
+    println!("\nxtask: the GAMMA conformance catalogue on the real data path");
+    if crate::agents::is_root() {
+        match crate::conformance::run(&crate::conformance::dir(None)) {
+            Ok(s) => {
+                passed += s.passed;
+                failed += s.failed;
+                ignored += s.skipped;
+            }
+            Err(err) => {
+                eprintln!("xtask: the conformance run failed: {err:#}");
+                failed += 1;
+            }
+        }
+    } else if std::env::var("GAMMARAY_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        eprintln!("xtask: the conformance runner needs root and GAMMARAY_REQUIRE_PRIVILEGED=1");
+        failed += 1;
+    } else {
+        eprintln!("\n!!!!!!!! SKIP: the conformance runner needs root !!!!!!!!\n");
         ignored += 1;
     }
     println!();

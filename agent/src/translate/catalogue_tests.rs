@@ -13,22 +13,11 @@ use gammaray_proxy::{
     route::{Decision, RequestView, decide},
     snapshot::{Endpoint, Snapshot},
 };
-use gammaray_testkit::catalogue::{self, Case, Request};
+use gammaray_testkit::catalogue::{self, Case, Outcome, Request, check, check_distribution, deployment_of};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use super::{Options, translate};
 use crate::store::Store;
-
-/// What a request produced, as an echo backend and client would report it.
-#[derive(Debug)]
-struct Outcome {
-    status: u16,
-    /// Pod name of the backend that answered.
-    backend: Option<String>,
-    request_headers: HeaderMap,
-    request_path: String,
-    response_headers: HeaderMap,
-}
 
 fn world(dir: &Path, case: &Case) -> Store {
     let mut store = Store::default();
@@ -114,29 +103,34 @@ fn send(store: &Store, snapshot: &Snapshot, req: &Request, random: u64) -> Outco
         ),
         other => panic!("unknown destination kind {other}"),
     };
-    let pick = |endpoints: &[Endpoint]| -> Option<String> {
-        let e = endpoints.get((random as usize) % endpoints.len().max(1))?;
-        e.pod.as_ref().map(|p| p.name.clone())
+    let pick = |endpoints: &[Endpoint]| -> (Option<String>, Option<String>) {
+        let pod = endpoints.get((random as usize) % endpoints.len().max(1)).and_then(|e| e.pod.as_ref());
+        (pod.map(|p| p.name.clone()), pod.map(|p| p.namespace.clone()))
     };
     let Some(frontend) = snapshot.frontend(dst) else {
         // Not a Service frontend: the mesh passes it to that address untouched.
-        let backend = snapshot.workloads.get(&dst.ip()).map(|w| w.pod.name.clone());
+        let pod = snapshot.workloads.get(&dst.ip()).map(|w| &w.pod);
         return Outcome {
-            status: if backend.is_some() { 200 } else { 503 },
-            backend,
+            status: if pod.is_some() { 200 } else { 503 },
+            backend: pod.map(|p| p.name.clone()),
+            backend_namespace: pod.map(|p| p.namespace.clone()),
             request_headers: headers.clone(),
-            request_path: target.clone(),
+            request_path: Some(target.clone()),
             response_headers: HeaderMap::new(),
         };
     };
     match decide(frontend, Some(&req.client.namespace), &view, random) {
-        Decision::Passthrough(b) => Outcome {
-            status: if b.endpoints.is_empty() { 503 } else { 200 },
-            backend: pick(&b.endpoints),
-            request_headers: headers.clone(),
-            request_path: target.clone(),
-            response_headers: HeaderMap::new(),
-        },
+        Decision::Passthrough(b) => {
+            let (backend, backend_namespace) = pick(&b.endpoints);
+            Outcome {
+                status: if b.endpoints.is_empty() { 503 } else { 200 },
+                backend,
+                backend_namespace,
+                request_headers: headers.clone(),
+                request_path: Some(target.clone()),
+                response_headers: HeaderMap::new(),
+            }
+        }
         Decision::Forward(f) => {
             let mut request_headers = headers.clone();
             f.apply_request_headers(&mut request_headers);
@@ -146,11 +140,13 @@ fn send(store: &Store, snapshot: &Snapshot, req: &Request, random: u64) -> Outco
             if let Some(q) = query {
                 request_path = format!("{request_path}?{q}");
             }
+            let (backend, backend_namespace) = pick(&f.backend.endpoints);
             Outcome {
                 status: if f.backend.endpoints.is_empty() { 503 } else { 200 },
-                backend: pick(&f.backend.endpoints),
+                backend,
+                backend_namespace,
                 request_headers,
-                request_path,
+                request_path: Some(request_path),
                 response_headers,
             }
         }
@@ -161,113 +157,13 @@ fn send(store: &Store, snapshot: &Snapshot, req: &Request, random: u64) -> Outco
             }
             Outcome {
                 status: r.status,
-                backend: None,
                 request_headers: headers,
-                request_path: target,
+                request_path: Some(target),
                 response_headers,
+                ..Outcome::default()
             }
         }
     }
-}
-
-fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
-    let values: Vec<&str> =
-        headers.get_all(name.to_ascii_lowercase().as_str()).iter().filter_map(|v| v.to_str().ok()).collect();
-    (!values.is_empty()).then(|| values.join(","))
-}
-
-/// Checks one outcome against the request's expectations; returns what is wrong.
-fn check(req: &Request, out: &Outcome) -> Vec<String> {
-    let mut wrong = Vec::new();
-    let e = &req.expect;
-    if !e.status.contains(&out.status) {
-        wrong.push(format!("status {} not in {:?}", out.status, e.status));
-    }
-    if let Some(backend) = &e.backend
-        && !out.backend.as_deref().is_some_and(|b| b.starts_with(backend.as_str()))
-    {
-        wrong.push(format!("backend {:?} does not start with {backend}", out.backend));
-    }
-    for (name, value) in &e.response_headers {
-        let got = joined(&out.response_headers, name);
-        if got.as_deref() != Some(value.as_str()) {
-            wrong.push(format!("response header {name}: {got:?}, expected {value:?}"));
-        }
-    }
-    for name in &e.absent_response_headers {
-        if out.response_headers.contains_key(name.to_ascii_lowercase().as_str()) {
-            wrong.push(format!("response header {name} should be absent"));
-        }
-    }
-    if let Some(br) = &e.backend_request {
-        for (name, value) in &br.headers {
-            let got = joined(&out.request_headers, name);
-            if got.as_deref() != Some(value.as_str()) {
-                wrong.push(format!("backend saw header {name}: {got:?}, expected {value:?}"));
-            }
-        }
-        for name in &br.absent_headers {
-            if out.request_headers.contains_key(name.to_ascii_lowercase().as_str()) {
-                wrong.push(format!("backend header {name} should be absent"));
-            }
-        }
-        // Stricter than upstream: the path the backend saw.
-        if let Some(path) = &br.path
-            && out.status == 200
-            && &out.request_path != path
-        {
-            wrong.push(format!("backend saw path {:?}, expected {path:?}", out.request_path));
-        }
-    }
-    // Stricter than upstream: the redirect's Location.
-    if let Some(r) = &e.redirect {
-        match joined(&out.response_headers, "location") {
-            None => wrong.push("no Location header".into()),
-            Some(location) => wrong.extend(check_location(req, r, &location)),
-        }
-    }
-    wrong
-}
-
-fn check_location(req: &Request, r: &catalogue::RedirectExpect, location: &str) -> Vec<String> {
-    let mut wrong = Vec::new();
-    let (scheme, rest) = location.split_once("://").unwrap_or(("", location));
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let path = path.split('?').next().unwrap_or("");
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (authority, None),
-    };
-    let want_scheme = r.scheme.as_deref().unwrap_or("http");
-    if scheme != want_scheme {
-        wrong.push(format!("Location scheme {scheme:?}, expected {want_scheme:?}"));
-    }
-    if let Some(h) = &r.host
-        && host != h
-    {
-        wrong.push(format!("Location host {host:?}, expected {h:?}"));
-    }
-    let default_port = if want_scheme == "https" { "443" } else { "80" };
-    match (&r.port, port) {
-        (Some(p), Some(got)) if p != got => wrong.push(format!("Location port {got}, expected {p}")),
-        (Some(p), None) if p != default_port => wrong.push(format!("Location has no port, expected {p}")),
-        (None, Some(got)) if got != default_port => {
-            wrong.push(format!("Location port {got}, expected none or {default_port}"))
-        }
-        _ => {}
-    }
-    let want_path = r.path.clone().unwrap_or_else(|| req.path.clone().unwrap_or_else(|| "/".into()));
-    if path != want_path {
-        wrong.push(format!("Location path {path:?}, expected {want_path:?}"));
-    }
-    wrong
-}
-
-/// `echo-v1-5c7d8f9b6d-abcde` → `echo-v1`.
-fn deployment_of(pod: &str) -> String {
-    let parts: Vec<&str> = pod.split('-').collect();
-    parts[..parts.len().saturating_sub(2)].join("-")
 }
 
 #[test]
@@ -302,11 +198,7 @@ fn every_catalogue_request_routes_as_expected() {
                         .unwrap_or_else(|| format!("status {}", out.status));
                     *counts.entry(backend).or_default() += 1;
                 }
-                counts.keys().all(|b| d.expected_fractions.contains_key(b))
-                    && d.expected_fractions.iter().all(|(b, want)| {
-                        let got = *counts.get(b).unwrap_or(&0) as f64 / d.batch_size as f64;
-                        (got - want).abs() <= d.tolerance && (*want == 0.0 || got > 0.0)
-                    })
+                check_distribution(d, &counts).is_empty()
             });
             if !passed {
                 failures.push(format!(

@@ -1,0 +1,110 @@
+//! Real agents on the simulated cluster's nodes, for the demo and the conformance runner: each
+//! loads the eBPF programs, routes by a manifest directory and carries cross-node traffic over
+//! mutual TLS with the given mesh CA.
+
+use std::{
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use gammaray_agent::control::{Client, Status};
+use gammaray_testkit::{Cluster, Node, process::Process};
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
+}
+
+pub struct Agent {
+    _process: Process,
+    pub node: String,
+    pub control: Client,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent of `node`, with its control socket and log in the cluster's directory.
+    pub fn start(
+        bin: &Path,
+        cluster: &Cluster,
+        node: &Node,
+        manifests: &Path,
+        ca: &Path,
+        rust_log: &str,
+    ) -> anyhow::Result<Self> {
+        let socket = cluster.dir().join(format!("{}.sock", node.name));
+        let log = cluster.dir().join(format!("{}.log", node.name));
+        let proxy = SocketAddrV4::new(node.ip, 15001);
+        let args: Vec<String> = vec![
+            "--control".into(),
+            socket.display().to_string(),
+            "run".into(),
+            "--node".into(),
+            node.name.clone(),
+            "--proxy-addr".into(),
+            proxy.to_string(),
+            "--manifests".into(),
+            manifests.display().to_string(),
+            "--ca-cert".into(),
+            ca.join("ca.crt").display().to_string(),
+            "--ca-key".into(),
+            ca.join("ca.key").display().to_string(),
+        ];
+        let env = [("RUST_LOG".to_owned(), rust_log.to_owned())];
+        let process = node.spawn("agent", bin, &args, &env, Some(&log))?;
+        Ok(Self { _process: process, node: node.name.clone(), control: Client::new(&socket), socket, log })
+    }
+
+    pub fn status(&self) -> anyhow::Result<Status> {
+        Ok(block_on(self.control.status())?)
+    }
+
+    /// Waits (up to [`TIMEOUT`]) until the agent's status satisfies `ready`.
+    pub fn wait_for(&self, ready: impl Fn(&Status) -> bool) -> anyhow::Result<Status> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            match self.status() {
+                Ok(st) if ready(&st) => return Ok(st),
+                Ok(_) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                other => {
+                    let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                    bail!(
+                        "agent on {} not ready in time ({:?})\n{log}",
+                        self.node,
+                        other.map(|s| s.config_version)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Generates a mesh root CA into `dir` with the agent's own subcommand; returns what it printed.
+pub fn generate_ca(bin: &Path, dir: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(bin).args(["ca", "generate", "--out"]).arg(dir).output()?;
+    if !out.status.success() {
+        bail!("cannot generate the CA: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Writes `text` to `path` through a rename, so a polling reader never sees half a file.
+pub fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|v| v.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
