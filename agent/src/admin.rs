@@ -1,6 +1,8 @@
 //! The admin endpoint (`--admin-addr`, HTTP): `/healthz` (the process serves), `/readyz`
 //! (eBPF attached, the mesh CA loaded when mTLS is on, the first configuration applied when a
-//! source is configured) and `/metrics` in the Prometheus text format (prometheus-client).
+//! source is configured), `/config_dump` (what the agent routes by, as JSON: its status, every
+//! Service frontend with its routes, endpoints and identities, and the route statuses) and
+//! `/metrics` in the Prometheus text format (prometheus-client).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -71,6 +73,10 @@ fn handle(
             None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
             Some(why) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n")),
         },
+        (&Method::GET, "/config_dump") => match config_dump(state) {
+            Ok(dump) => reply(StatusCode::OK, "application/json", dump),
+            Err(err) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{err}\n")),
+        },
         (&Method::GET, "/metrics") => {
             let mut text = String::new();
             match prometheus_client::encoding::text::encode(&mut text, registry) {
@@ -82,6 +88,30 @@ fn handle(
         }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
+}
+
+/// The agent's configuration as JSON: status, each Service (described as `gammaray-agent
+/// describe` shows it) and the route statuses.
+fn config_dump(state: &State) -> Result<String, String> {
+    let status = crate::control::status(state).map_err(|e| e.to_string())?;
+    let snapshot = state.snapshot.borrow().clone();
+    let statuses = state.statuses.borrow().clone();
+    let services: std::collections::BTreeSet<(String, String)> =
+        snapshot.frontends.values().map(|f| (f.service.namespace.clone(), f.service.name.clone())).collect();
+    let described: serde_json::Map<String, serde_json::Value> = services
+        .iter()
+        .map(|(ns, name)| {
+            let text =
+                crate::describe::describe(&snapshot, &statuses, ns, name, state.mtls).unwrap_or_default();
+            (format!("{ns}/{name}"), serde_json::Value::String(text))
+        })
+        .collect();
+    let dump = serde_json::json!({
+        "status": status,
+        "services": described,
+        "routeStatuses": &*statuses,
+    });
+    serde_json::to_string_pretty(&dump).map_err(|e| e.to_string())
 }
 
 /// Why the agent is not ready, if it is not.

@@ -52,9 +52,14 @@ pub enum Command {
         /// The mesh root CA key (PEM).
         #[arg(long, requires = "ca_cert")]
         ca_key: Option<PathBuf>,
-        /// The admin endpoint: /healthz, /readyz, /metrics.
+        /// The admin endpoint: /healthz, /readyz, /config_dump, /metrics.
         #[arg(long, default_value = "0.0.0.0:15021")]
         admin_addr: std::net::SocketAddr,
+        #[command(flatten)]
+        kube: KubeArgs,
+        /// The host's /proc (pods' network namespaces are found through their processes).
+        #[arg(long, default_value = "/proc")]
+        proc_root: PathBuf,
     },
     /// Mesh CA management.
     Ca {
@@ -74,12 +79,46 @@ pub enum Command {
     },
 }
 
+/// How the agent works with a cluster.
+#[derive(Debug, clap::Args)]
+pub struct KubeArgs {
+    /// Use the API server of this kubeconfig (default: in-cluster when running in a pod;
+    /// none otherwise).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the status Lease and the CA Secret.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "gammaray-system")]
+    pub namespace: String,
+    /// The Lease whose holder writes route status.
+    #[arg(long, default_value = "gammaray-route-status")]
+    pub lease_name: String,
+    /// Seconds a status Lease lasts without renewal; it is renewed every third of that.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_secs: u64,
+    /// The Secret holding the mesh CA (ca.crt, ca.key), used when --ca-cert/--ca-key are not
+    /// given; empty to run without mTLS.
+    #[arg(long, default_value = "gammaray-ca")]
+    pub ca_secret: String,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
     /// Generate a new root CA as ca.crt and ca.key in a directory (mode 0600 for the key).
     Generate {
         #[arg(long)]
         out: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Create the mesh CA Secret in the cluster unless it exists (run once per cluster, or
+    /// from every agent's init container: only the first creates it).
+    Bootstrap {
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        #[arg(long, env = "POD_NAMESPACE", default_value = "gammaray-system")]
+        namespace: String,
+        #[arg(long, default_value = "gammaray-ca")]
+        name: String,
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
     },

@@ -177,7 +177,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Fu
     })
 }
 
-fn status(state: &State) -> Result<Status, crate::ebpf::EbpfError> {
+pub fn status(state: &State) -> Result<Status, crate::ebpf::EbpfError> {
     Ok(Status {
         node: state.node.clone(),
         proxy: state.proxy,

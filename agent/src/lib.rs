@@ -7,11 +7,15 @@ pub mod cli;
 pub mod control;
 pub mod describe;
 pub mod ebpf;
+pub mod enrolment;
+pub mod kube_client;
+pub mod kube_source;
 pub mod logging;
 pub mod manifests;
 pub mod netns;
 pub mod preflight;
 pub mod run;
+pub mod status_writer;
 pub mod store;
 pub mod translate;
 

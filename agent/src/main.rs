@@ -1,8 +1,9 @@
 use clap::Parser as _;
 use gammaray_agent::{
     cli::{CaCommand, Cli, Command, DescribeCommand},
-    control, logging,
-    run::{RunConfig, run, shutdown_signal},
+    control, kube_client, logging,
+    run::{KubeSettings, RunConfig, run, shutdown_signal},
+    status_writer,
 };
 
 fn main() -> anyhow::Result<()> {
@@ -23,7 +24,19 @@ fn main() -> anyhow::Result<()> {
                 ca_cert,
                 ca_key,
                 admin_addr,
+                kube,
+                proc_root,
             } => {
+                let kube_settings = kube_client::Access::detect(kube.kubeconfig).map(|access| KubeSettings {
+                    access,
+                    lease: status_writer::LeaseConfig {
+                        namespace: kube.namespace.clone(),
+                        name: kube.lease_name,
+                        identity: node.clone(),
+                        duration: std::time::Duration::from_secs(kube.lease_duration_secs.max(1)),
+                    },
+                    ca_secret: (!kube.ca_secret.is_empty()).then(|| (kube.namespace, kube.ca_secret)),
+                });
                 let cfg = RunConfig {
                     node,
                     proxy_addr,
@@ -35,6 +48,8 @@ fn main() -> anyhow::Result<()> {
                     trust_domain,
                     ca: ca_cert.zip(ca_key),
                     admin_addr,
+                    kube: kube_settings,
+                    proc_root,
                 };
                 run(cfg, shutdown_signal()).await
             }
@@ -56,6 +71,17 @@ fn main() -> anyhow::Result<()> {
                 std::fs::write(&key, ca.key_pem())?;
                 std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
                 println!("wrote {} and {}", out.join("ca.crt").display(), key.display());
+                Ok(())
+            }
+            Command::Ca { command: CaCommand::Bootstrap { kubeconfig, namespace, name, trust_domain } } => {
+                let access = kube_client::Access::detect(kubeconfig)
+                    .ok_or_else(|| anyhow::anyhow!("no cluster: give --kubeconfig or run in a pod"))?;
+                let client = kube_client::client(&access).await?;
+                if kube_client::bootstrap_ca(&client, &namespace, &name, &trust_domain).await? {
+                    println!("created the mesh CA Secret {namespace}/{name}");
+                } else {
+                    println!("the mesh CA Secret {namespace}/{name} already exists; left as it is");
+                }
                 Ok(())
             }
             Command::Describe { what: DescribeCommand::Service { name, namespace } } => {

@@ -59,10 +59,23 @@ pub fn load(dir: &Path) -> Result<Store, ManifestError> {
     Ok(store)
 }
 
-/// What the source publishes.
+/// What a configuration source publishes.
 pub struct Published {
     pub snapshot: watch::Sender<Arc<Snapshot>>,
     pub statuses: watch::Sender<Arc<Vec<RouteStatus>>>,
+    /// The objects themselves, for what reads them directly (enrolment, status writing).
+    pub objects: watch::Sender<Arc<Store>>,
+}
+
+/// Logs each route condition that is not plainly true, with its reason.
+pub fn log_conditions(statuses: &[RouteStatus]) {
+    for s in statuses {
+        for p in &s.parents {
+            for c in p.conditions.iter().filter(|c| c.status != "True" || c.type_ == "PartiallyInvalid") {
+                warn!(route = %s.route, kind = %s.kind, parent = %p.parent_ref.name, condition = c.type_, reason = c.reason, message = %c.message, "route status");
+            }
+        }
+    }
 }
 
 /// Loads `dir` once and then re-reads it whenever a file appears, disappears or changes,
@@ -96,19 +109,10 @@ pub async fn watch_dir(dir: PathBuf, options: Options, out: Published, interval:
                         translate_us = started.elapsed().as_micros() as u64,
                         "configuration applied"
                     );
-                    for s in &t.statuses {
-                        for p in &s.parents {
-                            for c in p
-                                .conditions
-                                .iter()
-                                .filter(|c| c.status != "True" || c.type_ == "PartiallyInvalid")
-                            {
-                                warn!(route = %s.route, kind = %s.kind, parent = %p.parent_ref.name, condition = c.type_, reason = c.reason, message = %c.message, "route status");
-                            }
-                        }
-                    }
+                    log_conditions(&t.statuses);
                     out.snapshot.send_replace(Arc::new(t.snapshot));
                     out.statuses.send_replace(Arc::new(t.statuses));
+                    out.objects.send_replace(Arc::new(store));
                     seen = Some(files);
                 }
                 Err(err) => warn!(error = %err, "keeping the last good configuration"),
@@ -132,10 +136,11 @@ mod tests {
         std::fs::write(dir.join("a.yaml"), format!("{svc}---\nkind: [broken\n")).expect("write");
         let (snapshot, mut snap_rx) = watch::channel(Arc::new(Snapshot::default()));
         let (statuses, _status_rx) = watch::channel(Arc::new(Vec::new()));
+        let (objects, _objects_rx) = watch::channel(Arc::new(Store::default()));
         let task = tokio::spawn(watch_dir(
             dir.clone(),
             Options::default(),
-            Published { snapshot, statuses },
+            Published { snapshot, statuses, objects },
             Duration::from_millis(100),
         ));
         snap_rx.changed().await.expect("first snapshot");

@@ -6,7 +6,10 @@ use std::{net::SocketAddrV4, path::PathBuf, sync::Arc};
 use anyhow::Context as _;
 use gammaray_proxy::{hbone, outbound, snapshot::Snapshot, stats::OutboundStats};
 
-use crate::{admin, control, ebpf, manifests, preflight, translate};
+use crate::{
+    admin, control, ebpf, enrolment, kube_client, kube_source, manifests, preflight, status_writer,
+    store::Store, translate,
+};
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -26,6 +29,19 @@ pub struct RunConfig {
     pub ca: Option<(PathBuf, PathBuf)>,
     /// Where /healthz, /readyz and /metrics are served.
     pub admin_addr: std::net::SocketAddr,
+    /// The Kubernetes API, when the agent runs against a cluster (and no manifest directory).
+    pub kube: Option<KubeSettings>,
+    /// Where the host's processes are (pods' network namespaces are found through it).
+    pub proc_root: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct KubeSettings {
+    pub access: kube_client::Access,
+    /// The Lease whose holder writes route status.
+    pub lease: status_writer::LeaseConfig,
+    /// The Secret holding the mesh CA (`namespace`, `name`), used when no CA files are given.
+    pub ca_secret: Option<(String, String)>,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -56,24 +72,55 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     // Until a source publishes, the empty snapshot makes every destination pass through.
     let (snapshot_tx, snapshot_rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
     let (statuses_tx, statuses_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+    let (objects_tx, objects_rx) = tokio::sync::watch::channel(Arc::new(Store::default()));
     let snapshot_for_status = snapshot_rx.clone();
-    let source = cfg.manifests.clone().map(|dir| {
-        let options = translate::Options { trust_domain: cfg.trust_domain.clone(), version: 0 };
-        let out = manifests::Published { snapshot: snapshot_tx, statuses: statuses_tx };
-        tokio::spawn(manifests::watch_dir(dir, options, out, std::time::Duration::from_millis(250)))
-    });
+    let options = translate::Options { trust_domain: cfg.trust_domain.clone(), version: 0 };
+    let out = manifests::Published { snapshot: snapshot_tx, statuses: statuses_tx, objects: objects_tx };
+    // The manifest directory wins when given; else the cluster, when there is one.
+    let kube = match (&cfg.manifests, &cfg.kube) {
+        (None, Some(k)) => Some((kube_client::client(&k.access).await?, k.clone())),
+        _ => None,
+    };
+    let source = match (&cfg.manifests, &kube) {
+        (Some(dir), _) => Some(tokio::spawn(manifests::watch_dir(
+            dir.clone(),
+            options,
+            out,
+            std::time::Duration::from_millis(250),
+        ))),
+        (None, Some((client, _))) => {
+            tracing::info!("routing by the Kubernetes API");
+            let opts = kube_source::SourceOptions { translate: options, ..Default::default() };
+            Some(tokio::spawn(kube_source::run(client.clone(), opts, out)))
+        }
+        (None, None) => {
+            tracing::warn!(
+                "no configuration source (--manifests, --kubeconfig or in-cluster): nothing is routed"
+            );
+            None
+        }
+    };
     let proxy_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.proxy_threads.max(1))
         .thread_name("proxy")
         .enable_all()
         .build()
         .context("cannot start the proxy runtime")?;
-    let certs = match &cfg.ca {
-        Some((cert, key)) => {
+    let ca_pem = match (&cfg.ca, &kube) {
+        (Some((cert, key)), _) => {
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
             };
-            let authority = gammaray_proxy::identity::Authority::from_pem(&read(cert)?, &read(key)?)
+            Some((read(cert)?, read(key)?))
+        }
+        (None, Some((client, KubeSettings { ca_secret: Some((ns, name)), .. }))) => {
+            Some(kube_client::read_ca(client, ns, name, std::time::Duration::from_secs(30)).await?)
+        }
+        _ => None,
+    };
+    let certs = match ca_pem {
+        Some((cert, key)) => {
+            let authority = gammaray_proxy::identity::Authority::from_pem(&cert, &key)
                 .context("cannot load the mesh CA")?;
             Some(Arc::new(gammaray_proxy::identity::CertStore::new(Arc::new(authority))))
         }
@@ -132,7 +179,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         datapath,
         outbound: outbound_stats,
         snapshot: snapshot_for_status,
-        statuses: statuses_rx,
+        statuses: statuses_rx.clone(),
         mtls: mesh.hbone.is_some(),
     });
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin_addr)
@@ -141,8 +188,29 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     let admin = tokio::spawn(admin::serve(
         admin_listener,
         state.clone(),
-        admin::Readiness { expects_config: cfg.manifests.is_some(), certs },
+        admin::Readiness { expects_config: source.is_some(), certs },
     ));
+    // Pods of labelled namespaces on this node follow the objects, whichever the source.
+    let enrolment = source.is_some().then(|| {
+        tokio::spawn(enrolment::run(
+            cfg.node.clone(),
+            state.clone(),
+            objects_rx.clone(),
+            cfg.proc_root.clone(),
+            std::time::Duration::from_millis(500),
+        ))
+    });
+    let (stop_writer, stop_writer_rx) = tokio::sync::watch::channel(false);
+    let status_writer = kube.as_ref().map(|(client, settings)| {
+        tokio::spawn(status_writer::run(
+            client.clone(),
+            settings.lease.clone(),
+            statuses_rx.clone(),
+            objects_rx.clone(),
+            stop_writer_rx,
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        ))
+    });
     let control_path = cfg.control_socket.clone();
     let mut control = tokio::spawn({
         let state = state.clone();
@@ -156,6 +224,15 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
             Ok(Err(err)) => tracing::error!(error = %err, "control socket stopped"),
             _ => tracing::error!("control socket task ended"),
         },
+    }
+    // Hand the status Lease over before anything else stops.
+    let _ = stop_writer.send(true);
+    if let Some(writer) = status_writer {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), writer).await;
+    }
+    if let Some(task) = enrolment {
+        task.abort();
+        let _ = task.await;
     }
     control.abort();
     let _ = control.await;
