@@ -20,4 +20,6 @@ pub mod store;
 pub mod translate;
 
 #[cfg(test)]
+mod kube_tests;
+#[cfg(test)]
 mod proxy_tests;

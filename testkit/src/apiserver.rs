@@ -12,8 +12,9 @@
 //!   gets an ERROR event with a 410 Gone status, as after etcd compaction.
 //! - The `status` subresource (GET, PUT, merge PATCH) changes status only; object PUT and PATCH
 //!   leave status alone for kinds that have the subresource.
-//! - Test controls: [`ApiServer::compact`], [`ApiServer::drop_watches`], [`ApiServer::restart`]
-//!   (connections cut, port closed for a while, data kept as etcd would), and an audit log of writes.
+//! - Test controls: [`ApiServer::compact`], [`ApiServer::drop_watches`], [`ApiServer::stop`] and
+//!   [`ApiServer::resume`] (connections cut, port closed meanwhile, data kept as etcd would), and
+//!   an audit log of writes.
 
 use std::{
     collections::BTreeMap,
@@ -46,7 +47,7 @@ struct Resource {
     status: bool,
 }
 
-const RESOURCES: &[Resource] = &[
+static RESOURCES: &[Resource] = &[
     Resource {
         group: "",
         versions: &["v1"],
@@ -169,6 +170,8 @@ struct State {
     watchers: Vec<Watcher>,
     audit: Vec<Audit>,
     next_uid: u64,
+    /// Watches answered with 410 Gone.
+    expired: u64,
 }
 
 struct Inner {
@@ -201,7 +204,7 @@ impl ApiServer {
             .build()?;
         let (epoch, _) = watch::channel(0);
         let inner = Arc::new(Inner { state: Mutex::new(State::default()), bookmark_interval, epoch });
-        let listener = runtime.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))?;
+        let listener = listen(&runtime, SocketAddr::from(([127, 0, 0, 1], 0)))?;
         let addr = listener.local_addr()?;
         let accept = runtime.spawn(accept_loop(listener, inner.clone()));
         runtime.spawn(ticker(inner.clone()));
@@ -286,35 +289,46 @@ impl ApiServer {
         self.inner.state.lock().expect("state").watchers.clear();
     }
 
-    /// Stops answering for `down`: every connection is cut and the port refuses connections;
-    /// then serves again on the same port with the same data (as a restarted API server over
-    /// the same etcd).
-    pub fn restart(&self, down: Duration) {
-        let runtime = self.runtime.as_ref().expect("runtime");
+    /// Stops answering: every connection is cut and the port refuses connections. The data
+    /// stays (test controls still change it, as another API server over the same etcd would);
+    /// [`ApiServer::resume`] serves again on the same port.
+    pub fn stop(&self) {
         if let Some(accept) = self.accept.lock().expect("accept").take() {
             accept.abort();
-            let _ = runtime.block_on(accept);
         }
         self.inner.state.lock().expect("state").watchers.clear();
         self.inner.epoch.send_modify(|e| *e += 1);
-        std::thread::sleep(down);
+    }
+
+    /// Serves again on the same port after [`ApiServer::stop`].
+    pub fn resume(&self) {
+        let runtime = self.runtime.as_ref().expect("runtime");
         let deadline = Instant::now() + Duration::from_secs(5);
         let listener = loop {
-            match runtime.block_on(tokio::net::TcpListener::bind(self.addr)) {
+            match listen(runtime, self.addr) {
                 Ok(l) => break l,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
                 Err(e) => panic!("cannot rebind {}: {e}", self.addr),
             }
         };
         *self.accept.lock().expect("accept") = Some(runtime.spawn(accept_loop(listener, self.inner.clone())));
     }
 
+    /// [`ApiServer::stop`], `down` of silence, then [`ApiServer::resume`]: a restart.
+    pub fn restart(&self, down: Duration) {
+        self.stop();
+        std::thread::sleep(down);
+        self.resume();
+    }
+
     /// Every write so far.
     pub fn audit(&self) -> Vec<Audit> {
         self.inner.state.lock().expect("state").audit.clone()
+    }
+
+    /// How many watches were answered with 410 Gone.
+    pub fn expired_watches(&self) -> u64 {
+        self.inner.state.lock().expect("state").expired
     }
 
     /// Open watch streams.
@@ -326,6 +340,16 @@ impl ApiServer {
     pub fn resource_version(&self) -> u64 {
         self.inner.state.lock().expect("state").rv
     }
+}
+
+/// A listener on `addr` (address reuse on, so a restart can take the same port back at once),
+/// registered with `runtime`. Works from inside another runtime too.
+fn listen(runtime: &tokio::runtime::Runtime, addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let _entered = runtime.enter();
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 impl Drop for ApiServer {
@@ -905,6 +929,7 @@ fn watch(inner: &Inner, target: &Target, query: &BTreeMap<String, String>) -> Re
             );
             let _ = watcher.tx.send(event_line("ERROR", &gone));
             drop(watcher);
+            st.expired += 1;
         }
         Some(Ok(rv)) => {
             for e in st.history.iter().filter(|e| e.rv > rv && std::ptr::eq(e.resource, target.resource)) {

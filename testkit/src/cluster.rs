@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Each pod also gets a cgroup laid out as the kubelet's cgroupfs driver lays it out:
-//! `<run>/<node>/kubepods/besteffort/pod<uid>/<container id>`.
+//! `<run>/<node>/kubepods/besteffort/pod<uid>/<container id>`, with a first process in it (as
+//! the pause container is), so an agent finds the pod's network namespace from its UID.
 
 use std::{
     net::Ipv4Addr,
@@ -64,6 +65,9 @@ pub struct Pod {
     pub host_veth: String,
     netns: Netns,
     cgroup: PathBuf,
+    /// The pod's first process, as a pause container is: it holds the pod's cgroup and network
+    /// namespace, which is how an agent finds the namespace from the pod's UID.
+    _pause: Process,
 }
 
 impl Cluster {
@@ -151,6 +155,15 @@ impl Cluster {
         let uid = pod_uid(&self.run, node.index, k);
         let container = format!("{:064x}", u128::from(k) << 8 | u128::from(node.index));
         let cgroup = self.cgroup.child(&format!("{}/kubepods/besteffort/pod{uid}/{container}", node.name))?;
+        let procs = cgroup.join("cgroup.procs");
+        let pause = Process::spawn(
+            &format!("{name}-pause"),
+            Placement { netns: &netns.path(), cgroup_procs: &procs },
+            Path::new("sleep"),
+            &["infinity".to_owned()],
+            &[],
+            None,
+        )?;
         let pod = Arc::new(Pod {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
@@ -160,6 +173,7 @@ impl Cluster {
             host_veth,
             netns,
             cgroup,
+            _pause: pause,
         });
         self.pods.lock().expect("pods lock").push(pod.clone());
         Ok(pod)
