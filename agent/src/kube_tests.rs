@@ -358,3 +358,25 @@ async fn only_the_lease_holder_writes_status_and_another_agent_takes_over_when_i
     assert!(!later.is_empty() && later.iter().all(|w| *w != holder_name), "the new holder wrote: {later:?}");
     let _ = other.stop.send(true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_secret_is_created_once_and_read_back_as_a_usable_ca() {
+    let server = ApiServer::start().expect("fake API server");
+    let client = client(&server);
+    let (ns, name) = ("gammaray-system", "gammaray-ca");
+    assert!(crate::kube_client::bootstrap_ca(&client, ns, name, "cluster.local").await.expect("bootstrap"));
+    let first = server.get("v1", "Secret", ns, name).expect("the Secret exists");
+    assert!(
+        !crate::kube_client::bootstrap_ca(&client, ns, name, "cluster.local").await.expect("bootstrap again"),
+        "a second bootstrap leaves the existing CA alone"
+    );
+    assert_eq!(server.get("v1", "Secret", ns, name).expect("still there"), first, "unchanged");
+    let (cert, key) =
+        crate::kube_client::read_ca(&client, ns, name, Duration::from_secs(1)).await.expect("read back");
+    gammaray_proxy::identity::Authority::from_pem(&cert, &key).expect("a usable CA");
+    let missing = crate::kube_client::read_ca(&client, ns, "nope", Duration::from_millis(100)).await;
+    assert!(
+        missing.expect_err("no such Secret").to_string().contains("ca bootstrap"),
+        "the error says what to do"
+    );
+}

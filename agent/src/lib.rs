@@ -20,6 +20,8 @@ pub mod store;
 pub mod translate;
 
 #[cfg(test)]
+mod deploy_tests;
+#[cfg(test)]
 mod kube_tests;
 #[cfg(test)]
 mod proxy_tests;
