@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
                         identity: node.clone(),
                         duration: std::time::Duration::from_secs(kube.lease_duration_secs.max(1)),
                     },
-                    ca_secret: (!kube.ca_secret.is_empty()).then(|| (kube.namespace, kube.ca_secret)),
+                    ca_secret: (!kube.ca_secret.is_empty()).then_some((kube.namespace, kube.ca_secret)),
                 });
                 let cfg = RunConfig {
                     node,

@@ -160,10 +160,14 @@ struct Watcher {
     tx: mpsc::UnboundedSender<Bytes>,
 }
 
+/// One resource's objects by (namespace, name); cluster-scoped ones have an empty namespace.
+type Objects = BTreeMap<(String, String), Value>;
+
 #[derive(Default)]
 struct State {
     rv: u64,
-    objects: BTreeMap<(&'static str, &'static str), BTreeMap<(String, String), Value>>,
+    /// By (group, plural), then (namespace, name).
+    objects: BTreeMap<(&'static str, &'static str), Objects>,
     history: Vec<Event>,
     /// Watches from a resourceVersion below this get 410 Gone.
     oldest_resumable: u64,

@@ -14,7 +14,7 @@ use gammaray_testkit::{Cluster, Node, process::Process};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
 }
 

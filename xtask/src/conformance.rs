@@ -1,8 +1,8 @@
 //! `cargo xtask conformance [--cases DIR]`: the GAMMA conformance catalogue against the real
 //! data path. For each base manifest set, a two-node simulated cluster is built with real agents
 //! (eBPF redirect, node proxies, HBONE mTLS between nodes); testkit's controllers turn the
-//! Deployments into echo pods and the Services into ClusterIPs and EndpointSlices, and every pod
-//! is enrolled. Each case's manifests are then applied in turn (the agents re-read their manifest
+//! Deployments into echo pods and the Services into ClusterIPs and EndpointSlices, and the
+//! agents enrol every pod, as the namespaces carry the ambient label. Each case's manifests are then applied in turn (the agents re-read their manifest
 //! directory; the runner waits until both have the new config), and each request is sent from
 //! inside its client pod under the upstream harness rules, plus the stricter checks.
 
@@ -21,7 +21,7 @@ use gammaray_testkit::{
     istio_echo,
 };
 
-use crate::agents::{Agent, block_on, generate_ca, is_root, write_atomically};
+use crate::agents::{Agent, generate_ca, is_root, write_atomically};
 
 /// How long a request may take to become consistent, and how many passes in a row it needs.
 const MAX_TIME_TO_CONSISTENCY: Duration = Duration::from_secs(30);
@@ -130,10 +130,12 @@ fn run_base(
         agent.wait_for(|s| s.config_version > 0 && s.frontends > 0)?;
         agents.push(agent);
     }
-    for p in &world.pods {
-        let agent = agents.iter().find(|a| a.node == p.pod.node).expect("an agent per node");
-        block_on(agent.control.enrol(&p.pod.netns_path()))
-            .with_context(|| format!("enrolling {}", p.pod.name))?;
+    // The world's namespaces carry the ambient label: each agent enrols its node's pods.
+    for agent in &agents {
+        let on_node = world.pods.iter().filter(|p| p.pod.node == agent.node).count();
+        agent
+            .wait_for(|s| s.enrolled.len() >= on_node)
+            .with_context(|| format!("{} enrolling its pods", agent.node))?;
     }
     let case_file = manifests.join("10-case.yaml");
     let mut results = Vec::new();

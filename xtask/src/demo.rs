@@ -13,7 +13,7 @@ use gammaray_testkit::{
     scenarios::{self, Canary},
 };
 
-use crate::agents::{Agent, TIMEOUT, block_on, generate_ca, is_root, write_atomically};
+use crate::agents::{Agent, TIMEOUT, generate_ca, is_root, write_atomically};
 const REQUESTS: usize = 1000;
 
 fn step(msg: &str) {
@@ -67,8 +67,25 @@ pub fn run() -> anyhow::Result<()> {
         );
         agents.push(agent);
     }
-    let enrolled = block_on(agents[0].control.enrol(&canary.client.netns_path()))?;
-    println!("    enrolled pod {} (netns cookie {})", canary.client.name, enrolled.cookie);
+    step("enrolment follows the namespace label gammaray.dev/dataplane-mode=ambient");
+    let started_enrol = Instant::now();
+    let cookie = gammaray_agent::netns::cookie_of(&canary.client.netns_path())?;
+    agents[0].wait_for(|s| s.enrolled.contains(&cookie))?;
+    for agent in &agents {
+        let on_node = canary.backends.iter().filter(|(p, _)| p.node == agent.node).count()
+            + usize::from(canary.client.node == agent.node);
+        let st = agent.wait_for(|s| s.enrolled.len() >= on_node)?;
+        println!(
+            "    {}: enrolled {} pods of namespace demo, found by pod UID through /proc and their cgroups",
+            agent.node,
+            st.enrolled.len()
+        );
+    }
+    println!(
+        "    client pod {} enrolled {:.0} ms after the agents started",
+        canary.client.name,
+        started_enrol.elapsed().as_secs_f64() * 1000.0
+    );
 
     step(&format!(
         "the client sends {REQUESTS} requests to http://backend (ClusterIP {})",
