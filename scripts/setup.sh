@@ -6,6 +6,7 @@ set -euo pipefail
 
 TOOLCHAIN="nightly-2026-07-01"
 BPF_LINKER_VERSION="0.13.0"
+OHA_VERSION="1.16.0"
 LLVM_MAJOR="22"
 
 log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
@@ -17,9 +18,10 @@ fi
 
 export PATH="$HOME/.cargo/bin:$PATH"
 
-# Debian packages: LLVM for bpf-linker, iproute2 for network namespaces, wrk and iperf3 for benchmarks.
+# Debian packages: LLVM for bpf-linker, iproute2 for network namespaces, iperf3 for the bulk
+# throughput benchmark.
 need_pkgs=()
-for p in "llvm-${LLVM_MAJOR}-dev" iproute2 procps; do
+for p in "llvm-${LLVM_MAJOR}-dev" iproute2 procps iperf3; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
@@ -46,4 +48,10 @@ if ! bpf-linker --version 2>/dev/null | grep -q "${BPF_LINKER_VERSION}"; then
     --version "${BPF_LINKER_VERSION}" --no-default-features --features "llvm-${LLVM_MAJOR}"
 fi
 
-log "ready: ${TOOLCHAIN}, bpf-linker ${BPF_LINKER_VERSION}, LLVM ${LLVM_MAJOR}"
+# oha, the HTTP load generator of the benchmarks (fixed-rate mode, JSON output).
+if ! oha --version 2>/dev/null | grep -q "${OHA_VERSION}"; then
+  log "installing oha ${OHA_VERSION} (a few minutes)"
+  cargo "+${TOOLCHAIN}" install oha --locked --version "${OHA_VERSION}"
+fi
+
+log "ready: ${TOOLCHAIN}, bpf-linker ${BPF_LINKER_VERSION}, LLVM ${LLVM_MAJOR}, oha ${OHA_VERSION}"

@@ -201,6 +201,11 @@ impl ApiServer {
 
     /// Starts with BOOKMARK events every `bookmark_interval` on watches that ask for them.
     pub fn start_with(bookmark_interval: Duration) -> std::io::Result<Self> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), bookmark_interval)
+    }
+
+    /// Starts on `addr` (in the network namespace of the calling thread).
+    pub fn start_on(addr: SocketAddr, bookmark_interval: Duration) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("fake-apiserver")
@@ -208,7 +213,7 @@ impl ApiServer {
             .build()?;
         let (epoch, _) = watch::channel(0);
         let inner = Arc::new(Inner { state: Mutex::new(State::default()), bookmark_interval, epoch });
-        let listener = listen(&runtime, SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let listener = listen(&runtime, addr)?;
         let addr = listener.local_addr()?;
         let accept = runtime.spawn(accept_loop(listener, inner.clone()));
         runtime.spawn(ticker(inner.clone()));

@@ -19,7 +19,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 pub struct Agent {
-    _process: Process,
+    process: Process,
     pub node: String,
     pub control: Client,
     pub socket: PathBuf,
@@ -27,12 +27,26 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent of `node`, with its control socket and log in the cluster's directory.
+    /// Starts the agent of `node` routing by the manifests in `manifests`, with its control
+    /// socket and log in the cluster's directory.
     pub fn start(
         bin: &Path,
         cluster: &Cluster,
         node: &Node,
         manifests: &Path,
+        ca: &Path,
+        rust_log: &str,
+    ) -> anyhow::Result<Self> {
+        let source = ["--manifests".to_owned(), manifests.display().to_string()];
+        Self::start_with(bin, cluster, node, &source, ca, rust_log)
+    }
+
+    /// Starts the agent of `node` with `source` arguments (`--manifests DIR`, `--kubeconfig F`).
+    pub fn start_with(
+        bin: &Path,
+        cluster: &Cluster,
+        node: &Node,
+        source: &[String],
         ca: &Path,
         rust_log: &str,
     ) -> anyhow::Result<Self> {
@@ -47,16 +61,20 @@ impl Agent {
             node.name.clone(),
             "--proxy-addr".into(),
             proxy.to_string(),
-            "--manifests".into(),
-            manifests.display().to_string(),
             "--ca-cert".into(),
             ca.join("ca.crt").display().to_string(),
             "--ca-key".into(),
             ca.join("ca.key").display().to_string(),
         ];
+        let mut args = args;
+        args.extend(source.iter().cloned());
         let env = [("RUST_LOG".to_owned(), rust_log.to_owned())];
         let process = node.spawn("agent", bin, &args, &env, Some(&log))?;
-        Ok(Self { _process: process, node: node.name.clone(), control: Client::new(&socket), socket, log })
+        Ok(Self { process, node: node.name.clone(), control: Client::new(&socket), socket, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     pub fn status(&self) -> anyhow::Result<Status> {

@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask demo | test | conformance | lint`.
+//! Project tasks: `cargo xtask demo | test | conformance | bench | lint`.
 
 mod agents;
+mod bench;
 mod conformance;
 mod demo;
 mod test;
@@ -31,6 +32,12 @@ enum Task {
         #[arg(long)]
         cases: Option<std::path::PathBuf>,
     },
+    /// Measure the mesh against a direct connection; writes target/bench/report.md (needs root).
+    Bench {
+        /// A short run that keeps the harness working (CI); the numbers are noisy.
+        #[arg(long)]
+        quick: bool,
+    },
     /// rustfmt check and clippy with warnings denied.
     Lint,
 }
@@ -44,6 +51,7 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(summary.failed == 0, "{} conformance cases failed", summary.failed);
             Ok(())
         }
+        Task::Bench { quick } => bench::run(quick),
         Task::Lint => test::lint(),
     }
 }

@@ -1,0 +1,745 @@
+//! `cargo xtask bench [--quick]`: the mesh's overhead against a direct connection, measured side
+//! by side in one run on the simulated cluster.
+//!
+//! Two nodes; two backend pods on node2 (a release-built HTTP server answering 1 KiB, and
+//! iperf3); clients on both nodes, in a namespace labelled for the mesh and in one that is not.
+//! Real agents (release builds) watch testkit's fake API server, enrol the labelled pods, and
+//! carry cross-node traffic over HBONE with mutual TLS. The paths compared:
+//!
+//! - direct, same node and cross node: an unenrolled client to the backend's pod IP;
+//! - L4 through the mesh: an enrolled client to a Service without an HTTP appProtocol;
+//! - L7 through the mesh: an enrolled client to a Service with a weighted HTTPRoute (50/50).
+//!
+//! oha (fixed rate and saturation, HTTP/1.1 keep-alive) and iperf3 are the load generators.
+//! Every figure is reported with its ratio to the direct baseline of the same run, in
+//! `target/bench/report.md`, with an SVG chart of the latency percentiles. Nothing is asserted:
+//! the numbers are reported.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use gammaray_testkit::{Cluster, Pod, apiserver::ApiServer, objects};
+use serde_json::Value;
+
+use crate::agents::{Agent, generate_ca, is_root};
+
+const MESH_NS: &str = "bench";
+const PLAIN_NS: &str = "plain";
+const WEB_L4: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 1);
+const WEB_L7: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 2);
+const WEB_A: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 3);
+const WEB_B: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 4);
+const BULK: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 5);
+const BULK_PORT: u16 = 5201;
+const API_SERVER: &str = "10.200.0.1:6443";
+
+/// Durations and repetitions of one mode.
+struct Plan {
+    fixed: Duration,
+    saturate: Duration,
+    bulk_secs: u32,
+    runs: usize,
+    connects: usize,
+    services: usize,
+    endpoints_per_service: usize,
+}
+
+const FULL: Plan = Plan {
+    fixed: Duration::from_secs(10),
+    saturate: Duration::from_secs(5),
+    bulk_secs: 5,
+    runs: 3,
+    connects: 2000,
+    services: 1000,
+    endpoints_per_service: 10,
+};
+
+const QUICK: Plan = Plan {
+    fixed: Duration::from_secs(1),
+    saturate: Duration::from_secs(1),
+    bulk_secs: 1,
+    runs: 1,
+    connects: 300,
+    services: 1000,
+    endpoints_per_service: 10,
+};
+
+/// Where a load generator runs and what it targets.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Lane {
+    DirectSame,
+    L4Same,
+    L7Same,
+    DirectCross,
+    L4Cross,
+    L7Cross,
+}
+
+impl Lane {
+    const ALL: [Lane; 6] =
+        [Lane::DirectSame, Lane::L4Same, Lane::L7Same, Lane::DirectCross, Lane::L4Cross, Lane::L7Cross];
+
+    fn label(self) -> &'static str {
+        match self {
+            Lane::DirectSame => "direct, same node",
+            Lane::L4Same => "mesh L4, same node",
+            Lane::L7Same => "mesh L7 (HTTPRoute 50/50), same node",
+            Lane::DirectCross => "direct, cross node",
+            Lane::L4Cross => "mesh L4, cross node (mTLS)",
+            Lane::L7Cross => "mesh L7 (HTTPRoute 50/50), cross node (mTLS)",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Lane::DirectSame => "direct same",
+            Lane::L4Same => "L4 same",
+            Lane::L7Same => "L7 same",
+            Lane::DirectCross => "direct cross",
+            Lane::L4Cross => "L4 cross mTLS",
+            Lane::L7Cross => "L7 cross mTLS",
+        }
+    }
+
+    /// The direct path this one is compared with.
+    fn baseline(self) -> Lane {
+        match self {
+            Lane::DirectSame | Lane::L4Same | Lane::L7Same => Lane::DirectSame,
+            _ => Lane::DirectCross,
+        }
+    }
+
+    fn is_mesh(self) -> bool {
+        !matches!(self, Lane::DirectSame | Lane::DirectCross)
+    }
+}
+
+struct World {
+    clients: BTreeMap<&'static str, Arc<Pod>>,
+    web_a: Arc<Pod>,
+}
+
+impl World {
+    /// The client pod and URL of a path.
+    fn target(&self, path: Lane) -> (&Pod, String) {
+        let c = |n: &str| self.clients[n].as_ref();
+        match path {
+            Lane::DirectSame => (c("direct-2"), format!("http://{}:8080/", self.web_a.ip)),
+            Lane::DirectCross => (c("direct-1"), format!("http://{}:8080/", self.web_a.ip)),
+            Lane::L4Same => (c("mesh-2"), format!("http://{WEB_L4}/")),
+            Lane::L4Cross => (c("mesh-1"), format!("http://{WEB_L4}/")),
+            Lane::L7Same => (c("mesh-2"), format!("http://{WEB_L7}/")),
+            Lane::L7Cross => (c("mesh-1"), format!("http://{WEB_L7}/")),
+        }
+    }
+}
+
+/// One oha run's figures.
+#[derive(Debug, Clone, Copy, Default)]
+struct Load {
+    rps: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    requests: f64,
+    errors: f64,
+}
+
+/// CPU seconds (user + system) of the agents so far.
+fn agents_cpu(agents: &[Agent], ticks: f64) -> f64 {
+    agents
+        .iter()
+        .filter_map(|a| std::fs::read_to_string(format!("/proc/{}/stat", a.pid())).ok())
+        .filter_map(|stat| {
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .sum()
+}
+
+/// A field of /proc/PID/status in MiB (VmRSS, VmHWM).
+fn mem_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(&format!("{field}:")))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn tool(name: &str) -> anyhow::Result<PathBuf> {
+    let out = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output()?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if path.is_empty() {
+        bail!("{name} is not installed: run `bash scripts/setup.sh`");
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Runs `program args` in `pod`'s network namespace and returns its stdout.
+fn in_pod(pod: &Pod, program: &Path, args: &[String]) -> anyhow::Result<String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", pod.netns_path().display()))
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", program.display()))?;
+    if !out.status.success() {
+        bail!("{} {} failed: {}", program.display(), args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn oha(
+    oha: &Path,
+    pod: &Pod,
+    url: &str,
+    conns: u32,
+    rate: Option<u32>,
+    duration: Duration,
+) -> anyhow::Result<Load> {
+    let mut args: Vec<String> = vec![
+        "--no-tui".into(),
+        "--output-format".into(),
+        "json".into(),
+        "-c".into(),
+        conns.to_string(),
+        "-z".into(),
+        format!("{}ms", duration.as_millis()),
+    ];
+    if let Some(q) = rate {
+        args.extend(["-q".into(), q.to_string(), "--latency-correction".into()]);
+    }
+    args.push(url.to_owned());
+    let out = in_pod(pod, oha, &args)?;
+    let v: Value = serde_json::from_str(&out).with_context(|| format!("oha output: {out}"))?;
+    let ms = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+    let total: f64 =
+        v["statusCodeDistribution"].as_object().map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum());
+    let ok = v["statusCodeDistribution"]["200"].as_f64().unwrap_or(0.0);
+    // Requests cut off by the end of the run are not failures.
+    let errors: f64 = v["errorDistribution"].as_object().map_or(0.0, |m| {
+        m.iter().filter(|(k, _)| !k.contains("deadline")).filter_map(|(_, v)| v.as_f64()).sum()
+    });
+    Ok(Load {
+        rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        p50_ms: ms("p50"),
+        p90_ms: ms("p90"),
+        p99_ms: ms("p99"),
+        requests: total,
+        errors: errors + (total - ok),
+    })
+}
+
+fn iperf(iperf3: &Path, pod: &Pod, dst: Ipv4Addr, secs: u32) -> anyhow::Result<f64> {
+    let args: Vec<String> =
+        ["-c", &dst.to_string(), "-p", &BULK_PORT.to_string(), "-t", &secs.to_string(), "-J"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let out = in_pod(pod, iperf3, &args)?;
+    let v: Value = serde_json::from_str(&out).context("iperf3 output")?;
+    Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One row of the report.
+struct Row {
+    figure: String,
+    baseline: Option<f64>,
+    value: f64,
+    unit: &'static str,
+    target: &'static str,
+}
+
+fn objects(cluster: &Cluster, web_a: &Pod, web_b: &Pod, clients: &BTreeMap<&str, Arc<Pod>>) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {MESH_NS}, labels: {{gammaray.dev/dataplane-mode: ambient}}}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {PLAIN_NS}}}\n"
+    );
+    for n in cluster.nodes() {
+        y.push_str(&objects::node(&n.name, n.ip));
+    }
+    y.push_str(&objects::pod(web_a, &[("app", "web-a")]));
+    y.push_str(&objects::pod(web_b, &[("app", "web-b")]));
+    for (name, pod) in clients {
+        y.push_str(&objects::pod(pod, &[("app", name)]));
+    }
+    y.push_str(&objects::service(MESH_NS, "web-l4", WEB_L4, 80, 8080, None, &[web_a]));
+    y.push_str(&objects::service(MESH_NS, "web", WEB_L7, 80, 8080, Some("http"), &[web_a, web_b]));
+    y.push_str(&objects::service(MESH_NS, "web-a", WEB_A, 80, 8080, Some("http"), &[web_a]));
+    y.push_str(&objects::service(MESH_NS, "web-b", WEB_B, 80, 8080, Some("http"), &[web_b]));
+    y.push_str(&objects::service(MESH_NS, "bulk", BULK, BULK_PORT, BULK_PORT, None, &[web_a]));
+    y.push_str(&web_route(50, 50));
+    y
+}
+
+fn web_route(a: u32, b: u32) -> String {
+    objects::weighted_route(MESH_NS, "web-split", "web", &[("web-a", a), ("web-b", b)])
+}
+
+/// `services` Services with `per` endpoints each (addresses that no traffic is sent to), as
+/// one YAML text.
+fn scale_objects(services: usize, per: usize) -> String {
+    let mut y = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: scale}\n");
+    for s in 0..services {
+        let ip = Ipv4Addr::new(10, 97, (s / 250) as u8, (s % 250) as u8 + 1);
+        y.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: scale}}\nspec: {{clusterIP: '{ip}', clusterIPs: ['{ip}'], ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]}}\n"
+        ));
+        let endpoints: Vec<String> = (0..per)
+            .map(|e| {
+                let n = s * per + e;
+                format!(
+                    "{{addresses: ['10.{}.{}.{}'], nodeName: node2, conditions: {{ready: true}}}}",
+                    240 + n / 65_000,
+                    (n / 250) % 260 % 256,
+                    n % 250 + 1
+                )
+            })
+            .collect();
+        y.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{s}-1, namespace: scale, labels: {{kubernetes.io/service-name: svc-{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
+            endpoints.join(", ")
+        ));
+    }
+    y
+}
+
+/// Which backend answered a GET on a keep-alive connection (the `x-backend` header).
+fn which_backend(conn: &mut BufReader<TcpStream>) -> anyhow::Result<String> {
+    conn.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")?;
+    let mut backend = String::new();
+    let mut length = 0usize;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if conn.read_line(&mut line)? == 0 {
+            bail!("connection closed");
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            match k.to_ascii_lowercase().as_str() {
+                "x-backend" => backend = v.trim().to_owned(),
+                "content-length" => length = v.trim().parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    conn.read_exact(&mut body)?;
+    Ok(backend)
+}
+
+/// Seconds until `n` consecutive answers come from `want`, asking from `pod` to `dst`.
+fn time_to_split(pod: &Pod, dst: SocketAddr, want: &str, n: usize, started: Instant) -> anyhow::Result<f64> {
+    pod.run(|| -> anyhow::Result<f64> {
+        let mut conn = BufReader::new(TcpStream::connect_timeout(&dst, Duration::from_secs(5))?);
+        conn.get_ref().set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut streak = 0;
+        let mut first = None;
+        while started.elapsed() < Duration::from_secs(60) {
+            if which_backend(&mut conn)? == want {
+                first.get_or_insert(started.elapsed());
+                streak += 1;
+                if streak == n {
+                    return Ok(first.expect("set").as_secs_f64());
+                }
+            } else {
+                streak = 0;
+                first = None;
+            }
+        }
+        bail!("the split never moved to {want}")
+    })?
+}
+
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmarks need root: they create network namespaces and load eBPF programs");
+    }
+    let plan = if quick { QUICK } else { FULL };
+    let oha_bin = tool("oha")?;
+    let iperf3 = tool("iperf3")?;
+    println!("bench: building the agent and the backend in release mode");
+    crate::cargo_quiet(&[
+        "build",
+        "--release",
+        "-p",
+        "gammaray-agent",
+        "--bin",
+        "gammaray-agent",
+        "-p",
+        "gammaray-testkit",
+        "--bin",
+        "bench-backend",
+    ])?;
+    let debug_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
+    let release = debug_bin.parent().and_then(Path::parent).context("target dir")?.join("release");
+    let agent_bin = release.join("gammaray-agent");
+    let backend_bin = release.join("bench-backend");
+    let ticks: f64 = String::from_utf8_lossy(&Command::new("getconf").arg("CLK_TCK").output()?.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(100.0);
+
+    let cluster = Cluster::new(2).context("simulated cluster")?;
+    let web_a = cluster.add_pod(2, MESH_NS, "web-a-5f7c9d8b4-x7k2p")?;
+    let web_b = cluster.add_pod(2, MESH_NS, "web-b-6d8e7f9c5-m4q9z")?;
+    let mut clients = BTreeMap::new();
+    for (name, node, ns) in
+        [("mesh-1", 1, MESH_NS), ("mesh-2", 2, MESH_NS), ("direct-1", 1, PLAIN_NS), ("direct-2", 2, PLAIN_NS)]
+    {
+        clients.insert(name, cluster.add_pod(node, ns, &format!("{name}-7d9f8b6c5-b2n8w"))?);
+    }
+    let mut servers = Vec::new();
+    for (pod, name) in [(&web_a, "web-a"), (&web_b, "web-b")] {
+        servers.push(pod.spawn(
+            &backend_bin,
+            &["0.0.0.0:8080".into(), "1024".into(), name.into()],
+            &[],
+            None,
+        )?);
+    }
+    servers.push(web_a.spawn(&iperf3, &["-s".into(), "-p".into(), BULK_PORT.to_string()], &[], None)?);
+
+    // The API server on node1's address, where both nodes' agents reach it.
+    let api_addr: SocketAddr = API_SERVER.parse().expect("address");
+    let server = cluster.node(1).run(|| ApiServer::start_on(api_addr, Duration::from_secs(1)))??;
+    let kubeconfig = cluster.dir().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig)?;
+    server.apply_yaml(&objects(&cluster, &web_a, &web_b, &clients));
+    let ca = cluster.dir().join("ca");
+    generate_ca(&agent_bin, &ca)?;
+    let source = vec!["--kubeconfig".to_owned(), kubeconfig.display().to_string()];
+    let mut agents = Vec::new();
+    for node in cluster.nodes() {
+        let agent = Agent::start_with(&agent_bin, &cluster, node, &source, &ca, "warn")?;
+        agent.wait_for(|s| s.frontends >= 5)?;
+        agents.push(agent);
+    }
+    agents[0].wait_for(|s| !s.enrolled.is_empty())?;
+    agents[1].wait_for(|s| s.enrolled.len() >= 3)?;
+    let world = World { clients: clients.clone(), web_a: web_a.clone() };
+    // Warm-up: every path answers (and certificates are issued).
+    for path in Lane::ALL {
+        let (pod, url) = world.target(path);
+        let load = oha(&oha_bin, pod, &url, 1, None, Duration::from_millis(300))?;
+        if load.requests == 0.0 || load.errors > 0.0 {
+            bail!("{}: warm-up failed ({load:?})", path.label());
+        }
+    }
+    let idle_rss: Vec<f64> = agents.iter().map(|a| mem_mib(a.pid(), "VmRSS")).collect();
+
+    let mut rows = Vec::new();
+    let mut latency: BTreeMap<Lane, (f64, f64, f64)> = BTreeMap::new();
+    let mut max1 = BTreeMap::new();
+    let mut max16 = BTreeMap::new();
+    let mut cpu_fixed = BTreeMap::new();
+    let mut cpu_sat = BTreeMap::new();
+    for path in Lane::ALL {
+        let (pod, url) = world.target(path);
+        let (mut p50, mut p90, mut p99, mut m1, mut m16, mut cf, mut cs) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..plan.runs {
+            let cpu0 = agents_cpu(&agents, ticks);
+            let t0 = Instant::now();
+            let l = oha(&oha_bin, pod, &url, 16, Some(1000), plan.fixed)?;
+            let (cpu, wall) = (agents_cpu(&agents, ticks) - cpu0, t0.elapsed().as_secs_f64());
+            p50.push(l.p50_ms);
+            p90.push(l.p90_ms);
+            p99.push(l.p99_ms);
+            cf.push((cpu / wall, cpu * 1000.0 / l.requests.max(1.0) * 1000.0));
+            let l = oha(&oha_bin, pod, &url, 1, None, plan.saturate)?;
+            m1.push(l.rps);
+            let cpu0 = agents_cpu(&agents, ticks);
+            let l = oha(&oha_bin, pod, &url, 16, None, plan.saturate)?;
+            let cpu = agents_cpu(&agents, ticks) - cpu0;
+            m16.push(l.rps);
+            cs.push(cpu * 1000.0 / l.requests.max(1.0) * 1000.0);
+            if l.errors > 0.0 {
+                println!("bench: {}: {} errors at saturation", path.label(), l.errors);
+            }
+        }
+        println!(
+            "bench: {:<48} p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.0} req/s (1 conn), {:.0} req/s (16)",
+            path.label(),
+            median(p50.clone()),
+            median(p90.clone()),
+            median(p99.clone()),
+            median(m1.clone()),
+            median(m16.clone())
+        );
+        latency.insert(path, (median(p50), median(p90), median(p99)));
+        max1.insert(path, median(m1));
+        max16.insert(path, median(m16));
+        cpu_fixed.insert(
+            path,
+            (median(cf.iter().map(|c| c.0).collect()), median(cf.iter().map(|c| c.1).collect())),
+        );
+        cpu_sat.insert(path, median(cs));
+    }
+    for path in Lane::ALL.into_iter().filter(|p| p.is_mesh()) {
+        let base = path.baseline();
+        let (b, m) = (latency[&base], latency[&path]);
+        let targets =
+            if path == Lane::L7Cross { ("", "≤ 1.5× and ≤ +0.15 ms", "") } else { ("", "", "") };
+        for (i, (name, bv, mv, target)) in
+            [("p50", b.0, m.0, targets.0), ("p90", b.1, m.1, targets.1), ("p99", b.2, m.2, targets.2)]
+                .into_iter()
+                .enumerate()
+        {
+            let _ = i;
+            rows.push(Row {
+                figure: format!("{}: {name} latency at 1000 req/s, 16 conns", path.label()),
+                baseline: Some(bv),
+                value: mv,
+                unit: "ms",
+                target,
+            });
+        }
+        rows.push(Row {
+            figure: format!("{}: max req/s, 1 conn", path.label()),
+            baseline: Some(max1[&base]),
+            value: max1[&path],
+            unit: "req/s",
+            target: "",
+        });
+        rows.push(Row {
+            figure: format!("{}: max req/s, 16 conns", path.label()),
+            baseline: Some(max16[&base]),
+            value: max16[&path],
+            unit: "req/s",
+            target: if path.baseline() == Lane::DirectCross { "≥ 0.5×" } else { "" },
+        });
+        rows.push(Row {
+            figure: format!("{}: both proxies' CPU at 1000 req/s", path.label()),
+            baseline: None,
+            value: cpu_fixed[&path].0,
+            unit: "cores",
+            target: if path == Lane::L7Cross { "≤ 0.1" } else { "" },
+        });
+        rows.push(Row {
+            figure: format!("{}: both proxies' CPU per 1000 requests at saturation", path.label()),
+            baseline: None,
+            value: cpu_sat[&path],
+            unit: "ms",
+            target: if path == Lane::L7Cross { "≤ 30" } else { "" },
+        });
+    }
+
+    // Bulk TCP, one stream, through L4 (cross node: HBONE with mTLS).
+    let direct_cross = iperf(&iperf3, &clients["direct-1"], web_a.ip, plan.bulk_secs)?;
+    let mesh_cross = iperf(&iperf3, &clients["mesh-1"], BULK, plan.bulk_secs)?;
+    let direct_same = iperf(&iperf3, &clients["direct-2"], web_a.ip, plan.bulk_secs)?;
+    let mesh_same = iperf(&iperf3, &clients["mesh-2"], BULK, plan.bulk_secs)?;
+    println!(
+        "bench: bulk TCP {direct_cross:.2} → {mesh_cross:.2} Gbit/s cross node, {direct_same:.2} → {mesh_same:.2} same node"
+    );
+    rows.push(Row {
+        figure: "bulk TCP, 1 stream, cross node (mTLS)".into(),
+        baseline: Some(direct_cross),
+        value: mesh_cross,
+        unit: "Gbit/s",
+        target: "≥ 0.7×",
+    });
+    rows.push(Row {
+        figure: "bulk TCP, 1 stream, same node".into(),
+        baseline: Some(direct_same),
+        value: mesh_same,
+        unit: "Gbit/s",
+        target: "",
+    });
+
+    // Connection setup: an unenrolled pod straight to the backend, an enrolled one through the
+    // eBPF redirect and the proxy (L4 Service).
+    let connects = |pod: &Pod, dst: SocketAddr| -> anyhow::Result<f64> {
+        pod.run(|| -> anyhow::Result<f64> {
+            let t0 = Instant::now();
+            for _ in 0..plan.connects {
+                let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+                drop(s);
+            }
+            Ok(plan.connects as f64 / t0.elapsed().as_secs_f64())
+        })?
+    };
+    let plain = connects(&clients["direct-2"], SocketAddr::from((web_a.ip, 8080)))?;
+    let enrolled = connects(&clients["mesh-2"], SocketAddr::from((WEB_L4, 80)))?;
+    rows.push(Row {
+        figure: "connects/s from a pod, same node (enrolled: eBPF redirect + proxy)".into(),
+        baseline: Some(plain),
+        value: enrolled,
+        unit: "conn/s",
+        target: "",
+    });
+
+    let peak_rss: Vec<f64> = agents.iter().map(|a| mem_mib(a.pid(), "VmHWM")).collect();
+    for (agent, (idle, peak)) in agents.iter().zip(idle_rss.iter().zip(&peak_rss)) {
+        rows.push(Row {
+            figure: format!("{} agent RSS idle (peak under load {peak:.1} MiB)", agent.node),
+            baseline: None,
+            value: *idle,
+            unit: "MiB",
+            target: "≤ 20",
+        });
+    }
+
+    // Scale: 1000 Services with 10 endpoints each, then a weight change on `web`.
+    let before: Vec<u64> =
+        agents.iter().map(|a| a.status().map(|s| s.config_version)).collect::<Result<_, _>>()?;
+    let t0 = Instant::now();
+    server.apply_yaml(&scale_objects(plan.services, plan.endpoints_per_service));
+    for agent in &agents {
+        agent.wait_for(|s| s.frontends >= plan.services + 5)?;
+    }
+    let load_time = t0.elapsed().as_secs_f64();
+    let _ = before;
+    std::thread::sleep(Duration::from_millis(500));
+    for agent in &agents {
+        rows.push(Row {
+            figure: format!(
+                "{} agent RSS with {} Services and {} endpoints (loaded in {:.2} s)",
+                agent.node,
+                plan.services,
+                plan.services * plan.endpoints_per_service,
+                load_time
+            ),
+            baseline: None,
+            value: mem_mib(agent.pid(), "VmRSS"),
+            unit: "MiB",
+            target: "≤ 40",
+        });
+    }
+    let version = agents[0].status()?.config_version;
+    let started = Instant::now();
+    server.apply_yaml(&web_route(100, 0));
+    let split = time_to_split(&clients["mesh-1"], SocketAddr::from((WEB_L7, 80)), "web-a", 20, started)?;
+    agents[0].wait_for(|s| s.config_version > version)?;
+    rows.push(Row {
+        figure: format!(
+            "weight change → new split seen by a client, with {} endpoints",
+            plan.services * plan.endpoints_per_service
+        ),
+        baseline: None,
+        value: split * 1000.0,
+        unit: "ms",
+        target: "",
+    });
+
+    let report = render(&rows, quick, &plan);
+    let dir = debug_bin.parent().and_then(Path::parent).context("target dir")?.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("report.md"), &report)?;
+    std::fs::write(dir.join("latency.svg"), chart(&latency))?;
+    println!("\n{report}");
+    println!("bench: wrote {} and {}", dir.join("report.md").display(), dir.join("latency.svg").display());
+    drop(agents);
+    drop(servers);
+    drop(server);
+    drop(cluster);
+    Ok(())
+}
+
+fn render(rows: &[Row], quick: bool, plan: &Plan) -> String {
+    let mut s = String::from("# gammaray benchmarks\n\n");
+    s.push_str(&format!(
+        "Mode: {}. oha at a fixed 1000 req/s over 16 connections for {} s, at saturation for {} s, \
+         1 KiB responses, HTTP/1.1 keep-alive; iperf3 for {} s; medians of {} run(s). Ratios are to \
+         the direct path of the same run (same node or cross node). Two cores run everything: \
+         load generator, backend and both proxies.\n\n",
+        if quick { "quick (keeps the harness working; numbers are noisy)" } else { "full" },
+        plan.fixed.as_secs_f64(),
+        plan.saturate.as_secs_f64(),
+        plan.bulk_secs,
+        plan.runs
+    ));
+    s.push_str("| figure | direct | gammaray | ratio | target |\n| --- | ---: | ---: | ---: | --- |\n");
+    for r in rows {
+        let (base, ratio) = match r.baseline {
+            Some(b) => (format!("{} {}", fmt(b), r.unit), format!("{:.2}×", r.value / b)),
+            None => ("".into(), "".into()),
+        };
+        s.push_str(&format!(
+            "| {} | {base} | {} {} | {ratio} | {} |\n",
+            r.figure,
+            fmt(r.value),
+            r.unit,
+            r.target
+        ));
+    }
+    s.push_str("\n![latency percentiles](latency.svg)\n");
+    s
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Grouped bars of p50/p90/p99 per path, as SVG.
+fn chart(latency: &BTreeMap<Lane, (f64, f64, f64)>) -> String {
+    let max = latency.values().map(|l| l.2).fold(0.0f64, f64::max).max(0.001);
+    let (w, h, left, bottom) = (760.0, 320.0, 60.0, 60.0);
+    let plot_h = h - bottom - 20.0;
+    let group = (w - left - 20.0) / latency.len() as f64;
+    let bar = group / 4.0;
+    let colors = ["#4c78a8", "#f58518", "#e45756"];
+    let mut s = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='11'>\n<rect width='100%' height='100%' fill='white'/>\n<text x='{left}' y='14' font-size='13'>latency at 1000 req/s, 16 connections (ms): p50, p90, p99</text>\n"
+    );
+    for i in 0..=4 {
+        let v = max * i as f64 / 4.0;
+        let y = h - bottom - plot_h * i as f64 / 4.0;
+        s.push_str(&format!(
+            "<line x1='{left}' x2='{}' y1='{y:.1}' y2='{y:.1}' stroke='#ddd'/><text x='{}' y='{:.1}' text-anchor='end'>{v:.2}</text>\n",
+            w - 20.0,
+            left - 4.0,
+            y + 4.0
+        ));
+    }
+    for (g, (path, l)) in latency.iter().enumerate() {
+        let x0 = left + g as f64 * group + bar / 2.0;
+        for (i, v) in [l.0, l.1, l.2].into_iter().enumerate() {
+            let bh = if v.is_finite() { plot_h * v / max } else { 0.0 };
+            s.push_str(&format!(
+                "<rect x='{:.1}' y='{:.1}' width='{:.1}' height='{bh:.1}' fill='{}'/>\n",
+                x0 + i as f64 * bar,
+                h - bottom - bh,
+                bar * 0.9,
+                colors[i]
+            ));
+        }
+        s.push_str(&format!(
+            "<text x='{:.1}' y='{:.1}' text-anchor='middle'>{}</text>\n",
+            x0 + bar * 1.5,
+            h - bottom + 16.0,
+            path.short()
+        ));
+    }
+    s.push_str("</svg>\n");
+    s
+}
