@@ -120,7 +120,11 @@ pub async fn run(client: Client, options: SourceOptions, out: Published) {
         let writer = reflector::store::Writer::new(resource);
         let reader = writer.as_reader();
         let synced = Arc::new(AtomicBool::new(false));
-        let stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer);
+        // managedFields can outweigh the object itself, and nothing here reads them.
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None)
+            .reflect(writer);
         tasks.push(tokio::spawn(drive(*kind, stream, changed.clone(), synced.clone())));
         watched.push(Watched { kind: *kind, reader, synced });
     }
@@ -162,6 +166,7 @@ pub async fn run(client: Client, options: SourceOptions, out: Published) {
         out.statuses.send_replace(Arc::new(t.statuses));
         out.objects.send_replace(Arc::new(store));
         published_once = true;
+        release_freed_memory();
     }
 }
 
@@ -222,4 +227,14 @@ fn build_store(watched: &[Watched], warned: &mut HashSet<String>) -> Store {
         }
     }
     store
+}
+
+/// Hands memory freed by the rebuild (the previous store and snapshot, decoding's temporaries)
+/// back to the kernel: glibc keeps freed heap for reuse, so without this the agent's RSS stays at
+/// its high-water mark after each large configuration change.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks glibc's own heap bookkeeping; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

@@ -35,6 +35,8 @@ use crate::{
 /// The port every node's inbound HBONE listener uses.
 pub const HBONE_PORT: u16 = 15008;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest HTTP/2 frame either side accepts on a tunnel: fewer frames per bulk transfer.
+const MAX_FRAME: u32 = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -287,6 +289,7 @@ impl Pool {
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(16 << 20)
+            .max_frame_size(MAX_FRAME)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|source| HboneError::H2 { node, source })?;
@@ -368,6 +371,7 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
                 if let Err(err) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .initial_stream_window_size(4 << 20)
                     .initial_connection_window_size(16 << 20)
+                    .max_frame_size(MAX_FRAME)
                     .serve_connection(TokioIo::new(tls), service)
                     .await
                 {
@@ -433,7 +437,13 @@ fn tunnel(
         let _ = upstream.set_nodelay(true);
         stats.inbound_tunnels.fetch_add(1, Relaxed);
         let mut io = TokioIo::new(upgraded);
-        let result = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+        let result = tokio::io::copy_bidirectional_with_sizes(
+            &mut io,
+            &mut upstream,
+            crate::outbound::COPY_BUF,
+            crate::outbound::COPY_BUF,
+        )
+        .await;
         let (sent, received) = result.unwrap_or((0, 0));
         info!(
             src_identity = %peer,

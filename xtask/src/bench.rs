@@ -373,7 +373,47 @@ fn time_to_split(pod: &Pod, dst: SocketAddr, want: &str, n: usize, started: Inst
     })?
 }
 
-pub fn run(quick: bool) -> anyhow::Result<()> {
+/// `perf record` on the agents while a load runs, reported as text next to the report.
+struct Profile {
+    child: std::process::Child,
+    data: PathBuf,
+}
+
+impl Profile {
+    fn start(dir: &Path, name: &str, pids: &[u32]) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let data = dir.join(format!("perf-{name}.data"));
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let child = Command::new("perf")
+            .args(["record", "-F", "999", "-g", "-q", "-o"])
+            .arg(&data)
+            .args(["-p", &pids.join(",")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("perf (Debian's linux-perf) is needed for --profile")?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self { child, data })
+    }
+
+    /// Stops recording and writes the flat profile as text; returns its path.
+    fn finish(mut self) -> anyhow::Result<PathBuf> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        self.child.wait()?;
+        let text = self.data.with_extension("txt");
+        let out = Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "--percent-limit", "0.7", "-g", "none", "-i"])
+            .arg(&self.data)
+            .output()?;
+        std::fs::write(&text, &out.stdout)?;
+        Ok(text)
+    }
+}
+
+pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmarks need root: they create network namespaces and load eBPF programs");
     }
@@ -397,6 +437,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let release = debug_bin.parent().and_then(Path::parent).context("target dir")?.join("release");
     let agent_bin = release.join("gammaray-agent");
     let backend_bin = release.join("bench-backend");
+    let bench_dir = debug_bin.parent().and_then(Path::parent).context("target dir")?.join("bench");
     let ticks: f64 = String::from_utf8_lossy(&Command::new("getconf").arg("CLK_TCK").output()?.stdout)
         .trim()
         .parse()
@@ -420,7 +461,13 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             None,
         )?);
     }
-    servers.push(web_a.spawn(&iperf3, &["-s".into(), "-p".into(), BULK_PORT.to_string()], &[], None)?);
+    let iperf_log = cluster.dir().join("iperf3-server.log");
+    servers.push(web_a.spawn(
+        &iperf3,
+        &["-s".into(), "-p".into(), BULK_PORT.to_string()],
+        &[],
+        Some(&iperf_log),
+    )?);
 
     // The API server on node1's address, where both nodes' agents reach it.
     let api_addr: SocketAddr = API_SERVER.parse().expect("address");
@@ -472,8 +519,17 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             let l = oha(&oha_bin, pod, &url, 1, None, plan.saturate)?;
             m1.push(l.rps);
             let cpu0 = agents_cpu(&agents, ticks);
+            let perf = if profile && path.is_mesh() {
+                let pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
+                Some(Profile::start(&bench_dir, &format!("{path:?}").to_lowercase(), &pids)?)
+            } else {
+                None
+            };
             let l = oha(&oha_bin, pod, &url, 16, None, plan.saturate)?;
             let cpu = agents_cpu(&agents, ticks) - cpu0;
+            if let Some(p) = perf {
+                println!("bench: profile of {} at saturation: {}", path.label(), p.finish()?.display());
+            }
             m16.push(l.rps);
             cs.push(cpu * 1000.0 / l.requests.max(1.0) * 1000.0);
             if l.errors > 0.0 {
@@ -549,7 +605,16 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
 
     // Bulk TCP, one stream, through L4 (cross node: HBONE with mTLS).
     let direct_cross = iperf(&iperf3, &clients["direct-1"], web_a.ip, plan.bulk_secs)?;
+    let perf = if profile {
+        let pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
+        Some(Profile::start(&bench_dir, "bulk-cross", &pids)?)
+    } else {
+        None
+    };
     let mesh_cross = iperf(&iperf3, &clients["mesh-1"], BULK, plan.bulk_secs)?;
+    if let Some(p) = perf {
+        println!("bench: profile of bulk TCP cross node: {}", p.finish()?.display());
+    }
     let direct_same = iperf(&iperf3, &clients["direct-2"], web_a.ip, plan.bulk_secs)?;
     let mesh_same = iperf(&iperf3, &clients["mesh-2"], BULK, plan.bulk_secs)?;
     println!(
@@ -646,7 +711,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     });
 
     let report = render(&rows, quick, &plan);
-    let dir = debug_bin.parent().and_then(Path::parent).context("target dir")?.join("bench");
+    let dir = bench_dir;
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("report.md"), &report)?;
     std::fs::write(dir.join("latency.svg"), chart(&latency))?;

@@ -37,6 +37,10 @@ enum Task {
         /// A short run that keeps the harness working (CI); the numbers are noisy.
         #[arg(long)]
         quick: bool,
+        /// Record the agents with perf at saturation and during bulk TCP; flat profiles are
+        /// written next to the report.
+        #[arg(long)]
+        profile: bool,
     },
     /// rustfmt check and clippy with warnings denied.
     Lint,
@@ -51,7 +55,7 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(summary.failed == 0, "{} conformance cases failed", summary.failed);
             Ok(())
         }
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench { quick, profile } => bench::run(quick, profile),
         Task::Lint => test::lint(),
     }
 }

@@ -69,7 +69,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     // never asserted.
     println!("\nxtask: the benchmarks, quick mode (numbers reported, not asserted)");
     if crate::agents::is_root() {
-        match crate::bench::run(true) {
+        match crate::bench::run(true, false) {
             Ok(()) => passed += 1,
             Err(err) => {
                 eprintln!("xtask: the benchmark harness failed: {err:#}");
