@@ -57,9 +57,8 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     };
 
     // Bind before attaching, so a redirected connection never finds the port closed.
-    let listener = std::net::TcpListener::bind(cfg.proxy_addr)
+    let listener = listen(cfg.proxy_addr.into())
         .with_context(|| format!("cannot bind the outbound listener on {}", cfg.proxy_addr))?;
-    listener.set_nonblocking(true).context("outbound listener non-blocking")?;
 
     let mut datapath = ebpf::Datapath::load(&cgroup_root, cfg.proxy_addr)?;
     let logger = datapath.take_logger();
@@ -135,9 +134,8 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     ));
     if let Some(certs) = certs.clone() {
         let addr = std::net::SocketAddr::new((*cfg.proxy_addr.ip()).into(), hbone::HBONE_PORT);
-        let listener = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("cannot bind the inbound HBONE listener on {addr}"))?;
-        listener.set_nonblocking(true)?;
+        let listener =
+            listen(addr).with_context(|| format!("cannot bind the inbound HBONE listener on {addr}"))?;
         let inbound = Arc::new(hbone::Inbound {
             node: cfg.node.clone(),
             trust_domain: cfg.trust_domain.clone(),
@@ -253,6 +251,21 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         Err(_) => tracing::warn!("state still shared at exit; links close with the process"),
     }
     Ok(())
+}
+
+/// Accept queue of the proxy's listeners. The standard library's 128 overflows when every pod of
+/// a node opens connections at once, and an overflow costs the client a SYN retransmission
+/// (a second).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A non-blocking listener on `addr` with [`LISTEN_BACKLOG`], to hand to the proxy's runtime.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(LISTEN_BACKLOG)?.into_std()?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 /// Resolves on SIGTERM or SIGINT.
