@@ -1,22 +1,23 @@
-//! The Kubernetes source: one kube-rs watcher and reflector per kind the routing reads
-//! (Namespaces, Nodes, Pods, Services, EndpointSlices, HTTPRoutes, GRPCRoutes,
-//! ReferenceGrants). Every change, after a short debounce, rebuilds the [`Store`], translates it,
-//! and publishes a new snapshot, the route statuses and the objects (for enrolment).
+//! The Kubernetes source: one kube-rs watcher per kind the routing reads (Namespaces, Nodes,
+//! Pods, Services, EndpointSlices, HTTPRoutes, GRPCRoutes, ReferenceGrants), each keeping its
+//! kind's part of one typed [`Store`] up to date. Every change, after a short debounce,
+//! translates the store and publishes a new snapshot, the route statuses and the objects (for
+//! enrolment and status writing).
 //!
-//! The watchers read objects untyped (`DynamicObject`) and the store decodes each one on its
-//! own, so one object the agent cannot parse is logged with its kind and name and skipped,
-//! instead of failing the whole list. A dropped watch resumes from its last resourceVersion; a
-//! 410 Gone makes the watcher list again, and the reflector swaps its contents atomically, so no
-//! update is lost either way.
+//! The watchers read objects untyped (`DynamicObject`) and each event's object is decoded on its
+//! own and then dropped, so one object the agent cannot parse is logged with its kind and name
+//! and skipped (an update that does not parse leaves the last good version in place) instead of
+//! failing the whole list, and only the typed form is kept. A dropped watch resumes from its last
+//! resourceVersion; a 410 Gone makes the watcher list again, and the kind's objects are replaced
+//! at once when the list is complete, so no update is lost either way.
 //!
 //! All Pods are watched, not only this node's: translation needs every endpoint's service
 //! account to know the identity its node must present, and every client pod's namespace for
 //! consumer routes. Enrolment picks this node's pods from the same store.
 
 use std::{
-    collections::HashSet,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -26,7 +27,7 @@ use futures::StreamExt as _;
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject},
-    runtime::{WatchStreamExt as _, reflector, watcher},
+    runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
@@ -105,34 +106,30 @@ impl Default for SourceOptions {
 
 struct Watched {
     kind: Kind,
-    reader: reflector::Store<DynamicObject>,
     synced: Arc<AtomicBool>,
 }
 
 /// Runs the source until the task is dropped.
 pub async fn run(client: Client, options: SourceOptions, out: Published) {
     let changed = Arc::new(Notify::new());
+    let store = Arc::new(Mutex::new(Store::default()));
     let mut watched = Vec::new();
     let mut tasks = Vec::new();
     for kind in KINDS {
         let resource = kind.resource();
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
-        let writer = reflector::store::Writer::new(resource);
-        let reader = writer.as_reader();
         let synced = Arc::new(AtomicBool::new(false));
         // managedFields can outweigh the object itself, and nothing here reads them.
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
-            .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None)
-            .reflect(writer);
-        tasks.push(tokio::spawn(drive(*kind, stream, changed.clone(), synced.clone())));
-        watched.push(Watched { kind: *kind, reader, synced });
+            .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None);
+        tasks.push(tokio::spawn(drive(*kind, stream, store.clone(), changed.clone(), synced.clone())));
+        watched.push(Watched { kind: *kind, synced });
     }
     let _abort = AbortOnDrop(tasks);
 
     let started = Instant::now();
     let mut version = options.translate.version;
-    let mut warned: HashSet<String> = HashSet::new();
     let mut published_once = false;
     loop {
         if published_once {
@@ -152,7 +149,7 @@ pub async fn run(client: Client, options: SourceOptions, out: Published) {
                 watched.iter().filter(|w| !w.synced.load(Ordering::Acquire)).map(|w| w.kind.kind).collect();
             warn!(?missing, "not every kind has listed yet; publishing what has");
         }
-        let store = build_store(&watched, &mut warned);
+        let store = store.lock().expect("store lock").clone();
         version += 1;
         let t = translate(&store, &Options { version, ..options.translate.clone() });
         info!(
@@ -180,53 +177,69 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Drives one reflector's stream, noting the end of each (re)list and waking the builder.
+/// Drives one kind's watch stream into the store, waking the builder on every change.
 async fn drive(
     kind: Kind,
     stream: impl futures::Stream<Item = Result<watcher::Event<DynamicObject>, watcher::Error>>,
+    store: Arc<Mutex<Store>>,
     changed: Arc<Notify>,
     synced: Arc<AtomicBool>,
 ) {
     let mut stream = std::pin::pin!(stream);
+    // Objects of a (re)list, applied at once when it completes.
+    let mut listing: Option<Vec<DynamicObject>> = None;
     while let Some(event) = stream.next().await {
         match event {
-            Ok(watcher::Event::Init) => debug!(kind = kind.kind, "listing"),
-            Ok(watcher::Event::InitApply(_)) => {}
+            Ok(watcher::Event::Init) => {
+                debug!(kind = kind.kind, "listing");
+                listing = Some(Vec::new());
+            }
+            Ok(watcher::Event::InitApply(object)) => listing.get_or_insert_default().push(object),
             Ok(watcher::Event::InitDone) => {
-                debug!(kind = kind.kind, "listed");
+                let objects = listing.take().unwrap_or_default();
+                debug!(kind = kind.kind, objects = objects.len(), "listed");
+                {
+                    let mut store = store.lock().expect("store lock");
+                    store.clear_kind(kind.kind);
+                    for object in objects {
+                        apply(&mut store, kind, object);
+                    }
+                }
                 synced.store(true, Ordering::Release);
                 changed.notify_one();
             }
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => changed.notify_one(),
+            Ok(watcher::Event::Apply(object)) => {
+                apply(&mut store.lock().expect("store lock"), kind, object);
+                changed.notify_one();
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                let (ns, name) =
+                    (object.metadata.namespace.unwrap_or_default(), object.metadata.name.unwrap_or_default());
+                store.lock().expect("store lock").remove(kind.kind, &ns, &name);
+                changed.notify_one();
+            }
             Err(err) => warn!(kind = kind.kind, error = %err, "watch failed; retrying with backoff"),
         }
     }
 }
 
-/// The store of everything the reflectors hold; objects that do not decode are skipped and
-/// logged once per resourceVersion.
-fn build_store(watched: &[Watched], warned: &mut HashSet<String>) -> Store {
-    let mut store = Store::default();
-    for w in watched {
-        for object in w.reader.state() {
-            let Ok(mut value) = serde_json::to_value(&*object) else { continue };
-            value["apiVersion"] = w.kind.api_version().into();
-            value["kind"] = w.kind.kind.into();
-            if let Err(err) = store.apply_value(0, value) {
-                let name = format!(
-                    "{} {}/{}@{}",
-                    w.kind.kind,
-                    object.metadata.namespace.as_deref().unwrap_or(""),
-                    object.metadata.name.as_deref().unwrap_or(""),
-                    object.metadata.resource_version.as_deref().unwrap_or("")
-                );
-                if warned.insert(name.clone()) {
-                    warn!(object = %name, error = %err, "object skipped: it does not parse");
-                }
-            }
-        }
+/// Decodes one object into the store; one that does not parse is logged and skipped, leaving the
+/// last good version of it (if any) in place.
+fn apply(store: &mut Store, kind: Kind, object: DynamicObject) {
+    let name = format!(
+        "{} {}/{}@{}",
+        kind.kind,
+        object.metadata.namespace.as_deref().unwrap_or(""),
+        object.metadata.name.as_deref().unwrap_or(""),
+        object.metadata.resource_version.as_deref().unwrap_or("")
+    );
+    let Ok(mut value) = serde_json::to_value(&object) else { return };
+    drop(object);
+    value["apiVersion"] = kind.api_version().into();
+    value["kind"] = kind.kind.into();
+    if let Err(err) = store.apply_value(0, value) {
+        warn!(object = %name, error = %err, "object skipped: it does not parse");
     }
-    store
 }
 
 /// Hands memory freed by the rebuild (the previous store and snapshot, decoding's temporaries)

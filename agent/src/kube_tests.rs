@@ -1,5 +1,5 @@
 //! The Kubernetes wiring against testkit's fake API server, through a real `kube::Client`: the
-//! source's reflectors feed the snapshot, route status is written by the Lease holder only, and
+//! source's watchers feed the snapshot, route status is written by the Lease holder only, and
 //! dropped watches, 410 Gone and a restarted server lose no update.
 
 use std::{
@@ -356,7 +356,24 @@ async fn only_the_lease_holder_writes_status_and_another_agent_takes_over_when_i
     .await;
     let later: Vec<String> = status_writers(&server).into_iter().skip(first.len()).collect();
     assert!(!later.is_empty() && later.iter().all(|w| *w != holder_name), "the new holder wrote: {later:?}");
+
+    // A clean stop releases the Lease at once, so a waiting agent need not wait it out.
+    let third = start_writer(&server, "node-c");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!third.leading.load(Ordering::Acquire), "the lease is still held");
     let _ = other.stop.send(true);
+    let _ = other.task.await;
+    let lease = server.get("coordination.k8s.io/v1", "Lease", "gammaray-system", "gammaray-route-status");
+    let holder = lease.as_ref().and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned));
+    assert!(
+        holder.as_deref() != Some("node-a") && holder.as_deref() != Some("node-b"),
+        "released on a clean stop: {lease:?}"
+    );
+    eventually("the waiting agent takes the released lease", || {
+        third.leading.load(Ordering::Acquire).then_some(()).ok_or("not yet".to_owned())
+    })
+    .await;
+    let _ = third.stop.send(true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

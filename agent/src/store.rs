@@ -1,4 +1,4 @@
-//! The typed stores every configuration source fills (Kubernetes reflectors, manifest files,
+//! The typed stores every configuration source fills (Kubernetes watchers, manifest files,
 //! test fixtures) and the one translation reads. Objects are the upstream types.
 
 use std::collections::BTreeMap;
@@ -145,6 +145,39 @@ impl Store {
             _ => return Ok(Some(format!("{kind} {namespace}/{name}"))),
         }
         Ok(None)
+    }
+}
+
+impl Store {
+    /// Forgets every object of `kind` (a watcher that listed again replaces them all).
+    pub fn clear_kind(&mut self, kind: &str) {
+        match kind {
+            "Namespace" => self.namespaces.clear(),
+            "Node" => self.nodes.clear(),
+            "Service" => self.services.clear(),
+            "Pod" => self.pods.clear(),
+            "EndpointSlice" => self.endpoint_slices.clear(),
+            "HTTPRoute" => self.http_routes.clear(),
+            "GRPCRoute" => self.grpc_routes.clear(),
+            "ReferenceGrant" => self.reference_grants.clear(),
+            _ => {}
+        }
+    }
+
+    /// Removes one object; cluster-scoped kinds ignore `namespace`. Returns whether it was held.
+    pub fn remove(&mut self, kind: &str, namespace: &str, name: &str) -> bool {
+        let key = (namespace.to_owned(), name.to_owned());
+        match kind {
+            "Namespace" => self.namespaces.remove(name).is_some(),
+            "Node" => self.nodes.remove(name).is_some(),
+            "Service" => self.services.remove(&key).is_some(),
+            "Pod" => self.pods.remove(&key).is_some(),
+            "EndpointSlice" => self.endpoint_slices.remove(&key).is_some(),
+            "HTTPRoute" => self.http_routes.remove(&key).is_some(),
+            "GRPCRoute" => self.grpc_routes.remove(&key).is_some(),
+            "ReferenceGrant" => self.reference_grants.remove(&key).is_some(),
+            _ => false,
+        }
     }
 }
 

@@ -394,7 +394,7 @@ fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
     assert!(status.outbound.hbone_tunnels > 0, "requests to node2's pods went through HBONE");
     // The admin endpoint: health, readiness, and the metrics of what just happened.
     let admin = SocketAddr::from((mesh.cluster.node(1).ip, 15021));
-    let (health, ready, metrics) = mesh
+    let (health, ready, metrics, dump) = mesh
         .cluster
         .node(1)
         .run(|| {
@@ -403,9 +403,14 @@ fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
                 c.get("/healthz", &[]).expect("healthz"),
                 c.get("/readyz", &[]).expect("readyz"),
                 c.get("/metrics", &[]).expect("metrics"),
+                c.get("/config_dump", &[]).expect("config_dump"),
             )
         })
         .expect("enter node1");
+    let dump: serde_json::Value = serde_json::from_str(&dump.body).expect("config_dump is JSON");
+    assert!(dump["services"]["demo/backend"].as_str().is_some_and(|d| d.contains("backend-v2")), "{dump}");
+    assert!(dump["routeStatuses"].as_array().is_some_and(|r| !r.is_empty()), "{dump}");
+    assert_eq!(dump["status"]["node"], "node1");
     assert_eq!((health.status, ready.status), (200, 200), "{}", ready.body);
     for needle in [
         "gammaray_redirects_total 1",
