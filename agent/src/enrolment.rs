@@ -121,8 +121,7 @@ pub fn scan_proc(proc_root: &Path, host_netns: &[u64]) -> HashMap<String, PathBu
 }
 
 /// What the controller enrolled: UID → (netns cookie, namespace/name).
-#[derive(Default)]
-struct Enrolled(HashMap<String, (u64, String)>);
+type Enrolled = HashMap<String, (u64, String)>;
 
 /// Keeps enrolment in step with the objects until the task is dropped: on every change, and
 /// every `retry` while a wanted pod has no process to be found yet.
@@ -137,7 +136,7 @@ pub async fn run(
         .iter()
         .filter_map(|p| std::fs::metadata(proc_root.join(p).join("ns/net")).ok().map(|m| m.ino()))
         .collect();
-    let mut enrolled = Enrolled::default();
+    let mut enrolled = Enrolled::new();
     loop {
         let store = objects.borrow_and_update().clone();
         let want = wanted(&store, &node);
@@ -161,16 +160,16 @@ async fn reconcile(
     proc_root: &Path,
     host_netns: &[u64],
 ) -> bool {
-    let gone: Vec<String> = enrolled.0.keys().filter(|uid| !want.contains_key(*uid)).cloned().collect();
+    let gone: Vec<String> = enrolled.keys().filter(|uid| !want.contains_key(*uid)).cloned().collect();
     for uid in gone {
-        let (cookie, pod) = enrolled.0.remove(&uid).expect("present");
+        let (cookie, pod) = enrolled.remove(&uid).expect("present");
         match state.datapath.unenrol(cookie) {
             Ok(_) => info!(%pod, %uid, cookie, "pod unenrolled"),
             Err(err) => warn!(%pod, %uid, error = %err, "cannot unenrol pod"),
         }
     }
     let missing: Vec<(&String, &Wanted)> =
-        want.iter().filter(|(uid, _)| !enrolled.0.contains_key(*uid)).collect();
+        want.iter().filter(|(uid, _)| !enrolled.contains_key(*uid)).collect();
     if missing.is_empty() {
         return false;
     }
@@ -197,7 +196,7 @@ async fn reconcile(
         match state.datapath.enrol(cookie) {
             Ok(()) => {
                 info!(%pod, %uid, netns = %netns.display(), cookie, "pod enrolled");
-                enrolled.0.insert(uid.clone(), (cookie, pod));
+                enrolled.insert(uid.clone(), (cookie, pod));
             }
             Err(err) => {
                 warn!(%pod, %uid, error = %err, "cannot enrol pod");

@@ -56,7 +56,7 @@ impl Kind {
         }
     }
 
-    fn resource(&self) -> ApiResource {
+    pub fn resource(&self) -> ApiResource {
         ApiResource {
             group: self.group.into(),
             version: self.version.into(),
@@ -82,6 +82,11 @@ pub const KINDS: &[Kind] = &[
         plural: "referencegrants",
     },
 ];
+
+/// The watched kind named `kind` (`HTTPRoute`, …).
+pub fn kind(kind: &str) -> Option<&'static Kind> {
+    KINDS.iter().find(|k| k.kind == kind)
+}
 
 /// How the source behaves.
 #[derive(Debug, Clone)]

@@ -27,7 +27,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject, PostParams},
+    api::{DynamicObject, PostParams},
 };
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -168,17 +168,6 @@ fn field_manager(identity: &str) -> String {
     format!("gammaray-agent-{identity}")
 }
 
-fn route_resource(kind: &str) -> ApiResource {
-    let plural = if kind == "GRPCRoute" { "grpcroutes" } else { "httproutes" };
-    ApiResource {
-        group: "gateway.networking.k8s.io".into(),
-        version: "v1".into(),
-        api_version: "gateway.networking.k8s.io/v1".into(),
-        kind: kind.into(),
-        plural: plural.into(),
-    }
-}
-
 /// The route as the store holds it (JSON), if it does.
 fn current_route(store: &Store, kind: &str, namespace: &str, name: &str) -> Option<Value> {
     let key = (namespace.to_owned(), name.to_owned());
@@ -188,8 +177,8 @@ fn current_route(store: &Store, kind: &str, namespace: &str, name: &str) -> Opti
     }
 }
 
-/// The `status.parents` entry gammaray writes for one parent.
-fn parent_entry(p: &ParentStatus, now: &str, previous: Option<&Value>) -> Value {
+/// The `parentRef` of a status entry, as the route wrote it (namespace filled in).
+fn parent_ref(p: &ParentStatus) -> Value {
     let r = &p.parent_ref;
     let mut parent_ref = json!({"group": r.group, "kind": r.kind, "namespace": r.namespace, "name": r.name});
     if let Some(port) = r.port {
@@ -198,11 +187,17 @@ fn parent_entry(p: &ParentStatus, now: &str, previous: Option<&Value>) -> Value 
     if let Some(section) = &r.section_name {
         parent_ref["sectionName"] = json!(section);
     }
+    parent_ref
+}
+
+/// The `status.parents` entry gammaray writes for one parent, keeping each condition's
+/// transition time from `previous` (our earlier entry for the same parent) while its status is
+/// unchanged.
+fn parent_entry(p: &ParentStatus, parent_ref: Value, now: &str, previous: Option<&Value>) -> Value {
     let conditions: Vec<Value> = p
         .conditions
         .iter()
         .map(|c| {
-            // Keep the transition time while the condition's status stays the same.
             let since = previous
                 .and_then(|prev| prev["conditions"].as_array())
                 .and_then(|cs| cs.iter().find(|pc| pc["type"] == c.type_ && pc["status"] == c.status))
@@ -245,9 +240,9 @@ pub fn merged_parents(current: &Value, status: &RouteStatus, now: &str) -> Optio
         .parents
         .iter()
         .map(|p| {
-            let entry = parent_entry(p, now, None);
-            let previous = ours.iter().find(|o| same_parent_ref(&o["parentRef"], &entry["parentRef"]));
-            parent_entry(p, now, previous)
+            let parent_ref = parent_ref(p);
+            let previous = ours.iter().find(|o| same_parent_ref(&o["parentRef"], &parent_ref));
+            parent_entry(p, parent_ref, now, previous)
         })
         .collect();
     let strip = |v: &[Value]| -> Vec<Value> {
@@ -280,10 +275,11 @@ pub async fn write_statuses(client: &Client, desired: &[RouteStatus], store: &St
         let Some((namespace, name)) = status.route.split_once('/') else { continue };
         let Some(mut route) = current_route(store, &kind, namespace, name) else { continue };
         let Some(parents) = merged_parents(&route, status, &now) else { continue };
+        let Some(watched) = crate::kube_source::kind(&kind) else { continue };
         route["status"]["parents"] = json!(parents);
-        route["apiVersion"] = json!("gateway.networking.k8s.io/v1");
+        route["apiVersion"] = json!(watched.api_version());
         route["kind"] = json!(kind);
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &route_resource(&kind));
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &watched.resource());
         let object: DynamicObject = match serde_json::from_value(route) {
             Ok(o) => o,
             Err(err) => {

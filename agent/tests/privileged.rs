@@ -754,6 +754,11 @@ fn labelling_a_namespace_on_the_api_server_enrols_its_pods_and_removing_it_unenr
     server.apply_yaml(&objects::node("node1", cluster.node(1).ip));
     server.apply_yaml(&objects::pod(&client, &[("app", "client")]));
     server.apply_yaml(&objects::pod(&backend, &[("app", "backend")]));
+    // A pod in a namespace that is never labelled: once the enroller has acted on the label, it
+    // must still be left out (a negative check made after positive evidence the enroller ran).
+    let bystander = cluster.add_pod(1, "plain", "bystander-6b8f9c7d5f-r5t1c").expect("bystander pod");
+    server.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n");
+    server.apply_yaml(&objects::pod(&bystander, &[("app", "bystander")]));
 
     let agent = Agent::start_args(
         &cluster,
@@ -779,6 +784,10 @@ fn labelling_a_namespace_on_the_api_server_enrols_its_pods_and_removing_it_unenr
             .ok_or(format!("enrolled {enrolled:?}"))
     });
     println!("enrolled {:?} after the label was added", labelled.elapsed());
+    assert!(
+        !agent.status().enrolled.contains(&cookie(&bystander)),
+        "a pod of an unlabelled namespace is not enrolled"
+    );
     let greeting = call_from(&client, dst);
     assert_eq!(greeting.peer.ip(), IpAddr::V4(pod_gateway(1)), "the new connection went through the proxy");
     // A connection made while enrolled.

@@ -323,13 +323,6 @@ impl ApiServer {
         *self.accept.lock().expect("accept") = Some(runtime.spawn(accept_loop(listener, self.inner.clone())));
     }
 
-    /// [`ApiServer::stop`], `down` of silence, then [`ApiServer::resume`]: a restart.
-    pub fn restart(&self, down: Duration) {
-        self.stop();
-        std::thread::sleep(down);
-        self.resume();
-    }
-
     /// Every write so far.
     pub fn audit(&self) -> Vec<Audit> {
         self.inner.state.lock().expect("state").audit.clone()
@@ -338,16 +331,6 @@ impl ApiServer {
     /// How many watches were answered with 410 Gone.
     pub fn expired_watches(&self) -> u64 {
         self.inner.state.lock().expect("state").expired
-    }
-
-    /// Open watch streams.
-    pub fn watch_count(&self) -> usize {
-        self.inner.state.lock().expect("state").watchers.len()
-    }
-
-    /// The current resourceVersion.
-    pub fn resource_version(&self) -> u64 {
-        self.inner.state.lock().expect("state").rv
     }
 }
 
@@ -406,14 +389,9 @@ fn status_object(code: u16, reason: &str, message: &str) -> Value {
 }
 
 impl State {
+    /// RFC 3339 with second precision, as the API server writes timestamps.
     fn now() -> String {
-        // RFC 3339 with second precision, from the system clock.
-        let secs =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let days = secs / 86_400;
-        let (y, m, d) = civil_from_days(days as i64);
-        let rem = secs % 86_400;
-        format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+        jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
     }
 
     fn record(&mut self, r: &'static Resource, type_: &'static str, object: &Value) {
@@ -534,19 +512,6 @@ impl State {
         self.record(r, "DELETED", &object);
         Some(object)
     }
-}
-
-/// Days since 1970-01-01 to a civil date (proleptic Gregorian).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 fn event_line(type_: &str, object: &Value) -> Bytes {
@@ -1100,7 +1065,8 @@ mod tests {
         let mut v = json!({"a": {"b": 1, "c": 2}, "d": [1]});
         merge_patch(&mut v, &json!({"a": {"b": null, "e": 3}, "d": [2]}));
         assert_eq!(v, json!({"a": {"c": 2, "e": 3}, "d": [2]}));
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_000), (2024, 10, 4));
+        // Timestamps are RFC 3339 in UTC, to the second, and now.
+        let stamp: jiff::Timestamp = State::now().parse().expect("RFC 3339");
+        assert!(jiff::Timestamp::now().duration_since(stamp).as_secs().abs() < 60);
     }
 }

@@ -13,7 +13,7 @@ use std::{
 use serde::Deserialize as _;
 use serde_json::{Value, json};
 
-use crate::{Cluster, Error, Pod, Result, istio_echo, objects};
+use crate::{Cluster, Error, Pod, Result, istio_echo, names, objects};
 
 /// The label that puts a namespace's pods in the mesh.
 pub const DATAPLANE_LABEL: &str = "gammaray.dev/dataplane-mode";
@@ -44,23 +44,6 @@ impl Drop for World {
             s.abort();
         }
     }
-}
-
-/// The Kubernetes "safe" alphabet used in generated names (no vowels, no look-alikes).
-const SAFE: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-
-fn fnv(bytes: &[u8], seed: u64) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
-}
-
-fn safe_string(mut n: u64, len: usize) -> String {
-    (0..len)
-        .map(|_| {
-            let c = SAFE[(n % SAFE.len() as u64) as usize];
-            n /= SAFE.len() as u64;
-            c as char
-        })
-        .collect()
 }
 
 fn str_map(v: Option<&Value>) -> BTreeMap<String, String> {
@@ -155,7 +138,7 @@ impl World {
             let spec = d.get("spec").cloned().unwrap_or_default();
             let replicas = spec.get("replicas").and_then(Value::as_u64).unwrap_or(1);
             let template = spec.get("template").cloned().unwrap_or_default();
-            let hash = safe_string(fnv(template.to_string().as_bytes(), 0), 10);
+            let hash = names::generated(template.to_string().as_bytes(), 0, 10);
             let mut labels = str_map(template.get("metadata").and_then(|m| m.get("labels")));
             labels.insert("pod-template-hash".into(), hash.clone());
             let pod_spec = template.get("spec").cloned().unwrap_or_default();
@@ -167,7 +150,7 @@ impl World {
                 .unwrap_or_default();
             let ports = echo_ports(&args);
             for r in 0..replicas {
-                let pod_name = format!("{name}-{hash}-{}", safe_string(fnv(name.as_bytes(), r + 1), 5));
+                let pod_name = format!("{name}-{hash}-{}", names::generated(name.as_bytes(), r + 1, 5));
                 let node = (placed % nodes) as u8 + 1;
                 placed += 1;
                 let pod = cluster.add_pod(node, ns, &pod_name)?;
@@ -337,7 +320,7 @@ fn endpoint_slice(service: &Value, pods: &[WorldPod]) -> Value {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
-            "name": format!("{name}-{}", safe_string(fnv(name.as_bytes(), 99), 5)),
+            "name": format!("{name}-{}", names::generated(name.as_bytes(), 99, 5)),
             "namespace": ns,
             "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
         },
@@ -373,10 +356,10 @@ mod tests {
 
     #[test]
     fn generated_names_have_the_deployment_shape() {
-        let hash = safe_string(fnv(b"template", 0), 10);
+        let hash = names::generated(b"template", 0, 10);
         assert_eq!(hash.len(), 10);
-        assert!(hash.bytes().all(|b| SAFE.contains(&b)));
-        let name = format!("echo-v1-{hash}-{}", safe_string(fnv(b"echo-v1", 1), 5));
+        assert!(hash.bytes().all(|b| crate::names::SAFE.contains(&b)));
+        let name = format!("echo-v1-{hash}-{}", names::generated(b"echo-v1", 1, 5));
         assert_eq!(crate::catalogue::deployment_of(&name), "echo-v1");
     }
 }

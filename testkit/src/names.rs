@@ -14,6 +14,24 @@ pub fn unique_run() -> String {
     format!("{PREFIX}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// The Kubernetes "safe" alphabet of generated names (no vowels, no look-alikes).
+pub const SAFE: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+
+/// A deterministic generated-name part of `len` characters from `seed` and `salt`, shaped like
+/// the hashes and suffixes a cluster's controllers put in pod names.
+pub fn generated(seed: &[u8], salt: u64, len: usize) -> String {
+    let mut n = seed
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325 ^ salt, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+    (0..len)
+        .map(|_| {
+            let c = SAFE[(n % SAFE.len() as u64) as usize];
+            n /= SAFE.len() as u64;
+            c as char
+        })
+        .collect()
+}
+
 /// The creating pid encoded in a testkit name, if it is one.
 pub fn owner_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(PREFIX)?.strip_prefix('-')?;

@@ -2,7 +2,7 @@
 
 use std::{net::Ipv4Addr, sync::Arc};
 
-use crate::{Cluster, Pod, Result, http::HttpBackend, objects};
+use crate::{Cluster, Pod, Result, http::HttpBackend, names, objects};
 
 /// The canary: backend-v1 (3 pods) and backend-v2 (2 pods) spread over nodes 1 and 2, each
 /// answering "hello from backend vN" on port 8080; Services `backend` (both versions),
@@ -22,8 +22,8 @@ pub const TARGET_PORT: u16 = 8080;
 
 /// A pod name in the Deployment shape: `<deployment>-<template hash>-<suffix>`.
 pub fn pod_name(deployment: &str, index: usize) -> String {
-    let hash: u32 = deployment.bytes().fold(0x811c_9dc5, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
-    format!("{deployment}-{:08x}-{}", hash, ["x7k2p", "m4q9z", "b2n8w", "r5t1c", "h3j6v"][index % 5])
+    let seed = deployment.as_bytes();
+    format!("{deployment}-{}-{}", names::generated(seed, 0, 10), names::generated(seed, index as u64 + 1, 5))
 }
 
 impl Canary {

@@ -437,13 +437,7 @@ fn tunnel(
         let _ = upstream.set_nodelay(true);
         stats.inbound_tunnels.fetch_add(1, Relaxed);
         let mut io = TokioIo::new(upgraded);
-        let result = tokio::io::copy_bidirectional_with_sizes(
-            &mut io,
-            &mut upstream,
-            crate::outbound::COPY_BUF,
-            crate::outbound::COPY_BUF,
-        )
-        .await;
+        let result = crate::outbound::copy_both_ways(&mut io, &mut upstream).await;
         let (sent, received) = result.unwrap_or((0, 0));
         info!(
             src_identity = %peer,

@@ -29,7 +29,17 @@ use crate::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buffer per direction when relaying a TCP connection: bigger than tokio's 8 KiB default, as
 /// fewer, larger reads and writes are what bulk transfers need (measured by `cargo xtask bench`).
-pub(crate) const COPY_BUF: usize = 64 * 1024;
+const COPY_BUF: usize = 64 * 1024;
+
+/// Relays bytes both ways until both sides are done; returns (a → b, b → a) byte counts. The one
+/// place L4 connections and tunnels are copied.
+pub(crate) async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUF, COPY_BUF).await
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -160,10 +170,7 @@ async fn relay(mut client: TcpStream, orig: SocketAddrV4, hop: Hop, mesh: &Mesh,
                     stats.hbone_tunnels.fetch_add(1, Relaxed);
                     let _ = client.set_nodelay(true);
                     let mut io = hyper_util::rt::TokioIo::new(upgraded);
-                    let (sent, received) =
-                        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut io, COPY_BUF, COPY_BUF)
-                            .await
-                            .unwrap_or((0, 0));
+                    let (sent, received) = copy_both_ways(&mut client, &mut io).await.unwrap_or((0, 0));
                     stats.bytes_sent.fetch_add(sent, Relaxed);
                     stats.bytes_received.fetch_add(received, Relaxed);
                     info!(dst = %orig, %target, via = %node, src_identity = %src, dst_identity = %dst, sent, received,
@@ -193,7 +200,7 @@ async fn relay(mut client: TcpStream, orig: SocketAddrV4, hop: Hop, mesh: &Mesh,
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
     let mut upstream = upstream;
-    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF).await {
+    match copy_both_ways(&mut client, &mut upstream).await {
         Ok((sent, received)) => {
             stats.bytes_sent.fetch_add(sent, Relaxed);
             stats.bytes_received.fetch_add(received, Relaxed);

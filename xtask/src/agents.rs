@@ -118,11 +118,12 @@ pub fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|v| v.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
+/// Fails unless this machine has what `what` needs (root, BTF, cgroup2, iproute2), naming what
+/// is missing.
+pub fn require_privileges(what: &str) -> anyhow::Result<()> {
+    let missing = gammaray_testkit::privileged::missing_privileges();
+    if !missing.is_empty() {
+        anyhow::bail!("{what} cannot run: {}", missing.join("; "));
+    }
+    Ok(())
 }

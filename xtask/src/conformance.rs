@@ -21,7 +21,7 @@ use gammaray_testkit::{
     istio_echo,
 };
 
-use crate::agents::{Agent, generate_ca, is_root, write_atomically};
+use crate::agents::{Agent, generate_ca, require_privileges, write_atomically};
 
 /// How long a request may take to become consistent, and how many passes in a row it needs.
 const MAX_TIME_TO_CONSISTENCY: Duration = Duration::from_secs(30);
@@ -75,9 +75,7 @@ pub struct Summary {
 /// Runs every case in `dir` (its `cases/` and the base files beside it), prints the table and
 /// returns the counts. Errors only when the run itself cannot happen.
 pub fn run(dir: &Path) -> anyhow::Result<Summary> {
-    if !is_root() {
-        bail!("the conformance runner needs root: it creates network namespaces and loads eBPF programs");
-    }
+    require_privileges("the conformance runner")?;
     let cases = catalogue::load_cases(dir)
         .with_context(|| format!("reading the conformance catalogue in {}", dir.display()))?;
     if cases.is_empty() {

@@ -13,7 +13,7 @@ use gammaray_testkit::{
     scenarios::{self, Canary},
 };
 
-use crate::agents::{Agent, TIMEOUT, generate_ca, is_root, write_atomically};
+use crate::agents::{Agent, TIMEOUT, generate_ca, require_privileges, write_atomically};
 const REQUESTS: usize = 1000;
 
 fn step(msg: &str) {
@@ -21,9 +21,7 @@ fn step(msg: &str) {
 }
 
 pub fn run() -> anyhow::Result<()> {
-    if !is_root() {
-        bail!("the demo needs root: it creates network namespaces and loads eBPF programs");
-    }
+    require_privileges("the demo")?;
     let started = Instant::now();
     step("building the agent (and its eBPF programs)");
     crate::cargo_quiet(&["build", "-p", "gammaray-agent", "--bins"])?;

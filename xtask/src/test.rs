@@ -3,6 +3,7 @@
 use std::io::{BufRead as _, BufReader};
 
 use anyhow::Context as _;
+use gammaray_testkit::privileged::Gate;
 
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
     if std::env::var("GAMMARAY_REQUIRE_PRIVILEGED").as_deref() != Ok("1") {
@@ -27,66 +28,59 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
+    let mut counts = Counts { passed, failed, skipped: ignored };
     // The main job must keep working: run the demo once, as the README's first command would.
-    println!("\nxtask: the demo (the README's first command) as a smoke test");
-    if crate::agents::is_root() {
-        match crate::demo::run() {
-            Ok(()) => passed += 1,
-            Err(err) => {
-                eprintln!("xtask: the demo failed: {err:#}");
-                failed += 1;
-            }
-        }
-    } else if std::env::var("GAMMARAY_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        eprintln!("xtask: the demo needs root and GAMMARAY_REQUIRE_PRIVILEGED=1");
-        failed += 1;
-    } else {
-        eprintln!("\n!!!!!!!! SKIP: the demo needs root !!!!!!!!\n");
-        ignored += 1;
-    }
+    counts.step("the demo (the README's first command) as a smoke test", || {
+        crate::demo::run().map(|()| (1, 0, 0))
+    });
     // The conformance catalogue on the real data path, one count per case.
-    println!("\nxtask: the GAMMA conformance catalogue on the real data path");
-    if crate::agents::is_root() {
-        match crate::conformance::run(&crate::conformance::dir(None)) {
-            Ok(s) => {
-                passed += s.passed;
-                failed += s.failed;
-                ignored += s.skipped;
-            }
-            Err(err) => {
-                eprintln!("xtask: the conformance run failed: {err:#}");
-                failed += 1;
-            }
-        }
-    } else if std::env::var("GAMMARAY_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        eprintln!("xtask: the conformance runner needs root and GAMMARAY_REQUIRE_PRIVILEGED=1");
-        failed += 1;
-    } else {
-        eprintln!("\n!!!!!!!! SKIP: the conformance runner needs root !!!!!!!!\n");
-        ignored += 1;
-    }
-    // The benchmark harness, in its quick mode: it must keep working; its numbers are reported,
-    // never asserted.
-    println!("\nxtask: the benchmarks, quick mode (numbers reported, not asserted)");
-    if crate::agents::is_root() {
-        match crate::bench::run(true, false) {
-            Ok(()) => passed += 1,
-            Err(err) => {
-                eprintln!("xtask: the benchmark harness failed: {err:#}");
-                failed += 1;
-            }
-        }
-    } else if std::env::var("GAMMARAY_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        eprintln!("xtask: the benchmarks need root and GAMMARAY_REQUIRE_PRIVILEGED=1");
-        failed += 1;
-    } else {
-        eprintln!("\n!!!!!!!! SKIP: the benchmarks need root !!!!!!!!\n");
-        ignored += 1;
-    }
+    counts.step("the GAMMA conformance catalogue on the real data path", || {
+        crate::conformance::run(&crate::conformance::dir(None)).map(|s| (s.passed, s.failed, s.skipped))
+    });
+    // The benchmark harness must keep working; its numbers are reported, never asserted.
+    counts.step("the benchmarks, quick mode (numbers reported, not asserted)", || {
+        crate::bench::run(true, false).map(|()| (1, 0, 0))
+    });
+    let Counts { passed, failed, skipped: ignored } = counts;
     println!();
     println!("{passed} passed, {failed} failed, {ignored} skipped");
     anyhow::ensure!(status.success() && failed == 0, "tests failed");
     Ok(())
+}
+
+struct Counts {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+}
+
+impl Counts {
+    /// Runs a privileged step that returns its (passed, failed, skipped) counts: an error counts
+    /// as one failure; without the privileges it fails in CI and skips, loudly, elsewhere.
+    fn step(&mut self, what: &str, run: impl FnOnce() -> anyhow::Result<(u64, u64, u64)>) {
+        println!("\nxtask: {what}");
+        match gammaray_testkit::privileged::gate(what) {
+            Gate::Run => match run() {
+                Ok((p, f, s)) => {
+                    self.passed += p;
+                    self.failed += f;
+                    self.skipped += s;
+                }
+                Err(err) => {
+                    eprintln!("xtask: {what} failed: {err:#}");
+                    self.failed += 1;
+                }
+            },
+            Gate::Fail(msg) => {
+                eprintln!("xtask: {msg}");
+                self.failed += 1;
+            }
+            Gate::Skip(line) => {
+                eprintln!("{line}");
+                self.skipped += 1;
+            }
+        }
+    }
 }
 
 /// Reads the number before `label` in a libtest summary such as "ok. 7 passed; 0 failed; …".
