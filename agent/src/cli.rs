@@ -38,9 +38,11 @@ pub enum Command {
         /// Kernel BTF, checked before loading.
         #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
         btf: PathBuf,
-        /// Worker threads of the proxy. One keeps a connection's tasks on one thread, with no
-        /// wakeups across threads; on the 2-core machines measured it gave more requests per
-        /// CPU second and lower latency than two (`cargo xtask bench`). Raise it on busy nodes.
+        /// Worker threads of the proxy. One (a current-thread runtime) keeps a connection's
+        /// tasks on one thread, with no wakeups across threads, and lets a shared HBONE
+        /// connection carry the frames of many requests in one write; on the 2-core machines
+        /// measured it gave more requests per CPU second and lower latency than two
+        /// (`cargo xtask bench`). Raise it on busy nodes.
         #[arg(long, default_value_t = 1)]
         proxy_threads: usize,
         /// Route by the Kubernetes manifests in this directory (re-read on change).

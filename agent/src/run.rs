@@ -99,12 +99,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
             None
         }
     };
-    let proxy_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.proxy_threads.max(1))
-        .thread_name("proxy")
-        .enable_all()
-        .build()
-        .context("cannot start the proxy runtime")?;
+    let proxy_rt = ProxyRuntime::start(cfg.proxy_threads).context("cannot start the proxy runtime")?;
     let ca_pem = match (&cfg.ca, &kube) {
         (Some((cert, key)), _) => {
             let read = |p: &PathBuf| {
@@ -243,7 +238,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         task.abort();
         let _ = task.await;
     }
-    proxy_rt.shutdown_background();
+    proxy_rt.shutdown();
     let _ = std::fs::remove_file(&cfg.control_socket);
     // The control task holds the last other reference; once it is gone the links drop here.
     match Arc::try_unwrap(state) {
@@ -276,5 +271,68 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
+    }
+}
+
+/// The data path's own runtime, apart from the control plane's.
+///
+/// With one thread (the default) it is a current-thread runtime on a thread of its own: a task
+/// that another task wakes runs after the tasks already ready, not at once as the multi-thread
+/// scheduler's LIFO slot would run it. So when one epoll wakeup readies several client
+/// connections, each queues its frames and a shared HBONE connection flushes them together, in
+/// one TLS write, instead of once per request. More threads mean a multi-thread runtime.
+enum ProxyRuntime {
+    Single {
+        handle: tokio::runtime::Handle,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    },
+    Multi(tokio::runtime::Runtime),
+}
+
+impl ProxyRuntime {
+    fn start(threads: usize) -> anyhow::Result<Self> {
+        if threads > 1 {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("proxy")
+                .enable_all()
+                .build()?;
+            return Ok(Self::Multi(rt));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("proxy".into()).spawn(move || {
+            rt.block_on(async move {
+                let _ = stopped.await;
+            });
+            rt.shutdown_background();
+        })?;
+        Ok(Self::Single { handle, stop: Some(stop), thread: Some(thread) })
+    }
+
+    fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match self {
+            Self::Single { handle, .. } => drop(handle.spawn(task)),
+            Self::Multi(rt) => drop(rt.spawn(task)),
+        }
+    }
+
+    fn shutdown(self) {
+        match self {
+            Self::Single { mut stop, mut thread, .. } => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+                if let Some(thread) = thread.take() {
+                    let _ = thread.join();
+                }
+            }
+            Self::Multi(rt) => rt.shutdown_background(),
+        }
     }
 }

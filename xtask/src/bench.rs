@@ -166,6 +166,26 @@ fn agents_cpu(agents: &[Agent], ticks: f64) -> f64 {
         .sum()
 }
 
+/// Context switches (voluntary and not) of every thread of the agents so far: the wakeups a
+/// request costs besides its own work.
+fn agents_switches(agents: &[Agent]) -> f64 {
+    let mut switches = 0.0;
+    for agent in agents {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", agent.pid())).into_iter().flatten().flatten();
+        for task in tasks {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            switches += status
+                .lines()
+                .filter(|l| {
+                    l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches")
+                })
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+    }
+    switches
+}
+
 /// A field of /proc/PID/status in MiB (VmRSS, VmHWM).
 fn mem_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -374,6 +394,42 @@ fn time_to_split(pod: &Pod, dst: SocketAddr, want: &str, n: usize, started: Inst
 }
 
 /// `perf record` on the agents while a load runs, reported as text next to the report.
+/// `perf trace -s` on the agents: system calls by kind, for the note of what a request costs.
+struct SyscallTrace {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl SyscallTrace {
+    fn start(dir: &Path, name: &str, pids: &[u32]) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let out = dir.join(format!("syscalls-{name}.txt"));
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let child = Command::new("perf")
+            .args(["trace", "-s", "--no-syscalls", "-o"])
+            .arg(&out)
+            .args(["-p", &pids.join(",")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("perf (Debian's linux-perf) is needed for --profile")?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self { child, out })
+    }
+
+    /// Stops tracing; the summary gets a first line with the number of requests it covers.
+    fn finish(mut self, requests: f64) -> anyhow::Result<PathBuf> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        self.child.wait()?;
+        let summary = std::fs::read_to_string(&self.out).unwrap_or_default();
+        std::fs::write(&self.out, format!("requests: {requests}\n{summary}"))?;
+        Ok(self.out.clone())
+    }
+}
+
 struct Profile {
     child: std::process::Child,
     data: PathBuf,
@@ -501,15 +557,29 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
     let mut max16 = BTreeMap::new();
     let mut cpu_fixed = BTreeMap::new();
     let mut cpu_sat = BTreeMap::new();
+    let mut wakeups = BTreeMap::new();
     for path in Lane::ALL {
         let (pod, url) = world.target(path);
         let (mut p50, mut p90, mut p99, mut m1, mut m16, mut cf, mut cs) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let mut wk = vec![];
         for _ in 0..plan.runs {
             let cpu0 = agents_cpu(&agents, ticks);
+            let w0 = agents_switches(&agents);
+            let trace = if profile && path.is_mesh() {
+                let pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
+                Some(SyscallTrace::start(&bench_dir, &format!("{path:?}").to_lowercase(), &pids)?)
+            } else {
+                None
+            };
             let t0 = Instant::now();
             let l = oha(&oha_bin, pod, &url, 16, Some(1000), plan.fixed)?;
             let (cpu, wall) = (agents_cpu(&agents, ticks) - cpu0, t0.elapsed().as_secs_f64());
+            let n = l.requests.max(1.0);
+            wk.push((agents_switches(&agents) - w0) / n);
+            if let Some(t) = trace {
+                println!("bench: system calls of {} at 1000 req/s: {}", path.label(), t.finish(n)?.display());
+            }
             p50.push(l.p50_ms);
             p90.push(l.p90_ms);
             p99.push(l.p99_ms);
@@ -551,6 +621,7 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
             (median(cf.iter().map(|c| c.0).collect()), median(cf.iter().map(|c| c.1).collect())),
         );
         cpu_sat.insert(path, median(cs));
+        wakeups.insert(path, median(wk));
     }
     for path in Lane::ALL.into_iter().filter(|p| p.is_mesh()) {
         let base = path.baseline();
@@ -587,6 +658,13 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
             value: cpu_fixed[&path].0,
             unit: "cores",
             target: if path == Lane::L7Cross { "≤ 0.1" } else { "" },
+        });
+        rows.push(Row {
+            figure: format!("{}: both proxies' context switches per request at 1000 req/s", path.label()),
+            baseline: None,
+            value: wakeups[&path],
+            unit: "",
+            target: "",
         });
         rows.push(Row {
             figure: format!("{}: both proxies' CPU per 1000 requests at saturation", path.label()),
