@@ -172,8 +172,8 @@ fn field_manager(identity: &str) -> String {
 fn current_route(store: &Store, kind: &str, namespace: &str, name: &str) -> Option<Value> {
     let key = (namespace.to_owned(), name.to_owned());
     match kind {
-        "GRPCRoute" => store.grpc_routes.get(&key).and_then(|r| serde_json::to_value(r).ok()),
-        _ => store.http_routes.get(&key).and_then(|r| serde_json::to_value(r).ok()),
+        "GRPCRoute" => store.grpc_routes.get(&key).and_then(|r| serde_json::to_value(&**r).ok()),
+        _ => store.http_routes.get(&key).and_then(|r| serde_json::to_value(&**r).ok()),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The typed stores every configuration source fills (Kubernetes watchers, manifest files,
 //! test fixtures) and the one translation reads. Objects are the upstream types.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use gateway_api::{
     grpcroutes::GrpcRoute as GRPCRoute, httproutes::HttpRoute as HTTPRoute, referencegrants::ReferenceGrant,
@@ -13,18 +13,21 @@ use k8s_openapi::api::{
 use serde::de::DeserializeOwned;
 
 /// `namespace/name` key; cluster-scoped objects use an empty namespace.
+///
+/// Objects are shared (`Arc`): publishing the store to its readers is a clone of the maps, not
+/// of every object, so the agent holds one copy of the cluster's objects, not two.
 pub type Key = (String, String);
 
 #[derive(Debug, Default, Clone)]
 pub struct Store {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub nodes: BTreeMap<String, Node>,
-    pub services: BTreeMap<Key, Service>,
-    pub endpoint_slices: BTreeMap<Key, EndpointSlice>,
-    pub pods: BTreeMap<Key, Pod>,
-    pub http_routes: BTreeMap<Key, HTTPRoute>,
-    pub grpc_routes: BTreeMap<Key, GRPCRoute>,
-    pub reference_grants: BTreeMap<Key, ReferenceGrant>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub nodes: BTreeMap<String, Arc<Node>>,
+    pub services: BTreeMap<Key, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<Key, Arc<EndpointSlice>>,
+    pub pods: BTreeMap<Key, Arc<Pod>>,
+    pub http_routes: BTreeMap<Key, Arc<HTTPRoute>>,
+    pub grpc_routes: BTreeMap<Key, Arc<GRPCRoute>>,
+    pub reference_grants: BTreeMap<Key, Arc<ReferenceGrant>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,8 +112,8 @@ impl Store {
             kind: &str,
             name: &str,
             v: serde_json::Value,
-        ) -> Result<T, StoreError> {
-            serde_json::from_value(v).map_err(|source| StoreError::Decode {
+        ) -> Result<Arc<T>, StoreError> {
+            serde_json::from_value(v).map(Arc::new).map_err(|source| StoreError::Decode {
                 index,
                 kind: kind.to_owned(),
                 name: name.to_owned(),

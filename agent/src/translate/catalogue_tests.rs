@@ -31,7 +31,7 @@ fn world(dir: &Path, case: &Case) -> Store {
             let (ns, name) = service.split_once('/').expect("namespace/name");
             let svc =
                 store.services.get_mut(&(ns.to_owned(), name.to_owned())).expect("assigned Service exists");
-            let spec = svc.spec.get_or_insert_default();
+            let spec = std::sync::Arc::make_mut(svc).spec.get_or_insert_default();
             spec.cluster_ip = ips.first().cloned();
             spec.cluster_ips = Some(ips);
         }
