@@ -62,9 +62,15 @@ type Key = (Identity, Identity, SocketAddr);
 pub struct Mesh {
     pub node: Option<String>,
     pub hbone: Option<Arc<Pool>>,
-    /// HTTP clients whose connections are HBONE streams, one per (source identity, h2), so
-    /// pooled connections never mix identities.
-    clients: Mutex<HashMap<(Identity, bool), TunnelClient>>,
+    /// HTTP clients whose connections are HBONE streams, one per source identity and protocol,
+    /// so pooled connections never mix identities.
+    clients: Mutex<TunnelClients>,
+}
+
+#[derive(Default)]
+struct TunnelClients {
+    http1: HashMap<Identity, TunnelClient>,
+    h2: HashMap<Identity, TunnelClient>,
 }
 
 /// A pooled HTTP client over HBONE streams.
@@ -72,7 +78,7 @@ pub type TunnelClient = hyper_util::client::legacy::Client<TunnelConnector, hype
 
 impl Mesh {
     pub fn new(node: Option<String>, hbone: Option<Arc<Pool>>) -> Self {
-        Self { node, hbone, clients: Mutex::new(HashMap::new()) }
+        Self { node, hbone, clients: Mutex::default() }
     }
 
     /// No mesh identity: every connection goes direct (plaintext).
@@ -89,7 +95,13 @@ impl Mesh {
     ) -> Option<TunnelClient> {
         let pool = self.hbone.clone()?;
         let mut clients = self.clients.lock().expect("tunnel clients lock");
-        let client = clients.entry((src.clone(), h2)).or_insert_with(|| {
+        let clients = if h2 { &mut clients.h2 } else { &mut clients.http1 };
+        // Looked up by reference first: this runs once per request, and a key is built only
+        // for a new identity.
+        if let Some(client) = clients.get(src) {
+            return Some(client.clone());
+        }
+        let client = clients.entry(src.clone()).or_insert_with(|| {
             let connector = TunnelConnector { pool, src: src.clone(), snapshot: snapshot.clone() };
             hyper_util::client::legacy::Client::builder(TokioExecutor::new())
                 .http2_only(h2)

@@ -67,6 +67,7 @@ pub struct ConnContext {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub upstreams: Upstreams,
     pub stats: Arc<OutboundStats>,
+    pub counters: std::sync::Mutex<ConnCounters>,
 }
 
 /// Serves one client connection as HTTP/1.1 or HTTP/2 (prior knowledge) until it closes.
@@ -83,47 +84,96 @@ pub async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
 
 async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
     let started = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let method =
+        tracing::enabled!(tracing::Level::INFO).then(|| (req.method().clone(), req.uri().path().to_owned()));
     let response = route_request(req, ctx).await;
     let status = response.status().as_u16();
     ctx.stats.requests.fetch_add(1, Relaxed);
     let upstream = response.extensions().get::<UpstreamInfo>();
-    // One look at the snapshot for both the log line and the metric labels.
-    let (source, src_identity, destination_service) = {
-        let snapshot = ctx.snapshot.borrow();
-        let client = snapshot.workloads.get(&ctx.client.ip());
-        (
-            client.map(|w| format!("{}/{}", w.pod.namespace, w.service_account)),
-            client.map(|w| w.identity.clone()),
-            snapshot.frontend(ctx.orig_dst).map(|f| format!("{}:{}", f.service, f.port)),
-        )
-    };
-    ctx.stats
-        .requests_by
-        .get_or_create(&crate::stats::RequestLabels {
-            source_workload: source.unwrap_or_else(|| "unknown".to_owned()),
-            destination_service: destination_service.unwrap_or_else(|| ctx.orig_dst.to_string()),
-            backend: upstream.map_or_else(|| "-".to_owned(), |u| u.service.clone()),
-            response_code: status,
-        })
-        .inc();
-    info!(
-        src = %ctx.client,
-        src_identity = src_identity.as_deref().unwrap_or("-"),
-        dst = %ctx.orig_dst,
-        service = upstream.map_or("-", |u| u.service.as_str()),
-        backend = %upstream.map_or_else(|| "-".to_owned(), |u| u.endpoint.to_string()),
-        dst_identity = upstream.and_then(|u| u.identity.as_deref()).unwrap_or("-"),
-        mtls = upstream.is_some_and(|u| u.tunnelled),
-        %method,
-        path,
-        status,
-        bytes = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        duration_ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
+    ctx.request_counter(upstream.map(|u| &u.backend), status).inc();
+    if let Some((method, path)) = method {
+        let snapshot = ctx.snapshot.borrow().clone();
+        let src_identity = snapshot.workloads.get(&ctx.client.ip()).map(|w| w.identity.as_str());
+        let endpoint = upstream.and_then(|u| u.backend.endpoints.get(u.endpoint));
+        info!(
+            src = %ctx.client,
+            src_identity = src_identity.unwrap_or("-"),
+            dst = %ctx.orig_dst,
+            service = %upstream.map_or_else(|| "-".to_owned(), |u| backend_label(&u.backend)),
+            backend = %endpoint.map_or_else(|| "-".to_owned(), |e| e.addr.to_string()),
+            dst_identity = endpoint.and_then(|e| e.identity.as_deref()).unwrap_or("-"),
+            mtls = upstream.is_some_and(|u| u.tunnelled),
+            %method,
+            path,
+            status,
+            bytes = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
     response
+}
+
+/// `namespace/name:port` of a backend, as metrics and logs name it.
+fn backend_label(backend: &Backend) -> String {
+    format!("{}:{}", backend.service, backend.port)
+}
+
+/// The per-request counters one connection has used, and the labels that depend only on the
+/// client and the address it dialled, worked out once per snapshot instead of once per request.
+#[derive(Default)]
+pub struct ConnCounters {
+    version: Option<u64>,
+    source: String,
+    destination: String,
+    /// By backend (the address of the snapshot's `Arc`, only compared: the cache is emptied when
+    /// the snapshot changes) and response code.
+    used: Vec<(Option<usize>, u16, prometheus_client::metrics::counter::Counter)>,
+}
+
+/// A connection uses a handful of (backend, code) pairs; past this many, look each one up.
+const COUNTERS_PER_CONNECTION: usize = 16;
+
+impl ConnContext {
+    /// The counter of requests from this connection's client to `backend` answered `status`.
+    fn request_counter(
+        &self,
+        backend: Option<&Arc<Backend>>,
+        status: u16,
+    ) -> prometheus_client::metrics::counter::Counter {
+        let snapshot = self.snapshot.borrow().clone();
+        let mut cache = self.counters.lock().expect("counters lock");
+        if cache.version != Some(snapshot.version) {
+            let client = snapshot.workloads.get(&self.client.ip());
+            cache.source = client.map_or_else(
+                || "unknown".to_owned(),
+                |w| format!("{}/{}", w.pod.namespace, w.service_account),
+            );
+            cache.destination = snapshot
+                .frontend(self.orig_dst)
+                .map_or_else(|| self.orig_dst.to_string(), |f| format!("{}:{}", f.service, f.port));
+            cache.used.clear();
+            cache.version = Some(snapshot.version);
+        }
+        let key = backend.map(|b| Arc::as_ptr(b) as usize);
+        if let Some((_, _, counter)) = cache.used.iter().find(|(b, s, _)| *b == key && *s == status) {
+            return counter.clone();
+        }
+        let counter = self
+            .stats
+            .requests_by
+            .get_or_create(&crate::stats::RequestLabels {
+                source_workload: cache.source.clone(),
+                destination_service: cache.destination.clone(),
+                backend: backend.map_or_else(|| "-".to_owned(), |b| backend_label(b)),
+                response_code: status,
+            })
+            .clone();
+        if cache.used.len() < COUNTERS_PER_CONNECTION {
+            cache.used.push((key, status, counter.clone()));
+        }
+        counter
+    }
 }
 
 async fn route_request(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
@@ -200,12 +250,13 @@ async fn forward_to(
     ctx: &ConnContext,
     random: u64,
 ) -> Response<Body> {
-    let Some(endpoint) = pick_endpoint(&backend.endpoints, random) else {
+    let Some(endpoint_index) = pick_endpoint_index(backend.endpoints.len(), random) else {
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("no ready endpoint for {}:{}", backend.service, backend.port),
         );
     };
+    let endpoint = &backend.endpoints[endpoint_index];
     let path_and_query = {
         let path = plan.as_ref().and_then(|p| p.path.clone()).unwrap_or_else(|| req.uri().path().to_owned());
         match req.uri().query() {
@@ -247,9 +298,8 @@ async fn forward_to(
     let hop = ctx.mesh.hop(&ctx.snapshot.borrow().clone(), ctx.client.ip(), endpoint.addr);
     debug!(endpoint = %endpoint.addr, ?hop, "upstream hop");
     let info = UpstreamInfo {
-        service: format!("{}:{}", backend.service, backend.port),
-        endpoint: endpoint.addr,
-        identity: endpoint.identity.clone(),
+        backend: backend.clone(),
+        endpoint: endpoint_index,
         tunnelled: matches!(hop, crate::hbone::Hop::Tunnel { .. }),
     };
     let mut response = forward_along(req, hop, h2, plan.as_ref(), ctx, endpoint).await;
@@ -379,19 +429,21 @@ fn mirror(req: &Request<Incoming>, m: &crate::snapshot::Mirror, ctx: &ConnContex
 /// What the forwarder chose, carried on the response for the access log.
 #[derive(Debug, Clone)]
 struct UpstreamInfo {
-    service: String,
-    endpoint: SocketAddr,
-    identity: Option<String>,
+    backend: Arc<Backend>,
+    /// Index of the chosen endpoint in `backend.endpoints`.
+    endpoint: usize,
     tunnelled: bool,
 }
 
 /// An endpoint chosen uniformly at random.
 pub fn pick_endpoint(endpoints: &[Endpoint], random: u64) -> Option<&Endpoint> {
-    if endpoints.is_empty() {
-        return None;
-    }
+    endpoints.get(pick_endpoint_index(endpoints.len(), random)?)
+}
+
+/// The index of an endpoint among `len`, chosen uniformly at random.
+fn pick_endpoint_index(len: usize, random: u64) -> Option<usize> {
     // The high bits: the low ones already picked the weighted backend.
-    endpoints.get(((random >> 32) % endpoints.len() as u64) as usize)
+    (len > 0).then(|| ((random >> 32) % len as u64) as usize)
 }
 
 fn request_host(req: &Request<Incoming>) -> Option<String> {

@@ -145,6 +145,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
             snapshot,
             upstreams,
             stats,
+            counters: Default::default(),
         };
         crate::http::serve_connection(client, Arc::new(ctx)).await;
         return;

@@ -550,6 +550,13 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
         }
     }
     let idle_rss: Vec<f64> = agents.iter().map(|a| mem_mib(a.pid(), "VmRSS")).collect();
+    // What the agents cost with no traffic (watches, lease renewal, enrolment), so the per-request
+    // figures can be read against it.
+    let idle_cpu = {
+        let (cpu0, t0) = (agents_cpu(&agents, ticks), Instant::now());
+        std::thread::sleep(plan.fixed.max(Duration::from_secs(1)));
+        (agents_cpu(&agents, ticks) - cpu0) / t0.elapsed().as_secs_f64()
+    };
 
     let mut rows = Vec::new();
     let mut latency: BTreeMap<Lane, (f64, f64, f64)> = BTreeMap::new();
@@ -738,6 +745,13 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
         target: "",
     });
 
+    rows.push(Row {
+        figure: "both agents' CPU with no traffic".into(),
+        baseline: None,
+        value: idle_cpu,
+        unit: "cores",
+        target: "",
+    });
     let peak_rss: Vec<f64> = agents.iter().map(|a| mem_mib(a.pid(), "VmHWM")).collect();
     for (agent, (idle, peak)) in agents.iter().zip(idle_rss.iter().zip(&peak_rss)) {
         rows.push(Row {
