@@ -50,6 +50,7 @@ struct Plan {
     connects: usize,
     services: usize,
     endpoints_per_service: usize,
+    wakeups: usize,
 }
 
 const FULL: Plan = Plan {
@@ -60,6 +61,7 @@ const FULL: Plan = Plan {
     connects: 2000,
     services: 1000,
     endpoints_per_service: 10,
+    wakeups: 20_000,
 };
 
 const QUICK: Plan = Plan {
@@ -70,6 +72,7 @@ const QUICK: Plan = Plan {
     connects: 300,
     services: 1000,
     endpoints_per_service: 10,
+    wakeups: 5_000,
 };
 
 /// Where a load generator runs and what it targets.
@@ -745,6 +748,23 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
         target: "",
     });
 
+    // What one hop costs this machine before any proxy work: each process a request passes
+    // through is a wakeup, and between CPUs of a virtual machine a wakeup is an interrupt
+    // through the hypervisor.
+    match wakeup_cost(plan.wakeups) {
+        Ok((same, across)) => rows.push(Row {
+            figure: format!(
+                "machine: one thread waking another, same CPU → across CPUs (socket ping-pong, {} round trips; context for the per-hop figures)",
+                plan.wakeups
+            ),
+            baseline: Some(same),
+            value: across,
+            unit: "µs",
+            target: "",
+        }),
+        Err(err) => println!("bench: wakeup cost not measured: {err:#}"),
+    }
+
     rows.push(Row {
         figure: "both agents' CPU with no traffic".into(),
         baseline: None,
@@ -829,6 +849,56 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
     drop(server);
     drop(cluster);
     Ok(())
+}
+
+/// Microseconds from one thread writing a byte to another thread returning from its blocking
+/// read, half a round trip over a Unix socket pair: with both threads pinned to CPU 0, and with
+/// them pinned to CPUs 0 and 1. Reads time out after a second, so a lost wakeup cannot hang
+/// the run.
+fn wakeup_cost(round_trips: usize) -> anyhow::Result<(f64, f64)> {
+    use std::os::unix::net::UnixStream;
+
+    use nix::{sched::CpuSet, unistd::Pid};
+
+    fn pin(cpu: usize) -> anyhow::Result<()> {
+        let mut set = CpuSet::new();
+        set.set(cpu)?;
+        nix::sched::sched_setaffinity(Pid::from_raw(0), &set).with_context(|| format!("pin to CPU {cpu}"))
+    }
+    fn ping_pong(round_trips: usize, cpus: (usize, usize)) -> anyhow::Result<f64> {
+        let (mut a, mut b) = UnixStream::pair()?;
+        for s in [&a, &b] {
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        }
+        let echo = std::thread::spawn(move || -> anyhow::Result<()> {
+            pin(cpus.1)?;
+            let mut byte = [0u8; 1];
+            for _ in 0..round_trips {
+                b.read_exact(&mut byte)?;
+                b.write_all(&byte)?;
+            }
+            Ok(())
+        });
+        // The measuring thread is pinned too; `run` continues on a fresh thread afterwards.
+        let measured = std::thread::spawn(move || -> anyhow::Result<f64> {
+            pin(cpus.0)?;
+            let mut byte = [0u8; 1];
+            let started = Instant::now();
+            for _ in 0..round_trips {
+                a.write_all(&byte)?;
+                a.read_exact(&mut byte)?;
+            }
+            Ok(started.elapsed().as_secs_f64() * 1e6 / round_trips as f64 / 2.0)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("ping-pong thread panicked"))??;
+        echo.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+        Ok(measured)
+    }
+    if std::thread::available_parallelism()?.get() < 2 {
+        bail!("one CPU only");
+    }
+    Ok((ping_pong(round_trips, (0, 0))?, ping_pong(round_trips, (0, 1))?))
 }
 
 fn render(rows: &[Row], quick: bool, plan: &Plan) -> String {
