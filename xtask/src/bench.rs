@@ -396,20 +396,22 @@ fn time_to_split(pod: &Pod, dst: SocketAddr, want: &str, n: usize, started: Inst
     })?
 }
 
-/// `perf record` on the agents while a load runs, reported as text next to the report.
-/// `perf trace -s` on the agents: system calls by kind, for the note of what a request costs.
-struct SyscallTrace {
+/// perf attached to the agents while a load runs, writing to `out`; stopped with SIGINT, as
+/// perf expects, so that it finishes its output.
+struct PerfRun {
     child: std::process::Child,
     out: PathBuf,
 }
 
-impl SyscallTrace {
-    fn start(dir: &Path, name: &str, pids: &[u32]) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let out = dir.join(format!("syscalls-{name}.txt"));
+impl PerfRun {
+    fn start(out: PathBuf, args: &[&str], pids: &[u32]) -> anyhow::Result<Self> {
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
         let child = Command::new("perf")
-            .args(["trace", "-s", "--no-syscalls", "-o"])
+            .args(args)
+            .arg("-o")
             .arg(&out)
             .args(["-p", &pids.join(",")])
             .stdout(std::process::Stdio::null())
@@ -420,52 +422,50 @@ impl SyscallTrace {
         Ok(Self { child, out })
     }
 
-    /// Stops tracing; the summary gets a first line with the number of requests it covers.
-    fn finish(mut self, requests: f64) -> anyhow::Result<PathBuf> {
+    fn stop(mut self) -> anyhow::Result<PathBuf> {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGINT,
         );
         self.child.wait()?;
-        let summary = std::fs::read_to_string(&self.out).unwrap_or_default();
-        std::fs::write(&self.out, format!("requests: {requests}\n{summary}"))?;
-        Ok(self.out.clone())
+        Ok(self.out)
     }
 }
 
-struct Profile {
-    child: std::process::Child,
-    data: PathBuf,
+/// `perf trace -s` on the agents: system calls by kind, for the note of what a request costs.
+struct SyscallTrace(PerfRun);
+
+impl SyscallTrace {
+    fn start(dir: &Path, name: &str, pids: &[u32]) -> anyhow::Result<Self> {
+        let out = dir.join(format!("syscalls-{name}.txt"));
+        Ok(Self(PerfRun::start(out, &["trace", "-s", "--no-syscalls"], pids)?))
+    }
+
+    /// Stops tracing; the summary gets a first line with the number of requests it covers.
+    fn finish(self, requests: f64) -> anyhow::Result<PathBuf> {
+        let out = self.0.stop()?;
+        let summary = std::fs::read_to_string(&out).unwrap_or_default();
+        std::fs::write(&out, format!("requests: {requests}\n{summary}"))?;
+        Ok(out)
+    }
 }
+
+/// `perf record` on the agents while a load runs, reported as text next to the report.
+struct Profile(PerfRun);
 
 impl Profile {
     fn start(dir: &Path, name: &str, pids: &[u32]) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir)?;
         let data = dir.join(format!("perf-{name}.data"));
-        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
-        let child = Command::new("perf")
-            .args(["record", "-F", "999", "-g", "-q", "-o"])
-            .arg(&data)
-            .args(["-p", &pids.join(",")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("perf (Debian's linux-perf) is needed for --profile")?;
-        std::thread::sleep(Duration::from_millis(300));
-        Ok(Self { child, data })
+        Ok(Self(PerfRun::start(data, &["record", "-F", "999", "-g", "-q"], pids)?))
     }
 
     /// Stops recording and writes the flat profile as text; returns its path.
-    fn finish(mut self) -> anyhow::Result<PathBuf> {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        self.child.wait()?;
-        let text = self.data.with_extension("txt");
+    fn finish(self) -> anyhow::Result<PathBuf> {
+        let data = self.0.stop()?;
+        let text = data.with_extension("txt");
         let out = Command::new("perf")
             .args(["report", "--stdio", "--no-children", "--percent-limit", "0.7", "-g", "none", "-i"])
-            .arg(&self.data)
+            .arg(&data)
             .output()?;
         std::fs::write(&text, &out.stdout)?;
         Ok(text)
