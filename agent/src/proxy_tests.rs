@@ -209,6 +209,39 @@ async fn a_weight_change_takes_effect_without_failing_a_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_metrics_follow_a_new_snapshot_on_an_open_connection() {
+    // Two configs for the same address, the second one naming another Service and backend.
+    // Both snapshots carry the same version, as any embedder's may: the proxy must still see
+    // that the config changed.
+    let (a, b) = (backend("a").await, backend("b").await);
+    let before = service("backend", "10.96.0.1", ", appProtocol: http", &[a]);
+    let after = service("renamed", "10.96.0.1", ", appProtocol: http", &[b]);
+    let proxy = Proxy::start(&before).await;
+    let mut sender = proxy.http1(VIP).await;
+    let count = |service: &str| {
+        let labels = gammaray_proxy::stats::RequestLabels {
+            source_workload: "unknown".into(),
+            destination_service: format!("demo/{service}:80"),
+            backend: format!("demo/{service}:80"),
+            response_code: 200,
+        };
+        proxy.stats.requests_by.get_or_create(&labels).get()
+    };
+    for _ in 0..5 {
+        let (status, fields, _) = get(&mut sender, "/", &[]).await;
+        assert_eq!((status, fields["backend"].as_str()), (StatusCode::OK, "a"));
+    }
+    let next = snapshot_of(&after);
+    assert_eq!(next.version, proxy.snapshot.borrow().version, "same version on purpose");
+    proxy.snapshot.send_replace(Arc::new(next));
+    for _ in 0..7 {
+        let (status, fields, _) = get(&mut sender, "/", &[]).await;
+        assert_eq!((status, fields["backend"].as_str()), (StatusCode::OK, "b"));
+    }
+    assert_eq!((count("backend"), count("renamed")), (5, 7), "each request counted under its own config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_routing_adds_a_header_only_on_matched_requests() {
     let v1 = backend("reviews-v1").await;
     let v2 = backend("reviews-v2").await;

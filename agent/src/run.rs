@@ -284,8 +284,9 @@ pub async fn shutdown_signal() {
 enum ProxyRuntime {
     Single {
         handle: tokio::runtime::Handle,
-        stop: Option<tokio::sync::oneshot::Sender<()>>,
-        thread: Option<std::thread::JoinHandle<()>>,
+        /// Sent (or dropped) to end the runtime's thread.
+        stop: tokio::sync::oneshot::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
     },
     Multi(tokio::runtime::Runtime),
 }
@@ -309,7 +310,7 @@ impl ProxyRuntime {
             });
             rt.shutdown_background();
         })?;
-        Ok(Self::Single { handle, stop: Some(stop), thread: Some(thread) })
+        Ok(Self::Single { handle, stop, thread })
     }
 
     fn spawn<F>(&self, task: F)
@@ -324,13 +325,10 @@ impl ProxyRuntime {
 
     fn shutdown(self) {
         match self {
-            Self::Single { mut stop, mut thread, .. } => {
-                if let Some(stop) = stop.take() {
-                    let _ = stop.send(());
-                }
-                if let Some(thread) = thread.take() {
-                    let _ = thread.join();
-                }
+            Self::Single { stop, thread, .. } => {
+                let _ = stop.send(());
+                // Quick: the thread only drops the runtime's tasks, without waiting for them.
+                let _ = thread.join();
             }
             Self::Multi(rt) => rt.shutdown_background(),
         }

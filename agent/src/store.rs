@@ -13,11 +13,10 @@ use k8s_openapi::api::{
 use serde::de::DeserializeOwned;
 
 /// `namespace/name` key; cluster-scoped objects use an empty namespace.
-///
-/// Objects are shared (`Arc`): publishing the store to its readers is a clone of the maps, not
-/// of every object, so the agent holds one copy of the cluster's objects, not two.
 pub type Key = (String, String);
 
+/// Objects are shared (`Arc`): publishing the store to its readers is a clone of the maps, not
+/// of every object, so the agent holds one copy of the cluster's objects, not two.
 #[derive(Debug, Default, Clone)]
 pub struct Store {
     pub namespaces: BTreeMap<String, Arc<Namespace>>,

@@ -9,7 +9,7 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, atomic::Ordering::Relaxed},
+    sync::{Arc, Weak, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
 
@@ -121,14 +121,18 @@ fn backend_label(backend: &Backend) -> String {
 
 /// The per-request counters one connection has used, and the labels that depend only on the
 /// client and the address it dialled, worked out once per snapshot instead of once per request.
+///
+/// Snapshots and backends are recognised by identity, through `Weak`s: a `Weak` keeps its
+/// allocation's address from being reused (so a new snapshot can never pass for a cached one,
+/// whatever its version says) without keeping the snapshot's contents alive on an idle
+/// connection.
 #[derive(Default)]
 pub struct ConnCounters {
-    version: Option<u64>,
+    snapshot: Weak<Snapshot>,
     source: String,
     destination: String,
-    /// By backend (the address of the snapshot's `Arc`, only compared: the cache is emptied when
-    /// the snapshot changes) and response code.
-    used: Vec<(Option<usize>, u16, prometheus_client::metrics::counter::Counter)>,
+    /// By backend (`None`: answered locally) and response code.
+    used: Vec<(Option<Weak<Backend>>, u16, prometheus_client::metrics::counter::Counter)>,
 }
 
 /// A connection uses a handful of (backend, code) pairs; past this many, look each one up.
@@ -143,7 +147,7 @@ impl ConnContext {
     ) -> prometheus_client::metrics::counter::Counter {
         let snapshot = self.snapshot.borrow().clone();
         let mut cache = self.counters.lock().expect("counters lock");
-        if cache.version != Some(snapshot.version) {
+        if !std::ptr::eq(cache.snapshot.as_ptr(), Arc::as_ptr(&snapshot)) {
             let client = snapshot.workloads.get(&self.client.ip());
             cache.source = client.map_or_else(
                 || "unknown".to_owned(),
@@ -153,10 +157,14 @@ impl ConnContext {
                 .frontend(self.orig_dst)
                 .map_or_else(|| self.orig_dst.to_string(), |f| format!("{}:{}", f.service, f.port));
             cache.used.clear();
-            cache.version = Some(snapshot.version);
+            cache.snapshot = Arc::downgrade(&snapshot);
         }
-        let key = backend.map(|b| Arc::as_ptr(b) as usize);
-        if let Some((_, _, counter)) = cache.used.iter().find(|(b, s, _)| *b == key && *s == status) {
+        let same_backend = |cached: &Option<Weak<Backend>>| match (cached, backend) {
+            (Some(c), Some(b)) => std::ptr::eq(c.as_ptr(), Arc::as_ptr(b)),
+            (None, None) => true,
+            _ => false,
+        };
+        if let Some((_, _, counter)) = cache.used.iter().find(|(b, s, _)| *s == status && same_backend(b)) {
             return counter.clone();
         }
         let counter = self
@@ -170,7 +178,7 @@ impl ConnContext {
             })
             .clone();
         if cache.used.len() < COUNTERS_PER_CONNECTION {
-            cache.used.push((key, status, counter.clone()));
+            cache.used.push((backend.map(Arc::downgrade), status, counter.clone()));
         }
         counter
     }
@@ -253,7 +261,7 @@ async fn forward_to(
     let Some(endpoint_index) = pick_endpoint_index(backend.endpoints.len(), random) else {
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
-            &format!("no ready endpoint for {}:{}", backend.service, backend.port),
+            &format!("no ready endpoint for {}", backend_label(backend)),
         );
     };
     let endpoint = &backend.endpoints[endpoint_index];

@@ -50,7 +50,8 @@ struct Plan {
     connects: usize,
     services: usize,
     endpoints_per_service: usize,
-    wakeups: usize,
+    /// Round trips of the wakeup-cost measurement.
+    ping_pongs: usize,
 }
 
 const FULL: Plan = Plan {
@@ -61,7 +62,7 @@ const FULL: Plan = Plan {
     connects: 2000,
     services: 1000,
     endpoints_per_service: 10,
-    wakeups: 20_000,
+    ping_pongs: 20_000,
 };
 
 const QUICK: Plan = Plan {
@@ -72,7 +73,7 @@ const QUICK: Plan = Plan {
     connects: 300,
     services: 1000,
     endpoints_per_service: 10,
-    wakeups: 5_000,
+    ping_pongs: 5_000,
 };
 
 /// Where a load generator runs and what it targets.
@@ -176,30 +177,26 @@ fn agents_switches(agents: &[Agent]) -> f64 {
     for agent in agents {
         let tasks = std::fs::read_dir(format!("/proc/{}/task", agent.pid())).into_iter().flatten().flatten();
         for task in tasks {
-            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            switches += status
-                .lines()
-                .filter(|l| {
-                    l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches")
-                })
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            let status = task.path().join("status");
+            switches += ["voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"]
+                .iter()
+                .filter_map(|field| status_field(&status, field))
                 .sum::<f64>();
         }
     }
     switches
 }
 
+/// The number in a field of a /proc status file (`Name:   value [unit]`).
+fn status_field(path: &Path, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(path).ok()?;
+    let value = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    value.split_whitespace().next()?.parse().ok()
+}
+
 /// A field of /proc/PID/status in MiB (VmRSS, VmHWM).
 fn mem_mib(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(&format!("{field}:")))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    status_field(Path::new(&format!("/proc/{pid}/status")), field).map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn tool(name: &str) -> anyhow::Result<PathBuf> {
@@ -567,29 +564,19 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
     let mut max16 = BTreeMap::new();
     let mut cpu_fixed = BTreeMap::new();
     let mut cpu_sat = BTreeMap::new();
-    let mut wakeups = BTreeMap::new();
+    let mut switches = BTreeMap::new();
     for path in Lane::ALL {
         let (pod, url) = world.target(path);
         let (mut p50, mut p90, mut p99, mut m1, mut m16, mut cf, mut cs) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-        let mut wk = vec![];
+        let mut sw = vec![];
         for _ in 0..plan.runs {
             let cpu0 = agents_cpu(&agents, ticks);
             let w0 = agents_switches(&agents);
-            let trace = if profile && path.is_mesh() {
-                let pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
-                Some(SyscallTrace::start(&bench_dir, &format!("{path:?}").to_lowercase(), &pids)?)
-            } else {
-                None
-            };
             let t0 = Instant::now();
             let l = oha(&oha_bin, pod, &url, 16, Some(1000), plan.fixed)?;
             let (cpu, wall) = (agents_cpu(&agents, ticks) - cpu0, t0.elapsed().as_secs_f64());
-            let n = l.requests.max(1.0);
-            wk.push((agents_switches(&agents) - w0) / n);
-            if let Some(t) = trace {
-                println!("bench: system calls of {} at 1000 req/s: {}", path.label(), t.finish(n)?.display());
-            }
+            sw.push((agents_switches(&agents) - w0) / l.requests.max(1.0));
             p50.push(l.p50_ms);
             p90.push(l.p90_ms);
             p99.push(l.p99_ms);
@@ -597,22 +584,25 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
             let l = oha(&oha_bin, pod, &url, 1, None, plan.saturate)?;
             m1.push(l.rps);
             let cpu0 = agents_cpu(&agents, ticks);
-            let perf = if profile && path.is_mesh() {
-                let pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
-                Some(Profile::start(&bench_dir, &format!("{path:?}").to_lowercase(), &pids)?)
-            } else {
-                None
-            };
             let l = oha(&oha_bin, pod, &url, 16, None, plan.saturate)?;
             let cpu = agents_cpu(&agents, ticks) - cpu0;
-            if let Some(p) = perf {
-                println!("bench: profile of {} at saturation: {}", path.label(), p.finish()?.display());
-            }
             m16.push(l.rps);
             cs.push(cpu * 1000.0 / l.requests.max(1.0) * 1000.0);
             if l.errors > 0.0 {
                 println!("bench: {}: {} errors at saturation", path.label(), l.errors);
             }
+        }
+        if profile && path.is_mesh() {
+            // On runs of their own: perf slows the agents, and the figures above must not carry it.
+            let pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
+            let name = format!("{path:?}").to_lowercase();
+            let trace = SyscallTrace::start(&bench_dir, &name, &pids)?;
+            let l = oha(&oha_bin, pod, &url, 16, Some(1000), plan.fixed)?;
+            let out = trace.finish(l.requests)?;
+            println!("bench: system calls of {} at 1000 req/s: {}", path.label(), out.display());
+            let perf = Profile::start(&bench_dir, &name, &pids)?;
+            oha(&oha_bin, pod, &url, 16, None, plan.saturate)?;
+            println!("bench: profile of {} at saturation: {}", path.label(), perf.finish()?.display());
         }
         println!(
             "bench: {:<48} p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.0} req/s (1 conn), {:.0} req/s (16)",
@@ -631,7 +621,7 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
             (median(cf.iter().map(|c| c.0).collect()), median(cf.iter().map(|c| c.1).collect())),
         );
         cpu_sat.insert(path, median(cs));
-        wakeups.insert(path, median(wk));
+        switches.insert(path, median(sw));
     }
     for path in Lane::ALL.into_iter().filter(|p| p.is_mesh()) {
         let base = path.baseline();
@@ -672,7 +662,7 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
         rows.push(Row {
             figure: format!("{}: both proxies' context switches per request at 1000 req/s", path.label()),
             baseline: None,
-            value: wakeups[&path],
+            value: switches[&path],
             unit: "",
             target: "",
         });
@@ -687,15 +677,13 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
 
     // Bulk TCP, one stream, through L4 (cross node: HBONE with mTLS).
     let direct_cross = iperf(&iperf3, &clients["direct-1"], web_a.ip, plan.bulk_secs)?;
-    let perf = if profile {
-        let pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
-        Some(Profile::start(&bench_dir, "bulk-cross", &pids)?)
-    } else {
-        None
-    };
     let mesh_cross = iperf(&iperf3, &clients["mesh-1"], BULK, plan.bulk_secs)?;
-    if let Some(p) = perf {
-        println!("bench: profile of bulk TCP cross node: {}", p.finish()?.display());
+    if profile {
+        // A transfer of its own, as for the lanes above.
+        let pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
+        let perf = Profile::start(&bench_dir, "bulk-cross", &pids)?;
+        iperf(&iperf3, &clients["mesh-1"], BULK, plan.bulk_secs)?;
+        println!("bench: profile of bulk TCP cross node: {}", perf.finish()?.display());
     }
     let direct_same = iperf(&iperf3, &clients["direct-2"], web_a.ip, plan.bulk_secs)?;
     let mesh_same = iperf(&iperf3, &clients["mesh-2"], BULK, plan.bulk_secs)?;
@@ -751,11 +739,11 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
     // What one hop costs this machine before any proxy work: each process a request passes
     // through is a wakeup, and between CPUs of a virtual machine a wakeup is an interrupt
     // through the hypervisor.
-    match wakeup_cost(plan.wakeups) {
+    match wakeup_cost(plan.ping_pongs) {
         Ok((same, across)) => rows.push(Row {
             figure: format!(
                 "machine: one thread waking another, same CPU → across CPUs (socket ping-pong, {} round trips; context for the per-hop figures)",
-                plan.wakeups
+                plan.ping_pongs
             ),
             baseline: Some(same),
             value: across,
@@ -879,7 +867,7 @@ fn wakeup_cost(round_trips: usize) -> anyhow::Result<(f64, f64)> {
             }
             Ok(())
         });
-        // The measuring thread is pinned too; `run` continues on a fresh thread afterwards.
+        // Measured on a thread of its own, so pinning it leaves the caller's CPUs alone.
         let measured = std::thread::spawn(move || -> anyhow::Result<f64> {
             pin(cpus.0)?;
             let mut byte = [0u8; 1];
