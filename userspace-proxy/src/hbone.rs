@@ -5,18 +5,24 @@
 //! only the destination workload's identity. Inbound (port 15008), the node presents the
 //! certificate of the identity the client asks for in SNI, verifies the client's chain,
 //! checks that the CONNECT target is a pod on this node with that identity, and forwards.
+//!
+//! HTTP/2 here is the `h2` crate itself rather than hyper's wrapper of it: a tunnel is a raw
+//! byte stream, and with the stream's halves in hand ([`TunnelStream`]) a write goes into its
+//! frame in the task that makes it, instead of through a channel to a task of its own.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
+use h2::{client::SendRequest, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Empty, combinators::BoxBody};
-use hyper::{client::conn::http2::SendRequest, upgrade::Upgraded};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::{
@@ -32,11 +38,20 @@ use crate::{
     stats::OutboundStats,
 };
 
+mod stream;
+pub use stream::TunnelStream;
+
 /// The port every node's inbound HBONE listener uses.
 pub const HBONE_PORT: u16 = 15008;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest HTTP/2 frame either side accepts on a tunnel: fewer frames per bulk transfer.
 const MAX_FRAME: u32 = 256 * 1024;
+/// Flow-control windows of a tunnel and of a whole connection: room for bulk transfers
+/// between nodes without waiting on WINDOW_UPDATEs.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest header block a peer may send: a CONNECT needs a few hundred bytes.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -47,7 +62,7 @@ pub enum HboneError {
     #[error("identity: {0}")]
     Identity(#[from] crate::identity::IdentityError),
     #[error("HTTP/2 with node {node}: {source}")]
-    H2 { node: SocketAddr, source: hyper::Error },
+    H2 { node: SocketAddr, source: h2::Error },
     #[error("node {node} refused the tunnel to {target}: {status}")]
     Refused { node: SocketAddr, target: SocketAddr, status: StatusCode },
     #[error("timed out reaching node {node}")]
@@ -145,13 +160,13 @@ impl tower_service::Service<http::Uri> for TunnelConnector {
                 .ok_or(HboneError::NotAPod { target: uri.to_string() })?;
             let (dst, node) =
                 remote_pod(&snapshot, target).ok_or(HboneError::NotAPod { target: target.to_string() })?;
-            Ok(TunnelIo(pool.connect(&src, &dst, node, target).await?))
+            Ok(TunnelIo(TokioIo::new(pool.connect(&src, &dst, node, target).await?)))
         })
     }
 }
 
 /// One HBONE stream as a client connection.
-pub struct TunnelIo(Upgraded);
+pub struct TunnelIo(TokioIo<TunnelStream>);
 
 impl hyper::rt::Read for TunnelIo {
     fn poll_read(
@@ -237,7 +252,14 @@ impl Mesh {
 /// Outbound HBONE connections, pooled.
 pub struct Pool {
     certs: Arc<CertStore>,
-    conns: Mutex<HashMap<Key, SendRequest<Empty<Bytes>>>>,
+    conns: Mutex<HashMap<Key, PooledConn>>,
+}
+
+/// One HTTP/2 connection to a node, and whether its task has ended.
+#[derive(Clone)]
+struct PooledConn {
+    sender: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
 }
 
 impl Pool {
@@ -253,38 +275,43 @@ impl Pool {
         dst: &Identity,
         node: SocketAddr,
         target: SocketAddr,
-    ) -> Result<Upgraded, HboneError> {
+    ) -> Result<TunnelStream, HboneError> {
         let key = (src.clone(), dst.clone(), node);
-        let pooled = self.conns.lock().expect("pool lock").get(&key).filter(|s| !s.is_closed()).cloned();
-        let mut sender = match pooled {
+        let pooled = self
+            .conns
+            .lock()
+            .expect("pool lock")
+            .get(&key)
+            .filter(|c| !c.closed.load(Relaxed))
+            .map(|c| c.sender.clone());
+        let sender = match pooled {
             Some(s) => s,
             None => {
-                let s = tokio::time::timeout(CONNECT_TIMEOUT, self.dial(src, dst, node))
+                let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.dial(src, dst, node))
                     .await
                     .map_err(|_| HboneError::Timeout { node })??;
-                self.conns.lock().expect("pool lock").insert(key, s.clone());
-                s
+                let sender = conn.sender.clone();
+                self.conns.lock().expect("pool lock").insert(key, conn);
+                sender
             }
         };
-        sender.ready().await.map_err(|source| HboneError::H2 { node, source })?;
+        // Waits while the node's limit of concurrent streams is reached.
+        let mut sender = sender.ready().await.map_err(|source| HboneError::H2 { node, source })?;
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .body(Empty::new())
+            .body(())
             .expect("CONNECT request parts are valid");
-        let resp = sender.send_request(req).await.map_err(|source| HboneError::H2 { node, source })?;
+        let (response, send) =
+            sender.send_request(req, false).map_err(|source| HboneError::H2 { node, source })?;
+        let resp = response.await.map_err(|source| HboneError::H2 { node, source })?;
         if resp.status() != StatusCode::OK {
             return Err(HboneError::Refused { node, target, status: resp.status() });
         }
-        hyper::upgrade::on(resp).await.map_err(|source| HboneError::H2 { node, source })
+        Ok(TunnelStream::new(send, resp.into_body()))
     }
 
-    async fn dial(
-        &self,
-        src: &Identity,
-        dst: &Identity,
-        node: SocketAddr,
-    ) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
+    async fn dial(&self, src: &Identity, dst: &Identity, node: SocketAddr) -> Result<PooledConn, HboneError> {
         let cert = self.certs.get(src)?;
         let roots = Arc::new(self.certs.authority().roots());
         let config = client_config(roots, &cert, dst.clone())?;
@@ -298,20 +325,25 @@ impl Pool {
             .connect(name, tcp)
             .await
             .map_err(|source| HboneError::Tls { node, source })?;
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(4 << 20)
-            .initial_connection_window_size(16 << 20)
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .handshake(TokioIo::new(tls))
+            .max_header_list_size(MAX_HEADER_LIST)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| HboneError::H2 { node, source })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
         tokio::spawn(async move {
             if let Err(err) = conn.await {
                 debug!(%node, error = %err, "HBONE connection ended");
             }
+            ended.store(true, Relaxed);
         });
         info!(%node, src = %src, dst = %dst, "HBONE connection established");
-        Ok(sender)
+        Ok(PooledConn { sender, closed })
     }
 }
 
@@ -375,19 +407,29 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
                     return;
                 };
                 info!(src_identity = %peer_id, dst_identity = %local_id, "inbound mTLS connection");
-                let service = hyper::service::service_fn(move |req| {
-                    let inbound = inbound.clone();
-                    let (peer_id, local_id) = (peer_id.clone(), local_id.clone());
-                    async move { Ok::<_, std::convert::Infallible>(tunnel(req, &inbound, peer_id, local_id)) }
-                });
-                if let Err(err) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .initial_stream_window_size(4 << 20)
-                    .initial_connection_window_size(16 << 20)
+                let mut conn = match h2::server::Builder::new()
+                    .initial_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
                     .max_frame_size(MAX_FRAME)
-                    .serve_connection(TokioIo::new(tls), service)
+                    .max_header_list_size(MAX_HEADER_LIST)
+                    .handshake::<_, Bytes>(tls)
                     .await
                 {
-                    debug!(error = %err, "inbound HBONE connection ended");
+                    Ok(conn) => conn,
+                    Err(err) => {
+                        debug!(error = %err, "inbound HTTP/2 handshake failed");
+                        return;
+                    }
+                };
+                // Accepting drives the connection; each CONNECT stream is served by its own task.
+                while let Some(accepted) = conn.accept().await {
+                    match accepted {
+                        Ok((req, respond)) => tunnel(req, respond, &inbound, &peer_id, &local_id),
+                        Err(err) => {
+                            debug!(error = %err, "inbound HBONE connection ended");
+                            return;
+                        }
+                    }
                 }
             }
             .instrument(info_span!("inbound", %peer)),
@@ -395,61 +437,67 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
     }
 }
 
-type TunnelBody = BoxBody<Bytes, hyper::Error>;
-
-fn reply(status: StatusCode) -> Response<TunnelBody> {
-    let mut r = Response::new(Empty::new().map_err(|never| match never {}).boxed());
-    *r.status_mut() = status;
-    r
+/// Answers a stream that is not opened as a tunnel, and ends it.
+fn reply(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    if let Err(err) = respond.send_response(resp, true) {
+        debug!(error = %err, "stream gone before its refusal was sent");
+    }
 }
 
 /// Accepts one CONNECT stream: the target must be a pod on this node with the identity the
 /// client asked for; then the stream is joined to a TCP connection to it.
 fn tunnel(
-    mut req: Request<hyper::body::Incoming>,
+    req: Request<h2::RecvStream>,
+    respond: SendResponse<Bytes>,
     inbound: &Inbound,
-    peer: Identity,
-    local: Identity,
-) -> Response<TunnelBody> {
+    peer: &Identity,
+    local: &Identity,
+) {
     if req.method() != Method::CONNECT {
-        return reply(StatusCode::METHOD_NOT_ALLOWED);
+        return reply(respond, StatusCode::METHOD_NOT_ALLOWED);
     }
     let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
-        return reply(StatusCode::BAD_REQUEST);
+        return reply(respond, StatusCode::BAD_REQUEST);
     };
     let snapshot = inbound.snapshot.borrow().clone();
     let Some(workload) = snapshot.workloads.get(&target.ip()) else {
         warn!(%target, src_identity = %peer, "CONNECT to an address that is no pod here");
-        return reply(StatusCode::NOT_FOUND);
+        return reply(respond, StatusCode::NOT_FOUND);
     };
     if workload.node.as_deref() != Some(inbound.node.as_str()) || workload.identity != local.to_string() {
         warn!(%target, pod = %workload.pod, expected = %local, "CONNECT target is not a pod on this node with the presented identity");
-        return reply(StatusCode::FORBIDDEN);
+        return reply(respond, StatusCode::FORBIDDEN);
     }
-    let on_upgrade = hyper::upgrade::on(&mut req);
     let stats = inbound.stats.clone();
     let pod = workload.pod.clone();
+    let (peer, local) = (peer.clone(), local.clone());
+    let recv = req.into_body();
     tokio::spawn(async move {
         let started = Instant::now();
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(err) => {
-                debug!(error = %err, "CONNECT stream closed before upgrade");
-                return;
-            }
-        };
+        // The pod is reached before the tunnel is confirmed, so a client learns of a pod that
+        // refuses from the status, not from a stream reset after a 200.
         let mut upstream = match TcpStream::connect(target).await {
             Ok(s) => s,
             Err(err) => {
                 stats.upstream_errors.fetch_add(1, Relaxed);
                 warn!(%target, error = %err, "cannot reach the pod");
-                return;
+                return reply(respond, StatusCode::BAD_GATEWAY);
             }
         };
         let _ = upstream.set_nodelay(true);
+        let mut respond = respond;
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(send) => send,
+            Err(err) => {
+                debug!(error = %err, "CONNECT stream closed before it was confirmed");
+                return;
+            }
+        };
         stats.inbound_tunnels.fetch_add(1, Relaxed);
-        let mut io = TokioIo::new(upgraded);
-        let result = crate::outbound::copy_both_ways(&mut io, &mut upstream).await;
+        let mut stream = TunnelStream::new(send, recv);
+        let result = crate::outbound::copy_both_ways(&mut stream, &mut upstream).await;
         let (sent, received) = result.unwrap_or((0, 0));
         info!(
             src_identity = %peer,
@@ -462,5 +510,4 @@ fn tunnel(
             "inbound tunnel closed"
         );
     });
-    reply(StatusCode::OK)
 }

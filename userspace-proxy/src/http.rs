@@ -416,8 +416,9 @@ fn mirror(req: &Request<Incoming>, m: &crate::snapshot::Mirror, ctx: &ConnContex
                     let pool = mesh.hbone.as_ref().ok_or("no HBONE pool")?;
                     let io = pool.connect(&src, &dst, node, target).await.map_err(|e| e.to_string())?;
                     *copy.uri_mut() = pq.parse().map_err(|e: http::uri::InvalidUri| e.to_string())?;
-                    let (mut sender, conn) =
-                        hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+                    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                        .await
+                        .map_err(|e| e.to_string())?;
                     tokio::spawn(conn);
                     sender.send_request(copy).await.map(|r| r.status()).map_err(|e| e.to_string())
                 }

@@ -167,11 +167,10 @@ async fn relay(mut client: TcpStream, orig: SocketAddrV4, hop: Hop, mesh: &Mesh,
         Hop::Tunnel { src, dst, node, target } => {
             let pool = mesh.hbone.as_ref().expect("a tunnel hop implies HBONE");
             match pool.connect(&src, &dst, node, target).await {
-                Ok(upgraded) => {
+                Ok(mut tunnel) => {
                     stats.hbone_tunnels.fetch_add(1, Relaxed);
                     let _ = client.set_nodelay(true);
-                    let mut io = hyper_util::rt::TokioIo::new(upgraded);
-                    let (sent, received) = copy_both_ways(&mut client, &mut io).await.unwrap_or((0, 0));
+                    let (sent, received) = copy_both_ways(&mut client, &mut tunnel).await.unwrap_or((0, 0));
                     stats.bytes_sent.fetch_add(sent, Relaxed);
                     stats.bytes_received.fetch_add(received, Relaxed);
                     info!(dst = %orig, %target, via = %node, src_identity = %src, dst_identity = %dst, sent, received,

@@ -159,9 +159,13 @@ struct Load {
 
 /// CPU seconds (user + system) of the agents so far.
 fn agents_cpu(agents: &[Agent], ticks: f64) -> f64 {
-    agents
-        .iter()
-        .filter_map(|a| std::fs::read_to_string(format!("/proc/{}/stat", a.pid())).ok())
+    cpu_of(agents.iter().map(Agent::pid), ticks)
+}
+
+/// CPU seconds (user + system) of these processes so far.
+fn cpu_of(pids: impl IntoIterator<Item = u32>, ticks: f64) -> f64 {
+    pids.into_iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
         .filter_map(|stat| {
             let rest = stat.rsplit_once(')')?.1;
             let f: Vec<&str> = rest.split_whitespace().collect();
@@ -489,7 +493,12 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
     ])?;
     let debug_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
     let release = debug_bin.parent().and_then(Path::parent).context("target dir")?.join("release");
-    let agent_bin = release.join("gammaray-agent");
+    // Another build of the agent can stand in, for comparing two versions on the same machine.
+    let agent_bin = std::env::var_os("GAMMARAY_BENCH_AGENT")
+        .map_or_else(|| release.join("gammaray-agent"), PathBuf::from);
+    if agent_bin != release.join("gammaray-agent") {
+        println!("bench: agent binary from GAMMARAY_BENCH_AGENT: {}", agent_bin.display());
+    }
     let backend_bin = release.join("bench-backend");
     let bench_dir = debug_bin.parent().and_then(Path::parent).context("target dir")?.join("bench");
     let ticks: f64 = String::from_utf8_lossy(&Command::new("getconf").arg("CLK_TCK").output()?.stdout)
@@ -565,17 +574,24 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
     let mut cpu_fixed = BTreeMap::new();
     let mut cpu_sat = BTreeMap::new();
     let mut switches = BTreeMap::new();
+    // The HTTP backends' CPU per request (µs) at the fixed rate and at saturation: the cost of a
+    // process that wakes once, reads once and writes once per request, the unit a proxy's
+    // cost is read against (a proxy does that twice per request, once each way).
+    let backend_pids: Vec<u32> = servers[..2].iter().map(|s| s.pid()).collect();
+    let mut backend_cpu: BTreeMap<Lane, (f64, f64)> = BTreeMap::new();
     for path in Lane::ALL {
         let (pod, url) = world.target(path);
         let (mut p50, mut p90, mut p99, mut m1, mut m16, mut cf, mut cs) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-        let mut sw = vec![];
+        let (mut sw, mut bf, mut bs) = (vec![], vec![], vec![]);
         for _ in 0..plan.runs {
             let cpu0 = agents_cpu(&agents, ticks);
+            let b0 = cpu_of(backend_pids.iter().copied(), ticks);
             let w0 = agents_switches(&agents);
             let t0 = Instant::now();
             let l = oha(&oha_bin, pod, &url, 16, Some(1000), plan.fixed)?;
             let (cpu, wall) = (agents_cpu(&agents, ticks) - cpu0, t0.elapsed().as_secs_f64());
+            bf.push((cpu_of(backend_pids.iter().copied(), ticks) - b0) / l.requests.max(1.0) * 1e6);
             sw.push((agents_switches(&agents) - w0) / l.requests.max(1.0));
             p50.push(l.p50_ms);
             p90.push(l.p90_ms);
@@ -584,8 +600,10 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
             let l = oha(&oha_bin, pod, &url, 1, None, plan.saturate)?;
             m1.push(l.rps);
             let cpu0 = agents_cpu(&agents, ticks);
+            let b0 = cpu_of(backend_pids.iter().copied(), ticks);
             let l = oha(&oha_bin, pod, &url, 16, None, plan.saturate)?;
             let cpu = agents_cpu(&agents, ticks) - cpu0;
+            bs.push((cpu_of(backend_pids.iter().copied(), ticks) - b0) / l.requests.max(1.0) * 1e6);
             m16.push(l.rps);
             cs.push(cpu * 1000.0 / l.requests.max(1.0) * 1000.0);
             if l.errors > 0.0 {
@@ -622,7 +640,9 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
         );
         cpu_sat.insert(path, median(cs));
         switches.insert(path, median(sw));
+        backend_cpu.insert(path, (median(bf), median(bs)));
     }
+
     for path in Lane::ALL.into_iter().filter(|p| p.is_mesh()) {
         let base = path.baseline();
         let (b, m) = (latency[&base], latency[&path]);
@@ -652,9 +672,15 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
             unit: "req/s",
             target: if path.baseline() == Lane::DirectCross { "≥ 0.5×" } else { "" },
         });
+        // The baselines of the CPU rows are the backend's on the direct path: a process that
+        // wakes, reads and writes once per request. Each proxy does that twice per request.
+        let (backend_fixed, backend_saturated) = backend_cpu[&base];
         rows.push(Row {
-            figure: format!("{}: both proxies' CPU at 1000 req/s", path.label()),
-            baseline: None,
+            figure: format!(
+                "{}: both proxies' CPU at 1000 req/s (direct: the backend's, one wakeup, read and write per request)",
+                path.label()
+            ),
+            baseline: Some(backend_fixed * 1000.0 / 1e6),
             value: cpu_fixed[&path].0,
             unit: "cores",
             target: if path == Lane::L7Cross { "≤ 0.1" } else { "" },
@@ -667,8 +693,11 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
             target: "",
         });
         rows.push(Row {
-            figure: format!("{}: both proxies' CPU per 1000 requests at saturation", path.label()),
-            baseline: None,
+            figure: format!(
+                "{}: both proxies' CPU per 1000 requests at saturation (direct: the backend's)",
+                path.label()
+            ),
+            baseline: Some(backend_saturated),
             value: cpu_sat[&path],
             unit: "ms",
             target: if path == Lane::L7Cross { "≤ 30" } else { "" },
