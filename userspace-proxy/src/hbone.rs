@@ -450,7 +450,7 @@ fn reply(mut respond: SendResponse<Bytes>, status: StatusCode) {
 /// client asked for; then the stream is joined to a TCP connection to it.
 fn tunnel(
     req: Request<h2::RecvStream>,
-    respond: SendResponse<Bytes>,
+    mut respond: SendResponse<Bytes>,
     inbound: &Inbound,
     peer: &Identity,
     local: &Identity,
@@ -487,7 +487,6 @@ fn tunnel(
             }
         };
         let _ = upstream.set_nodelay(true);
-        let mut respond = respond;
         let send = match respond.send_response(Response::new(()), false) {
             Ok(send) => send,
             Err(err) => {

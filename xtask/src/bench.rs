@@ -574,9 +574,9 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
     let mut cpu_fixed = BTreeMap::new();
     let mut cpu_sat = BTreeMap::new();
     let mut switches = BTreeMap::new();
-    // The HTTP backends' CPU per request (µs) at the fixed rate and at saturation: the cost of a
-    // process that wakes once, reads once and writes once per request, the unit a proxy's
-    // cost is read against (a proxy does that twice per request, once each way).
+    // The HTTP backends' CPU, measured as the agents' is (cores at the fixed rate, ms per 1000
+    // requests at saturation): a process that wakes, reads and writes once per request, the
+    // unit a proxy's cost is read against (a proxy does that twice per request, once each way).
     let backend_pids: Vec<u32> = servers[..2].iter().map(|s| s.pid()).collect();
     let mut backend_cpu: BTreeMap<Lane, (f64, f64)> = BTreeMap::new();
     for path in Lane::ALL {
@@ -591,7 +591,7 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
             let t0 = Instant::now();
             let l = oha(&oha_bin, pod, &url, 16, Some(1000), plan.fixed)?;
             let (cpu, wall) = (agents_cpu(&agents, ticks) - cpu0, t0.elapsed().as_secs_f64());
-            bf.push((cpu_of(backend_pids.iter().copied(), ticks) - b0) / l.requests.max(1.0) * 1e6);
+            bf.push((cpu_of(backend_pids.iter().copied(), ticks) - b0) / wall);
             sw.push((agents_switches(&agents) - w0) / l.requests.max(1.0));
             p50.push(l.p50_ms);
             p90.push(l.p90_ms);
@@ -680,7 +680,7 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
                 "{}: both proxies' CPU at 1000 req/s (direct: the backend's, one wakeup, read and write per request)",
                 path.label()
             ),
-            baseline: Some(backend_fixed * 1000.0 / 1e6),
+            baseline: Some(backend_fixed),
             value: cpu_fixed[&path].0,
             unit: "cores",
             target: if path == Lane::L7Cross { "≤ 0.1" } else { "" },

@@ -16,9 +16,9 @@ use bytes::{Buf as _, Bytes};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The largest DATA frame one write queues: a write bigger than this is taken in part, as a
-/// short write, so one call never buffers more than the window allows.
-const MAX_WRITE: usize = 256 * 1024;
+/// The most one write queues: a bigger write is taken in part, as a short write, so one call
+/// never reserves more than one of the tunnel's largest frames.
+const MAX_WRITE: usize = super::MAX_FRAME as usize;
 
 pub struct TunnelStream {
     send: SendStream<Bytes>,
@@ -33,8 +33,8 @@ impl TunnelStream {
     }
 }
 
-/// The peer ending the stream with NO_ERROR (or cancelling it after its side is done) is a
-/// close, not a failure; anything else is an I/O error naming the HTTP/2 reason.
+/// An HTTP/2 error as I/O: the connection's own I/O errors pass through; a stream the peer
+/// ended (NO_ERROR) or cancelled is a broken pipe, any other reason a reset.
 fn io_error(err: h2::Error) -> io::Error {
     if err.is_io() {
         return err.into_io().unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
@@ -102,13 +102,13 @@ impl AsyncWrite for TunnelStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // END_STREAM on an empty DATA frame; a stream already closed has nothing more to say.
+        // END_STREAM on an empty DATA frame, and no more capacity asked for.
         self.send.reserve_capacity(0);
         match self.send.send_data(Bytes::new(), true) {
             Ok(()) => Poll::Ready(Ok(())),
-            // A stream already closed or reset has nothing more to end.
-            Err(err) if !err.is_io() && err.reason().is_none() => Poll::Ready(Ok(())),
-            Err(err) if err.is_reset() => Poll::Ready(Ok(())),
+            // A stream already closed (a user error to h2, with no reason) or reset has nothing
+            // more to end.
+            Err(err) if err.is_reset() || (!err.is_io() && err.reason().is_none()) => Poll::Ready(Ok(())),
             Err(err) => Poll::Ready(Err(io_error(err))),
         }
     }
@@ -177,6 +177,26 @@ mod tests {
         .expect("the transfer stalled: flow-control windows are not coming back");
         assert!(at_server == up, "the server got {} of {} bytes, or others", at_server.len(), up.len());
         assert!(at_client == down, "the client got {} of {} bytes, or others", at_client.len(), down.len());
+    }
+
+    #[tokio::test]
+    async fn writes_stop_at_the_window_the_peer_granted() {
+        let (mut client, _server) = pair().await;
+        // Nobody reads at the server and the connection's task cannot run between these polls,
+        // so no window comes back: writes must go Pending once the 64 KiB window is used, not
+        // keep buffering.
+        let chunk = [7u8; 16 * 1024];
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut accepted = 0usize;
+        for _ in 0..1000 {
+            match Pin::new(&mut client).poll_write(&mut cx, &chunk) {
+                Poll::Ready(Ok(n)) => accepted += n,
+                Poll::Ready(Err(err)) => panic!("write failed: {err}"),
+                Poll::Pending => break,
+            }
+        }
+        assert!(accepted > 0, "no write was taken at all");
+        assert!(accepted <= 65_535, "{accepted} bytes taken past a 65 535-byte window");
     }
 
     #[tokio::test]
