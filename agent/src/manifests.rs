@@ -128,9 +128,27 @@ pub async fn watch_dir(dir: PathBuf, options: Options, out: Published, interval:
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
+    /// Removes the test's directory, even when the test panics.
+    struct TempDir(std::path::PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Waits for the next snapshot, failing the test after 10 s instead of hanging.
+    async fn next(rx: &mut watch::Receiver<Arc<Snapshot>>, what: &str) {
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within 10 s"))
+            .expect("the watcher is running");
+    }
+
+    #[tokio::test]
     async fn a_changed_file_becomes_a_new_snapshot_and_a_bad_document_is_skipped() {
-        let dir = std::env::temp_dir().join(format!("gammaray-manifests-{}", std::process::id()));
+        let guard = TempDir(std::env::temp_dir().join(format!("gammaray-manifests-{}", std::process::id())));
+        let dir = guard.0.clone();
         std::fs::create_dir_all(&dir).expect("dir");
         let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec: {clusterIP: 10.96.0.1, ports: [{name: http, port: 80}]}\n";
         std::fs::write(dir.join("a.yaml"), format!("{svc}---\nkind: [broken\n")).expect("write");
@@ -141,18 +159,17 @@ mod tests {
             dir.clone(),
             Options::default(),
             Published { snapshot, statuses, objects },
-            Duration::from_millis(100),
+            Duration::from_millis(20),
         ));
-        snap_rx.changed().await.expect("first snapshot");
+        next(&mut snap_rx, "first snapshot").await;
         assert_eq!(snap_rx.borrow().frontends.len(), 1, "the good document applied");
         let first = snap_rx.borrow().version;
 
         std::fs::write(dir.join("b.yaml"), svc.replace("web", "api").replace("10.96.0.1", "10.96.0.2"))
             .expect("write");
-        snap_rx.changed().await.expect("second snapshot");
+        next(&mut snap_rx, "second snapshot").await;
         assert_eq!(snap_rx.borrow().frontends.len(), 2);
         assert!(snap_rx.borrow().version > first);
         task.abort();
-        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

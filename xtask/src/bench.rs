@@ -473,34 +473,58 @@ impl Profile {
     }
 }
 
-pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
+/// Which binaries the bench runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// Built here in release mode: the figures to read.
+    Release,
+    /// The debug binaries `cargo xtask test` has just built. That run only checks that the
+    /// harness works; a release build would add minutes to CI for figures nobody reads there.
+    Debug,
+}
+
+pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
     require_privileges("the benchmarks")?;
     let plan = if quick { QUICK } else { FULL };
     let oha_bin = tool("oha")?;
     let iperf3 = tool("iperf3")?;
-    println!("bench: building the agent and the backend in release mode");
-    crate::cargo_quiet(&[
-        "build",
-        "--release",
-        "-p",
-        "gammaray-agent",
-        "--bin",
-        "gammaray-agent",
-        "-p",
-        "gammaray-testkit",
-        "--bin",
-        "bench-backend",
-    ])?;
     let debug_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
-    let release = debug_bin.parent().and_then(Path::parent).context("target dir")?.join("release");
+    let target_dir = debug_bin.parent().and_then(Path::parent).context("target dir")?;
+    let bin_dir = match build {
+        Build::Release => {
+            println!("bench: building the agent and the backend in release mode");
+            crate::cargo_quiet(&[
+                "build",
+                "--release",
+                "-p",
+                "gammaray-agent",
+                "--bin",
+                "gammaray-agent",
+                "-p",
+                "gammaray-testkit",
+                "--bin",
+                "bench-backend",
+            ])?;
+            target_dir.join("release")
+        }
+        Build::Debug => {
+            println!(
+                "bench: running the debug binaries built for the tests (figures say nothing about speed)"
+            );
+            target_dir.join("debug")
+        }
+    };
     // Another build of the agent can stand in, for comparing two versions on the same machine.
     let agent_bin = std::env::var_os("GAMMARAY_BENCH_AGENT")
-        .map_or_else(|| release.join("gammaray-agent"), PathBuf::from);
-    if agent_bin != release.join("gammaray-agent") {
+        .map_or_else(|| bin_dir.join("gammaray-agent"), PathBuf::from);
+    if agent_bin != bin_dir.join("gammaray-agent") {
         println!("bench: agent binary from GAMMARAY_BENCH_AGENT: {}", agent_bin.display());
     }
-    let backend_bin = release.join("bench-backend");
-    let bench_dir = debug_bin.parent().and_then(Path::parent).context("target dir")?.join("bench");
+    let backend_bin = bin_dir.join("bench-backend");
+    for bin in [&agent_bin, &backend_bin] {
+        anyhow::ensure!(bin.exists(), "{} is missing: build it first", bin.display());
+    }
+    let bench_dir = target_dir.join("bench");
     let ticks: f64 = String::from_utf8_lossy(&Command::new("getconf").arg("CLK_TCK").output()?.stdout)
         .trim()
         .parse()
@@ -854,7 +878,7 @@ pub fn run(quick: bool, profile: bool) -> anyhow::Result<()> {
         });
     }
 
-    let report = render(&rows, quick, &plan);
+    let report = render(&rows, quick, build, &plan);
     let dir = bench_dir;
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("report.md"), &report)?;
@@ -918,8 +942,14 @@ fn wakeup_cost(round_trips: usize) -> anyhow::Result<(f64, f64)> {
     Ok((ping_pong(round_trips, (0, 0))?, ping_pong(round_trips, (0, 1))?))
 }
 
-fn render(rows: &[Row], quick: bool, plan: &Plan) -> String {
+fn render(rows: &[Row], quick: bool, build: Build, plan: &Plan) -> String {
     let mut s = String::from("# gammaray benchmarks\n\n");
+    if build == Build::Debug {
+        s.push_str(
+            "**Debug build**: this run checked that the harness works (`cargo xtask test`). Its \
+             figures say nothing about the mesh's speed; `cargo xtask bench` measures release builds.\n\n",
+        );
+    }
     s.push_str(&format!(
         "Mode: {}. oha at a fixed 1000 req/s over 16 connections for {} s, at saturation for {} s, \
          1 KiB responses, HTTP/1.1 keep-alive; iperf3 for {} s; medians of {} run(s). Ratios are to \

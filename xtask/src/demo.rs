@@ -20,13 +20,27 @@ fn step(msg: &str) {
     println!("\n\x1b[1m==> {msg}\x1b[0m");
 }
 
-pub fn run() -> anyhow::Result<()> {
+/// Whether the demo builds the agent itself.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    Now,
+    /// `cargo xtask test` has just built every binary of the workspace. Building
+    /// `-p gammaray-agent` alone would resolve features differently and rebuild much of the tree.
+    AlreadyBuilt,
+}
+
+pub fn run(build: Build) -> anyhow::Result<()> {
     require_privileges("the demo")?;
     let started = Instant::now();
-    step("building the agent (and its eBPF programs)");
-    crate::cargo_quiet(&["build", "-p", "gammaray-agent", "--bins"])?;
     let agent_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
-    println!("    built in {:.1} s", started.elapsed().as_secs_f64());
+    if build == Build::Now {
+        step("building the agent (and its eBPF programs)");
+        crate::cargo_quiet(&["build", "-p", "gammaray-agent", "--bins"])?;
+        println!("    built in {:.1} s", started.elapsed().as_secs_f64());
+    } else {
+        anyhow::ensure!(agent_bin.exists(), "{} is missing: build it first", agent_bin.display());
+        step(&format!("using the agent built for the tests: {}", agent_bin.display()));
+    }
     let started = Instant::now();
 
     step("creating a simulated cluster: 2 nodes on a bridge, pods as network namespaces");

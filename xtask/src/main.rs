@@ -48,14 +48,14 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Demo => demo::run(),
+        Task::Demo => demo::run(demo::Build::Now),
         Task::Test { args } => test::run(&args),
         Task::Conformance { cases } => {
             let summary = conformance::run(&conformance::dir(cases))?;
             anyhow::ensure!(summary.failed == 0, "{} conformance cases failed", summary.failed);
             Ok(())
         }
-        Task::Bench { quick, profile } => bench::run(quick, profile),
+        Task::Bench { quick, profile } => bench::run(quick, profile, bench::Build::Release),
         Task::Lint => test::lint(),
     }
 }

@@ -31,7 +31,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     let mut counts = Counts { passed, failed, skipped: ignored };
     // The main job must keep working: run the demo once, as the README's first command would.
     counts.step("the demo (the README's first command) as a smoke test", || {
-        crate::demo::run().map(|()| (1, 0, 0))
+        crate::demo::run(crate::demo::Build::AlreadyBuilt).map(|()| (1, 0, 0))
     });
     // The conformance catalogue on the real data path, one count per case.
     counts.step("the GAMMA conformance catalogue on the real data path", || {
@@ -39,7 +39,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     });
     // The benchmark harness must keep working; its numbers are reported, never asserted.
     counts.step("the benchmarks, quick mode (numbers reported, not asserted)", || {
-        crate::bench::run(true, false).map(|()| (1, 0, 0))
+        crate::bench::run(true, false, crate::bench::Build::Debug).map(|()| (1, 0, 0))
     });
     let Counts { passed, failed, skipped: ignored } = counts;
     println!();
