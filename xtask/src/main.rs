@@ -60,11 +60,29 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// A cargo command as a plain shell would run it.
+///
+/// `cargo xtask` is `cargo run`, which gives xtask the package's variables (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_*`, ...). Passed on to a nested cargo, they reach build scripts that watch them
+/// (ring's watches `CARGO_MANIFEST_DIR`), which then rerun, and everything above them rebuilds:
+/// ring, rustls, kube and gateway-api, after `cargo xtask` itself had just built them.
+pub fn cargo_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || ["CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE"].contains(&name)
+        {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// Runs cargo with `args`, failing with the command line if it fails.
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(args)
-        .status()?;
+    let status = cargo_command().args(args).status()?;
     anyhow::ensure!(status.success(), "`cargo {}` failed: {status}", args.join(" "));
     Ok(())
 }
@@ -72,9 +90,7 @@ pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
 /// Runs cargo with `args`, showing its output only if it fails (the eBPF build's trampolined
 /// compiler lines are noise when all goes well).
 pub fn cargo_quiet(args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(args)
-        .output()?;
+    let out = cargo_command().args(args).output()?;
     if !out.status.success() {
         eprintln!("{}", String::from_utf8_lossy(&out.stderr));
         anyhow::bail!("`cargo {}` failed: {}", args.join(" "), out.status);

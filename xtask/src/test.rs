@@ -12,7 +12,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     lint()?;
     // Build first, so compile output is not mixed into the test output we count.
     crate::cargo(&["build", "--tests", "--bins"])?;
-    let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = crate::cargo_command();
     cmd.args(["test", "--no-fail-fast"]).args(extra);
     cmd.stdout(std::process::Stdio::piped());
     let mut child = cmd.spawn().context("cargo test")?;
