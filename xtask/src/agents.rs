@@ -127,3 +127,22 @@ pub fn require_privileges(what: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Whether a task builds the agent itself.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    Now,
+    /// `cargo xtask test` has just built every binary of the workspace. Building
+    /// `-p gammaray-agent` alone would resolve features differently and rebuild much of the tree.
+    AlreadyBuilt,
+}
+
+/// The debug build of the agent: built now, or checked to be there.
+pub fn agent_binary(build: Build) -> anyhow::Result<std::path::PathBuf> {
+    if build == Build::Now {
+        crate::cargo_quiet(&["build", "-p", "gammaray-agent", "--bins"])?;
+    }
+    let bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
+    anyhow::ensure!(bin.exists(), "{} is missing: build it first", bin.display());
+    Ok(bin)
+}

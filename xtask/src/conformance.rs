@@ -74,15 +74,14 @@ pub struct Summary {
 
 /// Runs every case in `dir` (its `cases/` and the base files beside it), prints the table and
 /// returns the counts. Errors only when the run itself cannot happen.
-pub fn run(dir: &Path) -> anyhow::Result<Summary> {
+pub fn run(dir: &Path, build: crate::agents::Build) -> anyhow::Result<Summary> {
     require_privileges("the conformance runner")?;
     let cases = catalogue::load_cases(dir)
         .with_context(|| format!("reading the conformance catalogue in {}", dir.display()))?;
     if cases.is_empty() {
         bail!("no cases in {}", dir.join("cases").display());
     }
-    crate::cargo_quiet(&["build", "-p", "gammaray-agent", "--bins"])?;
-    let agent_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
+    let agent_bin = crate::agents::agent_binary(build)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

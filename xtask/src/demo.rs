@@ -13,33 +13,23 @@ use gammaray_testkit::{
     scenarios::{self, Canary},
 };
 
-use crate::agents::{Agent, TIMEOUT, generate_ca, require_privileges, write_atomically};
+use crate::agents::{Agent, Build, TIMEOUT, agent_binary, generate_ca, require_privileges, write_atomically};
 const REQUESTS: usize = 1000;
 
 fn step(msg: &str) {
     println!("\n\x1b[1m==> {msg}\x1b[0m");
 }
 
-/// Whether the demo builds the agent itself.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Build {
-    Now,
-    /// `cargo xtask test` has just built every binary of the workspace. Building
-    /// `-p gammaray-agent` alone would resolve features differently and rebuild much of the tree.
-    AlreadyBuilt,
-}
-
 pub fn run(build: Build) -> anyhow::Result<()> {
     require_privileges("the demo")?;
     let started = Instant::now();
-    let agent_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
     if build == Build::Now {
         step("building the agent (and its eBPF programs)");
-        crate::cargo_quiet(&["build", "-p", "gammaray-agent", "--bins"])?;
-        println!("    built in {:.1} s", started.elapsed().as_secs_f64());
-    } else {
-        anyhow::ensure!(agent_bin.exists(), "{} is missing: build it first", agent_bin.display());
-        step(&format!("using the agent built for the tests: {}", agent_bin.display()));
+    }
+    let agent_bin = agent_binary(build)?;
+    match build {
+        Build::Now => println!("    built in {:.1} s", started.elapsed().as_secs_f64()),
+        Build::AlreadyBuilt => step(&format!("using the agent built for the tests: {}", agent_bin.display())),
     }
     let started = Instant::now();
 

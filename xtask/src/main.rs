@@ -48,10 +48,10 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Demo => demo::run(demo::Build::Now),
+        Task::Demo => demo::run(agents::Build::Now),
         Task::Test { args } => test::run(&args),
         Task::Conformance { cases } => {
-            let summary = conformance::run(&conformance::dir(cases))?;
+            let summary = conformance::run(&conformance::dir(cases), agents::Build::Now)?;
             anyhow::ensure!(summary.failed == 0, "{} conformance cases failed", summary.failed);
             Ok(())
         }

@@ -31,11 +31,12 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     let mut counts = Counts { passed, failed, skipped: ignored };
     // The main job must keep working: run the demo once, as the README's first command would.
     counts.step("the demo (the README's first command) as a smoke test", || {
-        crate::demo::run(crate::demo::Build::AlreadyBuilt).map(|()| (1, 0, 0))
+        crate::demo::run(crate::agents::Build::AlreadyBuilt).map(|()| (1, 0, 0))
     });
     // The conformance catalogue on the real data path, one count per case.
     counts.step("the GAMMA conformance catalogue on the real data path", || {
-        crate::conformance::run(&crate::conformance::dir(None)).map(|s| (s.passed, s.failed, s.skipped))
+        crate::conformance::run(&crate::conformance::dir(None), crate::agents::Build::AlreadyBuilt)
+            .map(|s| (s.passed, s.failed, s.skipped))
     });
     // The benchmark harness must keep working; its numbers are reported, never asserted.
     counts.step("the benchmarks, quick mode (numbers reported, not asserted)", || {
