@@ -14,7 +14,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::{
@@ -32,9 +32,16 @@ use crate::{
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Headers that describe one hop and are not forwarded.
-const HOP_BY_HOP: [&str; 6] =
-    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "proxy-authorization"];
+/// Headers that describe one hop and are not forwarded, besides those that the Connection header
+/// names. Names, not strings: a `&str` would be parsed into a name on every request.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
 
 /// Shared by every HTTP connection of a proxy: upstream connection pools.
 #[derive(Clone)]
@@ -472,8 +479,22 @@ fn strip_port(host: &str) -> &str {
     host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h)
 }
 
+/// Removes the headers of this hop: the fixed set, and any the Connection header names
+/// (RFC 9110, section 7.6.1), so a header meant for the proxy never reaches the next hop.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in HOP_BY_HOP {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
@@ -490,6 +511,31 @@ pub fn local(status: StatusCode, reason: &str) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_not_forwarded() {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in [
+            ("connection", "close, X-Hop"),
+            ("connection", "x-other-hop"),
+            ("x-hop", "1"),
+            ("x-other-hop", "2"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("transfer-encoding", "chunked"),
+            ("x-end-to-end", "3"),
+            ("te", "trailers"),
+        ] {
+            headers.append(name, value.parse().expect("value"));
+        }
+        super::strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["te", "x-end-to-end"], "only end-to-end headers stay");
+        assert_eq!(headers["x-end-to-end"], "3");
+    }
+
     #[test]
     fn hosts_lose_their_ports() {
         assert_eq!(super::strip_port("echo:80"), "echo");
