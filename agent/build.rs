@@ -28,10 +28,6 @@ fn main() -> anyhow::Result<()> {
 /// `<target dir>/ebpf-build`. Leaves OUT_DIR alone when its layout is not cargo's usual
 /// `<target dir>/<profile>/build/<package>-<hash>/out`, or when a real directory is already there.
 fn share_nested_target_dir(out_dir: &Path) -> anyhow::Result<()> {
-    let link = out_dir.join("aya-build");
-    if link.symlink_metadata().is_ok() {
-        return Ok(());
-    }
     let mut up = out_dir.ancestors();
     let (Some(_out), Some(_pkg), Some(build), Some(_profile), Some(target_dir)) =
         (up.next(), up.next(), up.next(), up.next(), up.next())
@@ -41,8 +37,17 @@ fn share_nested_target_dir(out_dir: &Path) -> anyhow::Result<()> {
     if build.file_name() != Some("build".as_ref()) {
         return Ok(());
     }
+    let link = out_dir.join("aya-build");
     let shared = target_dir.join("ebpf-build");
-    std::fs::create_dir_all(&shared)?;
-    std::os::unix::fs::symlink(&shared, &link)?;
+    match link.symlink_metadata() {
+        // Ours from an earlier run: the shared directory may have been removed since.
+        Ok(meta) if meta.file_type().is_symlink() => std::fs::create_dir_all(&shared)?,
+        // A real directory from a build before this script shared one: keep using it.
+        Ok(_) => {}
+        Err(_) => {
+            std::fs::create_dir_all(&shared)?;
+            std::os::unix::fs::symlink(&shared, &link)?;
+        }
+    }
     Ok(())
 }
