@@ -143,9 +143,11 @@ pub struct TunnelConnector {
 }
 
 impl tower_service::Service<http::Uri> for TunnelConnector {
-    type Response = TunnelIo;
+    type Response = TokioIo<TunnelStream>;
     type Error = HboneError;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<TunnelIo, HboneError>> + Send>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<TokioIo<TunnelStream>, HboneError>> + Send>,
+    >;
 
     fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), HboneError>> {
         std::task::Poll::Ready(Ok(()))
@@ -160,51 +162,8 @@ impl tower_service::Service<http::Uri> for TunnelConnector {
                 .ok_or(HboneError::NotAPod { target: uri.to_string() })?;
             let (dst, node) =
                 remote_pod(&snapshot, target).ok_or(HboneError::NotAPod { target: target.to_string() })?;
-            Ok(TunnelIo(TokioIo::new(pool.connect(&src, &dst, node, target).await?)))
+            Ok(TokioIo::new(pool.connect(&src, &dst, node, target).await?))
         })
-    }
-}
-
-/// One HBONE stream as a client connection.
-pub struct TunnelIo(TokioIo<TunnelStream>);
-
-impl hyper::rt::Read for TunnelIo {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for TunnelIo {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-impl hyper_util::client::legacy::connect::Connection for TunnelIo {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        hyper_util::client::legacy::connect::Connected::new()
     }
 }
 

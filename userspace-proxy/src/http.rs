@@ -34,7 +34,7 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Headers that describe one hop and are not forwarded, besides those that the Connection header
 /// names. Names, not strings: a `&str` would be parsed into a name on every request.
-const HOP_BY_HOP: [HeaderName; 6] = [
+static HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

@@ -128,7 +128,8 @@ pub fn require_privileges(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether a task builds the agent itself.
+/// Whether a task builds its binaries itself (the demo and conformance a debug agent, the bench
+/// release binaries) or runs the debug binaries the test build has just made.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Build {
     Now,

@@ -29,7 +29,7 @@ use anyhow::{Context as _, bail};
 use gammaray_testkit::{Cluster, Pod, apiserver::ApiServer, objects};
 use serde_json::Value;
 
-use crate::agents::{Agent, generate_ca, require_privileges};
+use crate::agents::{Agent, Build, generate_ca, require_privileges};
 
 const MESH_NS: &str = "bench";
 const PLAIN_NS: &str = "plain";
@@ -473,16 +473,10 @@ impl Profile {
     }
 }
 
-/// Which binaries the bench runs.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Build {
-    /// Built here in release mode: the figures to read.
-    Release,
-    /// The debug binaries `cargo xtask test` has just built. That run only checks that the
-    /// harness works; a release build would add minutes to CI for figures nobody reads there.
-    Debug,
-}
-
+/// With [`Build::Now`], builds and runs release binaries: the figures to read. With
+/// [`Build::AlreadyBuilt`] (`cargo xtask test`), runs the debug binaries the test build made: that
+/// run only checks that the harness works, and a release build would add minutes to CI for
+/// figures nobody reads there.
 pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
     require_privileges("the benchmarks")?;
     let plan = if quick { QUICK } else { FULL };
@@ -491,7 +485,7 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
     let debug_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
     let target_dir = debug_bin.parent().and_then(Path::parent).context("target dir")?;
     let bin_dir = match build {
-        Build::Release => {
+        Build::Now => {
             println!("bench: building the agent and the backend in release mode");
             crate::cargo_quiet(&[
                 "build",
@@ -507,7 +501,7 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
             ])?;
             target_dir.join("release")
         }
-        Build::Debug => {
+        Build::AlreadyBuilt => {
             println!(
                 "bench: running the debug binaries built for the tests (figures say nothing about speed)"
             );
@@ -602,6 +596,7 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
     // requests at saturation): a process that wakes, reads and writes once per request, the
     // unit a proxy's cost is read against (a proxy does that twice per request, once each way).
     let backend_pids: Vec<u32> = servers[..2].iter().map(|s| s.pid()).collect();
+    let backend_cpu_now = || cpu_of(backend_pids.iter().copied(), ticks);
     let mut backend_cpu: BTreeMap<Lane, (f64, f64)> = BTreeMap::new();
     for path in Lane::ALL {
         let (pod, url) = world.target(path);
@@ -610,12 +605,12 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
         let (mut sw, mut bf, mut bs) = (vec![], vec![], vec![]);
         for _ in 0..plan.runs {
             let cpu0 = agents_cpu(&agents, ticks);
-            let b0 = cpu_of(backend_pids.iter().copied(), ticks);
+            let b0 = backend_cpu_now();
             let w0 = agents_switches(&agents);
             let t0 = Instant::now();
             let l = oha(&oha_bin, pod, &url, 16, Some(1000), plan.fixed)?;
             let (cpu, wall) = (agents_cpu(&agents, ticks) - cpu0, t0.elapsed().as_secs_f64());
-            bf.push((cpu_of(backend_pids.iter().copied(), ticks) - b0) / wall);
+            bf.push((backend_cpu_now() - b0) / wall);
             sw.push((agents_switches(&agents) - w0) / l.requests.max(1.0));
             p50.push(l.p50_ms);
             p90.push(l.p90_ms);
@@ -624,10 +619,10 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
             let l = oha(&oha_bin, pod, &url, 1, None, plan.saturate)?;
             m1.push(l.rps);
             let cpu0 = agents_cpu(&agents, ticks);
-            let b0 = cpu_of(backend_pids.iter().copied(), ticks);
+            let b0 = backend_cpu_now();
             let l = oha(&oha_bin, pod, &url, 16, None, plan.saturate)?;
             let cpu = agents_cpu(&agents, ticks) - cpu0;
-            bs.push((cpu_of(backend_pids.iter().copied(), ticks) - b0) / l.requests.max(1.0) * 1e6);
+            bs.push((backend_cpu_now() - b0) / l.requests.max(1.0) * 1e6);
             m16.push(l.rps);
             cs.push(cpu * 1000.0 / l.requests.max(1.0) * 1000.0);
             if l.errors > 0.0 {
@@ -944,7 +939,7 @@ fn wakeup_cost(round_trips: usize) -> anyhow::Result<(f64, f64)> {
 
 fn render(rows: &[Row], quick: bool, build: Build, plan: &Plan) -> String {
     let mut s = String::from("# gammaray benchmarks\n\n");
-    if build == Build::Debug {
+    if build == Build::AlreadyBuilt {
         s.push_str(
             "**Debug build**: this run checked that the harness works (`cargo xtask test`). Its \
              figures say nothing about the mesh's speed; `cargo xtask bench` measures release builds.\n\n",

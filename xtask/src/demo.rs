@@ -23,14 +23,19 @@ fn step(msg: &str) {
 pub fn run(build: Build) -> anyhow::Result<()> {
     require_privileges("the demo")?;
     let started = Instant::now();
-    if build == Build::Now {
-        step("building the agent (and its eBPF programs)");
-    }
-    let agent_bin = agent_binary(build)?;
-    match build {
-        Build::Now => println!("    built in {:.1} s", started.elapsed().as_secs_f64()),
-        Build::AlreadyBuilt => step(&format!("using the agent built for the tests: {}", agent_bin.display())),
-    }
+    let agent_bin = match build {
+        Build::Now => {
+            step("building the agent (and its eBPF programs)");
+            let bin = agent_binary(build)?;
+            println!("    built in {:.1} s", started.elapsed().as_secs_f64());
+            bin
+        }
+        Build::AlreadyBuilt => {
+            let bin = agent_binary(build)?;
+            step(&format!("using the agent built for the tests: {}", bin.display()));
+            bin
+        }
+    };
     let started = Instant::now();
 
     step("creating a simulated cluster: 2 nodes on a bridge, pods as network namespaces");

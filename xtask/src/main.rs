@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(summary.failed == 0, "{} conformance cases failed", summary.failed);
             Ok(())
         }
-        Task::Bench { quick, profile } => bench::run(quick, profile, bench::Build::Release),
+        Task::Bench { quick, profile } => bench::run(quick, profile, agents::Build::Now),
         Task::Lint => test::lint(),
     }
 }
