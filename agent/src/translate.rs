@@ -465,7 +465,11 @@ fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
         let workload = Workload {
             pod: ObjectRef::new(ns, name),
             node: spec.and_then(|s| s.node_name.clone()),
-            identity: format!("spiffe://{trust_domain}/ns/{ns}/sa/{sa}"),
+            identity: gammaray_proxy::identity::Identity {
+                trust_domain: trust_domain.into(),
+                namespace: ns.as_str().into(),
+                service_account: sa.as_str().into(),
+            },
             service_account: sa,
         };
         let status = pod.status.as_ref();
@@ -556,7 +560,7 @@ impl BackendResolver<'_> {
                         addr: SocketAddr::new(addr, target),
                         pod,
                         node: ep.node_name.clone().or_else(|| workload.and_then(|w| w.node.clone())),
-                        identity: workload.map(|w| w.identity.clone()),
+                        identity: workload.map(|w| w.identity.to_string()),
                     });
                 }
             }

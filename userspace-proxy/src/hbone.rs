@@ -23,7 +23,6 @@ use std::{
 use bytes::Bytes;
 use h2::{client::SendRequest, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -77,93 +76,16 @@ type Key = (Identity, Identity, SocketAddr);
 pub struct Mesh {
     pub node: Option<String>,
     pub hbone: Option<Arc<Pool>>,
-    /// HTTP clients whose connections are HBONE streams, one per source identity and protocol,
-    /// so pooled connections never mix identities.
-    clients: Mutex<TunnelClients>,
 }
-
-#[derive(Default)]
-struct TunnelClients {
-    http1: HashMap<Identity, TunnelClient>,
-    h2: HashMap<Identity, TunnelClient>,
-}
-
-/// A pooled HTTP client over HBONE streams.
-pub type TunnelClient = hyper_util::client::legacy::Client<TunnelConnector, hyper::body::Incoming>;
 
 impl Mesh {
     pub fn new(node: Option<String>, hbone: Option<Arc<Pool>>) -> Self {
-        Self { node, hbone, clients: Mutex::default() }
+        Self { node, hbone }
     }
 
     /// No mesh identity: every connection goes direct (plaintext).
     pub fn plaintext() -> Self {
         Self::new(None, None)
-    }
-
-    /// The pooled client that speaks as `src` to pods of other nodes.
-    pub fn tunnel_client(
-        &self,
-        src: &Identity,
-        h2: bool,
-        snapshot: &watch::Receiver<Arc<Snapshot>>,
-    ) -> Option<TunnelClient> {
-        let pool = self.hbone.clone()?;
-        let mut clients = self.clients.lock().expect("tunnel clients lock");
-        let clients = if h2 { &mut clients.h2 } else { &mut clients.http1 };
-        // Looked up by reference first: this runs once per request, and a key is built only
-        // for a new identity.
-        if let Some(client) = clients.get(src) {
-            return Some(client.clone());
-        }
-        let client = clients.entry(src.clone()).or_insert_with(|| {
-            let connector = TunnelConnector { pool, src: src.clone(), snapshot: snapshot.clone() };
-            hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                .http2_only(h2)
-                .pool_idle_timeout(Duration::from_secs(90))
-                .build(connector)
-        });
-        Some(client.clone())
-    }
-}
-
-/// Where a pod of another node is reached: its identity and its node's HBONE address.
-fn remote_pod(snapshot: &Snapshot, target: SocketAddr) -> Option<(Identity, SocketAddr)> {
-    let w = snapshot.workloads.get(&target.ip())?;
-    let node_ip = snapshot.nodes.get(w.node.as_deref()?)?;
-    Some((w.identity.parse().ok()?, SocketAddr::new(*node_ip, HBONE_PORT)))
-}
-
-/// Makes hyper client connections out of HBONE streams: the URI names the pod.
-#[derive(Clone)]
-pub struct TunnelConnector {
-    pool: Arc<Pool>,
-    src: Identity,
-    snapshot: watch::Receiver<Arc<Snapshot>>,
-}
-
-impl tower_service::Service<http::Uri> for TunnelConnector {
-    type Response = TokioIo<TunnelStream>;
-    type Error = HboneError;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<TokioIo<TunnelStream>, HboneError>> + Send>,
-    >;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), HboneError>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let (pool, src, snapshot) = (self.pool.clone(), self.src.clone(), self.snapshot.borrow().clone());
-        Box::pin(async move {
-            let target: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or(HboneError::NotAPod { target: uri.to_string() })?;
-            let (dst, node) =
-                remote_pod(&snapshot, target).ok_or(HboneError::NotAPod { target: target.to_string() })?;
-            Ok(TokioIo::new(pool.connect(&src, &dst, node, target).await?))
-        })
     }
 }
 
@@ -193,18 +115,19 @@ impl Mesh {
         let Some(node_ip) = snapshot.nodes.get(dst_node) else {
             return Hop::Refuse("the destination's node has no known address");
         };
-        let (Some(src), Ok(dst_id)) = (snapshot.workloads.get(&client), dst.identity.parse::<Identity>())
-        else {
+        let Some(src) = snapshot.workloads.get(&client) else {
             return Hop::Refuse("the client is not a known workload, so it has no identity");
         };
         if src.node.as_deref() != Some(node.as_str()) {
             // A node speaks only for the workloads it runs.
             return Hop::Refuse("the client is not a workload of this node");
         }
-        let Ok(src_id) = src.identity.parse::<Identity>() else {
-            return Hop::Refuse("the client's identity does not parse");
-        };
-        Hop::Tunnel { src: src_id, dst: dst_id, node: SocketAddr::new(*node_ip, HBONE_PORT), target }
+        Hop::Tunnel {
+            src: src.identity.clone(),
+            dst: dst.identity.clone(),
+            node: SocketAddr::new(*node_ip, HBONE_PORT),
+            target,
+        }
     }
 }
 
@@ -325,9 +248,7 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
         // Only identities with a workload on this node get a certificate here.
         allowed: Box::new(move |id| {
             let snap = snapshot.borrow().clone();
-            snap.workloads
-                .values()
-                .any(|w| w.node.as_deref() == Some(node.as_str()) && w.identity == id.to_string())
+            snap.workloads.values().any(|w| w.node.as_deref() == Some(node.as_str()) && w.identity == *id)
         }),
     };
     let config = server_config(Arc::new(inbound.certs.authority().roots()), Arc::new(resolver))?;
@@ -425,7 +346,7 @@ fn tunnel(
         warn!(%target, src_identity = %peer, "CONNECT to an address that is no pod here");
         return reply(respond, StatusCode::NOT_FOUND);
     };
-    if workload.node.as_deref() != Some(inbound.node.as_str()) || workload.identity != local.to_string() {
+    if workload.node.as_deref() != Some(inbound.node.as_str()) || workload.identity != *local {
         warn!(%target, pod = %workload.pod, expected = %local, "CONNECT target is not a pod on this node with the presented identity");
         return reply(respond, StatusCode::FORBIDDEN);
     }

@@ -14,7 +14,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
+    uri::PathAndQuery,
+};
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::{
@@ -43,27 +46,15 @@ static HOP_BY_HOP: [HeaderName; 6] = [
     header::PROXY_AUTHORIZATION,
 ];
 
-/// Shared by every HTTP connection of a proxy: upstream connection pools.
-#[derive(Clone)]
-pub struct Upstreams {
-    http1: Client<HttpConnector, Incoming>,
-    http2: Client<HttpConnector, Incoming>,
-    /// Mirrored copies of bodiless requests.
-    mirror: Client<HttpConnector, Empty<Bytes>>,
-}
+/// The client of mirrored copies (bodiless requests) to pods of this node; rare enough for
+/// hyper-util's pooled client.
+pub type MirrorClient = Client<HttpConnector, Empty<Bytes>>;
 
-impl Default for Upstreams {
-    fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector.clone());
-        let http2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector.clone());
-        let mirror = Client::builder(TokioExecutor::new()).build(connector);
-        Self { http1, http2, mirror }
-    }
+pub fn mirror_client() -> MirrorClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// What one client connection carries with it.
@@ -72,7 +63,8 @@ pub struct ConnContext {
     pub client: SocketAddr,
     pub orig_dst: SocketAddr,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
-    pub upstreams: Upstreams,
+    pub upstreams: crate::upstream::Upstreams,
+    pub mirror: MirrorClient,
     pub stats: Arc<OutboundStats>,
     pub counters: std::sync::Mutex<ConnCounters>,
 }
@@ -93,18 +85,18 @@ async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
     let started = Instant::now();
     let method =
         tracing::enabled!(tracing::Level::INFO).then(|| (req.method().clone(), req.uri().path().to_owned()));
-    let response = route_request(req, ctx).await;
+    let (response, upstream) = route_request(req, ctx).await;
     let status = response.status().as_u16();
     ctx.stats.requests.fetch_add(1, Relaxed);
-    let upstream = response.extensions().get::<UpstreamInfo>();
+    let upstream = upstream.as_ref();
     ctx.request_counter(upstream.map(|u| &u.backend), status).inc();
     if let Some((method, path)) = method {
         let snapshot = ctx.snapshot.borrow().clone();
-        let src_identity = snapshot.workloads.get(&ctx.client.ip()).map(|w| w.identity.as_str());
+        let src_identity = snapshot.workloads.get(&ctx.client.ip()).map(|w| w.identity.to_string());
         let endpoint = upstream.and_then(|u| u.backend.endpoints.get(u.endpoint));
         info!(
             src = %ctx.client,
-            src_identity = src_identity.unwrap_or("-"),
+            src_identity = src_identity.as_deref().unwrap_or("-"),
             dst = %ctx.orig_dst,
             service = %upstream.map_or_else(|| "-".to_owned(), |u| backend_label(&u.backend)),
             backend = %endpoint.map_or_else(|| "-".to_owned(), |e| e.addr.to_string()),
@@ -191,11 +183,12 @@ impl ConnContext {
     }
 }
 
-async fn route_request(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
+/// Answers a request, and says which upstream did when one did.
+async fn route_request(req: Request<Incoming>, ctx: &ConnContext) -> (Response<Body>, Option<UpstreamInfo>) {
     // One clone of the Arc per request; never held across an await as a borrow.
     let snapshot = ctx.snapshot.borrow().clone();
     let Some(frontend) = snapshot.frontend(ctx.orig_dst) else {
-        return local(StatusCode::BAD_GATEWAY, "the destination is no longer a Service frontend");
+        return (local(StatusCode::BAD_GATEWAY, "the destination is no longer a Service frontend"), None);
     };
     let client_ns = snapshot.workloads.get(&ctx.client.ip()).map(|w| w.pod.namespace.clone());
     let host = request_host(&req);
@@ -220,16 +213,16 @@ async fn route_request(req: Request<Incoming>, ctx: &ConnContext) -> Response<Bo
                 for (name, value) in r.headers {
                     resp.headers_mut().insert(name, value);
                 }
-                return resp;
+                return (resp, None);
             }
         }
     };
     let timeouts = forward.as_ref().map(|p| p.timeouts).unwrap_or_default();
-    let call = forward_to(req, &decision_backend, forward, ctx, random);
+    let call = forward_to(req, host, &decision_backend, forward, ctx, random);
     match timeouts.request {
         Some(limit) => match tokio::time::timeout(limit, call).await {
-            Ok(resp) => resp,
-            Err(_) => local(StatusCode::GATEWAY_TIMEOUT, "request timeout"),
+            Ok(answer) => answer,
+            Err(_) => (local(StatusCode::GATEWAY_TIMEOUT, "request timeout"), None),
         },
         None => call.await,
     }
@@ -258,40 +251,29 @@ impl Plan {
     }
 }
 
+/// Sends the request to an endpoint of `backend`; `host` is the one the client asked for,
+/// without its port.
 async fn forward_to(
     mut req: Request<Incoming>,
+    host: Option<String>,
     backend: &Arc<Backend>,
     plan: Option<Plan>,
     ctx: &ConnContext,
     random: u64,
-) -> Response<Body> {
+) -> (Response<Body>, Option<UpstreamInfo>) {
     let Some(endpoint_index) = pick_endpoint_index(backend.endpoints.len(), random) else {
-        return local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("no ready endpoint for {}", backend_label(backend)),
-        );
+        let reason = format!("no ready endpoint for {}", backend_label(backend));
+        return (local(StatusCode::SERVICE_UNAVAILABLE, &reason), None);
     };
     let endpoint = &backend.endpoints[endpoint_index];
-    let path_and_query = {
-        let path = plan.as_ref().and_then(|p| p.path.clone()).unwrap_or_else(|| req.uri().path().to_owned());
-        match req.uri().query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
-        }
-    };
-    let uri = match Uri::builder()
-        .scheme("http")
-        .authority(endpoint.addr.to_string())
-        .path_and_query(path_and_query)
-        .build()
-    {
+    let h2 = backend.protocol == AppProtocol::H2c || req.version() == Version::HTTP_2;
+    let uri = match upstream_uri(&req, plan.as_ref().and_then(|p| p.path.as_deref()), endpoint.addr, h2) {
         Ok(uri) => uri,
         Err(err) => {
-            return local(StatusCode::BAD_REQUEST, &format!("cannot forward this request target: {err}"));
+            let reason = format!("cannot forward this request target: {err}");
+            return (local(StatusCode::BAD_REQUEST, &reason), None);
         }
     };
-    let h2 = backend.protocol == AppProtocol::H2c || req.version() == Version::HTTP_2;
-    let host = request_host(&req);
     *req.uri_mut() = uri;
     strip_hop_by_hop(req.headers_mut());
     if let Some(p) = &plan {
@@ -299,10 +281,14 @@ async fn forward_to(
             crate::route::apply_header_modifier(m, req.headers_mut());
         }
     }
-    // Keep the Host the client asked for unless a rewrite changes it.
+    // Keep the Host the client asked for unless a rewrite changes it; a header that already
+    // says so is left as it is.
     let host = plan.as_ref().and_then(|p| p.host.clone()).or(host);
-    if let Some(host) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
-        req.headers_mut().insert(header::HOST, host);
+    if let Some(host) = host
+        && req.headers().get(header::HOST).map(HeaderValue::as_bytes) != Some(host.as_bytes())
+        && let Ok(value) = HeaderValue::from_str(&host)
+    {
+        req.headers_mut().insert(header::HOST, value);
     }
     *req.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
     if let Some(p) = &plan {
@@ -317,9 +303,7 @@ async fn forward_to(
         endpoint: endpoint_index,
         tunnelled: matches!(hop, crate::hbone::Hop::Tunnel { .. }),
     };
-    let mut response = forward_along(req, hop, h2, plan.as_ref(), ctx, endpoint).await;
-    response.extensions_mut().insert(info);
-    response
+    (forward_along(req, hop, h2, plan.as_ref(), ctx, endpoint).await, Some(info))
 }
 
 async fn forward_along(
@@ -357,28 +341,44 @@ async fn forward_along(
     }
 }
 
-/// Sends a request along `hop`: pooled plain connections on this node; to a pod on another
-/// node, pooled connections that are HBONE streams.
+/// The request target to send upstream: origin form (`/path?query`) for HTTP/1.1, absolute
+/// form for HTTP/2, whose `:authority` it gives. Without a path rewrite the client's path and
+/// query are passed on as they are, not rebuilt.
+fn upstream_uri(
+    req: &Request<Incoming>,
+    rewritten_path: Option<&str>,
+    endpoint: SocketAddr,
+    h2: bool,
+) -> Result<Uri, http::Error> {
+    let path_and_query = match rewritten_path {
+        Some(path) => PathAndQuery::try_from(match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_owned(),
+        })?,
+        None => req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")),
+    };
+    if h2 {
+        Uri::builder().scheme("http").authority(endpoint.to_string()).path_and_query(path_and_query).build()
+    } else {
+        Ok(Uri::from(path_and_query))
+    }
+}
+
+/// Sends a request along `hop` over the proxy's pooled connections: plain TCP to pods of this
+/// node, HBONE streams to pods of other nodes.
 async fn send(
     req: Request<Incoming>,
     hop: crate::hbone::Hop,
     h2: bool,
     ctx: &ConnContext,
 ) -> Result<Response<Incoming>, String> {
-    use crate::hbone::Hop;
-    match hop {
-        Hop::Direct(_) => {
-            let client = if h2 { &ctx.upstreams.http2 } else { &ctx.upstreams.http1 };
-            client.request(req).await.map_err(|e| e.to_string())
-        }
-        Hop::Refuse(why) => Err(why.to_owned()),
-        Hop::Tunnel { src, .. } => {
-            // Pooled: connections are HBONE streams, kept per source identity.
-            let client = ctx.mesh.tunnel_client(&src, h2, &ctx.snapshot).ok_or("no HBONE pool")?;
-            ctx.stats.hbone_tunnels.fetch_add(1, Relaxed);
-            client.request(req).await.map_err(|e| e.to_string())
-        }
-    }
+    use crate::{hbone::Hop, upstream::Via};
+    let (target, via) = match hop {
+        Hop::Direct(target) => (target, Via::Direct),
+        Hop::Refuse(why) => return Err(why.to_owned()),
+        Hop::Tunnel { src, dst, node, target } => (target, Via::Tunnel { src, dst, node }),
+    };
+    ctx.upstreams.send(target, &via, h2, req).await.map_err(|e| e.to_string())
 }
 
 /// Sends a copy of a bodiless request to the mirror's backend, for its share of requests, and
@@ -406,7 +406,7 @@ fn mirror(req: &Request<Incoming>, m: &crate::snapshot::Mirror, ctx: &ConnContex
     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let hop = ctx.mesh.hop(&ctx.snapshot.borrow().clone(), ctx.client.ip(), endpoint.addr);
     let (client, mesh, stats, target) =
-        (ctx.upstreams.mirror.clone(), ctx.mesh.clone(), ctx.stats.clone(), endpoint.addr);
+        (ctx.mirror.clone(), ctx.mesh.clone(), ctx.stats.clone(), endpoint.addr);
     tokio::spawn(async move {
         use crate::hbone::Hop;
         let result = match hop {
@@ -442,8 +442,8 @@ fn mirror(req: &Request<Incoming>, m: &crate::snapshot::Mirror, ctx: &ConnContex
     });
 }
 
-/// What the forwarder chose, carried on the response for the access log.
-#[derive(Debug, Clone)]
+/// What the forwarder chose, for the metrics and the access log.
+#[derive(Debug)]
 struct UpstreamInfo {
     backend: Arc<Backend>,
     /// Index of the chosen endpoint in `backend.endpoints`.
@@ -462,14 +462,15 @@ fn pick_endpoint_index(len: usize, random: u64) -> Option<usize> {
     (len > 0).then(|| ((random >> 32) % len as u64) as usize)
 }
 
+/// The host the client asked for, from the Host header or else the request target, without
+/// its port.
 fn request_host(req: &Request<Incoming>) -> Option<String> {
     let raw = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))?;
-    Some(strip_port(&raw).to_owned())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
+    Some(strip_port(raw).to_owned())
 }
 
 fn strip_port(host: &str) -> &str {
@@ -482,6 +483,10 @@ fn strip_port(host: &str) -> &str {
 /// Removes the headers of this hop: the fixed set, and any the Connection header names
 /// (RFC 9110, section 7.6.1), so a header meant for the proxy never reaches the next hop.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over their names instead of a lookup per name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)

@@ -47,11 +47,14 @@ pub enum IdentityError {
 }
 
 /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+///
+/// Shared strings: the data path clones identities per request (a hop names both ends), and a
+/// clone must not allocate.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
+    pub trust_domain: Arc<str>,
+    pub namespace: Arc<str>,
+    pub service_account: Arc<str>,
 }
 
 impl fmt::Display for Identity {
@@ -68,9 +71,9 @@ impl FromStr for Identity {
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
             [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => Ok(Self {
-                trust_domain: (*td).to_owned(),
-                namespace: (*ns).to_owned(),
-                service_account: (*sa).to_owned(),
+                trust_domain: (*td).into(),
+                namespace: (*ns).into(),
+                service_account: (*sa).into(),
             }),
             _ => Err(err()),
         }
@@ -89,9 +92,9 @@ impl Identity {
         let rest = name.strip_suffix(".id.gammaray")?;
         let (sa, ns) = rest.split_once('.')?;
         (!sa.is_empty() && !ns.is_empty() && !ns.contains('.')).then(|| Self {
-            trust_domain: trust_domain.to_owned(),
-            namespace: ns.to_owned(),
-            service_account: sa.to_owned(),
+            trust_domain: trust_domain.into(),
+            namespace: ns.into(),
+            service_account: sa.into(),
         })
     }
 }

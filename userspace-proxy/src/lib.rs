@@ -14,3 +14,4 @@ pub mod outbound;
 pub mod route;
 pub mod snapshot;
 pub mod stats;
+pub mod upstream;

@@ -19,7 +19,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
     hbone::{Hop, Mesh},
-    http::{ConnContext, Upstreams, pick_endpoint},
+    http::{ConnContext, MirrorClient, pick_endpoint},
     orig_dst::OrigDstLookup,
     snapshot::Snapshot,
     stats::OutboundStats,
@@ -55,7 +55,8 @@ pub async fn serve(
     mesh: Arc<Mesh>,
     stats: Arc<OutboundStats>,
 ) -> Result<(), OutboundError> {
-    let upstreams = Upstreams::default();
+    let upstreams = crate::upstream::Upstreams::new(mesh.hbone.clone(), stats.clone());
+    let mirror = crate::http::mirror_client();
     let addr = listener
         .local_addr()
         .map_err(|source| OutboundError::Accept { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
@@ -79,6 +80,7 @@ pub async fn serve(
             lookup: lookup.clone(),
             snapshot: snapshot.clone(),
             upstreams: upstreams.clone(),
+            mirror: mirror.clone(),
             stats: stats.clone(),
         };
         let span = info_span!("outbound", src = %peer);
@@ -98,12 +100,13 @@ struct Conn {
     mesh: Arc<Mesh>,
     lookup: Arc<dyn OrigDstLookup>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
-    upstreams: Upstreams,
+    upstreams: crate::upstream::Upstreams,
+    mirror: MirrorClient,
     stats: Arc<OutboundStats>,
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
-    let Conn { mesh, lookup, snapshot, upstreams, stats } = conn;
+    let Conn { mesh, lookup, snapshot, upstreams, mirror, stats } = conn;
     let SocketAddr::V4(peer) = peer else {
         stats.lookup_misses.fetch_add(1, Relaxed);
         warn!("IPv6 client on the outbound listener; closing");
@@ -144,6 +147,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
             orig_dst: SocketAddr::V4(orig),
             snapshot,
             upstreams,
+            mirror,
             stats,
             counters: Default::default(),
         };

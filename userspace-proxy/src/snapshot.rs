@@ -57,8 +57,8 @@ pub struct Workload {
     pub pod: ObjectRef,
     pub node: Option<String>,
     pub service_account: String,
-    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
-    pub identity: String,
+    /// Parsed once, when the snapshot is made: the data path reads it per request.
+    pub identity: crate::identity::Identity,
 }
 
 /// What a Service port speaks, from its `appProtocol`.

@@ -4,6 +4,7 @@ mod agents;
 mod bench;
 mod conformance;
 mod demo;
+mod instructions;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +42,11 @@ enum Task {
         /// written next to the report.
         #[arg(long)]
         profile: bool,
+        /// Instead of the timed runs: count the user-space instructions per request with
+        /// callgrind, in one process on loopback (no root needed); writes
+        /// target/bench/instructions.md.
+        #[arg(long, conflicts_with_all = ["quick", "profile"])]
+        instructions: bool,
     },
     /// rustfmt check and clippy with warnings denied.
     Lint,
@@ -55,7 +61,8 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(summary.failed == 0, "{} conformance cases failed", summary.failed);
             Ok(())
         }
-        Task::Bench { quick, profile } => bench::run(quick, profile, agents::Build::Now),
+        Task::Bench { instructions: true, .. } => instructions::run(),
+        Task::Bench { quick, profile, .. } => bench::run(quick, profile, agents::Build::Now),
         Task::Lint => test::lint(),
     }
 }

@@ -10,8 +10,9 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
         eprintln!("xtask: GAMMARAY_REQUIRE_PRIVILEGED is not 1: privileged tests skip (loudly) without root");
     }
     lint()?;
-    // Build first, so compile output is not mixed into the test output we count.
-    crate::cargo(&["build", "--tests", "--bins"])?;
+    // Build first, so compile output is not mixed into the test output we count (cargo test
+    // builds the examples too).
+    crate::cargo(&["build", "--tests", "--bins", "--examples"])?;
     let mut cmd = crate::cargo_command();
     cmd.args(["test", "--no-fail-fast"]).args(extra);
     cmd.stdout(std::process::Stdio::piped());
@@ -29,6 +30,16 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     }
     let status = child.wait()?;
     let mut counts = Counts { passed, failed, skipped: ignored };
+    // The harness `cargo xtask bench --instructions` counts in, natively and briefly: it
+    // checks every response, so a pass means each lane's path works.
+    println!("\nxtask: the request-cost harness, each lane once (loopback, no root needed)");
+    match crate::instructions::check_harness() {
+        Ok(()) => counts.passed += 1,
+        Err(err) => {
+            eprintln!("xtask: the request-cost harness failed: {err:#}");
+            counts.failed += 1;
+        }
+    }
     // The main job must keep working: run the demo once, as the README's first command would.
     counts.step("the demo (the README's first command) as a smoke test", || {
         crate::demo::run(crate::agents::Build::AlreadyBuilt).map(|()| (1, 0, 0))

@@ -33,14 +33,6 @@ impl TunnelStream {
     }
 }
 
-/// A tunnel as a connection of hyper-util's pooled client (through `TokioIo`, which passes this
-/// on): nothing to report beyond a plain connection.
-impl hyper_util::client::legacy::connect::Connection for TunnelStream {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        hyper_util::client::legacy::connect::Connected::new()
-    }
-}
-
 /// An HTTP/2 error as I/O: the connection's own I/O errors pass through; a stream the peer
 /// ended (NO_ERROR) or cancelled is a broken pipe, any other reason a reset.
 fn io_error(err: h2::Error) -> io::Error {

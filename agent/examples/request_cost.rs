@@ -1,0 +1,314 @@
+//! What one request costs the node proxy, in a form that can be counted exactly: two nodes'
+//! proxies, a client and a backend in one process on loopback, on one current-thread runtime
+//! (the proxy's default). Node A's outbound listener takes the client's connection (the
+//! original destination comes from an in-memory table, as the eBPF program would record it),
+//! and for a pod on node B it carries the request over HBONE (mutual TLS, HTTP/2) to node B's
+//! inbound listener, which hands it to the backend.
+//!
+//! `cargo xtask bench --instructions` runs this under callgrind twice per lane with different
+//! request counts: the difference in instructions over the difference in requests is the
+//! user-space instructions per request, free of the noise that timed runs have on a shared
+//! host. Kernel work (system calls, the TCP stack) is not in that count; the timed benchmark
+//! covers it.
+//!
+//! Usage: `request_cost LANE REQUESTS`, LANE one of `direct`, `l4-cross`, `l7-cross`,
+//! `l7-same`, or `all` to run each lane once (a check that the harness works). Every response
+//! is checked: status 200 and a 1 KiB body, or the run fails.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use bytes::Bytes;
+use gammaray_agent::{
+    store::Store,
+    translate::{Options, translate},
+};
+use gammaray_proxy::{
+    hbone::{self, Inbound, Mesh, Pool},
+    identity::{Authority, CertStore},
+    orig_dst::StaticTable,
+    outbound,
+    stats::OutboundStats,
+};
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::{Request, Response, body::Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpSocket};
+
+const TRUST_DOMAIN: &str = "cluster.local";
+const BODY_LEN: usize = 1024;
+/// Requests before the counted ones: connections, pools and TLS sessions are set up by then.
+const WARM_UP: u64 = 50;
+/// Bounds every request, so a broken path fails the run instead of hanging it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a lane's client sends its requests.
+#[derive(Clone, Copy, Debug)]
+enum Lane {
+    /// Straight to the backend on node B: the baseline the proxies' cost is measured against.
+    Direct,
+    /// A Service without routes: node A balances connections and tunnels them to node B.
+    L4Cross,
+    /// A Service with a 50/50 HTTPRoute split to two pods on node B.
+    L7Cross,
+    /// A Service with HTTP routing to a pod on node A: no HBONE.
+    L7Same,
+}
+
+impl Lane {
+    const ALL: [Lane; 4] = [Lane::Direct, Lane::L4Cross, Lane::L7Cross, Lane::L7Same];
+
+    fn parse(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "direct" => Lane::Direct,
+            "l4-cross" => Lane::L4Cross,
+            "l7-cross" => Lane::L7Cross,
+            "l7-same" => Lane::L7Same,
+            other => bail!("unknown lane {other:?}: direct, l4-cross, l7-cross, l7-same or all"),
+        })
+    }
+}
+
+/// The addresses of one run, all inside 127.0.0.0/8. The second octet is chosen per run, so
+/// that two runs on one host do not collide on node B's fixed HBONE port.
+struct World {
+    node_a: Ipv4Addr,
+    node_b: Ipv4Addr,
+    client: Ipv4Addr,
+    web_b1: Ipv4Addr,
+    web_b2: Ipv4Addr,
+    web_a: Ipv4Addr,
+}
+
+const BACKEND_PORT: u16 = 8080;
+const WEB_L4: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+const WEB_L7: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 80);
+const WEB_SAME: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 14), 80);
+
+impl World {
+    fn new() -> Self {
+        let b = fastrand::u8(100..=250);
+        Self {
+            node_a: Ipv4Addr::new(127, b, 0, 1),
+            node_b: Ipv4Addr::new(127, b, 0, 2),
+            client: Ipv4Addr::new(127, b, 1, 1),
+            web_b1: Ipv4Addr::new(127, b, 2, 1),
+            web_b2: Ipv4Addr::new(127, b, 2, 2),
+            web_a: Ipv4Addr::new(127, b, 3, 1),
+        }
+    }
+
+    /// The cluster's objects, as the agent would read them.
+    fn objects(&self) -> String {
+        let mut y = String::from(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: bench, labels: {gammaray.dev/dataplane-mode: ambient}}\n",
+        );
+        for (name, ip) in [("node-a", self.node_a), ("node-b", self.node_b)] {
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nstatus: {{addresses: [{{type: InternalIP, address: '{ip}'}}]}}\n"
+            ));
+        }
+        for (name, node, ip) in [
+            ("client", "node-a", self.client),
+            ("web-b1", "node-b", self.web_b1),
+            ("web-b2", "node-b", self.web_b2),
+            ("web-a", "node-a", self.web_a),
+        ] {
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: bench, uid: uid-{name}}}\nspec: {{nodeName: {node}, serviceAccountName: {name}, containers: [{{name: app, image: app}}]}}\nstatus: {{phase: Running, podIP: '{ip}', podIPs: [{{ip: '{ip}'}}]}}\n"
+            ));
+        }
+        for (name, vip, proto, pods) in [
+            ("web-l4", *WEB_L4.ip(), "", vec![("web-b1", "node-b", self.web_b1)]),
+            (
+                "web",
+                *WEB_L7.ip(),
+                ", appProtocol: http",
+                vec![("web-b1", "node-b", self.web_b1), ("web-b2", "node-b", self.web_b2)],
+            ),
+            (
+                "web-v1",
+                Ipv4Addr::new(10, 96, 0, 12),
+                ", appProtocol: http",
+                vec![("web-b1", "node-b", self.web_b1)],
+            ),
+            (
+                "web-v2",
+                Ipv4Addr::new(10, 96, 0, 13),
+                ", appProtocol: http",
+                vec![("web-b2", "node-b", self.web_b2)],
+            ),
+            ("web-same", *WEB_SAME.ip(), ", appProtocol: http", vec![("web-a", "node-a", self.web_a)]),
+        ] {
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec: {{clusterIP: '{vip}', ports: [{{name: http, port: 80, targetPort: {BACKEND_PORT}{proto}}}]}}\n"
+            ));
+            let endpoints: Vec<String> = pods
+                .iter()
+                .map(|(pod, node, ip)| {
+                    format!(
+                        "{{addresses: ['{ip}'], nodeName: {node}, conditions: {{ready: true}}, targetRef: {{kind: Pod, namespace: bench, name: {pod}}}}}"
+                    )
+                })
+                .collect();
+            y.push_str(&format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: bench, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}}}]\nendpoints: [{}]\n",
+                endpoints.join(", ")
+            ));
+        }
+        y.push_str(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-split, namespace: bench}\nspec:\n  parentRefs: [{group: '', kind: Service, name: web, port: 80}]\n  rules:\n  - backendRefs: [{name: web-v1, port: 80, weight: 50}, {name: web-v2, port: 80, weight: 50}]\n",
+        );
+        y
+    }
+}
+
+/// An HTTP/1.1 backend answering every request with 1 KiB.
+async fn backend(ip: Ipv4Addr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind((ip, BACKEND_PORT)).await.with_context(|| format!("bind {ip}"))?;
+    let body = Bytes::from(vec![b'x'; BODY_LEN]);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let body = body.clone();
+            let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                let body = body.clone();
+                async move { Ok::<_, std::convert::Infallible>(Response::new(Full::new(body))) }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    Ok(())
+}
+
+/// The two nodes' proxies, serving on `world`'s addresses.
+struct Proxies {
+    /// Node A's outbound listener, where the eBPF program would send the client.
+    outbound: SocketAddr,
+    /// The original destinations of the client's connections.
+    table: Arc<StaticTable>,
+    /// Kept so that the proxies' snapshot stays published.
+    _snapshot: tokio::sync::watch::Sender<Arc<gammaray_proxy::snapshot::Snapshot>>,
+}
+
+async fn proxies(world: &World) -> anyhow::Result<Proxies> {
+    let mut store = Store::default();
+    let applied = store.apply_yaml(&world.objects());
+    ensure!(applied.errors.is_empty(), "objects: {:?}", applied.errors);
+    let snapshot = translate(&store, &Options { trust_domain: TRUST_DOMAIN.into(), version: 1 }).snapshot;
+    let (publish, snapshot) = tokio::sync::watch::channel(Arc::new(snapshot));
+    let authority = Arc::new(Authority::generate(TRUST_DOMAIN)?);
+
+    // Node B: the inbound HBONE listener.
+    let inbound = TcpListener::bind((world.node_b, hbone::HBONE_PORT))
+        .await
+        .with_context(|| format!("bind node B's HBONE listener on {}", world.node_b))?;
+    let inbound_state = Arc::new(Inbound {
+        node: "node-b".into(),
+        trust_domain: TRUST_DOMAIN.into(),
+        snapshot: snapshot.clone(),
+        certs: Arc::new(CertStore::new(authority.clone())),
+        stats: Arc::new(OutboundStats::default()),
+    });
+    tokio::spawn(async move {
+        if let Err(err) = hbone::serve_inbound(inbound, inbound_state).await {
+            eprintln!("request_cost: node B's inbound listener stopped: {err}");
+        }
+    });
+
+    // Node A: the outbound listener, with HBONE to other nodes.
+    let listener = TcpListener::bind((world.node_a, 0)).await.context("bind node A's outbound listener")?;
+    let addr = listener.local_addr()?;
+    let table = Arc::new(StaticTable::default());
+    let mesh =
+        Mesh::new(Some("node-a".into()), Some(Arc::new(Pool::new(Arc::new(CertStore::new(authority))))));
+    tokio::spawn(outbound::serve(
+        listener,
+        table.clone(),
+        snapshot,
+        Arc::new(mesh),
+        Arc::new(OutboundStats::default()),
+    ));
+    Ok(Proxies { outbound: addr, table, _snapshot: publish })
+}
+
+/// Sends `requests` GETs on one keep-alive connection and checks every answer.
+async fn client(world: &World, lane: Lane, proxies: &Proxies, requests: u64) -> anyhow::Result<()> {
+    let (proxy, table) = (proxies.outbound, &proxies.table);
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(IpAddr::V4(world.client), 0))?;
+    let SocketAddr::V4(local) = socket.local_addr()? else { bail!("the client socket is IPv4") };
+    let (dial, host) = match lane {
+        Lane::Direct => (SocketAddr::new(IpAddr::V4(world.web_b1), BACKEND_PORT), "web-b1"),
+        Lane::L4Cross => {
+            table.insert(local, WEB_L4);
+            (proxy, "web-l4")
+        }
+        Lane::L7Cross => {
+            table.insert(local, WEB_L7);
+            (proxy, "web")
+        }
+        Lane::L7Same => {
+            table.insert(local, WEB_SAME);
+            (proxy, "web-same")
+        }
+    };
+    let stream = socket.connect(dial).await.with_context(|| format!("connect to {dial}"))?;
+    stream.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    for i in 0..requests {
+        let request = Request::get("/").header("host", host).body(Empty::<Bytes>::new())?;
+        let answer = async {
+            sender.ready().await?;
+            let response = sender.send_request(request).await?;
+            let status = response.status();
+            let body = response.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, body.len()))
+        };
+        let (status, len) = tokio::time::timeout(REQUEST_TIMEOUT, answer)
+            .await
+            .with_context(|| format!("{lane:?}: request {i} timed out"))??;
+        ensure!(status == 200 && len == BODY_LEN, "{lane:?}: request {i} got {status} with {len} bytes");
+    }
+    Ok(())
+}
+
+async fn run(lanes: &[Lane], requests: u64) -> anyhow::Result<()> {
+    let world = World::new();
+    for ip in [world.web_b1, world.web_b2, world.web_a] {
+        backend(ip).await?;
+    }
+    let proxies = proxies(&world).await?;
+    for &lane in lanes {
+        client(&world, lane, &proxies, WARM_UP).await?;
+        let started = Instant::now();
+        client(&world, lane, &proxies, requests).await?;
+        let per_request = started.elapsed().as_secs_f64() * 1e6 / requests.max(1) as f64;
+        println!("request_cost: {lane:?}: {requests} requests, {per_request:.1} µs each (wall clock)");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [lane, requests] = args.as_slice() else {
+        bail!("usage: request_cost direct|l4-cross|l7-cross|l7-same|all REQUESTS");
+    };
+    let lanes = match lane.as_str() {
+        "all" => Lane::ALL.to_vec(),
+        one => vec![Lane::parse(one)?],
+    };
+    let requests: u64 = requests.parse().context("REQUESTS is a count")?;
+    ensure!(requests <= 1_000_000, "at most a million requests per run");
+    // As the benchmark runs the agent: warnings only, so no access log line per request.
+    gammaray_agent::logging::init("warn", false);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(run(&lanes, requests))
+}

@@ -1,0 +1,264 @@
+//! The proxy's pooled HTTP connections to pods: plain TCP to pods of this node, HBONE streams
+//! to pods of other nodes. Kept per pod address and, for tunnels, per pair of identities, so a
+//! connection never carries one workload's requests under another's identity.
+//!
+//! Written on hyper's connection API rather than hyper-util's pooled client, which costs more
+//! per request than the rest of the proxy's HTTP work together (measured by
+//! `cargo xtask bench --instructions`): it hashes the scheme and authority byte by byte for each
+//! checkout and checkin, and spawns a task per HTTP/1 request to put the connection back when
+//! the response ends. Here an HTTP/1 connection goes back into its list as soon as the request
+//! is handed to it, and a checkout takes only one that hyper reports ready, which it is again
+//! once the last response has been read to its end.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, Weak},
+    time::{Duration, Instant},
+};
+
+use hyper::{
+    Request, Response,
+    body::Incoming,
+    client::conn::{TrySendError, http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::{hbone, identity::Identity, stats::OutboundStats};
+
+/// A connection unused this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often idle connections are looked for.
+const REAP_EVERY: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a connection reaches its pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// A TCP connection from this node.
+    Direct,
+    /// An HBONE stream through `node`, speaking as `src` to a pod that must prove it is `dst`.
+    Tunnel { src: Identity, dst: Identity, node: SocketAddr },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("timed out connecting")]
+    ConnectTimeout,
+    #[error("{0}")]
+    Tunnel(#[from] hbone::HboneError),
+    #[error("this node has no HBONE identity to open a tunnel with")]
+    NoHbone,
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+enum Sender<B> {
+    Http1(http1::SendRequest<B>),
+    /// HTTP/2 multiplexes: the pooled handle stays in the pool and each request uses a clone.
+    Http2(http2::SendRequest<B>),
+}
+
+impl<B> Sender<B> {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::Http1(s) => s.is_closed(),
+            Sender::Http2(s) => s.is_closed(),
+        }
+    }
+
+    /// Free for a request now: HTTP/1 once the previous response has been read to its end.
+    fn is_ready(&self) -> bool {
+        match self {
+            Sender::Http1(s) => s.is_ready(),
+            Sender::Http2(s) => s.is_ready(),
+        }
+    }
+}
+
+struct Conn<B> {
+    via: Via,
+    sender: Sender<B>,
+    /// When a request last used it.
+    used: Instant,
+}
+
+type Conns<B> = Mutex<HashMap<SocketAddr, Vec<Conn<B>>>>;
+
+/// The pooled connections of one proxy, for request bodies of type `B`; clones share them.
+pub struct Upstreams<B = Incoming> {
+    conns: Arc<Conns<B>>,
+    hbone: Option<Arc<hbone::Pool>>,
+    stats: Arc<OutboundStats>,
+}
+
+impl<B> Clone for Upstreams<B> {
+    fn clone(&self) -> Self {
+        Self { conns: self.conns.clone(), hbone: self.hbone.clone(), stats: self.stats.clone() }
+    }
+}
+
+impl<B> Upstreams<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Must be called on the runtime that serves the requests: a task of it closes idle
+    /// connections, and ends when the last clone is dropped.
+    pub fn new(hbone: Option<Arc<hbone::Pool>>, stats: Arc<OutboundStats>) -> Self {
+        let conns = Arc::new(Conns::<B>::default());
+        tokio::spawn(reap(Arc::downgrade(&conns)));
+        Self { conns, hbone, stats }
+    }
+
+    /// Sends `req` to the pod at `target` along `via` and returns its response. `h2` picks
+    /// HTTP/2 with prior knowledge; otherwise HTTP/1.1, whose request target must be in origin
+    /// form. A pooled connection that turns out to be closed before the request was written to
+    /// it costs one retry on a new connection, never the request.
+    pub async fn send(
+        &self,
+        target: SocketAddr,
+        via: &Via,
+        h2: bool,
+        mut req: Request<B>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        loop {
+            let (sender, reused) = match self.checkout(target, via, h2) {
+                Some(sender) => (sender, true),
+                None => (self.connect(target, via, h2).await?, false),
+            };
+            let sent = match sender {
+                Sender::Http1(mut s) => {
+                    // Back in the pool at once: hyper reports it ready again when this
+                    // response has been read to its end.
+                    let response = s.try_send_request(req);
+                    self.checkin(target, via, Sender::Http1(s));
+                    response.await
+                }
+                Sender::Http2(mut s) => s.try_send_request(req).await,
+            };
+            match sent {
+                Ok(response) => return Ok(response),
+                Err(err) => req = retry_or_fail(err, reused)?,
+            }
+        }
+    }
+
+    /// A ready connection to `target` along `via`, if there is one; closed ones are dropped on
+    /// the way. An HTTP/1 connection leaves the pool until [`Self::checkin`].
+    fn checkout(&self, target: SocketAddr, via: &Via, h2: bool) -> Option<Sender<B>> {
+        let mut conns = self.conns.lock().expect("upstream pool lock");
+        let list = conns.get_mut(&target)?;
+        list.retain(|c| !c.sender.is_closed());
+        let index = list.iter().position(|c| {
+            matches!(c.sender, Sender::Http2(_)) == h2 && c.sender.is_ready() && c.via == *via
+        })?;
+        let conn = &mut list[index];
+        match &conn.sender {
+            Sender::Http2(s) => {
+                let s = s.clone();
+                conn.used = Instant::now();
+                Some(Sender::Http2(s))
+            }
+            Sender::Http1(_) => Some(list.swap_remove(index).sender),
+        }
+    }
+
+    fn checkin(&self, target: SocketAddr, via: &Via, sender: Sender<B>) {
+        let conn = Conn { via: via.clone(), sender, used: Instant::now() };
+        self.conns.lock().expect("upstream pool lock").entry(target).or_default().push(conn);
+    }
+
+    /// A new connection to `target`; an HTTP/2 one is pooled at once, as other requests can
+    /// share it while this one runs.
+    async fn connect(&self, target: SocketAddr, via: &Via, h2: bool) -> Result<Sender<B>, UpstreamError> {
+        let sender = match via {
+            Via::Direct => {
+                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+                    .await
+                    .map_err(|_| UpstreamError::ConnectTimeout)?
+                    .map_err(UpstreamError::Connect)?;
+                let _ = tcp.set_nodelay(true);
+                handshake(TokioIo::new(tcp), h2).await?
+            }
+            Via::Tunnel { src, dst, node } => {
+                let pool = self.hbone.as_ref().ok_or(UpstreamError::NoHbone)?;
+                let tunnel = pool.connect(src, dst, *node, target).await?;
+                self.stats.hbone_tunnels.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                handshake(TokioIo::new(tunnel), h2).await?
+            }
+        };
+        if let Sender::Http2(s) = &sender {
+            self.checkin(target, via, Sender::Http2(s.clone()));
+        }
+        Ok(sender)
+    }
+}
+
+/// The request back from a send that failed before it was written to a reused connection, to
+/// try again; any other failure is final.
+fn retry_or_fail<B>(mut err: TrySendError<Request<B>>, reused: bool) -> Result<Request<B>, UpstreamError> {
+    match err.take_message() {
+        Some(req) if reused => {
+            debug!(error = %err.error(), "pooled connection closed before use; retrying on a new one");
+            Ok(req)
+        }
+        _ => Err(UpstreamError::Http(err.into_error())),
+    }
+}
+
+/// HTTP over `io`, its connection driven by a task of its own.
+async fn handshake<T, B>(io: T, h2: bool) -> Result<Sender<B>, hyper::Error>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if h2 {
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                debug!(error = %err, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        Ok(Sender::Http2(sender))
+    } else {
+        let (sender, conn) = http1::handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                debug!(error = %err, "upstream HTTP/1 connection ended with an error");
+            }
+        });
+        Ok(Sender::Http1(sender))
+    }
+}
+
+/// Every [`REAP_EVERY`], until the pool is gone, closes the connections [`reap_idle`] finds.
+async fn reap<B>(conns: Weak<Conns<B>>) {
+    loop {
+        tokio::time::sleep(REAP_EVERY).await;
+        let Some(conns) = conns.upgrade() else { return };
+        reap_idle(&conns, Instant::now());
+    }
+}
+
+/// Drops closed connections, and those no request has used for [`IDLE_TIMEOUT`] at `now`.
+/// Only ready ones: an HTTP/1 connection still reading a long response is busy, not idle.
+fn reap_idle<B>(conns: &Conns<B>, now: Instant) {
+    let mut conns = conns.lock().expect("upstream pool lock");
+    conns.retain(|_, list| {
+        list.retain(|c| {
+            !c.sender.is_closed() && !(c.sender.is_ready() && now.duration_since(c.used) >= IDLE_TIMEOUT)
+        });
+        !list.is_empty()
+    });
+}
+
+#[cfg(test)]
+mod tests;

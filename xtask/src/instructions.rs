@@ -1,0 +1,131 @@
+//! `cargo xtask bench --instructions`: the user-space instructions one request costs, counted by
+//! callgrind in the request-cost harness (`agent/examples/request_cost.rs`: two nodes' proxies,
+//! a client and a backend in one process on loopback).
+//!
+//! Each lane runs twice, with [`FEW`] and [`MANY`] requests after the same warm-up; the
+//! difference in instructions over the difference in requests is the cost of one request,
+//! without the process's start-up, certificates and TLS handshakes. Counts repeat to a few
+//! parts per million between runs, where timed figures on a shared host vary by tens of
+//! percent: this is how a change of a few percent in the proxy's own work is measured. What it
+//! leaves out is the kernel's side (system calls, TCP, wakeups), which the timed benchmark has.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::Context as _;
+
+const FEW: u64 = 200;
+const MANY: u64 = 1200;
+/// The harness's lanes, the first one the baseline without proxies.
+const LANES: [(&str, &str); 4] = [
+    ("direct", "client to backend, no proxy"),
+    ("l7-same", "HTTPRoute to a pod on the client's node (one proxy)"),
+    ("l4-cross", "TCP to a pod on another node (two proxies, HBONE)"),
+    ("l7-cross", "HTTPRoute 50/50 to pods on another node (two proxies, HBONE)"),
+];
+
+pub fn run() -> anyhow::Result<()> {
+    let version = Command::new("valgrind").arg("--version").output();
+    anyhow::ensure!(
+        version.is_ok_and(|v| v.status.success()),
+        "valgrind (Debian's valgrind; scripts/setup.sh installs it) is needed for --instructions"
+    );
+    println!("bench: building the request-cost harness in release mode");
+    crate::cargo_quiet(&["build", "--release", "-p", "gammaray-agent", "--example", "request_cost"])?;
+    let debug_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
+    let target_dir = debug_bin.parent().and_then(Path::parent).context("target dir")?;
+    let harness = target_dir.join("release/examples/request_cost");
+    let out_dir = target_dir.join("bench/callgrind");
+    std::fs::create_dir_all(&out_dir)?;
+
+    let mut rows = Vec::new();
+    for (lane, what) in LANES {
+        let few = instructions(&harness, &out_dir, lane, FEW)?;
+        let many = instructions(&harness, &out_dir, lane, MANY)?;
+        anyhow::ensure!(many > few, "{lane}: {MANY} requests counted no more than {FEW}");
+        let per_request = (many - few) / (MANY - FEW);
+        println!("bench: {lane}: {per_request} instructions per request");
+        rows.push((lane, what, per_request));
+    }
+    let report = render(&rows);
+    let path = target_dir.join("bench/instructions.md");
+    std::fs::write(&path, &report)?;
+    println!("\n{report}\nbench: wrote {}", path.display());
+    Ok(())
+}
+
+/// Runs the debug build of the harness, which the test build made, on every lane.
+pub fn check_harness() -> anyhow::Result<()> {
+    let debug_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
+    let harness = debug_bin.parent().context("target dir")?.join("examples/request_cost");
+    let run =
+        Command::new(&harness).args(["all", "20"]).output().with_context(|| harness.display().to_string())?;
+    print!("{}", String::from_utf8_lossy(&run.stdout));
+    anyhow::ensure!(
+        run.status.success(),
+        "{}: {}\n{}",
+        harness.display(),
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    Ok(())
+}
+
+/// Instructions the harness executes for `requests` requests on `lane`, start-up included.
+fn instructions(harness: &Path, out_dir: &Path, lane: &str, requests: u64) -> anyhow::Result<u64> {
+    let out: PathBuf = out_dir.join(format!("callgrind-{lane}-{requests}.out"));
+    let run = Command::new("valgrind")
+        .args(["--tool=callgrind", "--quiet"])
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(harness)
+        .args([lane, &requests.to_string()])
+        .output()
+        .context("valgrind")?;
+    anyhow::ensure!(
+        run.status.success(),
+        "request_cost {lane} {requests} under callgrind failed: {}\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    summary(&std::fs::read_to_string(&out)?).with_context(|| format!("no summary line in {}", out.display()))
+}
+
+/// The total of callgrind's one event (instructions) from its output file.
+fn summary(callgrind_out: &str) -> Option<u64> {
+    callgrind_out
+        .lines()
+        .find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")))
+        .and_then(|n| n.split_whitespace().next()?.parse().ok())
+}
+
+fn render(rows: &[(&str, &str, u64)]) -> String {
+    let direct = rows.first().map_or(0, |r| r.2);
+    let mut md = String::from(
+        "# Instructions per request (callgrind)\n\nUser-space instructions of one keep-alive request (1 KiB response), client and backend included; the last column takes away the direct lane's, which leaves the proxies' own. Kernel work is not counted.\n\n| lane | path | instructions per request | proxies' share |\n| --- | --- | ---: | ---: |\n",
+    );
+    for (lane, what, n) in rows {
+        let proxies = if *lane == "direct" { "-".to_owned() } else { n.saturating_sub(direct).to_string() };
+        let _ = writeln!(md, "| {lane} | {what} | {n} | {proxies} |");
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_total_from_a_callgrind_file() {
+        let out = "version: 1\ncreator: callgrind-3.19.0\nevents: Ir\nsummary: 195143071\n\nfl=(1)\ntotals: 195143071\n";
+        assert_eq!(super::summary(out), Some(195_143_071));
+        assert_eq!(super::summary("events: Ir\n"), None);
+    }
+
+    #[test]
+    fn the_proxies_share_is_each_lane_less_the_direct_one() {
+        let md = super::render(&[("direct", "d", 25_000), ("l7-cross", "x", 103_000)]);
+        assert!(md.contains("| direct | d | 25000 | - |"), "{md}");
+        assert!(md.contains("| l7-cross | x | 103000 | 78000 |"), "{md}");
+    }
+}
