@@ -212,7 +212,7 @@ impl Collector for Scrape {
         counter(
             &mut encoder,
             "gammaray_hbone_tunnels",
-            "Connections and requests carried to another node over mTLS",
+            "HBONE tunnels opened to other nodes: one per L4 connection, and the pooled ones HTTP requests share",
             o.hbone_tunnels,
         )?;
         counter(

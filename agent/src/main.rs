@@ -8,7 +8,8 @@ use gammaray_agent::{
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    logging::init(&cli.log_level, cli.log_json);
+    // Writes out the gathered INFO lines when main returns.
+    let _logs = logging::init(&cli.log_level, cli.log_json);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         let client = control::Client::new(&cli.control);

@@ -91,16 +91,17 @@ async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
     let upstream = upstream.as_ref();
     ctx.request_counter(upstream.map(|u| &u.backend), status).inc();
     if let Some((method, path)) = method {
+        // The access log: values are formatted into the line, never into strings of their own.
         let snapshot = ctx.snapshot.borrow().clone();
-        let src_identity = snapshot.workloads.get(&ctx.client.ip()).map(|w| w.identity.to_string());
+        let src_identity = snapshot.workloads.get(&ctx.client.ip()).map(|w| &w.identity);
         let endpoint = upstream.and_then(|u| u.backend.endpoints.get(u.endpoint));
         info!(
             src = %ctx.client,
-            src_identity = src_identity.as_deref().unwrap_or("-"),
+            src_identity = %OrDash(src_identity),
             dst = %ctx.orig_dst,
-            service = %upstream.map_or_else(|| "-".to_owned(), |u| backend_label(&u.backend)),
-            backend = %endpoint.map_or_else(|| "-".to_owned(), |e| e.addr.to_string()),
-            dst_identity = endpoint.and_then(|e| e.identity.as_deref()).unwrap_or("-"),
+            service = %OrDash(upstream.map(|u| BackendLabel(&u.backend))),
+            backend = %OrDash(endpoint.map(|e| e.addr)),
+            dst_identity = %OrDash(endpoint.and_then(|e| e.identity.as_deref())),
             mtls = upstream.is_some_and(|u| u.tunnelled),
             %method,
             path,
@@ -115,7 +116,27 @@ async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
 
 /// `namespace/name:port` of a backend, as metrics and logs name it.
 fn backend_label(backend: &Backend) -> String {
-    format!("{}:{}", backend.service, backend.port)
+    BackendLabel(backend).to_string()
+}
+
+struct BackendLabel<'a>(&'a Backend);
+
+impl std::fmt::Display for BackendLabel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.0.service, self.0.port)
+    }
+}
+
+/// A value, or `-` for none, as the access log shows it.
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(value) => value.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// The per-request counters one connection has used, and the labels that depend only on the

@@ -32,8 +32,8 @@ pub struct OutboundStats {
     pub no_endpoint: AtomicU64,
     /// HTTP requests handled.
     pub requests: AtomicU64,
-    /// Outbound connections and HTTP requests carried to another node inside HBONE (requests
-    /// share pooled streams, so this can exceed the streams the other node counts).
+    /// HBONE tunnels (streams) opened to other nodes: one per L4 connection, and the pooled ones
+    /// that HTTP requests share.
     pub hbone_tunnels: AtomicU64,
     /// Inbound HBONE streams forwarded to a local pod.
     pub inbound_tunnels: AtomicU64,

@@ -473,6 +473,12 @@ impl Profile {
     }
 }
 
+/// The agents' log filter: `warn` unless `GAMMARAY_BENCH_LOG` says otherwise. At `warn` there is
+/// no access-log line per request, which the deployed default (`info`) writes.
+fn log_filter() -> String {
+    std::env::var("GAMMARAY_BENCH_LOG").unwrap_or_else(|_| "warn".to_owned())
+}
+
 /// With [`Build::Now`], builds and runs release binaries: the figures to read. With
 /// [`Build::AlreadyBuilt`] (`cargo xtask test`), runs the debug binaries the test build made: that
 /// run only checks that the harness works, and a release build would add minutes to CI for
@@ -561,7 +567,7 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
     let source = vec!["--kubeconfig".to_owned(), kubeconfig.display().to_string()];
     let mut agents = Vec::new();
     for node in cluster.nodes() {
-        let agent = Agent::start_with(&agent_bin, &cluster, node, &source, &ca, "warn")?;
+        let agent = Agent::start_with(&agent_bin, &cluster, node, &source, &ca, &log_filter())?;
         agent.wait_for(|s| s.frontends >= 5)?;
         agents.push(agent);
     }
@@ -949,12 +955,18 @@ fn render(rows: &[Row], quick: bool, build: Build, plan: &Plan) -> String {
         "Mode: {}. oha at a fixed 1000 req/s over 16 connections for {} s, at saturation for {} s, \
          1 KiB responses, HTTP/1.1 keep-alive; iperf3 for {} s; medians of {} run(s). Ratios are to \
          the direct path of the same run (same node or cross node). Two cores run everything: \
-         load generator, backend and both proxies.\n\n",
+         load generator, backend and both proxies. The agents log at `{}`{}.\n\n",
         if quick { "quick (keeps the harness working; numbers are noisy)" } else { "full" },
         plan.fixed.as_secs_f64(),
         plan.saturate.as_secs_f64(),
         plan.bulk_secs,
-        plan.runs
+        plan.runs,
+        log_filter(),
+        if log_filter().contains("info") {
+            ""
+        } else {
+            " (no access-log line per request; the deployed default, `info`, writes one)"
+        }
     ));
     s.push_str("| figure | direct | gammaray | ratio | target |\n| --- | ---: | ---: | ---: | --- |\n");
     for r in rows {

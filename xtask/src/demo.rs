@@ -163,7 +163,7 @@ pub fn run(build: Build) -> anyhow::Result<()> {
     let st1 = agents[0].status()?;
     let st2 = agents[1].status()?;
     println!(
-        "    node1 sent {} requests over mTLS to node2, on {} pooled HBONE streams; node2 refused {} handshakes",
+        "    node1 opened {} HBONE tunnels (pooled: they carry all its requests to node2's pods); node2 accepted {} and refused {} handshakes",
         st1.outbound.hbone_tunnels, st2.outbound.inbound_tunnels, st2.outbound.tls_refused
     );
     let node1_log = std::fs::read_to_string(&agents[0].log)?;

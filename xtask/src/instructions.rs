@@ -19,12 +19,29 @@ use anyhow::Context as _;
 
 const FEW: u64 = 200;
 const MANY: u64 = 1200;
-/// The harness's lanes, the first one the baseline without proxies.
-const LANES: [(&str, &str); 4] = [
-    ("direct", "client to backend, no proxy"),
-    ("l7-same", "HTTPRoute to a pod on the client's node (one proxy)"),
-    ("l4-cross", "TCP to a pod on another node (two proxies, HBONE)"),
-    ("l7-cross", "HTTPRoute 50/50 to pods on another node (two proxies, HBONE)"),
+/// One row of the report: the harness's lane, what it is, and the log filter it runs with.
+struct Lane {
+    name: &'static str,
+    what: &'static str,
+    rust_log: &'static str,
+}
+
+/// The harness's lanes, the first one the baseline without proxies. `warn`, as the timed
+/// benchmark runs the agents, has no access log; the last lane adds it, as deployed (`info`).
+const LANES: [Lane; 5] = [
+    Lane { name: "direct", what: "client to backend, no proxy", rust_log: "warn" },
+    Lane { name: "l7-same", what: "HTTPRoute to a pod on the client's node (one proxy)", rust_log: "warn" },
+    Lane { name: "l4-cross", what: "TCP to a pod on another node (two proxies, HBONE)", rust_log: "warn" },
+    Lane {
+        name: "l7-cross",
+        what: "HTTPRoute 50/50 to pods on another node (two proxies, HBONE)",
+        rust_log: "warn",
+    },
+    Lane {
+        name: "l7-cross",
+        what: "the same with the access log (RUST_LOG=info, the deployed default)",
+        rust_log: "info",
+    },
 ];
 
 pub fn run() -> anyhow::Result<()> {
@@ -42,13 +59,13 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::create_dir_all(&out_dir)?;
 
     let mut rows = Vec::new();
-    for (lane, what) in LANES {
+    for lane in &LANES {
         let few = instructions(&harness, &out_dir, lane, FEW)?;
         let many = instructions(&harness, &out_dir, lane, MANY)?;
-        anyhow::ensure!(many > few, "{lane}: {MANY} requests counted no more than {FEW}");
+        anyhow::ensure!(many > few, "{}: {MANY} requests counted no more than {FEW}", lane.name);
         let per_request = (many - few) / (MANY - FEW);
-        println!("bench: {lane}: {per_request} instructions per request");
-        rows.push((lane, what, per_request));
+        println!("bench: {} ({}): {per_request} instructions per request", lane.name, lane.rust_log);
+        rows.push((lane.name, lane.what, per_request));
     }
     let report = render(&rows);
     let path = target_dir.join("bench/instructions.md");
@@ -75,20 +92,22 @@ pub fn check_harness() -> anyhow::Result<()> {
 }
 
 /// Instructions the harness executes for `requests` requests on `lane`, start-up included.
-fn instructions(harness: &Path, out_dir: &Path, lane: &str, requests: u64) -> anyhow::Result<u64> {
-    let out: PathBuf = out_dir.join(format!("callgrind-{lane}-{requests}.out"));
+fn instructions(harness: &Path, out_dir: &Path, lane: &Lane, requests: u64) -> anyhow::Result<u64> {
+    let Lane { name, rust_log, .. } = lane;
+    let out: PathBuf = out_dir.join(format!("callgrind-{name}-{rust_log}-{requests}.out"));
     let run = Command::new("valgrind")
         .args(["--tool=callgrind", "--quiet"])
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(harness)
-        .args([lane, &requests.to_string()])
+        .args([*name, &requests.to_string()])
+        .env("RUST_LOG", rust_log)
         .output()
         .context("valgrind")?;
     anyhow::ensure!(
         run.status.success(),
-        "request_cost {lane} {requests} under callgrind failed: {}\n{}",
+        "request_cost {name} {requests} under callgrind failed: {}\n{}",
         run.status,
-        String::from_utf8_lossy(&run.stderr)
+        String::from_utf8_lossy(&run.stderr).lines().rev().take(20).collect::<Vec<_>>().join("\n")
     );
     summary(&std::fs::read_to_string(&out)?).with_context(|| format!("no summary line in {}", out.display()))
 }
