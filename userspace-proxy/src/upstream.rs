@@ -119,7 +119,9 @@ where
     /// Sends `req` to the pod at `target` along `via` and returns its response. `h2` picks
     /// HTTP/2 with prior knowledge; otherwise HTTP/1.1, whose request target must be in origin
     /// form. A pooled connection that turns out to be closed before the request was written to
-    /// it costs one retry on a new connection, never the request.
+    /// it costs one retry, on a new connection, never the request; so a request is tried twice
+    /// at most. A request already written when the backend's close arrives is not retried: it
+    /// may have been acted on.
     pub async fn send(
         &self,
         target: SocketAddr,
@@ -127,8 +129,10 @@ where
         h2: bool,
         mut req: Request<B>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut may_reuse = true;
         loop {
-            let (sender, reused) = match self.checkout(target, via, h2) {
+            let pooled = if may_reuse { self.checkout(target, via, h2) } else { None };
+            let (sender, reused) = match pooled {
                 Some(sender) => (sender, true),
                 None => (self.connect(target, via, h2).await?, false),
             };
@@ -144,7 +148,10 @@ where
             };
             match sent {
                 Ok(response) => return Ok(response),
-                Err(err) => req = retry_or_fail(err, reused)?,
+                Err(err) => {
+                    req = retry_or_fail(err, reused)?;
+                    may_reuse = false;
+                }
             }
         }
     }
