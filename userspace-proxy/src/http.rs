@@ -399,7 +399,10 @@ async fn send(
         Hop::Refuse(why) => return Err(why.to_owned()),
         Hop::Tunnel { src, dst, node, target } => (target, Via::Tunnel { src, dst, node }),
     };
-    ctx.upstreams.send(target, &via, h2, req).await.map_err(|e| e.to_string())
+    ctx.upstreams
+        .send(target, &via, h2, req.map(http_body_util::Either::Left))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Sends a copy of a bodiless request to the mirror's backend, for its share of requests, and

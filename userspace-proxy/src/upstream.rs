@@ -17,6 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
+use http::{HeaderMap, Method, Uri, Version};
+use http_body_util::{Either, Empty};
 use hyper::{
     Request, Response,
     body::Incoming,
@@ -89,8 +92,62 @@ struct Conn<B> {
 
 type Conns<B> = Mutex<HashMap<SocketAddr, Vec<Conn<B>>>>;
 
+/// The body of a request the proxy forwards: the client's, or none, for a replay.
+pub type Body = Either<Incoming, Empty<Bytes>>;
+
+/// A request body type that has an empty value, to replay a request that had no body.
+pub trait Replay {
+    fn empty() -> Self;
+}
+
+impl Replay for Body {
+    fn empty() -> Self {
+        Either::Right(Empty::new())
+    }
+}
+
+impl Replay for Empty<Bytes> {
+    fn empty() -> Self {
+        Empty::new()
+    }
+}
+
+/// What is needed to send a request without a body again.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    /// The head of an idempotent request without a body (RFC 9110, section 9.2.2): one that may
+    /// be sent again when its connection closed before any response came.
+    fn of_replayable<B: hyper::body::Body>(req: &Request<B>) -> Option<Self> {
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        );
+        (idempotent && req.body().is_end_stream()).then(|| Self {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn into_request<B: Replay>(self) -> Request<B> {
+        let mut req = Request::new(B::empty());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
 /// The pooled connections of one proxy, for request bodies of type `B`; clones share them.
-pub struct Upstreams<B = Incoming> {
+pub struct Upstreams<B = Body> {
     conns: Arc<Conns<B>>,
     hbone: Option<Arc<hbone::Pool>>,
     stats: Arc<OutboundStats>,
@@ -104,7 +161,7 @@ impl<B> Clone for Upstreams<B> {
 
 impl<B> Upstreams<B>
 where
-    B: hyper::body::Body + Send + Unpin + 'static,
+    B: hyper::body::Body + Replay + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -118,10 +175,14 @@ where
 
     /// Sends `req` to the pod at `target` along `via` and returns its response. `h2` picks
     /// HTTP/2 with prior knowledge; otherwise HTTP/1.1, whose request target must be in origin
-    /// form. A pooled connection that turns out to be closed before the request was written to
-    /// it costs one retry, on a new connection, never the request; so a request is tried twice
-    /// at most. A request already written when the backend's close arrives is not retried: it
-    /// may have been acted on.
+    /// form.
+    ///
+    /// A pooled connection can die unnoticed: a backend closes an idle keep-alive connection
+    /// just as a request is handed to it. That costs one retry, on a new connection, never the
+    /// request, when hyper hands the request back unsent, and also when it was written but the
+    /// connection closed before the response was complete, if the request is idempotent and has
+    /// no body (RFC 9112, section 9.3.1); a request with a body or a POST may have been acted on
+    /// and is not sent again. A request is tried twice at most.
     pub async fn send(
         &self,
         target: SocketAddr,
@@ -136,6 +197,8 @@ where
                 Some(sender) => (sender, true),
                 None => (self.connect(target, via, h2).await?, false),
             };
+            // Only a reused connection can have died unnoticed: a copy is kept only for it.
+            let head = if reused { Head::of_replayable(&req) } else { None };
             let sent = match sender {
                 Sender::Http1(mut s) => {
                     // Back in the pool at once: hyper reports it ready again when this
@@ -149,7 +212,7 @@ where
             match sent {
                 Ok(response) => return Ok(response),
                 Err(err) => {
-                    req = retry_or_fail(err, reused)?;
+                    req = retry_or_fail(err, reused, head)?;
                     may_reuse = false;
                 }
             }
@@ -207,16 +270,41 @@ where
     }
 }
 
-/// The request back from a send that failed before it was written to a reused connection, to
-/// try again; any other failure is final.
-fn retry_or_fail<B>(mut err: TrySendError<Request<B>>, reused: bool) -> Result<Request<B>, UpstreamError> {
-    match err.take_message() {
-        Some(req) if reused => {
-            debug!(error = %err.error(), "pooled connection closed before use; retrying on a new one");
-            Ok(req)
+/// The request to try again after a send on a reused connection failed: the one hyper handed
+/// back unsent, or, when the connection closed or was reset before the response was complete,
+/// one made again from `head` (kept only for idempotent requests without a body). Any other
+/// failure is final.
+fn retry_or_fail<B: Replay>(
+    mut err: TrySendError<Request<B>>,
+    reused: bool,
+    head: Option<Head>,
+) -> Result<Request<B>, UpstreamError> {
+    if !reused {
+        return Err(UpstreamError::Http(err.into_error()));
+    }
+    if let Some(req) = err.take_message() {
+        debug!(error = %err.error(), "pooled connection closed before use; retrying on a new one");
+        return Ok(req);
+    }
+    match head {
+        Some(head) if closed_early(err.error()) => {
+            debug!(error = %err.error(), "pooled connection closed before a response; sending again on a new one");
+            Ok(head.into_request())
         }
         _ => Err(UpstreamError::Http(err.into_error())),
     }
+}
+
+/// Whether a send failed because the connection closed or was reset before the response was
+/// complete, rather than for a reason of the request's own.
+fn closed_early(err: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    err.is_incomplete_message()
+        || std::error::Error::source(err)
+            .and_then(|source| source.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof)
+            })
 }
 
 /// HTTP over `io`, its connection driven by a task of its own.

@@ -195,3 +195,86 @@ async fn idle_connections_are_dropped_after_the_idle_timeout_and_busy_ones_are_n
     assert_eq!(count(&pool), 1, "a connection whose response is still coming in is busy, not idle");
     assert_eq!(read_body(unread).await, BIG);
 }
+
+/// A backend on a thread of its own. It answers the first request of its first connection and
+/// keeps that connection open until told (by a message on the channel) to close it; then it
+/// answers one request on each new connection, until a second message or 10 s. Returns how many
+/// requests it answered. The test decides when the pooled connection dies.
+fn closing_backend() -> (SocketAddr, std::sync::mpsc::Sender<()>, std::thread::JoinHandle<u64>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind backend");
+    listener.set_nonblocking(true).expect("accepts bounded in time");
+    let addr = listener.local_addr().expect("backend addr");
+    let (tell, told) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let mut served = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let mut stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(_) if served > 0 && told.try_recv().is_ok() => break,
+                Err(_) => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    continue;
+                }
+            };
+            stream.set_nonblocking(false).expect("blocking stream");
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("read timeout");
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            if !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                continue;
+            }
+            stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").expect("answer");
+            served += 1;
+            if served == 1 {
+                let _ = told.recv_timeout(std::time::Duration::from_secs(10));
+            }
+        }
+        served
+    });
+    (addr, tell, server)
+}
+
+/// Sends a first request; has the backend close that connection while no task of this runtime
+/// runs, so the pool still holds it as ready; then sends `second`, which goes to that
+/// connection. Returns the second request's body length or error, and how many requests the
+/// backend answered.
+async fn second_request_on_a_dead_connection(second: Request<Empty<Bytes>>) -> (Result<usize, String>, u64) {
+    let (addr, tell, server) = closing_backend();
+    let pool = pool();
+    let first = pool.send(addr, &Via::Direct, false, get()).await.expect("first response");
+    assert_eq!(read_body(first).await, 2);
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    tell.send(()).expect("tell the backend to close");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let outcome = match pool.send(addr, &Via::Direct, false, second).await {
+        Ok(response) => Ok(read_body(response).await),
+        Err(err) => Err(err.to_string()),
+    };
+    let _ = tell.send(());
+    (outcome, server.join().expect("backend thread"))
+}
+
+#[tokio::test]
+async fn an_idempotent_request_written_to_a_connection_that_died_unnoticed_is_sent_again() {
+    let (outcome, answered) = second_request_on_a_dead_connection(get()).await;
+    assert_eq!(outcome, Ok(2), "the GET is not lost");
+    assert_eq!(answered, 2, "it was answered on a new connection");
+}
+
+#[tokio::test]
+async fn a_post_written_to_a_connection_that_died_unnoticed_is_not_sent_again() {
+    let post = Request::post("/").header("host", "backend").body(Empty::new()).expect("request");
+    let (outcome, answered) = second_request_on_a_dead_connection(post).await;
+    assert!(outcome.is_err(), "a POST may have been acted on: {outcome:?}");
+    assert_eq!(answered, 1, "and it is not sent again");
+}
