@@ -66,8 +66,6 @@ pub enum HboneError {
     Refused { node: SocketAddr, target: SocketAddr, status: StatusCode },
     #[error("timed out reaching node {node}")]
     Timeout { node: SocketAddr },
-    #[error("{target} is not a pod of another node")]
-    NotAPod { target: String },
 }
 
 type Key = (Identity, Identity, SocketAddr);

@@ -10,7 +10,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Weak, atomic::Ordering::Relaxed},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -20,10 +20,7 @@ use http::{
 };
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo},
-};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpStream, sync::watch};
 use tracing::{debug, info, warn};
 
@@ -46,17 +43,6 @@ static HOP_BY_HOP: [HeaderName; 6] = [
     header::PROXY_AUTHORIZATION,
 ];
 
-/// The client of mirrored copies (bodiless requests) to pods of this node; rare enough for
-/// hyper-util's pooled client.
-pub type MirrorClient = Client<HttpConnector, Empty<Bytes>>;
-
-pub fn mirror_client() -> MirrorClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new()).build(connector)
-}
-
 /// What one client connection carries with it.
 pub struct ConnContext {
     pub mesh: Arc<crate::hbone::Mesh>,
@@ -64,7 +50,8 @@ pub struct ConnContext {
     pub orig_dst: SocketAddr,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub upstreams: crate::upstream::Upstreams,
-    pub mirror: MirrorClient,
+    /// Connections for mirrored copies, which have no body.
+    pub mirrors: crate::upstream::Upstreams<Empty<Bytes>>,
     pub stats: Arc<OutboundStats>,
     pub counters: std::sync::Mutex<ConnCounters>,
 }
@@ -393,16 +380,21 @@ async fn send(
     h2: bool,
     ctx: &ConnContext,
 ) -> Result<Response<Incoming>, String> {
-    use crate::{hbone::Hop, upstream::Via};
-    let (target, via) = match hop {
-        Hop::Direct(target) => (target, Via::Direct),
-        Hop::Refuse(why) => return Err(why.to_owned()),
-        Hop::Tunnel { src, dst, node, target } => (target, Via::Tunnel { src, dst, node }),
-    };
+    let (target, via) = upstream_of(hop)?;
     ctx.upstreams
         .send(target, &via, h2, req.map(http_body_util::Either::Left))
         .await
         .map_err(|e| e.to_string())
+}
+
+/// The pod a hop ends at and how the pool reaches it, or why it may not be reached.
+fn upstream_of(hop: crate::hbone::Hop) -> Result<(SocketAddr, crate::upstream::Via), String> {
+    use crate::{hbone::Hop, upstream::Via};
+    match hop {
+        Hop::Direct(target) => Ok((target, Via::Direct)),
+        Hop::Refuse(why) => Err(why.to_owned()),
+        Hop::Tunnel { src, dst, node, target } => Ok((target, Via::Tunnel { src, dst, node })),
+    }
 }
 
 /// Sends a copy of a bodiless request to the mirror's backend, for its share of requests, and
@@ -427,36 +419,22 @@ fn mirror(req: &Request<Incoming>, m: &crate::snapshot::Mirror, ctx: &ConnContex
     let mut copy = Request::new(Empty::<Bytes>::new());
     *copy.method_mut() = req.method().clone();
     *copy.headers_mut() = req.headers().clone();
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    *copy.uri_mut() = req.uri().path_and_query().cloned().map_or_else(|| Uri::from_static("/"), Uri::from);
     let hop = ctx.mesh.hop(&ctx.snapshot.borrow().clone(), ctx.client.ip(), endpoint.addr);
-    let (client, mesh, stats, target) =
-        (ctx.mirror.clone(), ctx.mesh.clone(), ctx.stats.clone(), endpoint.addr);
+    let (mirrors, stats, target) = (ctx.mirrors.clone(), ctx.stats.clone(), endpoint.addr);
     tokio::spawn(async move {
-        use crate::hbone::Hop;
-        let result = match hop {
-            Hop::Direct(addr) => match format!("http://{addr}{pq}").parse() {
-                Ok(uri) => {
-                    *copy.uri_mut() = uri;
-                    client.request(copy).await.map(|r| r.status()).map_err(|e| e.to_string())
-                }
-                Err(e) => Err(format!("{e}")),
-            },
-            Hop::Refuse(why) => Err(why.to_owned()),
-            Hop::Tunnel { src, dst, node, target } => {
-                async {
-                    let pool = mesh.hbone.as_ref().ok_or("no HBONE pool")?;
-                    let io = pool.connect(&src, &dst, node, target).await.map_err(|e| e.to_string())?;
-                    *copy.uri_mut() = pq.parse().map_err(|e: http::uri::InvalidUri| e.to_string())?;
-                    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    tokio::spawn(conn);
-                    sender.send_request(copy).await.map(|r| r.status()).map_err(|e| e.to_string())
-                }
-                .await
+        let result = async {
+            let (target, via) = upstream_of(hop)?;
+            let response = mirrors.send(target, &via, false, copy).await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            // Read to its end, frame by frame, so that the connection goes back to the pool.
+            let mut body = response.into_body();
+            while let Some(frame) = body.frame().await {
+                frame.map_err(|e| e.to_string())?;
             }
+            Ok::<_, String>(status)
         };
-        match result {
+        match result.await {
             Ok(status) => {
                 stats.mirrored.fetch_add(1, Relaxed);
                 debug!(%target, %status, "mirrored");

@@ -19,7 +19,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
     hbone::{Hop, Mesh},
-    http::{ConnContext, MirrorClient, pick_endpoint},
+    http::{ConnContext, pick_endpoint},
     orig_dst::OrigDstLookup,
     snapshot::Snapshot,
     stats::OutboundStats,
@@ -56,7 +56,7 @@ pub async fn serve(
     stats: Arc<OutboundStats>,
 ) -> Result<(), OutboundError> {
     let upstreams = crate::upstream::Upstreams::new(mesh.hbone.clone(), stats.clone());
-    let mirror = crate::http::mirror_client();
+    let mirrors = crate::upstream::Upstreams::new(mesh.hbone.clone(), stats.clone());
     let addr = listener
         .local_addr()
         .map_err(|source| OutboundError::Accept { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
@@ -80,7 +80,7 @@ pub async fn serve(
             lookup: lookup.clone(),
             snapshot: snapshot.clone(),
             upstreams: upstreams.clone(),
-            mirror: mirror.clone(),
+            mirrors: mirrors.clone(),
             stats: stats.clone(),
         };
         let span = info_span!("outbound", src = %peer);
@@ -101,12 +101,12 @@ struct Conn {
     lookup: Arc<dyn OrigDstLookup>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     upstreams: crate::upstream::Upstreams,
-    mirror: MirrorClient,
+    mirrors: crate::upstream::Upstreams<http_body_util::Empty<bytes::Bytes>>,
     stats: Arc<OutboundStats>,
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
-    let Conn { mesh, lookup, snapshot, upstreams, mirror, stats } = conn;
+    let Conn { mesh, lookup, snapshot, upstreams, mirrors, stats } = conn;
     let SocketAddr::V4(peer) = peer else {
         stats.lookup_misses.fetch_add(1, Relaxed);
         warn!("IPv6 client on the outbound listener; closing");
@@ -147,7 +147,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
             orig_dst: SocketAddr::V4(orig),
             snapshot,
             upstreams,
-            mirror,
+            mirrors,
             stats,
             counters: Default::default(),
         };

@@ -6,9 +6,9 @@
 //! about 11 000 instructions per request, a quarter of the proxy's whole work on a same-node
 //! HTTP request (counted by `cargo xtask bench --instructions`): it hashes the scheme and
 //! authority byte by byte for each checkout and checkin, and spawns a task per HTTP/1 request to
-//! put the connection back when the response ends. Here an HTTP/1 connection goes back into its list as soon as the request
-//! is handed to it, and a checkout takes only one that hyper reports ready, which it is again
-//! once the last response has been read to its end.
+//! put the connection back when the response ends. Here an HTTP/1 connection goes back into its
+//! list as soon as the request is handed to it, and a checkout takes only one that hyper reports
+//! ready, which it is again once the last response has been read to its end.
 
 use std::{
     collections::HashMap,
@@ -93,14 +93,14 @@ struct Conn<B> {
 type Conns<B> = Mutex<HashMap<SocketAddr, Vec<Conn<B>>>>;
 
 /// The body of a request the proxy forwards: the client's, or none, for a replay.
-pub type Body = Either<Incoming, Empty<Bytes>>;
+pub type RequestBody = Either<Incoming, Empty<Bytes>>;
 
 /// A request body type that has an empty value, to replay a request that had no body.
 pub trait Replay {
     fn empty() -> Self;
 }
 
-impl Replay for Body {
+impl Replay for RequestBody {
     fn empty() -> Self {
         Either::Right(Empty::new())
     }
@@ -147,7 +147,7 @@ impl Head {
 }
 
 /// The pooled connections of one proxy, for request bodies of type `B`; clones share them.
-pub struct Upstreams<B = Body> {
+pub struct Upstreams<B = RequestBody> {
     conns: Arc<Conns<B>>,
     hbone: Option<Arc<hbone::Pool>>,
     stats: Arc<OutboundStats>,

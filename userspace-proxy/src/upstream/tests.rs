@@ -23,9 +23,13 @@ const BODY: usize = 1024;
 /// A response too big for the connection to take in before it is read: it stays busy until then.
 const BIG: usize = 8 << 20;
 
-/// An HTTP/1.1 and h2c backend answering 1 KiB, or [`BIG`] bytes on `/big`; counts the
-/// connections it accepted.
-async fn backend() -> (SocketAddr, Arc<AtomicU64>) {
+/// A server on 127.0.0.1 that serves each connection with `serve` in a task of its own and
+/// counts the connections it accepted.
+async fn counting_server<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicU64>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind backend");
     let addr = listener.local_addr().expect("backend addr");
     let accepted = Arc::new(AtomicU64::new(0));
@@ -33,19 +37,26 @@ async fn backend() -> (SocketAddr, Arc<AtomicU64>) {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             count.fetch_add(1, Relaxed);
-            let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                let len = if req.uri().path() == "/big" { BIG } else { BODY };
-                let body = Full::new(Bytes::from(vec![b'x'; len]));
-                Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
-            });
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+            tokio::spawn(serve(stream));
         }
     });
     (addr, accepted)
+}
+
+/// An HTTP/1.1 and h2c backend answering 1 KiB, or [`BIG`] bytes on `/big`; counts the
+/// connections it accepted.
+async fn backend() -> (SocketAddr, Arc<AtomicU64>) {
+    counting_server(|stream| async move {
+        let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+            let len = if req.uri().path() == "/big" { BIG } else { BODY };
+            let body = Full::new(Bytes::from(vec![b'x'; len]));
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await
 }
 
 fn pool() -> Upstreams<Empty<Bytes>> {
@@ -112,27 +123,18 @@ async fn http2_requests_share_one_connection_at_once() {
 /// A backend that answers one request per connection and then closes it without saying so
 /// (no `Connection: close`), as a server whose keep-alive timeout just ran out does.
 async fn one_shot_backend() -> (SocketAddr, Arc<AtomicU64>) {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind backend");
-    let addr = listener.local_addr().expect("backend addr");
-    let accepted = Arc::new(AtomicU64::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            count.fetch_add(1, Relaxed);
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
-            });
+    counting_server(|mut stream| async move {
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
         }
-    });
-    (addr, accepted)
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    })
+    .await
 }
 
 #[tokio::test]
