@@ -32,14 +32,9 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     let mut counts = Counts { passed, failed, skipped: ignored };
     // The harness `cargo xtask bench --instructions` counts in, natively and briefly: it
     // checks every response, so a pass means each lane's path works.
-    println!("\nxtask: the request-cost harness, each lane once (loopback, no root needed)");
-    match crate::instructions::check_harness() {
-        Ok(()) => counts.passed += 1,
-        Err(err) => {
-            eprintln!("xtask: the request-cost harness failed: {err:#}");
-            counts.failed += 1;
-        }
-    }
+    let what = "the request-cost harness, each lane once (loopback, no root needed)";
+    println!("\nxtask: {what}");
+    counts.record(what, crate::instructions::check_harness().map(|()| (1, 0, 0)));
     // The main job must keep working: run the demo once, as the README's first command would.
     counts.step("the demo (the README's first command) as a smoke test", || {
         crate::demo::run(crate::agents::Build::AlreadyBuilt).map(|()| (1, 0, 0))
@@ -72,17 +67,7 @@ impl Counts {
     fn step(&mut self, what: &str, run: impl FnOnce() -> anyhow::Result<(u64, u64, u64)>) {
         println!("\nxtask: {what}");
         match gammaray_testkit::privileged::gate(what) {
-            Gate::Run => match run() {
-                Ok((p, f, s)) => {
-                    self.passed += p;
-                    self.failed += f;
-                    self.skipped += s;
-                }
-                Err(err) => {
-                    eprintln!("xtask: {what} failed: {err:#}");
-                    self.failed += 1;
-                }
-            },
+            Gate::Run => self.record(what, run()),
             Gate::Fail(msg) => {
                 eprintln!("xtask: {msg}");
                 self.failed += 1;
@@ -90,6 +75,21 @@ impl Counts {
             Gate::Skip(line) => {
                 eprintln!("{line}");
                 self.skipped += 1;
+            }
+        }
+    }
+
+    /// Adds a step's (passed, failed, skipped) counts; an error counts as one failure.
+    fn record(&mut self, what: &str, result: anyhow::Result<(u64, u64, u64)>) {
+        match result {
+            Ok((p, f, s)) => {
+                self.passed += p;
+                self.failed += f;
+                self.skipped += s;
+            }
+            Err(err) => {
+                eprintln!("xtask: {what} failed: {err:#}");
+                self.failed += 1;
             }
         }
     }
