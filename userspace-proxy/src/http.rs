@@ -25,6 +25,7 @@ use tokio::{net::TcpStream, sync::watch};
 use tracing::{debug, info, warn};
 
 use crate::{
+    logfmt::{Addr, OrDash},
     route::{Decision, Forward, RequestView, decide},
     snapshot::{AppProtocol, Backend, Endpoint, Snapshot},
     stats::OutboundStats,
@@ -83,11 +84,11 @@ async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
         let src_identity = snapshot.workloads.get(&ctx.client.ip()).map(|w| &w.identity);
         let endpoint = upstream.and_then(|u| u.backend.endpoints.get(u.endpoint));
         info!(
-            src = %ctx.client,
+            src = %Addr(ctx.client),
             src_identity = %OrDash(src_identity),
-            dst = %ctx.orig_dst,
+            dst = %Addr(ctx.orig_dst),
             service = %OrDash(upstream.map(|u| BackendLabel(&u.backend))),
-            backend = %OrDash(endpoint.map(|e| e.addr)),
+            backend = %OrDash(endpoint.map(|e| Addr(e.addr))),
             dst_identity = %OrDash(endpoint.and_then(|e| e.identity.as_deref())),
             mtls = upstream.is_some_and(|u| u.tunnelled),
             %method,
@@ -111,18 +112,6 @@ struct BackendLabel<'a>(&'a Backend);
 impl std::fmt::Display for BackendLabel<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.0.service, self.0.port)
-    }
-}
-
-/// A value, or `-` for none, as the access log shows it.
-struct OrDash<T>(Option<T>);
-
-impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            Some(value) => value.fmt(f),
-            None => f.write_str("-"),
-        }
     }
 }
 

@@ -59,7 +59,13 @@ pub struct Identity {
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        // Part by part: one `write!` of four pieces costs several times as much, once per
+        // access-log line.
+        for part in ["spiffe://", &self.trust_domain, "/ns/", &self.namespace, "/sa/", &self.service_account]
+        {
+            f.write_str(part)?;
+        }
+        Ok(())
     }
 }
 

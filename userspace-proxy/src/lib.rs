@@ -9,6 +9,7 @@
 pub mod hbone;
 pub mod http;
 pub mod identity;
+pub mod logfmt;
 pub mod orig_dst;
 pub mod outbound;
 pub mod route;

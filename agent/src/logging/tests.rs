@@ -1,0 +1,203 @@
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use k8s_openapi::jiff::Timestamp;
+use tracing_subscriber::fmt::{MakeWriter, format::Writer, time::FormatTime};
+
+use super::*;
+
+/// Lines written by a subscriber, kept in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'w> MakeWriter<'w> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'w self) -> Captured {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap().lines().map(str::to_owned).collect()
+    }
+}
+
+#[derive(Debug)]
+struct Outer(Inner);
+#[derive(Debug)]
+struct Inner;
+
+impl std::fmt::Display for Outer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection failed")
+    }
+}
+impl std::fmt::Display for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("reset by \"peer\"")
+    }
+}
+impl std::error::Error for Outer {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+impl std::error::Error for Inner {}
+
+/// Every kind of field and span the agent logs, and the awkward values: quotes, escapes,
+/// control characters, non-ASCII, the extreme integers, errors with sources, raw names.
+fn emit_everything() {
+    let addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    tracing::trace!("before any span");
+    let outer = tracing::info_span!("outbound", src = %addr, late = tracing::field::Empty);
+    let _entered = outer.enter();
+    outer.record("late", 7u64);
+    tracing::info!(
+        src = %addr,
+        identity = %"spiffe://cluster.local/ns/a/sa/b",
+        v6 = %"[fd00::1]:80".parse::<SocketAddr>().unwrap(),
+        mtls = true,
+        method = %http::Method::GET,
+        path = "/a b?c=d",
+        status = 200u16,
+        bytes = "1024",
+        duration_ms = 0u64,
+        "request"
+    );
+    let inner = tracing::debug_span!("inner", n = 3i64, r#type = "x");
+    inner.in_scope(|| {
+        tracing::warn!(
+            quoted = "say \"hi\"\n\ttab\\",
+            unicode = "naïve ☃",
+            control = "\x1b[31mred\x07",
+            empty = "",
+            negative = -42i64,
+            min = i64::MIN,
+            max = u64::MAX,
+            float = 1.5f64,
+            list = ?vec![1, 2],
+            r#type = "raw",
+            "a message with {} and \x1b[1m{}",
+            "arguments",
+            "an escape"
+        );
+        let err = Outer(Inner);
+        tracing::error!(error = &err as &(dyn std::error::Error + 'static), "failed");
+        tracing::error!(error = &Inner as &(dyn std::error::Error + 'static));
+    });
+    tracing::info!(target: "gammaray::kernel", pid = 42u64, "from the kernel");
+    tracing::info!(only = 1u64);
+    tracing::info!(message = "a message field", after = false);
+    tracing::info!("");
+    drop(_entered);
+    tracing::debug!(after_spans = "yes");
+}
+
+/// tracing-subscriber's default format, without colours, is the reference: the project's
+/// formatter must write the same lines, apart from the instant in the timestamp.
+#[test]
+fn lines_are_tracing_subscribers_plain_format() {
+    let reference = Captured::default();
+    let ours = Captured::default();
+    let reference_subscriber = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new("trace"))
+        .with_writer(reference.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(reference_subscriber, emit_everything);
+    tracing::subscriber::with_default(plain(EnvFilter::new("trace"), ours.clone()), emit_everything);
+
+    let (reference, ours) = (reference.lines(), ours.lines());
+    assert_eq!(reference.len(), 10, "{reference:#?}");
+    assert_eq!(ours.len(), reference.len(), "{ours:#?}");
+    for (ours, reference) in ours.iter().zip(&reference) {
+        let (stamp, rest) = ours.split_at(27);
+        assert!(stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T', "{ours}");
+        assert_eq!(rest, &reference[27..]);
+    }
+    // The lines really hold what was asked of them: spot checks of the shapes, not only equality.
+    assert!(ours[1].contains(
+        "  INFO outbound{src=127.0.0.1:5000 late=7}: gammaray_agent::logging::tests: request src=127.0.0.1:5000"
+    ));
+    assert!(ours[1].ends_with(r#"path="/a b?c=d" status=200 bytes="1024" duration_ms=0"#), "{}", ours[1]);
+    assert!(ours[2].contains(r#"min=-9223372036854775808 max=18446744073709551615"#), "{}", ours[2]);
+    assert!(ours[3].contains("error.sources=["), "{}", ours[3]);
+}
+
+/// The filter applies as it does with tracing-subscriber's formatter.
+#[test]
+fn the_filter_decides_what_is_written() {
+    let ours = Captured::default();
+    let subscriber = plain(EnvFilter::new("warn,gammaray::kernel=info"), ours.clone());
+    tracing::subscriber::with_default(subscriber, emit_everything);
+    let lines = ours.lines();
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    assert!(lines[0].contains(" WARN ") && lines[3].contains("from the kernel"), "{lines:#?}");
+}
+
+fn ours(at: SystemTime) -> String {
+    let mut text = String::new();
+    write_timestamp(&mut Writer::new(&mut text), at).unwrap();
+    text
+}
+
+#[test]
+fn timestamps_are_utc_to_the_microsecond() {
+    let at = |secs, nanos| ours(UNIX_EPOCH + Duration::new(secs, nanos));
+    assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
+    assert_eq!(at(951_782_400, 500_000_999), "2000-02-29T00:00:00.500000Z");
+    assert_eq!(at(1_709_251_199, 1_000), "2024-02-29T23:59:59.000001Z");
+    assert_eq!(at(4_107_542_400, 0), "2100-03-01T00:00:00.000000Z");
+    assert_eq!(at(253_402_300_799, 999_999_999), "9999-12-31T23:59:59.999999Z");
+}
+
+/// Every day from 1970 to 2200, and every 13th day to the year 9999, at a time of day that
+/// moves through the day, against jiff's calendar.
+#[test]
+fn dates_agree_with_jiff() {
+    let days = (0..84_000).chain((84_000..2_932_897).step_by(13));
+    for day in days {
+        let secs = day * 86_400 + (day * 7_919) % 86_400;
+        let at = UNIX_EPOCH + Duration::new(secs, 123_456_789);
+        let expected = Timestamp::new(secs as i64, 123_456_789).unwrap().strftime("%Y-%m-%dT%H:%M:%S%.6fZ");
+        assert_eq!(ours(at), expected.to_string(), "day {day}");
+    }
+}
+
+/// The instant written is now: between two of tracing-subscriber's own readings of the clock,
+/// taken just before and just after (fixed-width timestamps sort as text).
+#[test]
+fn timestamps_read_the_clock_as_tracing_subscriber_does() {
+    let reading = || {
+        let mut text = String::new();
+        tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut text)).unwrap();
+        text
+    };
+    let before = reading();
+    let now = ours(SystemTime::now());
+    let after = reading();
+    assert!(before <= now && now <= after, "{before} {now} {after}");
+
+    // A clock set before 1970 or past 9999 is left to tracing-subscriber, which reads it again.
+    for odd in [UNIX_EPOCH - Duration::from_secs(86_400), UNIX_EPOCH + Duration::from_secs(253_402_300_800)] {
+        let before = reading();
+        let written = ours(odd);
+        let after = reading();
+        assert!(before <= written && written <= after, "{before} {written} {after}");
+    }
+}
