@@ -13,7 +13,8 @@
 //!
 //! Usage: `request_cost LANE REQUESTS`, LANE one of `direct`, `l4-cross`, `l7-cross`,
 //! `l7-same`, or `all` to run each lane once (a check that the harness works). Every response
-//! is checked: status 200 and a 1 KiB body, or the run fails.
+//! is checked: status 200 and a 1 KiB body, or the run fails. RUST_LOG sets the log filter
+//! (`warn` by default) and `GAMMARAY_LOG_JSON=1` logs JSON lines, as they do for the agent.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -307,8 +308,10 @@ fn main() -> anyhow::Result<()> {
     };
     let requests: u64 = requests.parse().context("REQUESTS is a count")?;
     ensure!(requests <= 1_000_000, "at most a million requests per run");
-    // As the benchmark runs the agent: warnings only, so no access log line per request.
-    gammaray_agent::logging::init("warn", false);
+    // As the benchmark runs the agent: warnings only, so no access log line per request,
+    // unless RUST_LOG says otherwise; JSON lines with GAMMARAY_LOG_JSON, as the agent's flag.
+    let json = std::env::var("GAMMARAY_LOG_JSON").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
+    gammaray_agent::logging::init("warn", json);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(run(&lanes, requests))
 }

@@ -11,7 +11,7 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
     /// Log as JSON lines.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "GAMMARAY_LOG_JSON")]
     pub log_json: bool,
     /// The agent's control socket.
     #[arg(long, global = true, default_value = "/run/gammaray/agent.sock", env = "GAMMARAY_CONTROL")]

@@ -9,7 +9,7 @@
 //! (`cargo xtask bench --instructions`). `--log-json` keeps tracing-subscriber's JSON lines.
 
 use std::{
-    fmt,
+    fmt::{self, Write as _},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -19,10 +19,10 @@ use tracing_subscriber::{
     field::{MakeVisitor, Visit, VisitFmt, VisitOutput},
     fmt::{
         FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter,
-        format::{DefaultVisitor, Writer},
+        format::{DefaultVisitor, JsonFields, Writer},
         time::FormatTime,
     },
-    registry::LookupSpan,
+    registry::{Extensions, LookupSpan},
 };
 
 #[cfg(test)]
@@ -33,7 +33,7 @@ mod tests;
 pub fn init(default: &str, json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let result = if json {
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).json().try_init()
+        tracing::subscriber::set_global_default(json_lines(filter, std::io::stderr)).map_err(Into::into)
     } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -60,6 +60,21 @@ where
         .with_ansi(false)
         .event_format(Line)
         .fmt_fields(Fields)
+        .finish()
+}
+
+/// The subscriber for `--log-json`: [`JsonLine`], with span fields kept as tracing-subscriber's
+/// [`JsonFields`] keeps them.
+pub fn json_lines<W>(filter: EnvFilter, writer: W) -> impl Subscriber + Send + Sync + 'static
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(false)
+        .fmt_fields(JsonFields::new())
+        .event_format(JsonLine)
         .finish()
 }
 
@@ -291,3 +306,199 @@ fn write_u64(writer: &mut Writer<'_>, mut value: u64) -> fmt::Result {
     }
     writer.write_str(std::str::from_utf8(&digits[start..]).map_err(|_| fmt::Error)?)
 }
+
+/// One JSON object per event, as tracing-subscriber's JSON format writes it (`timestamp`,
+/// `level`, `fields`, `target`, then `span` and `spans` when there is one), with less work. That
+/// format parses each span's stored fields back from JSON for every event, twice when the span
+/// is both the current one and in the list, and collects each `Debug` value into a `String` of
+/// its own. Here the event's fields are written straight into the line, and a span's stored
+/// fields, which tracing-subscriber's [`JsonFields`] keeps as one JSON object with its keys
+/// sorted, are copied with the span's name added at the end: the object that parsing and
+/// writing it again would make.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JsonLine;
+
+impl<S> FormatEvent<S, JsonFields> for JsonLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, JsonFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        writer.write_str("{\"timestamp\":\"")?;
+        write_timestamp(&mut writer, SystemTime::now())?;
+        writer.write_str("\",\"level\":\"")?;
+        writer.write_str(meta.level().as_str())?;
+        writer.write_str("\",\"fields\":{")?;
+        let mut fields = JsonEventFields { writer: writer.by_ref(), first: true, result: Ok(()) };
+        event.record(&mut fields);
+        fields.result?;
+        writer.write_str("},\"target\":")?;
+        write_json_str(&mut writer, meta.target())?;
+        // As tracing-subscriber does: `span` is the event's parent or else the current span,
+        // and `spans` lists the current span's scope, from the root.
+        if let Some(span) = event.parent().and_then(|id| ctx.span(id)).or_else(|| ctx.lookup_current()) {
+            writer.write_str(",\"span\":")?;
+            write_json_span(&mut writer, span.name(), &span.extensions())?;
+            writer.write_str(",\"spans\":[")?;
+            if let Some(leaf) = ctx.lookup_current() {
+                for (i, span) in leaf.scope().from_root().enumerate() {
+                    if i > 0 {
+                        writer.write_char(',')?;
+                    }
+                    write_json_span(&mut writer, span.name(), &span.extensions())?;
+                }
+            }
+            writer.write_char(']')?;
+        }
+        writer.write_str("}\n")
+    }
+}
+
+/// A span as a JSON object: its fields, then `"name"`.
+fn write_json_span(writer: &mut Writer<'_>, name: &str, extensions: &Extensions<'_>) -> fmt::Result {
+    let stored = extensions.get::<FormattedFields<JsonFields>>().map(|f| f.fields.as_str());
+    let body = stored.and_then(|s| s.strip_prefix('{')?.strip_suffix('}')).unwrap_or("");
+    writer.write_char('{')?;
+    writer.write_str(body)?;
+    if !body.is_empty() {
+        writer.write_char(',')?;
+    }
+    writer.write_str("\"name\":")?;
+    write_json_str(writer, name)?;
+    writer.write_char('}')
+}
+
+/// The event's fields as the members of a JSON object, in the order they were given: strings,
+/// `Debug` values, errors and bytes as JSON strings; integers, floats and booleans as JSON
+/// numbers and literals.
+struct JsonEventFields<'a> {
+    writer: Writer<'a>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl<'a> JsonEventFields<'a> {
+    /// Writes the separator and the field's name, and returns the writer for its value.
+    fn key(&mut self, field: &Field) -> Option<&mut Writer<'a>> {
+        if self.result.is_err() {
+            return None;
+        }
+        if !std::mem::take(&mut self.first) {
+            self.result = self.writer.write_char(',');
+        }
+        self.result = self.result.and_then(|()| {
+            write_json_str(&mut self.writer, field.name())?;
+            self.writer.write_char(':')
+        });
+        self.result.is_ok().then_some(&mut self.writer)
+    }
+}
+
+impl Visit for JsonEventFields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if let Some(writer) = self.key(field) {
+            self.result = write_json_str(writer, value);
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if let Some(writer) = self.key(field) {
+            self.result = write_u64(writer, value);
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if let Some(writer) = self.key(field) {
+            let sign = if value < 0 { writer.write_char('-') } else { Ok(()) };
+            self.result = sign.and_then(|()| write_u64(writer, value.unsigned_abs()));
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if let Some(writer) = self.key(field) {
+            // serde_json's shortest form, and `null` for what JSON cannot hold.
+            let text = serde_json::to_string(&value).map_err(|_| fmt::Error);
+            self.result = text.and_then(|text| writer.write_str(&text));
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if let Some(writer) = self.key(field) {
+            self.result = writer.write_str(if value { "true" } else { "false" });
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if let Some(writer) = self.key(field) {
+            let open = writer.write_char('"');
+            let text = open.and_then(|()| write!(JsonEscaped(writer), "{value:?}"));
+            self.result = text.and_then(|()| writer.write_char('"'));
+        }
+    }
+}
+
+/// A JSON string: quoted, and escaped as serde_json escapes it.
+fn write_json_str(writer: &mut Writer<'_>, value: &str) -> fmt::Result {
+    writer.write_char('"')?;
+    JsonEscaped(writer).write_str(value)?;
+    writer.write_char('"')
+}
+
+/// Writes through to the line, escaping what a JSON string may not hold as it is, the way
+/// serde_json does: `"` and `\`, the control characters that have a short escape (`\b`, `\t`,
+/// `\n`, `\f`, `\r`), and the other control characters as `\u00xx`. Everything else, DEL and
+/// non-ASCII included, is written unchanged.
+struct JsonEscaped<'a, 'w>(&'a mut Writer<'w>);
+
+impl fmt::Write for JsonEscaped<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let bytes = s.as_bytes();
+        let mut clean = 0;
+        let mut i = 0;
+        while i < bytes.len() {
+            // A table lookup per byte: the common case, a run of bytes that need nothing.
+            if !JSON_ESCAPES[usize::from(bytes[i])] {
+                i += 1;
+                continue;
+            }
+            // Escaped bytes are ASCII, so the cuts fall between characters.
+            self.0.write_str(&s[clean..i])?;
+            match bytes[i] {
+                b'"' => self.0.write_str("\\\"")?,
+                b'\\' => self.0.write_str("\\\\")?,
+                b'\n' => self.0.write_str("\\n")?,
+                b'\r' => self.0.write_str("\\r")?,
+                b'\t' => self.0.write_str("\\t")?,
+                0x08 => self.0.write_str("\\b")?,
+                0x0c => self.0.write_str("\\f")?,
+                byte => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    self.0.write_str("\\u00")?;
+                    self.0.write_char(HEX[usize::from(byte >> 4)].into())?;
+                    self.0.write_char(HEX[usize::from(byte & 0xf)].into())?;
+                }
+            }
+            i += 1;
+            clean = i;
+        }
+        self.0.write_str(&s[clean..])
+    }
+}
+
+/// The bytes a JSON string escapes: the control characters, `"` and `\`.
+const JSON_ESCAPES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = true;
+        byte += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};

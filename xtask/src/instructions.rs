@@ -19,28 +19,49 @@ use anyhow::Context as _;
 
 const FEW: u64 = 200;
 const MANY: u64 = 1200;
-/// One row of the report: the harness's lane, what it is, and the log filter it runs with.
+/// One row of the report: the harness's lane, what it is, and how it logs: the filter, and
+/// whether as JSON lines (`--log-json`).
 struct Lane {
     name: &'static str,
     what: &'static str,
     rust_log: &'static str,
+    json: bool,
 }
 
 /// The harness's lanes, the first one the baseline without proxies. `warn`, as the timed
-/// benchmark runs the agents, has no access log; the last lane adds it, as deployed (`info`).
-const LANES: [Lane; 5] = [
-    Lane { name: "direct", what: "client to backend, no proxy", rust_log: "warn" },
-    Lane { name: "l7-same", what: "HTTPRoute to a pod on the client's node (one proxy)", rust_log: "warn" },
-    Lane { name: "l4-cross", what: "TCP to a pod on another node (two proxies, HBONE)", rust_log: "warn" },
+/// benchmark runs the agents, has no access log; the last two add it, as deployed (`info`), in
+/// text and in JSON.
+const LANES: [Lane; 6] = [
+    Lane { name: "direct", what: "client to backend, no proxy", rust_log: "warn", json: false },
+    Lane {
+        name: "l7-same",
+        what: "HTTPRoute to a pod on the client's node (one proxy)",
+        rust_log: "warn",
+        json: false,
+    },
+    Lane {
+        name: "l4-cross",
+        what: "TCP to a pod on another node (two proxies, HBONE)",
+        rust_log: "warn",
+        json: false,
+    },
     Lane {
         name: "l7-cross",
         what: "HTTPRoute 50/50 to pods on another node (two proxies, HBONE)",
         rust_log: "warn",
+        json: false,
     },
     Lane {
         name: "l7-cross",
         what: "the same with the access log (RUST_LOG=info, the deployed default)",
         rust_log: "info",
+        json: false,
+    },
+    Lane {
+        name: "l7-cross",
+        what: "the same with the access log as JSON lines (--log-json)",
+        rust_log: "info",
+        json: true,
     },
 ];
 
@@ -64,7 +85,8 @@ pub fn run() -> anyhow::Result<()> {
         let many = instructions(&harness, &out_dir, lane, MANY)?;
         anyhow::ensure!(many > few, "{}: {MANY} requests counted no more than {FEW}", lane.name);
         let per_request = (many - few) / (MANY - FEW);
-        println!("bench: {} ({}): {per_request} instructions per request", lane.name, lane.rust_log);
+        let format = if lane.json { ", JSON" } else { "" };
+        println!("bench: {} ({}{format}): {per_request} instructions per request", lane.name, lane.rust_log);
         rows.push((lane.name, lane.what, per_request));
     }
     let report = render(&rows);
@@ -93,14 +115,16 @@ pub fn check_harness() -> anyhow::Result<()> {
 
 /// Instructions the harness executes for `requests` requests on `lane`, start-up included.
 fn instructions(harness: &Path, out_dir: &Path, lane: &Lane, requests: u64) -> anyhow::Result<u64> {
-    let Lane { name, rust_log, .. } = lane;
-    let out: PathBuf = out_dir.join(format!("callgrind-{name}-{rust_log}-{requests}.out"));
+    let Lane { name, rust_log, json, .. } = lane;
+    let format = if *json { "json" } else { "text" };
+    let out: PathBuf = out_dir.join(format!("callgrind-{name}-{rust_log}-{format}-{requests}.out"));
     let run = Command::new("valgrind")
         .args(["--tool=callgrind", "--quiet"])
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(harness)
         .args([*name, &requests.to_string()])
         .env("RUST_LOG", rust_log)
+        .env("GAMMARAY_LOG_JSON", if *json { "1" } else { "0" })
         .output()
         .context("valgrind")?;
     anyhow::ensure!(

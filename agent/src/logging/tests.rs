@@ -79,7 +79,7 @@ fn emit_everything() {
         duration_ms = 0u64,
         "request"
     );
-    let inner = tracing::debug_span!("inner", n = 3i64, r#type = "x");
+    let inner = tracing::debug_span!("inner", n = 3i64, r#type = "x", slice = &b"abc"[..], ratio = 0.25f64);
     inner.in_scope(|| {
         tracing::warn!(
             quoted = "say \"hi\"\n\ttab\\",
@@ -90,6 +90,8 @@ fn emit_everything() {
             min = i64::MIN,
             max = u64::MAX,
             float = 1.5f64,
+            not_a_number = f64::NAN,
+            raw = &b"\x00ab"[..],
             list = ?vec![1, 2],
             r#type = "raw",
             "a message with {} and \x1b[1m{}",
@@ -106,6 +108,7 @@ fn emit_everything() {
     tracing::info!("");
     drop(_entered);
     tracing::debug!(after_spans = "yes");
+    tracing::info!(parent: &outer, "an explicit parent outside any span");
 }
 
 /// tracing-subscriber's default format, without colours, is the reference: the project's
@@ -123,7 +126,7 @@ fn lines_are_tracing_subscribers_plain_format() {
     tracing::subscriber::with_default(plain(EnvFilter::new("trace"), ours.clone()), emit_everything);
 
     let (reference, ours) = (reference.lines(), ours.lines());
-    assert_eq!(reference.len(), 10, "{reference:#?}");
+    assert_eq!(reference.len(), 11, "{reference:#?}");
     assert_eq!(ours.len(), reference.len(), "{ours:#?}");
     for (ours, reference) in ours.iter().zip(&reference) {
         let (stamp, rest) = ours.split_at(27);
@@ -200,4 +203,40 @@ fn timestamps_read_the_clock_as_tracing_subscriber_does() {
         let after = reading();
         assert!(before <= written && written <= after, "{before} {written} {after}");
     }
+}
+
+/// The same for JSON: tracing-subscriber's JSON format is the reference, byte for byte apart
+/// from the timestamp, and every line is one JSON object.
+#[test]
+fn json_lines_are_tracing_subscribers_json_format() {
+    let reference = Captured::default();
+    let ours = Captured::default();
+    let reference_subscriber = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new("trace"))
+        .with_writer(reference.clone())
+        .json()
+        .finish();
+    tracing::subscriber::with_default(reference_subscriber, emit_everything);
+    tracing::subscriber::with_default(json_lines(EnvFilter::new("trace"), ours.clone()), emit_everything);
+
+    let (reference, ours) = (reference.lines(), ours.lines());
+    assert_eq!(reference.len(), 11, "{reference:#?}");
+    assert_eq!(ours.len(), reference.len(), "{ours:#?}");
+    let prefix = r#"{"timestamp":""#;
+    for (ours, reference) in ours.iter().zip(&reference) {
+        let stamp = &ours[prefix.len()..prefix.len() + 27];
+        assert!(ours.starts_with(prefix) && stamp.ends_with('Z'), "{ours}");
+        assert_eq!(&ours[prefix.len() + 27..], &reference[prefix.len() + 27..]);
+        let value: serde_json::Value = serde_json::from_str(ours).expect("a JSON object");
+        assert_eq!(value["timestamp"], stamp);
+    }
+    let request: serde_json::Value = serde_json::from_str(&ours[1]).unwrap();
+    assert_eq!(request["fields"]["status"], 200);
+    assert_eq!(request["fields"]["path"], "/a b?c=d");
+    assert_eq!(request["span"]["late"], 7);
+    assert_eq!(request["spans"][0]["name"], "outbound");
+    let warning: serde_json::Value = serde_json::from_str(&ours[2]).unwrap();
+    assert_eq!(warning["fields"]["control"], "\x1b[31mred\x07");
+    assert_eq!(warning["fields"]["quoted"], "say \"hi\"\n\ttab\\");
+    assert_eq!(warning["spans"][1]["slice"], serde_json::json!([97, 98, 99]));
 }
