@@ -5,8 +5,9 @@
 //! deployed level, lines come from [`Line`]: the same text, byte for byte, made with less work.
 //! tracing-subscriber's formatter styles every field name and `=` through its ANSI painter even
 //! with colours off, and formats the timestamp with eight `write!` calls; at one access-log line
-//! per request that was a fifth of the proxies' work on a cross-node L7 request
-//! (`cargo xtask bench --instructions`). `--log-json` keeps tracing-subscriber's JSON lines.
+//! per request that was a quarter of the proxies' work on a cross-node L7 request
+//! (`cargo xtask bench --instructions`). With `--log-json`, [`JsonLine`] writes
+//! tracing-subscriber's JSON shape, byte for byte, at a quarter of what its formatter cost.
 
 use std::{
     fmt::{self, Write as _},
@@ -14,6 +15,7 @@ use std::{
 };
 
 use tracing::{Event, Level, Subscriber, field::Field};
+use tracing_log::NormalizeEvent as _;
 use tracing_subscriber::{
     EnvFilter,
     field::{MakeVisitor, Visit, VisitFmt, VisitOutput},
@@ -23,6 +25,7 @@ use tracing_subscriber::{
         time::FormatTime,
     },
     registry::{Extensions, LookupSpan},
+    util::SubscriberInitExt as _,
 };
 
 #[cfg(test)]
@@ -32,16 +35,18 @@ mod tests;
 /// `info,gammaray::kernel=debug` to see every redirect the kernel logs.
 pub fn init(default: &str, json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // `try_init` also forwards the `log` crate's records (rustls logs through it) into tracing.
     let result = if json {
-        tracing::subscriber::set_global_default(json_lines(filter, std::io::stderr)).map_err(Into::into)
+        json_lines(filter, std::io::stderr).try_init()
     } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .with_ansi(true)
+            .finish()
             .try_init()
     } else {
-        tracing::subscriber::set_global_default(plain(filter, std::io::stderr)).map_err(Into::into)
+        plain(filter, std::io::stderr).try_init()
     };
     if let Err(err) = result {
         eprintln!("logging already initialised: {err}");
@@ -94,7 +99,9 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let meta = event.metadata();
+        // A record of the `log` crate carries its level and target in fields of its own.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         write_timestamp(&mut writer, SystemTime::now())?;
         writer.write_str(match *meta.level() {
             Level::TRACE => " TRACE ",
@@ -104,7 +111,9 @@ where
             Level::ERROR => " ERROR ",
         })?;
         if let Some(scope) = ctx.event_scope() {
+            let mut seen = false;
             for span in scope.from_root() {
+                seen = true;
                 writer.write_str(span.name())?;
                 let extensions = span.extensions();
                 if let Some(fields) = extensions.get::<FormattedFields<N>>()
@@ -116,7 +125,9 @@ where
                 }
                 writer.write_char(':')?;
             }
-            writer.write_char(' ')?;
+            if seen {
+                writer.write_char(' ')?;
+            }
         }
         writer.write_str(meta.target())?;
         writer.write_str(": ")?;
@@ -328,7 +339,8 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let meta = event.metadata();
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         writer.write_str("{\"timestamp\":\"")?;
         write_timestamp(&mut writer, SystemTime::now())?;
         writer.write_str("\",\"level\":\"")?;

@@ -62,6 +62,8 @@ impl std::error::Error for Inner {}
 /// Every kind of field and span the agent logs, and the awkward values: quotes, escapes,
 /// control characters, non-ASCII, the extreme integers, errors with sources, raw names.
 fn emit_everything() {
+    // What `logging::init` installs with the subscriber; once per process, which is enough.
+    let _ = tracing_log::LogTracer::init();
     let addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     tracing::trace!("before any span");
     let outer = tracing::info_span!("outbound", src = %addr, late = tracing::field::Empty);
@@ -103,6 +105,8 @@ fn emit_everything() {
         tracing::error!(error = &Inner as &(dyn std::error::Error + 'static));
     });
     tracing::info!(target: "gammaray::kernel", pid = 42u64, "from the kernel");
+    // A record of the `log` crate, as rustls writes them, forwarded into tracing.
+    tracing_log::log::warn!(target: "rustls::conn", "a record of the log crate: {}", 7);
     tracing::info!(only = 1u64);
     tracing::info!(message = "a message field", after = false);
     tracing::info!("");
@@ -126,7 +130,7 @@ fn lines_are_tracing_subscribers_plain_format() {
     tracing::subscriber::with_default(plain(EnvFilter::new("trace"), ours.clone()), emit_everything);
 
     let (reference, ours) = (reference.lines(), ours.lines());
-    assert_eq!(reference.len(), 11, "{reference:#?}");
+    assert_eq!(reference.len(), 12, "{reference:#?}");
     assert_eq!(ours.len(), reference.len(), "{ours:#?}");
     for (ours, reference) in ours.iter().zip(&reference) {
         let (stamp, rest) = ours.split_at(27);
@@ -149,8 +153,10 @@ fn the_filter_decides_what_is_written() {
     let subscriber = plain(EnvFilter::new("warn,gammaray::kernel=info"), ours.clone());
     tracing::subscriber::with_default(subscriber, emit_everything);
     let lines = ours.lines();
-    assert_eq!(lines.len(), 4, "{lines:#?}");
+    assert_eq!(lines.len(), 5, "{lines:#?}");
     assert!(lines[0].contains(" WARN ") && lines[3].contains("from the kernel"), "{lines:#?}");
+    // The `log` record keeps its own level and target; the span, at `info`, is filtered out.
+    assert!(lines[4].ends_with("  WARN rustls::conn: a record of the log crate: 7"), "{lines:#?}");
 }
 
 fn ours(at: SystemTime) -> String {
@@ -220,7 +226,7 @@ fn json_lines_are_tracing_subscribers_json_format() {
     tracing::subscriber::with_default(json_lines(EnvFilter::new("trace"), ours.clone()), emit_everything);
 
     let (reference, ours) = (reference.lines(), ours.lines());
-    assert_eq!(reference.len(), 11, "{reference:#?}");
+    assert_eq!(reference.len(), 12, "{reference:#?}");
     assert_eq!(ours.len(), reference.len(), "{ours:#?}");
     let prefix = r#"{"timestamp":""#;
     for (ours, reference) in ours.iter().zip(&reference) {
