@@ -251,8 +251,7 @@ impl Visit for FieldVisitor<'_> {
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         if let Some(writer) = self.start(field, |v| v.record_i64(field, value)) {
-            let sign = if value < 0 { writer.write_char('-') } else { Ok(()) };
-            self.result = sign.and_then(|()| write_u64(writer, value.unsigned_abs()));
+            self.result = write_i64(writer, value);
         }
     }
 
@@ -316,6 +315,14 @@ fn write_u64(writer: &mut Writer<'_>, mut value: u64) -> fmt::Result {
         }
     }
     writer.write_str(std::str::from_utf8(&digits[start..]).map_err(|_| fmt::Error)?)
+}
+
+/// A signed number's decimal digits, as [`write_u64`] writes them.
+fn write_i64(writer: &mut Writer<'_>, value: i64) -> fmt::Result {
+    if value < 0 {
+        writer.write_char('-')?;
+    }
+    write_u64(writer, value.unsigned_abs())
 }
 
 /// One JSON object per event, as tracing-subscriber's JSON format writes it (`timestamp`,
@@ -426,8 +433,7 @@ impl Visit for JsonEventFields<'_> {
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         if let Some(writer) = self.key(field) {
-            let sign = if value < 0 { writer.write_char('-') } else { Ok(()) };
-            self.result = sign.and_then(|()| write_u64(writer, value.unsigned_abs()));
+            self.result = write_i64(writer, value);
         }
     }
 

@@ -317,20 +317,19 @@ where
 {
     if h2 {
         let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await?;
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                debug!(error = %err, "upstream HTTP/2 connection ended with an error");
-            }
-        });
+        tokio::spawn(drive(conn, "HTTP/2"));
         Ok(Sender::Http2(sender))
     } else {
         let (sender, conn) = http1::handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                debug!(error = %err, "upstream HTTP/1 connection ended with an error");
-            }
-        });
+        tokio::spawn(drive(conn, "HTTP/1"));
         Ok(Sender::Http1(sender))
+    }
+}
+
+/// Runs one upstream connection until it ends.
+async fn drive(conn: impl Future<Output = Result<(), hyper::Error>>, protocol: &'static str) {
+    if let Err(err) = conn.await {
+        debug!(error = %err, protocol, "upstream connection ended with an error");
     }
 }
 

@@ -115,21 +115,25 @@ fn emit_everything() {
     tracing::info!(parent: &outer, "an explicit parent outside any span");
 }
 
+/// The lines a subscriber, made to write to the given writer, writes for [`emit_everything`].
+fn emitted<S>(subscriber: impl FnOnce(Captured) -> S) -> Vec<String>
+where
+    S: tracing::Subscriber + Send + Sync + 'static,
+{
+    let captured = Captured::default();
+    tracing::subscriber::with_default(subscriber(captured.clone()), emit_everything);
+    captured.lines()
+}
+
 /// tracing-subscriber's default format, without colours, is the reference: the project's
 /// formatter must write the same lines, apart from the instant in the timestamp.
 #[test]
 fn lines_are_tracing_subscribers_plain_format() {
-    let reference = Captured::default();
-    let ours = Captured::default();
-    let reference_subscriber = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new("trace"))
-        .with_writer(reference.clone())
-        .with_ansi(false)
-        .finish();
-    tracing::subscriber::with_default(reference_subscriber, emit_everything);
-    tracing::subscriber::with_default(plain(EnvFilter::new("trace"), ours.clone()), emit_everything);
-
-    let (reference, ours) = (reference.lines(), ours.lines());
+    let reference = emitted(|writer| {
+        let filter = EnvFilter::new("trace");
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(false).finish()
+    });
+    let ours = emitted(|writer| plain(EnvFilter::new("trace"), writer));
     assert_eq!(reference.len(), 12, "{reference:#?}");
     assert_eq!(ours.len(), reference.len(), "{ours:#?}");
     for (ours, reference) in ours.iter().zip(&reference) {
@@ -149,10 +153,7 @@ fn lines_are_tracing_subscribers_plain_format() {
 /// The filter applies as it does with tracing-subscriber's formatter.
 #[test]
 fn the_filter_decides_what_is_written() {
-    let ours = Captured::default();
-    let subscriber = plain(EnvFilter::new("warn,gammaray::kernel=info"), ours.clone());
-    tracing::subscriber::with_default(subscriber, emit_everything);
-    let lines = ours.lines();
+    let lines = emitted(|writer| plain(EnvFilter::new("warn,gammaray::kernel=info"), writer));
     assert_eq!(lines.len(), 5, "{lines:#?}");
     assert!(lines[0].contains(" WARN ") && lines[3].contains("from the kernel"), "{lines:#?}");
     // The `log` record keeps its own level and target; the span, at `info`, is filtered out.
@@ -215,17 +216,10 @@ fn timestamps_read_the_clock_as_tracing_subscriber_does() {
 /// from the timestamp, and every line is one JSON object.
 #[test]
 fn json_lines_are_tracing_subscribers_json_format() {
-    let reference = Captured::default();
-    let ours = Captured::default();
-    let reference_subscriber = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new("trace"))
-        .with_writer(reference.clone())
-        .json()
-        .finish();
-    tracing::subscriber::with_default(reference_subscriber, emit_everything);
-    tracing::subscriber::with_default(json_lines(EnvFilter::new("trace"), ours.clone()), emit_everything);
-
-    let (reference, ours) = (reference.lines(), ours.lines());
+    let reference = emitted(|writer| {
+        tracing_subscriber::fmt().with_env_filter(EnvFilter::new("trace")).with_writer(writer).json().finish()
+    });
+    let ours = emitted(|writer| json_lines(EnvFilter::new("trace"), writer));
     assert_eq!(reference.len(), 12, "{reference:#?}");
     assert_eq!(ours.len(), reference.len(), "{ours:#?}");
     let prefix = r#"{"timestamp":""#;
