@@ -686,15 +686,19 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
                 println!("bench: {}: {} errors at saturation", path.label(), l.errors);
             }
         }
-        if profile && path.is_mesh() {
-            // On runs of their own: perf slows the agents, and the figures above must not carry it.
-            let pids = &agent_pids;
+        if profile && !path.is_direct() {
+            // On runs of their own: perf slows the processes, and the figures above must not
+            // carry it. At the fixed rate every request is a wakeup of an idle process, at
+            // saturation wakeups are shared: the two profiles differ.
             let name = format!("{path:?}").to_lowercase();
-            let trace = SyscallTrace::start(&bench_dir, &name, pids)?;
+            let trace = SyscallTrace::start(&bench_dir, &name, carriers)?;
             let l = oha(&oha_bin, pod, &url, 16, Some(1000), plan.fixed)?;
             let out = trace.finish(l.requests)?;
             println!("bench: system calls of {} at 1000 req/s: {}", path.label(), out.display());
-            let perf = Profile::start(&bench_dir, &name, pids)?;
+            let perf = Profile::start(&bench_dir, &format!("{name}-fixed"), carriers)?;
+            oha(&oha_bin, pod, &url, 16, Some(1000), plan.fixed)?;
+            println!("bench: profile of {} at 1000 req/s: {}", path.label(), perf.finish()?.display());
+            let perf = Profile::start(&bench_dir, &name, carriers)?;
             oha(&oha_bin, pod, &url, 16, None, plan.saturate)?;
             println!("bench: profile of {} at saturation: {}", path.label(), perf.finish()?.display());
         }
