@@ -195,7 +195,10 @@ where
             let pooled = if may_reuse { self.checkout(target, via, h2) } else { None };
             let (sender, reused) = match pooled {
                 Some(sender) => (sender, true),
-                None => (self.connect(target, via, h2).await?, false),
+                // Boxed: connecting is rare, and its state (TLS and HTTP handshakes) would
+                // otherwise make every request's future kilobytes larger, which each caller up
+                // the chain copies when it creates and awaits it.
+                None => (Box::pin(self.connect(target, via, h2)).await?, false),
             };
             // Only a reused connection can have died unnoticed: a copy is kept only for it.
             let head = if reused { Head::of_replayable(&req) } else { None };
