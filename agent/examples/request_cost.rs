@@ -310,7 +310,7 @@ fn main() -> anyhow::Result<()> {
     ensure!(requests <= 1_000_000, "at most a million requests per run");
     // As the benchmark runs the agent: warnings only, so no access log line per request,
     // unless RUST_LOG says otherwise; JSON lines with GAMMARAY_LOG_JSON, as the agent's flag.
-    let json = std::env::var("GAMMARAY_LOG_JSON").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
+    let json = gammaray_agent::cli::Cli::log_json_from_env()?;
     gammaray_agent::logging::init("warn", json);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(run(&lanes, requests))

@@ -2,7 +2,13 @@
 
 use std::{net::SocketAddrV4, path::PathBuf};
 
-use clap::{Parser, Subcommand};
+use clap::{
+    CommandFactory as _, Parser, Subcommand,
+    builder::{BoolishValueParser, TypedValueParser as _},
+};
+
+/// The variable that sets `--log-json`.
+pub const LOG_JSON_ENV: &str = "GAMMARAY_LOG_JSON";
 
 #[derive(Debug, Parser)]
 #[command(name = "gammaray-agent", version, about = "gammaray's per-node mesh agent")]
@@ -10,14 +16,25 @@ pub struct Cli {
     /// Log filter when RUST_LOG is unset; add `gammaray::kernel=debug` to see every redirect.
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
-    /// Log as JSON lines.
-    #[arg(long, global = true, env = "GAMMARAY_LOG_JSON")]
+    /// Log as JSON lines; the variable takes 1/0, true/false, yes/no or on/off.
+    #[arg(long, global = true, env = LOG_JSON_ENV, value_parser = BoolishValueParser::new())]
     pub log_json: bool,
     /// The agent's control socket.
     #[arg(long, global = true, default_value = "/run/gammaray/agent.sock", env = "GAMMARAY_CONTROL")]
     pub control: PathBuf,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// [`LOG_JSON_ENV`] read as `--log-json` reads it, for programs that run the proxy without
+    /// the agent's command line (the request-cost harness).
+    pub fn log_json_from_env() -> Result<bool, clap::Error> {
+        match std::env::var_os(LOG_JSON_ENV) {
+            None => Ok(false),
+            Some(value) => BoolishValueParser::new().parse_ref(&Self::command(), None, &value),
+        }
+    }
 }
 
 // Parsed once at start: the size of the `run` variant does not matter.

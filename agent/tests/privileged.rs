@@ -321,6 +321,28 @@ fn a_missing_privilege_is_named() {
     assert!(stderr.contains("missing privilege: CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"), "{stderr}");
 }
 
+/// `GAMMARAY_LOG_JSON` takes the words its documentation gives (`1` among them) and names
+/// anything else as an error. Needs no privilege: `status` parses the command line, then fails
+/// on a control socket that does not exist.
+#[test]
+fn the_log_json_variable_takes_the_usual_boolean_words() {
+    let status = |value: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gammaray-agent"))
+            .args(["--control", "/tmp/gammaray-never.sock", "status"])
+            .env("GAMMARAY_LOG_JSON", value)
+            .output()
+            .expect("run the agent's status command");
+        assert!(!out.status.success(), "{value}: there is no agent to ask");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for value in ["1", "true", "yes", "on", "0", "false", "no", "off"] {
+        let stderr = status(value);
+        assert!(stderr.contains("cannot reach the agent's control socket"), "{value}: {stderr}");
+    }
+    let stderr = status("maybe");
+    assert!(stderr.contains("invalid value 'maybe' for '--log-json'"), "{stderr}");
+}
+
 #[test]
 fn nothing_is_left_behind() {
     if !require_privileged("clean-up") {
