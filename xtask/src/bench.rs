@@ -141,16 +141,21 @@ impl Lane {
 
     /// Through the agents' proxies.
     fn is_mesh(self) -> bool {
-        !matches!(self, Lane::DirectSame | Lane::DirectCross | Lane::FloorCross)
+        !self.is_direct() && !self.is_floor()
     }
 
     fn is_direct(self) -> bool {
         self == self.baseline()
     }
 
-    /// Who carries the requests between client and backend, for the CPU rows.
-    fn carriers(self) -> &'static str {
-        if self == Lane::FloorCross { "both relays'" } else { "both proxies'" }
+    /// Through the floor's relays rather than the agents.
+    fn is_floor(self) -> bool {
+        self == Lane::FloorCross
+    }
+
+    /// Whose CPU and context switches the lane's rows give.
+    fn carriers_label(self) -> &'static str {
+        if self.is_floor() { "both relays'" } else { "both proxies'" }
     }
 }
 
@@ -655,7 +660,7 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
         let (pod, url) = world.target(path);
         // The processes that carry this lane's requests: the relays for the floor, the agents
         // otherwise (on the direct paths, what they spend while not involved).
-        let carriers = if path == Lane::FloorCross { &relay_pids } else { &agent_pids };
+        let carriers = if path.is_floor() { &relay_pids } else { &agent_pids };
         let cpu_now = || cpu_of(carriers.iter().copied(), ticks);
         let (mut p50, mut p90, mut p99, mut m1, mut m16, mut cf, mut cs) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -759,7 +764,7 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
             figure: format!(
                 "{}: {} CPU at 1000 req/s (direct: the backend's, one wakeup, read and write per request)",
                 path.label(),
-                path.carriers()
+                path.carriers_label()
             ),
             baseline: Some(backend_fixed),
             value: cpu_fixed[&path].0,
@@ -770,7 +775,7 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
             figure: format!(
                 "{}: {} context switches per request at 1000 req/s",
                 path.label(),
-                path.carriers()
+                path.carriers_label()
             ),
             baseline: None,
             value: switches[&path],
@@ -781,7 +786,7 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
             figure: format!(
                 "{}: {} CPU per 1000 requests at saturation (direct: the backend's)",
                 path.label(),
-                path.carriers()
+                path.carriers_label()
             ),
             baseline: Some(backend_saturated),
             value: cpu_sat[&path],
