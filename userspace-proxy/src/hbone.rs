@@ -373,9 +373,9 @@ fn tunnel(
             }
         };
         stats.inbound_tunnels.fetch_add(1, Relaxed);
-        let mut stream = TunnelStream::new(send, recv);
-        let result = crate::outbound::copy_both_ways(&mut stream, &mut upstream).await;
-        let (sent, received) = result.unwrap_or((0, 0));
+        let result = TunnelStream::new(send, recv).relay(&mut upstream).await;
+        // Sent to the pod, received from it.
+        let (received, sent) = result.unwrap_or((0, 0));
         info!(
             src_identity = %peer,
             dst_identity = %local,

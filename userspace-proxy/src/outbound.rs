@@ -32,8 +32,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const COPY_BUF: usize = 64 * 1024;
 
 /// Relays bytes both ways until both sides are done; returns (a → b, b → a) byte counts. The one
-/// place L4 connections and tunnels are copied.
-pub(crate) async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+/// place TCP connections are copied to TCP connections; a tunnel is joined to a socket by
+/// [`crate::hbone::TunnelStream::relay`], which saves a copy on each side.
+async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
@@ -171,10 +172,10 @@ async fn relay(mut client: TcpStream, orig: SocketAddrV4, hop: Hop, mesh: &Mesh,
         Hop::Tunnel { src, dst, node, target } => {
             let pool = mesh.hbone.as_ref().expect("a tunnel hop implies HBONE");
             match pool.connect(&src, &dst, node, target).await {
-                Ok(mut tunnel) => {
+                Ok(tunnel) => {
                     stats.hbone_tunnels.fetch_add(1, Relaxed);
                     let _ = client.set_nodelay(true);
-                    let (sent, received) = copy_both_ways(&mut client, &mut tunnel).await.unwrap_or((0, 0));
+                    let (sent, received) = tunnel.relay(&mut client).await.unwrap_or((0, 0));
                     stats.bytes_sent.fetch_add(sent, Relaxed);
                     stats.bytes_received.fetch_add(received, Relaxed);
                     info!(dst = %orig, %target, via = %node, src_identity = %src, dst_identity = %dst, sent, received,

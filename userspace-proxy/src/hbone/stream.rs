@@ -4,7 +4,9 @@
 //! Writes go straight into the stream's send half, within the flow-control window the peer
 //! has granted; reads hand out the DATA frames as they arrive and return their window to the
 //! peer. Both halves live in the task that uses the stream, so a write costs one copy into a
-//! frame and no hand-off to another task.
+//! frame and no hand-off to another task. A tunnel that only joins a TCP connection (L4, and
+//! the inbound side's leg to the pod) uses [`TunnelStream::relay`] instead, which skips the
+//! copies that the traits' caller-owned buffers imply.
 
 use std::{
     io,
@@ -12,13 +14,22 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::{Buf as _, Bytes};
+use bytes::{Buf as _, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
 
 /// The most one write queues: a bigger write is taken in part, as a short write, so one call
 /// never reserves more than one of the tunnel's largest frames.
 const MAX_WRITE: usize = super::MAX_FRAME as usize;
+/// What [`TunnelStream::relay`] allocates at a time for reads from the socket: as much as a
+/// bulk transfer reads in one call. Small messages share one such block, each read taking the
+/// next part of it.
+const RELAY_BLOCK: usize = 64 * 1024;
+/// Below this much room left in the block, the relay takes a new block before it reads.
+const RELAY_MIN_READ: usize = 4 * 1024;
 
 pub struct TunnelStream {
     send: SendStream<Bytes>,
@@ -102,14 +113,144 @@ impl AsyncWrite for TunnelStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // END_STREAM on an empty DATA frame, and no more capacity asked for.
-        self.send.reserve_capacity(0);
-        match self.send.send_data(Bytes::new(), true) {
-            Ok(()) => Poll::Ready(Ok(())),
-            // A stream already closed (a user error to h2, with no reason) or reset has nothing
-            // more to end.
-            Err(err) if err.is_reset() || (!err.is_io() && err.reason().is_none()) => Poll::Ready(Ok(())),
-            Err(err) => Poll::Ready(Err(io_error(err))),
+        Poll::Ready(end_stream(&mut self.send))
+    }
+}
+
+/// END_STREAM on an empty DATA frame, and no more capacity asked for.
+fn end_stream(send: &mut SendStream<Bytes>) -> io::Result<()> {
+    send.reserve_capacity(0);
+    match send.send_data(Bytes::new(), true) {
+        Ok(()) => Ok(()),
+        // A stream already closed (a user error to h2, with no reason) or reset has nothing more
+        // to end.
+        Err(err) if err.is_reset() || (!err.is_io() && err.reason().is_none()) => Ok(()),
+        Err(err) => Err(io_error(err)),
+    }
+}
+
+impl TunnelStream {
+    /// Joins the tunnel to a TCP connection and carries bytes both ways until both directions
+    /// have ended; returns the bytes carried from the socket into the tunnel and from the
+    /// tunnel to the socket. An end of one direction (EOF on the socket, END_STREAM on the
+    /// tunnel) is passed on as the same end on the other side, and the other direction goes on.
+    ///
+    /// A copy through the [`AsyncRead`] and [`AsyncWrite`] traits costs each byte one more copy
+    /// on each side: from the socket into a buffer and from there into a frame, and from a
+    /// received frame into a buffer and from there to the socket. Here the socket is read
+    /// straight into memory that becomes the DATA frame, and a received frame is written to the
+    /// socket from the memory h2 received it in.
+    pub async fn relay(self, tcp: &mut TcpStream) -> io::Result<(u64, u64)> {
+        let Self { mut send, mut recv, pending } = self;
+        let mut up = Upward { block: BytesMut::new(), queued: Bytes::new(), done: false, bytes: 0 };
+        let mut down = Downward { out: pending, ended: false, done: false, bytes: 0 };
+        std::future::poll_fn(|cx| {
+            if !up.done
+                && let Poll::Ready(result) = up.poll(cx, tcp, &mut send)
+            {
+                result?;
+                up.done = true;
+            }
+            if !down.done
+                && let Poll::Ready(result) = down.poll(cx, tcp, &mut recv)
+            {
+                result?;
+                down.done = true;
+            }
+            if up.done && down.done { Poll::Ready(Ok((up.bytes, down.bytes))) } else { Poll::Pending }
+        })
+        .await
+    }
+}
+
+/// The relay's socket-to-tunnel direction.
+struct Upward {
+    /// Memory the next read goes into; what a read fills is split off as a frame's payload.
+    block: BytesMut,
+    /// Read from the socket, not yet given to h2 for want of flow-control window.
+    queued: Bytes,
+    done: bool,
+    bytes: u64,
+}
+
+impl Upward {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        tcp: &TcpStream,
+        send: &mut SendStream<Bytes>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            while !self.queued.is_empty() {
+                send.reserve_capacity(self.queued.len().min(MAX_WRITE));
+                // `poll_capacity` reports increases only; what is already granted is `capacity`.
+                while send.capacity() == 0 {
+                    match ready!(send.poll_capacity(cx)) {
+                        Some(Ok(_)) => {}
+                        Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
+                        None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                    }
+                }
+                let n = send.capacity().min(self.queued.len());
+                send.send_data(self.queued.split_to(n), false).map_err(io_error)?;
+                self.bytes += n as u64;
+            }
+            if self.block.capacity() - self.block.len() < RELAY_MIN_READ {
+                // Takes the old block back if h2 has written and dropped every frame cut from
+                // it; otherwise allocates a new one.
+                self.block.reserve(RELAY_BLOCK);
+            }
+            ready!(tcp.poll_read_ready(cx))?;
+            match tcp.try_read_buf(&mut self.block) {
+                Ok(0) => return Poll::Ready(end_stream(send)),
+                Ok(_) => self.queued = self.block.split().freeze(),
+                // The readiness was stale; polling again registers for the next.
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+        }
+    }
+}
+
+/// The relay's tunnel-to-socket direction.
+struct Downward {
+    /// The rest of the last DATA frame, not yet written to the socket.
+    out: Bytes,
+    /// The tunnel has ended; what is left is to end the socket's sending side.
+    ended: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl Downward {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        tcp: &mut TcpStream,
+        recv: &mut RecvStream,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            while !self.out.is_empty() {
+                let n = ready!(Pin::new(&mut *tcp).poll_write(cx, &self.out))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.out.advance(n);
+                self.bytes += n as u64;
+            }
+            if self.ended {
+                return Pin::new(&mut *tcp).poll_shutdown(cx);
+            }
+            match ready!(recv.poll_data(cx)) {
+                Some(Ok(chunk)) => {
+                    // As in `poll_read`: the window goes back as soon as the frame is ours.
+                    let _ = recv.flow_control().release_capacity(chunk.len());
+                    self.out = chunk;
+                }
+                Some(Err(err)) if err.reason() == Some(h2::Reason::NO_ERROR) => self.ended = true,
+                Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
+                None => self.ended = true,
+            }
         }
     }
 }
@@ -150,8 +291,16 @@ mod tests {
         (0..len).map(|i| (i % modulus) as u8).collect()
     }
 
+    /// The two ends of a TCP connection on loopback.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind on loopback");
+        let addr = listener.local_addr().expect("bound address");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.expect("connect on loopback"), b.expect("accept on loopback").0)
+    }
+
     /// Writes `data`, ends the stream, and reads the other side to its end.
-    async fn exchange(stream: TunnelStream, data: Vec<u8>) -> Vec<u8> {
+    async fn exchange<S: AsyncRead + AsyncWrite>(stream: S, data: Vec<u8>) -> Vec<u8> {
         let (mut r, mut w) = tokio::io::split(stream);
         let write = async {
             w.write_all(&data).await.expect("write");
@@ -177,6 +326,114 @@ mod tests {
         .expect("the transfer stalled: flow-control windows are not coming back");
         assert!(at_server == up, "the server got {} of {} bytes, or others", at_server.len(), up.len());
         assert!(at_client == down, "the client got {} of {} bytes, or others", at_client.len(), down.len());
+    }
+
+    #[tokio::test]
+    async fn relay_carries_bulk_both_ways_and_counts_it() {
+        let (client, server) = pair().await;
+        let (pod, mut joined) = tcp_pair().await;
+        let relay = tokio::spawn(async move { server.relay(&mut joined).await });
+        let (up, down) = (pattern(3 << 20, 251), pattern(2 << 20, 241));
+        let (at_pod, at_client) = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            tokio::join!(exchange(pod, down.clone()), exchange(client, up.clone()))
+        })
+        .await
+        .expect("the transfer stalled");
+        assert!(at_pod == up, "the pod got {} of {} bytes, or others", at_pod.len(), up.len());
+        assert!(at_client == down, "the client got {} of {} bytes, or others", at_client.len(), down.len());
+        let counts = relay.await.expect("relay task").expect("the relay ends without an error");
+        assert_eq!(counts, (down.len() as u64, up.len() as u64), "(socket to tunnel, tunnel to socket)");
+    }
+
+    #[tokio::test]
+    async fn relay_keeps_small_messages_whole_and_in_order_across_its_blocks() {
+        let (mut client, server) = pair().await;
+        let (mut pod, mut joined) = tcp_pair().await;
+        let relay = tokio::spawn(async move { server.relay(&mut joined).await });
+        // Requests and answers of varied sizes, one at a time as keep-alive HTTP goes: each
+        // read by the relay takes the next part of its block, and 300 of them use up several.
+        let pod_side = async move {
+            let mut got = Vec::new();
+            for i in 0..300usize {
+                let mut request = vec![0u8; 100 + i * 7];
+                pod.read_exact(&mut request).await.expect("a whole request at the pod");
+                got.push(request);
+                pod.write_all(&pattern(1024 + i, 253 - i % 7)).await.expect("answer");
+            }
+            pod.shutdown().await.expect("pod ends");
+            let mut rest = Vec::new();
+            pod.read_to_end(&mut rest).await.expect("the client's end reaches the pod");
+            assert!(rest.is_empty(), "{} bytes more than the requests", rest.len());
+            got
+        };
+        let client_side = async move {
+            let mut got = Vec::new();
+            for i in 0..300usize {
+                client.write_all(&pattern(100 + i * 7, 250 - i % 5)).await.expect("request");
+                let mut answer = vec![0u8; 1024 + i];
+                client.read_exact(&mut answer).await.expect("a whole answer at the client");
+                got.push(answer);
+            }
+            client.shutdown().await.expect("client ends");
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.expect("the pod's end reaches the client");
+            assert!(rest.is_empty(), "{} bytes more than the answers", rest.len());
+            got
+        };
+        let (at_pod, at_client) = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            tokio::join!(pod_side, client_side)
+        })
+        .await
+        .expect("the exchange stalled");
+        for (i, (request, answer)) in at_pod.iter().zip(&at_client).enumerate() {
+            assert!(*request == pattern(100 + i * 7, 250 - i % 5), "request {i} arrived changed");
+            assert!(*answer == pattern(1024 + i, 253 - i % 7), "answer {i} arrived changed");
+        }
+        let counts = relay.await.expect("relay task").expect("the relay ends without an error");
+        let up: usize = (0..300).map(|i| 100 + i * 7).sum();
+        let down: usize = (0..300).map(|i| 1024 + i).sum();
+        assert_eq!(counts, (down as u64, up as u64), "(socket to tunnel, tunnel to socket)");
+    }
+
+    #[tokio::test]
+    async fn relay_passes_an_end_on_and_keeps_the_other_direction_open() {
+        let (client, server) = pair().await;
+        let (mut pod, mut joined) = tcp_pair().await;
+        let relay = tokio::spawn(async move { server.relay(&mut joined).await });
+        let (mut from_tunnel, mut to_tunnel) = tokio::io::split(client);
+        // The client says all it has to say and ends its side first: the pod must read that as
+        // EOF while the relay still runs, waiting on the pod's side.
+        to_tunnel.write_all(b"hello, and that is all").await.expect("client writes");
+        to_tunnel.shutdown().await.expect("client ends its side");
+        let mut at_pod = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(30), pod.read_to_end(&mut at_pod))
+            .await
+            .expect("the client's end must reach the pod")
+            .expect("the pod reads to the end");
+        assert_eq!(at_pod, b"hello, and that is all");
+        // The other direction still carries bytes, and its end reaches the client as the
+        // stream's end, not a reset.
+        pod.write_all(b"heard you").await.expect("pod writes after the client's end");
+        pod.shutdown().await.expect("pod ends");
+        let mut got = Vec::new();
+        from_tunnel.read_to_end(&mut got).await.expect("the client reads the pod's end as the end");
+        assert_eq!(got, b"heard you");
+        let counts = relay.await.expect("relay task").expect("the relay ends without an error");
+        assert_eq!(counts, (9, 22));
+    }
+
+    #[tokio::test]
+    async fn relay_ends_with_an_error_when_the_peer_resets_the_tunnel() {
+        let (mut client, server) = pair().await;
+        let (_pod, mut joined) = tcp_pair().await;
+        let relay = tokio::spawn(async move { server.relay(&mut joined).await });
+        client.send.send_reset(h2::Reason::INTERNAL_ERROR);
+        let result = tokio::time::timeout(std::time::Duration::from_secs(30), relay)
+            .await
+            .expect("a reset must end the relay")
+            .expect("relay task");
+        let err = result.expect_err("a reset is not a clean end");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
     }
 
     #[tokio::test]
