@@ -646,6 +646,71 @@ fn between_nodes_traffic_is_mutual_tls_with_spiffe_identities() {
     });
 }
 
+/// Opaque TCP to a pod on another node goes through both nodes' tunnel relays: a 3 MiB stream
+/// must arrive whole, the client's end (a half-close) must reach the pod while the way back is
+/// still open, and the answer must come back whole after it.
+#[test]
+fn a_tcp_stream_to_a_pod_on_another_node_arrives_whole_and_its_half_close_passes_through() {
+    if !require_privileged("tcp through the tunnel") {
+        return;
+    }
+    const PORT: u16 = 9100;
+    let mesh = CanaryMesh::start(&Canary::route(50, 50), &[1, 2]);
+    let (node1, node2) = (mesh.agent(1), mesh.agent(2));
+    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == "node2").expect("a backend on node2");
+    let listener = pod.run(|| std::net::TcpListener::bind((pod.ip, PORT))).expect("enter pod").expect("bind");
+    listener.set_nonblocking(true).expect("non-blocking accept");
+    // The pod reads to the client's end, then answers with what it got, reversed.
+    let server = std::thread::spawn(move || -> Result<usize, String> {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((conn, _)) => break conn,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => return Err(format!("no connection reached the pod: {e}")),
+            }
+        };
+        conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+        conn.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).map_err(|e| format!("reading to the client's end: {e}"))?;
+        got.reverse();
+        conn.write_all(&got).map_err(|e| format!("answering after the client's end: {e}"))?;
+        Ok(got.len())
+    });
+    let data: Vec<u8> = (0..3usize << 20).map(|i| (i % 251) as u8).collect();
+    let answer = mesh
+        .canary
+        .client
+        .run(|| -> std::io::Result<Vec<u8>> {
+            let mut conn = TcpStream::connect_timeout(&SocketAddr::from((pod.ip, PORT)), TIMEOUT)?;
+            conn.set_read_timeout(Some(TIMEOUT))?;
+            conn.set_write_timeout(Some(TIMEOUT))?;
+            conn.write_all(&data)?;
+            conn.shutdown(std::net::Shutdown::Write)?;
+            let mut answer = Vec::new();
+            conn.read_to_end(&mut answer)?;
+            Ok(answer)
+        })
+        .expect("enter client pod")
+        .expect("send, end, and read the answer to its end");
+    let at_pod = server.join().expect("pod thread").expect("the pod's side");
+    assert_eq!(at_pod, data.len(), "the pod got all the client sent");
+    assert_eq!(answer.len(), data.len(), "the client got the whole answer");
+    assert!(answer.iter().rev().eq(data.iter()), "the answer is the data reversed, byte for byte");
+    assert_eventually("node1 counts the tunnelled bytes both ways", TIMEOUT, || {
+        let o = node1.status().outbound;
+        (o.hbone_tunnels > 0 && o.bytes_sent >= data.len() as u64 && o.bytes_received >= data.len() as u64)
+            .then_some(())
+            .ok_or(format!("{o:?}"))
+    });
+    assert!(node2.status().outbound.inbound_tunnels > 0, "node2 accepted the tunnel");
+}
+
 #[test]
 fn header_routing_adds_a_header_only_on_matched_requests() {
     if !require_privileged("header-routing") {
