@@ -188,7 +188,7 @@ pub fn translate(store: &Store, opts: &Options) -> Translation {
         });
     }
 
-    let mut frontends = HashMap::new();
+    let mut frontends = gammaray_proxy::snapshot::FastMap::default();
     for ((ns, name), svc) in &store.services {
         let service = ObjectRef::new(ns, name);
         let Some(spec) = &svc.spec else { continue };

@@ -11,7 +11,6 @@
 //! ready, which it is again once the last response has been read to its end.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
@@ -28,6 +27,8 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
+
+use crate::snapshot::FastMap;
 
 use crate::{hbone, identity::Identity, stats::OutboundStats};
 
@@ -90,7 +91,7 @@ struct Conn<B> {
     used: Instant,
 }
 
-type Conns<B> = Mutex<HashMap<SocketAddr, Vec<Conn<B>>>>;
+type Conns<B> = Mutex<FastMap<SocketAddr, Vec<Conn<B>>>>;
 
 /// The body of a request the proxy forwards: the client's, or none, for a replay.
 pub type RequestBody = Either<Incoming, Empty<Bytes>>;
