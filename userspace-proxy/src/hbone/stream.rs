@@ -314,18 +314,29 @@ mod tests {
         tokio::join!(write, read).1
     }
 
-    #[tokio::test]
-    async fn bulk_both_ways_past_the_window_arrives_whole_and_ends_cleanly() {
-        let (client, server) = pair().await;
+    /// 3 MiB from the client's end and 2 MiB back from the far end at once, each side ending
+    /// its stream after writing; both must arrive whole. Returns the sizes sent (up, down).
+    async fn bulk_both_ways<A, B>(client: A, far: B) -> (usize, usize)
+    where
+        A: AsyncRead + AsyncWrite,
+        B: AsyncRead + AsyncWrite,
+    {
         let (up, down) = (pattern(3 << 20, 251), pattern(2 << 20, 241));
         // Bounded: a window never returned would stall the transfer, not end it.
-        let (at_server, at_client) = tokio::time::timeout(std::time::Duration::from_secs(30), async {
-            tokio::join!(exchange(server, down.clone()), exchange(client, up.clone()))
+        let (at_far, at_client) = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            tokio::join!(exchange(far, down.clone()), exchange(client, up.clone()))
         })
         .await
         .expect("the transfer stalled: flow-control windows are not coming back");
-        assert!(at_server == up, "the server got {} of {} bytes, or others", at_server.len(), up.len());
+        assert!(at_far == up, "the far end got {} of {} bytes, or others", at_far.len(), up.len());
         assert!(at_client == down, "the client got {} of {} bytes, or others", at_client.len(), down.len());
+        (up.len(), down.len())
+    }
+
+    #[tokio::test]
+    async fn bulk_both_ways_past_the_window_arrives_whole_and_ends_cleanly() {
+        let (client, server) = pair().await;
+        bulk_both_ways(client, server).await;
     }
 
     #[tokio::test]
@@ -333,16 +344,9 @@ mod tests {
         let (client, server) = pair().await;
         let (pod, mut joined) = tcp_pair().await;
         let relay = tokio::spawn(async move { server.relay(&mut joined).await });
-        let (up, down) = (pattern(3 << 20, 251), pattern(2 << 20, 241));
-        let (at_pod, at_client) = tokio::time::timeout(std::time::Duration::from_secs(30), async {
-            tokio::join!(exchange(pod, down.clone()), exchange(client, up.clone()))
-        })
-        .await
-        .expect("the transfer stalled");
-        assert!(at_pod == up, "the pod got {} of {} bytes, or others", at_pod.len(), up.len());
-        assert!(at_client == down, "the client got {} of {} bytes, or others", at_client.len(), down.len());
+        let (up, down) = bulk_both_ways(client, pod).await;
         let counts = relay.await.expect("relay task").expect("the relay ends without an error");
-        assert_eq!(counts, (down.len() as u64, up.len() as u64), "(socket to tunnel, tunnel to socket)");
+        assert_eq!(counts, (down as u64, up as u64), "(socket to tunnel, tunnel to socket)");
     }
 
     #[tokio::test]
