@@ -820,18 +820,41 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
     // Bulk TCP, one stream, through L4 (cross node: HBONE with mTLS), and through the floor.
     let pod_bulk = SocketAddr::from((web_a.ip, BULK_PORT));
     let mesh_bulk = SocketAddr::from((BULK, BULK_PORT));
-    let direct_cross = iperf(&iperf3, &clients["direct-1"], pod_bulk, plan.bulk_secs)?;
-    let mesh_cross = iperf(&iperf3, &clients["mesh-1"], mesh_bulk, plan.bulk_secs)?;
+    let floor_bulk = SocketAddr::from((world.relay, RELAY_BULK_PORT));
+    // What carrying a byte costs, at a rate both paths reach: saturation throughput says how
+    // fast, not at what cost, as the proxies share the two cores with iperf3's own ends. On
+    // this host the figure moves between runs by as much as throughput does (up to a quarter),
+    // so it is read against the floor's of the same run.
+    let bulk_cpu = |pids: &[u32], pod: &Pod, dst: SocketAddr| -> anyhow::Result<f64> {
+        let cpu0 = cpu_of(pids.iter().copied(), ticks);
+        let (_, bytes) = iperf_at(&iperf3, pod, dst, plan.bulk_secs, Some(BULK_FIXED_GBITS))?;
+        Ok((cpu_of(pids.iter().copied(), ticks) - cpu0) * 1000.0 / (bytes / 1e9))
+    };
+    // Medians of the runs, as for the requests, with the paths taking turns within each run so
+    // that a slow spell of the host's does not fall on one path only.
+    let mut bulk: [Vec<f64>; 7] = Default::default();
+    for _ in 0..plan.runs {
+        let figures = [
+            iperf(&iperf3, &clients["direct-1"], pod_bulk, plan.bulk_secs)?,
+            iperf(&iperf3, &clients["mesh-1"], mesh_bulk, plan.bulk_secs)?,
+            iperf(&iperf3, &clients["direct-1"], floor_bulk, plan.bulk_secs)?,
+            iperf(&iperf3, &clients["direct-2"], pod_bulk, plan.bulk_secs)?,
+            iperf(&iperf3, &clients["mesh-2"], mesh_bulk, plan.bulk_secs)?,
+            bulk_cpu(&agent_pids, &clients["mesh-1"], mesh_bulk)?,
+            bulk_cpu(&relay_pids, &clients["direct-1"], floor_bulk)?,
+        ];
+        for (all, figure) in bulk.iter_mut().zip(figures) {
+            all.push(figure);
+        }
+    }
+    let [direct_cross, mesh_cross, floor_cross, direct_same, mesh_same, mesh_per_gb, floor_per_gb] =
+        bulk.map(median);
     if profile {
         // A transfer of its own, as for the lanes above.
         let perf = Profile::start(&bench_dir, "bulk-cross", &agent_pids)?;
         iperf(&iperf3, &clients["mesh-1"], mesh_bulk, plan.bulk_secs)?;
         println!("bench: profile of bulk TCP cross node: {}", perf.finish()?.display());
     }
-    let floor_bulk = SocketAddr::from((world.relay, RELAY_BULK_PORT));
-    let floor_cross = iperf(&iperf3, &clients["direct-1"], floor_bulk, plan.bulk_secs)?;
-    let direct_same = iperf(&iperf3, &clients["direct-2"], pod_bulk, plan.bulk_secs)?;
-    let mesh_same = iperf(&iperf3, &clients["mesh-2"], mesh_bulk, plan.bulk_secs)?;
     println!(
         "bench: bulk TCP {direct_cross:.2} → {mesh_cross:.2} Gbit/s cross node (floor {floor_cross:.2}), {direct_same:.2} → {mesh_same:.2} same node"
     );
@@ -857,17 +880,6 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
         target: "",
     });
 
-    // What carrying a byte costs, at a rate both paths reach: saturation throughput says how
-    // fast, not at what cost, as the proxies share the two cores with iperf3's own ends. On
-    // this host the figure moves between runs by as much as throughput does (up to a quarter),
-    // so it is read against the floor's of the same run.
-    let bulk_cpu = |pids: &[u32], pod: &Pod, dst: SocketAddr| -> anyhow::Result<f64> {
-        let cpu0 = cpu_of(pids.iter().copied(), ticks);
-        let (_, bytes) = iperf_at(&iperf3, pod, dst, plan.bulk_secs, Some(BULK_FIXED_GBITS))?;
-        Ok((cpu_of(pids.iter().copied(), ticks) - cpu0) * 1000.0 / (bytes / 1e9))
-    };
-    let mesh_per_gb = bulk_cpu(&agent_pids, &clients["mesh-1"], mesh_bulk)?;
-    let floor_per_gb = bulk_cpu(&relay_pids, &clients["direct-1"], floor_bulk)?;
     println!(
         "bench: bulk TCP cross node at up to {BULK_FIXED_GBITS} Gbit/s: {mesh_per_gb:.0} ms of both proxies' CPU per GB (floor {floor_per_gb:.0})"
     );
