@@ -70,21 +70,47 @@ impl AsyncRead for TunnelStream {
                 self.pending.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(chunk)) => {
-                    // The window goes back to the peer as soon as the frame is ours: at most
-                    // one frame waits here.
-                    let _ = self.recv.flow_control().release_capacity(chunk.len());
-                    self.pending = chunk;
-                }
-                // A stream the peer reset with NO_ERROR after sending its last byte reads as
-                // the end.
-                Some(Err(err)) if err.reason() == Some(h2::Reason::NO_ERROR) => return Poll::Ready(Ok(())),
-                Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
+            match ready!(poll_frame(&mut self.recv, cx))? {
+                Some(chunk) => self.pending = chunk,
                 None => return Poll::Ready(Ok(())),
             }
         }
     }
+}
+
+/// The next DATA frame's payload, or `None` at the stream's end. The window goes back to the
+/// peer as soon as the frame is ours: at most one frame waits on this side.
+fn poll_frame(recv: &mut RecvStream, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+    Poll::Ready(match ready!(recv.poll_data(cx)) {
+        Some(Ok(chunk)) => {
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            Ok(Some(chunk))
+        }
+        // A stream the peer reset with NO_ERROR after sending its last byte reads as the end.
+        Some(Err(err)) if err.reason() == Some(h2::Reason::NO_ERROR) => Ok(None),
+        Some(Err(err)) => Err(io_error(err)),
+        None => Ok(None),
+    })
+}
+
+/// Waits for window to send up to `want` bytes (at most one of the tunnel's largest frames);
+/// returns how many may be sent now.
+fn poll_send_capacity(
+    send: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    let want = want.min(MAX_WRITE);
+    send.reserve_capacity(want);
+    // `poll_capacity` reports increases only; what is already granted is `capacity`.
+    while send.capacity() == 0 {
+        match ready!(send.poll_capacity(cx)) {
+            Some(Ok(_)) => {}
+            Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
+            None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+    Poll::Ready(Ok(send.capacity().min(want)))
 }
 
 impl AsyncWrite for TunnelStream {
@@ -92,17 +118,7 @@ impl AsyncWrite for TunnelStream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let want = buf.len().min(MAX_WRITE);
-        self.send.reserve_capacity(want);
-        // `poll_capacity` reports increases only; what is already granted is `capacity`.
-        while self.send.capacity() == 0 {
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            }
-        }
-        let n = self.send.capacity().min(want);
+        let n = ready!(poll_send_capacity(&mut self.send, cx, buf.len()))?;
         self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(io_error)?;
         Poll::Ready(Ok(n))
     }
@@ -182,16 +198,7 @@ impl Upward {
     ) -> Poll<io::Result<()>> {
         loop {
             while !self.queued.is_empty() {
-                send.reserve_capacity(self.queued.len().min(MAX_WRITE));
-                // `poll_capacity` reports increases only; what is already granted is `capacity`.
-                while send.capacity() == 0 {
-                    match ready!(send.poll_capacity(cx)) {
-                        Some(Ok(_)) => {}
-                        Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
-                        None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-                    }
-                }
-                let n = send.capacity().min(self.queued.len());
+                let n = ready!(poll_send_capacity(send, cx, self.queued.len()))?;
                 send.send_data(self.queued.split_to(n), false).map_err(io_error)?;
                 self.bytes += n as u64;
             }
@@ -241,14 +248,8 @@ impl Downward {
             if self.ended {
                 return Pin::new(&mut *tcp).poll_shutdown(cx);
             }
-            match ready!(recv.poll_data(cx)) {
-                Some(Ok(chunk)) => {
-                    // As in `poll_read`: the window goes back as soon as the frame is ours.
-                    let _ = recv.flow_control().release_capacity(chunk.len());
-                    self.out = chunk;
-                }
-                Some(Err(err)) if err.reason() == Some(h2::Reason::NO_ERROR) => self.ended = true,
-                Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
+            match ready!(poll_frame(recv, cx))? {
+                Some(chunk) => self.out = chunk,
                 None => self.ended = true,
             }
         }
