@@ -440,7 +440,7 @@ fn app_protocol(port: &ServicePort) -> AppProtocol {
 }
 
 /// Each node's InternalIP (else its first address).
-fn node_addresses(store: &Store) -> HashMap<String, IpAddr> {
+fn node_addresses(store: &Store) -> gammaray_proxy::snapshot::FastMap<String, IpAddr> {
     store
         .nodes
         .iter()

@@ -28,7 +28,7 @@ pub struct Snapshot {
     /// Meshed workloads by pod IP: who a client is, and where a pod runs.
     pub workloads: FastMap<IpAddr, Arc<Workload>>,
     /// Node addresses by node name: where another node's HBONE listener is.
-    pub nodes: HashMap<String, IpAddr>,
+    pub nodes: FastMap<String, IpAddr>,
 }
 
 impl Snapshot {

@@ -28,9 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::snapshot::FastMap;
-
-use crate::{hbone, identity::Identity, stats::OutboundStats};
+use crate::{hbone, identity::Identity, snapshot::FastMap, stats::OutboundStats};
 
 /// A connection unused this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
