@@ -33,9 +33,9 @@ fi
 # The pinned toolchain (rust-toolchain.toml names the same one).
 if ! rustup toolchain list | grep -q "^${TOOLCHAIN}"; then
   log "installing toolchain ${TOOLCHAIN}"
-  rustup toolchain install "${TOOLCHAIN}" --profile minimal -c rust-src -c rustfmt -c clippy
+  rustup toolchain install "${TOOLCHAIN}" --profile minimal -c rust-src -c rustfmt -c clippy -c llvm-tools
 else
-  for c in rust-src rustfmt clippy; do
+  for c in rust-src rustfmt clippy llvm-tools; do
     rustup component list --toolchain "${TOOLCHAIN}" --installed | grep -q "^${c}" \
       || rustup component add --toolchain "${TOOLCHAIN}" "$c"
   done

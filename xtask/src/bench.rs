@@ -536,23 +536,24 @@ fn log_filter() -> String {
 /// [`Build::AlreadyBuilt`] (`cargo xtask test`), runs the debug binaries the test build made: that
 /// run only checks that the harness works, and a release build would add minutes to CI for
 /// figures nobody reads there.
-pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
+///
+/// `pgo` (with [`Build::Now`]) builds the agent with profile-guided optimisation, as the image
+/// ships it ([`crate::pgo`]); without it the agent is a plain release build.
+pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Result<()> {
     require_privileges("the benchmarks")?;
     let plan = if quick { QUICK } else { FULL };
     let oha_bin = tool("oha")?;
     let iperf3 = tool("iperf3")?;
-    let debug_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
-    let target_dir = debug_bin.parent().and_then(Path::parent).context("target dir")?;
-    let bin_dir = match build {
+    let target_dir = crate::target_dir()?;
+    let target_dir = target_dir.as_path();
+    // Another build of the agent can stand in, for comparing two versions on the same machine.
+    let stand_in = std::env::var_os("GAMMARAY_BENCH_AGENT").map(PathBuf::from);
+    let (bin_dir, built_agent, agent_build) = match build {
         Build::Now => {
-            println!("bench: building the agent and the backend in release mode");
+            println!("bench: building the backend and the relay in release mode");
             crate::cargo_quiet(&[
                 "build",
                 "--release",
-                "-p",
-                "gammaray-agent",
-                "--bin",
-                "gammaray-agent",
                 "-p",
                 "gammaray-testkit",
                 "--bin",
@@ -560,21 +561,46 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
                 "--bin",
                 "bench-relay",
             ])?;
-            target_dir.join("release")
+            let bin_dir = target_dir.join("release");
+            if stand_in.is_some() {
+                (bin_dir, None, "the binary GAMMARAY_BENCH_AGENT names")
+            } else if pgo {
+                let built = crate::pgo::build(target_dir)?;
+                (
+                    bin_dir,
+                    Some(built.agent),
+                    "release build with profile-guided optimisation, as the image ships it",
+                )
+            } else {
+                println!("bench: building the agent in release mode, without profile-guided optimisation");
+                crate::cargo_quiet(&[
+                    "build",
+                    "--release",
+                    "-p",
+                    "gammaray-agent",
+                    "--bin",
+                    "gammaray-agent",
+                ])?;
+                let agent = bin_dir.join("gammaray-agent");
+                (bin_dir, Some(agent), "plain release build (--no-pgo)")
+            }
         }
         Build::AlreadyBuilt => {
             println!(
                 "bench: running the debug binaries built for the tests (figures say nothing about speed)"
             );
-            target_dir.join("debug")
+            let bin_dir = target_dir.join("debug");
+            let agent = bin_dir.join("gammaray-agent");
+            (bin_dir, Some(agent), "debug build")
         }
     };
-    // Another build of the agent can stand in, for comparing two versions on the same machine.
-    let agent_bin = std::env::var_os("GAMMARAY_BENCH_AGENT")
-        .map_or_else(|| bin_dir.join("gammaray-agent"), PathBuf::from);
-    if agent_bin != bin_dir.join("gammaray-agent") {
-        println!("bench: agent binary from GAMMARAY_BENCH_AGENT: {}", agent_bin.display());
-    }
+    let agent_bin = match stand_in {
+        Some(path) => {
+            println!("bench: agent binary from GAMMARAY_BENCH_AGENT: {}", path.display());
+            path
+        }
+        None => built_agent.context("no agent binary")?,
+    };
     let backend_bin = bin_dir.join("bench-backend");
     let relay_bin = bin_dir.join("bench-relay");
     for bin in [&agent_bin, &backend_bin, &relay_bin] {
@@ -1016,7 +1042,7 @@ pub fn run(quick: bool, profile: bool, build: Build) -> anyhow::Result<()> {
         });
     }
 
-    let report = render(&rows, quick, build, &plan);
+    let report = render(&rows, quick, build, &plan, agent_build);
     let dir = bench_dir;
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("report.md"), &report)?;
@@ -1081,7 +1107,7 @@ fn wakeup_cost(round_trips: usize) -> anyhow::Result<(f64, f64)> {
     Ok((ping_pong(round_trips, (0, 0))?, ping_pong(round_trips, (0, 1))?))
 }
 
-fn render(rows: &[Row], quick: bool, build: Build, plan: &Plan) -> String {
+fn render(rows: &[Row], quick: bool, build: Build, plan: &Plan, agent_build: &str) -> String {
     let mut s = String::from("# gammaray benchmarks\n\n");
     if build == Build::AlreadyBuilt {
         s.push_str(
@@ -1109,6 +1135,7 @@ fn render(rows: &[Row], quick: bool, build: Build, plan: &Plan) -> String {
             " (no access-log line per request; the deployed default, `info`, writes one)"
         }
     ));
+    s.push_str(&format!("Agent: {agent_build}.\n\n"));
     s.push_str("| figure | direct | measured | ratio | target |\n| --- | ---: | ---: | ---: | --- |\n");
     for r in rows {
         let (base, ratio) = match r.baseline {

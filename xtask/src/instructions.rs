@@ -21,17 +21,17 @@ const FEW: u64 = 200;
 const MANY: u64 = 1200;
 /// One row of the report: the harness's lane, what it is, and how it logs: the filter, and
 /// whether as JSON lines (`--log-json`).
-struct Lane {
-    name: &'static str,
-    what: &'static str,
-    rust_log: &'static str,
-    json: bool,
+pub struct Lane {
+    pub name: &'static str,
+    pub what: &'static str,
+    pub rust_log: &'static str,
+    pub json: bool,
 }
 
 /// The harness's lanes, the first one the baseline without proxies. `warn`, as the timed
 /// benchmark runs the agents, has no access log; the last two add it, as deployed (`info`), in
 /// text and in JSON.
-const LANES: [Lane; 6] = [
+pub const LANES: [Lane; 6] = [
     Lane { name: "direct", what: "client to backend, no proxy", rust_log: "warn", json: false },
     Lane {
         name: "l7-same",
@@ -65,17 +65,23 @@ const LANES: [Lane; 6] = [
     },
 ];
 
-pub fn run() -> anyhow::Result<()> {
+/// Counts on the profile-guided build with `pgo` (what the image ships), else on a plain
+/// release build.
+pub fn run(pgo: bool) -> anyhow::Result<()> {
     let version = Command::new("valgrind").arg("--version").output();
     anyhow::ensure!(
         version.is_ok_and(|v| v.status.success()),
         "valgrind (Debian's valgrind; scripts/setup.sh installs it) is needed for --instructions"
     );
-    println!("bench: building the request-cost harness in release mode");
-    crate::cargo_quiet(&["build", "--release", "-p", "gammaray-agent", "--example", "request_cost"])?;
-    let debug_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
-    let target_dir = debug_bin.parent().and_then(Path::parent).context("target dir")?;
-    let harness = target_dir.join("release/examples/request_cost");
+    let target_dir = crate::target_dir()?;
+    let (harness, build) = if pgo {
+        let harness = crate::pgo::build(&target_dir)?.harness;
+        (harness, "release build with profile-guided optimisation, trained on these lanes")
+    } else {
+        println!("bench: building the request-cost harness in release mode");
+        crate::cargo_quiet(&["build", "--release", "-p", "gammaray-agent", "--example", "request_cost"])?;
+        (target_dir.join("release/examples/request_cost"), "plain release build (--no-pgo)")
+    };
     let out_dir = target_dir.join("bench/callgrind");
     std::fs::create_dir_all(&out_dir)?;
 
@@ -89,7 +95,7 @@ pub fn run() -> anyhow::Result<()> {
         println!("bench: {} ({}{format}): {per_request} instructions per request", lane.name, lane.rust_log);
         rows.push((lane.name, lane.what, per_request));
     }
-    let report = render(&rows);
+    let report = render(&rows, build);
     let path = target_dir.join("bench/instructions.md");
     std::fs::write(&path, &report)?;
     println!("\n{report}\nbench: wrote {}", path.display());
@@ -144,11 +150,16 @@ fn summary(callgrind_out: &str) -> Option<u64> {
         .and_then(|n| n.split_whitespace().next()?.parse().ok())
 }
 
-fn render(rows: &[(&str, &str, u64)]) -> String {
+fn render(rows: &[(&str, &str, u64)], build: &str) -> String {
     let direct = rows.first().map_or(0, |r| r.2);
-    let mut md = String::from(
-        "# Instructions per request (callgrind)\n\nUser-space instructions of one keep-alive request (1 KiB response), client and backend included; the last column takes away the direct lane's, which leaves the proxies' own. Kernel work is not counted.\n\n| lane | path | instructions per request | proxies' share |\n| --- | --- | ---: | ---: |\n",
+    let mut md = String::from("# Instructions per request (callgrind)\n\n");
+    md.push_str(
+        "User-space instructions of one keep-alive request (1 KiB response), client and backend \
+         included; the last column takes away the direct lane's, which leaves the proxies' own. \
+         Kernel work is not counted.\n\n",
     );
+    let _ = writeln!(md, "Harness: {build}.\n");
+    md.push_str("| lane | path | instructions per request | proxies' share |\n| --- | --- | ---: | ---: |\n");
     for (lane, what, n) in rows {
         let proxies = if *lane == "direct" { "-".to_owned() } else { n.saturating_sub(direct).to_string() };
         let _ = writeln!(md, "| {lane} | {what} | {n} | {proxies} |");
@@ -167,7 +178,8 @@ mod tests {
 
     #[test]
     fn the_proxies_share_is_each_lane_less_the_direct_one() {
-        let md = super::render(&[("direct", "d", 25_000), ("l7-cross", "x", 103_000)]);
+        let md = super::render(&[("direct", "d", 25_000), ("l7-cross", "x", 103_000)], "a build");
+        assert!(md.contains("Harness: a build."), "{md}");
         assert!(md.contains("| direct | d | 25000 | - |"), "{md}");
         assert!(md.contains("| l7-cross | x | 103000 | 78000 |"), "{md}");
     }

@@ -1,10 +1,11 @@
-//! Project tasks: `cargo xtask demo | test | conformance | bench | lint`.
+//! Project tasks: `cargo xtask demo | test | conformance | bench | release | lint`.
 
 mod agents;
 mod bench;
 mod conformance;
 mod demo;
 mod instructions;
+mod pgo;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -47,7 +48,14 @@ enum Task {
         /// target/bench/instructions.md.
         #[arg(long, conflicts_with_all = ["quick", "profile"])]
         instructions: bool,
+        /// Build the agent as a plain release build, without profile-guided optimisation:
+        /// two release builds and a training run quicker, and not what the image ships.
+        #[arg(long)]
+        no_pgo: bool,
     },
+    /// Build the agent's release binary with profile-guided optimisation, as the image does;
+    /// prints its path.
+    Release,
     /// rustfmt check and clippy with warnings denied.
     Lint,
 }
@@ -61,10 +69,25 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(summary.failed == 0, "{} conformance cases failed", summary.failed);
             Ok(())
         }
-        Task::Bench { instructions: true, .. } => instructions::run(),
-        Task::Bench { quick, profile, .. } => bench::run(quick, profile, agents::Build::Now),
+        Task::Bench { instructions: true, no_pgo, .. } => instructions::run(!no_pgo),
+        Task::Bench { quick, profile, no_pgo, .. } => bench::run(quick, profile, agents::Build::Now, !no_pgo),
+        Task::Release => {
+            let built = pgo::build(&target_dir()?)?;
+            println!("{}", built.agent.display());
+            Ok(())
+        }
         Task::Lint => test::lint(),
     }
+}
+
+/// The workspace's target directory: the one xtask itself was built into.
+pub fn target_dir() -> anyhow::Result<std::path::PathBuf> {
+    let debug_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
+    Ok(debug_bin
+        .parent()
+        .and_then(std::path::Path::parent)
+        .ok_or_else(|| anyhow::anyhow!("no target dir"))?
+        .to_owned())
 }
 
 /// A cargo command as a plain shell would run it.
@@ -97,7 +120,12 @@ pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
 /// Runs cargo with `args`, showing its output only if it fails (the eBPF build's trampolined
 /// compiler lines are noise when all goes well).
 pub fn cargo_quiet(args: &[&str]) -> anyhow::Result<()> {
-    let out = cargo_command().args(args).output()?;
+    cargo_quiet_with(args, &[])
+}
+
+/// [`cargo_quiet`] with `env` set for cargo and what it runs.
+pub fn cargo_quiet_with(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> anyhow::Result<()> {
+    let out = cargo_command().args(args).envs(env.iter().copied()).output()?;
     if !out.status.success() {
         eprintln!("{}", String::from_utf8_lossy(&out.stderr));
         anyhow::bail!("`cargo {}` failed: {}", args.join(" "), out.status);

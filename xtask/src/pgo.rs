@@ -1,0 +1,151 @@
+//! Profile-guided release builds of the agent: `cargo xtask release`, and what `cargo xtask
+//! bench` measures unless told `--no-pgo`.
+//!
+//! The agent is built twice. The first build is instrumented (`-Cprofile-generate`), and its
+//! request-cost harness (`agent/examples/request_cost.rs`: two nodes' proxies, a client and a
+//! backend in one process on loopback) runs every lane that `--instructions` counts: a pod on
+//! the same node and on another one, L4 and L7, with no access log and with it in text and in
+//! JSON. That records which branches and calls the data path takes. The toolchain's
+//! llvm-profdata (the llvm-tools component, which scripts/setup.sh installs) merges the records,
+//! and the second build (`-Cprofile-use`) inlines and lays out the code by them: hot paths
+//! together, cold ones out of the way.
+//!
+//! The training needs no privileges and sends traffic only on loopback, so the image build
+//! (deploy/Dockerfile) runs it too. Each build has a target directory of its own under
+//! target/pgo: their compiler flags differ from the plain release build's, and sharing one
+//! directory would rebuild every crate at each switch.
+
+use std::{
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::Context as _;
+
+use crate::instructions::LANES;
+
+/// Requests per lane in the training run: enough for the steady state to outweigh start-up
+/// (certificates, handshakes), which the profile would otherwise overstate.
+const TRAINING_REQUESTS: u32 = 3000;
+
+/// The binaries of a profile-guided build.
+pub struct Built {
+    pub agent: PathBuf,
+    pub harness: PathBuf,
+}
+
+/// Builds the agent and the request-cost harness with profile-guided optimisation, under
+/// `target_dir`/pgo.
+pub fn build(target_dir: &Path) -> anyhow::Result<Built> {
+    let root = target_dir.join("pgo");
+    let profiles = root.join("profiles");
+    let merged = root.join("merged.profdata");
+    let profdata = llvm_profdata()?;
+
+    println!("pgo: building the instrumented request-cost harness (release)");
+    let generate = format!("-Cprofile-generate={}", profiles.display());
+    cargo_with_flags(
+        &root.join("generate"),
+        &generate,
+        &["build", "--release", "-p", "gammaray-agent", "--example", "request_cost"],
+    )?;
+    // The build scripts were instrumented too and wrote their records here while they ran.
+    if profiles.exists() {
+        std::fs::remove_dir_all(&profiles)?;
+    }
+    std::fs::create_dir_all(&profiles)?;
+
+    let harness = root.join("generate/release/examples/request_cost");
+    for lane in &LANES {
+        println!(
+            "pgo: training on {} ({}{})",
+            lane.name,
+            lane.rust_log,
+            if lane.json { ", JSON" } else { "" }
+        );
+        let run = Command::new(&harness)
+            .args([lane.name, &TRAINING_REQUESTS.to_string()])
+            .env("RUST_LOG", lane.rust_log)
+            .env("GAMMARAY_LOG_JSON", if lane.json { "1" } else { "0" })
+            .output()
+            .with_context(|| harness.display().to_string())?;
+        anyhow::ensure!(
+            run.status.success(),
+            "training run request_cost {} failed: {}\n{}",
+            lane.name,
+            run.status,
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    let records = std::fs::read_dir(&profiles)?.count();
+    anyhow::ensure!(records > 0, "the training runs wrote no profile into {}", profiles.display());
+
+    let merge = Command::new(&profdata)
+        .arg("merge")
+        .arg("-o")
+        .arg(&merged)
+        .arg(&profiles)
+        .output()
+        .with_context(|| profdata.display().to_string())?;
+    anyhow::ensure!(
+        merge.status.success(),
+        "llvm-profdata merge failed: {}\n{}",
+        merge.status,
+        String::from_utf8_lossy(&merge.stderr)
+    );
+
+    println!("pgo: building the agent and the harness with the profile (release)");
+    let using = format!("-Cprofile-use={}", merged.display());
+    cargo_with_flags(
+        &root.join("use"),
+        &using,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "gammaray-agent",
+            "--bin",
+            "gammaray-agent",
+            "--example",
+            "request_cost",
+        ],
+    )?;
+    let built = Built {
+        agent: root.join("use/release/gammaray-agent"),
+        harness: root.join("use/release/examples/request_cost"),
+    };
+    for bin in [&built.agent, &built.harness] {
+        anyhow::ensure!(bin.exists(), "{} is missing after the build", bin.display());
+    }
+    Ok(built)
+}
+
+/// Runs cargo with `args` into `target_dir`, every crate compiled with `rustflags`.
+fn cargo_with_flags(target_dir: &Path, rustflags: &str, args: &[&str]) -> anyhow::Result<()> {
+    crate::cargo_quiet_with(
+        args,
+        &[("CARGO_TARGET_DIR", target_dir.as_os_str()), ("RUSTFLAGS", OsStr::new(rustflags))],
+    )
+}
+
+/// The toolchain's own llvm-profdata: its profile format must be the one its LLVM reads.
+fn llvm_profdata() -> anyhow::Result<PathBuf> {
+    let rustc = |arg: &str| -> anyhow::Result<String> {
+        let out = Command::new("rustc").arg(arg).output().context("rustc")?;
+        anyhow::ensure!(out.status.success(), "rustc {arg}: {}", out.status);
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let sysroot = rustc("--print=sysroot")?;
+    let version = rustc("-vV")?;
+    let host =
+        version.lines().find_map(|l| l.strip_prefix("host: ")).context("no host line in `rustc -vV`")?;
+    let path = Path::new(sysroot.trim()).join("lib/rustlib").join(host.trim()).join("bin/llvm-profdata");
+    anyhow::ensure!(
+        path.exists(),
+        "{} is missing: the toolchain's llvm-tools component is needed for a profile-guided build \
+         (scripts/setup.sh installs it; `cargo xtask bench --no-pgo` builds without it)",
+        path.display()
+    );
+    Ok(path)
+}
