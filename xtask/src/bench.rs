@@ -573,14 +573,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
                 )
             } else {
                 println!("bench: building the agent in release mode, without profile-guided optimisation");
-                crate::cargo_quiet(&[
-                    "build",
-                    "--release",
-                    "-p",
-                    "gammaray-agent",
-                    "--bin",
-                    "gammaray-agent",
-                ])?;
+                crate::cargo_quiet(&crate::pgo::AGENT_RELEASE_BUILD)?;
                 let agent = bin_dir.join("gammaray-agent");
                 (bin_dir, Some(agent), "plain release build (--no-pgo)")
             }

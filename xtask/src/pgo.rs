@@ -29,6 +29,10 @@ use crate::instructions::LANES;
 /// (certificates, handshakes), which the profile would otherwise overstate.
 const TRAINING_REQUESTS: u32 = 3000;
 
+/// Cargo's arguments for a release build of the agent's binary.
+pub const AGENT_RELEASE_BUILD: [&str; 6] =
+    ["build", "--release", "-p", "gammaray-agent", "--bin", "gammaray-agent"];
+
 /// The binaries of a profile-guided build.
 pub struct Built {
     pub agent: PathBuf,
@@ -64,52 +68,41 @@ pub fn build(target_dir: &Path) -> anyhow::Result<Built> {
             lane.rust_log,
             if lane.json { ", JSON" } else { "" }
         );
-        let run = Command::new(&harness)
-            .args([lane.name, &TRAINING_REQUESTS.to_string()])
+        let mut run = Command::new(&harness);
+        run.args([lane.name, &TRAINING_REQUESTS.to_string()])
             .env("RUST_LOG", lane.rust_log)
-            .env("GAMMARAY_LOG_JSON", if lane.json { "1" } else { "0" })
-            .output()
-            .with_context(|| harness.display().to_string())?;
-        anyhow::ensure!(
-            run.status.success(),
-            "training run request_cost {} failed: {}\n{}",
-            lane.name,
-            run.status,
-            String::from_utf8_lossy(&run.stderr)
-        );
+            .env("GAMMARAY_LOG_JSON", if lane.json { "1" } else { "0" });
+        run_checked(run, &format!("training run request_cost {}", lane.name))?;
     }
     let records = std::fs::read_dir(&profiles)?.count();
     anyhow::ensure!(records > 0, "the training runs wrote no profile into {}", profiles.display());
 
-    let merge = Command::new(&profdata)
-        .arg("merge")
-        .arg("-o")
-        .arg(&merged)
-        .arg(&profiles)
-        .output()
-        .with_context(|| profdata.display().to_string())?;
-    anyhow::ensure!(
-        merge.status.success(),
-        "llvm-profdata merge failed: {}\n{}",
-        merge.status,
-        String::from_utf8_lossy(&merge.stderr)
-    );
+    let mut merge = Command::new(&profdata);
+    merge.arg("merge").arg("-o").arg(&merged).arg(&profiles);
+    run_checked(merge, "llvm-profdata merge")?;
+
+    // Named by its content, a new profile is a change of flags, which cargo rebuilds every crate
+    // for: none keeps the layout of an older profile.
+    let profile = {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::hash::DefaultHasher::new();
+        std::fs::read(&merged)?.hash(&mut hasher);
+        root.join(format!("profile-{:016x}.profdata", hasher.finish()))
+    };
+    for entry in std::fs::read_dir(&root)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "profdata") && path != merged && path != profile {
+            std::fs::remove_file(path)?;
+        }
+    }
+    std::fs::rename(&merged, &profile)?;
 
     println!("pgo: building the agent and the harness with the profile (release)");
-    let using = format!("-Cprofile-use={}", merged.display());
+    let using = format!("-Cprofile-use={}", profile.display());
     cargo_with_flags(
         &root.join("use"),
         &using,
-        &[
-            "build",
-            "--release",
-            "-p",
-            "gammaray-agent",
-            "--bin",
-            "gammaray-agent",
-            "--example",
-            "request_cost",
-        ],
+        &[&AGENT_RELEASE_BUILD[..], &["--example", "request_cost"]].concat(),
     )?;
     let built = Built {
         agent: root.join("use/release/gammaray-agent"),
@@ -119,6 +112,18 @@ pub fn build(target_dir: &Path) -> anyhow::Result<Built> {
         anyhow::ensure!(bin.exists(), "{} is missing after the build", bin.display());
     }
     Ok(built)
+}
+
+/// Runs `cmd` to its end, failing with `what` and its error output if it fails.
+fn run_checked(mut cmd: Command, what: &str) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("{what}: {}", cmd.get_program().display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 /// Runs cargo with `args` into `target_dir`, every crate compiled with `rustflags`.
