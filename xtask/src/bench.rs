@@ -546,9 +546,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     let iperf3 = tool("iperf3")?;
     let target_dir = crate::target_dir()?;
     let target_dir = target_dir.as_path();
-    // Another build of the agent can stand in, for comparing two versions on the same machine.
-    let stand_in = std::env::var_os("GAMMARAY_BENCH_AGENT").map(PathBuf::from);
-    let (bin_dir, built_agent, agent_build) = match build {
+    let bin_dir = match build {
         Build::Now => {
             println!("bench: building the backend and the relay in release mode");
             crate::cargo_quiet(&[
@@ -561,38 +559,31 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
                 "--bin",
                 "bench-relay",
             ])?;
-            let bin_dir = target_dir.join("release");
-            if stand_in.is_some() {
-                (bin_dir, None, "the binary GAMMARAY_BENCH_AGENT names")
-            } else if pgo {
-                let built = crate::pgo::build(target_dir)?;
-                (
-                    bin_dir,
-                    Some(built.agent),
-                    "release build with profile-guided optimisation, as the image ships it",
-                )
-            } else {
-                println!("bench: building the agent in release mode, without profile-guided optimisation");
-                crate::cargo_quiet(&crate::pgo::AGENT_RELEASE_BUILD)?;
-                let agent = bin_dir.join("gammaray-agent");
-                (bin_dir, Some(agent), "plain release build (--no-pgo)")
-            }
+            target_dir.join("release")
         }
         Build::AlreadyBuilt => {
             println!(
                 "bench: running the debug binaries built for the tests (figures say nothing about speed)"
             );
-            let bin_dir = target_dir.join("debug");
-            let agent = bin_dir.join("gammaray-agent");
-            (bin_dir, Some(agent), "debug build")
+            target_dir.join("debug")
         }
     };
-    let agent_bin = match stand_in {
-        Some(path) => {
-            println!("bench: agent binary from GAMMARAY_BENCH_AGENT: {}", path.display());
-            path
+    // Another build of the agent can stand in, for comparing two versions on the same machine.
+    let (agent_bin, agent_build) = match (std::env::var_os("GAMMARAY_BENCH_AGENT"), build) {
+        (Some(path), _) => {
+            println!("bench: agent binary from GAMMARAY_BENCH_AGENT: {}", Path::new(&path).display());
+            (PathBuf::from(path), "the binary GAMMARAY_BENCH_AGENT names")
         }
-        None => built_agent.context("no agent binary")?,
+        (None, Build::AlreadyBuilt) => (bin_dir.join("gammaray-agent"), "debug build"),
+        (None, Build::Now) if pgo => (
+            crate::pgo::build(target_dir)?.agent,
+            "release build with profile-guided optimisation, as the image ships it",
+        ),
+        (None, Build::Now) => {
+            println!("bench: building the agent in release mode, without profile-guided optimisation");
+            crate::cargo_quiet(&crate::pgo::AGENT_RELEASE_BUILD)?;
+            (bin_dir.join("gammaray-agent"), "plain release build (--no-pgo)")
+        }
     };
     let backend_bin = bin_dir.join("bench-backend");
     let relay_bin = bin_dir.join("bench-relay");

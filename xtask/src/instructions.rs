@@ -104,8 +104,7 @@ pub fn run(pgo: bool) -> anyhow::Result<()> {
 
 /// Runs the debug build of the harness, which the test build made, on every lane.
 pub fn check_harness() -> anyhow::Result<()> {
-    let debug_bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
-    let harness = debug_bin.parent().context("target dir")?.join("examples/request_cost");
+    let harness = crate::target_dir()?.join("debug/examples/request_cost");
     let run =
         Command::new(&harness).args(["all", "20"]).output().with_context(|| harness.display().to_string())?;
     print!("{}", String::from_utf8_lossy(&run.stdout));
