@@ -12,9 +12,11 @@
 //! covers it.
 //!
 //! Usage: `request_cost LANE REQUESTS`, LANE one of `direct`, `l4-cross`, `l7-cross`,
-//! `l7-same`, or `all` to run each lane once (a check that the harness works). Every response
-//! is checked: status 200 and a 1 KiB body, or the run fails. RUST_LOG sets the log filter
-//! (`warn` by default) and `GAMMARAY_LOG_JSON=1` logs JSON lines, as they do for the agent.
+//! `l7-same`, `direct-64k`, `l7-cross-64k`, `grpc-direct`, `grpc-cross`, or `all` to run each
+//! lane once (a check that the harness works). Every response is checked, or the run fails:
+//! status 200 and a body of 1 KiB (64 KiB on the `-64k` lanes); for gRPC, one message of 1 KiB
+//! and `grpc-status: 0` in the trailers. RUST_LOG sets the log filter (`warn` by default) and
+//! `GAMMARAY_LOG_JSON=1` logs JSON lines, as they do for the agent.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -35,13 +37,24 @@ use gammaray_proxy::{
     outbound,
     stats::OutboundStats,
 };
-use http_body_util::{BodyExt as _, Empty, Full};
-use hyper::{Request, Response, body::Incoming};
-use hyper_util::rt::TokioIo;
+use http_body_util::{BodyExt as _, Empty, Full, StreamBody};
+use hyper::{
+    Request, Response,
+    body::{Frame, Incoming},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpSocket};
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const BODY_LEN: usize = 1024;
+/// The response body of the `-64k` lanes: past one TLS record and one HTTP/2 frame, so a body
+/// streams through the proxies in pieces.
+const LARGE_BODY_LEN: usize = 64 * 1024;
+/// The path the backend answers with [`LARGE_BODY_LEN`] bytes.
+const LARGE_PATH: &str = "/64k";
+/// The gRPC method the gRPC lanes call, and the message each call sends.
+const GRPC_PATH: &str = "/bench.Echo/Call";
+const GRPC_REQUEST_LEN: usize = 128;
 /// Requests before the counted ones: connections, pools and TLS sessions are set up by then.
 const WARM_UP: u64 = 50;
 /// Bounds every request, so a broken path fails the run instead of hanging it.
@@ -58,10 +71,28 @@ enum Lane {
     L7Cross,
     /// A Service with HTTP routing to a pod on node A: no HBONE.
     L7Same,
+    /// As `Direct`, for 64 KiB responses: the baseline of `L7Cross64k`.
+    Direct64k,
+    /// As `L7Cross`, for 64 KiB responses.
+    L7Cross64k,
+    /// Unary gRPC calls (h2c) straight to the backend on node B: the baseline of `GrpcCross`.
+    GrpcDirect,
+    /// Unary gRPC calls to a Service whose GRPCRoute splits 50/50 to pods on node B: HTTP/2 from
+    /// the client, and HTTP/2 to the pod inside the HBONE tunnel.
+    GrpcCross,
 }
 
 impl Lane {
-    const ALL: [Lane; 4] = [Lane::Direct, Lane::L4Cross, Lane::L7Cross, Lane::L7Same];
+    const ALL: [Lane; 8] = [
+        Lane::Direct,
+        Lane::L4Cross,
+        Lane::L7Cross,
+        Lane::L7Same,
+        Lane::Direct64k,
+        Lane::L7Cross64k,
+        Lane::GrpcDirect,
+        Lane::GrpcCross,
+    ];
 
     fn parse(name: &str) -> anyhow::Result<Self> {
         Ok(match name {
@@ -69,8 +100,28 @@ impl Lane {
             "l4-cross" => Lane::L4Cross,
             "l7-cross" => Lane::L7Cross,
             "l7-same" => Lane::L7Same,
-            other => bail!("unknown lane {other:?}: direct, l4-cross, l7-cross, l7-same or all"),
+            "direct-64k" => Lane::Direct64k,
+            "l7-cross-64k" => Lane::L7Cross64k,
+            "grpc-direct" => Lane::GrpcDirect,
+            "grpc-cross" => Lane::GrpcCross,
+            other => bail!(
+                "unknown lane {other:?}: direct, l4-cross, l7-cross, l7-same, direct-64k, l7-cross-64k, \
+                 grpc-direct, grpc-cross or all"
+            ),
         })
+    }
+
+    fn grpc(self) -> bool {
+        matches!(self, Lane::GrpcDirect | Lane::GrpcCross)
+    }
+
+    /// The path each request asks for, and the body length the answer must have.
+    fn request(self) -> (&'static str, usize) {
+        match self {
+            Lane::Direct64k | Lane::L7Cross64k => (LARGE_PATH, LARGE_BODY_LEN),
+            Lane::GrpcDirect | Lane::GrpcCross => (GRPC_PATH, 5 + BODY_LEN),
+            _ => ("/", BODY_LEN),
+        }
     }
 }
 
@@ -86,9 +137,13 @@ struct World {
 }
 
 const BACKEND_PORT: u16 = 8080;
+/// The backend's HTTP/2 (h2c) port, for the gRPC lanes; HTTP/1.1 stays alone on its own port,
+/// so its lanes count the same work as before these were added.
+const BACKEND_H2_PORT: u16 = 8081;
 const WEB_L4: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
 const WEB_L7: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 80);
 const WEB_SAME: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 14), 80);
+const GRPC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 15), 80);
 
 impl World {
     fn new() -> Self {
@@ -123,30 +178,44 @@ impl World {
                 "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: bench, uid: uid-{name}}}\nspec: {{nodeName: {node}, serviceAccountName: {name}, containers: [{{name: app, image: app}}]}}\nstatus: {{phase: Running, podIP: '{ip}', podIPs: [{{ip: '{ip}'}}]}}\n"
             ));
         }
-        for (name, vip, proto, pods) in [
-            ("web-l4", *WEB_L4.ip(), "", vec![("web-b1", "node-b", self.web_b1)]),
+        const H2C: &str = ", appProtocol: kubernetes.io/h2c";
+        let (b1, b2) = (vec![("web-b1", "node-b", self.web_b1)], vec![("web-b2", "node-b", self.web_b2)]);
+        for (name, vip, proto, port, pods) in [
+            ("web-l4", *WEB_L4.ip(), "", BACKEND_PORT, vec![("web-b1", "node-b", self.web_b1)]),
             (
                 "web",
                 *WEB_L7.ip(),
                 ", appProtocol: http",
+                BACKEND_PORT,
                 vec![("web-b1", "node-b", self.web_b1), ("web-b2", "node-b", self.web_b2)],
             ),
             (
                 "web-v1",
                 Ipv4Addr::new(10, 96, 0, 12),
                 ", appProtocol: http",
+                BACKEND_PORT,
                 vec![("web-b1", "node-b", self.web_b1)],
             ),
             (
                 "web-v2",
                 Ipv4Addr::new(10, 96, 0, 13),
                 ", appProtocol: http",
+                BACKEND_PORT,
                 vec![("web-b2", "node-b", self.web_b2)],
             ),
-            ("web-same", *WEB_SAME.ip(), ", appProtocol: http", vec![("web-a", "node-a", self.web_a)]),
+            (
+                "web-same",
+                *WEB_SAME.ip(),
+                ", appProtocol: http",
+                BACKEND_PORT,
+                vec![("web-a", "node-a", self.web_a)],
+            ),
+            ("grpc", *GRPC.ip(), H2C, BACKEND_H2_PORT, [b1.clone(), b2.clone()].concat()),
+            ("grpc-v1", Ipv4Addr::new(10, 96, 0, 16), H2C, BACKEND_H2_PORT, b1),
+            ("grpc-v2", Ipv4Addr::new(10, 96, 0, 17), H2C, BACKEND_H2_PORT, b2),
         ] {
             y.push_str(&format!(
-                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec: {{clusterIP: '{vip}', ports: [{{name: http, port: 80, targetPort: {BACKEND_PORT}{proto}}}]}}\n"
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec: {{clusterIP: '{vip}', ports: [{{name: http, port: 80, targetPort: {port}{proto}}}]}}\n"
             ));
             let endpoints: Vec<String> = pods
                 .iter()
@@ -157,27 +226,32 @@ impl World {
                 })
                 .collect();
             y.push_str(&format!(
-                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: bench, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}}}]\nendpoints: [{}]\n",
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: bench, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints: [{}]\n",
                 endpoints.join(", ")
             ));
         }
         y.push_str(
             "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-split, namespace: bench}\nspec:\n  parentRefs: [{group: '', kind: Service, name: web, port: 80}]\n  rules:\n  - backendRefs: [{name: web-v1, port: 80, weight: 50}, {name: web-v2, port: 80, weight: 50}]\n",
         );
+        y.push_str(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: grpc-split, namespace: bench}\nspec:\n  parentRefs: [{group: '', kind: Service, name: grpc, port: 80}]\n  rules:\n  - matches: [{method: {service: bench.Echo, method: Call}}]\n    backendRefs: [{name: grpc-v1, port: 80, weight: 50}, {name: grpc-v2, port: 80, weight: 50}]\n",
+        );
         y
     }
 }
 
-/// An HTTP/1.1 backend answering every request with 1 KiB.
+/// The backend of a pod: HTTP/1.1 on [`BACKEND_PORT`], answering [`LARGE_PATH`] with 64 KiB and
+/// every other path with 1 KiB, and gRPC over h2c on [`BACKEND_H2_PORT`].
 async fn backend(ip: Ipv4Addr) -> anyhow::Result<()> {
     let listener = TcpListener::bind((ip, BACKEND_PORT)).await.with_context(|| format!("bind {ip}"))?;
-    let body = Bytes::from(vec![b'x'; BODY_LEN]);
+    let small = Bytes::from(vec![b'x'; BODY_LEN]);
+    let large = Bytes::from(vec![b'x'; LARGE_BODY_LEN]);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let _ = stream.set_nodelay(true);
-            let body = body.clone();
-            let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
-                let body = body.clone();
+            let (small, large) = (small.clone(), large.clone());
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let body = if req.uri().path() == LARGE_PATH { large.clone() } else { small.clone() };
                 async move { Ok::<_, std::convert::Infallible>(Response::new(Full::new(body))) }
             });
             tokio::spawn(
@@ -185,7 +259,55 @@ async fn backend(ip: Ipv4Addr) -> anyhow::Result<()> {
             );
         }
     });
+    let listener = TcpListener::bind((ip, BACKEND_H2_PORT)).await.with_context(|| format!("bind {ip}"))?;
+    let message = grpc_message(BODY_LEN);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let message = message.clone();
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let message = message.clone();
+                async move { grpc_answer(req, message).await }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
     Ok(())
+}
+
+/// One gRPC message of `len` bytes: the uncompressed flag, the length, the payload.
+fn grpc_message(len: usize) -> Bytes {
+    let mut message = Vec::with_capacity(5 + len);
+    message.push(0);
+    message.extend_from_slice(&u32::try_from(len).expect("a small message").to_be_bytes());
+    message.resize(5 + len, b'x');
+    message.into()
+}
+
+type GrpcBody = StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, hyper::Error>>>>;
+
+/// A unary call's answer: reads the request message, then sends `message` and `grpc-status: 0`
+/// in the trailers, as a gRPC server does; a request of the wrong method or shape gets
+/// `grpc-status: 12` (unimplemented) or `3` (invalid argument), which the client fails on.
+async fn grpc_answer(req: Request<Incoming>, message: Bytes) -> Result<Response<GrpcBody>, hyper::Error> {
+    let path_ok = req.uri().path() == GRPC_PATH;
+    let body = req.into_body().collect().await?.to_bytes();
+    let status = match (path_ok, body.len() == 5 + GRPC_REQUEST_LEN) {
+        (false, _) => "12",
+        (true, false) => "3",
+        (true, true) => "0",
+    };
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static(status));
+    let frames = vec![Ok(Frame::data(message)), Ok(Frame::trailers(trailers))];
+    let mut response = Response::new(StreamBody::new(futures::stream::iter(frames)));
+    response
+        .headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/grpc"));
+    Ok(response)
 }
 
 /// The two nodes' proxies, serving on `world`'s addresses.
@@ -202,7 +324,23 @@ async fn proxies(world: &World) -> anyhow::Result<Proxies> {
     let mut store = Store::default();
     let applied = store.apply_yaml(&world.objects());
     ensure!(applied.errors.is_empty(), "objects: {:?}", applied.errors);
-    let snapshot = translate(&store, &Options { trust_domain: TRUST_DOMAIN.into(), version: 1 }).snapshot;
+    let translation = translate(&store, &Options { trust_domain: TRUST_DOMAIN.into(), version: 1 });
+    // Both routes must be in force: a rejected one would leave its Service to plain balancing,
+    // and its lane would count the wrong path while every answer still checked out.
+    ensure!(translation.statuses.len() == 2, "routes: {:?}", translation.statuses);
+    for route in &translation.statuses {
+        for parent in &route.parents {
+            for type_ in ["Accepted", "ResolvedRefs"] {
+                let condition = parent.condition(type_);
+                ensure!(
+                    condition.is_some_and(|c| c.status == "True"),
+                    "route {}: {type_} is {condition:?}",
+                    route.route
+                );
+            }
+        }
+    }
+    let snapshot = translation.snapshot;
     let (publish, snapshot) = tokio::sync::watch::channel(Arc::new(snapshot));
     let authority = Arc::new(Authority::generate(TRUST_DOMAIN)?);
 
@@ -239,21 +377,27 @@ async fn proxies(world: &World) -> anyhow::Result<Proxies> {
     Ok(Proxies { outbound: addr, table, _snapshot: publish })
 }
 
-/// Sends `requests` GETs on one keep-alive connection and checks every answer.
+/// Sends `requests` requests on one keep-alive connection (GETs, or unary gRPC calls on the
+/// gRPC lanes) and checks every answer.
 async fn client(world: &World, lane: Lane, proxies: &Proxies, requests: u64) -> anyhow::Result<()> {
     let (proxy, table) = (proxies.outbound, &proxies.table);
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(IpAddr::V4(world.client), 0))?;
     let SocketAddr::V4(local) = socket.local_addr()? else { bail!("the client socket is IPv4") };
     let (dial, host) = match lane {
-        Lane::Direct => (SocketAddr::new(IpAddr::V4(world.web_b1), BACKEND_PORT), "web-b1"),
+        Lane::Direct | Lane::Direct64k => (SocketAddr::new(IpAddr::V4(world.web_b1), BACKEND_PORT), "web-b1"),
+        Lane::GrpcDirect => (SocketAddr::new(IpAddr::V4(world.web_b1), BACKEND_H2_PORT), "web-b1"),
         Lane::L4Cross => {
             table.insert(local, WEB_L4);
             (proxy, "web-l4")
         }
-        Lane::L7Cross => {
+        Lane::L7Cross | Lane::L7Cross64k => {
             table.insert(local, WEB_L7);
             (proxy, "web")
+        }
+        Lane::GrpcCross => {
+            table.insert(local, GRPC);
+            (proxy, "grpc")
         }
         Lane::L7Same => {
             table.insert(local, WEB_SAME);
@@ -262,10 +406,20 @@ async fn client(world: &World, lane: Lane, proxies: &Proxies, requests: u64) -> 
     };
     let stream = socket.connect(dial).await.with_context(|| format!("connect to {dial}"))?;
     stream.set_nodelay(true)?;
+    if lane.grpc() {
+        grpc_calls(stream, lane, host, requests).await
+    } else {
+        gets(stream, lane, host, requests).await
+    }
+}
+
+/// HTTP/1.1 GETs of the lane's path.
+async fn gets(stream: tokio::net::TcpStream, lane: Lane, host: &str, requests: u64) -> anyhow::Result<()> {
+    let (path, want) = lane.request();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     for i in 0..requests {
-        let request = Request::get("/").header("host", host).body(Empty::<Bytes>::new())?;
+        let request = Request::get(path).header("host", host).body(Empty::<Bytes>::new())?;
         let answer = async {
             sender.ready().await?;
             let response = sender.send_request(request).await?;
@@ -276,7 +430,44 @@ async fn client(world: &World, lane: Lane, proxies: &Proxies, requests: u64) -> 
         let (status, len) = tokio::time::timeout(REQUEST_TIMEOUT, answer)
             .await
             .with_context(|| format!("{lane:?}: request {i} timed out"))??;
-        ensure!(status == 200 && len == BODY_LEN, "{lane:?}: request {i} got {status} with {len} bytes");
+        ensure!(status == 200 && len == want, "{lane:?}: request {i} got {status} with {len} bytes");
+    }
+    Ok(())
+}
+
+/// Unary gRPC calls over h2c, one stream after the other on one connection.
+async fn grpc_calls(
+    stream: tokio::net::TcpStream,
+    lane: Lane,
+    host: &str,
+    requests: u64,
+) -> anyhow::Result<()> {
+    let (path, want) = lane.request();
+    let uri = format!("http://{host}{path}");
+    let message = grpc_message(GRPC_REQUEST_LEN);
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    for i in 0..requests {
+        let request = Request::post(uri.as_str())
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(message.clone()))?;
+        let answer = async {
+            sender.ready().await?;
+            let response = sender.send_request(request).await?;
+            let status = response.status();
+            let body = response.into_body().collect().await?;
+            let grpc_status = body.trailers().and_then(|t| t.get("grpc-status")).cloned();
+            anyhow::Ok((status, grpc_status, body.to_bytes().len()))
+        };
+        let (status, grpc_status, len) = tokio::time::timeout(REQUEST_TIMEOUT, answer)
+            .await
+            .with_context(|| format!("{lane:?}: call {i} timed out"))??;
+        ensure!(
+            status == 200 && grpc_status.as_ref().is_some_and(|s| s == "0") && len == want,
+            "{lane:?}: call {i} got {status}, grpc-status {grpc_status:?}, with {len} bytes"
+        );
     }
     Ok(())
 }
@@ -300,7 +491,10 @@ async fn run(lanes: &[Lane], requests: u64) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [lane, requests] = args.as_slice() else {
-        bail!("usage: request_cost direct|l4-cross|l7-cross|l7-same|all REQUESTS");
+        bail!(
+            "usage: request_cost direct|l4-cross|l7-cross|l7-same|direct-64k|l7-cross-64k|grpc-direct|grpc-cross|all \
+             REQUESTS"
+        );
     };
     let lanes = match lane.as_str() {
         "all" => Lane::ALL.to_vec(),

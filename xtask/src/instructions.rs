@@ -19,49 +19,91 @@ use anyhow::Context as _;
 
 const FEW: u64 = 200;
 const MANY: u64 = 1200;
-/// One row of the report: the harness's lane, what it is, and how it logs: the filter, and
-/// whether as JSON lines (`--log-json`).
+/// One row of the report: the harness's lane, what it is, the lane without proxies that its
+/// proxies' share is measured against (itself for such a lane), and how it logs: the filter,
+/// and whether as JSON lines (`--log-json`).
 pub struct Lane {
     pub name: &'static str,
     pub what: &'static str,
+    pub baseline: &'static str,
     pub rust_log: &'static str,
     pub json: bool,
 }
 
-/// The harness's lanes, the first one the baseline without proxies. `warn`, as the timed
-/// benchmark runs the agents, has no access log; the last two add it, as deployed (`info`), in
-/// text and in JSON.
-pub const LANES: [Lane; 6] = [
-    Lane { name: "direct", what: "client to backend, no proxy", rust_log: "warn", json: false },
+/// The harness's lanes; each baseline comes before the lanes measured against it. `warn`, as
+/// the timed benchmark runs the agents, has no access log; two lanes add it, as deployed
+/// (`info`), in text and in JSON. The profile-guided build trains on all of them, so they are
+/// also what its profile calls hot.
+pub const LANES: [Lane; 10] = [
+    Lane {
+        name: "direct",
+        what: "client to backend, no proxy",
+        baseline: "direct",
+        rust_log: "warn",
+        json: false,
+    },
     Lane {
         name: "l7-same",
         what: "HTTPRoute to a pod on the client's node (one proxy)",
+        baseline: "direct",
         rust_log: "warn",
         json: false,
     },
     Lane {
         name: "l4-cross",
         what: "TCP to a pod on another node (two proxies, HBONE)",
+        baseline: "direct",
         rust_log: "warn",
         json: false,
     },
     Lane {
         name: "l7-cross",
         what: "HTTPRoute 50/50 to pods on another node (two proxies, HBONE)",
+        baseline: "direct",
         rust_log: "warn",
         json: false,
     },
     Lane {
         name: "l7-cross",
         what: "the same with the access log (RUST_LOG=info, the deployed default)",
+        baseline: "direct",
         rust_log: "info",
         json: false,
     },
     Lane {
         name: "l7-cross",
         what: "the same with the access log as JSON lines (--log-json)",
+        baseline: "direct",
         rust_log: "info",
         json: true,
+    },
+    Lane {
+        name: "direct-64k",
+        what: "client to backend, no proxy, 64 KiB responses",
+        baseline: "direct-64k",
+        rust_log: "warn",
+        json: false,
+    },
+    Lane {
+        name: "l7-cross-64k",
+        what: "HTTPRoute 50/50 to pods on another node, 64 KiB responses",
+        baseline: "direct-64k",
+        rust_log: "warn",
+        json: false,
+    },
+    Lane {
+        name: "grpc-direct",
+        what: "unary gRPC calls (h2c) to the backend, no proxy",
+        baseline: "grpc-direct",
+        rust_log: "warn",
+        json: false,
+    },
+    Lane {
+        name: "grpc-cross",
+        what: "GRPCRoute 50/50 to pods on another node (HTTP/2 in the HBONE tunnel)",
+        baseline: "grpc-direct",
+        rust_log: "warn",
+        json: false,
     },
 ];
 
@@ -93,7 +135,7 @@ pub fn run(pgo: bool) -> anyhow::Result<()> {
         let per_request = (many - few) / (MANY - FEW);
         let format = if lane.json { ", JSON" } else { "" };
         println!("bench: {} ({}{format}): {per_request} instructions per request", lane.name, lane.rust_log);
-        rows.push((lane.name, lane.what, per_request));
+        rows.push(Row { lane: lane.name, what: lane.what, baseline: lane.baseline, per_request });
     }
     let report = render(&rows, build);
     let path = target_dir.join("bench/instructions.md");
@@ -149,18 +191,31 @@ fn summary(callgrind_out: &str) -> Option<u64> {
         .and_then(|n| n.split_whitespace().next()?.parse().ok())
 }
 
-fn render(rows: &[(&str, &str, u64)], build: &str) -> String {
-    let direct = rows.first().map_or(0, |r| r.2);
+/// One lane's count, as the report shows it.
+struct Row {
+    lane: &'static str,
+    what: &'static str,
+    baseline: &'static str,
+    per_request: u64,
+}
+
+fn render(rows: &[Row], build: &str) -> String {
     let mut md = String::from("# Instructions per request (callgrind)\n\n");
     md.push_str(
-        "User-space instructions of one keep-alive request (1 KiB response), client and backend \
-         included; the last column takes away the direct lane's, which leaves the proxies' own. \
-         Kernel work is not counted.\n\n",
+        "User-space instructions of one keep-alive request or unary gRPC call (1 KiB response \
+         unless the lane says otherwise), client and backend included; the last column takes \
+         away the count of the same request without proxies (the lane named in brackets), \
+         which leaves the proxies' own. Kernel work is not counted.\n\n",
     );
     let _ = writeln!(md, "Harness: {build}.\n");
     md.push_str("| lane | path | instructions per request | proxies' share |\n| --- | --- | ---: | ---: |\n");
-    for (lane, what, n) in rows {
-        let proxies = if *lane == "direct" { "-".to_owned() } else { n.saturating_sub(direct).to_string() };
+    for row in rows {
+        let Row { lane, what, baseline, per_request: n } = row;
+        let proxies = match rows.iter().find(|r| r.lane == *baseline) {
+            _ if lane == baseline => "-".to_owned(),
+            Some(base) => format!("{} ({baseline})", n.saturating_sub(base.per_request)),
+            None => format!("no {baseline} lane"),
+        };
         let _ = writeln!(md, "| {lane} | {what} | {n} | {proxies} |");
     }
     md
@@ -176,10 +231,35 @@ mod tests {
     }
 
     #[test]
-    fn the_proxies_share_is_each_lane_less_the_direct_one() {
-        let md = super::render(&[("direct", "d", 25_000), ("l7-cross", "x", 103_000)], "a build");
+    fn the_proxies_share_is_each_lane_less_its_baseline() {
+        use super::Row;
+        let row = |lane, baseline, per_request| Row { lane, what: "w", baseline, per_request };
+        let rows = [
+            row("direct", "direct", 25_000),
+            row("l7-cross", "direct", 103_000),
+            row("grpc-direct", "grpc-direct", 40_000),
+            row("grpc-cross", "grpc-direct", 130_000),
+            row("orphan", "missing", 1),
+        ];
+        let md = super::render(&rows, "a build");
         assert!(md.contains("Harness: a build."), "{md}");
-        assert!(md.contains("| direct | d | 25000 | - |"), "{md}");
-        assert!(md.contains("| l7-cross | x | 103000 | 78000 |"), "{md}");
+        assert!(md.contains("| direct | w | 25000 | - |"), "{md}");
+        assert!(md.contains("| l7-cross | w | 103000 | 78000 (direct) |"), "{md}");
+        assert!(md.contains("| grpc-direct | w | 40000 | - |"), "{md}");
+        assert!(md.contains("| grpc-cross | w | 130000 | 90000 (grpc-direct) |"), "{md}");
+        assert!(md.contains("| orphan | w | 1 | no missing lane |"), "{md}");
+    }
+
+    #[test]
+    fn every_baseline_is_a_lane_counted_before_the_lanes_it_serves() {
+        for (i, lane) in super::LANES.iter().enumerate() {
+            let base = super::LANES.iter().position(|l| l.name == lane.baseline);
+            assert!(
+                base.is_some_and(|b| b <= i),
+                "{}: baseline {} comes later or not at all",
+                lane.name,
+                lane.baseline
+            );
+        }
     }
 }

@@ -48,14 +48,15 @@ fn issued_certificates_carry_the_identity_and_renew_at_half_life() {
 
 /// Runs one handshake between a server holding `server_cert` (trusting `server_roots`) and a
 /// client presenting `client_cert` (trusting `client_roots`, expecting `expected`). Returns the
-/// client identity the server saw, or the error of whichever side failed.
+/// client identity the server saw and the cipher suite the client negotiated, or the error of
+/// whichever side failed.
 async fn handshake(
     server_roots: &Authority,
     server_cert: Issued,
     client_roots: &Authority,
     client_cert: &Issued,
     expected: Identity,
-) -> Result<Identity, String> {
+) -> Result<(Identity, rustls::CipherSuite), String> {
     #[derive(Debug)]
     struct Fixed(Arc<CertifiedKey>);
     impl rustls::server::ResolvesServerCert for Fixed {
@@ -89,12 +90,16 @@ async fn handshake(
         tls.write_all(b"ping").await.map_err(|e| format!("client write: {e}"))?;
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await.map_err(|e| format!("client read: {e}"))?;
-        Ok::<_, String>(())
+        tls.get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .map(|s| s.suite())
+            .ok_or_else(|| "no cipher suite".to_owned())
     }
     .await;
     let server_result = server_side.await.expect("server task");
-    client_result?;
-    server_result
+    let suite = client_result?;
+    Ok((server_result?, suite))
 }
 
 #[tokio::test]
@@ -102,8 +107,11 @@ async fn mutual_tls_with_spiffe_identities() {
     let ca = Authority::generate("cluster.local").expect("CA");
     let client = ca.issue(&id("demo", "client")).expect("client cert");
     let server = ca.issue(&id("demo", "backend")).expect("server cert");
-    let seen = handshake(&ca, server, &ca, &client, id("demo", "backend")).await.expect("handshake");
+    let (seen, suite) = handshake(&ca, server, &ca, &client, id("demo", "backend")).await.expect("handshake");
     assert_eq!(seen, id("demo", "client"), "the server records the client's identity");
+    // Both ends offer the provider's suites in its order; the first is the one tunnels pay for
+    // per byte, so a change of order shows here.
+    assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
 }
 
 #[tokio::test]
