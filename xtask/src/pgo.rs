@@ -5,7 +5,8 @@
 //! request-cost harness (`agent/examples/request_cost.rs`: two nodes' proxies, a client and a
 //! backend in one process on loopback) runs every lane that `--instructions` counts: a pod on
 //! the same node and on another one, L4 and L7, with no access log and with it in text and in
-//! JSON. That records which branches and calls the data path takes. The toolchain's
+//! JSON, 64 KiB responses, and unary gRPC over h2c. That records which branches and calls the
+//! data path takes. The toolchain's
 //! llvm-profdata (the llvm-tools component, which scripts/setup.sh installs) merges the records,
 //! and the second build (`-Cprofile-use`) inlines and lays out the code by them: hot paths
 //! together, cold ones out of the way.
@@ -44,7 +45,6 @@ pub struct Built {
 pub fn build(target_dir: &Path) -> anyhow::Result<Built> {
     let root = target_dir.join("pgo");
     let profiles = root.join("profiles");
-    let merged = root.join("merged.profdata");
     let profdata = llvm_profdata()?;
 
     println!("pgo: building the instrumented request-cost harness (release)");
@@ -54,48 +54,24 @@ pub fn build(target_dir: &Path) -> anyhow::Result<Built> {
         &generate,
         &["build", "--release", "-p", "gammaray-agent", "--example", "request_cost"],
     )?;
-    // The build scripts were instrumented too and wrote their records here while they ran.
-    if profiles.exists() {
-        std::fs::remove_dir_all(&profiles)?;
-    }
-    std::fs::create_dir_all(&profiles)?;
-
     let harness = root.join("generate/release/examples/request_cost");
-    for lane in &LANES {
-        println!(
-            "pgo: training on {} ({}{})",
-            lane.name,
-            lane.rust_log,
-            if lane.json { ", JSON" } else { "" }
-        );
-        let mut run = Command::new(&harness);
-        run.args([lane.name, &TRAINING_REQUESTS.to_string()])
-            .env("RUST_LOG", lane.rust_log)
-            .env("GAMMARAY_LOG_JSON", if lane.json { "1" } else { "0" });
-        run_checked(run, &format!("training run request_cost {}", lane.name))?;
-    }
-    let records = std::fs::read_dir(&profiles)?.count();
-    anyhow::ensure!(records > 0, "the training runs wrote no profile into {}", profiles.display());
 
-    let mut merge = Command::new(&profdata);
-    merge.arg("merge").arg("-o").arg(&merged).arg(&profiles);
-    run_checked(merge, "llvm-profdata merge")?;
-
-    // Named by its content, a new profile is a change of flags, which cargo rebuilds every crate
+    // The profile is named by what it comes from: the instrumented harness and the training
+    // plan. The same pair gives the same file, so a later run trains nothing and rebuilds
+    // nothing; a new pair is a new file, so a change of flags, which cargo rebuilds every crate
     // for: none keeps the layout of an older profile.
-    let profile = {
-        use std::hash::{Hash as _, Hasher as _};
-        let mut hasher = std::hash::DefaultHasher::new();
-        std::fs::read(&merged)?.hash(&mut hasher);
-        root.join(format!("profile-{:016x}.profdata", hasher.finish()))
-    };
+    let profile = root.join(format!("profile-{:016x}.profdata", training_key(&std::fs::read(&harness)?)));
+    if profile.exists() {
+        println!("pgo: {} was trained on this harness already", profile.display());
+    } else {
+        train(&harness, &profiles, &profdata, &profile)?;
+    }
     for entry in std::fs::read_dir(&root)? {
         let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "profdata") && path != merged && path != profile {
+        if path.extension().is_some_and(|e| e == "profdata") && path != profile {
             std::fs::remove_file(path)?;
         }
     }
-    std::fs::rename(&merged, &profile)?;
 
     println!("pgo: building the agent and the harness with the profile (release)");
     let using = format!("-Cprofile-use={}", profile.display());
@@ -112,6 +88,52 @@ pub fn build(target_dir: &Path) -> anyhow::Result<Built> {
         anyhow::ensure!(bin.exists(), "{} is missing after the build", bin.display());
     }
     Ok(built)
+}
+
+/// A hash of the instrumented harness's bytes and of the training plan (lanes, log settings,
+/// requests per lane).
+fn training_key(harness: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::hash::DefaultHasher::new();
+    harness.hash(&mut hasher);
+    TRAINING_REQUESTS.hash(&mut hasher);
+    for lane in &LANES {
+        (lane.name, lane.rust_log, lane.json).hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// Runs the instrumented `harness` on every lane and merges the records into `profile`.
+fn train(harness: &Path, profiles: &Path, profdata: &Path, profile: &Path) -> anyhow::Result<()> {
+    // The build scripts were instrumented too and wrote their records here while they ran.
+    if profiles.exists() {
+        std::fs::remove_dir_all(profiles)?;
+    }
+    std::fs::create_dir_all(profiles)?;
+    for lane in &LANES {
+        println!(
+            "pgo: training on {} ({}{})",
+            lane.name,
+            lane.rust_log,
+            if lane.json { ", JSON" } else { "" }
+        );
+        let mut run = Command::new(harness);
+        run.args([lane.name, &TRAINING_REQUESTS.to_string()])
+            .env("RUST_LOG", lane.rust_log)
+            .env("GAMMARAY_LOG_JSON", if lane.json { "1" } else { "0" });
+        run_checked(run, &format!("training run request_cost {}", lane.name))?;
+    }
+    let records = std::fs::read_dir(profiles)?.count();
+    anyhow::ensure!(records > 0, "the training runs wrote no profile into {}", profiles.display());
+
+    // Merged under a temporary name and renamed, so that an interrupted merge leaves no file
+    // that a later run would take for a finished profile.
+    let merged = profile.with_extension("merging");
+    let mut merge = Command::new(profdata);
+    merge.arg("merge").arg("-o").arg(&merged).arg(profiles);
+    run_checked(merge, "llvm-profdata merge")?;
+    std::fs::rename(&merged, profile)?;
+    Ok(())
 }
 
 /// Runs `cmd` to its end, failing with `what` and its error output if it fails.
