@@ -178,41 +178,20 @@ impl World {
                 "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: bench, uid: uid-{name}}}\nspec: {{nodeName: {node}, serviceAccountName: {name}, containers: [{{name: app, image: app}}]}}\nstatus: {{phase: Running, podIP: '{ip}', podIPs: [{{ip: '{ip}'}}]}}\n"
             ));
         }
+        const HTTP: &str = ", appProtocol: http";
         const H2C: &str = ", appProtocol: kubernetes.io/h2c";
-        let (b1, b2) = (vec![("web-b1", "node-b", self.web_b1)], vec![("web-b2", "node-b", self.web_b2)]);
+        let b1 = ("web-b1", "node-b", self.web_b1);
+        let b2 = ("web-b2", "node-b", self.web_b2);
+        let a = ("web-a", "node-a", self.web_a);
         for (name, vip, proto, port, pods) in [
-            ("web-l4", *WEB_L4.ip(), "", BACKEND_PORT, vec![("web-b1", "node-b", self.web_b1)]),
-            (
-                "web",
-                *WEB_L7.ip(),
-                ", appProtocol: http",
-                BACKEND_PORT,
-                vec![("web-b1", "node-b", self.web_b1), ("web-b2", "node-b", self.web_b2)],
-            ),
-            (
-                "web-v1",
-                Ipv4Addr::new(10, 96, 0, 12),
-                ", appProtocol: http",
-                BACKEND_PORT,
-                vec![("web-b1", "node-b", self.web_b1)],
-            ),
-            (
-                "web-v2",
-                Ipv4Addr::new(10, 96, 0, 13),
-                ", appProtocol: http",
-                BACKEND_PORT,
-                vec![("web-b2", "node-b", self.web_b2)],
-            ),
-            (
-                "web-same",
-                *WEB_SAME.ip(),
-                ", appProtocol: http",
-                BACKEND_PORT,
-                vec![("web-a", "node-a", self.web_a)],
-            ),
-            ("grpc", *GRPC.ip(), H2C, BACKEND_H2_PORT, [b1.clone(), b2.clone()].concat()),
-            ("grpc-v1", Ipv4Addr::new(10, 96, 0, 16), H2C, BACKEND_H2_PORT, b1),
-            ("grpc-v2", Ipv4Addr::new(10, 96, 0, 17), H2C, BACKEND_H2_PORT, b2),
+            ("web-l4", *WEB_L4.ip(), "", BACKEND_PORT, vec![b1]),
+            ("web", *WEB_L7.ip(), HTTP, BACKEND_PORT, vec![b1, b2]),
+            ("web-v1", Ipv4Addr::new(10, 96, 0, 12), HTTP, BACKEND_PORT, vec![b1]),
+            ("web-v2", Ipv4Addr::new(10, 96, 0, 13), HTTP, BACKEND_PORT, vec![b2]),
+            ("web-same", *WEB_SAME.ip(), HTTP, BACKEND_PORT, vec![a]),
+            ("grpc", *GRPC.ip(), H2C, BACKEND_H2_PORT, vec![b1, b2]),
+            ("grpc-v1", Ipv4Addr::new(10, 96, 0, 16), H2C, BACKEND_H2_PORT, vec![b1]),
+            ("grpc-v2", Ipv4Addr::new(10, 96, 0, 17), H2C, BACKEND_H2_PORT, vec![b2]),
         ] {
             y.push_str(&format!(
                 "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec: {{clusterIP: '{vip}', ports: [{{name: http, port: 80, targetPort: {port}{proto}}}]}}\n"

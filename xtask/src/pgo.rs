@@ -176,3 +176,13 @@ fn llvm_profdata() -> anyhow::Result<PathBuf> {
     );
     Ok(path)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_profile_key_follows_the_harness() {
+        let key = super::training_key;
+        assert_eq!(key(b"harness"), key(b"harness"), "the same harness finds its profile again");
+        assert_ne!(key(b"harness"), key(b"harness, rebuilt"), "a changed harness trains anew");
+    }
+}
