@@ -55,6 +55,8 @@ const LARGE_PATH: &str = "/64k";
 /// The gRPC method the gRPC lanes call, and the message each call sends.
 const GRPC_PATH: &str = "/bench.Echo/Call";
 const GRPC_REQUEST_LEN: usize = 128;
+/// A gRPC message's prefix: the compression flag and the length.
+const GRPC_PREFIX_LEN: usize = 5;
 /// Requests before the counted ones: connections, pools and TLS sessions are set up by then.
 const WARM_UP: u64 = 50;
 /// Bounds every request, so a broken path fails the run instead of hanging it.
@@ -115,11 +117,10 @@ impl Lane {
         matches!(self, Lane::GrpcDirect | Lane::GrpcCross)
     }
 
-    /// The path each request asks for, and the body length the answer must have.
-    fn request(self) -> (&'static str, usize) {
+    /// The path each GET of an HTTP/1.1 lane asks for, and the body length the answer must have.
+    fn get(self) -> (&'static str, usize) {
         match self {
             Lane::Direct64k | Lane::L7Cross64k => (LARGE_PATH, LARGE_BODY_LEN),
-            Lane::GrpcDirect | Lane::GrpcCross => (GRPC_PATH, 5 + BODY_LEN),
             _ => ("/", BODY_LEN),
         }
     }
@@ -259,10 +260,10 @@ async fn backend(ip: Ipv4Addr) -> anyhow::Result<()> {
 
 /// One gRPC message of `len` bytes: the uncompressed flag, the length, the payload.
 fn grpc_message(len: usize) -> Bytes {
-    let mut message = Vec::with_capacity(5 + len);
+    let mut message = Vec::with_capacity(GRPC_PREFIX_LEN + len);
     message.push(0);
     message.extend_from_slice(&u32::try_from(len).expect("a small message").to_be_bytes());
-    message.resize(5 + len, b'x');
+    message.resize(GRPC_PREFIX_LEN + len, b'x');
     message.into()
 }
 
@@ -274,7 +275,7 @@ type GrpcBody = StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame
 async fn grpc_answer(req: Request<Incoming>, message: Bytes) -> Result<Response<GrpcBody>, hyper::Error> {
     let path_ok = req.uri().path() == GRPC_PATH;
     let body = req.into_body().collect().await?.to_bytes();
-    let status = match (path_ok, body.len() == 5 + GRPC_REQUEST_LEN) {
+    let status = match (path_ok, body.len() == GRPC_PREFIX_LEN + GRPC_REQUEST_LEN) {
         (false, _) => "12",
         (true, false) => "3",
         (true, true) => "0",
@@ -394,7 +395,7 @@ async fn client(world: &World, lane: Lane, proxies: &Proxies, requests: u64) -> 
 
 /// HTTP/1.1 GETs of the lane's path.
 async fn gets(stream: tokio::net::TcpStream, lane: Lane, host: &str, requests: u64) -> anyhow::Result<()> {
-    let (path, want) = lane.request();
+    let (path, want) = lane.get();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     for i in 0..requests {
@@ -421,9 +422,10 @@ async fn grpc_calls(
     host: &str,
     requests: u64,
 ) -> anyhow::Result<()> {
-    let (path, want) = lane.request();
-    let uri = format!("http://{host}{path}");
+    let uri = format!("http://{host}{GRPC_PATH}");
     let message = grpc_message(GRPC_REQUEST_LEN);
+    // The answer must arrive byte for byte, prefix included, not just at the right length.
+    let expected = grpc_message(BODY_LEN);
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
     tokio::spawn(conn);
@@ -438,14 +440,15 @@ async fn grpc_calls(
             let status = response.status();
             let body = response.into_body().collect().await?;
             let grpc_status = body.trailers().and_then(|t| t.get("grpc-status")).cloned();
-            anyhow::Ok((status, grpc_status, body.to_bytes().len()))
+            anyhow::Ok((status, grpc_status, body.to_bytes()))
         };
-        let (status, grpc_status, len) = tokio::time::timeout(REQUEST_TIMEOUT, answer)
+        let (status, grpc_status, body) = tokio::time::timeout(REQUEST_TIMEOUT, answer)
             .await
             .with_context(|| format!("{lane:?}: call {i} timed out"))??;
         ensure!(
-            status == 200 && grpc_status.as_ref().is_some_and(|s| s == "0") && len == want,
-            "{lane:?}: call {i} got {status}, grpc-status {grpc_status:?}, with {len} bytes"
+            status == 200 && grpc_status.as_ref().is_some_and(|s| s == "0") && body == expected,
+            "{lane:?}: call {i} got {status}, grpc-status {grpc_status:?}, with {} bytes",
+            body.len()
         );
     }
     Ok(())

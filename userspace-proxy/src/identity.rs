@@ -271,16 +271,20 @@ impl CertStore {
 /// AES is TLS 1.3's mandatory suite and the strength of the P-256 keys that the certificates
 /// carry, and it runs 10 AES rounds a block against AES-256's 14, which every byte a tunnel
 /// carries pays for. AES-256-GCM and ChaCha20-Poly1305 stay on offer for a peer that insists.
+/// Made once: every HBONE dial asks for it twice (its config and its server check).
 pub fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::ring::cipher_suite;
-    Arc::new(CryptoProvider {
-        cipher_suites: vec![
-            cipher_suite::TLS13_AES_128_GCM_SHA256,
-            cipher_suite::TLS13_AES_256_GCM_SHA384,
-            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
-        ],
-        ..rustls::crypto::ring::default_provider()
-    })
+    static PROVIDER: std::sync::LazyLock<Arc<CryptoProvider>> = std::sync::LazyLock::new(|| {
+        use rustls::crypto::ring::cipher_suite;
+        Arc::new(CryptoProvider {
+            cipher_suites: vec![
+                cipher_suite::TLS13_AES_128_GCM_SHA256,
+                cipher_suite::TLS13_AES_256_GCM_SHA384,
+                cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+            ],
+            ..rustls::crypto::ring::default_provider()
+        })
+    });
+    PROVIDER.clone()
 }
 
 /// The SPIFFE identity in a certificate's URI subject alternative name.

@@ -30,6 +30,21 @@ pub struct Lane {
     pub json: bool,
 }
 
+impl Lane {
+    /// The lane as the progress lines name it: `l7-cross (info, JSON)`.
+    pub fn label(&self) -> String {
+        format!("{} ({}{})", self.name, self.rust_log, if self.json { ", JSON" } else { "" })
+    }
+
+    /// Adds the harness's arguments and environment for `requests` requests on this lane to
+    /// `cmd`, which runs the harness (itself, or under valgrind).
+    pub fn harness_args<'c>(&self, cmd: &'c mut Command, requests: u64) -> &'c mut Command {
+        cmd.args([self.name, &requests.to_string()])
+            .env("RUST_LOG", self.rust_log)
+            .env("GAMMARAY_LOG_JSON", if self.json { "1" } else { "0" })
+    }
+}
+
 /// The harness's lanes; each baseline comes before the lanes measured against it. `warn`, as
 /// the timed benchmark runs the agents, has no access log; two lanes add it, as deployed
 /// (`info`), in text and in JSON. The profile-guided build trains on all of them, so they are
@@ -121,7 +136,7 @@ pub fn run(pgo: bool) -> anyhow::Result<()> {
         (harness, "release build with profile-guided optimisation, trained on these lanes")
     } else {
         println!("bench: building the request-cost harness in release mode");
-        crate::cargo_quiet(&["build", "--release", "-p", "gammaray-agent", "--example", "request_cost"])?;
+        crate::cargo_quiet(&crate::pgo::HARNESS_RELEASE_BUILD)?;
         (target_dir.join("release/examples/request_cost"), "plain release build (--no-pgo)")
     };
     let out_dir = target_dir.join("bench/callgrind");
@@ -133,8 +148,7 @@ pub fn run(pgo: bool) -> anyhow::Result<()> {
         let many = instructions(&harness, &out_dir, lane, MANY)?;
         anyhow::ensure!(many > few, "{}: {MANY} requests counted no more than {FEW}", lane.name);
         let per_request = (many - few) / (MANY - FEW);
-        let format = if lane.json { ", JSON" } else { "" };
-        println!("bench: {} ({}{format}): {per_request} instructions per request", lane.name, lane.rust_log);
+        println!("bench: {}: {per_request} instructions per request", lane.label());
         rows.push(Row { lane: lane.name, what: lane.what, baseline: lane.baseline, per_request });
     }
     let report = render(&rows, build);
@@ -165,15 +179,12 @@ fn instructions(harness: &Path, out_dir: &Path, lane: &Lane, requests: u64) -> a
     let Lane { name, rust_log, json, .. } = lane;
     let format = if *json { "json" } else { "text" };
     let out: PathBuf = out_dir.join(format!("callgrind-{name}-{rust_log}-{format}-{requests}.out"));
-    let run = Command::new("valgrind")
+    let mut valgrind = Command::new("valgrind");
+    valgrind
         .args(["--tool=callgrind", "--quiet"])
         .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(harness)
-        .args([*name, &requests.to_string()])
-        .env("RUST_LOG", rust_log)
-        .env("GAMMARAY_LOG_JSON", if *json { "1" } else { "0" })
-        .output()
-        .context("valgrind")?;
+        .arg(harness);
+    let run = lane.harness_args(&mut valgrind, requests).output().context("valgrind")?;
     anyhow::ensure!(
         run.status.success(),
         "request_cost {name} {requests} under callgrind failed: {}\n{}",

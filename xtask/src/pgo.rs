@@ -6,10 +6,9 @@
 //! backend in one process on loopback) runs every lane that `--instructions` counts: a pod on
 //! the same node and on another one, L4 and L7, with no access log and with it in text and in
 //! JSON, 64 KiB responses, and unary gRPC over h2c. That records which branches and calls the
-//! data path takes. The toolchain's
-//! llvm-profdata (the llvm-tools component, which scripts/setup.sh installs) merges the records,
-//! and the second build (`-Cprofile-use`) inlines and lays out the code by them: hot paths
-//! together, cold ones out of the way.
+//! data path takes. The toolchain's llvm-profdata (the llvm-tools component, which
+//! scripts/setup.sh installs) merges the records, and the second build (`-Cprofile-use`)
+//! inlines and lays out the code by them: hot paths together, cold ones out of the way.
 //!
 //! The training needs no privileges and sends traffic only on loopback, so the image build
 //! (deploy/Dockerfile) runs it too. Each build has a target directory of its own under
@@ -28,11 +27,15 @@ use crate::instructions::LANES;
 
 /// Requests per lane in the training run: enough for the steady state to outweigh start-up
 /// (certificates, handshakes), which the profile would otherwise overstate.
-const TRAINING_REQUESTS: u32 = 3000;
+const TRAINING_REQUESTS: u64 = 3000;
 
 /// Cargo's arguments for a release build of the agent's binary.
 pub const AGENT_RELEASE_BUILD: [&str; 6] =
     ["build", "--release", "-p", "gammaray-agent", "--bin", "gammaray-agent"];
+
+/// Cargo's arguments for a release build of the request-cost harness.
+pub const HARNESS_RELEASE_BUILD: [&str; 6] =
+    ["build", "--release", "-p", "gammaray-agent", "--example", "request_cost"];
 
 /// The binaries of a profile-guided build.
 pub struct Built {
@@ -49,11 +52,7 @@ pub fn build(target_dir: &Path) -> anyhow::Result<Built> {
 
     println!("pgo: building the instrumented request-cost harness (release)");
     let generate = format!("-Cprofile-generate={}", profiles.display());
-    cargo_with_flags(
-        &root.join("generate"),
-        &generate,
-        &["build", "--release", "-p", "gammaray-agent", "--example", "request_cost"],
-    )?;
+    cargo_with_flags(&root.join("generate"), &generate, &HARNESS_RELEASE_BUILD)?;
     let harness = root.join("generate/release/examples/request_cost");
 
     // The profile is named by what it comes from: the instrumented harness and the training
@@ -78,7 +77,8 @@ pub fn build(target_dir: &Path) -> anyhow::Result<Built> {
     cargo_with_flags(
         &root.join("use"),
         &using,
-        &[&AGENT_RELEASE_BUILD[..], &["--example", "request_cost"]].concat(),
+        // The agent's build arguments and the harness's target (`--example request_cost`).
+        &[&AGENT_RELEASE_BUILD[..], &HARNESS_RELEASE_BUILD[4..]].concat(),
     )?;
     let built = Built {
         agent: root.join("use/release/gammaray-agent"),
@@ -111,17 +111,10 @@ fn train(harness: &Path, profiles: &Path, profdata: &Path, profile: &Path) -> an
     }
     std::fs::create_dir_all(profiles)?;
     for lane in &LANES {
-        println!(
-            "pgo: training on {} ({}{})",
-            lane.name,
-            lane.rust_log,
-            if lane.json { ", JSON" } else { "" }
-        );
+        println!("pgo: training on {}", lane.label());
         let mut run = Command::new(harness);
-        run.args([lane.name, &TRAINING_REQUESTS.to_string()])
-            .env("RUST_LOG", lane.rust_log)
-            .env("GAMMARAY_LOG_JSON", if lane.json { "1" } else { "0" });
-        run_checked(run, &format!("training run request_cost {}", lane.name))?;
+        lane.harness_args(&mut run, TRAINING_REQUESTS);
+        run_checked(run, &format!("training run request_cost {}", lane.label()))?;
     }
     let records = std::fs::read_dir(profiles)?.count();
     anyhow::ensure!(records > 0, "the training runs wrote no profile into {}", profiles.display());
