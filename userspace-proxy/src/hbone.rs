@@ -9,6 +9,9 @@
 //! HTTP/2 here is the `h2` crate itself rather than hyper's wrapper of it: a tunnel is a raw
 //! byte stream, and with the stream's halves in hand ([`TunnelStream`]) a write goes into its
 //! frame in the task that makes it, instead of through a channel to a task of its own.
+//!
+//! Between h2 and TLS, a cork (`cork.rs`) gathers what one poll of the connection sends into
+//! one TLS record and one write(2), however many streams it serves.
 
 use std::{
     collections::HashMap,
@@ -37,6 +40,7 @@ use crate::{
     stats::OutboundStats,
 };
 
+mod cork;
 mod stream;
 pub use stream::TunnelStream;
 
@@ -205,6 +209,7 @@ impl Pool {
             .connect(name, tcp)
             .await
             .map_err(|source| HboneError::Tls { node, source })?;
+        let (tls, cork) = cork::corked(tls);
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -217,7 +222,7 @@ impl Pool {
         let closed = Arc::new(AtomicBool::new(false));
         let ended = closed.clone();
         tokio::spawn(async move {
-            if let Err(err) = conn.await {
+            if let Err(err) = cork.drive(conn).await {
                 debug!(%node, error = %err, "HBONE connection ended");
             }
             ended.store(true, Relaxed);
@@ -285,6 +290,7 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
                     return;
                 };
                 info!(src_identity = %peer_id, dst_identity = %local_id, "inbound mTLS connection");
+                let (tls, cork) = cork::corked(tls);
                 let mut conn = match h2::server::Builder::new()
                     .initial_window_size(STREAM_WINDOW)
                     .initial_connection_window_size(CONNECTION_WINDOW)
@@ -300,15 +306,18 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
                     }
                 };
                 // Accepting drives the connection; each CONNECT stream is served by its own task.
-                while let Some(accepted) = conn.accept().await {
-                    match accepted {
-                        Ok((req, respond)) => tunnel(req, respond, &inbound, &peer_id, &local_id),
-                        Err(err) => {
-                            debug!(error = %err, "inbound HBONE connection ended");
-                            return;
+                cork.drive(async {
+                    while let Some(accepted) = conn.accept().await {
+                        match accepted {
+                            Ok((req, respond)) => tunnel(req, respond, &inbound, &peer_id, &local_id),
+                            Err(err) => {
+                                debug!(error = %err, "inbound HBONE connection ended");
+                                return;
+                            }
                         }
                     }
-                }
+                })
+                .await
             }
             .instrument(info_span!("inbound", %peer)),
         );

@@ -697,6 +697,8 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
         let (mut p50, mut p90, mut p99, mut m1, mut m16, mut cf, mut cs) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut sw, mut bf, mut bs) = (vec![], vec![], vec![]);
+        // Each carrier's cores at saturation: which node's proxy the lane leans on.
+        let mut cores_each: Vec<Vec<f64>> = vec![];
         for _ in 0..plan.runs {
             let cpu0 = cpu_now();
             let b0 = backend_cpu_now();
@@ -713,9 +715,15 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             let l = oha(&oha_bin, pod, &url, 1, None, plan.saturate)?;
             m1.push(l.rps);
             let cpu0 = cpu_now();
+            let each0: Vec<f64> = carriers.iter().map(|&p| cpu_of([p], ticks)).collect();
             let b0 = backend_cpu_now();
+            let t0 = Instant::now();
             let l = oha(&oha_bin, pod, &url, 16, None, plan.saturate)?;
             let cpu = cpu_now() - cpu0;
+            let wall = t0.elapsed().as_secs_f64();
+            let each: Vec<f64> =
+                carriers.iter().zip(&each0).map(|(&p, c0)| (cpu_of([p], ticks) - c0) / wall).collect();
+            cores_each.push(each);
             bs.push((backend_cpu_now() - b0) / l.requests.max(1.0) * 1e6);
             m16.push(l.rps);
             cs.push(cpu * 1000.0 / l.requests.max(1.0) * 1000.0);
@@ -732,6 +740,10 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             let l = oha(&oha_bin, pod, &url, 16, Some(1000), plan.fixed)?;
             let out = trace.finish(l.requests)?;
             println!("bench: system calls of {} at 1000 req/s: {}", path.label(), out.display());
+            let trace = SyscallTrace::start(&bench_dir, &format!("{name}-saturation"), carriers)?;
+            let l = oha(&oha_bin, pod, &url, 16, None, plan.saturate)?;
+            let out = trace.finish(l.requests)?;
+            println!("bench: system calls of {} at saturation: {}", path.label(), out.display());
             let perf = Profile::start(&bench_dir, &format!("{name}-fixed"), carriers)?;
             oha(&oha_bin, pod, &url, 16, Some(1000), plan.fixed)?;
             println!("bench: profile of {} at 1000 req/s: {}", path.label(), perf.finish()?.display());
@@ -748,6 +760,17 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             median(m1.clone()),
             median(m16.clone())
         );
+        if !path.is_direct() {
+            let each: Vec<String> = (0..carriers.len())
+                .map(|i| format!("node{} {:.2}", i + 1, median(cores_each.iter().map(|e| e[i]).collect())))
+                .collect();
+            println!(
+                "bench: {:<48} cores at saturation: {}; backends {:.2}",
+                "",
+                each.join(", "),
+                median(bs.clone()) * median(m16.clone()) / 1e6
+            );
+        }
         latency.insert(path, (median(p50), median(p90), median(p99)));
         max1.insert(path, median(m1));
         max16.insert(path, median(m16));
