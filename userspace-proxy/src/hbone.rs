@@ -10,7 +10,7 @@
 //! byte stream, and with the stream's halves in hand ([`TunnelStream`]) a write goes into its
 //! frame in the task that makes it, instead of through a channel to a task of its own.
 //!
-//! Between h2 and TLS, a cork (`cork.rs`) gathers what one poll of the connection sends into
+//! Between h2 and TLS, a cork ([`crate::cork`]) gathers what one poll of the connection sends into
 //! one TLS record and one write(2), however many streams it serves.
 
 use std::{
@@ -40,7 +40,6 @@ use crate::{
     stats::OutboundStats,
 };
 
-mod cork;
 mod stream;
 pub use stream::TunnelStream;
 
@@ -209,7 +208,7 @@ impl Pool {
             .connect(name, tcp)
             .await
             .map_err(|source| HboneError::Tls { node, source })?;
-        let (tls, cork) = cork::corked(tls);
+        let (tls, cork) = crate::cork::corked(tls);
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -290,7 +289,7 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
                     return;
                 };
                 info!(src_identity = %peer_id, dst_identity = %local_id, "inbound mTLS connection");
-                let (tls, cork) = cork::corked(tls);
+                let (tls, cork) = crate::cork::corked(tls);
                 let mut conn = match h2::server::Builder::new()
                     .initial_window_size(STREAM_WINDOW)
                     .initial_connection_window_size(CONNECTION_WINDOW)

@@ -63,10 +63,28 @@ pub async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
     });
+    if speaks_h2(&stream).await {
+        // Many calls may share the connection: what one poll answers leaves in one write.
+        let (io, cork) = crate::cork::corked(stream);
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), service);
+        if let Err(err) = cork.drive(conn).await {
+            debug!(error = %err, "http/2 connection ended with an error");
+        }
+        return;
+    }
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     if let Err(err) = builder.serve_connection(TokioIo::new(stream), service).await {
         debug!(error = %err, "http connection ended with an error");
     }
+}
+
+/// Whether the client opened with HTTP/2's connection preface (prior knowledge, as gRPC over
+/// h2c does). The method `PRI` is reserved for it (RFC 9113, section 3.4), so the first four
+/// bytes decide; a first segment shorter than that is left to hyper's own detection.
+async fn speaks_h2(stream: &TcpStream) -> bool {
+    let mut head = [0u8; 4];
+    matches!(stream.peek(&mut head).await, Ok(4)) && &head == b"PRI "
 }
 
 async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {

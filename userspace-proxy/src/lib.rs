@@ -6,6 +6,7 @@
 //! that the agent's translation builds from Kubernetes objects.
 #![forbid(unsafe_code)]
 
+mod cork;
 pub mod hbone;
 pub mod http;
 pub mod identity;

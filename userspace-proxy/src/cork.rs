@@ -1,4 +1,5 @@
-//! One TLS record and one write(2) for everything an HBONE connection sends in one go.
+//! One write(2) (and over TLS, one record) for everything an HTTP/2 connection sends in one
+//! poll: HBONE connections between nodes, and HTTP/2 (gRPC) connections with pods.
 //!
 //! h2 writes a DATA frame's payload of 256 bytes or more as a chain (frame head, then the
 //! payload from the caller's memory) and flushes before it buffers the next frame. Over TLS,
@@ -8,12 +9,19 @@
 //! receive path for the peer, the largest single cost of a request through two proxies.
 //!
 //! [`corked`] splits a connection's I/O in two. h2 gets [`Corked`], which copies frames below
-//! [`PASS_THROUGH`] into a buffer and, once [`Cork::drive`] runs the connection, treats h2's
+//! [`PASS_THROUGH`] into a buffer and, while [`Cork::drive`] polls the connection, treats h2's
 //! flushes as "done for now" rather than "write now". The driver then writes the buffer once,
-//! after each poll of the connection, when h2 has encoded everything that poll made ready.
+//! after each poll of the connection, when h2 has encoded everything that poll made ready. A
+//! flush asked for outside the driver's poll (the handshake, or a connection that something
+//! else polls, as hyper's HTTP/2 client does from a task of its own) writes at once.
 //! Nothing waits longer than that poll: a lone response goes out at the end of the poll that
 //! encoded it, as before. Large writes (bulk transfers) go to TLS as they come, after what is
 //! buffered, without the copy.
+//!
+//! The same holds without TLS, on HTTP/2 connections with pods (hyper drives h2 the same way):
+//! a unary gRPC answer (headers, a DATA frame, trailers) left in two writes, and a connection
+//! carrying many calls wrote each answer on its own. HTTP/1.1 gains nothing from it (hyper
+//! writes a response's head and body in one writev already) and is not corked.
 
 use std::{
     future::Future,
@@ -34,7 +42,7 @@ pub(crate) fn corked<T>(io: T) -> (Corked<T>, Cork<T>) {
     let shared = Arc::new(Mutex::new(Shared {
         io,
         buf: Vec::with_capacity(PASS_THROUGH),
-        driven: false,
+        in_poll: false,
         dirty: false,
         failed: None,
     }));
@@ -45,8 +53,9 @@ struct Shared<T> {
     io: T,
     /// Bytes accepted from h2, not yet given to `io`.
     buf: Vec<u8>,
-    /// A driver flushes after each poll, so h2's own flushes may wait for it.
-    driven: bool,
+    /// The driver is polling the connection and flushes when that poll ends, so h2's own
+    /// flushes may wait for it.
+    in_poll: bool,
     /// Written since `io` was last flushed.
     dirty: bool,
     /// A write or flush the driver made failed: the connection is broken, and h2 learns it
@@ -147,7 +156,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Corked<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut shared = lock(&self.0);
         shared.check()?;
-        if shared.driven {
+        if shared.in_poll {
             // The driver writes it all when this poll of the connection ends.
             return Poll::Ready(Ok(()));
         }
@@ -172,10 +181,11 @@ impl<T: AsyncWrite + Unpin> Cork<T> {
     /// error gets one more attempt, and no wait.
     pub(crate) async fn drive<F: Future>(self, connection: F) -> F::Output {
         let mut connection = std::pin::pin!(connection);
-        lock(&self.0).driven = true;
         std::future::poll_fn(|cx| {
+            lock(&self.0).in_poll = true;
             let out = connection.as_mut().poll(cx);
             let mut shared = lock(&self.0);
+            shared.in_poll = false;
             if shared.failed.is_none()
                 && let Poll::Ready(Err(err)) = shared.poll_flush_all(cx)
             {
@@ -324,6 +334,24 @@ mod tests {
         .await;
         assert_eq!(io.writes(), vec![pattern(24, 1), pattern(40, 2)]);
         assert_eq!(io.0.lock().unwrap().flushes, 2);
+    }
+
+    #[tokio::test]
+    async fn a_flush_from_outside_the_drivers_poll_writes_at_once() {
+        // hyper's HTTP/2 client polls h2 from a task of its own: a flush there must not wait
+        // for a driver that nothing wakes.
+        let io = Io::with_room(usize::MAX);
+        let (mut corked, cork) = corked(io.clone());
+        let driver = tokio::spawn(cork.drive(std::future::pending::<()>()));
+        tokio::task::yield_now().await;
+        {
+            use tokio::io::AsyncWriteExt as _;
+            corked.write_all(&pattern(700, 7)).await.unwrap();
+            corked.flush().await.unwrap();
+        }
+        // The driver has not run since: the flush itself wrote.
+        assert_eq!(io.writes(), vec![pattern(700, 7)]);
+        driver.abort();
     }
 
     #[tokio::test]
