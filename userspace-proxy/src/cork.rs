@@ -268,6 +268,11 @@ mod tests {
         }
     }
 
+    /// Bounds a test's wait: a cork that loses a wakeup fails the test instead of hanging it.
+    async fn bounded<F: Future>(wait: F) -> F::Output {
+        tokio::time::timeout(std::time::Duration::from_secs(10), wait).await.expect("the cork stalled")
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
     }
@@ -304,7 +309,7 @@ mod tests {
         let seen = seen_inside.clone();
         let probe = io.clone();
         let mut polled = false;
-        cork.drive(std::future::poll_fn(move |cx| {
+        bounded(cork.drive(std::future::poll_fn(move |cx| {
             if !polled {
                 polled = true;
                 write_frames(&mut corked, cx, &frames);
@@ -314,7 +319,7 @@ mod tests {
                 return Poll::Pending;
             }
             Poll::Ready(())
-        }))
+        })))
         .await;
         assert_eq!(*seen_inside.lock().unwrap(), Some(0));
         assert_eq!(io.writes().len(), 1, "one write for the five frames");
@@ -363,7 +368,7 @@ mod tests {
         let tail = pattern(500, 5);
         let frames = vec![small.clone(), big.clone(), tail.clone()];
         let mut polled = false;
-        cork.drive(std::future::poll_fn(move |cx| {
+        bounded(cork.drive(std::future::poll_fn(move |cx| {
             if polled {
                 return Poll::Ready(());
             }
@@ -371,7 +376,7 @@ mod tests {
             write_frames(&mut corked, cx, &frames);
             cx.waker().wake_by_ref();
             Poll::Pending
-        }))
+        })))
         .await;
         let writes = io.writes();
         // The small frame first, on its own; the big one as it came (its head and the start of
@@ -406,7 +411,7 @@ mod tests {
             tokio::task::yield_now().await;
             io.make_room(4096);
         }
-        let corked = writer.await.unwrap();
+        let corked = bounded(writer).await.unwrap();
         assert_eq!(io.received(), want);
         // Held back, the writes were gathered: fewer writes to the I/O than flushes asked for.
         assert!(io.writes().len() < 40, "{} writes", io.writes().len());
@@ -419,21 +424,20 @@ mod tests {
         io.0.lock().unwrap().fail = true;
         let (mut corked, cork) = corked(io.clone());
         let mut step = 0;
-        let (read, write) = cork
-            .drive(std::future::poll_fn(move |cx| {
-                step += 1;
-                if step == 1 {
-                    write_frames(&mut corked, cx, &[pattern(600, 6)]);
-                    return Poll::Pending;
-                }
-                // Woken by the driver after its write failed.
-                let mut space = [0u8; 16];
-                let mut buf = ReadBuf::new(&mut space);
-                let read = Pin::new(&mut corked).poll_read(cx, &mut buf);
-                let write = Pin::new(&mut corked).poll_write(cx, b"more");
-                Poll::Ready((read, write))
-            }))
-            .await;
+        let (read, write) = bounded(cork.drive(std::future::poll_fn(move |cx| {
+            step += 1;
+            if step == 1 {
+                write_frames(&mut corked, cx, &[pattern(600, 6)]);
+                return Poll::Pending;
+            }
+            // Woken by the driver after its write failed.
+            let mut space = [0u8; 16];
+            let mut buf = ReadBuf::new(&mut space);
+            let read = Pin::new(&mut corked).poll_read(cx, &mut buf);
+            let write = Pin::new(&mut corked).poll_write(cx, b"more");
+            Poll::Ready((read, write))
+        })))
+        .await;
         for result in [read.map(|r| r.map(|()| 0)), write] {
             match result {
                 Poll::Ready(Err(err)) => assert_eq!(err.kind(), io::ErrorKind::BrokenPipe),

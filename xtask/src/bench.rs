@@ -697,7 +697,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
         let (mut p50, mut p90, mut p99, mut m1, mut m16, mut cf, mut cs) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut sw, mut bf, mut bs) = (vec![], vec![], vec![]);
-        // Each carrier's cores at saturation: which node's proxy the lane leans on.
+        // Cores at saturation of each carrier, then of the backends.
         let mut cores_each: Vec<Vec<f64>> = vec![];
         for _ in 0..plan.runs {
             let cpu0 = cpu_now();
@@ -714,17 +714,17 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             cf.push((cpu / wall, cpu * 1000.0 / l.requests.max(1.0) * 1000.0));
             let l = oha(&oha_bin, pod, &url, 1, None, plan.saturate)?;
             m1.push(l.rps);
-            let cpu0 = cpu_now();
-            let each0: Vec<f64> = carriers.iter().map(|&p| cpu_of([p], ticks)).collect();
+            // Per carrier, so the run also says which node's proxy the lane leans on.
+            let each_now = || carriers.iter().map(|&p| cpu_of([p], ticks)).collect::<Vec<f64>>();
+            let each0 = each_now();
             let b0 = backend_cpu_now();
             let t0 = Instant::now();
             let l = oha(&oha_bin, pod, &url, 16, None, plan.saturate)?;
-            let cpu = cpu_now() - cpu0;
-            let wall = t0.elapsed().as_secs_f64();
-            let each: Vec<f64> =
-                carriers.iter().zip(&each0).map(|(&p, c0)| (cpu_of([p], ticks) - c0) / wall).collect();
-            cores_each.push(each);
-            bs.push((backend_cpu_now() - b0) / l.requests.max(1.0) * 1e6);
+            let each: Vec<f64> = each_now().iter().zip(&each0).map(|(c, c0)| c - c0).collect();
+            let cpu: f64 = each.iter().sum();
+            let (wall, backend) = (t0.elapsed().as_secs_f64(), backend_cpu_now() - b0);
+            cores_each.push(each.iter().map(|c| c / wall).chain([backend / wall]).collect());
+            bs.push(backend / l.requests.max(1.0) * 1e6);
             m16.push(l.rps);
             cs.push(cpu * 1000.0 / l.requests.max(1.0) * 1000.0);
             if l.errors > 0.0 {
@@ -761,14 +761,14 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             median(m16.clone())
         );
         if !path.is_direct() {
-            let each: Vec<String> = (0..carriers.len())
-                .map(|i| format!("node{} {:.2}", i + 1, median(cores_each.iter().map(|e| e[i]).collect())))
-                .collect();
+            let cores = |i: usize| median(cores_each.iter().map(|e| e[i]).collect());
+            let each: Vec<String> =
+                (0..carriers.len()).map(|i| format!("node{} {:.2}", i + 1, cores(i))).collect();
             println!(
                 "bench: {:<48} cores at saturation: {}; backends {:.2}",
                 "",
                 each.join(", "),
-                median(bs.clone()) * median(m16.clone()) / 1e6
+                cores(carriers.len())
             );
         }
         latency.insert(path, (median(p50), median(p90), median(p99)));

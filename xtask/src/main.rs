@@ -39,8 +39,8 @@ enum Task {
         /// A short run that keeps the harness working (CI); the numbers are noisy.
         #[arg(long)]
         quick: bool,
-        /// Record the agents with perf at saturation and during bulk TCP; flat profiles are
-        /// written next to the report.
+        /// Trace the agents' system calls and record them with perf, at the fixed rate and at
+        /// saturation, and during bulk TCP; summaries and flat profiles go next to the report.
         #[arg(long)]
         profile: bool,
         /// Instead of the timed runs: count the user-space instructions per request with
