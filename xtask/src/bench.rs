@@ -344,6 +344,50 @@ struct Row {
     value: f64,
     unit: &'static str,
     target: &'static str,
+    /// The ratio to the baseline in each round, where the figure and its baseline were measured
+    /// in turn: the report gives their range next to the ratio of the medians.
+    ratios: Vec<f64>,
+}
+
+impl Row {
+    /// A figure and its baseline measured once per round: medians, and the ratio of each round.
+    fn of_rounds(
+        figure: String,
+        baseline: &[f64],
+        value: &[f64],
+        unit: &'static str,
+        target: &'static str,
+    ) -> Row {
+        Row {
+            figure,
+            baseline: Some(median(baseline.to_vec())),
+            value: median(value.to_vec()),
+            unit,
+            target,
+            ratios: baseline.iter().zip(value).map(|(b, v)| v / b).collect(),
+        }
+    }
+}
+
+/// One lane's figures, one entry per round.
+#[derive(Default)]
+struct Samples {
+    p50: Vec<f64>,
+    p90: Vec<f64>,
+    p99: Vec<f64>,
+    max1: Vec<f64>,
+    max16: Vec<f64>,
+    /// The carriers' cores at the fixed rate.
+    cpu_fixed: Vec<f64>,
+    /// The carriers' ms of CPU per 1000 requests at saturation.
+    cpu_saturated: Vec<f64>,
+    /// The carriers' context switches per request at the fixed rate.
+    switches: Vec<f64>,
+    /// The backends' cores at the fixed rate, and their ms per 1000 requests at saturation.
+    backend_fixed: Vec<f64>,
+    backend_saturated: Vec<f64>,
+    /// Cores at saturation of each carrier, then of the backends.
+    cores: Vec<Vec<f64>>,
 }
 
 fn objects(cluster: &Cluster, web_a: &Pod, web_b: &Pod, clients: &BTreeMap<&str, Arc<Pod>>) -> String {
@@ -676,44 +720,38 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     };
 
     let mut rows = Vec::new();
-    let mut latency: BTreeMap<Lane, (f64, f64, f64)> = BTreeMap::new();
-    let mut max1 = BTreeMap::new();
-    let mut max16 = BTreeMap::new();
-    let mut cpu_fixed = BTreeMap::new();
-    let mut cpu_sat = BTreeMap::new();
-    let mut switches = BTreeMap::new();
     // The HTTP backends' CPU, measured as the agents' is (cores at the fixed rate, ms per 1000
     // requests at saturation): a process that wakes, reads and writes once per request, the
     // unit a proxy's cost is read against (a proxy does that twice per request, once each way).
     let backend_pids: Vec<u32> = servers[..2].iter().map(|s| s.pid()).collect();
     let backend_cpu_now = || cpu_of(backend_pids.iter().copied(), ticks);
-    let mut backend_cpu: BTreeMap<Lane, (f64, f64)> = BTreeMap::new();
-    for path in Lane::ALL {
-        let (pod, url) = world.target(path);
-        // The processes that carry this lane's requests: the relays for the floor, the agents
-        // otherwise (on the direct paths, what they spend while not involved).
-        let carriers = if path.is_floor() { &relay_pids } else { &agent_pids };
-        let cpu_now = || cpu_of(carriers.iter().copied(), ticks);
-        let (mut p50, mut p90, mut p99, mut m1, mut m16, mut cf, mut cs) =
-            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-        let (mut sw, mut bf, mut bs) = (vec![], vec![], vec![]);
-        // Cores at saturation of each carrier, then of the backends.
-        let mut cores_each: Vec<Vec<f64>> = vec![];
-        for _ in 0..plan.runs {
+    // The processes that carry a lane's requests: the relays for the floor, the agents otherwise
+    // (on the direct paths, what they spend while not involved).
+    let carriers_of = |path: Lane| if path.is_floor() { &relay_pids } else { &agent_pids };
+    // Rounds, each of which measures every lane in turn: a slow spell of the host's (minutes
+    // long on this machine) then falls on a lane and its direct baseline alike, not on the three
+    // runs of one lane, and each round gives a ratio of its own.
+    let mut samples: BTreeMap<Lane, Samples> = BTreeMap::new();
+    for _ in 0..plan.runs {
+        for path in Lane::ALL {
+            let (pod, url) = world.target(path);
+            let carriers = carriers_of(path);
+            let cpu_now = || cpu_of(carriers.iter().copied(), ticks);
+            let s = samples.entry(path).or_default();
             let cpu0 = cpu_now();
             let b0 = backend_cpu_now();
             let w0 = switches_of(carriers);
             let t0 = Instant::now();
             let l = oha(&oha_bin, pod, &url, 16, Some(1000), plan.fixed)?;
             let (cpu, wall) = (cpu_now() - cpu0, t0.elapsed().as_secs_f64());
-            bf.push((backend_cpu_now() - b0) / wall);
-            sw.push((switches_of(carriers) - w0) / l.requests.max(1.0));
-            p50.push(l.p50_ms);
-            p90.push(l.p90_ms);
-            p99.push(l.p99_ms);
-            cf.push((cpu / wall, cpu * 1000.0 / l.requests.max(1.0) * 1000.0));
+            s.backend_fixed.push((backend_cpu_now() - b0) / wall);
+            s.switches.push((switches_of(carriers) - w0) / l.requests.max(1.0));
+            s.p50.push(l.p50_ms);
+            s.p90.push(l.p90_ms);
+            s.p99.push(l.p99_ms);
+            s.cpu_fixed.push(cpu / wall);
             let l = oha(&oha_bin, pod, &url, 1, None, plan.saturate)?;
-            m1.push(l.rps);
+            s.max1.push(l.rps);
             // Per carrier, so the run also says which node's proxy the lane leans on.
             let each_now = || carriers.iter().map(|&p| cpu_of([p], ticks)).collect::<Vec<f64>>();
             let each0 = each_now();
@@ -723,18 +761,44 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             let each: Vec<f64> = each_now().iter().zip(&each0).map(|(c, c0)| c - c0).collect();
             let cpu: f64 = each.iter().sum();
             let (wall, backend) = (t0.elapsed().as_secs_f64(), backend_cpu_now() - b0);
-            cores_each.push(each.iter().map(|c| c / wall).chain([backend / wall]).collect());
-            bs.push(backend / l.requests.max(1.0) * 1e6);
-            m16.push(l.rps);
-            cs.push(cpu * 1000.0 / l.requests.max(1.0) * 1000.0);
+            s.cores.push(each.iter().map(|c| c / wall).chain([backend / wall]).collect());
+            s.backend_saturated.push(backend / l.requests.max(1.0) * 1e6);
+            s.max16.push(l.rps);
+            s.cpu_saturated.push(cpu * 1000.0 / l.requests.max(1.0) * 1000.0);
             if l.errors > 0.0 {
                 println!("bench: {}: {} errors at saturation", path.label(), l.errors);
             }
         }
-        if profile && !path.is_direct() {
+    }
+    for (&path, s) in &samples {
+        println!(
+            "bench: {:<48} p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.0} req/s (1 conn), {:.0} req/s (16)",
+            path.label(),
+            median(s.p50.clone()),
+            median(s.p90.clone()),
+            median(s.p99.clone()),
+            median(s.max1.clone()),
+            median(s.max16.clone())
+        );
+        if !path.is_direct() {
+            let carriers = carriers_of(path).len();
+            let cores = |i: usize| median(s.cores.iter().map(|e| e[i]).collect());
+            let each: Vec<String> = (0..carriers).map(|i| format!("node{} {:.2}", i + 1, cores(i))).collect();
+            println!(
+                "bench: {:<48} cores at saturation: {}; backends {:.2}",
+                "",
+                each.join(", "),
+                cores(carriers)
+            );
+        }
+    }
+    if profile {
+        for path in Lane::ALL.into_iter().filter(|p| !p.is_direct()) {
             // On runs of their own: perf slows the processes, and the figures above must not
             // carry it. At the fixed rate every request is a wakeup of an idle process, at
             // saturation wakeups are shared: the two profiles differ.
+            let (pod, url) = world.target(path);
+            let carriers = carriers_of(path);
             let name = format!("{path:?}").to_lowercase();
             let trace = SyscallTrace::start(&bench_dir, &name, carriers)?;
             let l = oha(&oha_bin, pod, &url, 16, Some(1000), plan.fixed)?;
@@ -751,81 +815,40 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             oha(&oha_bin, pod, &url, 16, None, plan.saturate)?;
             println!("bench: profile of {} at saturation: {}", path.label(), perf.finish()?.display());
         }
-        println!(
-            "bench: {:<48} p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.0} req/s (1 conn), {:.0} req/s (16)",
-            path.label(),
-            median(p50.clone()),
-            median(p90.clone()),
-            median(p99.clone()),
-            median(m1.clone()),
-            median(m16.clone())
-        );
-        if !path.is_direct() {
-            let cores = |i: usize| median(cores_each.iter().map(|e| e[i]).collect());
-            let each: Vec<String> =
-                (0..carriers.len()).map(|i| format!("node{} {:.2}", i + 1, cores(i))).collect();
-            println!(
-                "bench: {:<48} cores at saturation: {}; backends {:.2}",
-                "",
-                each.join(", "),
-                cores(carriers.len())
-            );
-        }
-        latency.insert(path, (median(p50), median(p90), median(p99)));
-        max1.insert(path, median(m1));
-        max16.insert(path, median(m16));
-        cpu_fixed.insert(
-            path,
-            (median(cf.iter().map(|c| c.0).collect()), median(cf.iter().map(|c| c.1).collect())),
-        );
-        cpu_sat.insert(path, median(cs));
-        switches.insert(path, median(sw));
-        backend_cpu.insert(path, (median(bf), median(bs)));
     }
+    let latency: BTreeMap<Lane, (f64, f64, f64)> = samples
+        .iter()
+        .map(|(&path, s)| (path, (median(s.p50.clone()), median(s.p90.clone()), median(s.p99.clone()))))
+        .collect();
 
     for path in Lane::ALL.into_iter().filter(|p| !p.is_direct()) {
-        let base = path.baseline();
-        let (b, m) = (latency[&base], latency[&path]);
+        let (b, m) = (&samples[&path.baseline()], &samples[&path]);
         let p90_target = if path == Lane::L7Cross { "≤ 1.5× and ≤ +0.15 ms" } else { "" };
         for (name, bv, mv, target) in
-            [("p50", b.0, m.0, ""), ("p90", b.1, m.1, p90_target), ("p99", b.2, m.2, "")]
+            [("p50", &b.p50, &m.p50, ""), ("p90", &b.p90, &m.p90, p90_target), ("p99", &b.p99, &m.p99, "")]
         {
-            rows.push(Row {
-                figure: format!("{}: {name} latency at 1000 req/s, 16 conns", path.label()),
-                baseline: Some(bv),
-                value: mv,
-                unit: "ms",
-                target,
-            });
+            let figure = format!("{}: {name} latency at 1000 req/s, 16 conns", path.label());
+            rows.push(Row::of_rounds(figure, bv, mv, "ms", target));
         }
-        rows.push(Row {
-            figure: format!("{}: max req/s, 1 conn", path.label()),
-            baseline: Some(max1[&base]),
-            value: max1[&path],
-            unit: "req/s",
-            target: "",
-        });
-        rows.push(Row {
-            figure: format!("{}: max req/s, 16 conns", path.label()),
-            baseline: Some(max16[&base]),
-            value: max16[&path],
-            unit: "req/s",
-            target: if path.is_mesh() && path.baseline() == Lane::DirectCross { "≥ 0.5×" } else { "" },
-        });
+        rows.push(Row::of_rounds(
+            format!("{}: max req/s, 1 conn", path.label()),
+            &b.max1,
+            &m.max1,
+            "req/s",
+            "",
+        ));
+        let target = if path.is_mesh() && path.baseline() == Lane::DirectCross { "≥ 0.5×" } else { "" };
+        let figure = format!("{}: max req/s, 16 conns", path.label());
+        rows.push(Row::of_rounds(figure, &b.max16, &m.max16, "req/s", target));
         // The baselines of the CPU rows are the backend's on the direct path: a process that
         // wakes, reads and writes once per request. Each proxy does that twice per request.
-        let (backend_fixed, backend_saturated) = backend_cpu[&base];
-        rows.push(Row {
-            figure: format!(
-                "{}: {} CPU at 1000 req/s (direct: the backend's, one wakeup, read and write per request)",
-                path.label(),
-                path.carriers_label()
-            ),
-            baseline: Some(backend_fixed),
-            value: cpu_fixed[&path].0,
-            unit: "cores",
-            target: if path == Lane::L7Cross { "≤ 0.1" } else { "" },
-        });
+        let figure = format!(
+            "{}: {} CPU at 1000 req/s (direct: the backend's, one wakeup, read and write per request)",
+            path.label(),
+            path.carriers_label()
+        );
+        let target = if path == Lane::L7Cross { "≤ 0.1" } else { "" };
+        rows.push(Row::of_rounds(figure, &b.backend_fixed, &m.cpu_fixed, "cores", target));
         rows.push(Row {
             figure: format!(
                 "{}: {} context switches per request at 1000 req/s",
@@ -833,21 +856,18 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
                 path.carriers_label()
             ),
             baseline: None,
-            value: switches[&path],
+            value: median(m.switches.clone()),
             unit: "",
             target: "",
+            ratios: Vec::new(),
         });
-        rows.push(Row {
-            figure: format!(
-                "{}: {} CPU per 1000 requests at saturation (direct: the backend's)",
-                path.label(),
-                path.carriers_label()
-            ),
-            baseline: Some(backend_saturated),
-            value: cpu_sat[&path],
-            unit: "ms",
-            target: if path == Lane::L7Cross { "≤ 30" } else { "" },
-        });
+        let figure = format!(
+            "{}: {} CPU per 1000 requests at saturation (direct: the backend's)",
+            path.label(),
+            path.carriers_label()
+        );
+        let target = if path == Lane::L7Cross { "≤ 30" } else { "" };
+        rows.push(Row::of_rounds(figure, &b.backend_saturated, &m.cpu_saturated, "ms", target));
     }
 
     // Bulk TCP, one stream, through L4 (cross node: HBONE with mTLS), and through the floor.
@@ -881,7 +901,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
         }
     }
     let [direct_cross, mesh_cross, floor_cross, direct_same, mesh_same, mesh_per_gb, floor_per_gb] =
-        bulk.map(median);
+        bulk.clone().map(median);
     if profile {
         // A transfer of its own, as for the lanes above.
         let perf = Profile::start(&bench_dir, "bulk-cross", &agent_pids)?;
@@ -891,27 +911,21 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     println!(
         "bench: bulk TCP {direct_cross:.2} → {mesh_cross:.2} Gbit/s cross node (floor {floor_cross:.2}), {direct_same:.2} → {mesh_same:.2} same node"
     );
-    rows.push(Row {
-        figure: "bulk TCP, 1 stream, cross node (mTLS)".into(),
-        baseline: Some(direct_cross),
-        value: mesh_cross,
-        unit: "Gbit/s",
-        target: "≥ 0.7×",
-    });
-    rows.push(Row {
-        figure: "bulk TCP, 1 stream, cross node, floor: two plain TCP relays (no TLS)".into(),
-        baseline: Some(direct_cross),
-        value: floor_cross,
-        unit: "Gbit/s",
-        target: "",
-    });
-    rows.push(Row {
-        figure: "bulk TCP, 1 stream, same node".into(),
-        baseline: Some(direct_same),
-        value: mesh_same,
-        unit: "Gbit/s",
-        target: "",
-    });
+    rows.push(Row::of_rounds(
+        "bulk TCP, 1 stream, cross node (mTLS)".into(),
+        &bulk[0],
+        &bulk[1],
+        "Gbit/s",
+        "≥ 0.7×",
+    ));
+    rows.push(Row::of_rounds(
+        "bulk TCP, 1 stream, cross node, floor: two plain TCP relays (no TLS)".into(),
+        &bulk[0],
+        &bulk[2],
+        "Gbit/s",
+        "",
+    ));
+    rows.push(Row::of_rounds("bulk TCP, 1 stream, same node".into(), &bulk[3], &bulk[4], "Gbit/s", ""));
 
     println!(
         "bench: bulk TCP cross node at up to {BULK_FIXED_GBITS} Gbit/s: {mesh_per_gb:.0} ms of both proxies' CPU per GB (floor {floor_per_gb:.0})"
@@ -926,6 +940,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             value,
             unit: "ms",
             target: "",
+            ratios: Vec::new(),
         });
     }
 
@@ -958,6 +973,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
         value: enrolled,
         unit: "conn/s",
         target: "",
+        ratios: Vec::new(),
     });
 
     // What one hop costs this machine before any proxy work: each process a request passes
@@ -973,6 +989,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             value: across,
             unit: "µs",
             target: "",
+            ratios: Vec::new(),
         }),
         Err(err) => println!("bench: wakeup cost not measured: {err:#}"),
     }
@@ -983,6 +1000,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
         value: idle_cpu,
         unit: "cores",
         target: "",
+        ratios: Vec::new(),
     });
     let peak_rss: Vec<f64> = agents.iter().map(|a| mem_mib(a.pid(), "VmHWM")).collect();
     for (agent, (idle, peak)) in agents.iter().zip(idle_rss.iter().zip(&peak_rss)) {
@@ -992,6 +1010,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             value: *idle,
             unit: "MiB",
             target: "≤ 20",
+            ratios: Vec::new(),
         });
     }
 
@@ -1016,6 +1035,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             value: mem_mib(agent.pid(), "VmRSS"),
             unit: "MiB",
             target: "≤ 40",
+            ratios: Vec::new(),
         });
     }
     let version = agents[0].status()?.config_version;
@@ -1032,6 +1052,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
         value: split * 1000.0,
         unit: "ms",
         target: "",
+        ratios: Vec::new(),
     });
 
     // The rebuild after the change must not leave the agent larger than before it.
@@ -1046,6 +1067,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             value: mem_mib(agent.pid(), "VmRSS"),
             unit: "MiB",
             target: "≤ 40",
+            ratios: Vec::new(),
         });
     }
 
@@ -1124,8 +1146,10 @@ fn render(rows: &[Row], quick: bool, build: Build, plan: &Plan, agent_build: &st
     }
     s.push_str(&format!(
         "Mode: {}. oha at a fixed 1000 req/s over 16 connections for {} s, at saturation for {} s, \
-         1 KiB responses, HTTP/1.1 keep-alive; iperf3 for {} s; medians of {} run(s). Ratios are to \
-         the direct path of the same run (same node or cross node). Two cores run everything: \
+         1 KiB responses, HTTP/1.1 keep-alive; iperf3 for {} s; medians of {} round(s), each of \
+         which measures every path in turn. Ratios are to the direct path of the same run (same \
+         node or cross node): the ratio of the medians, and in brackets the range of the rounds' \
+         own ratios. Two cores run everything: \
          load generator, backend and both proxies. The floor rows send the cross-node requests \
          through two plain TCP relays in the proxies' places (the proxy's runtime and copy loop, \
          no TLS, no HTTP): what two proxies cost on this machine before any work of their own. The agents log at \
@@ -1146,7 +1170,15 @@ fn render(rows: &[Row], quick: bool, build: Build, plan: &Plan, agent_build: &st
     s.push_str("| figure | direct | measured | ratio | target |\n| --- | ---: | ---: | ---: | --- |\n");
     for r in rows {
         let (base, ratio) = match r.baseline {
-            Some(b) => (format!("{} {}", fmt(b), r.unit), format!("{:.2}×", r.value / b)),
+            Some(b) => {
+                let mut ratio = format!("{:.2}×", r.value / b);
+                if r.ratios.len() > 1 {
+                    let lo = r.ratios.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = r.ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    ratio.push_str(&format!(" ({lo:.2}–{hi:.2})"));
+                }
+                (format!("{} {}", fmt(b), r.unit), ratio)
+            }
             None => ("".into(), "".into()),
         };
         s.push_str(&format!(
