@@ -43,6 +43,9 @@ const WEB_L7: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 2);
 const WEB_A: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 3);
 const WEB_B: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 4);
 const BULK: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 5);
+const GRPC: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 6);
+/// The unary gRPC method the gRPC lanes call (the backend answers any).
+const GRPC_METHOD: &str = "/bench.Echo/Call";
 const BULK_PORT: u16 = 5201;
 /// The floor's relays listen on these ports on both nodes: HTTP to the backend, and iperf3.
 const RELAY_PORT: u16 = 16080;
@@ -98,10 +101,12 @@ enum Lane {
     L4Cross,
     L7Cross,
     FloorCross,
+    DirectGrpcCross,
+    GrpcCross,
 }
 
 impl Lane {
-    const ALL: [Lane; 7] = [
+    const ALL: [Lane; 9] = [
         Lane::DirectSame,
         Lane::L4Same,
         Lane::L7Same,
@@ -109,6 +114,8 @@ impl Lane {
         Lane::L4Cross,
         Lane::L7Cross,
         Lane::FloorCross,
+        Lane::DirectGrpcCross,
+        Lane::GrpcCross,
     ];
 
     fn label(self) -> &'static str {
@@ -120,6 +127,8 @@ impl Lane {
             Lane::L4Cross => "mesh L4, cross node (mTLS)",
             Lane::L7Cross => "mesh L7 (HTTPRoute 50/50), cross node (mTLS)",
             Lane::FloorCross => "floor: two plain TCP relays, cross node (no TLS, no HTTP)",
+            Lane::DirectGrpcCross => "direct gRPC (h2c), cross node",
+            Lane::GrpcCross => "mesh gRPC (GRPCRoute 50/50), cross node (mTLS)",
         }
     }
 
@@ -132,6 +141,8 @@ impl Lane {
             Lane::L4Cross => "L4 cross mTLS",
             Lane::L7Cross => "L7 cross mTLS",
             Lane::FloorCross => "floor cross",
+            Lane::DirectGrpcCross => "direct gRPC",
+            Lane::GrpcCross => "gRPC cross mTLS",
         }
     }
 
@@ -139,6 +150,7 @@ impl Lane {
     fn baseline(self) -> Lane {
         match self {
             Lane::DirectSame | Lane::L4Same | Lane::L7Same => Lane::DirectSame,
+            Lane::DirectGrpcCross | Lane::GrpcCross => Lane::DirectGrpcCross,
             _ => Lane::DirectCross,
         }
     }
@@ -168,13 +180,16 @@ struct World {
     web_a: Arc<Pod>,
     /// Where the floor's first relay listens: node1.
     relay: Ipv4Addr,
+    /// The request body of the gRPC lanes: one length-prefixed message.
+    grpc_body: PathBuf,
 }
 
 impl World {
-    /// The client pod and URL of a path.
-    fn target(&self, path: Lane) -> (&Pod, String) {
+    /// The client pod of a path, and what oha is told after its own options: the URL, and for
+    /// gRPC the unary call (HTTP/2 prior knowledge, a POST of one message with gRPC's headers).
+    fn target(&self, path: Lane) -> (&Pod, Vec<String>) {
         let c = |n: &str| self.clients[n].as_ref();
-        match path {
+        let (pod, url) = match path {
             Lane::DirectSame => (c("direct-2"), format!("http://{}:8080/", self.web_a.ip)),
             Lane::DirectCross => (c("direct-1"), format!("http://{}:8080/", self.web_a.ip)),
             Lane::L4Same => (c("mesh-2"), format!("http://{WEB_L4}/")),
@@ -182,7 +197,19 @@ impl World {
             Lane::L7Same => (c("mesh-2"), format!("http://{WEB_L7}/")),
             Lane::L7Cross => (c("mesh-1"), format!("http://{WEB_L7}/")),
             Lane::FloorCross => (c("direct-1"), format!("http://{}:{RELAY_PORT}/", self.relay)),
+            Lane::DirectGrpcCross => (c("direct-1"), format!("http://{}:8080{GRPC_METHOD}", self.web_a.ip)),
+            Lane::GrpcCross => (c("mesh-1"), format!("http://{GRPC}{GRPC_METHOD}")),
+        };
+        let mut args = Vec::new();
+        if path.baseline() == Lane::DirectGrpcCross {
+            args.extend(
+                ["--http2", "-m", "POST", "-H", "content-type: application/grpc", "-H", "te: trailers"]
+                    .map(String::from),
+            );
+            args.extend(["-D".to_owned(), self.grpc_body.display().to_string()]);
         }
+        args.push(url);
+        (pod, args)
     }
 }
 
@@ -265,7 +292,7 @@ fn in_pod(pod: &Pod, program: &Path, args: &[String]) -> anyhow::Result<String> 
 fn oha(
     oha: &Path,
     pod: &Pod,
-    url: &str,
+    target: &[String],
     conns: u32,
     rate: Option<u32>,
     duration: Duration,
@@ -282,7 +309,7 @@ fn oha(
     if let Some(q) = rate {
         args.extend(["-q".into(), q.to_string(), "--latency-correction".into()]);
     }
-    args.push(url.to_owned());
+    args.extend(target.iter().cloned());
     let out = in_pod(pod, oha, &args)?;
     let v: Value = serde_json::from_str(&out).with_context(|| format!("oha output: {out}"))?;
     let ms = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
@@ -408,6 +435,18 @@ fn objects(cluster: &Cluster, web_a: &Pod, web_b: &Pod, clients: &BTreeMap<&str,
     y.push_str(&objects::service(MESH_NS, "web-b", WEB_B, 80, 8080, Some("http"), &[web_b]));
     y.push_str(&objects::service(MESH_NS, "bulk", BULK, BULK_PORT, BULK_PORT, None, &[web_a]));
     y.push_str(&web_route(50, 50));
+    y.push_str(&objects::service(
+        MESH_NS,
+        "grpc",
+        GRPC,
+        80,
+        8080,
+        Some("kubernetes.io/h2c"),
+        &[web_a, web_b],
+    ));
+    y.push_str(&format!(
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: grpc-split, namespace: {MESH_NS}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: grpc, port: 80}}]\n  rules:\n  - backendRefs: [{{name: web-a, port: 80, weight: 50}}, {{name: web-b, port: 80, weight: 50}}]\n"
+    ));
     y
 }
 
@@ -695,18 +734,44 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     let mut agents = Vec::new();
     for node in cluster.nodes() {
         let agent = Agent::start_with(&agent_bin, &cluster, node, &source, &ca, &log_filter())?;
-        agent.wait_for(|s| s.frontends >= 5)?;
+        // web-l4, web, web-a, web-b, bulk and grpc.
+        agent.wait_for(|s| s.frontends >= 6)?;
         agents.push(agent);
     }
     agents[0].wait_for(|s| !s.enrolled.is_empty())?;
     agents[1].wait_for(|s| s.enrolled.len() >= 3)?;
-    let world = World { clients: clients.clone(), web_a: web_a.clone(), relay: cluster.node(1).ip };
+    // One message of 16 bytes behind gRPC's prefix (uncompressed, length).
+    let grpc_body = cluster.dir().join("grpc-request.bin");
+    std::fs::write(&grpc_body, [&[0u8, 0, 0, 0, 16][..], &[b'g'; 16]].concat())?;
+    let world =
+        World { clients: clients.clone(), web_a: web_a.clone(), relay: cluster.node(1).ip, grpc_body };
     // Warm-up: every path answers (and certificates are issued).
     for path in Lane::ALL {
         let (pod, url) = world.target(path);
         let load = oha(&oha_bin, pod, &url, 1, None, Duration::from_millis(300))?;
         if load.requests == 0.0 || load.errors > 0.0 {
             bail!("{}: warm-up failed ({load:?})", path.label());
+        }
+    }
+    // The L7 lanes measure their routes, not a Service's plain split: both must be accepted.
+    for (kind, name) in [("HTTPRoute", "web-split"), ("GRPCRoute", "grpc-split")] {
+        let accepted = || {
+            server.get("gateway.networking.k8s.io/v1", kind, MESH_NS, name).is_some_and(|route| {
+                route["status"]["parents"].as_array().is_some_and(|parents| {
+                    parents.iter().any(|p| {
+                        p["conditions"].as_array().is_some_and(|cs| {
+                            cs.iter().any(|c| c["type"] == "Accepted" && c["status"] == "True")
+                        })
+                    })
+                })
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !accepted() {
+            if Instant::now() > deadline {
+                bail!("{kind} {name} was not accepted in 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
     let idle_rss: Vec<f64> = agents.iter().map(|a| mem_mib(a.pid(), "VmRSS")).collect();
@@ -1018,7 +1083,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     let t0 = Instant::now();
     server.apply_yaml(&scale_objects(plan.services, plan.endpoints_per_service));
     for agent in &agents {
-        agent.wait_for(|s| s.frontends >= plan.services + 5)?;
+        agent.wait_for(|s| s.frontends >= plan.services + 6)?;
     }
     let load_time = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(500));
@@ -1206,7 +1271,9 @@ fn fmt(v: f64) -> String {
 /// Grouped bars of p50/p90/p99 per path, as SVG.
 fn chart(latency: &BTreeMap<Lane, (f64, f64, f64)>) -> String {
     let max = latency.values().map(|l| l.2).fold(0.0f64, f64::max).max(0.001);
-    let (w, h, left, bottom) = (760.0, 320.0, 60.0, 60.0);
+    let (h, left, bottom) = (320.0, 60.0, 60.0);
+    // Room for each path's label under its bars.
+    let w = (left + 20.0 + 95.0 * latency.len() as f64).max(760.0);
     let plot_h = h - bottom - 20.0;
     let group = (w - left - 20.0) / latency.len() as f64;
     let bar = group / 4.0;
