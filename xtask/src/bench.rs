@@ -1313,3 +1313,31 @@ fn chart(latency: &BTreeMap<Lane, (f64, f64, f64)>) -> String {
     s.push_str("</svg>\n");
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{FULL, Lane, Row, render};
+
+    #[test]
+    fn a_row_of_rounds_gives_the_ratio_of_the_medians_and_the_range_of_the_rounds_ratios() {
+        // Round 2 is slow on both sides: its own ratio is ordinary, the medians' ratio too.
+        let row = Row::of_rounds("x".into(), &[10.0, 40.0, 12.0], &[5.0, 18.0, 7.0], "req/s", "");
+        assert_eq!((row.baseline, row.value), (Some(12.0), 7.0));
+        let md = render(&[row], false, crate::agents::Build::Now, &FULL, "a build");
+        assert!(md.contains("| x | 12.00 req/s | 7.00 req/s | 0.58× (0.45–0.58) |  |"), "{md}");
+        // One round: no range.
+        let one = Row::of_rounds("y".into(), &[10.0], &[5.0], "ms", "");
+        let md = render(&[one], true, crate::agents::Build::Now, &FULL, "a build");
+        assert!(md.contains("| y | 10.00 ms | 5.00 ms | 0.50× |  |"), "{md}");
+    }
+
+    #[test]
+    fn each_lane_is_measured_against_a_direct_lane_of_its_own_kind() {
+        for lane in Lane::ALL {
+            assert!(lane.baseline().is_direct(), "{lane:?}");
+            assert!(!(lane.is_floor() && lane.is_mesh()), "{lane:?}");
+        }
+        assert_eq!(Lane::GrpcCross.baseline(), Lane::DirectGrpcCross);
+        assert!(Lane::GrpcCross.is_mesh() && Lane::DirectGrpcCross.is_direct());
+    }
+}
