@@ -377,6 +377,17 @@ struct Row {
 }
 
 impl Row {
+    /// A figure measured once, or whose baseline was not measured in turn with it.
+    fn new(
+        figure: String,
+        baseline: Option<f64>,
+        value: f64,
+        unit: &'static str,
+        target: &'static str,
+    ) -> Row {
+        Row { figure, baseline, value, unit, target, ratios: Vec::new() }
+    }
+
     /// A figure and its baseline measured once per round: medians, and the ratio of each round.
     fn of_rounds(
         figure: String,
@@ -756,15 +767,13 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     // The L7 lanes measure their routes, not a Service's plain split: both must be accepted.
     for (kind, name) in [("HTTPRoute", "web-split"), ("GRPCRoute", "grpc-split")] {
         let accepted = || {
-            server.get("gateway.networking.k8s.io/v1", kind, MESH_NS, name).is_some_and(|route| {
-                route["status"]["parents"].as_array().is_some_and(|parents| {
-                    parents.iter().any(|p| {
-                        p["conditions"].as_array().is_some_and(|cs| {
-                            cs.iter().any(|c| c["type"] == "Accepted" && c["status"] == "True")
-                        })
-                    })
-                })
-            })
+            let Some(route) = server.get("gateway.networking.k8s.io/v1", kind, MESH_NS, name) else {
+                return false;
+            };
+            let parents = route["status"]["parents"].as_array().into_iter().flatten();
+            parents
+                .flat_map(|p| p["conditions"].as_array().into_iter().flatten())
+                .any(|c| c["type"] == "Accepted" && c["status"] == "True")
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !accepted() {
@@ -905,32 +914,17 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
         let target = if path.is_mesh() && path.baseline() == Lane::DirectCross { "≥ 0.5×" } else { "" };
         let figure = format!("{}: max req/s, 16 conns", path.label());
         rows.push(Row::of_rounds(figure, &b.max16, &m.max16, "req/s", target));
+        // What the lane's carriers (proxies or relays) spent.
+        let carriers = |what: &str| format!("{}: {} {what}", path.label(), path.carriers_label());
         // The baselines of the CPU rows are the backend's on the direct path: a process that
         // wakes, reads and writes once per request. Each proxy does that twice per request.
-        let figure = format!(
-            "{}: {} CPU at 1000 req/s (direct: the backend's, one wakeup, read and write per request)",
-            path.label(),
-            path.carriers_label()
-        );
+        let figure =
+            carriers("CPU at 1000 req/s (direct: the backend's, one wakeup, read and write per request)");
         let target = if path == Lane::L7Cross { "≤ 0.1" } else { "" };
         rows.push(Row::of_rounds(figure, &b.backend_fixed, &m.cpu_fixed, "cores", target));
-        rows.push(Row {
-            figure: format!(
-                "{}: {} context switches per request at 1000 req/s",
-                path.label(),
-                path.carriers_label()
-            ),
-            baseline: None,
-            value: median(m.switches.clone()),
-            unit: "",
-            target: "",
-            ratios: Vec::new(),
-        });
-        let figure = format!(
-            "{}: {} CPU per 1000 requests at saturation (direct: the backend's)",
-            path.label(),
-            path.carriers_label()
-        );
+        let figure = carriers("context switches per request at 1000 req/s");
+        rows.push(Row::new(figure, None, median(m.switches.clone()), "", ""));
+        let figure = carriers("CPU per 1000 requests at saturation (direct: the backend's)");
         let target = if path == Lane::L7Cross { "≤ 30" } else { "" };
         rows.push(Row::of_rounds(figure, &b.backend_saturated, &m.cpu_saturated, "ms", target));
     }
@@ -965,8 +959,8 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             all.push(figure);
         }
     }
-    let [direct_cross, mesh_cross, floor_cross, direct_same, mesh_same, mesh_per_gb, floor_per_gb] =
-        bulk.clone().map(median);
+    let [direct_cross, mesh_cross, floor_cross, direct_same, mesh_same, mesh_per_gb, floor_per_gb] = bulk;
+    let m = |v: &Vec<f64>| median(v.clone());
     if profile {
         // A transfer of its own, as for the lanes above.
         let perf = Profile::start(&bench_dir, "bulk-cross", &agent_pids)?;
@@ -974,39 +968,36 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
         println!("bench: profile of bulk TCP cross node: {}", perf.finish()?.display());
     }
     println!(
-        "bench: bulk TCP {direct_cross:.2} → {mesh_cross:.2} Gbit/s cross node (floor {floor_cross:.2}), {direct_same:.2} → {mesh_same:.2} same node"
+        "bench: bulk TCP {:.2} → {:.2} Gbit/s cross node (floor {:.2}), {:.2} → {:.2} same node",
+        m(&direct_cross),
+        m(&mesh_cross),
+        m(&floor_cross),
+        m(&direct_same),
+        m(&mesh_same)
     );
-    rows.push(Row::of_rounds(
-        "bulk TCP, 1 stream, cross node (mTLS)".into(),
-        &bulk[0],
-        &bulk[1],
-        "Gbit/s",
-        "≥ 0.7×",
-    ));
-    rows.push(Row::of_rounds(
-        "bulk TCP, 1 stream, cross node, floor: two plain TCP relays (no TLS)".into(),
-        &bulk[0],
-        &bulk[2],
-        "Gbit/s",
-        "",
-    ));
-    rows.push(Row::of_rounds("bulk TCP, 1 stream, same node".into(), &bulk[3], &bulk[4], "Gbit/s", ""));
+    for (figure, baseline, value, target) in [
+        ("bulk TCP, 1 stream, cross node (mTLS)", &direct_cross, &mesh_cross, "≥ 0.7×"),
+        (
+            "bulk TCP, 1 stream, cross node, floor: two plain TCP relays (no TLS)",
+            &direct_cross,
+            &floor_cross,
+            "",
+        ),
+        ("bulk TCP, 1 stream, same node", &direct_same, &mesh_same, ""),
+    ] {
+        rows.push(Row::of_rounds(figure.into(), baseline, value, "Gbit/s", target));
+    }
 
     println!(
-        "bench: bulk TCP cross node at up to {BULK_FIXED_GBITS} Gbit/s: {mesh_per_gb:.0} ms of both proxies' CPU per GB (floor {floor_per_gb:.0})"
+        "bench: bulk TCP cross node at up to {BULK_FIXED_GBITS} Gbit/s: {:.0} ms of both proxies' CPU per GB (floor {:.0})",
+        m(&mesh_per_gb),
+        m(&floor_per_gb)
     );
     for (figure, value) in [
-        ("bulk TCP, 1 stream, cross node (mTLS): both proxies' CPU per GB carried", mesh_per_gb),
-        ("bulk TCP, 1 stream, cross node, floor: both relays' CPU per GB carried", floor_per_gb),
+        ("bulk TCP, 1 stream, cross node (mTLS): both proxies' CPU per GB carried", m(&mesh_per_gb)),
+        ("bulk TCP, 1 stream, cross node, floor: both relays' CPU per GB carried", m(&floor_per_gb)),
     ] {
-        rows.push(Row {
-            figure: format!("{figure}, at up to {BULK_FIXED_GBITS} Gbit/s"),
-            baseline: None,
-            value,
-            unit: "ms",
-            target: "",
-            ratios: Vec::new(),
-        });
+        rows.push(Row::new(format!("{figure}, at up to {BULK_FIXED_GBITS} Gbit/s"), None, value, "ms", ""));
     }
 
     // Connection setup: an unenrolled pod straight to the backend, an enrolled one through the
@@ -1029,54 +1020,44 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     };
     let (plain, plain_slow) = connects(&clients["direct-2"], SocketAddr::from((web_a.ip, 8080)))?;
     let (enrolled, enrolled_slow) = connects(&clients["mesh-2"], SocketAddr::from((WEB_L4, 80)))?;
-    rows.push(Row {
-        figure: format!(
+    rows.push(Row::new(
+        format!(
             "connects/s from a pod, same node, 1 / median of {} sequential connects (enrolled: eBPF redirect to the proxy; over 200 ms: {plain_slow} direct, {enrolled_slow} enrolled)",
             plan.connects
         ),
-        baseline: Some(plain),
-        value: enrolled,
-        unit: "conn/s",
-        target: "",
-        ratios: Vec::new(),
-    });
+        Some(plain),
+        enrolled,
+        "conn/s",
+        "",
+    ));
 
     // What one hop costs this machine before any proxy work: each process a request passes
     // through is a wakeup, and between CPUs of a virtual machine a wakeup is an interrupt
     // through the hypervisor.
     match wakeup_cost(plan.ping_pongs) {
-        Ok((same, across)) => rows.push(Row {
-            figure: format!(
+        Ok((same, across)) => rows.push(Row::new(
+            format!(
                 "machine: one thread waking another, same CPU → across CPUs (socket ping-pong, {} round trips; context for the per-hop figures)",
                 plan.ping_pongs
             ),
-            baseline: Some(same),
-            value: across,
-            unit: "µs",
-            target: "",
-            ratios: Vec::new(),
-        }),
+            Some(same),
+            across,
+            "µs",
+            "",
+        )),
         Err(err) => println!("bench: wakeup cost not measured: {err:#}"),
     }
 
-    rows.push(Row {
-        figure: "both agents' CPU with no traffic".into(),
-        baseline: None,
-        value: idle_cpu,
-        unit: "cores",
-        target: "",
-        ratios: Vec::new(),
-    });
+    rows.push(Row::new("both agents' CPU with no traffic".into(), None, idle_cpu, "cores", ""));
     let peak_rss: Vec<f64> = agents.iter().map(|a| mem_mib(a.pid(), "VmHWM")).collect();
     for (agent, (idle, peak)) in agents.iter().zip(idle_rss.iter().zip(&peak_rss)) {
-        rows.push(Row {
-            figure: format!("{} agent RSS idle (peak under load {peak:.1} MiB)", agent.node),
-            baseline: None,
-            value: *idle,
-            unit: "MiB",
-            target: "≤ 20",
-            ratios: Vec::new(),
-        });
+        rows.push(Row::new(
+            format!("{} agent RSS idle (peak under load {peak:.1} MiB)", agent.node),
+            None,
+            *idle,
+            "MiB",
+            "≤ 20",
+        ));
     }
 
     // Scale: 1000 Services with 10 endpoints each, then a weight change on `web`.
@@ -1088,52 +1069,46 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     let load_time = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(500));
     for agent in &agents {
-        rows.push(Row {
-            figure: format!(
+        rows.push(Row::new(
+            format!(
                 "{} agent RSS with {} Services and {} endpoints (loaded in {:.2} s)",
                 agent.node,
                 plan.services,
                 plan.services * plan.endpoints_per_service,
                 load_time
             ),
-            baseline: None,
-            value: mem_mib(agent.pid(), "VmRSS"),
-            unit: "MiB",
-            target: "≤ 40",
-            ratios: Vec::new(),
-        });
+            None,
+            mem_mib(agent.pid(), "VmRSS"),
+            "MiB",
+            "≤ 40",
+        ));
     }
     let version = agents[0].status()?.config_version;
     let started = Instant::now();
     server.apply_yaml(&web_route(100, 0));
     let split = time_to_split(&clients["mesh-1"], SocketAddr::from((WEB_L7, 80)), "web-a", 20, started)?;
     agents[0].wait_for(|s| s.config_version > version)?;
-    rows.push(Row {
-        figure: format!(
+    rows.push(Row::new(
+        format!(
             "weight change → new split seen by a client, with {} endpoints",
             plan.services * plan.endpoints_per_service
         ),
-        baseline: None,
-        value: split * 1000.0,
-        unit: "ms",
-        target: "",
-        ratios: Vec::new(),
-    });
+        None,
+        split * 1000.0,
+        "ms",
+        "",
+    ));
 
     // The rebuild after the change must not leave the agent larger than before it.
     std::thread::sleep(Duration::from_millis(500));
     for agent in &agents {
-        rows.push(Row {
-            figure: format!(
-                "{} agent RSS with {} Services, after the weight change",
-                agent.node, plan.services
-            ),
-            baseline: None,
-            value: mem_mib(agent.pid(), "VmRSS"),
-            unit: "MiB",
-            target: "≤ 40",
-            ratios: Vec::new(),
-        });
+        rows.push(Row::new(
+            format!("{} agent RSS with {} Services, after the weight change", agent.node, plan.services),
+            None,
+            mem_mib(agent.pid(), "VmRSS"),
+            "MiB",
+            "≤ 40",
+        ));
     }
 
     let report = render(&rows, quick, build, &plan, agent_build);
@@ -1211,7 +1186,7 @@ fn render(rows: &[Row], quick: bool, build: Build, plan: &Plan, agent_build: &st
     }
     s.push_str(&format!(
         "Mode: {}. oha at a fixed 1000 req/s over 16 connections for {} s, at saturation for {} s, \
-         1 KiB responses, HTTP/1.1 keep-alive; iperf3 for {} s; medians of {} round(s), each of \
+         1 KiB responses, HTTP/1.1 keep-alive (the gRPC lanes: unary calls over HTTP/2); iperf3 for {} s; medians of {} round(s), each of \
          which measures every path in turn. Ratios are to the direct path of the same run (same \
          node or cross node): the ratio of the medians, and in brackets the range of the rounds' \
          own ratios. Two cores run everything: \
@@ -1332,12 +1307,24 @@ mod tests {
     }
 
     #[test]
-    fn each_lane_is_measured_against_a_direct_lane_of_its_own_kind() {
-        for lane in Lane::ALL {
-            assert!(lane.baseline().is_direct(), "{lane:?}");
-            assert!(!(lane.is_floor() && lane.is_mesh()), "{lane:?}");
+    fn each_lane_is_measured_against_the_direct_path_of_its_own_kind() {
+        use Lane::*;
+        let want = [
+            (DirectSame, DirectSame),
+            (L4Same, DirectSame),
+            (L7Same, DirectSame),
+            (DirectCross, DirectCross),
+            (L4Cross, DirectCross),
+            (L7Cross, DirectCross),
+            (FloorCross, DirectCross),
+            (DirectGrpcCross, DirectGrpcCross),
+            (GrpcCross, DirectGrpcCross),
+        ];
+        assert_eq!(want.map(|(lane, _)| lane), Lane::ALL, "every lane, once");
+        for (lane, baseline) in want {
+            assert_eq!(lane.baseline(), baseline, "{lane:?}");
         }
-        assert_eq!(Lane::GrpcCross.baseline(), Lane::DirectGrpcCross);
-        assert!(Lane::GrpcCross.is_mesh() && Lane::DirectGrpcCross.is_direct());
+        let mesh: Vec<Lane> = Lane::ALL.into_iter().filter(|l| l.is_mesh()).collect();
+        assert_eq!(mesh, [L4Same, L7Same, L4Cross, L7Cross, GrpcCross]);
     }
 }
