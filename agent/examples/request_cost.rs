@@ -488,6 +488,11 @@ fn main() -> anyhow::Result<()> {
     // unless RUST_LOG says otherwise; JSON lines with GAMMARAY_LOG_JSON, as the agent's flag.
     let json = gammaray_agent::cli::Cli::log_json_from_env()?;
     gammaray_agent::logging::init("warn", json);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(run(&lanes, requests))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(gammaray_agent::logging::flush_on_park)
+        .build()?;
+    let result = rt.block_on(run(&lanes, requests));
+    gammaray_agent::logging::flush_thread();
+    result
 }

@@ -8,9 +8,15 @@
 //! per request that was a quarter of the proxies' work on a cross-node L7 request
 //! (`cargo xtask bench --instructions`). With `--log-json`, [`JsonLine`] writes
 //! tracing-subscriber's JSON shape, byte for byte, at a quarter of what its formatter cost.
+//!
+//! Those lines go out through [`Batched`]: a runtime's thread keeps the lines it logs while it
+//! has work and writes them with one write(2) when it goes idle, so a busy node's access log
+//! costs a system call per batch rather than per request.
 
 use std::{
+    cell::RefCell,
     fmt::{self, Write as _},
+    io,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -32,12 +38,20 @@ use tracing_subscriber::{
 mod tests;
 
 /// Installs the global subscriber. `default` applies when RUST_LOG is unset, e.g.
-/// `info,gammaray::kernel=debug` to see every redirect the kernel logs.
+/// `info,gammaray::kernel=debug` to see every redirect the kernel logs. Runtimes whose threads
+/// log should call [`flush_on_park`] from `on_thread_park`, and the program [`flush_thread`]
+/// before it ends; a panic writes what its thread kept before its message.
 pub fn init(default: &str, json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        flush_thread();
+        report(info);
+    }));
+    let stderr = Batched::new(stderr_sink);
     // `try_init` also forwards the `log` crate's records (rustls logs through it) into tracing.
     let result = if json {
-        json_lines(filter, std::io::stderr).try_init()
+        json_lines(filter, stderr).try_init()
     } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -46,11 +60,138 @@ pub fn init(default: &str, json: bool) {
             .finish()
             .try_init()
     } else {
-        plain(filter, std::io::stderr).try_init()
+        plain(filter, stderr).try_init()
     };
     if let Err(err) = result {
         eprintln!("logging already initialised: {err}");
     }
+}
+
+/// How many bytes of lines a thread keeps before it writes them without waiting to go idle:
+/// a thread that stays busy writes about every 100 access-log lines.
+pub const BATCH_BYTES: usize = 32 * 1024;
+
+/// Where [`Batched`] writes: one call per batch of whole lines.
+pub type Sink = fn(&[u8]);
+
+/// Writes `bytes` to stderr. A line that cannot be written is dropped, as tracing-subscriber
+/// drops it.
+pub fn stderr_sink(bytes: &[u8]) {
+    let _ = io::Write::write_all(&mut io::stderr().lock(), bytes);
+}
+
+/// Log lines written in batches rather than with one write(2) each. A thread that calls
+/// [`flush_on_park`] whenever it goes idle (a Tokio runtime's thread, through the runtime's
+/// `on_thread_park`) keeps its lines until then, or until it holds [`BATCH_BYTES`]: a busy
+/// proxy writes many access-log lines with one system call, and an idle one still writes a
+/// request's line as soon as it has nothing else to do. Any other thread, and one that has not
+/// gone idle yet, writes each line at once. Lines stay whole and in order within a thread;
+/// between threads, their timestamps give the order.
+#[derive(Clone, Copy, Debug)]
+pub struct Batched {
+    sink: Sink,
+}
+
+impl Batched {
+    pub fn new(sink: Sink) -> Self {
+        Self { sink }
+    }
+}
+
+impl<'w> MakeWriter<'w> for Batched {
+    type Writer = Self;
+
+    fn make_writer(&'w self) -> Self {
+        *self
+    }
+}
+
+impl io::Write for Batched {
+    /// tracing-subscriber hands over each event's line in one call.
+    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+        let kept = PENDING
+            .try_with(|pending| match pending.try_borrow_mut() {
+                Ok(mut pending) if pending.batching => {
+                    pending.keep(self.sink, line);
+                    true
+                }
+                _ => false,
+            })
+            .unwrap_or(false);
+        if !kept {
+            (self.sink)(line);
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The lines one thread has kept.
+struct Pending {
+    /// The thread goes idle through [`flush_on_park`], which writes them.
+    batching: bool,
+    sink: Option<Sink>,
+    lines: Vec<u8>,
+}
+
+impl Pending {
+    fn keep(&mut self, sink: Sink, line: &[u8]) {
+        if self.sink.is_some_and(|kept_for| !std::ptr::fn_addr_eq(kept_for, sink)) {
+            self.write_out();
+        }
+        self.sink = Some(sink);
+        self.lines.extend_from_slice(line);
+        if self.lines.len() >= BATCH_BYTES {
+            self.write_out();
+        }
+    }
+
+    fn write_out(&mut self) {
+        if let Some(sink) = self.sink
+            && !self.lines.is_empty()
+        {
+            sink(&self.lines);
+            self.lines.clear();
+        }
+    }
+}
+
+impl Drop for Pending {
+    /// A thread that ends writes what it kept.
+    fn drop(&mut self) {
+        self.write_out();
+    }
+}
+
+thread_local! {
+    static PENDING: RefCell<Pending> =
+        const { RefCell::new(Pending { batching: false, sink: None, lines: Vec::new() }) };
+}
+
+fn with_pending(f: impl FnOnce(&mut Pending)) {
+    let _ = PENDING.try_with(|pending| {
+        if let Ok(mut pending) = pending.try_borrow_mut() {
+            f(&mut pending);
+        }
+    });
+}
+
+/// For a runtime's `on_thread_park`: writes the lines this thread kept, and has it keep its
+/// lines from now on until it next goes idle.
+pub fn flush_on_park() {
+    with_pending(|pending| {
+        pending.batching = true;
+        pending.write_out();
+    });
+}
+
+/// Writes the lines this thread kept: before a panic's message, and before the program ends
+/// (the main thread's thread-locals are not dropped at exit).
+pub fn flush_thread() {
+    with_pending(Pending::write_out);
 }
 
 /// The subscriber for output that is not a terminal: [`Line`] and [`Fields`] in

@@ -9,8 +9,11 @@ use gammaray_agent::{
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     logging::init(&cli.log_level, cli.log_json);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async move {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(logging::flush_on_park)
+        .build()?;
+    let result = rt.block_on(async move {
         let client = control::Client::new(&cli.control);
         match cli.command {
             Command::Run {
@@ -93,5 +96,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
         }
-    })
+    });
+    logging::flush_thread();
+    result
 }

@@ -298,10 +298,14 @@ impl ProxyRuntime {
                 .worker_threads(threads)
                 .thread_name("proxy")
                 .enable_all()
+                .on_thread_park(crate::logging::flush_on_park)
                 .build()?;
             return Ok(Self::Multi(rt));
         }
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_park(crate::logging::flush_on_park)
+            .build()?;
         let handle = rt.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new().name("proxy".into()).spawn(move || {

@@ -240,3 +240,110 @@ fn json_lines_are_tracing_subscribers_json_format() {
     assert_eq!(warning["fields"]["quoted"], "say \"hi\"\n\ttab\\");
     assert_eq!(warning["spans"][1]["slice"], serde_json::json!([97, 98, 99]));
 }
+
+/// Sinks for [`Batched`], one per test (a sink is a plain `fn`, and tests run in parallel):
+/// each records the batches it was given.
+macro_rules! sinks {
+    ($($sink:ident, $batches:ident;)*) => {$(
+        static $batches: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+        fn $sink(bytes: &[u8]) {
+            $batches.lock().unwrap().push(bytes.to_vec());
+        }
+    )*};
+}
+
+sinks! {
+    sink_at_once, AT_ONCE;
+    sink_kept, KEPT;
+    sink_full, FULL;
+    sink_ended, ENDED;
+    sink_runtime, RUNTIME;
+}
+
+fn batches(of: &Mutex<Vec<Vec<u8>>>) -> Vec<String> {
+    of.lock().unwrap().iter().map(|b| String::from_utf8(b.clone()).unwrap()).collect()
+}
+
+fn write_line(writer: &mut Batched, line: &str) {
+    io::Write::write_all(writer, line.as_bytes()).unwrap();
+}
+
+#[test]
+fn a_thread_that_has_not_gone_idle_writes_each_line_at_once() {
+    let mut writer = Batched::new(sink_at_once);
+    write_line(&mut writer, "one\n");
+    write_line(&mut writer, "two\n");
+    assert_eq!(batches(&AT_ONCE), ["one\n", "two\n"]);
+}
+
+#[test]
+fn an_idle_runtime_thread_keeps_its_lines_until_it_next_goes_idle() {
+    let mut writer = Batched::new(sink_kept);
+    flush_on_park();
+    for line in ["one\n", "two\n", "three\n"] {
+        write_line(&mut writer, line);
+    }
+    assert!(batches(&KEPT).is_empty(), "kept while the thread has work");
+    flush_on_park();
+    assert_eq!(batches(&KEPT), ["one\ntwo\nthree\n"], "one write, whole lines, in order");
+    flush_on_park();
+    assert_eq!(batches(&KEPT).len(), 1, "nothing kept, nothing written");
+    write_line(&mut writer, "four\n");
+    flush_thread();
+    assert_eq!(batches(&KEPT), ["one\ntwo\nthree\n", "four\n"], "written before a panic's message");
+}
+
+#[test]
+fn a_busy_thread_writes_once_it_holds_a_batch() {
+    let mut writer = Batched::new(sink_full);
+    flush_on_park();
+    let line = format!("{}\n", "x".repeat(999));
+    let lines = BATCH_BYTES / line.len() + 1;
+    for _ in 0..lines {
+        write_line(&mut writer, &line);
+    }
+    let written = batches(&FULL);
+    assert_eq!(written.len(), 1, "written without waiting to go idle");
+    assert_eq!(written[0].len(), lines * line.len());
+    assert!(written[0].len() >= BATCH_BYTES);
+}
+
+#[test]
+fn a_thread_that_ends_writes_what_it_kept() {
+    std::thread::spawn(|| {
+        let mut writer = Batched::new(sink_ended);
+        flush_on_park();
+        write_line(&mut writer, "last words\n");
+    })
+    .join()
+    .unwrap();
+    assert_eq!(batches(&ENDED), ["last words\n"]);
+}
+
+/// Through a subscriber and a runtime, as the agent runs them: lines logged in one turn of the
+/// runtime leave in one write when it has nothing else to do, before the timer it waits for.
+#[test]
+fn a_runtime_writes_a_turns_lines_together_when_it_goes_idle() {
+    let subscriber = plain(EnvFilter::new("info"), Batched::new(sink_runtime));
+    let _default = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(flush_on_park)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // The runtime has not gone idle yet: this thread still writes at once.
+        tracing::info!("first");
+        assert_eq!(batches(&RUNTIME).len(), 1);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        tracing::info!("second");
+        tracing::info!("third");
+        assert_eq!(batches(&RUNTIME).len(), 1, "kept while the task runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let written = batches(&RUNTIME);
+        assert_eq!(written.len(), 2, "written while the runtime waited: {written:?}");
+        let lines: Vec<&str> = written[1].lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].ends_with("second") && lines[1].ends_with("third"), "{lines:?}");
+    });
+}
