@@ -338,3 +338,44 @@ impl ProxyRuntime {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Mutex, time::Duration};
+
+    use super::ProxyRuntime;
+    use crate::logging::Batched;
+
+    static WRITTEN: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+    fn sink(bytes: &[u8]) {
+        WRITTEN.lock().unwrap().push(bytes.to_vec());
+    }
+
+    /// The proxy's runtimes, both kinds, have their threads write log lines in batches: a line
+    /// logged by a task is kept while the task runs and written once its thread goes idle.
+    #[test]
+    fn the_proxy_runtimes_write_log_lines_when_they_go_idle() {
+        for threads in [1, 2] {
+            WRITTEN.lock().unwrap().clear();
+            let rt = ProxyRuntime::start(threads).unwrap();
+            let (tell, told) = std::sync::mpsc::channel();
+            rt.spawn(async move {
+                // By now every thread of the runtime has gone idle once.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                std::io::Write::write_all(&mut Batched::new(sink), b"kept\n").unwrap();
+                let while_busy = WRITTEN.lock().unwrap().len();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = tell.send((while_busy, WRITTEN.lock().unwrap().clone()));
+            });
+            let (while_busy, written) = told.recv_timeout(Duration::from_secs(10)).expect("the task ran");
+            rt.shutdown();
+            assert_eq!(while_busy, 0, "{threads} thread(s): kept while the task ran");
+            assert_eq!(
+                written,
+                [b"kept\n".to_vec()],
+                "{threads} thread(s): written once the thread went idle"
+            );
+        }
+    }
+}

@@ -67,10 +67,20 @@ pub fn service(
 
 /// An HTTPRoute on Service `parent` (port 80) splitting between weighted backends (port 80).
 pub fn weighted_route(namespace: &str, name: &str, parent: &str, backends: &[(&str, u32)]) -> String {
+    weighted("HTTPRoute", namespace, name, parent, backends)
+}
+
+/// A GRPCRoute on Service `parent` (port 80) splitting every call between weighted backends
+/// (port 80).
+pub fn weighted_grpc_route(namespace: &str, name: &str, parent: &str, backends: &[(&str, u32)]) -> String {
+    weighted("GRPCRoute", namespace, name, parent, backends)
+}
+
+fn weighted(kind: &str, namespace: &str, name: &str, parent: &str, backends: &[(&str, u32)]) -> String {
     let refs: Vec<String> =
         backends.iter().map(|(b, w)| format!("{{name: {b}, port: 80, weight: {w}}}")).collect();
     format!(
-        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: {parent}, port: 80}}]\n  rules:\n  - backendRefs: [{}]\n",
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: {parent}, port: 80}}]\n  rules:\n  - backendRefs: [{}]\n",
         refs.join(", ")
     )
 }

@@ -155,6 +155,11 @@ impl Lane {
         }
     }
 
+    /// Unary gRPC calls over HTTP/2 rather than HTTP/1.1 requests.
+    fn is_grpc(self) -> bool {
+        self.baseline() == Lane::DirectGrpcCross
+    }
+
     /// Through the agents' proxies.
     fn is_mesh(self) -> bool {
         !self.is_direct() && !self.is_floor()
@@ -201,7 +206,7 @@ impl World {
             Lane::GrpcCross => (c("mesh-1"), format!("http://{GRPC}{GRPC_METHOD}")),
         };
         let mut args = Vec::new();
-        if path.baseline() == Lane::DirectGrpcCross {
+        if path.is_grpc() {
             args.extend(
                 ["--http2", "-m", "POST", "-H", "content-type: application/grpc", "-H", "te: trailers"]
                     .map(String::from),
@@ -455,9 +460,7 @@ fn objects(cluster: &Cluster, web_a: &Pod, web_b: &Pod, clients: &BTreeMap<&str,
         Some("kubernetes.io/h2c"),
         &[web_a, web_b],
     ));
-    y.push_str(&format!(
-        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: grpc-split, namespace: {MESH_NS}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: grpc, port: 80}}]\n  rules:\n  - backendRefs: [{{name: web-a, port: 80, weight: 50}}, {{name: web-b, port: 80, weight: 50}}]\n"
-    ));
+    y.push_str(&objects::weighted_grpc_route(MESH_NS, "grpc-split", "grpc", &[("web-a", 50), ("web-b", 50)]));
     y
 }
 

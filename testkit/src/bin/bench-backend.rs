@@ -21,6 +21,7 @@ fn main() -> std::io::Result<()> {
         .ok_or_else(|| std::io::Error::other("usage: bench-backend ADDR [BODY_BYTES]"))?;
     let size: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1024);
     let body = Bytes::from(vec![b'x'; size]);
+    let grpc_message = grpc_message(&body);
     let name = http::HeaderValue::from_str(&args.next().unwrap_or_default())
         .map_err(|e| std::io::Error::other(format!("NAME: {e}")))?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -29,13 +30,13 @@ fn main() -> std::io::Result<()> {
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
-            let (body, name) = (body.clone(), name.clone());
+            let (body, grpc_message, name) = (body.clone(), grpc_message.clone(), name.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<Incoming>| {
-                    let (body, name) = (body.clone(), name.clone());
+                    let (body, grpc_message, name) = (body.clone(), grpc_message.clone(), name.clone());
                     async move {
                         let mut resp = if is_grpc(&req) {
-                            grpc_answer(req, &body).await
+                            grpc_answer(req, grpc_message).await
                         } else {
                             Response::new(Either::Left(Full::new(body)))
                         };
@@ -59,21 +60,27 @@ fn is_grpc(req: &Request<Incoming>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// Reads the call's message, then answers with one length-prefixed message of `payload` and a
-/// status of OK in the trailers, as a unary gRPC method does.
-async fn grpc_answer(req: Request<Incoming>, payload: &Bytes) -> Response<Either<Full<Bytes>, GrpcBody>> {
+/// `payload` as one gRPC message: uncompressed, behind its length. Made once; every answer
+/// shares it.
+fn grpc_message(payload: &Bytes) -> Bytes {
+    let mut message = BytesMut::with_capacity(5 + payload.len());
+    message.put_u8(0);
+    message.put_u32(payload.len() as u32);
+    message.put_slice(payload);
+    message.freeze()
+}
+
+/// Reads the call's message, then answers with `message` and a status of OK in the trailers,
+/// as a unary gRPC method does.
+async fn grpc_answer(req: Request<Incoming>, message: Bytes) -> Response<Either<Full<Bytes>, GrpcBody>> {
     let status = match req.into_body().collect().await {
         Ok(_) => "0",
         // INTERNAL: the call's message did not arrive whole.
         Err(_) => "13",
     };
-    let mut message = BytesMut::with_capacity(5 + payload.len());
-    message.put_u8(0);
-    message.put_u32(payload.len() as u32);
-    message.put_slice(payload);
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static(status));
-    let body = Full::new(message.freeze()).with_trailers(std::future::ready(Some(Ok(trailers))));
+    let body = Full::new(message).with_trailers(std::future::ready(Some(Ok(trailers))));
     let mut resp = Response::new(Either::Right(body));
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
     resp
