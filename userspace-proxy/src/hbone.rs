@@ -11,7 +11,8 @@
 //! frame in the task that makes it, instead of through a channel to a task of its own.
 //!
 //! Between h2 and TLS, a cork ([`crate::cork`]) gathers what one poll of the connection sends into
-//! one TLS record and one write(2), however many streams it serves.
+//! one TLS record and one write(2), however many streams it serves. Between TLS and the socket,
+//! [`crate::readahead`] reads in blocks of 64 KiB where rustls asks for 4 KiB at a time.
 
 use std::{
     collections::HashMap,
@@ -36,6 +37,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
     identity::{CertStore, Identity, SniResolver, client_config, identity_of, server_config},
+    readahead::ReadAhead,
     snapshot::Snapshot,
     stats::OutboundStats,
 };
@@ -54,6 +56,11 @@ const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 /// Largest header block a peer may send: a CONNECT needs a few hundred bytes.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// How much sealed data rustls keeps for the socket before it takes no more (its default is
+/// 64 KiB): room for a relay's whole DATA frame (a 64 KiB block and the frame's head), so
+/// the frame leaves in one write(2) rather than its last 9 bytes in a record and a write of
+/// their own.
+const TLS_SEND_BUFFER: usize = 128 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -204,10 +211,11 @@ impl Pool {
             node,
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
         })?;
-        let tls = TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
+        let mut tls = TlsConnector::from(Arc::new(config))
+            .connect(name, ReadAhead::new(tcp))
             .await
             .map_err(|source| HboneError::Tls { node, source })?;
+        tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
         let (tls, cork) = crate::cork::corked(tls);
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
@@ -272,7 +280,7 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
         let inbound = inbound.clone();
         tokio::spawn(
             async move {
-                let tls = match acceptor.accept(tcp).await {
+                let mut tls = match acceptor.accept(ReadAhead::new(tcp)).await {
                     Ok(t) => t,
                     Err(err) => {
                         inbound.stats.tls_refused.fetch_add(1, Relaxed);
@@ -289,6 +297,7 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
                     return;
                 };
                 info!(src_identity = %peer_id, dst_identity = %local_id, "inbound mTLS connection");
+                tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
                 let (tls, cork) = crate::cork::corked(tls);
                 let mut conn = match h2::server::Builder::new()
                     .initial_window_size(STREAM_WINDOW)

@@ -13,6 +13,7 @@ pub mod identity;
 pub mod logfmt;
 pub mod orig_dst;
 pub mod outbound;
+mod readahead;
 pub mod route;
 pub mod snapshot;
 pub mod stats;

@@ -594,9 +594,14 @@ impl SyscallTrace {
 
     /// Stops tracing; the summary gets a first line with the number of requests it covers.
     fn finish(self, requests: f64) -> anyhow::Result<PathBuf> {
+        self.finish_with(&format!("requests: {requests}"))
+    }
+
+    /// Stops tracing; the summary gets `first` as its first line (what the trace covered).
+    fn finish_with(self, first: &str) -> anyhow::Result<PathBuf> {
         let out = self.0.stop()?;
         let summary = std::fs::read_to_string(&out).unwrap_or_default();
-        std::fs::write(&out, format!("requests: {requests}\n{summary}"))?;
+        std::fs::write(&out, format!("{first}\n{summary}"))?;
         Ok(out)
     }
 }
@@ -947,25 +952,53 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     };
     // Medians of the runs, as for the requests, with the paths taking turns within each run so
     // that a slow spell of the host's does not fall on one path only.
-    let mut bulk: [Vec<f64>; 7] = Default::default();
+    // The same at full speed: the rate is what the four processes on two cores reach, and the
+    // carriers' CPU per GB says how much of that their own work took (the larger reads and
+    // writes of a saturated stream cost less per byte than a paced one's).
+    let saturated = |pids: &[u32], pod: &Pod, dst: SocketAddr| -> anyhow::Result<(f64, f64)> {
+        let cpu0 = cpu_of(pids.iter().copied(), ticks);
+        let (rate, bytes) = iperf_at(&iperf3, pod, dst, plan.bulk_secs, None)?;
+        Ok((rate, (cpu_of(pids.iter().copied(), ticks) - cpu0) * 1000.0 / (bytes / 1e9)))
+    };
+    let mut bulk: [Vec<f64>; 9] = Default::default();
     for _ in 0..plan.runs {
+        let (mesh, mesh_gb) = saturated(&agent_pids, &clients["mesh-1"], mesh_bulk)?;
+        let (floor, floor_gb) = saturated(&relay_pids, &clients["direct-1"], floor_bulk)?;
         let figures = [
             iperf(&iperf3, &clients["direct-1"], pod_bulk, plan.bulk_secs)?,
-            iperf(&iperf3, &clients["mesh-1"], mesh_bulk, plan.bulk_secs)?,
-            iperf(&iperf3, &clients["direct-1"], floor_bulk, plan.bulk_secs)?,
+            mesh,
+            floor,
             iperf(&iperf3, &clients["direct-2"], pod_bulk, plan.bulk_secs)?,
             iperf(&iperf3, &clients["mesh-2"], mesh_bulk, plan.bulk_secs)?,
             bulk_cpu(&agent_pids, &clients["mesh-1"], mesh_bulk)?,
             bulk_cpu(&relay_pids, &clients["direct-1"], floor_bulk)?,
+            mesh_gb,
+            floor_gb,
         ];
         for (all, figure) in bulk.iter_mut().zip(figures) {
             all.push(figure);
         }
     }
-    let [direct_cross, mesh_cross, floor_cross, direct_same, mesh_same, mesh_per_gb, floor_per_gb] = bulk;
+    let [
+        direct_cross,
+        mesh_cross,
+        floor_cross,
+        direct_same,
+        mesh_same,
+        mesh_per_gb,
+        floor_per_gb,
+        mesh_per_gb_saturated,
+        floor_per_gb_saturated,
+    ] = bulk;
     let m = |v: &Vec<f64>| median(v.clone());
     if profile {
-        // A transfer of its own, as for the lanes above.
+        // Transfers of their own, as for the lanes above: the system calls that carrying a
+        // stream's bytes takes (their count per GB says how large each read and write is), then
+        // where the CPU goes.
+        let trace = SyscallTrace::start(&bench_dir, "bulk-cross", &agent_pids)?;
+        let (_, bytes) = iperf_at(&iperf3, &clients["mesh-1"], mesh_bulk, plan.bulk_secs, None)?;
+        let out = trace.finish_with(&format!("bytes: {bytes}"))?;
+        println!("bench: system calls of bulk TCP cross node: {}", out.display());
         let perf = Profile::start(&bench_dir, "bulk-cross", &agent_pids)?;
         iperf(&iperf3, &clients["mesh-1"], mesh_bulk, plan.bulk_secs)?;
         println!("bench: profile of bulk TCP cross node: {}", perf.finish()?.display());
@@ -1001,6 +1034,12 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
         ("bulk TCP, 1 stream, cross node, floor: both relays' CPU per GB carried", m(&floor_per_gb)),
     ] {
         rows.push(Row::new(format!("{figure}, at up to {BULK_FIXED_GBITS} Gbit/s"), None, value, "ms", ""));
+    }
+    for (figure, value) in [
+        ("bulk TCP, 1 stream, cross node (mTLS): both proxies' CPU per GB carried", &mesh_per_gb_saturated),
+        ("bulk TCP, 1 stream, cross node, floor: both relays' CPU per GB carried", &floor_per_gb_saturated),
+    ] {
+        rows.push(Row::new(format!("{figure}, at full speed"), None, m(value), "ms", ""));
     }
 
     // Connection setup: an unenrolled pod straight to the backend, an enrolled one through the

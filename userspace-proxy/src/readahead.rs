@@ -1,0 +1,95 @@
+//! A read-ahead buffer between a TLS connection between nodes and its socket.
+//!
+//! rustls asks its transport for at most 4 KiB per read, whatever the socket holds: a TLS
+//! record of 16 KiB took four or five read(2) calls, so a bulk transfer cost a system call per
+//! 4 KiB on the receiving node (and one more, answered EAGAIN, each time the socket ran dry).
+//! [`ReadAhead`] reads up to [`BLOCK`] bytes per read(2) and hands rustls its 4 KiB from
+//! memory. The copy this adds is cheap next to the system calls it saves; small exchanges (a
+//! request's few hundred bytes) make the same calls as before.
+//!
+//! The buffer exists only while bytes flow: it is allocated at the first read after an idle
+//! spell and given back when a read finds the socket empty, so an idle connection holds none.
+//! Nothing is held back while the reader waits: `Pending` is returned only when the buffer is
+//! empty and the socket has nothing, with the socket's waker registered. Writes pass through.
+
+use std::{
+    io::{self, IoSlice},
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Buf as _, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest read(2) on the socket: four full TLS records.
+pub(crate) const BLOCK: usize = 64 * 1024;
+
+/// `io` with reads made in blocks of up to [`BLOCK`] bytes.
+pub(crate) struct ReadAhead<T> {
+    io: T,
+    /// Read from `io`, not yet handed to the reader.
+    ahead: BytesMut,
+}
+
+impl<T> ReadAhead<T> {
+    pub(crate) fn new(io: T) -> Self {
+        Self { io, ahead: BytesMut::new() }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if this.ahead.is_empty() {
+            if buf.remaining() >= BLOCK {
+                // As large as a block: no reason to copy.
+                return Pin::new(&mut this.io).poll_read(cx, buf);
+            }
+            // Takes the whole allocation back when the last block was all handed out.
+            this.ahead.reserve(BLOCK);
+            let read = tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.ahead);
+            if read.is_pending() {
+                this.ahead = BytesMut::new();
+            }
+            if ready!(read)? == 0 {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        let n = buf.remaining().min(this.ahead.len());
+        buf.put_slice(&this.ahead[..n]);
+        this.ahead.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ReadAhead<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests;

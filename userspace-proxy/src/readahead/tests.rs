@@ -1,0 +1,167 @@
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::SeqCst},
+    },
+    task::{Wake, Waker},
+};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::*;
+
+/// A socket that serves a script: `Some(bytes)` is data that has arrived (read as far as the
+/// reader asks, the rest stays for the next read), `None` is one read that finds nothing and
+/// waits. After the script, end of stream. Records what each read asked for.
+#[derive(Default)]
+struct Script {
+    steps: VecDeque<Option<Vec<u8>>>,
+    asked: Vec<usize>,
+    waker: Option<Waker>,
+}
+
+impl Script {
+    fn new(steps: impl IntoIterator<Item = Option<Vec<u8>>>) -> Self {
+        Self { steps: steps.into_iter().collect(), ..Self::default() }
+    }
+}
+
+impl AsyncRead for Script {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.asked.push(buf.remaining());
+        match this.steps.pop_front() {
+            None => Poll::Ready(Ok(())),
+            Some(None) => {
+                this.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Some(Some(mut data)) => {
+                let n = buf.remaining().min(data.len());
+                buf.put_slice(&data[..n]);
+                if n < data.len() {
+                    this.steps.push_front(Some(data.split_off(n)));
+                }
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+/// Counts its wakeups.
+#[derive(Default)]
+struct Wakes(AtomicUsize);
+
+impl Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, SeqCst);
+    }
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add((i >> 8) as u8)).collect()
+}
+
+/// One read of at most `max` bytes, as rustls makes them: `None` if it has to wait.
+fn read(ra: &mut ReadAhead<Script>, cx: &mut Context<'_>, max: usize) -> Option<Vec<u8>> {
+    let mut mem = vec![0; max];
+    let mut buf = ReadBuf::new(&mut mem);
+    match Pin::new(ra).poll_read(cx, &mut buf) {
+        Poll::Ready(Ok(())) => Some(buf.filled().to_vec()),
+        Poll::Ready(Err(err)) => panic!("read failed: {err}"),
+        Poll::Pending => None,
+    }
+}
+
+#[test]
+fn a_bulk_transfer_read_in_small_pieces_takes_one_socket_read_per_block() {
+    let data = pattern(5 * BLOCK / 2);
+    let mut ra = ReadAhead::new(Script::new([Some(data.clone())]));
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut got = Vec::new();
+    let mut reads = 0;
+    loop {
+        let piece = read(&mut ra, &mut cx, 4096).expect("the data has arrived");
+        reads += 1;
+        if piece.is_empty() {
+            break;
+        }
+        got.extend(piece);
+    }
+    assert_eq!(got, data, "every byte, in order");
+    assert_eq!(reads, data.len() / 4096 + 1);
+    // Three blocks and the end, where the reader asked 41 times.
+    assert_eq!(ra.io.asked, [BLOCK, BLOCK, BLOCK, BLOCK]);
+}
+
+#[test]
+fn the_reader_waits_only_when_nothing_is_held_and_an_idle_connection_keeps_no_buffer() {
+    let data = pattern(13 * 1024);
+    let (first, second) = data.split_at(10 * 1024);
+    let mut ra = ReadAhead::new(Script::new([Some(first.to_vec()), None, Some(second.to_vec())]));
+    let wakes = Arc::new(Wakes::default());
+    let waker = Waker::from(wakes.clone());
+    let mut cx = Context::from_waker(&waker);
+
+    let sizes: Vec<usize> = (0..3).map(|_| read(&mut ra, &mut cx, 4096).expect("held").len()).collect();
+    assert_eq!(sizes, [4096, 4096, 2048], "what one socket read brought, handed out in pieces");
+    assert_eq!(ra.io.asked.len(), 1);
+
+    assert_eq!(read(&mut ra, &mut cx, 4096), None, "waits once everything is handed out");
+    assert!(ra.io.waker.is_some(), "waits on the socket, whose readiness wakes it");
+    assert_eq!(ra.ahead.capacity(), 0, "the buffer is given back while the connection waits");
+
+    ra.io.waker.take().expect("registered").wake();
+    assert_eq!(wakes.0.load(SeqCst), 1);
+    let mut rest = read(&mut ra, &mut cx, 4096).expect("arrived");
+    assert_eq!(rest.len(), 3 * 1024);
+    assert_eq!(read(&mut ra, &mut cx, 4096), Some(vec![]), "then the end of the stream");
+    let mut got = first.to_vec();
+    got.append(&mut rest);
+    assert_eq!(got, data);
+}
+
+#[test]
+fn a_read_as_large_as_a_block_goes_straight_to_the_caller() {
+    let data = pattern(BLOCK + 100);
+    let mut ra = ReadAhead::new(Script::new([Some(data.clone())]));
+    let mut cx = Context::from_waker(Waker::noop());
+    let piece = read(&mut ra, &mut cx, 2 * BLOCK).expect("arrived");
+    assert_eq!(piece, data);
+    assert_eq!(ra.io.asked, [2 * BLOCK], "one read, into the caller's memory");
+    assert_eq!(ra.ahead.capacity(), 0, "nothing went through the buffer");
+}
+
+#[test]
+fn an_empty_read_asks_the_socket_nothing() {
+    let mut ra = ReadAhead::new(Script::new([Some(pattern(10))]));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert_eq!(read(&mut ra, &mut cx, 0), Some(vec![]));
+    assert!(ra.io.asked.is_empty());
+    assert_eq!(read(&mut ra, &mut cx, 4096), Some(pattern(10)));
+}
+
+#[tokio::test]
+async fn writes_and_the_end_of_writing_pass_through() {
+    let (near, mut far) = tokio::io::duplex(1 << 20);
+    let mut ra = ReadAhead::new(near);
+    assert_eq!(ra.is_write_vectored(), ra.io.is_write_vectored());
+    let data = pattern(200 * 1024);
+    let (head, tail) = data.split_at(1000);
+    ra.write_all(head).await.unwrap();
+    let n = ra.write_vectored(&[IoSlice::new(&tail[..10]), IoSlice::new(&tail[10..])]).await.unwrap();
+    ra.write_all(&tail[n..]).await.unwrap();
+    ra.flush().await.unwrap();
+    ra.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    far.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, data);
+
+    // And the other way, through the buffer, up to the peer's end.
+    far.write_all(&data).await.unwrap();
+    drop(far);
+    let mut back = Vec::new();
+    ra.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, data);
+}
