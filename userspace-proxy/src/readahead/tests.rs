@@ -91,8 +91,23 @@ fn a_bulk_transfer_read_in_small_pieces_takes_one_socket_read_per_block() {
     }
     assert_eq!(got, data, "every byte, in order");
     assert_eq!(reads, data.len() / 4096 + 1);
-    // Three blocks and the end, where the reader asked 41 times.
-    assert_eq!(ra.io.asked, [BLOCK, BLOCK, BLOCK, BLOCK]);
+    // The first read, which the socket filled; then three blocks and the end, where the
+    // reader asked 41 times.
+    assert_eq!(ra.io.asked, [4096, BLOCK, BLOCK, BLOCK, BLOCK]);
+}
+
+#[test]
+fn small_messages_go_straight_to_the_reader_and_never_allocate_a_block() {
+    let messages: Vec<Vec<u8>> = (1..=20).map(|i| pattern(100 * i)).collect();
+    let steps = messages.iter().flat_map(|m| [Some(m.clone()), None]);
+    let mut ra = ReadAhead::new(Script::new(steps));
+    let mut cx = Context::from_waker(Waker::noop());
+    for message in &messages {
+        assert_eq!(read(&mut ra, &mut cx, 4096).as_ref(), Some(message));
+        assert_eq!(ra.ahead.capacity(), 0, "no block for a message that does not fill a read");
+        assert_eq!(read(&mut ra, &mut cx, 4096), None, "then waits");
+    }
+    assert!(ra.io.asked.iter().all(|&n| n == 4096), "every read made into the reader's memory");
 }
 
 #[test]
@@ -105,17 +120,19 @@ fn the_reader_waits_only_when_nothing_is_held_and_an_idle_connection_keeps_no_bu
     let mut cx = Context::from_waker(&waker);
 
     let sizes: Vec<usize> = (0..3).map(|_| read(&mut ra, &mut cx, 4096).expect("held").len()).collect();
-    assert_eq!(sizes, [4096, 4096, 2048], "what one socket read brought, handed out in pieces");
-    assert_eq!(ra.io.asked.len(), 1);
+    assert_eq!(sizes, [4096, 4096, 2048], "a full read, then what one block brought, in pieces");
+    assert_eq!(ra.io.asked, [4096, BLOCK]);
 
     assert_eq!(read(&mut ra, &mut cx, 4096), None, "waits once everything is handed out");
     assert!(ra.io.waker.is_some(), "waits on the socket, whose readiness wakes it");
     assert_eq!(ra.ahead.capacity(), 0, "the buffer is given back while the connection waits");
+    assert!(!ra.streaming, "and the next read goes straight to the reader");
 
     ra.io.waker.take().expect("registered").wake();
     assert_eq!(wakes.0.load(SeqCst), 1);
     let mut rest = read(&mut ra, &mut cx, 4096).expect("arrived");
     assert_eq!(rest.len(), 3 * 1024);
+    assert_eq!(ra.io.asked[3], 4096, "straight into the reader's memory");
     assert_eq!(read(&mut ra, &mut cx, 4096), Some(vec![]), "then the end of the stream");
     let mut got = first.to_vec();
     got.append(&mut rest);
