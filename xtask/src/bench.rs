@@ -941,37 +941,36 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     let pod_bulk = SocketAddr::from((web_a.ip, BULK_PORT));
     let mesh_bulk = SocketAddr::from((BULK, BULK_PORT));
     let floor_bulk = SocketAddr::from((world.relay, RELAY_BULK_PORT));
-    // What carrying a byte costs, at a rate both paths reach: saturation throughput says how
-    // fast, not at what cost, as the proxies share the two cores with iperf3's own ends. On
-    // this host the figure moves between runs by as much as throughput does (up to a quarter),
-    // so it is read against the floor's of the same run.
-    let bulk_cpu = |pids: &[u32], pod: &Pod, dst: SocketAddr| -> anyhow::Result<f64> {
-        let cpu0 = cpu_of(pids.iter().copied(), ticks);
-        let (_, bytes) = iperf_at(&iperf3, pod, dst, plan.bulk_secs, Some(BULK_FIXED_GBITS))?;
-        Ok((cpu_of(pids.iter().copied(), ticks) - cpu0) * 1000.0 / (bytes / 1e9))
+    // What carrying a byte costs (ms of the carriers' CPU per GB) with the rate it went at.
+    // Paced at a rate both paths reach: saturation throughput says how fast, not at what cost,
+    // as the proxies share the two cores with iperf3's own ends. On this host the figure moves
+    // between runs by as much as throughput does (up to a quarter), so it is read against the
+    // floor's of the same run. At full speed (`gbits` None) the rate is what the four processes
+    // on two cores reach, and the cost says how much of that the carriers took (the larger reads
+    // and writes of a saturated stream cost less per byte than a paced one's).
+    let carried =
+        |pids: &[u32], pod: &Pod, dst: SocketAddr, gbits: Option<f64>| -> anyhow::Result<(f64, f64)> {
+            let cpu0 = cpu_of(pids.iter().copied(), ticks);
+            let (rate, bytes) = iperf_at(&iperf3, pod, dst, plan.bulk_secs, gbits)?;
+            Ok((rate, (cpu_of(pids.iter().copied(), ticks) - cpu0) * 1000.0 / (bytes / 1e9)))
+        };
+    let paced = |pids: &[u32], pod: &Pod, dst: SocketAddr| -> anyhow::Result<f64> {
+        Ok(carried(pids, pod, dst, Some(BULK_FIXED_GBITS))?.1)
     };
     // Medians of the runs, as for the requests, with the paths taking turns within each run so
     // that a slow spell of the host's does not fall on one path only.
-    // The same at full speed: the rate is what the four processes on two cores reach, and the
-    // carriers' CPU per GB says how much of that their own work took (the larger reads and
-    // writes of a saturated stream cost less per byte than a paced one's).
-    let saturated = |pids: &[u32], pod: &Pod, dst: SocketAddr| -> anyhow::Result<(f64, f64)> {
-        let cpu0 = cpu_of(pids.iter().copied(), ticks);
-        let (rate, bytes) = iperf_at(&iperf3, pod, dst, plan.bulk_secs, None)?;
-        Ok((rate, (cpu_of(pids.iter().copied(), ticks) - cpu0) * 1000.0 / (bytes / 1e9)))
-    };
     let mut bulk: [Vec<f64>; 9] = Default::default();
     for _ in 0..plan.runs {
-        let (mesh, mesh_gb) = saturated(&agent_pids, &clients["mesh-1"], mesh_bulk)?;
-        let (floor, floor_gb) = saturated(&relay_pids, &clients["direct-1"], floor_bulk)?;
+        let (mesh, mesh_gb) = carried(&agent_pids, &clients["mesh-1"], mesh_bulk, None)?;
+        let (floor, floor_gb) = carried(&relay_pids, &clients["direct-1"], floor_bulk, None)?;
         let figures = [
             iperf(&iperf3, &clients["direct-1"], pod_bulk, plan.bulk_secs)?,
             mesh,
             floor,
             iperf(&iperf3, &clients["direct-2"], pod_bulk, plan.bulk_secs)?,
             iperf(&iperf3, &clients["mesh-2"], mesh_bulk, plan.bulk_secs)?,
-            bulk_cpu(&agent_pids, &clients["mesh-1"], mesh_bulk)?,
-            bulk_cpu(&relay_pids, &clients["direct-1"], floor_bulk)?,
+            paced(&agent_pids, &clients["mesh-1"], mesh_bulk)?,
+            paced(&relay_pids, &clients["direct-1"], floor_bulk)?,
             mesh_gb,
             floor_gb,
         ];
