@@ -57,10 +57,10 @@ const CONNECTION_WINDOW: u32 = 16 << 20;
 /// Largest header block a peer may send: a CONNECT needs a few hundred bytes.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// How much sealed data rustls keeps for the socket before it takes no more (its default is
-/// 64 KiB): room for a relay's whole DATA frame (a 64 KiB block and the frame's head), so
-/// the frame leaves in one write(2) rather than its last 9 bytes in a record and a write of
-/// their own.
-const TLS_SEND_BUFFER: usize = 128 * 1024;
+/// 64 KiB, one relay block): room for a relay's whole DATA frame (a block and the frame's
+/// head), so the frame leaves in one write(2) rather than its last 9 bytes in a record and a
+/// write of their own.
+const TLS_SEND_BUFFER: usize = 2 * stream::RELAY_BLOCK;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {

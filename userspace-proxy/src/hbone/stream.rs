@@ -27,7 +27,7 @@ const MAX_WRITE: usize = super::MAX_FRAME as usize;
 /// What [`TunnelStream::relay`] allocates at a time for reads from the socket: as much as a
 /// bulk transfer reads in one call. Small messages share one such block, each read taking the
 /// next part of it.
-const RELAY_BLOCK: usize = 64 * 1024;
+pub(super) const RELAY_BLOCK: usize = 64 * 1024;
 /// Below this much room left in the block, the relay takes a new block before it reads.
 const RELAY_MIN_READ: usize = 4 * 1024;
 
