@@ -948,21 +948,24 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     // floor's of the same run. At full speed (`gbits` None) the rate is what the four processes
     // on two cores reach, and the cost says how much of that the carriers took (the larger reads
     // and writes of a saturated stream cost less per byte than a paced one's).
-    let carried =
-        |pids: &[u32], pod: &Pod, dst: SocketAddr, gbits: Option<f64>| -> anyhow::Result<(f64, f64)> {
-            let cpu0 = cpu_of(pids.iter().copied(), ticks);
-            let (rate, bytes) = iperf_at(&iperf3, pod, dst, plan.bulk_secs, gbits)?;
-            Ok((rate, (cpu_of(pids.iter().copied(), ticks) - cpu0) * 1000.0 / (bytes / 1e9)))
-        };
+    // With the cost, the carriers' context switches per GB: how often they sleep and are woken,
+    // which the kernel charges on top of the copies.
+    let carried = |pids: &[u32], pod: &Pod, dst: SocketAddr, gbits: Option<f64>| {
+        let (cpu0, switches0) = (cpu_of(pids.iter().copied(), ticks), switches_of(pids));
+        let (rate, bytes) = iperf_at(&iperf3, pod, dst, plan.bulk_secs, gbits)?;
+        let gb = bytes / 1e9;
+        let cpu = (cpu_of(pids.iter().copied(), ticks) - cpu0) * 1000.0 / gb;
+        anyhow::Ok((rate, cpu, (switches_of(pids) - switches0) / gb))
+    };
     let paced = |pids: &[u32], pod: &Pod, dst: SocketAddr| -> anyhow::Result<f64> {
         Ok(carried(pids, pod, dst, Some(BULK_FIXED_GBITS))?.1)
     };
     // Medians of the runs, as for the requests, with the paths taking turns within each run so
     // that a slow spell of the host's does not fall on one path only.
-    let mut bulk: [Vec<f64>; 9] = Default::default();
+    let mut bulk: [Vec<f64>; 11] = Default::default();
     for _ in 0..plan.runs {
-        let (mesh, mesh_gb) = carried(&agent_pids, &clients["mesh-1"], mesh_bulk, None)?;
-        let (floor, floor_gb) = carried(&relay_pids, &clients["direct-1"], floor_bulk, None)?;
+        let (mesh, mesh_gb, mesh_sw) = carried(&agent_pids, &clients["mesh-1"], mesh_bulk, None)?;
+        let (floor, floor_gb, floor_sw) = carried(&relay_pids, &clients["direct-1"], floor_bulk, None)?;
         let figures = [
             iperf(&iperf3, &clients["direct-1"], pod_bulk, plan.bulk_secs)?,
             mesh,
@@ -973,6 +976,8 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             paced(&relay_pids, &clients["direct-1"], floor_bulk)?,
             mesh_gb,
             floor_gb,
+            mesh_sw,
+            floor_sw,
         ];
         for (all, figure) in bulk.iter_mut().zip(figures) {
             all.push(figure);
@@ -988,6 +993,8 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
         floor_per_gb,
         mesh_per_gb_saturated,
         floor_per_gb_saturated,
+        mesh_switches_per_gb,
+        floor_switches_per_gb,
     ] = bulk;
     let m = |v: &Vec<f64>| median(v.clone());
     if profile {
@@ -1039,6 +1046,13 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
         ("bulk TCP, 1 stream, cross node, floor: both relays' CPU per GB carried", &floor_per_gb_saturated),
     ] {
         rows.push(Row::new(format!("{figure}, at full speed"), None, m(value), "ms", ""));
+    }
+    for (figure, value) in [
+        ("bulk TCP, 1 stream, cross node (mTLS): both proxies'", &mesh_switches_per_gb),
+        ("bulk TCP, 1 stream, cross node, floor: both relays'", &floor_switches_per_gb),
+    ] {
+        let figure = format!("{figure} context switches per GB carried, at full speed");
+        rows.push(Row::new(figure, None, m(value), "", ""));
     }
 
     // Connection setup: an unenrolled pod straight to the backend, an enrolled one through the
