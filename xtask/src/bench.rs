@@ -47,6 +47,8 @@ const GRPC: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 6);
 /// The unary gRPC method the gRPC lanes call (the backend answers any).
 const GRPC_METHOD: &str = "/bench.Echo/Call";
 const BULK_PORT: u16 = 5201;
+/// Connections a client holds open through the mesh to weigh what an idle one costs.
+const HELD_CONNECTIONS: usize = 1000;
 /// The floor's relays listen on these ports on both nodes: HTTP to the backend, and iperf3.
 const RELAY_PORT: u16 = 16080;
 const RELAY_BULK_PORT: u16 = 16201;
@@ -1164,6 +1166,42 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
             "MiB",
             "≤ 40",
         ));
+    }
+
+    // Connections held open: what each costs the agents in memory while it is idle, after one
+    // request and its answer (so each direction has been read and written once). Last, so that
+    // what the allocator keeps after they close does not count in the figures above.
+    for lane in [Lane::L4Cross, Lane::L7Cross] {
+        let dst = SocketAddr::from((if lane == Lane::L4Cross { WEB_L4 } else { WEB_L7 }, 80));
+        let before: Vec<f64> = agents.iter().map(|a| mem_mib(a.pid(), "VmRSS")).collect();
+        let held = clients["mesh-1"].run(|| -> anyhow::Result<Vec<BufReader<TcpStream>>> {
+            let mut held = Vec::with_capacity(HELD_CONNECTIONS);
+            for _ in 0..HELD_CONNECTIONS {
+                let mut conn = BufReader::new(TcpStream::connect_timeout(&dst, Duration::from_secs(5))?);
+                conn.get_ref().set_read_timeout(Some(Duration::from_secs(5)))?;
+                which_backend(&mut conn)?;
+                held.push(conn);
+            }
+            Ok(held)
+        })??;
+        std::thread::sleep(Duration::from_millis(500));
+        for (agent, before) in agents.iter().zip(&before) {
+            let per_connection = (mem_mib(agent.pid(), "VmRSS") - before) * 1024.0 / held.len() as f64;
+            rows.push(Row::new(
+                format!(
+                    "{} agent RSS per open connection, {}: {} held idle after one request each",
+                    agent.node,
+                    lane.label(),
+                    held.len()
+                ),
+                None,
+                per_connection,
+                "KiB",
+                "",
+            ));
+        }
+        drop(held);
+        std::thread::sleep(Duration::from_millis(500));
     }
 
     let report = render(&rows, quick, build, &plan, agent_build);
