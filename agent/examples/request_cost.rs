@@ -12,11 +12,14 @@
 //! covers it.
 //!
 //! Usage: `request_cost LANE REQUESTS`, LANE one of `direct`, `l4-cross`, `l7-cross`,
-//! `l7-same`, `direct-64k`, `l7-cross-64k`, `grpc-direct`, `grpc-cross`, or `all` to run each
-//! lane once (a check that the harness works). Every response is checked, or the run fails:
-//! status 200 and a body of 1 KiB (64 KiB on the `-64k` lanes); for gRPC, one message of 1 KiB
-//! and `grpc-status: 0` in the trailers. RUST_LOG sets the log filter (`warn` by default) and
-//! `GAMMARAY_LOG_JSON=1` logs JSON lines, as they do for the agent.
+//! `l7-same`, `direct-64k`, `l7-cross-64k`, `grpc-direct`, `grpc-cross`, `direct-post`,
+//! `l7-cross-post`, `l7-cross-filters`, or `all` to run each lane once (a check that the
+//! harness works). Every response is checked, or the run fails: status 200 and a body of 1 KiB
+//! (64 KiB on the `-64k` lanes); for gRPC, one message of 1 KiB and `grpc-status: 0` in the
+//! trailers. The backend answers a POST only once it has read the whole 16 KiB body, and the
+//! filtered lane's request only if the route's rewrite and header filters reached it (the
+//! client checks the response header the route adds). RUST_LOG sets the log filter (`warn` by
+//! default) and `GAMMARAY_LOG_JSON=1` logs JSON lines, as they do for the agent.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -37,9 +40,9 @@ use gammaray_proxy::{
     outbound,
     stats::OutboundStats,
 };
-use http_body_util::{BodyExt as _, Empty, Full, StreamBody};
+use http_body_util::{BodyExt as _, Either, Empty, Full, StreamBody};
 use hyper::{
-    Request, Response,
+    Method, Request, Response,
     body::{Frame, Incoming},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -52,6 +55,15 @@ const BODY_LEN: usize = 1024;
 const LARGE_BODY_LEN: usize = 64 * 1024;
 /// The path the backend answers with [`LARGE_BODY_LEN`] bytes.
 const LARGE_PATH: &str = "/64k";
+/// The path the `-post` lanes send a body of [`UPLOAD_LEN`] bytes to: several TLS records and
+/// HTTP/2 frames, so a request body streams through the proxies in pieces.
+const UPLOAD_PATH: &str = "/upload";
+const UPLOAD_LEN: usize = 16 * 1024;
+/// The filtered lane's path, which its route rewrites from [`FILTERED_PREFIX`] to
+/// [`REWRITTEN_PREFIX`] on the way to the backend.
+const FILTERED_PATH: &str = "/api/items";
+const FILTERED_PREFIX: &str = "/api";
+const REWRITTEN_PREFIX: &str = "/v1";
 /// The gRPC method the gRPC lanes call, and the message each call sends.
 const GRPC_PATH: &str = "/bench.Echo/Call";
 const GRPC_REQUEST_LEN: usize = 128;
@@ -82,10 +94,17 @@ enum Lane {
     /// Unary gRPC calls to a Service whose GRPCRoute splits 50/50 to pods on node B: HTTP/2 from
     /// the client, and HTTP/2 to the pod inside the HBONE tunnel.
     GrpcCross,
+    /// POSTs of a 16 KiB body straight to the backend on node B: the baseline of `L7CrossPost`.
+    DirectPost,
+    /// As `L7Cross`, for POSTs of a 16 KiB body: request bodies through the proxies.
+    L7CrossPost,
+    /// As `L7Cross`, through a route that matches on path and header, rewrites the path's
+    /// prefix, sets, adds and removes request headers and adds a response header.
+    L7CrossFilters,
 }
 
 impl Lane {
-    const ALL: [Lane; 8] = [
+    const ALL: [Lane; 11] = [
         Lane::Direct,
         Lane::L4Cross,
         Lane::L7Cross,
@@ -94,6 +113,9 @@ impl Lane {
         Lane::L7Cross64k,
         Lane::GrpcDirect,
         Lane::GrpcCross,
+        Lane::DirectPost,
+        Lane::L7CrossPost,
+        Lane::L7CrossFilters,
     ];
 
     fn parse(name: &str) -> anyhow::Result<Self> {
@@ -106,9 +128,12 @@ impl Lane {
             "l7-cross-64k" => Lane::L7Cross64k,
             "grpc-direct" => Lane::GrpcDirect,
             "grpc-cross" => Lane::GrpcCross,
+            "direct-post" => Lane::DirectPost,
+            "l7-cross-post" => Lane::L7CrossPost,
+            "l7-cross-filters" => Lane::L7CrossFilters,
             other => bail!(
                 "unknown lane {other:?}: direct, l4-cross, l7-cross, l7-same, direct-64k, l7-cross-64k, \
-                 grpc-direct, grpc-cross or all"
+                 grpc-direct, grpc-cross, direct-post, l7-cross-post, l7-cross-filters or all"
             ),
         })
     }
@@ -117,11 +142,14 @@ impl Lane {
         matches!(self, Lane::GrpcDirect | Lane::GrpcCross)
     }
 
-    /// The path each GET of an HTTP/1.1 lane asks for, and the body length the answer must have.
-    fn get(self) -> (&'static str, usize) {
+    /// What each request of an HTTP/1.1 lane asks for: the method, the path, the length of the
+    /// request's body, and the body length the answer must have.
+    fn ask(self) -> (Method, &'static str, usize, usize) {
         match self {
-            Lane::Direct64k | Lane::L7Cross64k => (LARGE_PATH, LARGE_BODY_LEN),
-            _ => ("/", BODY_LEN),
+            Lane::Direct64k | Lane::L7Cross64k => (Method::GET, LARGE_PATH, 0, LARGE_BODY_LEN),
+            Lane::DirectPost | Lane::L7CrossPost => (Method::POST, UPLOAD_PATH, UPLOAD_LEN, BODY_LEN),
+            Lane::L7CrossFilters => (Method::GET, FILTERED_PATH, 0, BODY_LEN),
+            _ => (Method::GET, "/", 0, BODY_LEN),
         }
     }
 }
@@ -145,6 +173,7 @@ const WEB_L4: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80)
 const WEB_L7: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 80);
 const WEB_SAME: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 14), 80);
 const GRPC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 15), 80);
+const WEB_FILTERED: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 18), 80);
 
 impl World {
     fn new() -> Self {
@@ -190,6 +219,7 @@ impl World {
             ("web-v1", Ipv4Addr::new(10, 96, 0, 12), HTTP, BACKEND_PORT, vec![b1]),
             ("web-v2", Ipv4Addr::new(10, 96, 0, 13), HTTP, BACKEND_PORT, vec![b2]),
             ("web-same", *WEB_SAME.ip(), HTTP, BACKEND_PORT, vec![a]),
+            ("web-filtered", *WEB_FILTERED.ip(), HTTP, BACKEND_PORT, vec![b1, b2]),
             ("grpc", *GRPC.ip(), H2C, BACKEND_H2_PORT, vec![b1, b2]),
             ("grpc-v1", Ipv4Addr::new(10, 96, 0, 16), H2C, BACKEND_H2_PORT, vec![b1]),
             ("grpc-v2", Ipv4Addr::new(10, 96, 0, 17), H2C, BACKEND_H2_PORT, vec![b2]),
@@ -213,6 +243,9 @@ impl World {
         y.push_str(
             "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-split, namespace: bench}\nspec:\n  parentRefs: [{group: '', kind: Service, name: web, port: 80}]\n  rules:\n  - backendRefs: [{name: web-v1, port: 80, weight: 50}, {name: web-v2, port: 80, weight: 50}]\n",
         );
+        y.push_str(&format!(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: web-filtered, namespace: bench}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: web-filtered, port: 80}}]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: {FILTERED_PREFIX}}}, headers: [{{name: x-env, value: bench}}]}}]\n    filters:\n    - {{type: URLRewrite, urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: {REWRITTEN_PREFIX}}}}}}}\n    - {{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-route, value: filtered}}], add: [{{name: x-hop, value: node-a}}], remove: [x-strip]}}}}\n    - {{type: ResponseHeaderModifier, responseHeaderModifier: {{add: [{{name: x-served-by, value: gammaray}}]}}}}\n    backendRefs: [{{name: web-v1, port: 80, weight: 50}}, {{name: web-v2, port: 80, weight: 50}}]\n",
+        ));
         y.push_str(
             "---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: grpc-split, namespace: bench}\nspec:\n  parentRefs: [{group: '', kind: Service, name: grpc, port: 80}]\n  rules:\n  - matches: [{method: {service: bench.Echo, method: Call}}]\n    backendRefs: [{name: grpc-v1, port: 80, weight: 50}, {name: grpc-v2, port: 80, weight: 50}]\n",
         );
@@ -221,7 +254,10 @@ impl World {
 }
 
 /// The backend of a pod: HTTP/1.1 on [`BACKEND_PORT`], answering [`LARGE_PATH`] with 64 KiB and
-/// every other path with 1 KiB, and gRPC over h2c on [`BACKEND_H2_PORT`].
+/// every other path with 1 KiB, and gRPC over h2c on [`BACKEND_H2_PORT`]. A POST to
+/// [`UPLOAD_PATH`] is answered once its whole body has arrived, and a path under
+/// [`REWRITTEN_PREFIX`] only with the filtered route's request headers; otherwise, and for a
+/// path still under [`FILTERED_PREFIX`], 400.
 async fn backend(ip: Ipv4Addr) -> anyhow::Result<()> {
     let listener = TcpListener::bind((ip, BACKEND_PORT)).await.with_context(|| format!("bind {ip}"))?;
     let small = Bytes::from(vec![b'x'; BODY_LEN]);
@@ -231,8 +267,32 @@ async fn backend(ip: Ipv4Addr) -> anyhow::Result<()> {
             let _ = stream.set_nodelay(true);
             let (small, large) = (small.clone(), large.clone());
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let body = if req.uri().path() == LARGE_PATH { large.clone() } else { small.clone() };
-                async move { Ok::<_, std::convert::Infallible>(Response::new(Full::new(body))) }
+                let (small, large) = (small.clone(), large.clone());
+                async move {
+                    let path = req.uri().path();
+                    let answer = if path == LARGE_PATH {
+                        Some(large)
+                    } else if path == UPLOAD_PATH {
+                        let len = req.into_body().collect().await?.to_bytes().len();
+                        (len == UPLOAD_LEN).then_some(small)
+                    } else if path.starts_with(REWRITTEN_PREFIX) {
+                        let h = req.headers();
+                        let filtered = h.get("x-route").is_some_and(|v| v == "filtered")
+                            && h.get("x-hop").is_some_and(|v| v == "node-a")
+                            && !h.contains_key("x-strip");
+                        filtered.then_some(small)
+                    } else if path.starts_with(FILTERED_PREFIX) {
+                        // The route's rewrite did not happen.
+                        None
+                    } else {
+                        Some(small)
+                    };
+                    let mut response = Response::new(Full::new(answer.clone().unwrap_or_default()));
+                    if answer.is_none() {
+                        *response.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                    }
+                    Ok::<_, hyper::Error>(response)
+                }
             });
             tokio::spawn(
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service),
@@ -305,9 +365,9 @@ async fn proxies(world: &World) -> anyhow::Result<Proxies> {
     let applied = store.apply_yaml(&world.objects());
     ensure!(applied.errors.is_empty(), "objects: {:?}", applied.errors);
     let translation = translate(&store, &Options { trust_domain: TRUST_DOMAIN.into(), version: 1 });
-    // Both routes must be in force: a rejected one would leave its Service to plain balancing,
+    // Every route must be in force: a rejected one would leave its Service to plain balancing,
     // and its lane would count the wrong path while every answer still checked out.
-    ensure!(translation.statuses.len() == 2, "routes: {:?}", translation.statuses);
+    ensure!(translation.statuses.len() == 3, "routes: {:?}", translation.statuses);
     for route in &translation.statuses {
         for parent in &route.parents {
             for type_ in ["Accepted", "ResolvedRefs"] {
@@ -365,15 +425,21 @@ async fn client(world: &World, lane: Lane, proxies: &Proxies, requests: u64) -> 
     socket.bind(SocketAddr::new(IpAddr::V4(world.client), 0))?;
     let SocketAddr::V4(local) = socket.local_addr()? else { bail!("the client socket is IPv4") };
     let (dial, host) = match lane {
-        Lane::Direct | Lane::Direct64k => (SocketAddr::new(IpAddr::V4(world.web_b1), BACKEND_PORT), "web-b1"),
+        Lane::Direct | Lane::Direct64k | Lane::DirectPost => {
+            (SocketAddr::new(IpAddr::V4(world.web_b1), BACKEND_PORT), "web-b1")
+        }
         Lane::GrpcDirect => (SocketAddr::new(IpAddr::V4(world.web_b1), BACKEND_H2_PORT), "web-b1"),
         Lane::L4Cross => {
             table.insert(local, WEB_L4);
             (proxy, "web-l4")
         }
-        Lane::L7Cross | Lane::L7Cross64k => {
+        Lane::L7Cross | Lane::L7Cross64k | Lane::L7CrossPost => {
             table.insert(local, WEB_L7);
             (proxy, "web")
+        }
+        Lane::L7CrossFilters => {
+            table.insert(local, WEB_FILTERED);
+            (proxy, "web-filtered")
         }
         Lane::GrpcCross => {
             table.insert(local, GRPC);
@@ -393,24 +459,37 @@ async fn client(world: &World, lane: Lane, proxies: &Proxies, requests: u64) -> 
     }
 }
 
-/// HTTP/1.1 GETs of the lane's path.
+/// HTTP/1.1 requests as the lane asks them: GETs, or POSTs with a body.
 async fn gets(stream: tokio::net::TcpStream, lane: Lane, host: &str, requests: u64) -> anyhow::Result<()> {
-    let (path, want) = lane.get();
+    let (method, path, upload_len, want) = lane.ask();
+    let upload = Bytes::from(vec![b'u'; upload_len]);
+    let filtered = matches!(lane, Lane::L7CrossFilters);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     for i in 0..requests {
-        let request = Request::get(path).header("host", host).body(Empty::<Bytes>::new())?;
+        let mut request = Request::builder().method(method.clone()).uri(path).header("host", host);
+        if filtered {
+            request = request.header("x-env", "bench").header("x-strip", "1");
+        }
+        // A GET without a body, as before these lanes came; a POST with its length.
+        let request = request.body(if upload_len == 0 {
+            Either::Left(Empty::<Bytes>::new())
+        } else {
+            Either::Right(Full::new(upload.clone()))
+        })?;
         let answer = async {
             sender.ready().await?;
             let response = sender.send_request(request).await?;
             let status = response.status();
+            let marked = response.headers().get("x-served-by").is_some_and(|v| v == "gammaray");
             let body = response.into_body().collect().await?.to_bytes();
-            anyhow::Ok((status, body.len()))
+            anyhow::Ok((status, marked, body.len()))
         };
-        let (status, len) = tokio::time::timeout(REQUEST_TIMEOUT, answer)
+        let (status, marked, len) = tokio::time::timeout(REQUEST_TIMEOUT, answer)
             .await
             .with_context(|| format!("{lane:?}: request {i} timed out"))??;
         ensure!(status == 200 && len == want, "{lane:?}: request {i} got {status} with {len} bytes");
+        ensure!(marked == filtered, "{lane:?}: request {i}: the route's response header is wrong");
     }
     Ok(())
 }
@@ -474,8 +553,8 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [lane, requests] = args.as_slice() else {
         bail!(
-            "usage: request_cost direct|l4-cross|l7-cross|l7-same|direct-64k|l7-cross-64k|grpc-direct|grpc-cross|all \
-             REQUESTS"
+            "usage: request_cost direct|l4-cross|l7-cross|l7-same|direct-64k|l7-cross-64k|grpc-direct|grpc-cross|\
+             direct-post|l7-cross-post|l7-cross-filters|all REQUESTS"
         );
     };
     let lanes = match lane.as_str() {

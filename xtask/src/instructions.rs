@@ -49,7 +49,7 @@ impl Lane {
 /// the timed benchmark runs the agents, has no access log; two lanes add it, as deployed
 /// (`info`), in text and in JSON. The profile-guided build trains on all of them, so they are
 /// also what its profile calls hot.
-pub const LANES: [Lane; 10] = [
+pub const LANES: [Lane; 13] = [
     Lane {
         name: "direct",
         what: "client to backend, no proxy",
@@ -117,6 +117,27 @@ pub const LANES: [Lane; 10] = [
         name: "grpc-cross",
         what: "GRPCRoute 50/50 to pods on another node (HTTP/2 in the HBONE tunnel)",
         baseline: "grpc-direct",
+        rust_log: "warn",
+        json: false,
+    },
+    Lane {
+        name: "direct-post",
+        what: "POSTs of a 16 KiB body to the backend, no proxy",
+        baseline: "direct-post",
+        rust_log: "warn",
+        json: false,
+    },
+    Lane {
+        name: "l7-cross-post",
+        what: "HTTPRoute 50/50 to pods on another node, POSTs of a 16 KiB body",
+        baseline: "direct-post",
+        rust_log: "warn",
+        json: false,
+    },
+    Lane {
+        name: "l7-cross-filters",
+        what: "HTTPRoute to pods on another node matching path and header, with a path rewrite and request and response header filters",
+        baseline: "direct",
         rust_log: "warn",
         json: false,
     },

@@ -5,7 +5,8 @@
 //! request-cost harness (`agent/examples/request_cost.rs`: two nodes' proxies, a client and a
 //! backend in one process on loopback) runs every lane that `--instructions` counts: a pod on
 //! the same node and on another one, L4 and L7, with no access log and with it in text and in
-//! JSON, 64 KiB responses, and unary gRPC over h2c. That records which branches and calls the
+//! JSON, 64 KiB responses, unary gRPC over h2c, POSTs with 16 KiB bodies, and a route with a
+//! path rewrite and header filters. That records which branches and calls the
 //! data path takes. The toolchain's llvm-profdata (the llvm-tools component, which
 //! scripts/setup.sh installs) merges the records, and the second build (`-Cprofile-use`)
 //! inlines and lays out the code by them: hot paths together, cold ones out of the way.
