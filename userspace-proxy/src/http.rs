@@ -243,10 +243,11 @@ async fn route_request(req: Request<Incoming>, ctx: &ConnContext) -> (Response<B
     }
 }
 
-/// The parts of a forward decision that outlive the borrow of the request.
+/// The parts of a forward decision that outlive the borrow of the request (and of the
+/// snapshot): the rule's header modifiers are shared with it, not copied.
 struct Plan {
-    request_headers: Vec<crate::snapshot::HeaderModifier>,
-    response_headers: Vec<crate::snapshot::HeaderModifier>,
+    request_headers: Vec<Arc<crate::snapshot::HeaderModifier>>,
+    response_headers: Vec<Arc<crate::snapshot::HeaderModifier>>,
     host: Option<String>,
     path: Option<String>,
     timeouts: crate::snapshot::Timeouts,

@@ -298,7 +298,7 @@ pub fn modified_path(m: &PathModifier, matched_prefix: Option<&str>, path: &str)
 
 impl<'a> Forward<'a> {
     /// Header modifiers to apply to the request, in order.
-    pub fn request_header_modifiers(&self) -> impl Iterator<Item = &'a HeaderModifier> + '_ {
+    pub fn request_header_modifiers(&self) -> impl Iterator<Item = &'a Arc<HeaderModifier>> + '_ {
         self.filters.iter().filter_map(|f| match f {
             Filter::RequestHeaders(m) => Some(m),
             _ => None,
@@ -306,7 +306,7 @@ impl<'a> Forward<'a> {
     }
 
     /// Header modifiers to apply to the response, in order.
-    pub fn response_header_modifiers(&self) -> impl Iterator<Item = &'a HeaderModifier> + '_ {
+    pub fn response_header_modifiers(&self) -> impl Iterator<Item = &'a Arc<HeaderModifier>> + '_ {
         self.filters.iter().filter_map(|f| match f {
             Filter::ResponseHeaders(m) => Some(m),
             _ => None,

@@ -256,8 +256,9 @@ pub enum BackendTarget {
 
 #[derive(Debug, Clone)]
 pub enum Filter {
-    RequestHeaders(HeaderModifier),
-    ResponseHeaders(HeaderModifier),
+    /// Shared, so that a request's plan holds the rule's modifier rather than a copy of it.
+    RequestHeaders(Arc<HeaderModifier>),
+    ResponseHeaders(Arc<HeaderModifier>),
     Redirect(Redirect),
     Rewrite(Rewrite),
     Mirror(Mirror),

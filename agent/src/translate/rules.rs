@@ -426,9 +426,11 @@ fn compile_filters(
         .iter()
         .map(|f| {
             Ok(match f.r#type {
-                HttpRouteRulesFiltersType::RequestHeaderModifier => Filter::RequestHeaders(header_modifier(
-                    f.request_header_modifier.as_ref().ok_or_else(|| missing("RequestHeaderModifier"))?,
-                )?),
+                HttpRouteRulesFiltersType::RequestHeaderModifier => {
+                    Filter::RequestHeaders(Arc::new(header_modifier(
+                        f.request_header_modifier.as_ref().ok_or_else(|| missing("RequestHeaderModifier"))?,
+                    )?))
+                }
                 HttpRouteRulesFiltersType::ResponseHeaderModifier => {
                     let m = f
                         .response_header_modifier
@@ -436,7 +438,7 @@ fn compile_filters(
                         .ok_or_else(|| missing("ResponseHeaderModifier"))?;
                     let m: HttpRouteRulesFiltersRequestHeaderModifier =
                         reshape(std::slice::from_ref(m))?.remove(0);
-                    Filter::ResponseHeaders(header_modifier(&m)?)
+                    Filter::ResponseHeaders(Arc::new(header_modifier(&m)?))
                 }
                 HttpRouteRulesFiltersType::RequestRedirect => {
                     let r = f.request_redirect.as_ref().ok_or_else(|| missing("RequestRedirect"))?;
