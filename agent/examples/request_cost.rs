@@ -287,11 +287,14 @@ async fn backend(ip: Ipv4Addr) -> anyhow::Result<()> {
                     } else {
                         Some(small)
                     };
-                    let mut response = Response::new(Full::new(answer.clone().unwrap_or_default()));
-                    if answer.is_none() {
-                        *response.status_mut() = hyper::StatusCode::BAD_REQUEST;
-                    }
-                    Ok::<_, hyper::Error>(response)
+                    Ok::<_, hyper::Error>(match answer {
+                        Some(body) => Response::new(Full::new(body)),
+                        None => {
+                            let mut response = Response::new(Full::new(Bytes::new()));
+                            *response.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                            response
+                        }
+                    })
                 }
             });
             tokio::spawn(

@@ -1171,12 +1171,16 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     // Connections held open: what each costs the agents in memory while it is idle, after one
     // request and its answer (so each direction has been read and written once). Last, so that
     // what the allocator keeps after they close does not count in the figures above.
-    for lane in [Lane::L4Cross, Lane::L7Cross] {
-        let dst = SocketAddr::from((if lane == Lane::L4Cross { WEB_L4 } else { WEB_L7 }, 80));
+    for (lane, vip) in [(Lane::L4Cross, WEB_L4), (Lane::L7Cross, WEB_L7)] {
+        let dst = SocketAddr::from((vip, 80));
         let before: Vec<f64> = agents.iter().map(|a| mem_mib(a.pid(), "VmRSS")).collect();
         let held = clients["mesh-1"].run(|| -> anyhow::Result<Vec<BufReader<TcpStream>>> {
             let mut held = Vec::with_capacity(HELD_CONNECTIONS);
+            let deadline = Instant::now() + Duration::from_secs(60);
             for _ in 0..HELD_CONNECTIONS {
+                if Instant::now() > deadline {
+                    bail!("{}: {} connections opened in 60 s", lane.label(), held.len());
+                }
                 let mut conn = BufReader::new(TcpStream::connect_timeout(&dst, Duration::from_secs(5))?);
                 conn.get_ref().set_read_timeout(Some(Duration::from_secs(5)))?;
                 which_backend(&mut conn)?;
