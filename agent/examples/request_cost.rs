@@ -118,24 +118,35 @@ impl Lane {
         Lane::L7CrossFilters,
     ];
 
+    /// The lane's name on the command line (and in `cargo xtask bench --instructions`).
+    fn name(self) -> &'static str {
+        match self {
+            Lane::Direct => "direct",
+            Lane::L4Cross => "l4-cross",
+            Lane::L7Cross => "l7-cross",
+            Lane::L7Same => "l7-same",
+            Lane::Direct64k => "direct-64k",
+            Lane::L7Cross64k => "l7-cross-64k",
+            Lane::GrpcDirect => "grpc-direct",
+            Lane::GrpcCross => "grpc-cross",
+            Lane::DirectPost => "direct-post",
+            Lane::L7CrossPost => "l7-cross-post",
+            Lane::L7CrossFilters => "l7-cross-filters",
+        }
+    }
+
+    /// Every lane's name, for the usage line: `direct|l4-cross|…|all`.
+    fn names() -> String {
+        let mut names: Vec<&str> = Lane::ALL.iter().map(|l| l.name()).collect();
+        names.push("all");
+        names.join("|")
+    }
+
     fn parse(name: &str) -> anyhow::Result<Self> {
-        Ok(match name {
-            "direct" => Lane::Direct,
-            "l4-cross" => Lane::L4Cross,
-            "l7-cross" => Lane::L7Cross,
-            "l7-same" => Lane::L7Same,
-            "direct-64k" => Lane::Direct64k,
-            "l7-cross-64k" => Lane::L7Cross64k,
-            "grpc-direct" => Lane::GrpcDirect,
-            "grpc-cross" => Lane::GrpcCross,
-            "direct-post" => Lane::DirectPost,
-            "l7-cross-post" => Lane::L7CrossPost,
-            "l7-cross-filters" => Lane::L7CrossFilters,
-            other => bail!(
-                "unknown lane {other:?}: direct, l4-cross, l7-cross, l7-same, direct-64k, l7-cross-64k, \
-                 grpc-direct, grpc-cross, direct-post, l7-cross-post, l7-cross-filters or all"
-            ),
-        })
+        match Lane::ALL.into_iter().find(|l| l.name() == name) {
+            Some(lane) => Ok(lane),
+            None => bail!("unknown lane {name:?}: {}", Lane::names()),
+        }
     }
 
     fn grpc(self) -> bool {
@@ -458,12 +469,17 @@ async fn client(world: &World, lane: Lane, proxies: &Proxies, requests: u64) -> 
     if lane.grpc() {
         grpc_calls(stream, lane, host, requests).await
     } else {
-        gets(stream, lane, host, requests).await
+        http1_requests(stream, lane, host, requests).await
     }
 }
 
 /// HTTP/1.1 requests as the lane asks them: GETs, or POSTs with a body.
-async fn gets(stream: tokio::net::TcpStream, lane: Lane, host: &str, requests: u64) -> anyhow::Result<()> {
+async fn http1_requests(
+    stream: tokio::net::TcpStream,
+    lane: Lane,
+    host: &str,
+    requests: u64,
+) -> anyhow::Result<()> {
     let (method, path, upload_len, want) = lane.ask();
     let upload = Bytes::from(vec![b'u'; upload_len]);
     let filtered = matches!(lane, Lane::L7CrossFilters);
@@ -555,10 +571,7 @@ async fn run(lanes: &[Lane], requests: u64) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [lane, requests] = args.as_slice() else {
-        bail!(
-            "usage: request_cost direct|l4-cross|l7-cross|l7-same|direct-64k|l7-cross-64k|grpc-direct|grpc-cross|\
-             direct-post|l7-cross-post|l7-cross-filters|all REQUESTS"
-        );
+        bail!("usage: request_cost {} REQUESTS", Lane::names());
     };
     let lanes = match lane.as_str() {
         "all" => Lane::ALL.to_vec(),

@@ -1037,24 +1037,27 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
         m(&mesh_per_gb),
         m(&floor_per_gb)
     );
-    for (figure, value) in [
-        ("bulk TCP, 1 stream, cross node (mTLS): both proxies' CPU per GB carried", m(&mesh_per_gb)),
-        ("bulk TCP, 1 stream, cross node, floor: both relays' CPU per GB carried", m(&floor_per_gb)),
+    for (what, mesh, floor, unit) in [
+        (
+            format!("CPU per GB carried, at up to {BULK_FIXED_GBITS} Gbit/s"),
+            &mesh_per_gb,
+            &floor_per_gb,
+            "ms",
+        ),
+        ("CPU per GB carried, at full speed".into(), &mesh_per_gb_saturated, &floor_per_gb_saturated, "ms"),
+        (
+            "context switches per GB carried, at full speed".into(),
+            &mesh_switches_per_gb,
+            &floor_switches_per_gb,
+            "",
+        ),
     ] {
-        rows.push(Row::new(format!("{figure}, at up to {BULK_FIXED_GBITS} Gbit/s"), None, value, "ms", ""));
-    }
-    for (figure, value) in [
-        ("bulk TCP, 1 stream, cross node (mTLS): both proxies' CPU per GB carried", &mesh_per_gb_saturated),
-        ("bulk TCP, 1 stream, cross node, floor: both relays' CPU per GB carried", &floor_per_gb_saturated),
-    ] {
-        rows.push(Row::new(format!("{figure}, at full speed"), None, m(value), "ms", ""));
-    }
-    for (figure, value) in [
-        ("bulk TCP, 1 stream, cross node (mTLS): both proxies'", &mesh_switches_per_gb),
-        ("bulk TCP, 1 stream, cross node, floor: both relays'", &floor_switches_per_gb),
-    ] {
-        let figure = format!("{figure} context switches per GB carried, at full speed");
-        rows.push(Row::new(figure, None, m(value), "", ""));
+        for (carriers, values) in [
+            ("bulk TCP, 1 stream, cross node (mTLS): both proxies'", mesh),
+            ("bulk TCP, 1 stream, cross node, floor: both relays'", floor),
+        ] {
+            rows.push(Row::new(format!("{carriers} {what}"), None, m(values), unit, ""));
+        }
     }
 
     // Connection setup: an unenrolled pod straight to the backend, an enrolled one through the
