@@ -35,6 +35,11 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, readiness: Readines
         "HTTP requests by source workload, destination service, backend and response code",
         state.outbound.requests_by.clone(),
     );
+    registry.register(
+        "local_responses",
+        "HTTP requests the proxy answered itself, by reason",
+        state.outbound.local_responses.clone(),
+    );
     registry.register_collector(Box::new(Scrape { state: state.clone(), certs: readiness.certs.clone() }));
     let registry = Arc::new(registry);
     let readiness = Arc::new(readiness);
@@ -94,22 +99,22 @@ fn handle(
 /// describe` shows it) and the route statuses.
 fn config_dump(state: &State) -> Result<String, String> {
     let status = crate::control::status(state).map_err(|e| e.to_string())?;
-    let snapshot = state.snapshot.borrow().clone();
-    let statuses = state.statuses.borrow().clone();
+    let generation = state.generation.borrow().clone();
+    let (snapshot, statuses) = (&generation.snapshot, &generation.statuses);
     let services: std::collections::BTreeSet<(String, String)> =
         snapshot.frontends.values().map(|f| (f.service.namespace.clone(), f.service.name.clone())).collect();
     let described: serde_json::Map<String, serde_json::Value> = services
         .iter()
         .map(|(ns, name)| {
             let text =
-                crate::describe::describe(&snapshot, &statuses, ns, name, state.mtls).unwrap_or_default();
+                crate::describe::describe(snapshot, statuses, ns, name, state.mtls).unwrap_or_default();
             (format!("{ns}/{name}"), serde_json::Value::String(text))
         })
         .collect();
     let dump = serde_json::json!({
         "status": status,
         "services": described,
-        "routeStatuses": &*statuses,
+        "routeStatuses": statuses,
     });
     serde_json::to_string_pretty(&dump).map_err(|e| e.to_string())
 }
@@ -119,7 +124,7 @@ fn not_ready(state: &State, readiness: &Readiness) -> Option<&'static str> {
     if state.datapath.attachment().link_ids.len() < 2 {
         return Some("eBPF programs not attached");
     }
-    if readiness.expects_config && state.snapshot.borrow().version == 0 {
+    if readiness.expects_config && state.generation.borrow().version == 0 {
         return Some("no configuration applied yet");
     }
     if state.mtls && readiness.certs.is_none() {
@@ -222,7 +227,7 @@ impl Collector for Scrape {
             o.inbound_tunnels,
         )?;
         counter(&mut encoder, "gammaray_tls_refused", "Inbound TLS handshakes refused", o.tls_refused)?;
-        let g = ConstGauge::new(self.state.snapshot.borrow().version as i64);
+        let g = ConstGauge::new(self.state.generation.borrow().version as i64);
         g.encode(encoder.encode_descriptor(
             "gammaray_config_version",
             "Version of the configuration in force",

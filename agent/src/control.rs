@@ -72,8 +72,8 @@ pub struct Status {
 pub struct State {
     pub node: String,
     pub proxy: std::net::SocketAddrV4,
-    pub snapshot: tokio::sync::watch::Receiver<Arc<gammaray_proxy::snapshot::Snapshot>>,
-    pub statuses: tokio::sync::watch::Receiver<Arc<Vec<crate::translate::RouteStatus>>>,
+    /// The configuration in force.
+    pub generation: tokio::sync::watch::Receiver<Arc<crate::generation::Generation>>,
     /// Whether traffic between nodes is carried over mutual TLS.
     pub mtls: bool,
     pub datapath: Datapath,
@@ -126,9 +126,14 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Fu
                     .unwrap_or_default()
             };
             let (ns, name) = (param("namespace"), param("name"));
-            let snapshot = state.snapshot.borrow().clone();
-            let statuses = state.statuses.borrow().clone();
-            match crate::describe::describe(&snapshot, &statuses, &ns, &name, state.mtls) {
+            let generation = state.generation.borrow().clone();
+            match crate::describe::describe(
+                &generation.snapshot,
+                &generation.statuses,
+                &ns,
+                &name,
+                state.mtls,
+            ) {
                 Some(text) => self::text(StatusCode::OK, text),
                 None => self::text(
                     StatusCode::NOT_FOUND,
@@ -137,8 +142,8 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Fu
             }
         }
         (Method::GET, "/routes") => {
-            let statuses = state.statuses.borrow().clone();
-            json(StatusCode::OK, &*statuses)
+            let generation = state.generation.borrow().clone();
+            json(StatusCode::OK, &generation.statuses)
         }
         (Method::GET, "/status") => match status(&state) {
             Ok(s) => json(StatusCode::OK, &s),
@@ -178,6 +183,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Fu
 }
 
 pub fn status(state: &State) -> Result<Status, crate::ebpf::EbpfError> {
+    let generation = state.generation.borrow().clone();
     Ok(Status {
         node: state.node.clone(),
         proxy: state.proxy,
@@ -185,8 +191,8 @@ pub fn status(state: &State) -> Result<Status, crate::ebpf::EbpfError> {
         enrolled: state.datapath.enrolled(),
         kernel: state.datapath.counters()?,
         outbound: state.outbound.snapshot(),
-        config_version: state.snapshot.borrow().version,
-        frontends: state.snapshot.borrow().frontends.len(),
+        config_version: generation.version,
+        frontends: generation.snapshot.frontends.len(),
     })
 }
 

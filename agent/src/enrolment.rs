@@ -25,7 +25,7 @@ use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::{control::State, store::Store};
+use crate::{control::State, generation::Generation, store::Store};
 
 /// The label on a namespace (enrol its pods) or a pod (`none`: leave it out).
 pub const DATAPLANE_LABEL: &str = "gammaray.dev/dataplane-mode";
@@ -128,7 +128,7 @@ type Enrolled = HashMap<String, (u64, String)>;
 pub async fn run(
     node: String,
     state: Arc<State>,
-    mut objects: watch::Receiver<Arc<Store>>,
+    mut generation: watch::Receiver<Arc<Generation>>,
     proc_root: PathBuf,
     retry: Duration,
 ) {
@@ -138,15 +138,15 @@ pub async fn run(
         .collect();
     let mut enrolled = Enrolled::new();
     loop {
-        let store = objects.borrow_and_update().clone();
-        let want = wanted(&store, &node);
+        let current = generation.borrow_and_update().clone();
+        let want = wanted(&current.objects, &node);
         let pending = reconcile(&state, &want, &mut enrolled, &proc_root, &host_netns).await;
         if pending {
             tokio::select! {
-                changed = objects.changed() => if changed.is_err() { return },
+                changed = generation.changed() => if changed.is_err() { return },
                 () = tokio::time::sleep(retry) => {}
             }
-        } else if objects.changed().await.is_err() {
+        } else if generation.changed().await.is_err() {
             return;
         }
     }

@@ -1,8 +1,7 @@
 //! The Kubernetes source: one kube-rs watcher per kind the routing reads (Namespaces, Nodes,
 //! Pods, Services, EndpointSlices, HTTPRoutes, GRPCRoutes, ReferenceGrants), each keeping its
 //! kind's part of one typed [`Store`] up to date. Every change, after a short debounce,
-//! translates the store and publishes a new snapshot, the route statuses and the objects (for
-//! enrolment and status writing).
+//! publishes the store as a new [`crate::generation::Generation`].
 //!
 //! The watchers read objects untyped (`DynamicObject`) and each event's object is decoded on its
 //! own and then dropped, so one object the agent cannot parse is logged with its kind and name
@@ -30,13 +29,9 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::sync::Notify;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use crate::{
-    manifests::Published,
-    store::Store,
-    translate::{Options, translate},
-};
+use crate::{generation::Publisher, store::Store};
 
 /// A kind the source watches.
 #[derive(Debug, Clone, Copy)]
@@ -91,7 +86,6 @@ pub fn kind(kind: &str) -> Option<&'static Kind> {
 /// How the source behaves.
 #[derive(Debug, Clone)]
 pub struct SourceOptions {
-    pub translate: Options,
     /// Changes closer together than this become one snapshot.
     pub debounce: Duration,
     /// A first snapshot is published once every kind has listed, or after this long with what
@@ -101,11 +95,7 @@ pub struct SourceOptions {
 
 impl Default for SourceOptions {
     fn default() -> Self {
-        Self {
-            translate: Options::default(),
-            debounce: Duration::from_millis(50),
-            initial_sync_timeout: Duration::from_secs(10),
-        }
+        Self { debounce: Duration::from_millis(50), initial_sync_timeout: Duration::from_secs(10) }
     }
 }
 
@@ -115,7 +105,7 @@ struct Watched {
 }
 
 /// Runs the source until the task is dropped.
-pub async fn run(client: Client, options: SourceOptions, out: Published) {
+pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
     let changed = Arc::new(Notify::new());
     let store = Arc::new(Mutex::new(Store::default()));
     let mut watched = Vec::new();
@@ -134,7 +124,6 @@ pub async fn run(client: Client, options: SourceOptions, out: Published) {
     let _abort = AbortOnDrop(tasks);
 
     let started = Instant::now();
-    let mut version = options.translate.version;
     let mut published_once = false;
     loop {
         if published_once {
@@ -155,18 +144,7 @@ pub async fn run(client: Client, options: SourceOptions, out: Published) {
             warn!(?missing, "not every kind has listed yet; publishing what has");
         }
         let store = store.lock().expect("store lock").clone();
-        version += 1;
-        let t = translate(&store, &Options { version, ..options.translate.clone() });
-        info!(
-            version,
-            frontends = t.snapshot.frontends.len(),
-            routes = t.statuses.len(),
-            "configuration from the API server applied"
-        );
-        crate::manifests::log_conditions(&t.statuses);
-        out.snapshot.send_replace(Arc::new(t.snapshot));
-        out.statuses.send_replace(Arc::new(t.statuses));
-        out.objects.send_replace(Arc::new(store));
+        out.publish(store, "kubernetes");
         published_once = true;
         release_freed_memory();
     }

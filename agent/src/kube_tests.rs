@@ -17,11 +17,10 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::{
+    generation::{Generation, Publisher},
     kube_source::{self, SourceOptions},
-    manifests::Published,
     status_writer::{self, LeaseConfig},
-    store::Store,
-    translate::RouteStatus,
+    translate::Options,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -85,8 +84,7 @@ fn weights(s: &Snapshot) -> Option<Vec<u32>> {
 
 struct Source {
     snapshot: watch::Receiver<Arc<Snapshot>>,
-    statuses: watch::Receiver<Arc<Vec<RouteStatus>>>,
-    objects: watch::Receiver<Arc<Store>>,
+    generation: watch::Receiver<Arc<Generation>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -97,13 +95,10 @@ impl Drop for Source {
 }
 
 fn start_source(server: &ApiServer) -> Source {
-    let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
-    let (statuses, statuses_rx) = watch::channel(Arc::new(Vec::new()));
-    let (objects, objects_rx) = watch::channel(Arc::new(Store::default()));
+    let (publisher, sub) = Publisher::new(Options::default());
     let options = SourceOptions { debounce: Duration::from_millis(20), ..Default::default() };
-    let task =
-        tokio::spawn(kube_source::run(client(server), options, Published { snapshot, statuses, objects }));
-    Source { snapshot: snapshot_rx, statuses: statuses_rx, objects: objects_rx, task }
+    let task = tokio::spawn(kube_source::run(client(server), options, publisher));
+    Source { snapshot: sub.snapshot, generation: sub.generation, task }
 }
 
 async fn wait_for_weights(source: &mut Source, want: &[u32], what: &str) {
@@ -142,7 +137,7 @@ async fn changes_on_the_api_server_reach_the_snapshot_and_a_bad_object_is_skippe
     let mut source = start_source(&server);
     wait_for_weights(&mut source, &[90, 10], "initial list").await;
     assert!(
-        source.statuses.borrow().iter().all(|s| s.route != "demo/broken"),
+        source.generation.borrow().statuses.iter().all(|s| s.route != "demo/broken"),
         "the broken route is skipped, not half-applied"
     );
     server.apply_yaml(&canary(50, 50));
@@ -153,7 +148,7 @@ async fn changes_on_the_api_server_reach_the_snapshot_and_a_bad_object_is_skippe
         assert!(Instant::now() < deadline, "a deleted route leaves the snapshot");
         let _ = tokio::time::timeout(WAIT, source.snapshot.changed()).await;
     }
-    assert!(source.objects.borrow().pods.len() == 2, "the objects are published for enrolment");
+    assert!(source.generation.borrow().objects.pods.len() == 2, "the objects are published for enrolment");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,8 +226,7 @@ fn start_writer(server: &ApiServer, identity: &str) -> Writer {
     let task = tokio::spawn(status_writer::run(
         client(server),
         lease,
-        source.statuses.clone(),
-        source.objects.clone(),
+        source.generation.clone(),
         stop_rx,
         leading.clone(),
     ));

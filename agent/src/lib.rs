@@ -8,6 +8,7 @@ pub mod control;
 pub mod describe;
 pub mod ebpf;
 pub mod enrolment;
+pub mod generation;
 pub mod kube_client;
 pub mod kube_source;
 pub mod logging;

@@ -7,18 +7,12 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use gammaray_proxy::snapshot::Snapshot;
-use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
-use crate::{
-    store::Store,
-    translate::{Options, RouteStatus, translate},
-};
+use crate::{generation::Publisher, store::Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -59,60 +53,16 @@ pub fn load(dir: &Path) -> Result<Store, ManifestError> {
     Ok(store)
 }
 
-/// What a configuration source publishes.
-pub struct Published {
-    pub snapshot: watch::Sender<Arc<Snapshot>>,
-    pub statuses: watch::Sender<Arc<Vec<RouteStatus>>>,
-    /// The objects themselves, for what reads them directly (enrolment, status writing).
-    pub objects: watch::Sender<Arc<Store>>,
-}
-
-/// Logs each route condition that is not plainly true, with its reason.
-pub fn log_conditions(statuses: &[RouteStatus]) {
-    for s in statuses {
-        for p in &s.parents {
-            for c in p.conditions.iter().filter(|c| c.status != "True" || c.type_ == "PartiallyInvalid") {
-                warn!(route = %s.route, kind = %s.kind, parent = %p.parent_ref.name, condition = c.type_, reason = c.reason, message = %c.message, "route status");
-            }
-        }
-    }
-}
-
 /// Loads `dir` once and then re-reads it whenever a file appears, disappears or changes,
 /// polling every `interval`, until the task is dropped.
-pub async fn watch_dir(dir: PathBuf, options: Options, out: Published, interval: Duration) {
+pub async fn watch_dir(dir: PathBuf, mut out: Publisher, interval: Duration) {
     let mut seen = None;
-    let mut version = options.version;
     loop {
         match listing(&dir) {
             Ok(files) if seen.as_ref() != Some(&files) => match load(&dir) {
                 Ok(store) => {
-                    version += 1;
-                    let started = std::time::Instant::now();
-                    let t = translate(&store, &Options { version, ..options.clone() });
-                    let rejected = t
-                        .statuses
-                        .iter()
-                        .filter(|s| {
-                            s.parents
-                                .iter()
-                                .any(|p| p.condition("Accepted").is_some_and(|c| c.status != "True"))
-                        })
-                        .count();
-                    info!(
-                        dir = %dir.display(),
-                        version,
-                        files = files.len(),
-                        frontends = t.snapshot.frontends.len(),
-                        routes = t.statuses.len(),
-                        rejected,
-                        translate_us = started.elapsed().as_micros() as u64,
-                        "configuration applied"
-                    );
-                    log_conditions(&t.statuses);
-                    out.snapshot.send_replace(Arc::new(t.snapshot));
-                    out.statuses.send_replace(Arc::new(t.statuses));
-                    out.objects.send_replace(Arc::new(store));
+                    debug!(dir = %dir.display(), files = files.len(), "manifests read");
+                    out.publish(store, "manifests");
                     seen = Some(files);
                 }
                 Err(err) => warn!(error = %err, "keeping the last good configuration"),
@@ -126,7 +76,13 @@ pub async fn watch_dir(dir: PathBuf, options: Options, out: Published, interval:
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use gammaray_proxy::snapshot::Snapshot;
+    use tokio::sync::watch;
+
     use super::*;
+    use crate::translate::Options;
 
     /// Removes the test's directory, even when the test panics.
     struct TempDir(std::path::PathBuf);
@@ -152,15 +108,9 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec: {clusterIP: 10.96.0.1, ports: [{name: http, port: 80}]}\n";
         std::fs::write(dir.join("a.yaml"), format!("{svc}---\nkind: [broken\n")).expect("write");
-        let (snapshot, mut snap_rx) = watch::channel(Arc::new(Snapshot::default()));
-        let (statuses, _status_rx) = watch::channel(Arc::new(Vec::new()));
-        let (objects, _objects_rx) = watch::channel(Arc::new(Store::default()));
-        let task = tokio::spawn(watch_dir(
-            dir.clone(),
-            Options::default(),
-            Published { snapshot, statuses, objects },
-            Duration::from_millis(20),
-        ));
+        let (publisher, sub) = Publisher::new(Options::default());
+        let mut snap_rx = sub.snapshot;
+        let task = tokio::spawn(watch_dir(dir.clone(), publisher, Duration::from_millis(20)));
         next(&mut snap_rx, "first snapshot").await;
         assert_eq!(snap_rx.borrow().frontends.len(), 1, "the good document applied");
         let first = snap_rx.borrow().version;

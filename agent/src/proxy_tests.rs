@@ -108,11 +108,7 @@ impl Proxy {
 
     /// Opens a connection "to" `dst` through the proxy, as the eBPF redirect would.
     async fn connect(&self, dst: SocketAddrV4) -> tokio::net::TcpStream {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket.bind((Ipv4Addr::LOCALHOST, 0).into()).expect("bind client");
-        let SocketAddr::V4(local) = socket.local_addr().expect("client addr") else { unreachable!() };
-        self.table.insert(local, dst);
-        socket.connect(self.addr).await.expect("connect to proxy")
+        dial(self.addr, &self.table, dst).await
     }
 
     async fn http1(&self, dst: SocketAddrV4) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
@@ -122,6 +118,16 @@ impl Proxy {
         tokio::spawn(conn);
         sender
     }
+}
+
+/// Opens a connection "to" `dst` through the proxy at `proxy`, recording the destination in
+/// `table` as the eBPF redirect would.
+async fn dial(proxy: SocketAddr, table: &StaticTable, dst: SocketAddrV4) -> tokio::net::TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.bind((Ipv4Addr::LOCALHOST, 0).into()).expect("bind client");
+    let SocketAddr::V4(local) = socket.local_addr().expect("client addr") else { unreachable!() };
+    table.insert(local, dst);
+    socket.connect(proxy).await.expect("connect to proxy")
 }
 
 fn snapshot_of(yaml: &str) -> Snapshot {
@@ -415,4 +421,139 @@ async fn a_mirror_gets_a_copy_of_bodiless_requests() {
     assert_eq!(main_count.load(std::sync::atomic::Ordering::Relaxed), 11);
     let counts = proxy.stats.snapshot();
     assert_eq!((counts.mirrored, counts.mirror_skipped), (10, 1), "the POST with a body was not mirrored");
+}
+
+/// A gRPC backend over h2c: every unary call is answered with its own request message and
+/// `grpc-status: 0` in the trailers.
+async fn grpc_backend() -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind gRPC backend");
+    let addr = listener.local_addr().expect("backend addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let message = req.into_body().collect().await?.to_bytes();
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let frames = [
+                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(message)),
+                        Ok(hyper::body::Frame::trailers(trailers)),
+                    ];
+                    let mut resp =
+                        hyper::Response::new(http_body_util::StreamBody::new(futures::stream::iter(frames)));
+                    resp.headers_mut()
+                        .insert("content-type", http::HeaderValue::from_static("application/grpc"));
+                    Ok::<_, hyper::Error>(resp)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A tonic codec that sends and receives raw message bytes, so the test needs no protobuf.
+#[derive(Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put(dst, item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+        Ok(Some(bytes::Buf::copy_to_bytes(src, bytes::Buf::remaining(src))))
+    }
+}
+
+/// Local answers reach a real gRPC client (tonic) as gRPC statuses: the code gRPC's HTTP
+/// mapping gives for the HTTP status the proxy would have sent, and the reason as the message;
+/// each is counted by its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_clients_get_grpc_statuses_for_local_answers() {
+    let good = grpc_backend().await;
+    let closed = {
+        let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let h2c = ", appProtocol: kubernetes.io/h2c";
+    let rule = |method: &str, backend: &str| {
+        format!(
+            "  - matches: [{{method: {{service: demo.Echo, method: {method}}}}}]\n    backendRefs: [{{name: {backend}, port: 80}}]\n"
+        )
+    };
+    let yaml = format!(
+        "{}{}{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: demo}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: backend, port: 80}}]\n  rules:\n{}{}{}{}",
+        service("backend", "10.96.0.1", h2c, &[]),
+        service("good", "10.96.0.2", h2c, &[good]),
+        service("refused", "10.96.0.3", h2c, &[closed]),
+        rule("Ok", "good"),
+        rule("Empty", "backend"),
+        rule("Refused", "refused"),
+        rule("Missing", "nowhere"),
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let (addr, table) = (proxy.addr, proxy.table.clone());
+    let channel = tonic::transport::Endpoint::from_static("http://backend.demo:80")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let table = table.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(dial(addr, &table, VIP).await)) }
+        }))
+        .await
+        .expect("a gRPC channel through the proxy");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut call = async |path: &'static str| {
+        grpc.ready().await.expect("the channel is ready");
+        let request = tonic::Request::new(Bytes::from_static(b"ping"));
+        grpc.unary(request, http::uri::PathAndQuery::from_static(path), RawCodec).await
+    };
+
+    let answer = call("/demo.Echo/Ok").await.expect("a routed call succeeds");
+    assert_eq!(answer.into_inner(), Bytes::from_static(b"ping"));
+    for (path, code, message, reason) in [
+        ("/demo.Other/Call", tonic::Code::Unimplemented, "no route rule matches the request", "no_route"),
+        (
+            "/demo.Echo/Empty",
+            tonic::Code::Unavailable,
+            "no ready endpoint for demo/backend:80",
+            "no_endpoint",
+        ),
+        ("/demo.Echo/Refused", tonic::Code::Unavailable, "failed", "upstream_failed"),
+        ("/demo.Echo/Missing", tonic::Code::Unknown, "backendRef does not resolve", "invalid_backend"),
+    ] {
+        let status = call(path).await.expect_err("a local answer is a gRPC error");
+        assert_eq!(status.code(), code, "{path}: {status:?}");
+        assert!(status.message().contains(message), "{path}: {:?}", status.message());
+        let counted =
+            proxy.stats.local_responses.get_or_create(&gammaray_proxy::stats::LocalLabels { reason }).get();
+        assert_eq!(counted, 1, "{path} counted once as {reason}");
+    }
+    let answer = call("/demo.Echo/Ok").await.expect("the connection still serves");
+    assert_eq!(answer.into_inner(), Bytes::from_static(b"ping"));
 }

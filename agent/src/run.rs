@@ -4,11 +4,11 @@
 use std::{net::SocketAddrV4, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
-use gammaray_proxy::{hbone, outbound, snapshot::Snapshot, stats::OutboundStats};
+use gammaray_proxy::{hbone, outbound, stats::OutboundStats};
 
 use crate::{
-    admin, control, ebpf, enrolment, kube_client, kube_source, manifests, preflight, status_writer,
-    store::Store, translate,
+    admin, control, ebpf, enrolment, generation, kube_client, kube_source, manifests, preflight,
+    status_writer, translate,
 };
 
 #[derive(Debug, Clone)]
@@ -68,29 +68,22 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     // control work, and the agent's work never adds latency to requests.
     let outbound_stats = Arc::new(OutboundStats::default());
     let lookup = datapath.orig_dst_lookup();
-    // Until a source publishes, the empty snapshot makes every destination pass through.
-    let (snapshot_tx, snapshot_rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
-    let (statuses_tx, statuses_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
-    let (objects_tx, objects_rx) = tokio::sync::watch::channel(Arc::new(Store::default()));
-    let snapshot_for_status = snapshot_rx.clone();
+    // Until a source publishes, the empty generation makes every destination pass through.
     let options = translate::Options { trust_domain: cfg.trust_domain.clone(), version: 0 };
-    let out = manifests::Published { snapshot: snapshot_tx, statuses: statuses_tx, objects: objects_tx };
+    let (out, config) = generation::Publisher::new(options);
+    let snapshot_rx = config.snapshot.clone();
     // The manifest directory wins when given; else the cluster, when there is one.
     let kube = match (&cfg.manifests, &cfg.kube) {
         (None, Some(k)) => Some((kube_client::client(&k.access).await?, k.clone())),
         _ => None,
     };
     let source = match (&cfg.manifests, &kube) {
-        (Some(dir), _) => Some(tokio::spawn(manifests::watch_dir(
-            dir.clone(),
-            options,
-            out,
-            std::time::Duration::from_millis(250),
-        ))),
+        (Some(dir), _) => {
+            Some(tokio::spawn(manifests::watch_dir(dir.clone(), out, std::time::Duration::from_millis(250))))
+        }
         (None, Some((client, _))) => {
             tracing::info!("routing by the Kubernetes API");
-            let opts = kube_source::SourceOptions { translate: options, ..Default::default() };
-            Some(tokio::spawn(kube_source::run(client.clone(), opts, out)))
+            Some(tokio::spawn(kube_source::run(client.clone(), Default::default(), out)))
         }
         (None, None) => {
             tracing::warn!(
@@ -171,8 +164,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         proxy: cfg.proxy_addr,
         datapath,
         outbound: outbound_stats,
-        snapshot: snapshot_for_status,
-        statuses: statuses_rx.clone(),
+        generation: config.generation.clone(),
         mtls: mesh.hbone.is_some(),
     });
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin_addr)
@@ -188,7 +180,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         tokio::spawn(enrolment::run(
             cfg.node.clone(),
             state.clone(),
-            objects_rx.clone(),
+            config.generation.clone(),
             cfg.proc_root.clone(),
             std::time::Duration::from_millis(500),
         ))
@@ -198,8 +190,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         tokio::spawn(status_writer::run(
             client.clone(),
             settings.lease.clone(),
-            statuses_rx.clone(),
-            objects_rx.clone(),
+            config.generation.clone(),
             stop_writer_rx,
             Arc::new(std::sync::atomic::AtomicBool::new(false)),
         ))

@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
+    generation::Generation,
     store::Store,
     translate::{CONTROLLER_NAME, ParentStatus, RouteStatus},
 };
@@ -52,8 +53,7 @@ pub struct LeaseConfig {
 pub async fn run(
     client: Client,
     lease: LeaseConfig,
-    mut statuses: watch::Receiver<Arc<Vec<RouteStatus>>>,
-    mut objects: watch::Receiver<Arc<Store>>,
+    mut generation: watch::Receiver<Arc<Generation>>,
     mut shutdown: watch::Receiver<bool>,
     leading: Arc<AtomicBool>,
 ) {
@@ -79,8 +79,7 @@ pub async fn run(
                     }
                 }
             }
-            changed = statuses.changed() => if changed.is_err() { return },
-            changed = objects.changed() => if changed.is_err() { return },
+            changed = generation.changed() => if changed.is_err() { return },
             _ = shutdown.changed() => {
                 if leading.swap(false, Ordering::AcqRel) {
                     match release(&leases, &lease).await {
@@ -92,9 +91,8 @@ pub async fn run(
             }
         }
         if leading.load(Ordering::Acquire) {
-            let desired = statuses.borrow_and_update().clone();
-            let store = objects.borrow_and_update().clone();
-            write_statuses(&client, &desired, &store, &lease.identity).await;
+            let current = generation.borrow_and_update().clone();
+            write_statuses(&client, &current, &lease.identity).await;
         }
     }
 }
@@ -266,8 +264,10 @@ pub fn merged_parents(current: &Value, status: &RouteStatus, now: &str) -> Optio
     Some(others.into_iter().chain(desired).collect())
 }
 
-/// Writes each route's status that differs from what the route says.
-pub async fn write_statuses(client: &Client, desired: &[RouteStatus], store: &Store, identity: &str) {
+/// Writes each route's status of `generation` that differs from what the route says, onto the
+/// generation's own objects: a status is never paired with objects of another version.
+pub async fn write_statuses(client: &Client, generation: &Generation, identity: &str) {
+    let (desired, store) = (&generation.statuses, &generation.objects);
     let now = Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
     let pp = PostParams { field_manager: Some(field_manager(identity)), ..Default::default() };
     for status in desired {

@@ -2,9 +2,10 @@
 //! by [`crate::route::decide`], its filters applied, and forwarded to one endpoint of the
 //! chosen backend over pooled connections.
 //!
-//! Failures become responses, never a dropped proxy: no rule matched → 404, unusable backend →
-//! 500, no ready endpoint → 503, upstream refused or reset → 502, timeout → 504. Malformed HTTP
-//! gets hyper's 400 and that connection closes.
+//! Failures become responses, never a dropped proxy: each is a [`LocalError`], classified once
+//! ([`crate::local`]): no rule matched → 404, unusable backend → 500, no ready endpoint → 503,
+//! upstream refused or reset → 502, timeout → 504, answered in the client's protocol (gRPC
+//! clients get a `grpc-status`). Malformed HTTP gets hyper's 400 and that connection closes.
 
 use std::{
     convert::Infallible,
@@ -18,15 +19,16 @@ use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
     uri::PathAndQuery,
 };
-use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
+use http_body_util::{BodyExt as _, Empty, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpStream, sync::watch};
 use tracing::{debug, info, warn};
 
 use crate::{
+    local::{LocalError, is_grpc, respond},
     logfmt::{Addr, OrDash},
-    route::{Decision, Forward, RequestView, decide},
+    route::{Decision, Forward, LocalReason, RequestView, decide},
     snapshot::{AppProtocol, Backend, Endpoint, Snapshot},
     stats::OutboundStats,
 };
@@ -91,10 +93,30 @@ async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
     let started = Instant::now();
     let method =
         tracing::enabled!(tracing::Level::INFO).then(|| (req.method().clone(), req.uri().path().to_owned()));
-    let (response, upstream) = route_request(req, ctx).await;
-    let status = response.status().as_u16();
-    ctx.stats.requests.fetch_add(1, Relaxed);
+    let grpc = is_grpc(req.headers());
+    let (answer, upstream) = route_request(req, ctx).await;
     let upstream = upstream.as_ref();
+    // The one place a local answer is classified: its status, outcome and counters follow.
+    let (response, status, outcome, error) = match answer {
+        Ok(response) => {
+            let status = response.status();
+            (response, status, "-", None)
+        }
+        Err(err) => {
+            let class = err.class();
+            ctx.stats
+                .local_responses
+                .get_or_create(&crate::stats::LocalLabels { reason: class.outcome })
+                .inc();
+            if let LocalError::Upstream { endpoint, source } = &err {
+                ctx.stats.upstream_errors.fetch_add(1, Relaxed);
+                warn!(endpoint = %endpoint, error = %source, "upstream request failed");
+            }
+            (respond(class.status, &err.to_string(), grpc), class.status, class.outcome, Some(err))
+        }
+    };
+    let status = status.as_u16();
+    ctx.stats.requests.fetch_add(1, Relaxed);
     ctx.request_counter(upstream.map(|u| &u.backend), status).inc();
     if let Some((method, path)) = method {
         // The access log: values are formatted into the line, never into strings of their own.
@@ -112,6 +134,8 @@ async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
             %method,
             path,
             status,
+            outcome,
+            error = %OrDash(error.as_ref()),
             bytes = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-"),
             duration_ms = started.elapsed().as_millis() as u64,
             "request"
@@ -119,6 +143,10 @@ async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
     }
     response
 }
+
+/// What answered a request: a response to pass on (a backend's, or a redirect), or the reason
+/// the proxy answers itself; and which upstream was chosen, when one was.
+type Answer = (Result<Response<Body>, LocalError>, Option<UpstreamInfo>);
 
 /// `namespace/name:port` of a backend, as metrics and logs name it.
 fn backend_label(backend: &Backend) -> String {
@@ -199,11 +227,11 @@ impl ConnContext {
 }
 
 /// Answers a request, and says which upstream did when one did.
-async fn route_request(req: Request<Incoming>, ctx: &ConnContext) -> (Response<Body>, Option<UpstreamInfo>) {
+async fn route_request(req: Request<Incoming>, ctx: &ConnContext) -> Answer {
     // One clone of the Arc per request; never held across an await as a borrow.
     let snapshot = ctx.snapshot.borrow().clone();
     let Some(frontend) = snapshot.frontend(ctx.orig_dst) else {
-        return (local(StatusCode::BAD_GATEWAY, "the destination is no longer a Service frontend"), None);
+        return (Err(LocalError::NotAFrontend), None);
     };
     let client_ns = snapshot.workloads.get(&ctx.client.ip()).map(|w| w.pod.namespace.clone());
     let host = request_host(&req);
@@ -220,16 +248,15 @@ async fn route_request(req: Request<Incoming>, ctx: &ConnContext) -> (Response<B
         match decide(frontend, client_ns.as_deref(), &view, random) {
             Decision::Passthrough(backend) => (backend.clone(), None),
             Decision::Forward(f) => (f.backend.clone(), Some(Plan::from(&f, req.uri().path()))),
-            Decision::Respond(r) => {
-                let mut resp = local(
-                    StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                    &r.reason,
-                );
+            Decision::Respond(r) if r.reason == LocalReason::Redirect => {
+                let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+                let mut resp = respond(status, "redirect", false);
                 for (name, value) in r.headers {
                     resp.headers_mut().insert(name, value);
                 }
-                return (resp, None);
+                return (Ok(resp), None);
             }
+            Decision::Respond(r) => return (Err(LocalError::Route(r.reason)), None),
         }
     };
     let timeouts = forward.as_ref().map(|p| p.timeouts).unwrap_or_default();
@@ -237,7 +264,7 @@ async fn route_request(req: Request<Incoming>, ctx: &ConnContext) -> (Response<B
     match timeouts.request {
         Some(limit) => match tokio::time::timeout(limit, call).await {
             Ok(answer) => answer,
-            Err(_) => (local(StatusCode::GATEWAY_TIMEOUT, "request timeout"), None),
+            Err(_) => (Err(LocalError::RequestTimeout), None),
         },
         None => call.await,
     }
@@ -276,19 +303,15 @@ async fn forward_to(
     plan: Option<Plan>,
     ctx: &ConnContext,
     random: u64,
-) -> (Response<Body>, Option<UpstreamInfo>) {
+) -> Answer {
     let Some(endpoint_index) = pick_endpoint_index(backend.endpoints.len(), random) else {
-        let reason = format!("no ready endpoint for {}", backend_label(backend));
-        return (local(StatusCode::SERVICE_UNAVAILABLE, &reason), None);
+        return (Err(LocalError::NoEndpoint { backend: backend_label(backend) }), None);
     };
     let endpoint = &backend.endpoints[endpoint_index];
     let h2 = backend.protocol == AppProtocol::H2c || req.version() == Version::HTTP_2;
     let uri = match upstream_uri(&req, plan.as_ref().and_then(|p| p.path.as_deref()), endpoint.addr, h2) {
         Ok(uri) => uri,
-        Err(err) => {
-            let reason = format!("cannot forward this request target: {err}");
-            return (local(StatusCode::BAD_REQUEST, &reason), None);
-        }
+        Err(err) => return (Err(LocalError::BadTarget(err)), None),
     };
     *req.uri_mut() = uri;
     strip_hop_by_hop(req.headers_mut());
@@ -319,42 +342,37 @@ async fn forward_to(
         endpoint: endpoint_index,
         tunnelled: matches!(hop, crate::hbone::Hop::Tunnel { .. }),
     };
-    (forward_along(req, hop, h2, plan.as_ref(), ctx, endpoint).await, Some(info))
+    let answer = match upstream_of(hop) {
+        Ok((target, via)) => forward_along(req, target, &via, h2, plan.as_ref(), ctx).await,
+        Err(why) => Err(LocalError::MtlsRequired(why)),
+    };
+    (answer, Some(info))
 }
 
+/// Sends the request to `target` over the proxy's pooled connections (plain TCP to pods of this
+/// node, HBONE streams to pods of other nodes) and applies the plan's response filters.
 async fn forward_along(
     req: Request<Incoming>,
-    hop: crate::hbone::Hop,
+    target: SocketAddr,
+    via: &crate::upstream::Via,
     h2: bool,
     plan: Option<&Plan>,
     ctx: &ConnContext,
-    endpoint: &Endpoint,
-) -> Response<Body> {
-    let sent = send(req, hop, h2, ctx);
-    let result = match plan.and_then(|p| p.timeouts.backend_request) {
-        Some(limit) => match tokio::time::timeout(limit, sent).await {
-            Ok(r) => r,
-            Err(_) => return local(StatusCode::GATEWAY_TIMEOUT, "backend request timeout"),
-        },
+) -> Result<Response<Body>, LocalError> {
+    let sent = ctx.upstreams.send(target, via, h2, req.map(http_body_util::Either::Left));
+    let resp = match plan.and_then(|p| p.timeouts.backend_request) {
+        Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| LocalError::BackendTimeout)?,
         None => sent.await,
-    };
-    match result {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            if let Some(p) = plan {
-                for m in &p.response_headers {
-                    crate::route::apply_header_modifier(m, &mut parts.headers);
-                }
-            }
-            Response::from_parts(parts, body.boxed())
-        }
-        Err(err) => {
-            ctx.stats.upstream_errors.fetch_add(1, Relaxed);
-            warn!(endpoint = %endpoint.addr, error = %err, "upstream request failed");
-            local(StatusCode::BAD_GATEWAY, &format!("upstream {} failed: {err}", endpoint.addr))
+    }
+    .map_err(|source| LocalError::Upstream { endpoint: target, source })?;
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(p) = plan {
+        for m in &p.response_headers {
+            crate::route::apply_header_modifier(m, &mut parts.headers);
         }
     }
+    Ok(Response::from_parts(parts, body.boxed()))
 }
 
 /// The request target to send upstream: origin form (`/path?query`) for HTTP/1.1, absolute
@@ -380,27 +398,12 @@ fn upstream_uri(
     }
 }
 
-/// Sends a request along `hop` over the proxy's pooled connections: plain TCP to pods of this
-/// node, HBONE streams to pods of other nodes.
-async fn send(
-    req: Request<Incoming>,
-    hop: crate::hbone::Hop,
-    h2: bool,
-    ctx: &ConnContext,
-) -> Result<Response<Incoming>, String> {
-    let (target, via) = upstream_of(hop)?;
-    ctx.upstreams
-        .send(target, &via, h2, req.map(http_body_util::Either::Left))
-        .await
-        .map_err(|e| e.to_string())
-}
-
 /// The pod a hop ends at and how the pool reaches it, or why it may not be reached.
-fn upstream_of(hop: crate::hbone::Hop) -> Result<(SocketAddr, crate::upstream::Via), String> {
+fn upstream_of(hop: crate::hbone::Hop) -> Result<(SocketAddr, crate::upstream::Via), &'static str> {
     use crate::{hbone::Hop, upstream::Via};
     match hop {
         Hop::Direct(target) => Ok((target, Via::Direct)),
-        Hop::Refuse(why) => Err(why.to_owned()),
+        Hop::Refuse(why) => Err(why),
         Hop::Tunnel { src, dst, node, target } => Ok((target, Via::Tunnel { src, dst, node })),
     }
 }
@@ -429,18 +432,24 @@ fn mirror(req: &Request<Incoming>, m: &crate::snapshot::Mirror, ctx: &ConnContex
     *copy.headers_mut() = req.headers().clone();
     *copy.uri_mut() = req.uri().path_and_query().cloned().map_or_else(|| Uri::from_static("/"), Uri::from);
     let hop = ctx.mesh.hop(&ctx.snapshot.borrow().clone(), ctx.client.ip(), endpoint.addr);
-    let (mirrors, stats, target) = (ctx.mirrors.clone(), ctx.stats.clone(), endpoint.addr);
+    let (target, via) = match upstream_of(hop) {
+        Ok(upstream) => upstream,
+        Err(why) => {
+            debug!(target = %endpoint.addr, why, "mirror not sent");
+            return;
+        }
+    };
+    let (mirrors, stats) = (ctx.mirrors.clone(), ctx.stats.clone());
     tokio::spawn(async move {
         let result = async {
-            let (target, via) = upstream_of(hop)?;
-            let response = mirrors.send(target, &via, false, copy).await.map_err(|e| e.to_string())?;
+            let response = mirrors.send(target, &via, false, copy).await?;
             let status = response.status();
             // Read to its end, frame by frame, so that the connection goes back to the pool.
             let mut body = response.into_body();
             while let Some(frame) = body.frame().await {
-                frame.map_err(|e| e.to_string())?;
+                frame?;
             }
-            Ok::<_, String>(status)
+            Ok::<_, crate::upstream::UpstreamError>(status)
         };
         match result.await {
             Ok(status) => {
@@ -512,16 +521,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-}
-
-/// A response made by the proxy itself, with a one-line reason as the body.
-pub fn local(status: StatusCode, reason: &str) -> Response<Body> {
-    let mut resp =
-        Response::new(Full::new(Bytes::from(format!("{reason}\n"))).map_err(|never| match never {}).boxed());
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    resp.headers_mut().insert("x-gammaray-local", HeaderValue::from_static("1"));
-    resp
 }
 
 #[cfg(test)]

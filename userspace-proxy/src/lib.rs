@@ -10,6 +10,7 @@ mod cork;
 pub mod hbone;
 pub mod http;
 pub mod identity;
+pub mod local;
 pub mod logfmt;
 pub mod orig_dst;
 pub mod outbound;

@@ -54,9 +54,39 @@ pub struct Forward<'a> {
 pub struct LocalResponse<'a> {
     pub status: u16,
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// Why, for logs and the response body.
-    pub reason: String,
+    pub reason: LocalReason,
     pub route: Option<&'a RouteId>,
+}
+
+/// Why routing answers a request itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LocalReason {
+    /// A RequestRedirect filter: not an error.
+    #[error("redirect")]
+    Redirect,
+    #[error("no route rule matches the request")]
+    NoRuleMatched,
+    #[error("the matched rule has no backendRefs")]
+    NoBackendRefs,
+    #[error("every backendRef of the matched rule has weight 0")]
+    AllWeightsZero,
+    #[error("backendRef does not resolve: {0}")]
+    Unresolved(String),
+    #[error("redirect Location is not a valid header value")]
+    BadRedirectLocation,
+}
+
+impl LocalReason {
+    /// The HTTP status of a refusal (a redirect's status is its filter's).
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NoRuleMatched => 404,
+            Self::Redirect => 302,
+            Self::NoBackendRefs | Self::AllWeightsZero | Self::Unresolved(_) | Self::BadRedirectLocation => {
+                500
+            }
+        }
+    }
 }
 
 /// Decides what happens to a request sent to `frontend` by a client in `client_namespace`.
@@ -84,12 +114,7 @@ pub fn decide<'a>(
 }
 
 fn not_found<'a>() -> Decision<'a> {
-    Decision::Respond(LocalResponse {
-        status: 404,
-        headers: Vec::new(),
-        reason: "no route rule matches the request".into(),
-        route: None,
-    })
+    refuse(None, LocalReason::NoRuleMatched)
 }
 
 fn prefix_of(path: &PathMatch) -> Option<&str> {
@@ -115,25 +140,25 @@ fn apply_rule<'a>(
         let mut headers = Vec::new();
         match HeaderValue::try_from(location) {
             Ok(v) => headers.push((header::LOCATION, v)),
-            Err(_) => return internal_error(id, "redirect Location is not a valid header value"),
+            Err(_) => return refuse(Some(id), LocalReason::BadRedirectLocation),
         }
         return Decision::Respond(LocalResponse {
             status: redirect.status,
             headers,
-            reason: "redirect".into(),
+            reason: LocalReason::Redirect,
             route: Some(id),
         });
     }
     if action.backends.is_empty() {
-        return internal_error(id, "the matched rule has no backendRefs");
+        return refuse(Some(id), LocalReason::NoBackendRefs);
     }
     let Some(chosen) = pick_weighted(&action.backends, random) else {
-        return internal_error(id, "every backendRef of the matched rule has weight 0");
+        return refuse(Some(id), LocalReason::AllWeightsZero);
     };
     let backend = match &chosen.target {
         BackendTarget::Service(b) => b,
         BackendTarget::Invalid { reason } => {
-            return internal_error(id, &format!("backendRef does not resolve: {reason}"));
+            return refuse(Some(id), LocalReason::Unresolved(reason.clone()));
         }
     };
     Decision::Forward(Forward {
@@ -145,13 +170,8 @@ fn apply_rule<'a>(
     })
 }
 
-fn internal_error<'a>(id: &'a RouteId, reason: &str) -> Decision<'a> {
-    Decision::Respond(LocalResponse {
-        status: 500,
-        headers: Vec::new(),
-        reason: reason.to_owned(),
-        route: Some(id),
-    })
+fn refuse<'a>(route: Option<&'a RouteId>, reason: LocalReason) -> Decision<'a> {
+    Decision::Respond(LocalResponse { status: reason.status(), headers: Vec::new(), reason, route })
 }
 
 /// Picks a backend with probability weight / sum of weights. `None` when every weight is 0.

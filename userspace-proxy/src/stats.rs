@@ -15,8 +15,18 @@ pub struct RequestLabels {
     pub response_code: u16,
 }
 
+/// Labels of the counter of requests the proxy answered itself.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct LocalLabels {
+    /// The classification's outcome ([`crate::local::Class::outcome`]).
+    pub reason: &'static str,
+}
+
 #[derive(Debug, Default)]
 pub struct OutboundStats {
+    /// Requests the proxy answered itself, by reason.
+    pub local_responses:
+        prometheus_client::metrics::family::Family<LocalLabels, prometheus_client::metrics::counter::Counter>,
     /// Requests by source workload, destination service, backend and response code.
     pub requests_by: prometheus_client::metrics::family::Family<
         RequestLabels,

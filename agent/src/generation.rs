@@ -1,0 +1,182 @@
+//! One published generation of the mesh's configuration: the objects a source read, the
+//! snapshot the proxy routes by and the route statuses, translated together and published as one
+//! value, so no reader can pair the statuses of one version with the objects of another.
+//!
+//! Every configuration source (the manifest directory, the Kubernetes API) fills a [`Store`] and
+//! hands it to [`Publisher::publish`], the one place that translates, logs and publishes.
+//! Readers that need several parts (the status writer, enrolment, `describe`, the admin
+//! endpoint) watch the generation; the proxy, which needs only the snapshot, watches a channel
+//! of its own that the same call feeds after the generation.
+
+use std::{sync::Arc, time::Instant};
+
+use gammaray_proxy::snapshot::Snapshot;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    store::Store,
+    translate::{Options, RouteStatus, translate},
+};
+
+/// The configuration in force, as one value.
+#[derive(Debug, Default)]
+pub struct Generation {
+    /// Counts up from the publisher's first version; 0 is the empty configuration before any
+    /// source has published.
+    pub version: u64,
+    pub snapshot: Arc<Snapshot>,
+    pub statuses: Vec<RouteStatus>,
+    /// The objects translated, for what reads them directly (enrolment, status writing).
+    pub objects: Store,
+}
+
+impl Generation {
+    /// The routes whose parents do not all accept them.
+    pub fn rejected(&self) -> usize {
+        self.statuses
+            .iter()
+            .filter(|s| s.parents.iter().any(|p| p.condition("Accepted").is_some_and(|c| c.status != "True")))
+            .count()
+    }
+}
+
+/// The receiving ends of a [`Publisher`].
+#[derive(Clone)]
+pub struct Subscription {
+    pub generation: watch::Receiver<Arc<Generation>>,
+    /// The latest generation's snapshot, for the proxy.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+}
+
+/// Translates stores into generations and publishes them; the one writer.
+pub struct Publisher {
+    options: Options,
+    generation: watch::Sender<Arc<Generation>>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Publisher {
+    /// A publisher whose first generation is `options.version + 1`; until it publishes, readers
+    /// see the empty generation (every destination passes through).
+    pub fn new(options: Options) -> (Self, Subscription) {
+        let (generation, generation_rx) = watch::channel(Arc::new(Generation::default()));
+        let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
+        (
+            Self { options, generation, snapshot },
+            Subscription { generation: generation_rx, snapshot: snapshot_rx },
+        )
+    }
+
+    /// Translates `objects` as the next version, logs what changed and publishes it. `source`
+    /// names where the objects came from, for the log.
+    pub fn publish(&mut self, objects: Store, source: &str) -> Arc<Generation> {
+        self.options.version += 1;
+        let started = Instant::now();
+        let t = translate(&objects, &self.options);
+        let generation = Arc::new(Generation {
+            version: self.options.version,
+            snapshot: Arc::new(t.snapshot),
+            statuses: t.statuses,
+            objects,
+        });
+        info!(
+            source,
+            version = generation.version,
+            frontends = generation.snapshot.frontends.len(),
+            routes = generation.statuses.len(),
+            rejected = generation.rejected(),
+            translate_us = started.elapsed().as_micros() as u64,
+            "configuration applied"
+        );
+        log_conditions(&generation.statuses);
+        self.generation.send_replace(generation.clone());
+        self.snapshot.send_replace(generation.snapshot.clone());
+        generation
+    }
+
+    /// A receiver of the generations, for readers started after the publisher.
+    pub fn subscribe(&self) -> Subscription {
+        Subscription { generation: self.generation.subscribe(), snapshot: self.snapshot.subscribe() }
+    }
+}
+
+/// Logs each route condition that is not plainly true, with its reason.
+fn log_conditions(statuses: &[RouteStatus]) {
+    for s in statuses {
+        for p in &s.parents {
+            for c in p.conditions.iter().filter(|c| c.status != "True" || c.type_ == "PartiallyInvalid") {
+                warn!(route = %s.route, kind = %s.kind, parent = %p.parent_ref.name, condition = c.type_, reason = c.reason, message = %c.message, "route status");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, time::Duration};
+
+    use super::*;
+
+    /// A Service and an HTTPRoute named `route-{i}` attached to it.
+    fn objects(i: usize) -> Store {
+        let mut store = Store::default();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{name: http, port: 80}}]}}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: route-{i}, namespace: demo}}\n\
+             spec: {{parentRefs: [{{group: '', kind: Service, name: web, port: 80}}], rules: [{{backendRefs: [{{name: web, port: 80}}]}}]}}\n"
+        );
+        let applied = store.apply_yaml(&yaml);
+        assert!(applied.errors.is_empty(), "fixture parses: {:?}", applied.errors);
+        store
+    }
+
+    fn routes_in_objects(g: &Generation) -> BTreeSet<String> {
+        g.objects.http_routes.keys().map(|(ns, name)| format!("{ns}/{name}")).collect()
+    }
+
+    fn routes_in_statuses(g: &Generation) -> BTreeSet<String> {
+        g.statuses.iter().map(|s| s.route.clone()).collect()
+    }
+
+    /// A reader on another thread, woken by every publication while the publisher runs flat out,
+    /// always finds the statuses, the snapshot and the objects of one version together. With
+    /// three channels sent one after another (the earlier design), a reader woken by the first
+    /// could read the second before it was sent and pair a route's status with objects that do
+    /// not hold the route.
+    #[test]
+    fn readers_never_see_parts_of_two_versions() {
+        const VERSIONS: usize = 300;
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+        rt.block_on(async {
+            let (mut publisher, sub) = Publisher::new(Options::default());
+            let mut rx = sub.generation.clone();
+            let reader = tokio::spawn(async move {
+                let mut seen = 0;
+                while tokio::time::timeout(Duration::from_secs(10), rx.changed())
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {
+                    let g = rx.borrow_and_update().clone();
+                    assert_eq!(g.snapshot.version, g.version, "the snapshot is the generation's");
+                    assert_eq!(routes_in_statuses(&g), routes_in_objects(&g), "version {}", g.version);
+                    seen += 1;
+                    if g.version == VERSIONS as u64 {
+                        break;
+                    }
+                }
+                seen
+            });
+            for i in 1..=VERSIONS {
+                let g = publisher.publish(objects(i), "test");
+                assert_eq!(g.version, i as u64);
+                assert_eq!(sub.snapshot.borrow().version, g.version, "the proxy's channel follows");
+                tokio::task::yield_now().await;
+            }
+            let seen = reader.await.expect("the reader's checks held");
+            assert!(seen > 0, "the reader saw generations");
+            assert_eq!(sub.generation.borrow().version, VERSIONS as u64);
+        });
+    }
+}
