@@ -17,9 +17,12 @@ use std::{
     sync::Arc,
 };
 
-use gammaray_proxy::snapshot::{
-    AppProtocol, Backend, Endpoint, Frontend, GrpcRuleMatch, HttpRuleMatch, ObjectRef, RouteKind, RouteTable,
-    Snapshot, Workload,
+use gammaray_proxy::{
+    route::Place,
+    snapshot::{
+        AppProtocol, Backend, Endpoint, Frontend, GrpcRuleMatch, HttpRuleMatch, ObjectRef, RouteKind,
+        RouteTable, Snapshot, Workload,
+    },
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use serde::Serialize;
@@ -265,43 +268,37 @@ fn route_table(attachments: &[Attachment<'_>]) -> RouteTable {
     chosen.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
     chosen.dedup_by(|a, b| a.id == b.id && a.kind == b.kind);
     if grpc {
-        RouteTable::Grpc(sorted(
+        RouteTable::grpc(placed(
             &chosen,
             |rule| &rule.grpc_matches,
-            rules::GrpcKey::new,
             |id, matcher, action| GrpcRuleMatch { id, matcher, action },
         ))
     } else {
-        RouteTable::Http(sorted(
+        RouteTable::http(placed(
             &chosen,
             |rule| &rule.http_matches,
-            rules::HttpKey::new,
             |id, matcher, action| HttpRuleMatch { id, matcher, action },
         ))
     }
 }
 
-/// Every match of every valid rule of `routes` (already in creation/name order), sorted by
-/// precedence key.
-fn sorted<M: Clone, K: Ord, E>(
+/// Every match of every valid rule of `routes` (already in creation/name order), with its
+/// place for precedence's ties; [`RouteTable`]'s constructors sort them.
+fn placed<M: Clone, E>(
     routes: &[&CompiledRoute],
     matches: impl Fn(&CompiledRule) -> &Vec<M>,
-    key: impl Fn(&M, usize, usize, usize) -> K,
     entry: impl Fn(Arc<gammaray_proxy::snapshot::RouteId>, M, Arc<gammaray_proxy::snapshot::RuleAction>) -> E,
-) -> Vec<E> {
-    let mut entries: Vec<(K, E)> = Vec::new();
+) -> Vec<(Place, E)> {
+    let mut entries = Vec::new();
     for (order, route) in routes.iter().enumerate() {
         for rule in route.rules.iter().filter(|r| r.problem.is_none()) {
             for (i, m) in matches(rule).iter().enumerate() {
-                entries.push((
-                    key(m, order, rule.index, i),
-                    entry(rule.id.clone(), m.clone(), rule.action.clone()),
-                ));
+                let place = Place { route: order, rule: rule.index, matched: i };
+                entries.push((place, entry(rule.id.clone(), m.clone(), rule.action.clone())));
             }
         }
     }
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    entries.into_iter().map(|(_, e)| e).collect()
+    entries
 }
 
 /// A route's Service parentRef, with defaults applied.

@@ -1,18 +1,19 @@
 //! Route matching and the per-request decision: pure, synchronous code over a snapshot's
 //! [`Frontend`], with no I/O, so it can be tested by tables and fuzzed.
 //!
-//! Rule tables arrive sorted by precedence (the translation sorts them), so matching is a
+//! Precedence lives here too: a [`RouteTable`] is built only by [`RouteTable::http`] and
+//! [`RouteTable::grpc`], which sort its rule matches by GAMMA's precedence, so matching is a
 //! first-match scan; the decision then applies the rule: a redirect becomes a response, a
 //! forward picks a backend by weight with the caller's random number.
 
-use std::sync::Arc;
+use std::{cmp::Reverse, sync::Arc};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 
 use crate::snapshot::{
     Backend, BackendTarget, Filter, Frontend, GrpcMatch, GrpcRuleMatch, HeaderMatch, HeaderModifier,
-    HttpMatch, HttpRuleMatch, Mirror, PathMatch, PathModifier, Redirect, RouteId, RouteTable, RuleAction,
-    Timeouts, ValueMatch, WeightedBackend,
+    HttpMatch, HttpRuleMatch, Mirror, PathMatch, PathModifier, Ranked, Redirect, RouteId, RouteTable,
+    RuleAction, Timeouts, ValueMatch, WeightedBackend,
 };
 
 /// The parts of a request that routing looks at.
@@ -87,6 +88,103 @@ impl LocalReason {
             }
         }
     }
+}
+
+/// Where a rule match stands among its group's routes, for the ties that specificity leaves:
+/// the route's place after ordering the routes oldest first and then by namespace/name (the
+/// translation knows their creation times), the rule's index in the route, the match's index
+/// in the rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Place {
+    pub route: usize,
+    pub rule: usize,
+    pub matched: usize,
+}
+
+impl RouteTable {
+    /// An HTTPRoute table, sorted by [`HttpKey`].
+    pub fn http(entries: impl IntoIterator<Item = (Place, HttpRuleMatch)>) -> Self {
+        Self::Http(ranked(entries, |m: &HttpRuleMatch, place| HttpKey::new(&m.matcher, place)))
+    }
+
+    /// A GRPCRoute table, sorted by [`GrpcKey`].
+    pub fn grpc(entries: impl IntoIterator<Item = (Place, GrpcRuleMatch)>) -> Self {
+        Self::Grpc(ranked(entries, |m: &GrpcRuleMatch, place| GrpcKey::new(&m.matcher, place)))
+    }
+}
+
+fn ranked<R, K: Ord>(
+    entries: impl IntoIterator<Item = (Place, R)>,
+    key: impl Fn(&R, Place) -> K,
+) -> Ranked<R> {
+    let mut keyed: Vec<(K, R)> = entries.into_iter().map(|(place, r)| (key(&r, place), r)).collect();
+    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    Ranked(keyed.into_iter().map(|(_, r)| r).collect())
+}
+
+/// HTTP precedence, smallest first: Exact path; then the longer path value (a PathPrefix
+/// before a RegularExpression of the same length); a method match; more header matches;
+/// more query matches; then the match's [`Place`].
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct HttpKey {
+    exact: Reverse<bool>,
+    path_len: Reverse<usize>,
+    prefix: Reverse<bool>,
+    method: Reverse<bool>,
+    headers: Reverse<usize>,
+    query: Reverse<usize>,
+    place: Place,
+}
+
+impl HttpKey {
+    fn new(m: &HttpMatch, place: Place) -> Self {
+        let (exact, len, prefix) = match &m.path {
+            PathMatch::Exact(p) => (true, p.len(), false),
+            PathMatch::Prefix(p) => (false, p.len(), true),
+            PathMatch::Regex(r) => (false, pattern_len(r), false),
+        };
+        Self {
+            exact: Reverse(exact),
+            path_len: Reverse(len),
+            prefix: Reverse(prefix),
+            method: Reverse(m.method.is_some()),
+            headers: Reverse(m.headers.len()),
+            query: Reverse(m.query.len()),
+            place,
+        }
+    }
+}
+
+/// gRPC precedence: more characters in the service match, then in the method match, then
+/// more header matches; then the match's [`Place`].
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct GrpcKey {
+    service: Reverse<usize>,
+    method: Reverse<usize>,
+    headers: Reverse<usize>,
+    place: Place,
+}
+
+impl GrpcKey {
+    fn new(m: &GrpcMatch, place: Place) -> Self {
+        let chars = |v: &Option<ValueMatch>| match v {
+            Some(ValueMatch::Exact(s)) => s.len(),
+            Some(ValueMatch::Regex(r)) => pattern_len(r),
+            None => 0,
+        };
+        Self {
+            service: Reverse(chars(&m.service)),
+            method: Reverse(chars(&m.method)),
+            headers: Reverse(m.headers.len()),
+            place,
+        }
+    }
+}
+
+/// The length of the user's pattern in a compiled regex, without the `^(?:` … `)$` anchors
+/// the translation wraps it in.
+fn pattern_len(r: &regex::Regex) -> usize {
+    r.as_str().len().saturating_sub(6)
 }
 
 /// Decides what happens to a request sent to `frontend` by a client in `client_namespace`.

@@ -128,13 +128,34 @@ pub struct Endpoint {
 }
 
 /// The routes of one route group (producer, or one namespace's consumers) for one frontend.
-/// Only one kind applies per Service port: GRPCRoute wins over HTTPRoute.
+/// Only one kind applies per Service port: GRPCRoute wins over HTTPRoute. Built only by
+/// [`RouteTable::http`] and [`RouteTable::grpc`] ([`crate::route`]), which sort by precedence.
 #[derive(Debug)]
 pub enum RouteTable {
-    /// Sorted by precedence: the first entry that matches wins.
-    Http(Vec<HttpRuleMatch>),
-    /// Sorted by precedence: the first entry that matches wins.
-    Grpc(Vec<GrpcRuleMatch>),
+    Http(Ranked<HttpRuleMatch>),
+    Grpc(Ranked<GrpcRuleMatch>),
+}
+
+/// Rule matches in precedence order: the first entry that matches wins. Only the route
+/// module's constructors make one, so a table can never arrive unsorted.
+#[derive(Debug)]
+pub struct Ranked<R>(pub(crate) Vec<R>);
+
+impl<'a, R> IntoIterator for &'a Ranked<R> {
+    type Item = &'a R;
+    type IntoIter = std::slice::Iter<'a, R>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl<R> std::ops::Deref for Ranked<R> {
+    type Target = [R];
+
+    fn deref(&self) -> &[R] {
+        &self.0
+    }
 }
 
 /// Which route a rule came from.

@@ -3,7 +3,7 @@
 //! is kept with its problem (and dropped from the tables); an unresolvable backendRef stays in
 //! the rule as a 500 share.
 
-use std::{cmp::Reverse, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use gammaray_proxy::snapshot::{
     BackendTarget, Filter, GrpcMatch, HeaderMatch, HeaderModifier, HttpMatch, Mirror, ObjectRef, PathMatch,
@@ -603,72 +603,4 @@ fn compile_timeouts(t: Option<&HttpRouteRulesTimeouts>) -> Result<Timeouts, Unre
         return Err(problem(format!("backendRequest timeout {b:?} exceeds the request timeout {r:?}")));
     }
     Ok(Timeouts { request, backend_request })
-}
-
-/// HTTP precedence, smallest first: Exact path; then the longer path value (a PathPrefix
-/// before a RegularExpression of the same length); a method match; more header matches;
-/// more query matches; then the older route, namespace/name, rule and match order.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct HttpKey {
-    exact: Reverse<bool>,
-    path_len: Reverse<usize>,
-    prefix: Reverse<bool>,
-    method: Reverse<bool>,
-    headers: Reverse<usize>,
-    query: Reverse<usize>,
-    route_order: usize,
-    rule: usize,
-    matched: usize,
-}
-
-impl HttpKey {
-    /// `route_order` is the route's place after sorting by creation time and name.
-    pub fn new(m: &HttpMatch, route_order: usize, rule: usize, matched: usize) -> Self {
-        let (exact, len, prefix) = match &m.path {
-            PathMatch::Exact(p) => (true, p.len(), false),
-            PathMatch::Prefix(p) => (false, p.len(), true),
-            PathMatch::Regex(r) => (false, r.as_str().len().saturating_sub(6), false),
-        };
-        Self {
-            exact: Reverse(exact),
-            path_len: Reverse(len),
-            prefix: Reverse(prefix),
-            method: Reverse(m.method.is_some()),
-            headers: Reverse(m.headers.len()),
-            query: Reverse(m.query.len()),
-            route_order,
-            rule,
-            matched,
-        }
-    }
-}
-
-/// gRPC precedence: more characters in the service match, then in the method match, then
-/// more header matches; then the route, rule and match order.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct GrpcKey {
-    service: Reverse<usize>,
-    method: Reverse<usize>,
-    headers: Reverse<usize>,
-    route_order: usize,
-    rule: usize,
-    matched: usize,
-}
-
-impl GrpcKey {
-    pub fn new(m: &GrpcMatch, route_order: usize, rule: usize, matched: usize) -> Self {
-        let chars = |v: &Option<ValueMatch>| match v {
-            Some(ValueMatch::Exact(s)) => s.len(),
-            Some(ValueMatch::Regex(r)) => r.as_str().len().saturating_sub(6),
-            None => 0,
-        };
-        Self {
-            service: Reverse(chars(&m.service)),
-            method: Reverse(chars(&m.method)),
-            headers: Reverse(m.headers.len()),
-            route_order,
-            rule,
-            matched,
-        }
-    }
 }

@@ -198,3 +198,30 @@ fn grpc_paths_split_into_service_and_method() {
     assert_eq!(grpc_path("/only"), ("only", ""));
     assert_eq!(grpc_path(""), ("", ""));
 }
+
+/// A table is sorted by its constructor whatever order the entries come in: specificity first,
+/// then the place (route age and name order, rule, match) for ties.
+#[test]
+fn route_tables_sort_their_entries_by_precedence() {
+    let rule = |name: &str, path: PathMatch, method: Option<Method>| HttpRuleMatch {
+        id: Arc::new(RouteId {
+            kind: crate::snapshot::RouteKind::Http,
+            route: crate::snapshot::ObjectRef::new("demo", name),
+            rule: 0,
+            rule_name: None,
+        }),
+        matcher: HttpMatch { path, method, headers: Vec::new(), query: Vec::new() },
+        action: Arc::new(RuleAction { filters: Vec::new(), backends: Vec::new(), timeouts: Timeouts::default() }),
+    };
+    let place = |route, matched| Place { route, rule: 0, matched };
+    let entries = vec![
+        (place(0, 0), rule("catch-all", PathMatch::Prefix("/".into()), None)),
+        (place(1, 0), rule("younger-twin", PathMatch::Prefix("/api".into()), None)),
+        (place(0, 1), rule("older-twin", PathMatch::Prefix("/api".into()), None)),
+        (place(2, 0), rule("with-method", PathMatch::Prefix("/api".into()), Some(Method::GET))),
+        (place(3, 0), rule("exact", PathMatch::Exact("/a".into()), None)),
+    ];
+    let RouteTable::Http(rules) = RouteTable::http(entries) else { panic!("an HTTP table") };
+    let order: Vec<&str> = rules.iter().map(|r| r.id.route.name.as_str()).collect();
+    assert_eq!(order, ["exact", "with-method", "older-twin", "younger-twin", "catch-all"]);
+}
