@@ -34,11 +34,9 @@ use gammaray_agent::{
     translate::{Options, translate},
 };
 use gammaray_proxy::{
-    hbone::{self, Inbound, Mesh, Pool},
+    Inputs, Proxy, ProxyConfig,
     identity::{Authority, CertStore},
     orig_dst::StaticTable,
-    outbound,
-    stats::OutboundStats,
 };
 use http_body_util::{BodyExt as _, Either, Empty, Full, StreamBody};
 use hyper::{
@@ -372,6 +370,8 @@ struct Proxies {
     table: Arc<StaticTable>,
     /// Kept so that the proxies' snapshot stays published.
     _snapshot: tokio::sync::watch::Sender<Arc<gammaray_proxy::snapshot::Snapshot>>,
+    /// The two nodes' proxies, serving while this is alive.
+    _running: [Proxy; 2],
 }
 
 async fn proxies(world: &World) -> anyhow::Result<Proxies> {
@@ -397,38 +397,26 @@ async fn proxies(world: &World) -> anyhow::Result<Proxies> {
     let snapshot = translation.snapshot;
     let (publish, snapshot) = tokio::sync::watch::channel(Arc::new(snapshot));
     let authority = Arc::new(Authority::generate(TRUST_DOMAIN)?);
-
-    // Node B: the inbound HBONE listener.
-    let inbound = TcpListener::bind((world.node_b, hbone::HBONE_PORT))
-        .await
-        .with_context(|| format!("bind node B's HBONE listener on {}", world.node_b))?;
-    let inbound_state = Arc::new(Inbound {
-        node: "node-b".into(),
-        trust_domain: TRUST_DOMAIN.into(),
-        snapshot: snapshot.clone(),
-        certs: Arc::new(CertStore::new(authority.clone())),
-        stats: Arc::new(OutboundStats::default()),
-    });
-    tokio::spawn(async move {
-        if let Err(err) = hbone::serve_inbound(inbound, inbound_state).await {
-            eprintln!("request_cost: node B's inbound listener stopped: {err}");
-        }
-    });
-
-    // Node A: the outbound listener, with HBONE to other nodes.
-    let listener = TcpListener::bind((world.node_a, 0)).await.context("bind node A's outbound listener")?;
-    let addr = listener.local_addr()?;
+    let runtime = tokio::runtime::Handle::current();
+    let node = |name: &str, ip: Ipv4Addr, lookup: Arc<StaticTable>| {
+        let config = ProxyConfig {
+            outbound_addr: SocketAddr::new(IpAddr::V4(ip), 0),
+            node: Some(name.into()),
+            trust_domain: TRUST_DOMAIN.into(),
+            ..ProxyConfig::default()
+        };
+        let inputs = Inputs {
+            snapshot: snapshot.clone(),
+            lookup,
+            certs: Some(Arc::new(CertStore::new(authority.clone()))),
+        };
+        Proxy::start(config, inputs, &runtime).with_context(|| format!("start {name}'s proxy on {ip}"))
+    };
+    // Node B serves the inbound HBONE listener; node A's outbound listener takes the client.
+    let node_b = node("node-b", world.node_b, Arc::new(StaticTable::default()))?;
     let table = Arc::new(StaticTable::default());
-    let mesh =
-        Mesh::new(Some("node-a".into()), Some(Arc::new(Pool::new(Arc::new(CertStore::new(authority))))));
-    tokio::spawn(outbound::serve(
-        listener,
-        table.clone(),
-        snapshot,
-        Arc::new(mesh),
-        Arc::new(OutboundStats::default()),
-    ));
-    Ok(Proxies { outbound: addr, table, _snapshot: publish })
+    let node_a = node("node-a", world.node_a, table.clone())?;
+    Ok(Proxies { outbound: node_a.outbound_addr(), table, _snapshot: publish, _running: [node_a, node_b] })
 }
 
 /// Sends `requests` requests on one keep-alive connection (GETs, or unary gRPC calls on the

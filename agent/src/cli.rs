@@ -49,6 +49,10 @@ pub enum Command {
         /// Address of the node proxy's outbound listener; enrolled pods' connections go here.
         #[arg(long)]
         proxy_addr: SocketAddrV4,
+        /// Port of the inbound HBONE listener (mutual TLS from other nodes), on the proxy's
+        /// address; every node of the mesh must use the same.
+        #[arg(long, default_value_t = gammaray_proxy::DEFAULT_HBONE_PORT)]
+        hbone_port: u16,
         /// cgroup2 directory to attach to (default: detected from /proc/self/mountinfo).
         #[arg(long)]
         cgroup_root: Option<PathBuf>,

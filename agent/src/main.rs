@@ -19,6 +19,7 @@ fn main() -> anyhow::Result<()> {
             Command::Run {
                 node,
                 proxy_addr,
+                hbone_port,
                 cgroup_root,
                 btf,
                 proxy_threads,
@@ -42,13 +43,17 @@ fn main() -> anyhow::Result<()> {
                 });
                 let cfg = RunConfig {
                     node,
-                    proxy_addr,
+                    proxy: gammaray_proxy::ProxyConfig {
+                        outbound_addr: proxy_addr.into(),
+                        hbone_port,
+                        trust_domain,
+                        ..Default::default()
+                    },
                     cgroup_root,
                     control_socket: cli.control,
                     btf_path: btf,
                     proxy_threads,
                     manifests,
-                    trust_domain,
                     ca: ca_cert.zip(ca_key),
                     admin_addr,
                     kube: kube_settings,

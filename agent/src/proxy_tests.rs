@@ -10,7 +10,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use gammaray_proxy::{orig_dst::StaticTable, outbound, snapshot::Snapshot, stats::OutboundStats};
+use gammaray_proxy::{Inputs, ProxyConfig, orig_dst::StaticTable, snapshot::Snapshot, stats::OutboundStats};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -82,28 +82,30 @@ fn service(name: &str, ip: &str, app_protocol: &str, endpoints: &[SocketAddr]) -
     y
 }
 
+/// A plaintext node proxy on 127.0.0.1, started through its front door.
 struct Proxy {
     addr: SocketAddr,
     table: Arc<StaticTable>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     stats: Arc<OutboundStats>,
+    _running: gammaray_proxy::Proxy,
 }
 
 impl Proxy {
     async fn start(yaml: &str) -> Self {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind proxy");
-        let addr = listener.local_addr().expect("proxy addr");
         let table = Arc::new(StaticTable::default());
-        let stats = Arc::new(OutboundStats::default());
         let (tx, rx) = watch::channel(Arc::new(snapshot_of(yaml)));
-        tokio::spawn(outbound::serve(
-            listener,
-            table.clone(),
-            rx,
-            Arc::new(gammaray_proxy::hbone::Mesh::plaintext()),
-            stats.clone(),
-        ));
-        Self { addr, table, snapshot: tx, stats }
+        let config = ProxyConfig { outbound_addr: (Ipv4Addr::LOCALHOST, 0).into(), ..ProxyConfig::default() };
+        let inputs = Inputs { snapshot: rx, lookup: table.clone(), certs: None };
+        let running = gammaray_proxy::Proxy::start(config, inputs, &tokio::runtime::Handle::current())
+            .expect("the proxy starts");
+        Self {
+            addr: running.outbound_addr(),
+            table,
+            snapshot: tx,
+            stats: running.stats().clone(),
+            _running: running,
+        }
     }
 
     /// Opens a connection "to" `dst` through the proxy, as the eBPF redirect would.

@@ -1,21 +1,20 @@
 //! `gammaray-agent run`: preflight, load and attach, serve the proxy and the control socket
 //! until SIGTERM or SIGINT, then detach.
 
-use std::{net::SocketAddrV4, path::PathBuf, sync::Arc};
-
-use anyhow::Context as _;
-use gammaray_proxy::{hbone, outbound, stats::OutboundStats};
+use std::{path::PathBuf, sync::Arc};
 
 use crate::{
     admin, control, ebpf, enrolment, generation, kube_client, kube_source, manifests, preflight,
     status_writer, translate,
 };
+use anyhow::Context as _;
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub node: String,
-    /// The node proxy's outbound listener; the eBPF program redirects to it.
-    pub proxy_addr: SocketAddrV4,
+    /// The node proxy: its outbound listener (the eBPF program redirects to it, so an IPv4
+    /// address), the HBONE port, the trust domain and its tuning. Its node name is `node`.
+    pub proxy: gammaray_proxy::ProxyConfig,
     /// cgroup2 directory to attach at; detected from /proc/self/mountinfo when `None`.
     pub cgroup_root: Option<PathBuf>,
     pub control_socket: PathBuf,
@@ -24,7 +23,6 @@ pub struct RunConfig {
     pub proxy_threads: usize,
     /// Directory of Kubernetes manifests to route by (the source without a cluster).
     pub manifests: Option<PathBuf>,
-    pub trust_domain: String,
     /// The mesh CA's certificate and key files; `None` leaves traffic between nodes plaintext.
     pub ca: Option<(PathBuf, PathBuf)>,
     /// Where /healthz, /readyz and /metrics are served.
@@ -56,22 +54,19 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         None => preflight::detect_cgroup2(std::path::Path::new("/proc/self/mountinfo"))?,
     };
 
-    // Bind before attaching, so a redirected connection never finds the port closed.
-    let listener = listen(cfg.proxy_addr.into())
-        .with_context(|| format!("cannot bind the outbound listener on {}", cfg.proxy_addr))?;
-
-    let mut datapath = ebpf::Datapath::load(&cgroup_root, cfg.proxy_addr)?;
+    let proxy_addr = match cfg.proxy.outbound_addr {
+        std::net::SocketAddr::V4(addr) => addr,
+        addr => anyhow::bail!("the outbound listener {addr} must be an IPv4 address"),
+    };
+    // Attached with no pod enrolled: nothing is redirected until enrolment starts, after the
+    // proxy's listeners are bound.
+    let mut datapath = ebpf::Datapath::load(&cgroup_root, proxy_addr)?;
     let logger = datapath.take_logger();
     let kernel_logs = logger.map(|l| tokio::spawn(ebpf::forward_kernel_logs(l)));
 
-    // The proxy runs on a runtime of its own, so a burst of traffic never starves the agent's
-    // control work, and the agent's work never adds latency to requests.
-    let outbound_stats = Arc::new(OutboundStats::default());
-    let lookup = datapath.orig_dst_lookup();
     // Until a source publishes, the empty generation makes every destination pass through.
-    let options = translate::Options { trust_domain: cfg.trust_domain.clone(), version: 0 };
+    let options = translate::Options { trust_domain: cfg.proxy.trust_domain.clone(), version: 0 };
     let (out, config) = generation::Publisher::new(options);
-    let snapshot_rx = config.snapshot.clone();
     // The manifest directory wins when given; else the cluster, when there is one.
     let kube = match (&cfg.manifests, &cfg.kube) {
         (None, Some(k)) => Some((kube_client::client(&k.access).await?, k.clone())),
@@ -92,7 +87,6 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
             None
         }
     };
-    let proxy_rt = ProxyRuntime::start(cfg.proxy_threads).context("cannot start the proxy runtime")?;
     let ca_pem = match (&cfg.ca, &kube) {
         (Some((cert, key)), _) => {
             let read = |p: &PathBuf| {
@@ -116,56 +110,25 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
             None
         }
     };
-    let mesh = Arc::new(hbone::Mesh::new(
-        Some(cfg.node.clone()),
-        certs.clone().map(|c| Arc::new(hbone::Pool::new(c))),
-    ));
-    if let Some(certs) = certs.clone() {
-        let addr = std::net::SocketAddr::new((*cfg.proxy_addr.ip()).into(), hbone::HBONE_PORT);
-        let listener =
-            listen(addr).with_context(|| format!("cannot bind the inbound HBONE listener on {addr}"))?;
-        let inbound = Arc::new(hbone::Inbound {
-            node: cfg.node.clone(),
-            trust_domain: cfg.trust_domain.clone(),
-            snapshot: snapshot_rx.clone(),
-            certs,
-            stats: outbound_stats.clone(),
-        });
-        proxy_rt.spawn(async move {
-            match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => {
-                    if let Err(err) = hbone::serve_inbound(l, inbound).await {
-                        tracing::error!(error = %err, "inbound listener stopped");
-                    }
-                }
-                Err(err) => tracing::error!(error = %err, "cannot register the inbound listener"),
-            }
-        });
-    }
-    {
-        let stats = outbound_stats.clone();
-        let mesh = mesh.clone();
-        proxy_rt.spawn(async move {
-            let listener = match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => l,
-                Err(err) => {
-                    tracing::error!(error = %err, "cannot register the outbound listener");
-                    return;
-                }
-            };
-            if let Err(err) = outbound::serve(listener, lookup, snapshot_rx, mesh, stats).await {
-                tracing::error!(error = %err, "outbound listener stopped");
-            }
-        });
-    }
+
+    // The proxy runs on a runtime of its own, so a burst of traffic never starves the agent's
+    // control work, and the agent's work never adds latency to requests.
+    let proxy_rt = ProxyRuntime::start(cfg.proxy_threads).context("cannot start the proxy runtime")?;
+    let proxy_config = gammaray_proxy::ProxyConfig { node: Some(cfg.node.clone()), ..cfg.proxy.clone() };
+    let inputs = gammaray_proxy::Inputs {
+        snapshot: config.snapshot.clone(),
+        lookup: datapath.orig_dst_lookup(),
+        certs: certs.clone(),
+    };
+    let proxy = gammaray_proxy::Proxy::start(proxy_config, inputs, &proxy_rt.handle())?;
 
     let state = Arc::new(control::State {
         node: cfg.node.clone(),
-        proxy: cfg.proxy_addr,
+        proxy: proxy_addr,
         datapath,
-        outbound: outbound_stats,
+        outbound: proxy.stats().clone(),
         generation: config.generation.clone(),
-        mtls: mesh.hbone.is_some(),
+        mtls: certs.is_some(),
     });
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin_addr)
         .await
@@ -200,7 +163,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         let state = state.clone();
         async move { control::serve(&control_path, state).await }
     });
-    tracing::info!(node = %cfg.node, proxy = %cfg.proxy_addr, "agent ready");
+    tracing::info!(node = %cfg.node, proxy = %proxy_addr, "agent ready");
 
     tokio::select! {
         () = shutdown => tracing::info!("shutting down"),
@@ -229,6 +192,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         task.abort();
         let _ = task.await;
     }
+    drop(proxy);
     proxy_rt.shutdown();
     let _ = std::fs::remove_file(&cfg.control_socket);
     // The control task holds the last other reference; once it is gone the links drop here.
@@ -237,21 +201,6 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         Err(_) => tracing::warn!("state still shared at exit; links close with the process"),
     }
     Ok(())
-}
-
-/// Accept queue of the proxy's listeners. The standard library's 128 overflows when every pod of
-/// a node opens connections at once, and an overflow costs the client a SYN retransmission
-/// (a second).
-const LISTEN_BACKLOG: u32 = 4096;
-
-/// A non-blocking listener on `addr` with [`LISTEN_BACKLOG`], to hand to the proxy's runtime.
-fn listen(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    let listener = socket.listen(LISTEN_BACKLOG)?.into_std()?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -308,13 +257,10 @@ impl ProxyRuntime {
         Ok(Self::Single { handle, stop, thread })
     }
 
-    fn spawn<F>(&self, task: F)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
+    fn handle(&self) -> tokio::runtime::Handle {
         match self {
-            Self::Single { handle, .. } => drop(handle.spawn(task)),
-            Self::Multi(rt) => drop(rt.spawn(task)),
+            Self::Single { handle, .. } => handle.clone(),
+            Self::Multi(rt) => rt.handle().clone(),
         }
     }
 
@@ -351,7 +297,7 @@ mod tests {
             WRITTEN.lock().unwrap().clear();
             let rt = ProxyRuntime::start(threads).unwrap();
             let (tell, told) = std::sync::mpsc::channel();
-            rt.spawn(async move {
+            rt.handle().spawn(async move {
                 // By now every thread of the runtime has gone idle once.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 std::io::Write::write_all(&mut Batched::new(sink), b"kept\n").unwrap();

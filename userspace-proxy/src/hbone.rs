@@ -2,7 +2,7 @@
 //!
 //! Outbound, one TLS connection per (source identity, destination identity, destination node)
 //! carries many streams; the client presents the source workload's certificate and accepts
-//! only the destination workload's identity. Inbound (port 15008), the node presents the
+//! only the destination workload's identity. Inbound (port 15008 by default), the node presents the
 //! certificate of the identity the client asks for in SNI, verifies the client's chain,
 //! checks that the CONNECT target is a pod on this node with that identity, and forwards.
 //!
@@ -12,7 +12,7 @@
 //!
 //! Between h2 and TLS, a cork ([`crate::cork`]) gathers what one poll of the connection sends into
 //! one TLS record and one write(2), however many streams it serves. Between TLS and the socket,
-//! [`crate::readahead`] reads in blocks of 64 KiB where rustls asks for 4 KiB at a time.
+//! [`crate::readahead`] reads in blocks (the relay block) where rustls asks for 4 KiB at a time.
 
 use std::{
     collections::HashMap,
@@ -36,6 +36,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
+    ProxyConfig,
     identity::{CertStore, Identity, SniResolver, client_config, identity_of, server_config},
     readahead::ReadAhead,
     snapshot::Snapshot,
@@ -43,24 +44,8 @@ use crate::{
 };
 
 mod stream;
+pub(crate) use stream::Relay;
 pub use stream::TunnelStream;
-
-/// The port every node's inbound HBONE listener uses.
-pub const HBONE_PORT: u16 = 15008;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest HTTP/2 frame either side accepts on a tunnel: fewer frames per bulk transfer.
-const MAX_FRAME: u32 = 256 * 1024;
-/// Flow-control windows of a tunnel and of a whole connection: room for bulk transfers
-/// between nodes without waiting on WINDOW_UPDATEs.
-const STREAM_WINDOW: u32 = 4 << 20;
-const CONNECTION_WINDOW: u32 = 16 << 20;
-/// Largest header block a peer may send: a CONNECT needs a few hundred bytes.
-const MAX_HEADER_LIST: u32 = 16 * 1024;
-/// How much sealed data rustls keeps for the socket before it takes no more (its default is
-/// 64 KiB, one relay block): room for a relay's whole DATA frame (a block and the frame's
-/// head), so the frame leaves in one write(2) rather than its last 9 bytes in a record and a
-/// write of their own.
-const TLS_SEND_BUFFER: usize = 2 * stream::RELAY_BLOCK;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -80,20 +65,17 @@ pub enum HboneError {
 
 type Key = (Identity, Identity, SocketAddr);
 
-/// How this node reaches the mesh: its name, and HBONE when a CA is configured.
-pub struct Mesh {
-    pub node: Option<String>,
+/// How this node reaches the mesh: its configuration (its name among it), and HBONE when it
+/// has certificates.
+pub(crate) struct Mesh {
+    pub config: Arc<ProxyConfig>,
     pub hbone: Option<Arc<Pool>>,
 }
 
 impl Mesh {
-    pub fn new(node: Option<String>, hbone: Option<Arc<Pool>>) -> Self {
-        Self { node, hbone }
-    }
-
-    /// No mesh identity: every connection goes direct (plaintext).
-    pub fn plaintext() -> Self {
-        Self::new(None, None)
+    pub fn new(config: Arc<ProxyConfig>, certs: Option<Arc<CertStore>>) -> Self {
+        let hbone = certs.map(|certs| Arc::new(Pool::new(certs, config.clone())));
+        Self { config, hbone }
     }
 }
 
@@ -111,7 +93,7 @@ pub enum Hop {
 impl Mesh {
     /// Where a connection from `client` to `target` goes.
     pub fn hop(&self, snapshot: &Snapshot, client: std::net::IpAddr, target: SocketAddr) -> Hop {
-        let (Some(node), Some(_)) = (&self.node, &self.hbone) else {
+        let (Some(node), Some(_)) = (&self.config.node, &self.hbone) else {
             return Hop::Direct(target);
         };
         let Some(dst) = snapshot.workloads.get(&target.ip()) else {
@@ -133,15 +115,16 @@ impl Mesh {
         Hop::Tunnel {
             src: src.identity.clone(),
             dst: dst.identity.clone(),
-            node: SocketAddr::new(*node_ip, HBONE_PORT),
+            node: SocketAddr::new(*node_ip, self.config.hbone_port),
             target,
         }
     }
 }
 
 /// Outbound HBONE connections, pooled.
-pub struct Pool {
+pub(crate) struct Pool {
     certs: Arc<CertStore>,
+    config: Arc<ProxyConfig>,
     conns: Mutex<HashMap<Key, PooledConn>>,
 }
 
@@ -153,8 +136,8 @@ struct PooledConn {
 }
 
 impl Pool {
-    pub fn new(certs: Arc<CertStore>) -> Self {
-        Self { certs, conns: Mutex::new(HashMap::new()) }
+    pub fn new(certs: Arc<CertStore>, config: Arc<ProxyConfig>) -> Self {
+        Self { certs, config, conns: Mutex::new(HashMap::new()) }
     }
 
     /// Opens a tunnel to `target` (a pod on the node at `node`) as `src`, expecting the
@@ -177,9 +160,10 @@ impl Pool {
         let sender = match pooled {
             Some(s) => s,
             None => {
-                let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.dial(src, dst, node))
-                    .await
-                    .map_err(|_| HboneError::Timeout { node })??;
+                let conn =
+                    tokio::time::timeout(self.config.upstream_connect_timeout, self.dial(src, dst, node))
+                        .await
+                        .map_err(|_| HboneError::Timeout { node })??;
                 let sender = conn.sender.clone();
                 self.conns.lock().expect("pool lock").insert(key, conn);
                 sender
@@ -198,7 +182,7 @@ impl Pool {
         if resp.status() != StatusCode::OK {
             return Err(HboneError::Refused { node, target, status: resp.status() });
         }
-        Ok(TunnelStream::new(send, resp.into_body()))
+        Ok(TunnelStream::new(send, resp.into_body(), self.config.relay()))
     }
 
     async fn dial(&self, src: &Identity, dst: &Identity, node: SocketAddr) -> Result<PooledConn, HboneError> {
@@ -212,16 +196,17 @@ impl Pool {
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
         })?;
         let mut tls = TlsConnector::from(Arc::new(config))
-            .connect(name, ReadAhead::new(tcp))
+            .connect(name, ReadAhead::new(tcp, self.config.relay_block))
             .await
             .map_err(|source| HboneError::Tls { node, source })?;
-        tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+        tls.get_mut().1.set_buffer_limit(Some(self.config.tls_send_buffer()));
         let (tls, cork) = crate::cork::corked(tls);
+        let h2c = &self.config.h2;
         let (sender, conn) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_header_list_size(MAX_HEADER_LIST)
+            .initial_window_size(h2c.stream_window)
+            .initial_connection_window_size(h2c.connection_window)
+            .max_frame_size(h2c.max_frame)
+            .max_header_list_size(h2c.max_header_list)
             .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await
@@ -240,21 +225,22 @@ impl Pool {
 }
 
 /// What the inbound listener needs to decide.
-pub struct Inbound {
+pub(crate) struct Inbound {
+    /// This node (its name) and how its connections are tuned.
+    pub config: Arc<ProxyConfig>,
     pub node: String,
-    pub trust_domain: String,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub certs: Arc<CertStore>,
     pub stats: Arc<OutboundStats>,
 }
 
 /// Serves the inbound HBONE listener until the task is dropped.
-pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Result<(), HboneError> {
+pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Result<(), HboneError> {
     let snapshot = inbound.snapshot.clone();
     let node = inbound.node.clone();
     let resolver = SniResolver {
         store: inbound.certs.clone(),
-        trust_domain: inbound.trust_domain.clone(),
+        trust_domain: inbound.config.trust_domain.clone(),
         // Only identities with a workload on this node get a certificate here.
         allowed: Box::new(move |id| {
             let snap = snapshot.borrow().clone();
@@ -280,7 +266,7 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
         let inbound = inbound.clone();
         tokio::spawn(
             async move {
-                let mut tls = match acceptor.accept(ReadAhead::new(tcp)).await {
+                let mut tls = match acceptor.accept(ReadAhead::new(tcp, inbound.config.relay_block)).await {
                     Ok(t) => t,
                     Err(err) => {
                         inbound.stats.tls_refused.fetch_add(1, Relaxed);
@@ -291,19 +277,21 @@ pub async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Resu
                 let conn = tls.get_ref().1;
                 let (Some(peer_id), Some(local_id)) = (
                     conn.peer_certificates().and_then(|c| c.first()).and_then(|c| identity_of(c).ok()),
-                    conn.server_name().and_then(|n| Identity::from_server_name(n, &inbound.trust_domain)),
+                    conn.server_name()
+                        .and_then(|n| Identity::from_server_name(n, &inbound.config.trust_domain)),
                 ) else {
                     warn!("inbound connection without a peer identity or server name; closing");
                     return;
                 };
                 info!(src_identity = %peer_id, dst_identity = %local_id, "inbound mTLS connection");
-                tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+                tls.get_mut().1.set_buffer_limit(Some(inbound.config.tls_send_buffer()));
                 let (tls, cork) = crate::cork::corked(tls);
+                let h2c = &inbound.config.h2;
                 let mut conn = match h2::server::Builder::new()
-                    .initial_window_size(STREAM_WINDOW)
-                    .initial_connection_window_size(CONNECTION_WINDOW)
-                    .max_frame_size(MAX_FRAME)
-                    .max_header_list_size(MAX_HEADER_LIST)
+                    .initial_window_size(h2c.stream_window)
+                    .initial_connection_window_size(h2c.connection_window)
+                    .max_frame_size(h2c.max_frame)
+                    .max_header_list_size(h2c.max_header_list)
                     .handshake::<_, Bytes>(tls)
                     .await
                 {
@@ -366,6 +354,7 @@ fn tunnel(
         return reply(respond, StatusCode::FORBIDDEN);
     }
     let stats = inbound.stats.clone();
+    let relay = inbound.config.relay();
     let pod = workload.pod.clone();
     let (peer, local) = (peer.clone(), local.clone());
     let recv = req.into_body();
@@ -390,7 +379,7 @@ fn tunnel(
             }
         };
         stats.inbound_tunnels.fetch_add(1, Relaxed);
-        let result = TunnelStream::new(send, recv).relay(&mut upstream).await;
+        let result = TunnelStream::new(send, recv, relay).relay(&mut upstream).await;
         // Sent to the pod, received from it.
         let (received, sent) = result.unwrap_or((0, 0));
         info!(

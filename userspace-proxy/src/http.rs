@@ -47,7 +47,7 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 /// What one client connection carries with it.
-pub struct ConnContext {
+pub(crate) struct ConnContext {
     pub mesh: Arc<crate::hbone::Mesh>,
     pub client: SocketAddr,
     pub orig_dst: SocketAddr,
@@ -60,7 +60,7 @@ pub struct ConnContext {
 }
 
 /// Serves one client connection as HTTP/1.1 or HTTP/2 (prior knowledge) until it closes.
-pub async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
+pub(crate) async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
@@ -169,7 +169,7 @@ impl std::fmt::Display for BackendLabel<'_> {
 /// whatever its version says) without keeping the snapshot's contents alive on an idle
 /// connection.
 #[derive(Default)]
-pub struct ConnCounters {
+pub(crate) struct ConnCounters {
     snapshot: Weak<Snapshot>,
     source: String,
     destination: String,

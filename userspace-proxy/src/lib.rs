@@ -2,20 +2,26 @@
 //! listener; the proxy recovers where each one was going through an [`orig_dst::OrigDstLookup`]
 //! (the agent implements it over the kernel's map) and carries it there.
 //!
-//! Routing is decided by [`route`], a pure module over an immutable [`snapshot::Snapshot`]
-//! that the agent's translation builds from Kubernetes objects.
+//! [`Proxy::start`] is the one way to run it, from a [`ProxyConfig`]. Routing is decided by
+//! [`route`], a pure module over an immutable [`snapshot::Snapshot`] that the agent's
+//! translation builds from Kubernetes objects.
 #![forbid(unsafe_code)]
 
+mod config;
 mod cork;
-pub mod hbone;
-pub mod http;
+mod hbone;
+mod http;
 pub mod identity;
-pub mod local;
-pub mod logfmt;
+mod local;
+mod logfmt;
 pub mod orig_dst;
-pub mod outbound;
+mod outbound;
+mod proxy;
 mod readahead;
 pub mod route;
 pub mod snapshot;
 pub mod stats;
-pub mod upstream;
+mod upstream;
+
+pub use config::{DEFAULT_HBONE_PORT, H2Config, ProxyConfig};
+pub use proxy::{Inputs, Proxy, ProxyError};

@@ -25,21 +25,16 @@ use crate::{
     stats::OutboundStats,
 };
 
-/// How long to wait for the original destination to accept before giving up.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Buffer per direction when relaying a TCP connection: bigger than tokio's 8 KiB default, as
-/// fewer, larger reads and writes are what bulk transfers need (measured by `cargo xtask bench`).
-const COPY_BUF: usize = 64 * 1024;
-
-/// Relays bytes both ways until both sides are done; returns (a → b, b → a) byte counts. The one
-/// place TCP connections are copied to TCP connections; a tunnel is joined to a socket by
-/// [`crate::hbone::TunnelStream::relay`], which saves a copy on each side.
-async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+/// Relays bytes both ways until both sides are done, with `buf` bytes of buffer per direction;
+/// returns (a → b, b → a) byte counts. The one place TCP connections are copied to TCP
+/// connections; a tunnel is joined to a socket by [`crate::hbone::TunnelStream::relay`], which
+/// saves a copy on each side.
+async fn copy_both_ways<A, B>(a: &mut A, b: &mut B, buf: usize) -> std::io::Result<(u64, u64)>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUF, COPY_BUF).await
+    tokio::io::copy_bidirectional_with_sizes(a, b, buf, buf).await
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,16 +43,19 @@ pub enum OutboundError {
     Accept { addr: SocketAddr, source: std::io::Error },
 }
 
+/// What the outbound listener serves from.
+pub(crate) struct Outbound {
+    pub mesh: Arc<Mesh>,
+    pub lookup: Arc<dyn OrigDstLookup>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub stats: Arc<OutboundStats>,
+}
+
 /// Serves the outbound listener until the task is dropped.
-pub async fn serve(
-    listener: TcpListener,
-    lookup: Arc<dyn OrigDstLookup>,
-    snapshot: watch::Receiver<Arc<Snapshot>>,
-    mesh: Arc<Mesh>,
-    stats: Arc<OutboundStats>,
-) -> Result<(), OutboundError> {
-    let upstreams = crate::upstream::Upstreams::new(mesh.hbone.clone(), stats.clone());
-    let mirrors = crate::upstream::Upstreams::new(mesh.hbone.clone(), stats.clone());
+pub(crate) async fn serve(listener: TcpListener, outbound: Outbound) -> Result<(), OutboundError> {
+    let Outbound { mesh, lookup, snapshot, stats } = outbound;
+    let upstreams = crate::upstream::Upstreams::new(mesh.hbone.clone(), stats.clone(), &mesh.config);
+    let mirrors = crate::upstream::Upstreams::new(mesh.hbone.clone(), stats.clone(), &mesh.config);
     let addr = listener
         .local_addr()
         .map_err(|source| OutboundError::Accept { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
@@ -189,23 +187,24 @@ async fn relay(mut client: TcpStream, orig: SocketAddrV4, hop: Hop, mesh: &Mesh,
             return;
         }
     };
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(err)) => {
-            stats.upstream_errors.fetch_add(1, Relaxed);
-            warn!(dst = %orig, error = %err, "cannot connect to original destination");
-            return;
-        }
-        Err(_) => {
-            stats.upstream_errors.fetch_add(1, Relaxed);
-            warn!(dst = %orig, "timed out connecting to original destination");
-            return;
-        }
-    };
+    let upstream =
+        match tokio::time::timeout(mesh.config.l4_connect_timeout, TcpStream::connect(target)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(err)) => {
+                stats.upstream_errors.fetch_add(1, Relaxed);
+                warn!(dst = %orig, error = %err, "cannot connect to original destination");
+                return;
+            }
+            Err(_) => {
+                stats.upstream_errors.fetch_add(1, Relaxed);
+                warn!(dst = %orig, "timed out connecting to original destination");
+                return;
+            }
+        };
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
     let mut upstream = upstream;
-    match copy_both_ways(&mut client, &mut upstream).await {
+    match copy_both_ways(&mut client, &mut upstream, mesh.config.copy_buffer).await {
         Ok((sent, received)) => {
             stats.bytes_sent.fetch_add(sent, Relaxed);
             stats.bytes_received.fetch_add(received, Relaxed);

@@ -3,7 +3,7 @@
 //! rustls asks its transport for at most 4 KiB per read, whatever the socket holds: a TLS
 //! record of 16 KiB took four or five read(2) calls, so a bulk transfer cost a system call per
 //! 4 KiB on the receiving node (and one more, answered EAGAIN, each time the socket ran dry).
-//! [`ReadAhead`] reads up to [`BLOCK`] bytes per read(2) and hands rustls its 4 KiB from
+//! [`ReadAhead`] reads up to a block (the proxy's relay block) per read(2) and hands rustls its 4 KiB from
 //! memory. The copy this adds is cheap next to the system calls it saves.
 //!
 //! Only a stream that fills rustls's reads goes through the buffer. A read that the socket
@@ -25,12 +25,11 @@ use std::{
 use bytes::{Buf as _, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Largest read(2) on the socket: four full TLS records.
-pub(crate) const BLOCK: usize = 64 * 1024;
-
-/// `io` with reads made in blocks of up to [`BLOCK`] bytes while a stream fills them.
+/// `io` with reads made in blocks of up to `block` bytes while a stream fills them.
 pub(crate) struct ReadAhead<T> {
     io: T,
+    /// Largest read(2) on the socket (64 KiB: four full TLS records).
+    block: usize,
     /// Read from `io`, not yet handed to the reader.
     ahead: BytesMut,
     /// The last read from `io` filled what it was given: read in blocks until `io` runs dry.
@@ -38,8 +37,8 @@ pub(crate) struct ReadAhead<T> {
 }
 
 impl<T> ReadAhead<T> {
-    pub(crate) fn new(io: T) -> Self {
-        Self { io, ahead: BytesMut::new(), streaming: false }
+    pub(crate) fn new(io: T, block: usize) -> Self {
+        Self { io, block, ahead: BytesMut::new(), streaming: false }
     }
 }
 
@@ -50,7 +49,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
             return Poll::Ready(Ok(()));
         }
         if this.ahead.is_empty() {
-            if !this.streaming || buf.remaining() >= BLOCK {
+            if !this.streaming || buf.remaining() >= this.block {
                 // Small messages, or a read as large as a block: no reason to copy.
                 let (before, wanted) = (buf.filled().len(), buf.remaining());
                 ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
@@ -58,7 +57,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
                 return Poll::Ready(Ok(()));
             }
             // Takes the whole allocation back when the last block was all handed out.
-            this.ahead.reserve(BLOCK);
+            this.ahead.reserve(this.block);
             let read = tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.ahead);
             if read.is_pending() {
                 // The spell is over.

@@ -28,13 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::{hbone, identity::Identity, snapshot::FastMap, stats::OutboundStats};
-
-/// A connection unused this long is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// How often idle connections are looked for.
-const REAP_EVERY: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::{ProxyConfig, hbone, identity::Identity, snapshot::FastMap, stats::OutboundStats};
 
 /// How a connection reaches its pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,15 +140,21 @@ impl Head {
 }
 
 /// The pooled connections of one proxy, for request bodies of type `B`; clones share them.
-pub struct Upstreams<B = RequestBody> {
+pub(crate) struct Upstreams<B = RequestBody> {
     conns: Arc<Conns<B>>,
     hbone: Option<Arc<hbone::Pool>>,
     stats: Arc<OutboundStats>,
+    connect_timeout: Duration,
 }
 
 impl<B> Clone for Upstreams<B> {
     fn clone(&self) -> Self {
-        Self { conns: self.conns.clone(), hbone: self.hbone.clone(), stats: self.stats.clone() }
+        Self {
+            conns: self.conns.clone(),
+            hbone: self.hbone.clone(),
+            stats: self.stats.clone(),
+            connect_timeout: self.connect_timeout,
+        }
     }
 }
 
@@ -166,10 +166,10 @@ where
 {
     /// Must be called on the runtime that serves the requests: a task of it closes idle
     /// connections, and ends when the last clone is dropped.
-    pub fn new(hbone: Option<Arc<hbone::Pool>>, stats: Arc<OutboundStats>) -> Self {
+    pub fn new(hbone: Option<Arc<hbone::Pool>>, stats: Arc<OutboundStats>, config: &ProxyConfig) -> Self {
         let conns = Arc::new(Conns::<B>::default());
-        tokio::spawn(reap(Arc::downgrade(&conns)));
-        Self { conns, hbone, stats }
+        tokio::spawn(reap(Arc::downgrade(&conns), config.upstream_sweep_every, config.upstream_idle_timeout));
+        Self { conns, hbone, stats, connect_timeout: config.upstream_connect_timeout }
     }
 
     /// Sends `req` to the pod at `target` along `via` and returns its response. `h2` picks
@@ -251,7 +251,7 @@ where
     async fn connect(&self, target: SocketAddr, via: &Via, h2: bool) -> Result<Sender<B>, UpstreamError> {
         let sender = match via {
             Via::Direct => {
-                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+                let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(target))
                     .await
                     .map_err(|_| UpstreamError::ConnectTimeout)?
                     .map_err(UpstreamError::Connect)?;
@@ -335,22 +335,22 @@ async fn drive(conn: impl Future<Output = Result<(), hyper::Error>>, protocol: &
     }
 }
 
-/// Every [`REAP_EVERY`], until the pool is gone, closes the connections [`reap_idle`] finds.
-async fn reap<B>(conns: Weak<Conns<B>>) {
+/// Every `every`, until the pool is gone, closes the connections [`reap_idle`] finds.
+async fn reap<B>(conns: Weak<Conns<B>>, every: Duration, idle: Duration) {
     loop {
-        tokio::time::sleep(REAP_EVERY).await;
+        tokio::time::sleep(every).await;
         let Some(conns) = conns.upgrade() else { return };
-        reap_idle(&conns, Instant::now());
+        reap_idle(&conns, Instant::now(), idle);
     }
 }
 
-/// Drops closed connections, and those no request has used for [`IDLE_TIMEOUT`] at `now`.
-/// Only ready ones: an HTTP/1 connection still reading a long response is busy, not idle.
-fn reap_idle<B>(conns: &Conns<B>, now: Instant) {
+/// Drops closed connections, and those no request has used for `idle` at `now`. Only ready
+/// ones: an HTTP/1 connection still reading a long response is busy, not idle.
+fn reap_idle<B>(conns: &Conns<B>, now: Instant, idle: Duration) {
     let mut conns = conns.lock().expect("upstream pool lock");
     conns.retain(|_, list| {
         list.retain(|c| {
-            !c.sender.is_closed() && !(c.sender.is_ready() && now.duration_since(c.used) >= IDLE_TIMEOUT)
+            !c.sender.is_closed() && !(c.sender.is_ready() && now.duration_since(c.used) >= idle)
         });
         !list.is_empty()
     });

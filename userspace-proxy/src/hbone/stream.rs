@@ -21,26 +21,32 @@ use tokio::{
     net::TcpStream,
 };
 
-/// The most one write queues: a bigger write is taken in part, as a short write, so one call
-/// never reserves more than one of the tunnel's largest frames.
-const MAX_WRITE: usize = super::MAX_FRAME as usize;
-/// What [`TunnelStream::relay`] allocates at a time for reads from the socket: as much as a
-/// bulk transfer reads in one call. Small messages share one such block, each read taking the
-/// next part of it.
-pub(super) const RELAY_BLOCK: usize = 64 * 1024;
 /// Below this much room left in the block, the relay takes a new block before it reads.
 const RELAY_MIN_READ: usize = 4 * 1024;
+
+/// How a tunnel moves bytes ([`crate::ProxyConfig`]'s relay block and HTTP/2 frame size).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Relay {
+    /// What [`TunnelStream::relay`] allocates at a time for reads from the socket: as much as a
+    /// bulk transfer reads in one call. Small messages share one such block, each read taking
+    /// the next part of it.
+    pub block: usize,
+    /// The most one write queues: a bigger write is taken in part, as a short write, so one
+    /// call never reserves more than one of the tunnel's largest frames.
+    pub max_write: usize,
+}
 
 pub struct TunnelStream {
     send: SendStream<Bytes>,
     recv: RecvStream,
     /// The rest of the last DATA frame, not yet read.
     pending: Bytes,
+    relay: Relay,
 }
 
 impl TunnelStream {
-    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        Self { send, recv, pending: Bytes::new() }
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, relay: Relay) -> Self {
+        Self { send, recv, pending: Bytes::new(), relay }
     }
 }
 
@@ -99,8 +105,9 @@ fn poll_send_capacity(
     send: &mut SendStream<Bytes>,
     cx: &mut Context<'_>,
     want: usize,
+    max_write: usize,
 ) -> Poll<io::Result<usize>> {
-    let want = want.min(MAX_WRITE);
+    let want = want.min(max_write);
     send.reserve_capacity(want);
     // `poll_capacity` reports increases only; what is already granted is `capacity`.
     while send.capacity() == 0 {
@@ -118,7 +125,8 @@ impl AsyncWrite for TunnelStream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let n = ready!(poll_send_capacity(&mut self.send, cx, buf.len()))?;
+        let max_write = self.relay.max_write;
+        let n = ready!(poll_send_capacity(&mut self.send, cx, buf.len(), max_write))?;
         self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(io_error)?;
         Poll::Ready(Ok(n))
     }
@@ -157,8 +165,8 @@ impl TunnelStream {
     /// straight into memory that becomes the DATA frame, and a received frame is written to the
     /// socket from the memory h2 received it in.
     pub async fn relay(self, tcp: &mut TcpStream) -> io::Result<(u64, u64)> {
-        let Self { mut send, mut recv, pending } = self;
-        let mut up = Upward { block: BytesMut::new(), queued: Bytes::new(), done: false, bytes: 0 };
+        let Self { mut send, mut recv, pending, relay } = self;
+        let mut up = Upward { block: BytesMut::new(), queued: Bytes::new(), done: false, bytes: 0, relay };
         let mut down = Downward { out: pending, ended: false, done: false, bytes: 0 };
         std::future::poll_fn(|cx| {
             if !up.done
@@ -187,6 +195,7 @@ struct Upward {
     queued: Bytes,
     done: bool,
     bytes: u64,
+    relay: Relay,
 }
 
 impl Upward {
@@ -198,14 +207,14 @@ impl Upward {
     ) -> Poll<io::Result<()>> {
         loop {
             while !self.queued.is_empty() {
-                let n = ready!(poll_send_capacity(send, cx, self.queued.len()))?;
+                let n = ready!(poll_send_capacity(send, cx, self.queued.len(), self.relay.max_write))?;
                 send.send_data(self.queued.split_to(n), false).map_err(io_error)?;
                 self.bytes += n as u64;
             }
             if self.block.capacity() - self.block.len() < RELAY_MIN_READ {
                 // Takes the old block back if h2 has written and dropped every frame cut from
                 // it; otherwise allocates a new one.
-                self.block.reserve(RELAY_BLOCK);
+                self.block.reserve(self.relay.block);
             }
             // Through `AsyncRead`, not `try_read_buf`: a read that leaves room in the block has
             // drained the socket, and tokio then waits for the next event rather than calling
@@ -271,7 +280,7 @@ mod tests {
             let send = respond.send_response(http::Response::new(()), false).expect("200");
             // Accepting is what drives the connection.
             tokio::spawn(async move { while conn.accept().await.is_some() {} });
-            TunnelStream::new(send, req.into_body())
+            TunnelStream::new(send, req.into_body(), relay())
         });
         let (sender, conn) = h2::client::handshake(a).await.expect("client handshake");
         tokio::spawn(conn);
@@ -284,7 +293,11 @@ mod tests {
         let (response, send) = sender.send_request(req, false).expect("CONNECT sent");
         let response = response.await.expect("response");
         assert_eq!(response.status(), http::StatusCode::OK);
-        (TunnelStream::new(send, response.into_body()), server.await.expect("server side"))
+        (TunnelStream::new(send, response.into_body(), relay()), server.await.expect("server side"))
+    }
+
+    fn relay() -> Relay {
+        crate::ProxyConfig::default().relay()
     }
 
     fn pattern(len: usize, modulus: usize) -> Vec<u8> {

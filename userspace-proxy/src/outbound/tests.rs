@@ -8,8 +8,16 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::serve;
-use crate::{orig_dst::StaticTable, stats::OutboundStats};
+use crate::{Inputs, Proxy, ProxyConfig, orig_dst::StaticTable, snapshot::Snapshot};
+
+/// A plaintext proxy on 127.0.0.1 with an empty snapshot, looking destinations up in `table`.
+fn start(table: &Arc<StaticTable>) -> (tokio::sync::watch::Sender<Arc<Snapshot>>, Proxy) {
+    let (tx, snapshot) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
+    let config = ProxyConfig { outbound_addr: (Ipv4Addr::LOCALHOST, 0).into(), ..ProxyConfig::default() };
+    let inputs = Inputs { snapshot, lookup: table.clone(), certs: None };
+    let proxy = Proxy::start(config, inputs, &tokio::runtime::Handle::current()).expect("the proxy starts");
+    (tx, proxy)
+}
 
 async fn echo_once(listener: TcpListener) {
     let (mut s, _) = listener.accept().await.expect("echo accepts");
@@ -31,19 +39,9 @@ async fn carries_a_connection_to_its_recorded_destination() {
     let backend_addr = v4(backend.local_addr().expect("backend addr"));
     tokio::spawn(echo_once(backend));
 
-    let proxy = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind proxy");
-    let proxy_addr = proxy.local_addr().expect("proxy addr");
     let table = Arc::new(StaticTable::default());
-    let stats = Arc::new(OutboundStats::default());
-    let (_tx, snapshot) =
-        tokio::sync::watch::channel(std::sync::Arc::new(crate::snapshot::Snapshot::default()));
-    tokio::spawn(serve(
-        proxy,
-        table.clone(),
-        snapshot,
-        Arc::new(crate::hbone::Mesh::plaintext()),
-        stats.clone(),
-    ));
+    let (_tx, proxy) = start(&table);
+    let (proxy_addr, stats) = (proxy.outbound_addr(), proxy.stats().clone());
 
     let client = tokio::net::TcpSocket::new_v4().expect("socket");
     client.bind((Ipv4Addr::LOCALHOST, 0).into()).expect("bind client");
@@ -63,19 +61,9 @@ async fn carries_a_connection_to_its_recorded_destination() {
 
 #[tokio::test]
 async fn closes_a_connection_with_no_recorded_destination_and_keeps_serving() {
-    let proxy = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind proxy");
-    let proxy_addr = proxy.local_addr().expect("proxy addr");
     let table = Arc::new(StaticTable::default());
-    let stats = Arc::new(OutboundStats::default());
-    let (_tx, snapshot) =
-        tokio::sync::watch::channel(std::sync::Arc::new(crate::snapshot::Snapshot::default()));
-    tokio::spawn(serve(
-        proxy,
-        table.clone(),
-        snapshot,
-        Arc::new(crate::hbone::Mesh::plaintext()),
-        stats.clone(),
-    ));
+    let (_tx, proxy) = start(&table);
+    let (proxy_addr, stats) = (proxy.outbound_addr(), proxy.stats().clone());
 
     for _ in 0..3 {
         let mut client = TcpStream::connect(proxy_addr).await.expect("connect to proxy");

@@ -11,6 +11,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::*;
 
+/// The block the tests read in: the proxy's default.
+const BLOCK: usize = 64 * 1024;
+
 /// A socket that serves a script: `Some(bytes)` is data that has arrived (read as far as the
 /// reader asks, the rest stays for the next read), `None` is one read that finds nothing and
 /// waits. After the script, end of stream. Records what each read asked for.
@@ -77,7 +80,7 @@ fn read(ra: &mut ReadAhead<Script>, cx: &mut Context<'_>, max: usize) -> Option<
 #[test]
 fn a_bulk_transfer_read_in_small_pieces_takes_one_socket_read_per_block() {
     let data = pattern(5 * BLOCK / 2);
-    let mut ra = ReadAhead::new(Script::new([Some(data.clone())]));
+    let mut ra = ReadAhead::new(Script::new([Some(data.clone())]), BLOCK);
     let mut cx = Context::from_waker(Waker::noop());
     let mut got = Vec::new();
     let mut reads = 0;
@@ -100,7 +103,7 @@ fn a_bulk_transfer_read_in_small_pieces_takes_one_socket_read_per_block() {
 fn small_messages_go_straight_to_the_reader_and_never_allocate_a_block() {
     let messages: Vec<Vec<u8>> = (1..=20).map(|i| pattern(100 * i)).collect();
     let steps = messages.iter().flat_map(|m| [Some(m.clone()), None]);
-    let mut ra = ReadAhead::new(Script::new(steps));
+    let mut ra = ReadAhead::new(Script::new(steps), BLOCK);
     let mut cx = Context::from_waker(Waker::noop());
     for message in &messages {
         assert_eq!(read(&mut ra, &mut cx, 4096).as_ref(), Some(message));
@@ -114,7 +117,7 @@ fn small_messages_go_straight_to_the_reader_and_never_allocate_a_block() {
 fn the_reader_waits_only_when_nothing_is_held_and_an_idle_connection_keeps_no_buffer() {
     let data = pattern(13 * 1024);
     let (first, second) = data.split_at(10 * 1024);
-    let mut ra = ReadAhead::new(Script::new([Some(first.to_vec()), None, Some(second.to_vec())]));
+    let mut ra = ReadAhead::new(Script::new([Some(first.to_vec()), None, Some(second.to_vec())]), BLOCK);
     let wakes = Arc::new(Wakes::default());
     let waker = Waker::from(wakes.clone());
     let mut cx = Context::from_waker(&waker);
@@ -142,7 +145,7 @@ fn the_reader_waits_only_when_nothing_is_held_and_an_idle_connection_keeps_no_bu
 #[test]
 fn a_read_as_large_as_a_block_goes_straight_to_the_caller() {
     let data = pattern(BLOCK + 100);
-    let mut ra = ReadAhead::new(Script::new([Some(data.clone())]));
+    let mut ra = ReadAhead::new(Script::new([Some(data.clone())]), BLOCK);
     let mut cx = Context::from_waker(Waker::noop());
     let piece = read(&mut ra, &mut cx, 2 * BLOCK).expect("arrived");
     assert_eq!(piece, data);
@@ -152,7 +155,7 @@ fn a_read_as_large_as_a_block_goes_straight_to_the_caller() {
 
 #[test]
 fn an_empty_read_asks_the_socket_nothing() {
-    let mut ra = ReadAhead::new(Script::new([Some(pattern(10))]));
+    let mut ra = ReadAhead::new(Script::new([Some(pattern(10))]), BLOCK);
     let mut cx = Context::from_waker(Waker::noop());
     assert_eq!(read(&mut ra, &mut cx, 0), Some(vec![]));
     assert!(ra.io.asked.is_empty());
@@ -165,7 +168,7 @@ async fn writes_and_the_end_of_writing_pass_through() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let near = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
     let (mut far, _) = listener.accept().await.unwrap();
-    let mut ra = ReadAhead::new(near);
+    let mut ra = ReadAhead::new(near, BLOCK);
     assert!(ra.is_write_vectored(), "the socket's vectored writes are offered to TLS");
     let data = pattern(200 * 1024);
     let (head, tail) = data.split_at(1000);

@@ -211,7 +211,11 @@ fn route_tables_sort_their_entries_by_precedence() {
             rule_name: None,
         }),
         matcher: HttpMatch { path, method, headers: Vec::new(), query: Vec::new() },
-        action: Arc::new(RuleAction { filters: Vec::new(), backends: Vec::new(), timeouts: Timeouts::default() }),
+        action: Arc::new(RuleAction {
+            filters: Vec::new(),
+            backends: Vec::new(),
+            timeouts: Timeouts::default(),
+        }),
     };
     let place = |route, matched| Place { route, rule: 0, matched };
     let entries = vec![

@@ -16,8 +16,11 @@ use tokio::{
     net::TcpListener,
 };
 
-use super::{IDLE_TIMEOUT, Upstreams, Via, reap_idle};
+use super::{Upstreams, Via, reap_idle};
 use crate::stats::OutboundStats;
+
+/// The idle timeout the tests sweep with.
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 
 const BODY: usize = 1024;
 /// A response too big for the connection to take in before it is read: it stays busy until then.
@@ -60,7 +63,7 @@ async fn backend() -> (SocketAddr, Arc<AtomicU64>) {
 }
 
 fn pool() -> Upstreams<Empty<Bytes>> {
-    Upstreams::new(None, Arc::new(OutboundStats::default()))
+    Upstreams::new(None, Arc::new(OutboundStats::default()), &crate::ProxyConfig::default())
 }
 
 fn get() -> Request<Empty<Bytes>> {
@@ -187,13 +190,13 @@ async fn idle_connections_are_dropped_after_the_idle_timeout_and_busy_ones_are_n
         }
         tokio::task::yield_now().await;
     }
-    reap_idle(&pool.conns, Instant::now());
+    reap_idle(&pool.conns, Instant::now(), IDLE_TIMEOUT);
     assert_eq!(count(&pool), 1, "a connection used just now stays");
-    reap_idle(&pool.conns, Instant::now() + IDLE_TIMEOUT);
+    reap_idle(&pool.conns, Instant::now() + IDLE_TIMEOUT, IDLE_TIMEOUT);
     assert_eq!(count(&pool), 0, "an idle one goes");
 
     let unread = pool.send(addr, &Via::Direct, false, get_big()).await.expect("response");
-    reap_idle(&pool.conns, Instant::now() + 2 * IDLE_TIMEOUT);
+    reap_idle(&pool.conns, Instant::now() + 2 * IDLE_TIMEOUT, IDLE_TIMEOUT);
     assert_eq!(count(&pool), 1, "a connection whose response is still coming in is busy, not idle");
     assert_eq!(read_body(unread).await, BIG);
 }

@@ -1,0 +1,142 @@
+//! The node proxy's one entry point: [`Proxy::start`] binds its listeners from a
+//! [`ProxyConfig`] and serves them on a runtime the caller gives, from the snapshots, the
+//! original-destination lookup and the certificates it is handed.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{runtime::Handle, sync::watch, task::JoinHandle};
+use tracing::error;
+
+use crate::{
+    ProxyConfig,
+    hbone::{Inbound, Mesh},
+    identity::CertStore,
+    orig_dst::OrigDstLookup,
+    outbound::Outbound,
+    snapshot::Snapshot,
+    stats::OutboundStats,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot bind the {listener} listener on {addr}: {source}")]
+    Bind { listener: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("a mesh identity (certificates) needs the node's name in the proxy's configuration")]
+    NoNodeName,
+}
+
+/// What the proxy routes by and speaks as; the agent (or a test) owns their sources.
+pub struct Inputs {
+    /// The configuration in force; a new snapshot applies from the next connection or request.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// Where redirected connections were going (the kernel's map, or a table in tests).
+    pub lookup: Arc<dyn OrigDstLookup>,
+    /// The node's workload certificates: with them, traffic between nodes is mutual TLS and the
+    /// inbound HBONE listener serves; without, traffic between nodes is plaintext.
+    pub certs: Option<Arc<CertStore>>,
+}
+
+/// A running proxy; dropping it stops its listeners (connections in flight end with the
+/// runtime).
+pub struct Proxy {
+    outbound_addr: SocketAddr,
+    inbound_addr: Option<SocketAddr>,
+    stats: Arc<OutboundStats>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Binds the outbound listener (and the inbound HBONE listener when there are
+    /// certificates) and serves them on `runtime`. Binding happens here, before this returns,
+    /// so a bind error is the caller's to report and a connection redirected afterwards always
+    /// finds the port open.
+    pub fn start(config: ProxyConfig, inputs: Inputs, runtime: &Handle) -> Result<Self, ProxyError> {
+        // Sockets are registered with the runtime's reactor as they are made.
+        let _entered = runtime.enter();
+        let config = Arc::new(config);
+        let Inputs { snapshot, lookup, certs } = inputs;
+        let stats = Arc::new(OutboundStats::default());
+        let outbound = listen(&config, config.outbound_addr).map_err(|source| ProxyError::Bind {
+            listener: "outbound",
+            addr: config.outbound_addr,
+            source,
+        })?;
+        let outbound_addr = outbound.local_addr().unwrap_or(config.outbound_addr);
+        let mut tasks = Vec::new();
+        let mut inbound_addr = None;
+        if let Some(certs) = &certs {
+            let node = config.node.clone().ok_or(ProxyError::NoNodeName)?;
+            let addr = config.inbound_addr();
+            let listener = listen(&config, addr).map_err(|source| ProxyError::Bind {
+                listener: "inbound HBONE",
+                addr,
+                source,
+            })?;
+            inbound_addr = Some(listener.local_addr().unwrap_or(addr));
+            let inbound = Arc::new(Inbound {
+                config: config.clone(),
+                node,
+                snapshot: snapshot.clone(),
+                certs: certs.clone(),
+                stats: stats.clone(),
+            });
+            tasks.push(runtime.spawn(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => {
+                        if let Err(err) = crate::hbone::serve_inbound(l, inbound).await {
+                            error!(error = %err, "inbound listener stopped");
+                        }
+                    }
+                    Err(err) => error!(error = %err, "cannot register the inbound listener"),
+                }
+            }));
+        }
+        let outbound_state =
+            Outbound { mesh: Arc::new(Mesh::new(config, certs)), lookup, snapshot, stats: stats.clone() };
+        tasks.push(runtime.spawn(async move {
+            match tokio::net::TcpListener::from_std(outbound) {
+                Ok(l) => {
+                    if let Err(err) = crate::outbound::serve(l, outbound_state).await {
+                        error!(error = %err, "outbound listener stopped");
+                    }
+                }
+                Err(err) => error!(error = %err, "cannot register the outbound listener"),
+            }
+        }));
+        Ok(Self { outbound_addr, inbound_addr, stats, tasks })
+    }
+
+    /// Where the outbound listener is bound (the configured address, its port filled in).
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound_addr
+    }
+
+    /// Where the inbound HBONE listener is bound, when there is one.
+    pub fn inbound_addr(&self) -> Option<SocketAddr> {
+        self.inbound_addr
+    }
+
+    /// The proxy's counters, for the agent's status and metrics.
+    pub fn stats(&self) -> &Arc<OutboundStats> {
+        &self.stats
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// A non-blocking listener on `addr` with the configured backlog, to hand to the runtime.
+fn listen(config: &ProxyConfig, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(config.listen_backlog)?.into_std()?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
