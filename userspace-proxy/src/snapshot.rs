@@ -13,8 +13,8 @@ use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 
 /// A map the data path reads per connection or request. Its keys (addresses) come from the API
-/// server, not from traffic, so a fast hasher with a per-process seed is enough; SipHash cost
-/// about 1 000 instructions per cross-node L7 request (`cargo xtask bench --instructions`).
+/// server, not from traffic, so a fast hasher with a per-process seed is enough, and cheaper per
+/// lookup than SipHash.
 pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The whole routing state of a node at one point in time.

@@ -2,9 +2,9 @@
 //! to pods of other nodes. Kept per pod address and, for tunnels, per pair of identities, so a
 //! connection never carries one workload's requests under another's identity.
 //!
-//! Written on hyper's connection API rather than hyper-util's pooled client, whose pooling cost
-//! about 11 000 instructions per request, a quarter of the proxy's whole work on a same-node
-//! HTTP request (counted by `cargo xtask bench --instructions`): it hashes the scheme and
+//! Written on hyper's connection API rather than hyper-util's pooled client, whose pooling was a
+//! large share of the proxy's whole work on a same-node HTTP request (`cargo xtask bench
+//! --instructions` counts it): it hashes the scheme and
 //! authority byte by byte for each checkout and checkin, and spawns a task per HTTP/1 request to
 //! put the connection back when the response ends. Here an HTTP/1 connection goes back into its
 //! list as soon as the request is handed to it, and a checkout takes only one that hyper reports

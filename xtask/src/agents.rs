@@ -138,10 +138,11 @@ pub enum Build {
     AlreadyBuilt,
 }
 
-/// The debug build of the agent: built now, or checked to be there.
+/// The debug build of the agent: built now (with cargo's progress shown, as a first build
+/// takes minutes), or checked to be there.
 pub fn agent_binary(build: Build) -> anyhow::Result<std::path::PathBuf> {
     if build == Build::Now {
-        crate::cargo_quiet(&["build", "-p", "gammaray-agent", "--bins"])?;
+        crate::cargo(&["build", "-p", "gammaray-agent", "--bins"])?;
     }
     let bin = gammaray_testkit::process::cargo_bin("gammaray-agent");
     anyhow::ensure!(bin.exists(), "{} is missing: build it first", bin.display());

@@ -53,8 +53,8 @@ const HELD_CONNECTIONS: usize = 1000;
 const RELAY_PORT: u16 = 16080;
 const RELAY_BULK_PORT: u16 = 16201;
 /// The rate of the fixed-rate bulk transfers, which measure CPU per byte: below what the mesh
-/// reaches at saturation on this machine (3–4.6 Gbit/s), so both the mesh and the floor carry it
-/// in full.
+/// reaches at saturation on this project's machines, so both the mesh and the floor carry it in
+/// full.
 const BULK_FIXED_GBITS: f64 = 2.0;
 const API_SERVER: &str = "10.200.0.1:6443";
 

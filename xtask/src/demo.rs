@@ -25,7 +25,9 @@ pub fn run(build: Build) -> anyhow::Result<()> {
     let started = Instant::now();
     let agent_bin = match build {
         Build::Now => {
-            step("building the agent (and its eBPF programs)");
+            step(
+                "building the agent and its eBPF programs (seconds when built; a few minutes the first time)",
+            );
             let bin = agent_binary(build)?;
             println!("    built in {:.1} s", started.elapsed().as_secs_f64());
             bin
