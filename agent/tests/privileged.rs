@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -12,11 +12,12 @@ use std::{
 
 use gammaray_agent::control::{Client, Status};
 use gammaray_testkit::{
-    Cluster, Pod, assert_eventually,
+    Cluster, Pod,
+    agent::{Agent, AgentArgs, block_on, generate_ca},
+    assert_eventually,
     cluster::pod_gateway,
     echo::{self, EchoServer, Greeting},
     http::HttpClient,
-    process::Process,
     require_privileged,
     scenarios::{self, Canary},
 };
@@ -24,86 +25,43 @@ use gammaray_testkit::{
 const TIMEOUT: Duration = Duration::from_secs(10);
 const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("test runtime").block_on(f)
+/// The agent binary cargo built for these tests.
+fn agent_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_gammaray-agent"))
 }
 
-/// A real agent process on one simulated node.
-struct Agent {
-    process: Process,
-    control: Client,
-    log: PathBuf,
-    proxy: SocketAddrV4,
+/// Starts a real agent on `node` with testkit's harness, logging the kernel's lines and the
+/// proxy's HTTP decisions.
+fn start_agent(cluster: &Cluster, node: u8, args: AgentArgs) -> Agent {
+    let args =
+        AgentArgs { rust_log: "info,gammaray::kernel=debug,gammaray_proxy::http=debug".into(), ..args };
+    Agent::start(agent_bin(), cluster, cluster.node(node), &args).expect("the agent starts")
 }
 
-impl Agent {
-    fn start(cluster: &Cluster, node: u8) -> Self {
-        Self::start_with(cluster, node, None, None)
-    }
+/// What the tests ask of a running agent over its control socket.
+trait Control {
+    fn control(&self) -> Client;
+    fn status(&self) -> Status;
+    fn enrol(&self, pod: &Pod);
+    fn unenrol(&self, pod: &Pod);
+}
 
-    /// Starts the agent, routing by the manifests in `manifests` if given, with the mesh CA
-    /// in `ca_dir` (ca.crt, ca.key) if given.
-    fn start_with(cluster: &Cluster, node: u8, manifests: Option<&Path>, ca_dir: Option<&Path>) -> Self {
-        let mut extra = Vec::new();
-        if let Some(dir) = manifests {
-            extra.extend(["--manifests".to_owned(), dir.display().to_string()]);
-        }
-        if let Some(dir) = ca_dir {
-            extra.extend([
-                "--ca-cert".to_owned(),
-                dir.join("ca.crt").display().to_string(),
-                "--ca-key".to_owned(),
-                dir.join("ca.key").display().to_string(),
-            ]);
-        }
-        Self::start_args(cluster, node, extra)
-    }
-
-    /// Starts the agent with `extra` arguments after `run --node … --proxy-addr …`.
-    fn start_args(cluster: &Cluster, node: u8, extra: Vec<String>) -> Self {
-        let node = cluster.node(node);
-        let socket = cluster.dir().join(format!("{}-agent.sock", node.name));
-        let log = cluster.dir().join(format!("{}-agent.log", node.name));
-        let proxy = SocketAddrV4::new(node.ip, 15001);
-        let mut args: Vec<String> = [
-            "--control",
-            socket.to_str().expect("utf-8 path"),
-            "run",
-            "--node",
-            &node.name,
-            "--proxy-addr",
-            &proxy.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra);
-        let env =
-            [("RUST_LOG".to_owned(), "info,gammaray::kernel=debug,gammaray_proxy::http=debug".to_owned())];
-        let bin = Path::new(env!("CARGO_BIN_EXE_gammaray-agent"));
-        let process = node.spawn("agent", bin, &args, &env, Some(&log)).expect("agent starts");
-        let agent = Self { process, control: Client::new(&socket), log, proxy };
-        assert_eventually("agent answers on its control socket", TIMEOUT, || {
-            block_on(agent.control.status()).map_err(|e| format!("{e}; log: {}", agent.log_text()))
-        });
-        agent
+impl Control for Agent {
+    fn control(&self) -> Client {
+        Client::new(&self.socket)
     }
 
     fn status(&self) -> Status {
-        block_on(self.control.status()).expect("agent status")
+        block_on(self.control().status()).expect("agent status")
     }
 
     fn enrol(&self, pod: &Pod) {
-        block_on(self.control.enrol(&pod.netns_path())).expect("enrol pod");
+        block_on(self.control().enrol(&pod.netns_path())).expect("enrol pod");
     }
 
     fn unenrol(&self, pod: &Pod) {
-        let r = block_on(self.control.unenrol(&pod.netns_path())).expect("unenrol pod");
+        let r = block_on(self.control().unenrol(&pod.netns_path())).expect("unenrol pod");
         assert_eq!(r.was_enrolled, Some(true), "pod was enrolled");
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -140,7 +98,7 @@ fn an_enrolled_pod_lands_on_the_proxy_which_recovers_the_exact_original_destinat
         return;
     }
     let cluster = Cluster::new(1).expect("cluster");
-    let agent = Agent::start(&cluster, 1);
+    let agent = start_agent(&cluster, 1, AgentArgs::default());
     let (_backend, _servers) = backend(&cluster, 1, "backend-v1");
     let client = cluster.add_pod(1, "demo", "client").expect("client pod");
     agent.enrol(&client);
@@ -168,7 +126,7 @@ fn two_hundred_concurrent_connections_from_two_pods_all_find_their_destination()
         return;
     }
     let cluster = Cluster::new(1).expect("cluster");
-    let agent = Agent::start(&cluster, 1);
+    let agent = start_agent(&cluster, 1, AgentArgs::default());
     // Two backends with ten ports each: twenty distinct original destinations.
     let mut servers = Vec::new();
     let mut destinations = Vec::new();
@@ -232,7 +190,7 @@ fn unenrolled_pods_node_processes_and_the_proxys_own_connections_are_not_redirec
         return;
     }
     let cluster = Cluster::new(1).expect("cluster");
-    let agent = Agent::start(&cluster, 1);
+    let agent = start_agent(&cluster, 1, AgentArgs::default());
     let (backend, _servers) = backend(&cluster, 1, "backend-v1");
     let outsider = cluster.add_pod(1, "other", "unenrolled").expect("unenrolled pod");
     let member = cluster.add_pod(1, "demo", "enrolled").expect("enrolled pod");
@@ -263,7 +221,7 @@ fn enrolling_and_unenrolling_a_running_pod_moves_its_next_connection() {
         return;
     }
     let cluster = Cluster::new(1).expect("cluster");
-    let agent = Agent::start(&cluster, 1);
+    let agent = start_agent(&cluster, 1, AgentArgs::default());
     let (backend, _servers) = backend(&cluster, 1, "backend-v1");
     let pod = cluster.add_pod(1, "demo", "client").expect("client pod");
     let dst = SocketAddr::from((backend.ip, 8080));
@@ -289,7 +247,7 @@ fn the_kernel_programs_log_lines_appear_in_the_agent_log() {
         return;
     }
     let cluster = Cluster::new(1).expect("cluster");
-    let agent = Agent::start(&cluster, 1);
+    let agent = start_agent(&cluster, 1, AgentArgs::default());
     let (_backend, _servers) = backend(&cluster, 1, "backend-v1");
     let client = cluster.add_pod(1, "demo", "client").expect("client pod");
     agent.enrol(&client);
@@ -350,7 +308,7 @@ fn nothing_is_left_behind() {
     }
     let (run, links) = {
         let cluster = Cluster::new(2).expect("cluster");
-        let mut agent = Agent::start(&cluster, 1);
+        let mut agent = start_agent(&cluster, 1, AgentArgs::default());
         let (_backend, _servers) = backend(&cluster, 2, "backend-v1");
         let client = cluster.add_pod(1, "demo", "client").expect("client pod");
         agent.enrol(&client);
@@ -358,7 +316,7 @@ fn nothing_is_left_behind() {
         assert_eq!(greeting.hostname, "backend-v1", "reached the backend on the other node");
         let links = agent.status().attachment.link_ids;
         assert_eq!(links.len(), 2, "connect4 and sockops links");
-        let exit = agent.process.stop(TIMEOUT).expect("agent exit status");
+        let exit = agent.stop(TIMEOUT).expect("agent exit status");
         assert!(exit.success(), "agent exits cleanly on SIGTERM: {exit:?}\n{}", agent.log_text());
         (cluster.run_name().to_owned(), links)
     };
@@ -446,7 +404,7 @@ fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
 
     // Shift to 50/50 while requests flow: none fails, and the new split takes over.
     let before = status.config_version;
-    let control = agent.control.clone();
+    let control = agent.control();
     let shifter = std::thread::spawn({
         let path = dir.join("route.yaml");
         move || {
@@ -474,16 +432,6 @@ fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
     assert!((430..=570).contains(&v2), "50% ± 7 to v2 after the change, got {after:?}");
 }
 
-/// Generates a mesh CA with the agent's own command.
-fn generate_ca(dir: &Path) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gammaray-agent"))
-        .args(["ca", "generate", "--out"])
-        .arg(dir)
-        .output()
-        .expect("run the agent's CA command");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
 /// The canary world on two nodes, agents on `nodes` routing by a manifest directory (the
 /// world's objects plus `route`), mTLS between nodes, the client enrolled when node 1 has an
 /// agent. Fields drop in order: agents, backends, then the cluster.
@@ -502,11 +450,17 @@ impl CanaryMesh {
         let dir = cluster.dir().join("manifests");
         let ca = cluster.dir().join("ca");
         std::fs::create_dir_all(&dir).expect("manifest dir");
-        generate_ca(&ca);
+        generate_ca(agent_bin(), &ca).expect("a mesh CA");
         std::fs::write(dir.join("objects.yaml"), &canary.objects).expect("objects");
         write_manifest(&dir.join("route.yaml"), route);
-        let agents: Vec<(u8, Agent)> =
-            nodes.iter().map(|&n| (n, Agent::start_with(&cluster, n, Some(&dir), Some(&ca)))).collect();
+        let agents: Vec<(u8, Agent)> = nodes
+            .iter()
+            .map(|&n| {
+                let args =
+                    AgentArgs { manifests: Some(dir.clone()), ca: Some(ca.clone()), ..AgentArgs::default() };
+                (n, start_agent(&cluster, n, args))
+            })
+            .collect();
         for (n, agent) in &agents {
             assert_eventually(&format!("node{n} routes by the manifests"), TIMEOUT, || {
                 let st = agent.status();
@@ -629,7 +583,7 @@ fn between_nodes_traffic_is_mutual_tls_with_spiffe_identities() {
     let refused = cluster
         .node(1)
         .run(|| {
-            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt").block_on(async {
+            block_on(async {
                 let tcp = tokio::net::TcpStream::connect(node2_addr).await.expect("reach node2");
                 let name = rustls::pki_types::ServerName::try_from(expected.server_name()).expect("name");
                 tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
@@ -763,28 +717,23 @@ fn an_expired_certificate_and_a_wrong_identity_are_refused_by_a_real_node() {
         cluster
             .node(1)
             .run(|| {
-                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt").block_on(
-                    async {
-                        let tcp =
-                            tokio::net::TcpStream::connect(node2_addr).await.map_err(|e| e.to_string())?;
-                        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-                            .connect(name, tcp)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        // TLS 1.3 reports a refused client certificate on the first read.
-                        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-                        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        let mut buf = [0u8; 64];
-                        match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
-                            Ok(Ok(n)) if n > 0 => Ok(()),
-                            Ok(Ok(_)) => Err("closed".to_owned()),
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Err(_) => Err("no answer".to_owned()),
-                        }
-                    },
-                )
+                block_on(async {
+                    let tcp = tokio::net::TcpStream::connect(node2_addr).await.map_err(|e| e.to_string())?;
+                    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    // TLS 1.3 reports a refused client certificate on the first read.
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.map_err(|e| e.to_string())?;
+                    let mut buf = [0u8; 64];
+                    match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => Ok(()),
+                        Ok(Ok(_)) => Err("closed".to_owned()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("no answer".to_owned()),
+                    }
+                })
             })
             .expect("enter node1")
     };
@@ -849,11 +798,9 @@ fn labelling_a_namespace_on_the_api_server_enrols_its_pods_and_removing_it_unenr
     server.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n");
     server.apply_yaml(&objects::pod(&bystander, &[("app", "bystander")]));
 
-    let agent = Agent::start_args(
-        &cluster,
-        1,
-        vec!["--kubeconfig".into(), kubeconfig.display().to_string(), "--ca-secret".into(), String::new()],
-    );
+    let extra =
+        vec!["--kubeconfig".into(), kubeconfig.display().to_string(), "--ca-secret".into(), String::new()];
+    let agent = start_agent(&cluster, 1, AgentArgs { extra, ..AgentArgs::default() });
     assert_eventually("the agent applies the cluster's objects", TIMEOUT, || {
         let st = agent.status();
         (st.config_version > 0).then_some(()).ok_or(format!("config v{}", st.config_version))

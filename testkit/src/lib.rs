@@ -7,6 +7,7 @@
 //! creator is gone, so a crashed run never poisons the next one.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod apiserver;
 pub mod catalogue;
 pub mod cgroup;

@@ -1,113 +1,47 @@
-//! Real agents on the simulated cluster's nodes, for the demo and the conformance runner: each
-//! loads the eBPF programs, routes by a manifest directory and carries cross-node traffic over
-//! mutual TLS with the given mesh CA.
+//! Real agents on the simulated cluster's nodes, for the demo, the conformance runner and the
+//! bench: testkit's harness starts them; here is what xtask asks of them over the control socket.
 
-use std::{
-    net::SocketAddrV4,
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::path::Path;
 
-use anyhow::bail;
 use gammaray_agent::control::{Client, Status};
-use gammaray_testkit::{Cluster, Node, process::Process};
+use gammaray_testkit::agent::block_on;
+pub use gammaray_testkit::agent::{Agent, AgentArgs, TIMEOUT, generate_ca};
 
-pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// What xtask asks of a running agent, over its control socket.
+pub trait Control {
+    fn status(&self) -> anyhow::Result<Status>;
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
+    /// Waits (up to [`TIMEOUT`]) until the agent's status satisfies `ready`; returns it.
+    fn wait_until(&self, ready: impl Fn(&Status) -> bool) -> anyhow::Result<Status>;
 }
 
-pub struct Agent {
-    process: Process,
-    pub node: String,
-    pub control: Client,
-    pub socket: PathBuf,
-    pub log: PathBuf,
-}
-
-impl Agent {
-    /// Starts the agent of `node` routing by the manifests in `manifests`, with its control
-    /// socket and log in the cluster's directory.
-    pub fn start(
-        bin: &Path,
-        cluster: &Cluster,
-        node: &Node,
-        manifests: &Path,
-        ca: &Path,
-        rust_log: &str,
-    ) -> anyhow::Result<Self> {
-        let source = ["--manifests".to_owned(), manifests.display().to_string()];
-        Self::start_with(bin, cluster, node, &source, ca, rust_log)
+impl Control for Agent {
+    fn status(&self) -> anyhow::Result<Status> {
+        Ok(block_on(Client::new(&self.socket).status())?)
     }
 
-    /// Starts the agent of `node` with `source` arguments (`--manifests DIR`, `--kubeconfig F`).
-    pub fn start_with(
-        bin: &Path,
-        cluster: &Cluster,
-        node: &Node,
-        source: &[String],
-        ca: &Path,
-        rust_log: &str,
-    ) -> anyhow::Result<Self> {
-        let socket = cluster.dir().join(format!("{}.sock", node.name));
-        let log = cluster.dir().join(format!("{}.log", node.name));
-        let proxy = SocketAddrV4::new(node.ip, 15001);
-        let args: Vec<String> = vec![
-            "--control".into(),
-            socket.display().to_string(),
-            "run".into(),
-            "--node".into(),
-            node.name.clone(),
-            "--proxy-addr".into(),
-            proxy.to_string(),
-            "--ca-cert".into(),
-            ca.join("ca.crt").display().to_string(),
-            "--ca-key".into(),
-            ca.join("ca.key").display().to_string(),
-        ];
-        let mut args = args;
-        args.extend(source.iter().cloned());
-        let env = [("RUST_LOG".to_owned(), rust_log.to_owned())];
-        let process = node.spawn("agent", bin, &args, &env, Some(&log))?;
-        Ok(Self { process, node: node.name.clone(), control: Client::new(&socket), socket, log })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.process.pid()
-    }
-
-    pub fn status(&self) -> anyhow::Result<Status> {
-        Ok(block_on(self.control.status())?)
-    }
-
-    /// Waits (up to [`TIMEOUT`]) until the agent's status satisfies `ready`.
-    pub fn wait_for(&self, ready: impl Fn(&Status) -> bool) -> anyhow::Result<Status> {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            match self.status() {
-                Ok(st) if ready(&st) => return Ok(st),
-                Ok(_) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                other => {
-                    let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                    bail!(
-                        "agent on {} not ready in time ({:?})\n{log}",
-                        self.node,
-                        other.map(|s| s.config_version)
-                    );
-                }
-            }
-        }
+    fn wait_until(&self, ready: impl Fn(&Status) -> bool) -> anyhow::Result<Status> {
+        self.wait_for("a status that satisfies the caller", || match self.status() {
+            Ok(st) if ready(&st) => Ok(st),
+            Ok(st) => Err(format!(
+                "config v{}, {} frontends, {} enrolled",
+                st.config_version,
+                st.frontends,
+                st.enrolled.len()
+            )),
+            Err(err) => Err(err.to_string()),
+        })
     }
 }
 
-/// Generates a mesh root CA into `dir` with the agent's own subcommand; returns what it printed.
-pub fn generate_ca(bin: &Path, dir: &Path) -> anyhow::Result<String> {
-    let out = std::process::Command::new(bin).args(["ca", "generate", "--out"]).arg(dir).output()?;
-    if !out.status.success() {
-        bail!("cannot generate the CA: {}", String::from_utf8_lossy(&out.stderr));
+/// An agent routing by the manifests in `manifests`, with mTLS by the CA in `ca`.
+pub fn manifest_agent(manifests: &Path, ca: &Path, rust_log: &str) -> AgentArgs {
+    AgentArgs {
+        manifests: Some(manifests.to_owned()),
+        ca: Some(ca.to_owned()),
+        rust_log: rust_log.to_owned(),
+        ..AgentArgs::default()
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Writes `text` to `path` through a rename, so a polling reader never sees half a file.

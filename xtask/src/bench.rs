@@ -34,7 +34,7 @@ use anyhow::{Context as _, bail};
 use gammaray_testkit::{Cluster, Pod, apiserver::ApiServer, objects};
 use serde_json::Value;
 
-use crate::agents::{Agent, Build, generate_ca, require_privileges};
+use crate::agents::{Agent, AgentArgs, Build, Control as _, generate_ca, require_privileges};
 
 const MESH_NS: &str = "bench";
 const PLAIN_NS: &str = "plain";
@@ -751,16 +751,21 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     server.apply_yaml(&objects(&cluster, &web_a, &web_b, &clients));
     let ca = cluster.dir().join("ca");
     generate_ca(&agent_bin, &ca)?;
-    let source = vec!["--kubeconfig".to_owned(), kubeconfig.display().to_string()];
+    let args = AgentArgs {
+        ca: Some(ca.clone()),
+        extra: vec!["--kubeconfig".to_owned(), kubeconfig.display().to_string()],
+        rust_log: log_filter(),
+        ..AgentArgs::default()
+    };
     let mut agents = Vec::new();
     for node in cluster.nodes() {
-        let agent = Agent::start_with(&agent_bin, &cluster, node, &source, &ca, &log_filter())?;
+        let agent = Agent::start(&agent_bin, &cluster, node, &args)?;
         // web-l4, web, web-a, web-b, bulk and grpc.
-        agent.wait_for(|s| s.frontends >= 6)?;
+        agent.wait_until(|s| s.frontends >= 6)?;
         agents.push(agent);
     }
-    agents[0].wait_for(|s| !s.enrolled.is_empty())?;
-    agents[1].wait_for(|s| s.enrolled.len() >= 3)?;
+    agents[0].wait_until(|s| !s.enrolled.is_empty())?;
+    agents[1].wait_until(|s| s.enrolled.len() >= 3)?;
     // One message of 16 bytes behind gRPC's prefix (uncompressed, length).
     let grpc_body = cluster.dir().join("grpc-request.bin");
     std::fs::write(&grpc_body, [&[0u8, 0, 0, 0, 16][..], &[b'g'; 16]].concat())?;
@@ -1124,7 +1129,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     let t0 = Instant::now();
     server.apply_yaml(&scale_objects(plan.services, plan.endpoints_per_service));
     for agent in &agents {
-        agent.wait_for(|s| s.frontends >= plan.services + 6)?;
+        agent.wait_until(|s| s.frontends >= plan.services + 6)?;
     }
     let load_time = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(500));
@@ -1147,7 +1152,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     let started = Instant::now();
     server.apply_yaml(&web_route(100, 0));
     let split = time_to_split(&clients["mesh-1"], SocketAddr::from((WEB_L7, 80)), "web-a", 20, started)?;
-    agents[0].wait_for(|s| s.config_version > version)?;
+    agents[0].wait_until(|s| s.config_version > version)?;
     rows.push(Row::new(
         format!(
             "weight change → new split seen by a client, with {} endpoints",

@@ -21,7 +21,7 @@ use gammaray_testkit::{
     istio_echo,
 };
 
-use crate::agents::{Agent, generate_ca, require_privileges, write_atomically};
+use crate::agents::{Agent, Control as _, generate_ca, manifest_agent, require_privileges, write_atomically};
 
 /// How long a request may take to become consistent, and how many passes in a row it needs.
 const MAX_TIME_TO_CONSISTENCY: Duration = Duration::from_secs(30);
@@ -123,15 +123,15 @@ fn run_base(
     generate_ca(agent_bin, &ca)?;
     let mut agents = Vec::new();
     for node in cluster.nodes() {
-        let agent = Agent::start(agent_bin, &cluster, node, &manifests, &ca, "warn")?;
-        agent.wait_for(|s| s.config_version > 0 && s.frontends > 0)?;
+        let agent = Agent::start(agent_bin, &cluster, node, &manifest_agent(&manifests, &ca, "warn"))?;
+        agent.wait_until(|s| s.config_version > 0 && s.frontends > 0)?;
         agents.push(agent);
     }
     // The world's namespaces carry the ambient label: each agent enrols its node's pods.
     for agent in &agents {
         let on_node = world.pods.iter().filter(|p| p.pod.node == agent.node).count();
         agent
-            .wait_for(|s| s.enrolled.len() >= on_node)
+            .wait_until(|s| s.enrolled.len() >= on_node)
             .with_context(|| format!("{} enrolling its pods", agent.node))?;
     }
     let case_file = manifests.join("10-case.yaml");
@@ -195,7 +195,7 @@ fn apply_case(case: &Case, file: &Path, agents: &[Agent]) -> anyhow::Result<()> 
     }
     write_atomically(file, &text)?;
     for (agent, before) in agents.iter().zip(before) {
-        agent.wait_for(|s| s.config_version > before)?;
+        agent.wait_until(|s| s.config_version > before)?;
     }
     Ok(())
 }

@@ -13,7 +13,10 @@ use gammaray_testkit::{
     scenarios::{self, Canary},
 };
 
-use crate::agents::{Agent, Build, TIMEOUT, agent_binary, generate_ca, require_privileges, write_atomically};
+use crate::agents::{
+    Agent, Build, Control as _, TIMEOUT, agent_binary, generate_ca, manifest_agent, require_privileges,
+    write_atomically,
+};
 const REQUESTS: usize = 1000;
 
 fn step(msg: &str) {
@@ -63,8 +66,13 @@ pub fn run(build: Build) -> anyhow::Result<()> {
     step("starting one gammaray agent per node (eBPF redirect, node proxy, HBONE mTLS on :15008)");
     let mut agents = Vec::new();
     for node in cluster.nodes() {
-        let agent = Agent::start(&agent_bin, &cluster, node, &manifests, &ca, "info,gammaray::kernel=debug")?;
-        let st = agent.wait_for(|s| s.frontends >= 3)?;
+        let agent = Agent::start(
+            &agent_bin,
+            &cluster,
+            node,
+            &manifest_agent(&manifests, &ca, "info,gammaray::kernel=debug"),
+        )?;
+        let st = agent.wait_until(|s| s.frontends >= 3)?;
         println!(
             "    {}: eBPF links {:?} at {}, proxy on {}, config v{} with {} Service frontends",
             node.name,
@@ -79,11 +87,11 @@ pub fn run(build: Build) -> anyhow::Result<()> {
     step("enrolment follows the namespace label gammaray.dev/dataplane-mode=ambient");
     let started_enrol = Instant::now();
     let cookie = gammaray_agent::netns::cookie_of(&canary.client.netns_path())?;
-    agents[0].wait_for(|s| s.enrolled.contains(&cookie))?;
+    agents[0].wait_until(|s| s.enrolled.contains(&cookie))?;
     for agent in &agents {
         let on_node = canary.backends.iter().filter(|(p, _)| p.node == agent.node).count()
             + usize::from(canary.client.node == agent.node);
-        let st = agent.wait_for(|s| s.enrolled.len() >= on_node)?;
+        let st = agent.wait_until(|s| s.enrolled.len() >= on_node)?;
         println!(
             "    {}: enrolled {} pods of namespace demo, found by pod UID through /proc and their cgroups",
             agent.node,
@@ -123,7 +131,7 @@ pub fn run(build: Build) -> anyhow::Result<()> {
     step("shifting the weights to 50/50, live (what Flagger does during a rollout)");
     let before = agents[0].status()?.config_version;
     write_atomically(&route_file, &Canary::route(50, 50))?;
-    let st = agents[0].wait_for(|s| s.config_version > before)?;
+    let st = agents[0].wait_until(|s| s.config_version > before)?;
     println!("    node1 now routes by config v{}", st.config_version);
     let split = send(&canary.client, REQUESTS, &[])?;
     chart(&split, REQUESTS);
@@ -132,7 +140,7 @@ pub fn run(build: Build) -> anyhow::Result<()> {
     write_atomically(&route_file, &header_route())?;
     print!("{}", indent(&header_route()));
     let before = st.config_version;
-    agents[0].wait_for(|s| s.config_version > before)?;
+    agents[0].wait_until(|s| s.config_version > before)?;
     for user in ["tester", "someone"] {
         let reply = canary.client.run(|| -> std::io::Result<_> {
             let mut c =
