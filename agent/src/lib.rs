@@ -19,10 +19,3 @@ pub mod run;
 pub mod status_writer;
 pub mod store;
 pub mod translate;
-
-#[cfg(test)]
-mod deploy_tests;
-#[cfg(test)]
-mod kube_tests;
-#[cfg(test)]
-mod proxy_tests;

@@ -16,7 +16,7 @@ use gammaray_testkit::apiserver::ApiServer;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::{
+use gammaray_agent::{
     generation::{Generation, Publisher},
     kube_source::{self, SourceOptions},
     status_writer::{self, LeaseConfig},
@@ -189,7 +189,7 @@ fn our_parent(route: &Value) -> Option<Value> {
     route["status"]["parents"]
         .as_array()?
         .iter()
-        .find(|p| p["controllerName"] == crate::translate::CONTROLLER_NAME)
+        .find(|p| p["controllerName"] == gammaray_agent::translate::CONTROLLER_NAME)
         .cloned()
 }
 
@@ -375,17 +375,24 @@ async fn the_ca_secret_is_created_once_and_read_back_as_a_usable_ca() {
     let server = ApiServer::start().expect("fake API server");
     let client = client(&server);
     let (ns, name) = ("gammaray-system", "gammaray-ca");
-    assert!(crate::kube_client::bootstrap_ca(&client, ns, name, "cluster.local").await.expect("bootstrap"));
+    assert!(
+        gammaray_agent::kube_client::bootstrap_ca(&client, ns, name, "cluster.local")
+            .await
+            .expect("bootstrap")
+    );
     let first = server.get("v1", "Secret", ns, name).expect("the Secret exists");
     assert!(
-        !crate::kube_client::bootstrap_ca(&client, ns, name, "cluster.local").await.expect("bootstrap again"),
+        !gammaray_agent::kube_client::bootstrap_ca(&client, ns, name, "cluster.local")
+            .await
+            .expect("bootstrap again"),
         "a second bootstrap leaves the existing CA alone"
     );
     assert_eq!(server.get("v1", "Secret", ns, name).expect("still there"), first, "unchanged");
-    let (cert, key) =
-        crate::kube_client::read_ca(&client, ns, name, Duration::from_secs(1)).await.expect("read back");
+    let (cert, key) = gammaray_agent::kube_client::read_ca(&client, ns, name, Duration::from_secs(1))
+        .await
+        .expect("read back");
     gammaray_proxy::identity::Authority::from_pem(&cert, &key).expect("a usable CA");
-    let missing = crate::kube_client::read_ca(&client, ns, "nope", Duration::from_millis(100)).await;
+    let missing = gammaray_agent::kube_client::read_ca(&client, ns, "nope", Duration::from_millis(100)).await;
     assert!(
         missing.expect_err("no such Secret").to_string().contains("ca bootstrap"),
         "the error says what to do"

@@ -20,7 +20,7 @@ use tokio::{
     sync::watch,
 };
 
-use crate::{
+use gammaray_agent::{
     store::Store,
     translate::{Options, translate},
 };

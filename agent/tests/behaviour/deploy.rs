@@ -14,7 +14,7 @@ use k8s_openapi::api::{
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::Value;
 
-use crate::cli::{Cli, Command};
+use gammaray_agent::cli::{Cli, Command};
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -215,7 +215,7 @@ fn the_rbac_grants_what_the_agent_does_and_writes_only_route_status() {
     let m = read_all();
     let cluster: Vec<PolicyRule> =
         m.cluster_roles.iter().flat_map(|r| r.rules.clone().unwrap_or_default()).collect();
-    for k in crate::kube_source::KINDS {
+    for k in gammaray_agent::kube_source::KINDS {
         for verb in ["list", "watch"] {
             assert!(grants(&cluster, k.group, k.plural, verb, None), "{verb} {}", k.plural);
         }

@@ -1,0 +1,8 @@
+//! The agent's behaviour through its public API, one test binary: the node proxy in-process on
+//! 127.0.0.1, the Kubernetes wiring against testkit's API server, `deploy/`'s manifests, and the
+//! privileged end-to-end tests on the simulated cluster.
+
+mod apiserver;
+mod deploy;
+mod privileged;
+mod proxy;

@@ -1,0 +1,125 @@
+//! GAMMA routing through real agents: a canary split and its live weight change, header
+//! routing.
+
+use std::{net::SocketAddr, time::Duration};
+
+use gammaray_testkit::{
+    agent::block_on,
+    assert_eventually,
+    http::HttpClient,
+    require_privileged,
+    scenarios::{self, Canary},
+};
+
+use super::support::*;
+
+#[test]
+fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
+    if !require_privileged("canary") {
+        return;
+    }
+    let mesh = CanaryMesh::start(&Canary::route(90, 10), &[1, 2]);
+    let (canary, dir, agent, agent2) = (&mesh.canary, &mesh.dir, mesh.agent(1), mesh.agent(2));
+
+    let counts = canary_split(&canary.client, 1000);
+    let v2 = counts.get("hello from backend v2").copied().unwrap_or(0);
+    assert!((70..=130).contains(&v2), "10% ± 3 to v2, got {counts:?}");
+    // Every backend pod, on both nodes, took part.
+    for (pod, server) in &canary.backends {
+        assert!(server.served() > 0 || pod.name.starts_with("backend-v2"), "{} served nothing", pod.name);
+    }
+    let status = agent.status();
+    assert_eq!(status.kernel.redirected, 1, "one keep-alive connection, redirected once");
+    assert_eq!(status.outbound.requests, 1000);
+    assert!(status.outbound.hbone_tunnels > 0, "requests to node2's pods went through HBONE");
+    // The admin endpoint: health, readiness, and the metrics of what just happened.
+    let admin = SocketAddr::from((mesh.cluster.node(1).ip, 15021));
+    let (health, ready, metrics, dump) = mesh
+        .cluster
+        .node(1)
+        .run(|| {
+            let mut c = HttpClient::connect(admin, "admin", TIMEOUT).expect("admin endpoint");
+            (
+                c.get("/healthz", &[]).expect("healthz"),
+                c.get("/readyz", &[]).expect("readyz"),
+                c.get("/metrics", &[]).expect("metrics"),
+                c.get("/config_dump", &[]).expect("config_dump"),
+            )
+        })
+        .expect("enter node1");
+    let dump: serde_json::Value = serde_json::from_str(&dump.body).expect("config_dump is JSON");
+    assert!(dump["services"]["demo/backend"].as_str().is_some_and(|d| d.contains("backend-v2")), "{dump}");
+    assert!(dump["routeStatuses"].as_array().is_some_and(|r| !r.is_empty()), "{dump}");
+    assert_eq!(dump["status"]["node"], "node1");
+    assert_eq!((health.status, ready.status), (200, 200), "{}", ready.body);
+    for needle in [
+        "gammaray_redirects_total 1",
+        "gammaray_hbone_tunnels_total ",
+        "gammaray_certificate_expiry_timestamp_seconds ",
+        "gammaray_requests_total{source_workload=\"demo/client\",destination_service=\"demo/backend:80\",backend=\"demo/backend-v2:80\",response_code=\"200\"}",
+    ] {
+        assert!(metrics.body.contains(needle), "missing {needle} in:\n{}", metrics.body);
+    }
+    assert!(agent2.status().outbound.inbound_tunnels > 0);
+
+    // Shift to 50/50 while requests flow: none fails, and the new split takes over.
+    let before = status.config_version;
+    let control = agent.control();
+    let shifter = std::thread::spawn({
+        let path = dir.join("route.yaml");
+        move || {
+            std::thread::sleep(Duration::from_millis(200));
+            write_manifest(&path, &Canary::route(50, 50));
+            // How long until the proxy routes by the new weights (measured, not asserted).
+            let written = std::time::Instant::now();
+            while block_on(control.status()).map(|s| s.config_version).unwrap_or(0) <= before
+                && written.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            eprintln!("weight change in force {:?} after the manifest was written", written.elapsed());
+        }
+    });
+    let during = canary_split(&canary.client, 600);
+    shifter.join().expect("shifter");
+    assert_eq!(during.values().sum::<usize>(), 600, "no request failed across the change");
+    assert_eventually("the new weights are applied", TIMEOUT, || {
+        let v = agent.status().config_version;
+        (v > before).then_some(v).ok_or(format!("still version {v}"))
+    });
+    let after = canary_split(&canary.client, 1000);
+    let v2 = after.get("hello from backend v2").copied().unwrap_or(0);
+    assert!((430..=570).contains(&v2), "50% ± 7 to v2 after the change, got {after:?}");
+}
+
+#[test]
+fn header_routing_adds_a_header_only_on_matched_requests() {
+    if !require_privileged("header-routing") {
+        return;
+    }
+    let route = "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews, namespace: demo}\nspec:\n  parentRefs: [{group: '', kind: Service, name: backend, port: 80}]\n  rules:\n  - matches: [{headers: [{name: x-user, value: tester}]}]\n    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-canary, value: 'true'}]}}]\n    backendRefs: [{name: backend-v2, port: 80}]\n  - backendRefs: [{name: backend-v1, port: 80}]\n";
+    let mesh = CanaryMesh::start(route, &[1, 2]);
+    let canary = &mesh.canary;
+    canary
+        .client
+        .run(|| {
+            let mut c =
+                HttpClient::connect(SocketAddr::from((scenarios::BACKEND_VIP, 80)), "backend", TIMEOUT)
+                    .expect("connect");
+            for i in 0..40 {
+                let tester = i % 2 == 0;
+                let headers: &[(&str, &str)] =
+                    if tester { &[("x-user", "tester")] } else { &[("x-user", "someone")] };
+                let reply = c.get("/reviews/1", headers).expect("request");
+                assert_eq!(reply.status, 200, "{}", reply.body);
+                if tester {
+                    assert_eq!(reply.fields["message"], "hello from backend v2");
+                    assert_eq!(reply.fields.get("header:x-canary").map(String::as_str), Some("true"));
+                } else {
+                    assert_eq!(reply.fields["message"], "hello from backend v1");
+                    assert!(!reply.fields.contains_key("header:x-canary"), "no header on unmatched requests");
+                }
+            }
+        })
+        .expect("enter client pod");
+}
