@@ -11,10 +11,8 @@
 //! host. Kernel work (system calls, the TCP stack) is not in that count; the timed benchmark
 //! covers it.
 //!
-//! Usage: `request_cost LANE REQUESTS`, LANE one of `direct`, `l4-cross`, `l7-cross`,
-//! `l7-same`, `direct-64k`, `l7-cross-64k`, `grpc-direct`, `grpc-cross`, `direct-post`,
-//! `l7-cross-post`, `l7-cross-filters`, or `all` to run each lane once (a check that the
-//! harness works). Every response is checked, or the run fails: status 200 and a body of 1 KiB
+//! Usage: `request_cost LANE REQUESTS`, LANE the name of a lane that `gammaray_testkit::lanes`
+//! marks `counted`, or `all` to run each such lane once (a check that the harness works). Every response is checked, or the run fails: status 200 and a body of 1 KiB
 //! (64 KiB on the `-64k` lanes); for gRPC, one message of 1 KiB and `grpc-status: 0` in the
 //! trailers. The backend answers a POST only once it has read the whole 16 KiB body, and the
 //! filtered lane's request only if the route's rewrite and header filters reached it (the
@@ -38,6 +36,7 @@ use gammaray_proxy::{
     identity::{Authority, CertStore},
     orig_dst::StaticTable,
 };
+use gammaray_testkit::lanes::Lane;
 use http_body_util::{BodyExt as _, Either, Empty, Full, StreamBody};
 use hyper::{
     Method, Request, Response,
@@ -72,95 +71,22 @@ const WARM_UP: u64 = 50;
 /// Bounds every request, so a broken path fails the run instead of hanging it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Where a lane's client sends its requests.
-#[derive(Clone, Copy, Debug)]
-enum Lane {
-    /// Straight to the backend on node B: the baseline the proxies' cost is measured against.
-    Direct,
-    /// A Service without routes: node A balances connections and tunnels them to node B.
-    L4Cross,
-    /// A Service with a 50/50 HTTPRoute split to two pods on node B.
-    L7Cross,
-    /// A Service with HTTP routing to a pod on node A: no HBONE.
-    L7Same,
-    /// As `Direct`, for 64 KiB responses: the baseline of `L7Cross64k`.
-    Direct64k,
-    /// As `L7Cross`, for 64 KiB responses.
-    L7Cross64k,
-    /// Unary gRPC calls (h2c) straight to the backend on node B: the baseline of `GrpcCross`.
-    GrpcDirect,
-    /// Unary gRPC calls to a Service whose GRPCRoute splits 50/50 to pods on node B: HTTP/2 from
-    /// the client, and HTTP/2 to the pod inside the HBONE tunnel.
-    GrpcCross,
-    /// POSTs of a 16 KiB body straight to the backend on node B: the baseline of `L7CrossPost`.
-    DirectPost,
-    /// As `L7Cross`, for POSTs of a 16 KiB body: request bodies through the proxies.
-    L7CrossPost,
-    /// As `L7Cross`, through a route that matches on path and header, rewrites the path's
-    /// prefix, sets, adds and removes request headers and adds a response header.
-    L7CrossFilters,
+/// What each request of an HTTP/1.1 lane asks for: the method, the path, the length of the
+/// request's body, and the body length the answer must have.
+fn ask(lane: Lane) -> (Method, &'static str, usize, usize) {
+    match lane {
+        Lane::Direct64k | Lane::L7Cross64k => (Method::GET, LARGE_PATH, 0, LARGE_BODY_LEN),
+        Lane::DirectPost | Lane::L7CrossPost => (Method::POST, UPLOAD_PATH, UPLOAD_LEN, BODY_LEN),
+        Lane::L7CrossFilters => (Method::GET, FILTERED_PATH, 0, BODY_LEN),
+        _ => (Method::GET, "/", 0, BODY_LEN),
+    }
 }
 
-impl Lane {
-    const ALL: [Lane; 11] = [
-        Lane::Direct,
-        Lane::L4Cross,
-        Lane::L7Cross,
-        Lane::L7Same,
-        Lane::Direct64k,
-        Lane::L7Cross64k,
-        Lane::GrpcDirect,
-        Lane::GrpcCross,
-        Lane::DirectPost,
-        Lane::L7CrossPost,
-        Lane::L7CrossFilters,
-    ];
-
-    /// The lane's name on the command line (and in `cargo xtask bench --instructions`).
-    fn name(self) -> &'static str {
-        match self {
-            Lane::Direct => "direct",
-            Lane::L4Cross => "l4-cross",
-            Lane::L7Cross => "l7-cross",
-            Lane::L7Same => "l7-same",
-            Lane::Direct64k => "direct-64k",
-            Lane::L7Cross64k => "l7-cross-64k",
-            Lane::GrpcDirect => "grpc-direct",
-            Lane::GrpcCross => "grpc-cross",
-            Lane::DirectPost => "direct-post",
-            Lane::L7CrossPost => "l7-cross-post",
-            Lane::L7CrossFilters => "l7-cross-filters",
-        }
-    }
-
-    /// Every lane's name, for the usage line: `direct|l4-cross|…|all`.
-    fn names() -> String {
-        let mut names: Vec<&str> = Lane::ALL.iter().map(|l| l.name()).collect();
-        names.push("all");
-        names.join("|")
-    }
-
-    fn parse(name: &str) -> anyhow::Result<Self> {
-        match Lane::ALL.into_iter().find(|l| l.name() == name) {
-            Some(lane) => Ok(lane),
-            None => bail!("unknown lane {name:?}: {}", Lane::names()),
-        }
-    }
-
-    fn grpc(self) -> bool {
-        matches!(self, Lane::GrpcDirect | Lane::GrpcCross)
-    }
-
-    /// What each request of an HTTP/1.1 lane asks for: the method, the path, the length of the
-    /// request's body, and the body length the answer must have.
-    fn ask(self) -> (Method, &'static str, usize, usize) {
-        match self {
-            Lane::Direct64k | Lane::L7Cross64k => (Method::GET, LARGE_PATH, 0, LARGE_BODY_LEN),
-            Lane::DirectPost | Lane::L7CrossPost => (Method::POST, UPLOAD_PATH, UPLOAD_LEN, BODY_LEN),
-            Lane::L7CrossFilters => (Method::GET, FILTERED_PATH, 0, BODY_LEN),
-            _ => (Method::GET, "/", 0, BODY_LEN),
-        }
-    }
+/// Every counted lane's name, for the usage line: `direct-same|l7-same|…|all`.
+fn names() -> String {
+    let mut names: Vec<&str> = Lane::counted().map(Lane::name).collect();
+    names.push("all");
+    names.join("|")
 }
 
 /// The addresses of one run, all inside 127.0.0.0/8. The second octet is chosen per run, so
@@ -427,9 +353,10 @@ async fn client(world: &World, lane: Lane, proxies: &Proxies, requests: u64) -> 
     socket.bind(SocketAddr::new(IpAddr::V4(world.client), 0))?;
     let SocketAddr::V4(local) = socket.local_addr()? else { bail!("the client socket is IPv4") };
     let (dial, host) = match lane {
-        Lane::Direct | Lane::Direct64k | Lane::DirectPost => {
+        Lane::DirectCross | Lane::Direct64k | Lane::DirectPost => {
             (SocketAddr::new(IpAddr::V4(world.web_b1), BACKEND_PORT), "web-b1")
         }
+        Lane::DirectSame => (SocketAddr::new(IpAddr::V4(world.web_a), BACKEND_PORT), "web-a"),
         Lane::GrpcDirect => (SocketAddr::new(IpAddr::V4(world.web_b1), BACKEND_H2_PORT), "web-b1"),
         Lane::L4Cross => {
             table.insert(local, WEB_L4);
@@ -451,10 +378,11 @@ async fn client(world: &World, lane: Lane, proxies: &Proxies, requests: u64) -> 
             table.insert(local, WEB_SAME);
             (proxy, "web-same")
         }
+        Lane::L4Same | Lane::FloorCross => bail!("{} is not a lane of this harness", lane.name()),
     };
     let stream = socket.connect(dial).await.with_context(|| format!("connect to {dial}"))?;
     stream.set_nodelay(true)?;
-    if lane.grpc() {
+    if lane.is_grpc() {
         grpc_calls(stream, lane, host, requests).await
     } else {
         http1_requests(stream, lane, host, requests).await
@@ -468,7 +396,7 @@ async fn http1_requests(
     host: &str,
     requests: u64,
 ) -> anyhow::Result<()> {
-    let (method, path, upload_len, want) = lane.ask();
+    let (method, path, upload_len, want) = ask(lane);
     let upload = Bytes::from(vec![b'u'; upload_len]);
     let filtered = matches!(lane, Lane::L7CrossFilters);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -551,7 +479,7 @@ async fn run(lanes: &[Lane], requests: u64) -> anyhow::Result<()> {
         let started = Instant::now();
         client(&world, lane, &proxies, requests).await?;
         let per_request = started.elapsed().as_secs_f64() * 1e6 / requests.max(1) as f64;
-        println!("request_cost: {lane:?}: {requests} requests, {per_request:.1} µs each (wall clock)");
+        println!("request_cost: {}: {requests} requests, {per_request:.1} µs each (wall clock)", lane.name());
     }
     Ok(())
 }
@@ -559,11 +487,14 @@ async fn run(lanes: &[Lane], requests: u64) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [lane, requests] = args.as_slice() else {
-        bail!("usage: request_cost {} REQUESTS", Lane::names());
+        bail!("usage: request_cost {} REQUESTS", names());
     };
-    let lanes = match lane.as_str() {
-        "all" => Lane::ALL.to_vec(),
-        one => vec![Lane::parse(one)?],
+    let lanes: Vec<Lane> = match lane.as_str() {
+        "all" => Lane::counted().collect(),
+        one => match Lane::parse(one) {
+            Some(lane) if lane.spec().counted => vec![lane],
+            _ => bail!("unknown lane {one:?}: {}", names()),
+        },
     };
     let requests: u64 = requests.parse().context("REQUESTS is a count")?;
     ensure!(requests <= 1_000_000, "at most a million requests per run");

@@ -17,6 +17,7 @@ pub mod echo;
 pub mod eventually;
 pub mod http;
 pub mod istio_echo;
+pub mod lanes;
 pub mod names;
 pub mod netns;
 pub mod objects;

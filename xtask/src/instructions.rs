@@ -16,132 +16,45 @@ use std::{
 };
 
 use anyhow::Context as _;
+use gammaray_testkit::lanes::Lane;
 
 const FEW: u64 = 200;
 const MANY: u64 = 1200;
-/// One row of the report: the harness's lane, what it is, the lane without proxies that its
-/// proxies' share is measured against (itself for such a lane), and how it logs: the filter,
-/// and whether as JSON lines (`--log-json`).
-pub struct Lane {
-    pub name: &'static str,
-    pub what: &'static str,
-    pub baseline: &'static str,
+/// One run of the harness the report counts and the profile's training runs: a counted lane
+/// of the shared table (`gammaray_testkit::lanes`), and how the harness logs: the filter, and
+/// whether as JSON lines (`--log-json`).
+pub struct Count {
+    pub lane: Lane,
     pub rust_log: &'static str,
     pub json: bool,
 }
 
-impl Lane {
-    /// The lane as the progress lines name it: `l7-cross (info, JSON)`.
+impl Count {
+    /// The run as the progress lines name it: `l7-cross (info, JSON)`.
     pub fn label(&self) -> String {
-        format!("{} ({}{})", self.name, self.rust_log, if self.json { ", JSON" } else { "" })
+        format!("{} ({}{})", self.lane.name(), self.rust_log, if self.json { ", JSON" } else { "" })
     }
 
     /// Adds the harness's arguments and environment for `requests` requests on this lane to
     /// `cmd`, which runs the harness (itself, or under valgrind).
     pub fn harness_args<'c>(&self, cmd: &'c mut Command, requests: u64) -> &'c mut Command {
-        cmd.args([self.name, &requests.to_string()])
+        cmd.args([self.lane.name(), &requests.to_string()])
             .env("RUST_LOG", self.rust_log)
             .env("GAMMARAY_LOG_JSON", if self.json { "1" } else { "0" })
     }
 }
 
-/// The harness's lanes; each baseline comes before the lanes measured against it. `warn`, as
-/// the timed benchmark runs the agents, has no access log; two lanes add it, as deployed
-/// (`info`), in text and in JSON. The profile-guided build trains on all of them, so they are
-/// also what its profile calls hot.
-pub const LANES: [Lane; 13] = [
-    Lane {
-        name: "direct",
-        what: "client to backend, no proxy",
-        baseline: "direct",
-        rust_log: "warn",
-        json: false,
-    },
-    Lane {
-        name: "l7-same",
-        what: "HTTPRoute to a pod on the client's node (one proxy)",
-        baseline: "direct",
-        rust_log: "warn",
-        json: false,
-    },
-    Lane {
-        name: "l4-cross",
-        what: "TCP to a pod on another node (two proxies, HBONE)",
-        baseline: "direct",
-        rust_log: "warn",
-        json: false,
-    },
-    Lane {
-        name: "l7-cross",
-        what: "HTTPRoute 50/50 to pods on another node (two proxies, HBONE)",
-        baseline: "direct",
-        rust_log: "warn",
-        json: false,
-    },
-    Lane {
-        name: "l7-cross",
-        what: "the same with the access log (RUST_LOG=info, the deployed default)",
-        baseline: "direct",
-        rust_log: "info",
-        json: false,
-    },
-    Lane {
-        name: "l7-cross",
-        what: "the same with the access log as JSON lines (--log-json)",
-        baseline: "direct",
-        rust_log: "info",
-        json: true,
-    },
-    Lane {
-        name: "direct-64k",
-        what: "client to backend, no proxy, 64 KiB responses",
-        baseline: "direct-64k",
-        rust_log: "warn",
-        json: false,
-    },
-    Lane {
-        name: "l7-cross-64k",
-        what: "HTTPRoute 50/50 to pods on another node, 64 KiB responses",
-        baseline: "direct-64k",
-        rust_log: "warn",
-        json: false,
-    },
-    Lane {
-        name: "grpc-direct",
-        what: "unary gRPC calls (h2c) to the backend, no proxy",
-        baseline: "grpc-direct",
-        rust_log: "warn",
-        json: false,
-    },
-    Lane {
-        name: "grpc-cross",
-        what: "GRPCRoute 50/50 to pods on another node (HTTP/2 in the HBONE tunnel)",
-        baseline: "grpc-direct",
-        rust_log: "warn",
-        json: false,
-    },
-    Lane {
-        name: "direct-post",
-        what: "POSTs of a 16 KiB body to the backend, no proxy",
-        baseline: "direct-post",
-        rust_log: "warn",
-        json: false,
-    },
-    Lane {
-        name: "l7-cross-post",
-        what: "HTTPRoute 50/50 to pods on another node, POSTs of a 16 KiB body",
-        baseline: "direct-post",
-        rust_log: "warn",
-        json: false,
-    },
-    Lane {
-        name: "l7-cross-filters",
-        what: "HTTPRoute to pods on another node matching path and header, with a path rewrite and request and response header filters",
-        baseline: "direct",
-        rust_log: "warn",
-        json: false,
-    },
-];
+/// Every counted lane at `warn`, as the timed benchmark runs the agents (no access log), then
+/// cross-node L7 with the access log as deployed (`info`), in text and in JSON. The
+/// profile-guided build trains on all of them, so they are also what its profile calls hot.
+pub fn counts() -> Vec<Count> {
+    let mut counts: Vec<Count> =
+        Lane::counted().map(|lane| Count { lane, rust_log: "warn", json: false }).collect();
+    for json in [false, true] {
+        counts.push(Count { lane: Lane::L7Cross, rust_log: "info", json });
+    }
+    counts
+}
 
 /// Counts on the profile-guided build with `pgo` (what the image ships), else on a plain
 /// release build.
@@ -164,13 +77,19 @@ pub fn run(pgo: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out_dir)?;
 
     let mut rows = Vec::new();
-    for lane in &LANES {
-        let few = instructions(&harness, &out_dir, lane, FEW)?;
-        let many = instructions(&harness, &out_dir, lane, MANY)?;
-        anyhow::ensure!(many > few, "{}: {MANY} requests counted no more than {FEW}", lane.name);
+    for count in counts() {
+        let few = instructions(&harness, &out_dir, &count, FEW)?;
+        let many = instructions(&harness, &out_dir, &count, MANY)?;
+        anyhow::ensure!(many > few, "{}: {MANY} requests counted no more than {FEW}", count.label());
         let per_request = (many - few) / (MANY - FEW);
-        println!("bench: {}: {per_request} instructions per request", lane.label());
-        rows.push(Row { lane: lane.name, what: lane.what, baseline: lane.baseline, per_request });
+        println!("bench: {}: {per_request} instructions per request", count.label());
+        let what = match (count.rust_log, count.json) {
+            ("warn", _) => count.lane.label().to_owned(),
+            (_, false) => format!("{}, access log at {} in text", count.lane.label(), count.rust_log),
+            (_, true) => format!("{}, access log at {} as JSON lines", count.lane.label(), count.rust_log),
+        };
+        let lane = count.lane;
+        rows.push(Row { lane: lane.name(), what, baseline: lane.baseline().name(), per_request });
     }
     let report = render(&rows, build);
     let path = target_dir.join("bench/instructions.md");
@@ -196,8 +115,9 @@ pub fn check_harness() -> anyhow::Result<()> {
 }
 
 /// Instructions the harness executes for `requests` requests on `lane`, start-up included.
-fn instructions(harness: &Path, out_dir: &Path, lane: &Lane, requests: u64) -> anyhow::Result<u64> {
-    let Lane { name, rust_log, json, .. } = lane;
+fn instructions(harness: &Path, out_dir: &Path, count: &Count, requests: u64) -> anyhow::Result<u64> {
+    let Count { lane, rust_log, json } = count;
+    let name = lane.name();
     let format = if *json { "json" } else { "text" };
     let out: PathBuf = out_dir.join(format!("callgrind-{name}-{rust_log}-{format}-{requests}.out"));
     let mut valgrind = Command::new("valgrind");
@@ -205,7 +125,7 @@ fn instructions(harness: &Path, out_dir: &Path, lane: &Lane, requests: u64) -> a
         .args(["--tool=callgrind", "--quiet"])
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(harness);
-    let run = lane.harness_args(&mut valgrind, requests).output().context("valgrind")?;
+    let run = count.harness_args(&mut valgrind, requests).output().context("valgrind")?;
     anyhow::ensure!(
         run.status.success(),
         "request_cost {name} {requests} under callgrind failed: {}\n{}",
@@ -226,7 +146,7 @@ fn summary(callgrind_out: &str) -> Option<u64> {
 /// One lane's count, as the report shows it.
 struct Row {
     lane: &'static str,
-    what: &'static str,
+    what: String,
     baseline: &'static str,
     per_request: u64,
 }
@@ -265,7 +185,7 @@ mod tests {
     #[test]
     fn the_proxies_share_is_each_lane_less_its_baseline() {
         use super::Row;
-        let row = |lane, baseline, per_request| Row { lane, what: "w", baseline, per_request };
+        let row = |lane, baseline, per_request| Row { lane, what: "w".into(), baseline, per_request };
         let rows = [
             row("direct", "direct", 25_000),
             row("l7-cross", "direct", 103_000),
@@ -283,14 +203,14 @@ mod tests {
     }
 
     #[test]
-    fn every_baseline_is_a_lane_counted_before_the_lanes_it_serves() {
-        for (i, lane) in super::LANES.iter().enumerate() {
-            let base = super::LANES.iter().position(|l| l.name == lane.baseline);
+    fn every_count_s_baseline_is_counted_first() {
+        let counts = super::counts();
+        for (i, count) in counts.iter().enumerate() {
+            let base = counts.iter().position(|c| c.lane == count.lane.baseline());
             assert!(
                 base.is_some_and(|b| b <= i),
-                "{}: baseline {} comes later or not at all",
-                lane.name,
-                lane.baseline
+                "{}: its baseline comes later or not at all",
+                count.label()
             );
         }
     }

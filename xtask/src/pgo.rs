@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::instructions::LANES;
+use crate::instructions::counts;
 
 /// Requests per lane in the training run: enough for the steady state to outweigh start-up
 /// (certificates, handshakes), which the profile would otherwise overstate.
@@ -98,8 +98,8 @@ fn training_key(harness: &[u8]) -> u64 {
     let mut hasher = std::hash::DefaultHasher::new();
     harness.hash(&mut hasher);
     TRAINING_REQUESTS.hash(&mut hasher);
-    for lane in &LANES {
-        (lane.name, lane.rust_log, lane.json).hash(&mut hasher);
+    for count in counts() {
+        (count.lane.name(), count.rust_log, count.json).hash(&mut hasher);
     }
     hasher.finish()
 }
@@ -111,11 +111,11 @@ fn train(harness: &Path, profiles: &Path, profdata: &Path, profile: &Path) -> an
         std::fs::remove_dir_all(profiles)?;
     }
     std::fs::create_dir_all(profiles)?;
-    for lane in &LANES {
-        println!("pgo: training on {}", lane.label());
+    for count in counts() {
+        println!("pgo: training on {}", count.label());
         let mut run = Command::new(harness);
-        lane.harness_args(&mut run, TRAINING_REQUESTS);
-        run_checked(run, &format!("training run request_cost {}", lane.label()))?;
+        count.harness_args(&mut run, TRAINING_REQUESTS);
+        run_checked(run, &format!("training run request_cost {}", count.label()))?;
     }
     let records = std::fs::read_dir(profiles)?.count();
     anyhow::ensure!(records > 0, "the training runs wrote no profile into {}", profiles.display());
