@@ -51,7 +51,7 @@ impl Proxy {
     /// so a bind error is the caller's to report and a connection redirected afterwards always
     /// finds the port open.
     pub fn start(config: ProxyConfig, inputs: Inputs, runtime: &Handle) -> Result<Self, ProxyError> {
-        // Sockets are registered with the runtime's reactor as they are made.
+        // Listeners are registered with the proxy's runtime as they are made.
         let _entered = runtime.enter();
         let config = Arc::new(config);
         let Inputs { snapshot, lookup, certs } = inputs;
@@ -80,29 +80,11 @@ impl Proxy {
                 certs: certs.clone(),
                 stats: stats.clone(),
             });
-            tasks.push(runtime.spawn(async move {
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => {
-                        if let Err(err) = crate::hbone::serve_inbound(l, inbound).await {
-                            error!(error = %err, "inbound listener stopped");
-                        }
-                    }
-                    Err(err) => error!(error = %err, "cannot register the inbound listener"),
-                }
-            }));
+            tasks.push(runtime.spawn(log_end("inbound", crate::hbone::serve_inbound(listener, inbound))));
         }
         let outbound_state =
             Outbound { mesh: Arc::new(Mesh::new(config, certs)), lookup, snapshot, stats: stats.clone() };
-        tasks.push(runtime.spawn(async move {
-            match tokio::net::TcpListener::from_std(outbound) {
-                Ok(l) => {
-                    if let Err(err) = crate::outbound::serve(l, outbound_state).await {
-                        error!(error = %err, "outbound listener stopped");
-                    }
-                }
-                Err(err) => error!(error = %err, "cannot register the outbound listener"),
-            }
-        }));
+        tasks.push(runtime.spawn(log_end("outbound", crate::outbound::serve(outbound, outbound_state))));
         Ok(Self { outbound_addr, inbound_addr, stats, tasks })
     }
 
@@ -130,13 +112,18 @@ impl Drop for Proxy {
     }
 }
 
-/// A non-blocking listener on `addr` with the configured backlog, to hand to the runtime.
-fn listen(config: &ProxyConfig, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// A listener on `addr` with the configured backlog, registered with the runtime entered.
+fn listen(config: &ProxyConfig, addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket =
         if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    let listener = socket.listen(config.listen_backlog)?.into_std()?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
+    socket.listen(config.listen_backlog)
+}
+
+/// Serves a listener, logging why it stopped if it ever does.
+async fn log_end<E: std::fmt::Display>(listener: &'static str, serving: impl Future<Output = Result<(), E>>) {
+    if let Err(err) = serving.await {
+        error!(error = %err, listener, "listener stopped");
+    }
 }
