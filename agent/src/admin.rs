@@ -160,76 +160,66 @@ impl Collector for Scrape {
         if let Ok(k) = self.state.datapath.counters() {
             counter(
                 &mut encoder,
-                "gammaray_redirects",
+                "redirects",
                 "Connections the kernel redirected to the node proxy",
                 k.redirected,
             )?;
             counter(
                 &mut encoder,
-                "gammaray_redirects_skipped",
+                "redirects_skipped",
                 "Enrolled connects left alone (loopback, the proxy, not TCP)",
                 k.skipped,
             )?;
             counter(
                 &mut encoder,
-                "gammaray_kernel_lookup_misses",
+                "kernel_lookup_misses",
                 "Established redirected sockets without a recorded destination",
                 k.lookup_misses,
             )?;
-            counter(
-                &mut encoder,
-                "gammaray_kernel_errors",
-                "Map updates that failed in the kernel",
-                k.errors,
-            )?;
+            counter(&mut encoder, "kernel_errors", "Map updates that failed in the kernel", k.errors)?;
         }
         let o = self.state.outbound.snapshot();
         counter(
             &mut encoder,
-            "gammaray_tcp_connections",
+            "tcp_connections",
             "Connections accepted by the outbound listener",
             o.accepted,
         )?;
         counter(
             &mut encoder,
-            "gammaray_proxy_lookup_misses",
+            "proxy_lookup_misses",
             "Accepted connections whose original destination was unknown",
             o.lookup_misses,
         )?;
+        counter(&mut encoder, "tcp_sent_bytes", "Bytes carried from clients to destinations", o.bytes_sent)?;
         counter(
             &mut encoder,
-            "gammaray_tcp_sent_bytes",
-            "Bytes carried from clients to destinations",
-            o.bytes_sent,
-        )?;
-        counter(
-            &mut encoder,
-            "gammaray_tcp_received_bytes",
+            "tcp_received_bytes",
             "Bytes carried from destinations to clients",
             o.bytes_received,
         )?;
         counter(
             &mut encoder,
-            "gammaray_upstream_errors",
+            "upstream_errors",
             "Connections or requests whose upstream failed",
             o.upstream_errors,
         )?;
         counter(
             &mut encoder,
-            "gammaray_hbone_tunnels",
+            "hbone_tunnels",
             "HBONE tunnels opened to other nodes: one per L4 connection, and the pooled ones HTTP requests share",
             o.hbone_tunnels,
         )?;
         counter(
             &mut encoder,
-            "gammaray_hbone_inbound_tunnels",
+            "hbone_inbound_tunnels",
             "mTLS streams forwarded to a pod of this node",
             o.inbound_tunnels,
         )?;
-        counter(&mut encoder, "gammaray_tls_refused", "Inbound TLS handshakes refused", o.tls_refused)?;
+        counter(&mut encoder, "tls_refused", "Inbound TLS handshakes refused", o.tls_refused)?;
         let g = ConstGauge::new(self.state.generation.borrow().version as i64);
         g.encode(encoder.encode_descriptor(
-            "gammaray_config_version",
+            "config_version",
             "Version of the configuration in force",
             None,
             g.metric_type(),
@@ -238,7 +228,7 @@ impl Collector for Scrape {
             let secs = expiry.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
             let g = ConstGauge::new(secs);
             g.encode(encoder.encode_descriptor(
-                "gammaray_certificate_expiry_timestamp_seconds",
+                "certificate_expiry_timestamp_seconds",
                 "Earliest expiry of the workload certificates this node holds",
                 None,
                 g.metric_type(),

@@ -112,7 +112,7 @@ async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
                 ctx.stats.upstream_errors.fetch_add(1, Relaxed);
                 warn!(endpoint = %endpoint, error = %source, "upstream request failed");
             }
-            (respond(class.status, &err.to_string(), grpc), class.status, class.outcome, Some(err))
+            (respond(class.status, &err.public_message(), grpc), class.status, class.outcome, Some(err))
         }
     };
     let status = status.as_u16();
@@ -233,6 +233,10 @@ async fn route_request(req: Request<Incoming>, ctx: &ConnContext) -> Answer {
     let Some(frontend) = snapshot.frontend(ctx.orig_dst) else {
         return (Err(LocalError::NotAFrontend), None);
     };
+    // RFC 9112, 3.2: a request with more than one Host is refused, never guessed at.
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return (Err(LocalError::DuplicateHost), None);
+    }
     let client_ns = snapshot.workloads.get(&ctx.client.ip()).map(|w| w.pod.namespace.clone());
     let host = request_host(&req);
     let random = fastrand::u64(..);
@@ -260,6 +264,9 @@ async fn route_request(req: Request<Incoming>, ctx: &ConnContext) -> Answer {
         }
     };
     let timeouts = forward.as_ref().map(|p| p.timeouts).unwrap_or_default();
+    // HTTP/1.0 may leave the Host out, but the request goes upstream as HTTP/1.1, which needs
+    // one: the Service's own name stands in.
+    let host = host.or_else(|| Some(service_host(&frontend.service)));
     let call = forward_to(req, host, &decision_backend, forward, ctx, random);
     match timeouts.request {
         Some(limit) => match tokio::time::timeout(limit, call).await {
@@ -308,7 +315,13 @@ async fn forward_to(
         return (Err(LocalError::NoEndpoint { backend: backend_label(backend) }), None);
     };
     let endpoint = &backend.endpoints[endpoint_index];
-    let h2 = backend.protocol == AppProtocol::H2c || req.version() == Version::HTTP_2;
+    // The backend's protocol decides, not the client's: an h2c client may call an HTTP/1.1
+    // Service and the other way round. Only a port that declares none follows the client.
+    let h2 = match backend.protocol {
+        AppProtocol::H2c => true,
+        AppProtocol::Http => false,
+        AppProtocol::Opaque => req.version() == Version::HTTP_2,
+    };
     let uri = match upstream_uri(&req, plan.as_ref().and_then(|p| p.path.as_deref()), endpoint.addr, h2) {
         Ok(uri) => uri,
         Err(err) => return (Err(LocalError::BadTarget(err)), None),
@@ -479,6 +492,11 @@ pub fn pick_endpoint(endpoints: &[Endpoint], random: u64) -> Option<&Endpoint> {
 fn pick_endpoint_index(len: usize, random: u64) -> Option<usize> {
     // The high bits: the low ones already picked the weighted backend.
     (len > 0).then(|| ((random >> 32) % len as u64) as usize)
+}
+
+/// The name a Service answers to in the cluster, for a request that named no host.
+fn service_host(service: &crate::snapshot::ObjectRef) -> String {
+    format!("{}.{}.svc", service.name, service.namespace)
 }
 
 /// The host the client asked for, from the Host header or else the request target, without

@@ -20,6 +20,8 @@ use crate::{http::Body, route::LocalReason, upstream::UpstreamError};
 pub enum LocalError {
     #[error("the destination is no longer a Service frontend")]
     NotAFrontend,
+    #[error("more than one Host header")]
+    DuplicateHost,
     /// Routing refused the request (no rule matched, the rule's backend is unusable).
     #[error(transparent)]
     Route(LocalReason),
@@ -49,6 +51,7 @@ impl LocalError {
     pub fn class(&self) -> Class {
         let (status, outcome) = match self {
             Self::NotAFrontend => (StatusCode::BAD_GATEWAY, "not_a_frontend"),
+            Self::DuplicateHost => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Route(reason) => (
                 StatusCode::from_u16(reason.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 match reason {
@@ -68,6 +71,15 @@ impl LocalError {
             Self::Upstream { .. } => (StatusCode::BAD_GATEWAY, "upstream_failed"),
         };
         Class { status, outcome }
+    }
+
+    /// What the client is told: the reason, without the addresses of pods or nodes behind the
+    /// Service (the access log's `error` field keeps them).
+    pub fn public_message(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Self::Upstream { .. } => "the backend could not be reached or did not answer".into(),
+            other => other.to_string().into(),
+        }
     }
 }
 
@@ -170,6 +182,7 @@ mod tests {
         let endpoint: SocketAddr = "10.0.0.1:80".parse().expect("addr");
         for (err, status, outcome) in [
             (LocalError::NotAFrontend, 502, "not_a_frontend"),
+            (LocalError::DuplicateHost, 400, "bad_request"),
             (LocalError::Route(LocalReason::NoRuleMatched), 404, "no_route"),
             (LocalError::Route(LocalReason::Unresolved("x".into())), 500, "invalid_backend"),
             (LocalError::NoEndpoint { backend: "demo/web:80".into() }, 503, "no_endpoint"),
@@ -188,6 +201,16 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn clients_are_not_told_the_addresses_behind_a_service() {
+        let endpoint: SocketAddr = "10.244.2.7:8080".parse().expect("addr");
+        let err = LocalError::Upstream { endpoint, source: UpstreamError::ConnectTimeout };
+        assert!(err.to_string().contains("10.244.2.7"), "the log keeps the detail: {err}");
+        assert!(!err.public_message().contains("10.244"), "{}", err.public_message());
+        let route = LocalError::Route(LocalReason::NoRuleMatched);
+        assert_eq!(route.public_message(), route.to_string(), "other reasons are told as they are");
     }
 
     #[test]

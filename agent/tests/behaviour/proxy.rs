@@ -546,7 +546,7 @@ async fn grpc_clients_get_grpc_statuses_for_local_answers() {
             "no ready endpoint for demo/backend:80",
             "no_endpoint",
         ),
-        ("/demo.Echo/Refused", tonic::Code::Unavailable, "failed", "upstream_failed"),
+        ("/demo.Echo/Refused", tonic::Code::Unavailable, "could not be reached", "upstream_failed"),
         ("/demo.Echo/Missing", tonic::Code::Unknown, "backendRef does not resolve", "invalid_backend"),
     ] {
         let status = call(path).await.expect_err("a local answer is a gRPC error");
@@ -558,4 +558,74 @@ async fn grpc_clients_get_grpc_statuses_for_local_answers() {
     }
     let answer = call("/demo.Echo/Ok").await.expect("the connection still serves");
     assert_eq!(answer.into_inner(), Bytes::from_static(b"ping"));
+}
+
+/// Sends `request` as raw bytes on a new connection through the proxy and reads the whole
+/// answer (the request asks the proxy to close).
+async fn raw_exchange(proxy: &Proxy, request: &[u8]) -> String {
+    let mut raw = proxy.connect(VIP).await;
+    raw.write_all(request).await.expect("write the request");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut reply))
+        .await
+        .expect("the proxy answers and closes")
+        .expect("read");
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+/// HTTP at the edge: a request with two Host headers is refused; one with none (HTTP/1.0)
+/// reaches the backend as HTTP/1.1 with the Service's name; an HTTP/2 client reaches a Service
+/// whose port says HTTP/1.1 in HTTP/1.1; a failed upstream's answer names no pod address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_refuses_ambiguous_hosts_fills_missing_ones_and_speaks_the_backends_protocol() {
+    let v1 = backend("v1").await;
+    let closed = {
+        let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let yaml = format!(
+        "{}{}",
+        service("backend", "10.96.0.1", ", appProtocol: http", &[v1]),
+        service("refused", "10.96.0.3", ", appProtocol: http", &[closed]),
+    );
+    let proxy = Proxy::start(&yaml).await;
+
+    let reply = raw_exchange(
+        &proxy,
+        b"GET / HTTP/1.1\r\nHost: backend\r\nHost: elsewhere\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "two Hosts: {reply}");
+    assert!(!reply.contains("backend=v1"), "never forwarded: {reply}");
+
+    let reply = raw_exchange(&proxy, b"GET /old HTTP/1.0\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("version=HTTP/1.1"), "upstream as HTTP/1.1: {reply}");
+    assert!(reply.contains("h:host=backend.demo.svc"), "the Service's name as Host: {reply}");
+
+    let stream = proxy.connect(VIP).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::get("http://backend/h2").body(Empty::<Bytes>::new()).expect("request");
+    let resp = sender.send_request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("version=HTTP/1.1"), "the Service says HTTP/1.1: {body}");
+    assert!(body.contains("path=/h2"), "origin form upstream: {body}");
+    assert!(body.contains("h:host=backend"), "the authority becomes the Host: {body}");
+
+    let refused = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 3), 80);
+    let mut sender = proxy.http1(refused).await;
+    let (status, _, _) = get(&mut sender, "/", &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let mut sender = proxy.http1(refused).await;
+    let req = Request::get("/").header("host", "refused").body(Empty::<Bytes>::new()).expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(!body.contains(&closed.to_string()) && !body.contains("127.0.0.1"), "no pod address: {body}");
 }

@@ -52,14 +52,16 @@ fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
     assert!(dump["routeStatuses"].as_array().is_some_and(|r| !r.is_empty()), "{dump}");
     assert_eq!(dump["status"]["node"], "node1");
     assert_eq!((health.status, ready.status), (200, 200), "{}", ready.body);
+    // Whole names, at the start of a line: a doubled prefix must not pass as a suffix.
     for needle in [
-        "gammaray_redirects_total 1",
-        "gammaray_hbone_tunnels_total ",
-        "gammaray_certificate_expiry_timestamp_seconds ",
-        "gammaray_requests_total{source_workload=\"demo/client\",destination_service=\"demo/backend:80\",backend=\"demo/backend-v2:80\",response_code=\"200\"}",
+        "\ngammaray_redirects_total 1\n",
+        "\ngammaray_hbone_tunnels_total ",
+        "\ngammaray_certificate_expiry_timestamp_seconds ",
+        "\ngammaray_requests_total{source_workload=\"demo/client\",destination_service=\"demo/backend:80\",backend=\"demo/backend-v2:80\",response_code=\"200\"}",
     ] {
-        assert!(metrics.body.contains(needle), "missing {needle} in:\n{}", metrics.body);
+        assert!(metrics.body.contains(needle), "missing {needle:?} in:\n{}", metrics.body);
     }
+    assert!(!metrics.body.contains("gammaray_gammaray_"), "one prefix per name:\n{}", metrics.body);
     assert!(agent2.status().outbound.inbound_tunnels > 0);
 
     // Shift to 50/50 while requests flow: none fails, and the new split takes over.
