@@ -36,6 +36,11 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, readiness: Readines
         state.outbound.requests_by.clone(),
     );
     registry.register(
+        "hbone_refused",
+        "Tunnels and connections the inbound HBONE listener refused, by reason",
+        state.outbound.hbone_refused.clone(),
+    );
+    registry.register(
         "local_responses",
         "HTTP requests the proxy answered itself, by reason",
         state.outbound.local_responses.clone(),

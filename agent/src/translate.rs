@@ -453,11 +453,16 @@ fn node_addresses(store: &Store) -> gammaray_proxy::snapshot::FastMap<String, Ip
         .collect()
 }
 
-/// Meshed pods by IP, with their SPIFFE identity.
+/// Meshed pods by IP, with their SPIFFE identity. A pod on the host's network is no workload:
+/// its IP is its node's, and the mesh must never speak for, or tunnel to, a node's own
+/// addresses.
 fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
     let mut out = HashMap::new();
     for ((ns, name), pod) in &store.pods {
         let spec = pod.spec.as_ref();
+        if spec.and_then(|s| s.host_network) == Some(true) {
+            continue;
+        }
         let sa = spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
         let workload = Workload {
             pod: ObjectRef::new(ns, name),

@@ -234,6 +234,13 @@ pub(crate) struct Inbound {
     pub stats: Arc<OutboundStats>,
 }
 
+impl Inbound {
+    /// Counts a refusal by its reason.
+    fn refused(&self, reason: &'static str) {
+        self.stats.hbone_refused.get_or_create(&crate::stats::RefusalLabels { reason }).inc();
+    }
+}
+
 /// Serves the inbound HBONE listener until the task is dropped.
 pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Result<(), HboneError> {
     let snapshot = inbound.snapshot.clone();
@@ -283,6 +290,12 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
                     warn!("inbound connection without a peer identity or server name; closing");
                     return;
                 };
+                // One mesh CA could sign identities of other trust domains; only ours speak here.
+                if *peer_id.trust_domain != *inbound.config.trust_domain {
+                    inbound.refused("foreign_trust_domain");
+                    warn!(src_identity = %peer_id, trust_domain = %inbound.config.trust_domain, "inbound client of another trust domain; closing");
+                    return;
+                }
                 info!(src_identity = %peer_id, dst_identity = %local_id, "inbound mTLS connection");
                 tls.get_mut().1.set_buffer_limit(Some(inbound.config.tls_send_buffer()));
                 let (tls, cork) = crate::cork::corked(tls);
@@ -342,14 +355,24 @@ fn tunnel(
         return reply(respond, StatusCode::METHOD_NOT_ALLOWED);
     }
     let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+        inbound.refused("bad_target");
         return reply(respond, StatusCode::BAD_REQUEST);
     };
     let snapshot = inbound.snapshot.borrow().clone();
+    // A node's own addresses (its agent, kubelet, anything on the host's network) are never a
+    // tunnel's end, whatever a pod object claims.
+    if snapshot.nodes.values().any(|ip| *ip == target.ip()) {
+        inbound.refused("node_address");
+        warn!(%target, src_identity = %peer, "CONNECT to a node's own address refused");
+        return reply(respond, StatusCode::FORBIDDEN);
+    }
     let Some(workload) = snapshot.workloads.get(&target.ip()) else {
+        inbound.refused("not_a_workload");
         warn!(%target, src_identity = %peer, "CONNECT to an address that is no pod here");
         return reply(respond, StatusCode::NOT_FOUND);
     };
     if workload.node.as_deref() != Some(inbound.node.as_str()) || workload.identity != *local {
+        inbound.refused("not_here");
         warn!(%target, pod = %workload.pod, expected = %local, "CONNECT target is not a pod on this node with the presented identity");
         return reply(respond, StatusCode::FORBIDDEN);
     }

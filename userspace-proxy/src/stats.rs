@@ -22,8 +22,20 @@ pub struct LocalLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the counter of CONNECTs and connections the inbound HBONE listener refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `foreign_trust_domain`, `node_address`, `not_a_workload`, `not_here`, `bad_target`.
+    pub reason: &'static str,
+}
+
 #[derive(Debug, Default)]
 pub struct OutboundStats {
+    /// Tunnels and connections the inbound HBONE listener refused, by reason.
+    pub hbone_refused: prometheus_client::metrics::family::Family<
+        RefusalLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
     /// Requests the proxy answered itself, by reason.
     pub local_responses:
         prometheus_client::metrics::family::Family<LocalLabels, prometheus_client::metrics::counter::Counter>,

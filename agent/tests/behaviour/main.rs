@@ -4,5 +4,6 @@
 
 mod apiserver;
 mod deploy;
+mod hbone;
 mod privileged;
 mod proxy;

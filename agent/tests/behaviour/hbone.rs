@@ -1,0 +1,151 @@
+//! The inbound HBONE listener on loopback, through the proxy's front door: a CONNECT reaches only
+//! a mesh pod of this node, never the node's own addresses or a pod on the host's network, and a
+//! client of another trust domain is turned away, even with a certificate of the mesh's CA. Each
+//! refusal is counted by its reason.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use gammaray_agent::{
+    store::Store,
+    translate::{Options, translate},
+};
+use gammaray_proxy::{
+    Inputs, Proxy, ProxyConfig,
+    identity::{Authority, CertStore, Identity, client_config},
+    orig_dst::StaticTable,
+    stats::RefusalLabels,
+};
+use tokio::{io::AsyncWriteExt as _, net::TcpListener};
+
+const TRUST_DOMAIN: &str = "cluster.local";
+
+/// Node B and what runs there, on addresses of their own inside 127.0.0.0/8.
+struct World {
+    node: Ipv4Addr,
+    pod: Ipv4Addr,
+    host_pod: Ipv4Addr,
+}
+
+impl World {
+    fn new() -> Self {
+        let b = fastrand::u8(100..=250);
+        Self {
+            node: Ipv4Addr::new(127, b, 10, 2),
+            pod: Ipv4Addr::new(127, b, 12, 1),
+            host_pod: Ipv4Addr::new(127, b, 10, 9),
+        }
+    }
+
+    fn objects(&self) -> String {
+        let Self { node, pod, host_pod } = self;
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: node-b}}\nstatus: {{addresses: [{{type: InternalIP, address: '{node}'}}]}}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: demo, uid: uid-web}}\n\
+             spec: {{nodeName: node-b, serviceAccountName: web, containers: [{{name: app, image: app}}]}}\n\
+             status: {{phase: Running, podIP: '{pod}', podIPs: [{{ip: '{pod}'}}]}}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: node-agent, namespace: demo, uid: uid-host}}\n\
+             spec: {{nodeName: node-b, hostNetwork: true, serviceAccountName: web, containers: [{{name: app, image: app}}]}}\n\
+             status: {{phase: Running, podIP: '{host_pod}', podIPs: [{{ip: '{host_pod}'}}]}}\n"
+        )
+    }
+}
+
+/// Opens an mTLS connection to `node` as `client`, expecting the server to be `server`, and
+/// sends a CONNECT to `target`; the answer's status, or why there was none.
+async fn connect(
+    ca: &Arc<Authority>,
+    node: SocketAddr,
+    client: &Identity,
+    server: &Identity,
+    target: SocketAddr,
+) -> Result<u16, String> {
+    let issued = CertStore::new(ca.clone()).get(client).map_err(|e| e.to_string())?;
+    let config = client_config(Arc::new(ca.roots()), &issued, server.clone()).map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(server.server_name()).map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(node).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (sender, conn) = h2::client::handshake(tls).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut sender = sender.ready().await.map_err(|e| e.to_string())?;
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .expect("request");
+    let (response, _send) = sender.send_request(req, false).map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .map_err(|_| "no answer in 5 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    Ok(response.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hbone_reaches_only_mesh_pods_of_its_node_and_only_for_its_trust_domain() {
+    let world = World::new();
+    let mut store = Store::default();
+    let applied = store.apply_yaml(&world.objects());
+    assert!(applied.errors.is_empty(), "{:?}", applied.errors);
+    let snapshot = translate(&store, &Options { trust_domain: TRUST_DOMAIN.into(), version: 1 }).snapshot;
+    assert!(
+        !snapshot.workloads.contains_key(&IpAddr::V4(world.host_pod)),
+        "a host-network pod is no workload"
+    );
+    let (_publish, snapshot) = tokio::sync::watch::channel(Arc::new(snapshot));
+
+    // The pod, and a port on the node's own address (as an agent's or a kubelet's would be).
+    let pod = TcpListener::bind((world.pod, 8080)).await.expect("bind the pod");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = pod.accept().await {
+            let _ = s.write_all(b"pod").await;
+        }
+    });
+    let node_port =
+        TcpListener::bind((world.node, 0)).await.expect("bind on the node").local_addr().expect("addr");
+
+    let ca = Arc::new(Authority::generate(TRUST_DOMAIN).expect("a mesh CA"));
+    let config = ProxyConfig {
+        outbound_addr: SocketAddr::new(IpAddr::V4(world.node), 0),
+        node: Some("node-b".into()),
+        trust_domain: TRUST_DOMAIN.into(),
+        ..ProxyConfig::default()
+    };
+    let inputs = Inputs {
+        snapshot,
+        lookup: Arc::new(StaticTable::default()),
+        certs: Some(Arc::new(CertStore::new(ca.clone()))),
+    };
+    let proxy = Proxy::start(config, inputs, &tokio::runtime::Handle::current()).expect("node B's proxy");
+    let hbone = proxy.inbound_addr().expect("an inbound listener with certificates");
+    let refused = |reason| proxy.stats().hbone_refused.get_or_create(&RefusalLabels { reason }).get();
+
+    let client: Identity = "spiffe://cluster.local/ns/demo/sa/client".parse().expect("identity");
+    let web: Identity = "spiffe://cluster.local/ns/demo/sa/web".parse().expect("identity");
+    let pod = SocketAddr::new(IpAddr::V4(world.pod), 8080);
+    assert_eq!(connect(&ca, hbone, &client, &web, pod).await, Ok(200), "a mesh pod of this node");
+
+    let to_node = connect(&ca, hbone, &client, &web, node_port).await;
+    assert_eq!(to_node, Ok(403), "the node's own address");
+    assert_eq!(refused("node_address"), 1);
+    let to_admin = connect(&ca, hbone, &client, &web, SocketAddr::new(IpAddr::V4(world.node), 15021)).await;
+    assert_eq!(to_admin, Ok(403), "the node's admin port");
+    assert_eq!(refused("node_address"), 2);
+
+    let host_pod = SocketAddr::new(IpAddr::V4(world.host_pod), 8080);
+    assert_eq!(connect(&ca, hbone, &client, &web, host_pod).await, Ok(404), "a pod on the host's network");
+    assert_eq!(refused("not_a_workload"), 1);
+
+    let evil: Identity = "spiffe://evil.example/ns/demo/sa/client".parse().expect("identity");
+    let foreign = connect(&ca, hbone, &evil, &web, pod).await;
+    assert!(foreign.is_err(), "another trust domain is turned away: {foreign:?}");
+    assert_eq!(refused("foreign_trust_domain"), 1);
+
+    assert_eq!(connect(&ca, hbone, &client, &web, pod).await, Ok(200), "the listener still serves");
+}
