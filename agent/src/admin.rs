@@ -1,8 +1,11 @@
-//! The admin endpoint (`--admin-addr`, HTTP): `/healthz` (the process serves), `/readyz`
-//! (eBPF attached, the mesh CA loaded when mTLS is on, the first configuration applied when a
-//! source is configured), `/config_dump` (what the agent routes by, as JSON: its status, every
-//! Service frontend with its routes, endpoints and identities, and the route statuses) and
-//! `/metrics` in the Prometheus text format (prometheus-client).
+//! The node's HTTP surfaces. The admin endpoint (`--admin-addr`) serves `/healthz` (the process
+//! serves) and `/readyz` (eBPF attached, the mesh CA loaded when mTLS is on, the first
+//! configuration applied when a source is configured) for the kubelet, and `/config_dump` (what
+//! the agent routes by, as JSON: its status, every Service frontend with its routes, endpoints
+//! and identities, and the route statuses) only to a client on the node's loopback; the control
+//! socket serves it too. The metrics endpoint (`--metrics-addr`, the same listener when the
+//! addresses agree) serves `/metrics` in the Prometheus text format (prometheus-client). Each
+//! connection must send its request's head within [`HEADER_READ_TIMEOUT`].
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -27,8 +30,48 @@ pub struct Readiness {
     pub certs: Option<Arc<gammaray_proxy::identity::CertStore>>,
 }
 
-/// Serves the admin endpoint until the task is dropped.
-pub async fn serve(listener: TcpListener, state: Arc<State>, readiness: Readiness) {
+/// Which of the node's surfaces a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Surfaces {
+    /// `/healthz`, `/readyz`, and `/config_dump` to a peer on the node's loopback.
+    pub health: bool,
+    /// `/metrics`.
+    pub metrics: bool,
+}
+
+/// How long a client of these endpoints may take to send its request's head, or sit idle.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `surfaces` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<State>, readiness: Arc<Readiness>, surfaces: Surfaces) {
+    let registry = Arc::new(registry(&state, &readiness));
+    tracing::info!(addr = ?listener.local_addr().ok(), component = "admin", ?surfaces, "listener ready");
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                // Out of descriptors, most likely: wait rather than spin.
+                tracing::debug!(error = %err, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (state, registry, readiness) = (state.clone(), registry.clone(), readiness.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let response = handle(&req, peer, surfaces, &state, &registry, &readiness);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn registry(state: &Arc<State>, readiness: &Readiness) -> Registry {
     let mut registry = Registry::with_prefix("gammaray");
     registry.register(
         "requests",
@@ -46,26 +89,13 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, readiness: Readines
         state.outbound.local_responses.clone(),
     );
     registry.register_collector(Box::new(Scrape { state: state.clone(), certs: readiness.certs.clone() }));
-    let registry = Arc::new(registry);
-    let readiness = Arc::new(readiness);
-    tracing::info!(addr = ?listener.local_addr().ok(), component = "admin", "listener ready");
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let (state, registry, readiness) = (state.clone(), registry.clone(), readiness.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let response = handle(&req, &state, &registry, &readiness);
-                async move { Ok::<_, std::convert::Infallible>(response) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    registry
 }
 
 fn handle(
     req: &Request<Incoming>,
+    peer: SocketAddr,
+    surfaces: Surfaces,
     state: &State,
     registry: &Registry,
     readiness: &Readiness,
@@ -78,16 +108,23 @@ fn handle(
             .expect("static response parts are valid")
     };
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        (&Method::GET, "/readyz") => match not_ready(state, readiness) {
+        (&Method::GET, "/healthz") if surfaces.health => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, "/readyz") if surfaces.health => match not_ready(state, readiness) {
             None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
             Some(why) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n")),
         },
-        (&Method::GET, "/config_dump") => match config_dump(state) {
+        // The whole mesh's configuration is the node's business, not a pod's: only a client on
+        // the node's loopback reads it here (the control socket serves it too).
+        (&Method::GET, "/config_dump") if surfaces.health && !peer.ip().is_loopback() => reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "the configuration is served on the node only: `gammaray-agent config-dump`\n".into(),
+        ),
+        (&Method::GET, "/config_dump") if surfaces.health => match config_dump(state) {
             Ok(dump) => reply(StatusCode::OK, "application/json", dump),
             Err(err) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{err}\n")),
         },
-        (&Method::GET, "/metrics") => {
+        (&Method::GET, "/metrics") if surfaces.metrics => {
             let mut text = String::new();
             match prometheus_client::encoding::text::encode(&mut text, registry) {
                 Ok(()) => {
@@ -102,7 +139,7 @@ fn handle(
 
 /// The agent's configuration as JSON: status, each Service (described as `gammaray-agent
 /// describe` shows it) and the route statuses.
-fn config_dump(state: &State) -> Result<String, String> {
+pub fn config_dump(state: &State) -> Result<String, String> {
     let status = crate::control::status(state).map_err(|e| e.to_string())?;
     let generation = state.generation.borrow().clone();
     let (snapshot, statuses) = (&generation.snapshot, &generation.statuses);

@@ -79,9 +79,13 @@ pub enum Command {
         /// The mesh root CA key (PEM).
         #[arg(long, requires = "ca_cert")]
         ca_key: Option<PathBuf>,
-        /// The admin endpoint: /healthz, /readyz, /config_dump, /metrics.
+        /// The admin endpoint: /healthz and /readyz for the kubelet, and /config_dump to a
+        /// client on the node's loopback only.
         #[arg(long, default_value = "0.0.0.0:15021")]
         admin_addr: std::net::SocketAddr,
+        /// The metrics endpoint, /metrics; the same as --admin-addr serves both on one listener.
+        #[arg(long, default_value = "0.0.0.0:15020")]
+        metrics_addr: std::net::SocketAddr,
         #[command(flatten)]
         kube: KubeArgs,
         /// The host's /proc (pods' network namespaces are found through their processes).
@@ -99,6 +103,9 @@ pub enum Command {
     Unenrol { netns: PathBuf },
     /// Print the running agent's status as JSON.
     Status,
+    /// What the agent routes by, as JSON: its status, every Service with its routes, endpoints
+    /// and identities, and the route statuses.
+    ConfigDump,
     /// Describe how the running agent handles a resource.
     Describe {
         #[command(subcommand)]

@@ -7,6 +7,8 @@
 //! - `GET /status` → [`Status`]
 //! - `GET /describe?namespace=NS&name=NAME` → a text description of a Service
 //! - `GET /routes` → the status of every route, as translation computed it
+//! - `GET /config_dump` → what the agent routes by, as the admin endpoint's `/config_dump`
+//!   gives it to the node's loopback
 
 use std::{
     path::{Path, PathBuf},
@@ -145,6 +147,10 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Fu
             let generation = state.generation.borrow().clone();
             json(StatusCode::OK, &generation.statuses)
         }
+        (Method::GET, "/config_dump") => match crate::admin::config_dump(&state) {
+            Ok(dump) => self::text(StatusCode::OK, dump),
+            Err(err) => text(StatusCode::INTERNAL_SERVER_ERROR, err),
+        },
         (Method::GET, "/status") => match status(&state) {
             Ok(s) => json(StatusCode::OK, &s),
             Err(err) => text(StatusCode::INTERNAL_SERVER_ERROR, err),
@@ -262,6 +268,12 @@ impl Client {
         let body = self
             .call(Method::GET, &format!("/describe?namespace={namespace}&name={name}"), Vec::new())
             .await?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// The agent's configuration as JSON.
+    pub async fn config_dump(&self) -> Result<String, ControlError> {
+        let body = self.call(Method::GET, "/config_dump", Vec::new()).await?;
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
 

@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
                 ca_cert,
                 ca_key,
                 admin_addr,
+                metrics_addr,
                 kube,
                 proc_root,
             } => {
@@ -56,6 +57,7 @@ fn main() -> anyhow::Result<()> {
                     manifests,
                     ca: ca_cert.zip(ca_key),
                     admin_addr,
+                    metrics_addr,
                     kube: kube_settings,
                     proc_root,
                 };
@@ -94,6 +96,10 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Describe { what: DescribeCommand::Service { name, namespace } } => {
                 print!("{}", client.describe(&namespace, &name).await?);
+                Ok(())
+            }
+            Command::ConfigDump => {
+                println!("{}", client.config_dump().await?);
                 Ok(())
             }
             Command::Status => {

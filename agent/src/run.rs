@@ -25,8 +25,10 @@ pub struct RunConfig {
     pub manifests: Option<PathBuf>,
     /// The mesh CA's certificate and key files; `None` leaves traffic between nodes plaintext.
     pub ca: Option<(PathBuf, PathBuf)>,
-    /// Where /healthz, /readyz and /metrics are served.
+    /// Where /healthz and /readyz are served (and /config_dump, to the node's loopback only).
     pub admin_addr: std::net::SocketAddr,
+    /// Where /metrics is served; the admin listener serves it too when the addresses agree.
+    pub metrics_addr: std::net::SocketAddr,
     /// The Kubernetes API, when the agent runs against a cluster (and no manifest directory).
     pub kube: Option<KubeSettings>,
     /// Where the host's processes are (pods' network namespaces are found through it).
@@ -130,14 +132,20 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         generation: config.generation.clone(),
         mtls: certs.is_some(),
     });
-    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_addr)
-        .await
-        .with_context(|| format!("cannot bind the admin endpoint on {}", cfg.admin_addr))?;
-    let admin = tokio::spawn(admin::serve(
-        admin_listener,
-        state.clone(),
-        admin::Readiness { expects_config: source.is_some(), certs },
-    ));
+    let readiness = Arc::new(admin::Readiness { expects_config: source.is_some(), certs });
+    // Health and the configuration on one listener, metrics on another unless they share it.
+    let shared = cfg.metrics_addr == cfg.admin_addr;
+    let mut surfaces = vec![(cfg.admin_addr, "admin", admin::Surfaces { health: true, metrics: shared })];
+    if !shared {
+        surfaces.push((cfg.metrics_addr, "metrics", admin::Surfaces { health: false, metrics: true }));
+    }
+    let mut admin = Vec::new();
+    for (addr, what, surfaces) in surfaces {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind the {what} endpoint on {addr}"))?;
+        admin.push(tokio::spawn(admin::serve(listener, state.clone(), readiness.clone(), surfaces)));
+    }
     // Pods of labelled namespaces on this node follow the objects, whichever the source.
     let enrolment = source.is_some().then(|| {
         tokio::spawn(enrolment::run(
@@ -183,8 +191,10 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     }
     control.abort();
     let _ = control.await;
-    admin.abort();
-    let _ = admin.await;
+    for task in admin {
+        task.abort();
+        let _ = task.await;
+    }
     if let Some(task) = source {
         task.abort();
     }

@@ -32,6 +32,20 @@ pub struct ProxyConfig {
     pub upstream_idle_timeout: Duration,
     /// ...when the pool is next swept, this often.
     pub upstream_sweep_every: Duration,
+    /// How long a client may take to send a request's head (a slowloris is closed here). With
+    /// HTTP/1 it is also the longest a keep-alive connection may sit idle between requests: the
+    /// timer starts as soon as the proxy waits for the next head.
+    pub header_read_timeout: Duration,
+    /// An HTTP/2 connection from a pod is pinged this often while it is quiet, and closed when
+    /// a ping is not answered within [`Self::h2_keepalive_timeout`]: a peer that is gone does
+    /// not hold its connection.
+    pub h2_keepalive_interval: Duration,
+    pub h2_keepalive_timeout: Duration,
+    /// How long an inbound HBONE connection may take to finish its TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Relayed L4 connections are never cut for being idle (long-lived ones are legitimate);
+    /// TCP keepalive probes, after this much quiet, find a peer that is gone.
+    pub tcp_keepalive: Duration,
     /// Buffer per direction when relaying a TCP connection to a TCP connection: fewer, larger
     /// reads and writes are what bulk transfers need.
     pub copy_buffer: usize,
@@ -54,6 +68,11 @@ pub struct H2Config {
     pub connection_window: u32,
     /// Largest header block a peer may send: a CONNECT needs a few hundred bytes.
     pub max_header_list: u32,
+    /// Tunnels one HBONE connection may carry at once; a peer that wants more waits for one
+    /// to end. Each costs the receiving node a socket to its pod.
+    pub max_concurrent_streams: u32,
+    /// Requests one HTTP/2 connection from a pod may have in flight at once.
+    pub pod_max_concurrent_streams: u32,
 }
 
 impl Default for ProxyConfig {
@@ -68,6 +87,11 @@ impl Default for ProxyConfig {
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_idle_timeout: Duration::from_secs(90),
             upstream_sweep_every: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(30),
+            h2_keepalive_interval: Duration::from_secs(30),
+            h2_keepalive_timeout: Duration::from_secs(20),
+            tls_handshake_timeout: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(60),
             copy_buffer: 64 * 1024,
             relay_block: 64 * 1024,
             h2: H2Config {
@@ -75,6 +99,8 @@ impl Default for ProxyConfig {
                 stream_window: 4 << 20,
                 connection_window: 16 << 20,
                 max_header_list: 16 * 1024,
+                max_concurrent_streams: 2048,
+                pod_max_concurrent_streams: 1024,
             },
         }
     }

@@ -273,11 +273,17 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
         let inbound = inbound.clone();
         tokio::spawn(
             async move {
-                let mut tls = match acceptor.accept(ReadAhead::new(tcp, inbound.config.relay_block)).await {
-                    Ok(t) => t,
-                    Err(err) => {
+                let handshake = acceptor.accept(ReadAhead::new(tcp, inbound.config.relay_block));
+                let mut tls = match tokio::time::timeout(inbound.config.tls_handshake_timeout, handshake).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(err)) => {
                         inbound.stats.tls_refused.fetch_add(1, Relaxed);
                         warn!(error = %err, "inbound TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        inbound.refused("handshake_timeout");
+                        debug!("inbound TLS handshake not finished in time; closing");
                         return;
                     }
                 };
@@ -301,6 +307,7 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
                 let (tls, cork) = crate::cork::corked(tls);
                 let h2c = &inbound.config.h2;
                 let mut conn = match h2::server::Builder::new()
+                    .max_concurrent_streams(h2c.max_concurrent_streams)
                     .initial_window_size(h2c.stream_window)
                     .initial_connection_window_size(h2c.connection_window)
                     .max_frame_size(h2c.max_frame)
@@ -378,6 +385,7 @@ fn tunnel(
     }
     let stats = inbound.stats.clone();
     let relay = inbound.config.relay();
+    let keepalive = inbound.config.tcp_keepalive;
     let pod = workload.pod.clone();
     let (peer, local) = (peer.clone(), local.clone());
     let recv = req.into_body();
@@ -394,6 +402,7 @@ fn tunnel(
             }
         };
         let _ = upstream.set_nodelay(true);
+        crate::outbound::keep_alive(&upstream, keepalive);
         let send = match respond.send_response(Response::new(()), false) {
             Ok(send) => send,
             Err(err) => {

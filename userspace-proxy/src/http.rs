@@ -21,7 +21,7 @@ use http::{
 };
 use http_body_util::{BodyExt as _, Empty, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{net::TcpStream, sync::watch};
 use tracing::{debug, info, warn};
 
@@ -61,21 +61,34 @@ pub(crate) struct ConnContext {
 
 /// Serves one client connection as HTTP/1.1 or HTTP/2 (prior knowledge) until it closes.
 pub(crate) async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
+    let ctx_config = ctx.mesh.config.clone();
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
     });
+    let config = ctx_config.clone();
     if speaks_h2(&stream).await {
         // Many calls may share the connection: what one poll answers leaves in one write.
         let (io, cork) = crate::cork::corked(stream);
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(config.h2_keepalive_interval)
+            .keep_alive_timeout(config.h2_keepalive_timeout)
+            .max_concurrent_streams(config.h2.pod_max_concurrent_streams)
             .serve_connection(TokioIo::new(io), service);
         if let Err(err) = cork.drive(conn).await {
             debug!(error = %err, "http/2 connection ended with an error");
         }
         return;
     }
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(config.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(config.h2_keepalive_interval)
+        .keep_alive_timeout(config.h2_keepalive_timeout)
+        .max_concurrent_streams(config.h2.pod_max_concurrent_streams);
     if let Err(err) = builder.serve_connection(TokioIo::new(stream), service).await {
         debug!(error = %err, "http connection ended with an error");
     }

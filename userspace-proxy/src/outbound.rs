@@ -157,9 +157,19 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
     relay(client, orig, hop, &mesh, &stats).await;
 }
 
+/// Turns on TCP keepalive probes after `idle` of quiet: a relayed connection is never cut for
+/// being idle, but one whose peer is gone is found and closed.
+pub(crate) fn keep_alive(stream: &TcpStream, idle: Duration) {
+    let params = socket2::TcpKeepalive::new().with_time(idle).with_interval(idle / 4);
+    if let Err(err) = socket2::SockRef::from(stream).set_tcp_keepalive(&params) {
+        debug!(error = %err, "cannot turn on TCP keepalive");
+    }
+}
+
 /// Carries a connection's bytes along `hop` and back.
 async fn relay(mut client: TcpStream, orig: SocketAddrV4, hop: Hop, mesh: &Mesh, stats: &OutboundStats) {
     let started = Instant::now();
+    keep_alive(&client, mesh.config.tcp_keepalive);
     let target = match hop {
         Hop::Direct(t) => t,
         Hop::Refuse(why) => {
@@ -202,6 +212,7 @@ async fn relay(mut client: TcpStream, orig: SocketAddrV4, hop: Hop, mesh: &Mesh,
             }
         };
     let _ = upstream.set_nodelay(true);
+    keep_alive(&upstream, mesh.config.tcp_keepalive);
     let _ = client.set_nodelay(true);
     let mut upstream = upstream;
     match copy_both_ways(&mut client, &mut upstream, mesh.config.copy_buffer).await {

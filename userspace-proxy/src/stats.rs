@@ -25,7 +25,8 @@ pub struct LocalLabels {
 /// Labels of the counter of CONNECTs and connections the inbound HBONE listener refused.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct RefusalLabels {
-    /// `foreign_trust_domain`, `node_address`, `not_a_workload`, `not_here`, `bad_target`.
+    /// `foreign_trust_domain`, `node_address`, `not_a_workload`, `not_here`, `bad_target`,
+    /// `handshake_timeout`.
     pub reason: &'static str,
 }
 

@@ -172,12 +172,16 @@ fn the_daemonset_runs_the_agent_with_valid_arguments_and_only_the_capabilities_i
         .chain(agent.args.iter().flatten().map(|a| expand(a)))
         .collect();
     let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("agent args {args:?}: {e}"));
-    let Command::Run { node, proxy_addr, admin_addr, .. } = cli.command else {
+    let Command::Run { node, proxy_addr, admin_addr, metrics_addr, cgroup_root, .. } = cli.command else {
         panic!("the agent container runs `run`")
     };
     assert_eq!(node, "node1");
     assert_eq!(proxy_addr.port(), 15001);
     assert_eq!(admin_addr.port(), 15021);
+    assert_eq!(metrics_addr.port(), 15020);
+    // Hosts mount cgroup2 in different places (/sys/fs/cgroup, /sys/fs/cgroup/unified): the
+    // agent detects it, and a fixed path would stop it starting on some.
+    assert_eq!(cgroup_root, None, "the DaemonSet lets the agent find the cgroup2 mount");
 
     let caps = agent.security_context.as_ref().and_then(|s| s.capabilities.as_ref()).expect("capabilities");
     let mut added: Vec<&str> = caps.add.iter().flatten().map(String::as_str).collect();

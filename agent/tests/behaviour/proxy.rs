@@ -93,9 +93,14 @@ struct Proxy {
 
 impl Proxy {
     async fn start(yaml: &str) -> Self {
+        Self::start_with(yaml, ProxyConfig::default()).await
+    }
+
+    /// [`Proxy::start`] with `config`, its outbound listener on 127.0.0.1.
+    async fn start_with(yaml: &str, config: ProxyConfig) -> Self {
         let table = Arc::new(StaticTable::default());
         let (tx, rx) = watch::channel(Arc::new(snapshot_of(yaml)));
-        let config = ProxyConfig { outbound_addr: (Ipv4Addr::LOCALHOST, 0).into(), ..ProxyConfig::default() };
+        let config = ProxyConfig { outbound_addr: (Ipv4Addr::LOCALHOST, 0).into(), ..config };
         let inputs = Inputs { snapshot: rx, lookup: table.clone(), certs: None };
         let running = gammaray_proxy::Proxy::start(config, inputs, &tokio::runtime::Handle::current())
             .expect("the proxy starts");
@@ -628,4 +633,87 @@ async fn the_edge_refuses_ambiguous_hosts_fills_missing_ones_and_speaks_the_back
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     let body = String::from_utf8_lossy(&body);
     assert!(!body.contains(&closed.to_string()) && !body.contains("127.0.0.1"), "no pod address: {body}");
+}
+
+/// Waits (at most `limit`) for the proxy to close `stream`; returns how long that took, or
+/// `None` if it stayed open.
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// A client that sends its request's head a byte at a time (slowloris) is closed at the header
+/// timeout, and so is a keep-alive connection left idle after a request; a request that is
+/// sent in time is answered on the same kind of connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_and_idle_keep_alives_are_closed_at_the_header_timeout() {
+    let v1 = backend("v1").await;
+    let yaml = service("backend", "10.96.0.1", ", appProtocol: http", &[v1]);
+    let timeout = Duration::from_millis(500);
+    let proxy =
+        Proxy::start_with(&yaml, ProxyConfig { header_read_timeout: timeout, ..ProxyConfig::default() })
+            .await;
+
+    let mut slow = proxy.connect(VIP).await;
+    let dripping = tokio::spawn(async move {
+        for b in b"GET / HTTP/1.1\r\nHost: backend\r\nX-Slow: ".iter().chain(b"a".repeat(100).iter()) {
+            if slow.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        closed_within(&mut slow, Duration::from_secs(5)).await
+    });
+    let closed = dripping.await.expect("the slow client ran");
+    assert!(closed.is_some(), "a slowloris is closed");
+
+    let mut idle = proxy.connect(VIP).await;
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n").await.expect("a request");
+    let mut head = [0u8; 12];
+    idle.read_exact(&mut head).await.expect("an answer");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let after = closed_within(&mut idle, Duration::from_secs(5)).await;
+    assert!(
+        after.is_some_and(|d| d >= timeout / 2),
+        "an idle keep-alive is closed at the timeout: {after:?}"
+    );
+}
+
+/// A connection to the inbound HBONE listener that never finishes its TLS handshake is closed at
+/// the handshake timeout and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_that_never_ends_is_cut_at_its_timeout() {
+    let node = Ipv4Addr::new(127, fastrand::u8(100..=250), 20, 2);
+    let authority = Arc::new(gammaray_proxy::identity::Authority::generate("cluster.local").expect("CA"));
+    let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let config = ProxyConfig {
+        outbound_addr: (node, 0).into(),
+        node: Some("node-b".into()),
+        tls_handshake_timeout: Duration::from_millis(300),
+        ..ProxyConfig::default()
+    };
+    let inputs = Inputs {
+        snapshot: rx,
+        lookup: Arc::new(StaticTable::default()),
+        certs: Some(Arc::new(gammaray_proxy::identity::CertStore::new(authority))),
+    };
+    let proxy =
+        gammaray_proxy::Proxy::start(config, inputs, &tokio::runtime::Handle::current()).expect("proxy");
+    let hbone = proxy.inbound_addr().expect("an inbound listener");
+    let mut silent = tokio::net::TcpStream::connect(hbone).await.expect("connect");
+    let closed = closed_within(&mut silent, Duration::from_secs(5)).await;
+    assert!(closed.is_some(), "a silent client is cut off");
+    let counted = proxy
+        .stats()
+        .hbone_refused
+        .get_or_create(&gammaray_proxy::stats::RefusalLabels { reason: "handshake_timeout" });
+    assert_eq!(counted.get(), 1);
 }

@@ -32,22 +32,33 @@ fn a_90_10_canary_through_real_agents_splits_and_follows_a_weight_change() {
     assert_eq!(status.kernel.redirected, 1, "one keep-alive connection, redirected once");
     assert_eq!(status.outbound.requests, 1000);
     assert!(status.outbound.hbone_tunnels > 0, "requests to node2's pods went through HBONE");
-    // The admin endpoint: health, readiness, and the metrics of what just happened.
-    let admin = SocketAddr::from((mesh.cluster.node(1).ip, 15021));
-    let (health, ready, metrics, dump) = mesh
+    // The node's surfaces: health and readiness on the admin endpoint, the metrics of what just
+    // happened on their own, and the configuration on the control socket only.
+    let node1 = mesh.cluster.node(1).ip;
+    let (admin, metrics_at) = (SocketAddr::from((node1, 15021)), SocketAddr::from((node1, 15020)));
+    let (health, ready, metrics, dump_on_admin) = mesh
         .cluster
         .node(1)
         .run(|| {
             let mut c = HttpClient::connect(admin, "admin", TIMEOUT).expect("admin endpoint");
+            let mut m = HttpClient::connect(metrics_at, "metrics", TIMEOUT).expect("metrics endpoint");
             (
                 c.get("/healthz", &[]).expect("healthz"),
                 c.get("/readyz", &[]).expect("readyz"),
-                c.get("/metrics", &[]).expect("metrics"),
+                m.get("/metrics", &[]).expect("metrics"),
                 c.get("/config_dump", &[]).expect("config_dump"),
             )
         })
         .expect("enter node1");
-    let dump: serde_json::Value = serde_json::from_str(&dump.body).expect("config_dump is JSON");
+    assert_eq!(dump_on_admin.status, 403, "the node's address is not its loopback: {}", dump_on_admin.body);
+    let from_pod = canary
+        .client
+        .run(|| HttpClient::connect(admin, "admin", TIMEOUT).and_then(|mut c| c.get("/config_dump", &[])))
+        .expect("enter the client pod")
+        .expect("the admin endpoint answers a pod");
+    assert_eq!(from_pod.status, 403, "a pod cannot read the mesh's configuration: {}", from_pod.body);
+    let dump = block_on(agent.control().config_dump()).expect("config_dump on the control socket");
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config_dump is JSON");
     assert!(dump["services"]["demo/backend"].as_str().is_some_and(|d| d.contains("backend-v2")), "{dump}");
     assert!(dump["routeStatuses"].as_array().is_some_and(|r| !r.is_empty()), "{dump}");
     assert_eq!(dump["status"]["node"], "node1");
