@@ -84,6 +84,11 @@ fn registry(state: &Arc<State>, readiness: &Readiness) -> Registry {
         state.outbound.hbone_refused.clone(),
     );
     registry.register(
+        "connections_limited",
+        "Connections and tunnels refused at a limit, by listener, reason and source",
+        state.outbound.limited.clone(),
+    );
+    registry.register(
         "local_responses",
         "HTTP requests the proxy answered itself, by reason",
         state.outbound.local_responses.clone(),

@@ -116,7 +116,13 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     // The proxy runs on a runtime of its own, so a burst of traffic never starves the agent's
     // control work, and the agent's work never adds latency to requests.
     let proxy_rt = ProxyRuntime::start(cfg.proxy_threads).context("cannot start the proxy runtime")?;
-    let proxy_config = gammaray_proxy::ProxyConfig { node: Some(cfg.node.clone()), ..cfg.proxy.clone() };
+    let limits = descriptor_limits();
+    let proxy_config = gammaray_proxy::ProxyConfig {
+        node: Some(cfg.node.clone()),
+        max_connections: limits.max_connections,
+        max_connections_per_source: limits.max_connections_per_source,
+        ..cfg.proxy.clone()
+    };
     let inputs = gammaray_proxy::Inputs {
         snapshot: config.snapshot.clone(),
         lookup: datapath.orig_dst_lookup(),
@@ -213,6 +219,50 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     Ok(())
 }
 
+/// What the agent's descriptors allow the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
+}
+
+impl Limits {
+    /// For a process that may hold `nofile` descriptors: a proxied connection costs up to two
+    /// (the client's and the upstream's), and an eighth (at least 256, at most 4096) is kept
+    /// for the agent's own work, so the API watches, the manifests and the admin endpoints
+    /// never run out when pods hold every connection they may. One source may hold a quarter,
+    /// and never more than 16 384: a pod with more open at once is misbehaving, and each costs
+    /// the proxy memory as well as descriptors.
+    pub fn for_descriptors(nofile: u64) -> Self {
+        let reserve = (nofile / 8).clamp(256, 4096);
+        let max_connections = (nofile.saturating_sub(reserve) / 2).max(1) as usize;
+        Self { max_connections, max_connections_per_source: (max_connections / 4).clamp(1, 16_384) }
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard one, and derives the proxy's limits
+/// from what it then is; logs both.
+fn descriptor_limits() -> Limits {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    let soft = match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => hard,
+        Err(err) => {
+            tracing::warn!(error = %err, soft, hard, "cannot raise the descriptor limit; keeping the soft one");
+            soft
+        }
+    };
+    let limits = Limits::for_descriptors(soft);
+    tracing::info!(
+        nofile = soft,
+        hard,
+        max_connections = limits.max_connections,
+        max_connections_per_source = limits.max_connections_per_source,
+        "descriptor limit and the proxy's connection limits"
+    );
+    limits
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -301,6 +351,19 @@ mod tests {
 
     /// The proxy's runtimes, both kinds, have their threads write log lines in batches: a line
     /// logged by a task is kept while the task runs and written once its thread goes idle.
+    #[test]
+    fn connection_limits_leave_room_for_the_agent_and_share_the_rest() {
+        use super::Limits;
+        let l = Limits::for_descriptors(1_048_576);
+        assert_eq!(l, Limits { max_connections: 522_240, max_connections_per_source: 16_384 });
+        let l = Limits::for_descriptors(65_536);
+        assert_eq!(l.max_connections, (65_536 - 4_096) / 2, "at most 4096 kept back");
+        let l = Limits::for_descriptors(1024);
+        assert_eq!(l.max_connections, (1024 - 256) / 2, "at least 256 kept back");
+        assert_eq!(l.max_connections_per_source, (1024 - 256) / 2 / 4, "a quarter to one source");
+        assert_eq!(Limits::for_descriptors(100).max_connections, 1, "never zero");
+    }
+
     #[test]
     fn the_proxy_runtimes_write_log_lines_when_they_go_idle() {
         for threads in [1, 2] {

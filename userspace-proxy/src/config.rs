@@ -32,6 +32,13 @@ pub struct ProxyConfig {
     pub upstream_idle_timeout: Duration,
     /// ...when the pool is next swept, this often.
     pub upstream_sweep_every: Duration,
+    /// Connections the proxy holds at once, on all its listeners and tunnels together; past it,
+    /// new ones are refused. Each costs one or two descriptors, so the agent sets it below its
+    /// descriptor limit, with room kept for its own work (API watches, files, admin).
+    pub max_connections: usize,
+    /// Connections (and tunnels) one source address may hold at once: one pod, or one peer
+    /// node, cannot take every place.
+    pub max_connections_per_source: usize,
     /// How long a client may take to send a request's head (a slowloris is closed here). With
     /// HTTP/1 it is also the longest a keep-alive connection may sit idle between requests: the
     /// timer starts as soon as the proxy waits for the next head.
@@ -87,6 +94,8 @@ impl Default for ProxyConfig {
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_idle_timeout: Duration::from_secs(90),
             upstream_sweep_every: Duration::from_secs(30),
+            max_connections: 16_384,
+            max_connections_per_source: 4_096,
             header_read_timeout: Duration::from_secs(30),
             h2_keepalive_interval: Duration::from_secs(30),
             h2_keepalive_timeout: Duration::from_secs(20),

@@ -232,12 +232,21 @@ pub(crate) struct Inbound {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub certs: Arc<CertStore>,
     pub stats: Arc<OutboundStats>,
+    /// The node's connection limits, which tunnels count against too.
+    pub limits: Arc<crate::limits::ConnLimits>,
 }
 
 impl Inbound {
     /// Counts a refusal by its reason.
     fn refused(&self, reason: &'static str) {
         self.stats.hbone_refused.get_or_create(&crate::stats::RefusalLabels { reason }).inc();
+    }
+
+    /// Counts and (rate-limited) logs a connection or tunnel refused at a limit.
+    fn limited(&self, refusal: crate::limits::Refusal, peer: std::net::IpAddr, source: String) {
+        let labels = crate::stats::LimitLabels { listener: "hbone", reason: refusal.reason(), source };
+        self.stats.limited.get_or_create(&labels).inc();
+        crate::limits::log_refusal(&self.limits, refusal, peer, "hbone");
     }
 }
 
@@ -258,12 +267,23 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, component = "inbound", "listener ready");
+    let accept_errors = crate::limits::EverySecond::new();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(err) => {
-                warn!(error = %err, "inbound accept failed; continuing");
+                if accept_errors.should_log() {
+                    warn!(error = %err, "inbound accept failed; continuing (logged at most once a second)");
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let slot = match inbound.limits.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                inbound.limited(refusal, peer.ip(), "unknown".to_owned());
+                let _ = tcp.set_zero_linger();
                 continue;
             }
         };
@@ -273,6 +293,8 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
         let inbound = inbound.clone();
         tokio::spawn(
             async move {
+                // The connection's place, held until it ends.
+                let _slot = slot;
                 let handshake = acceptor.accept(ReadAhead::new(tcp, inbound.config.relay_block));
                 let mut tls = match tokio::time::timeout(inbound.config.tls_handshake_timeout, handshake).await {
                     Ok(Ok(t)) => t,
@@ -325,7 +347,7 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
                 cork.drive(async {
                     while let Some(accepted) = conn.accept().await {
                         match accepted {
-                            Ok((req, respond)) => tunnel(req, respond, &inbound, &peer_id, &local_id),
+                            Ok((req, respond)) => tunnel(req, respond, &inbound, peer.ip(), &peer_id, &local_id),
                             Err(err) => {
                                 debug!(error = %err, "inbound HBONE connection ended");
                                 return;
@@ -355,6 +377,7 @@ fn tunnel(
     req: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
     inbound: &Inbound,
+    peer_ip: std::net::IpAddr,
     peer: &Identity,
     local: &Identity,
 ) {
@@ -383,6 +406,15 @@ fn tunnel(
         warn!(%target, pod = %workload.pod, expected = %local, "CONNECT target is not a pod on this node with the presented identity");
         return reply(respond, StatusCode::FORBIDDEN);
     }
+    // Each tunnel costs this node a socket to the pod: it counts against the node's limits, as
+    // the peer node's own connections do.
+    let slot = match inbound.limits.admit(peer_ip) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            inbound.limited(refusal, peer_ip, peer.to_string());
+            return reply(respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
     let stats = inbound.stats.clone();
     let relay = inbound.config.relay();
     let keepalive = inbound.config.tcp_keepalive;
@@ -390,6 +422,7 @@ fn tunnel(
     let (peer, local) = (peer.clone(), local.clone());
     let recv = req.into_body();
     tokio::spawn(async move {
+        let _slot = slot;
         let started = Instant::now();
         // The pod is reached before the tunnel is confirmed, so a client learns of a pod that
         // refuses from the status, not from a stream reset after a 200.

@@ -12,6 +12,7 @@ mod cork;
 mod hbone;
 mod http;
 pub mod identity;
+mod limits;
 mod local;
 mod logfmt;
 pub mod orig_dst;

@@ -46,6 +46,7 @@ pub enum OutboundError {
 /// What the outbound listener serves from.
 pub(crate) struct Outbound {
     pub mesh: Arc<Mesh>,
+    pub limits: Arc<crate::limits::ConnLimits>,
     pub lookup: Arc<dyn OrigDstLookup>,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub stats: Arc<OutboundStats>,
@@ -53,26 +54,36 @@ pub(crate) struct Outbound {
 
 /// Serves the outbound listener until the task is dropped.
 pub(crate) async fn serve(listener: TcpListener, outbound: Outbound) -> Result<(), OutboundError> {
-    let Outbound { mesh, lookup, snapshot, stats } = outbound;
+    let Outbound { mesh, limits, lookup, snapshot, stats } = outbound;
     let upstreams = crate::upstream::Upstreams::new(mesh.hbone.clone(), stats.clone(), &mesh.config);
     let mirrors = crate::upstream::Upstreams::new(mesh.hbone.clone(), stats.clone(), &mesh.config);
     let addr = listener
         .local_addr()
         .map_err(|source| OutboundError::Accept { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
     info!(%addr, component = "outbound", "listener ready");
+    let accept_errors = crate::limits::EverySecond::new();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             // Per-connection failures (the peer reset before accept, fd limits) must not stop
             // the listener; back off briefly so an fd exhaustion does not spin.
             Err(err) if is_transient(&err) => {
-                warn!(%addr, error = %err, "accept failed; continuing");
+                if accept_errors.should_log() {
+                    warn!(%addr, error = %err, "accept failed; continuing (logged at most once a second)");
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
             Err(source) => return Err(OutboundError::Accept { addr, source }),
         };
         stats.accepted.fetch_add(1, Relaxed);
+        let slot = match limits.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                refuse(stream, peer, refusal, &limits, &lookup, &snapshot, &stats);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let conn = Conn {
             mesh: mesh.clone(),
@@ -83,8 +94,41 @@ pub(crate) async fn serve(listener: TcpListener, outbound: Outbound) -> Result<(
             stats: stats.clone(),
         };
         let span = info_span!("outbound", src = %peer);
-        tokio::spawn(handle(stream, peer, conn).instrument(span));
+        tokio::spawn(
+            async move {
+                handle(stream, peer, conn).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
     }
+}
+
+/// Refuses a connection at a limit: a reset, so the client learns at once; the kernel's record
+/// of where it was going is taken, as for any connection; counted and (rate-limited) logged.
+fn refuse(
+    stream: TcpStream,
+    peer: SocketAddr,
+    refusal: crate::limits::Refusal,
+    limits: &crate::limits::ConnLimits,
+    lookup: &Arc<dyn OrigDstLookup>,
+    snapshot: &watch::Receiver<Arc<Snapshot>>,
+    stats: &OutboundStats,
+) {
+    if let SocketAddr::V4(v4) = peer {
+        let _ = lookup.take(v4);
+    }
+    let source = snapshot
+        .borrow()
+        .workloads
+        .get(&peer.ip())
+        .map_or_else(|| "unknown".to_owned(), |w| format!("{}/{}", w.pod.namespace, w.service_account));
+    stats
+        .limited
+        .get_or_create(&crate::stats::LimitLabels { listener: "outbound", reason: refusal.reason(), source })
+        .inc();
+    crate::limits::log_refusal(limits, refusal, peer.ip(), "outbound");
+    let _ = stream.set_zero_linger();
 }
 
 fn is_transient(err: &std::io::Error) -> bool {

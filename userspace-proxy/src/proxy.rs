@@ -11,6 +11,7 @@ use crate::{
     ProxyConfig,
     hbone::{Inbound, Mesh},
     identity::CertStore,
+    limits::ConnLimits,
     orig_dst::OrigDstLookup,
     outbound::Outbound,
     snapshot::Snapshot,
@@ -56,6 +57,8 @@ impl Proxy {
         let config = Arc::new(config);
         let Inputs { snapshot, lookup, certs } = inputs;
         let stats = Arc::new(OutboundStats::default());
+        // One count for the whole node: the outbound listener, the inbound one and its tunnels.
+        let limits = ConnLimits::new(config.max_connections, config.max_connections_per_source);
         let outbound = listen(&config, config.outbound_addr).map_err(|source| ProxyError::Bind {
             listener: "outbound",
             addr: config.outbound_addr,
@@ -79,11 +82,17 @@ impl Proxy {
                 snapshot: snapshot.clone(),
                 certs: certs.clone(),
                 stats: stats.clone(),
+                limits: limits.clone(),
             });
             tasks.push(runtime.spawn(log_end("inbound", crate::hbone::serve_inbound(listener, inbound))));
         }
-        let outbound_state =
-            Outbound { mesh: Arc::new(Mesh::new(config, certs)), lookup, snapshot, stats: stats.clone() };
+        let outbound_state = Outbound {
+            mesh: Arc::new(Mesh::new(config, certs)),
+            limits,
+            lookup,
+            snapshot,
+            stats: stats.clone(),
+        };
         tasks.push(runtime.spawn(log_end("outbound", crate::outbound::serve(outbound, outbound_state))));
         Ok(Self { outbound_addr, inbound_addr, stats, tasks })
     }

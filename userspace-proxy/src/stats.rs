@@ -30,8 +30,23 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the counter of connections refused at a limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct LimitLabels {
+    /// `outbound` or `hbone`.
+    pub listener: &'static str,
+    /// `node_limit` or `source_limit`.
+    pub reason: &'static str,
+    /// The source workload (`namespace/serviceaccount`), the peer's identity for a tunnel, or
+    /// `unknown`.
+    pub source: String,
+}
+
 #[derive(Debug, Default)]
 pub struct OutboundStats {
+    /// Connections and tunnels refused at a limit, by listener, reason and source.
+    pub limited:
+        prometheus_client::metrics::family::Family<LimitLabels, prometheus_client::metrics::counter::Counter>,
     /// Tunnels and connections the inbound HBONE listener refused, by reason.
     pub hbone_refused: prometheus_client::metrics::family::Family<
         RefusalLabels,

@@ -717,3 +717,80 @@ async fn a_tls_handshake_that_never_ends_is_cut_at_its_timeout() {
         .get_or_create(&gammaray_proxy::stats::RefusalLabels { reason: "handshake_timeout" });
     assert_eq!(counted.get(), 1);
 }
+
+/// Opens a connection through the proxy from `source`, as a pod with that address would; a
+/// connection the proxy resets at once may fail already here.
+async fn dial_from(
+    proxy: &Proxy,
+    source: Ipv4Addr,
+    dst: SocketAddrV4,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.bind((source, 0).into()).expect("bind client");
+    let SocketAddr::V4(local) = socket.local_addr().expect("client addr") else { unreachable!() };
+    proxy.table.insert(local, dst);
+    socket.connect(proxy.addr).await
+}
+
+/// Sends one request on `stream` and says whether a 200 came back.
+async fn answered(stream: &mut std::io::Result<tokio::net::TcpStream>) -> bool {
+    let Ok(stream) = stream else { return false };
+    if stream.write_all(b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n").await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut head)).await,
+        Ok(Ok(_)) if &head == b"HTTP/1.1 200"
+    )
+}
+
+/// One source holds at most its share of connections and the proxy its total: past them a
+/// connection is reset at once and counted, other sources keep being served, and a place
+/// comes back when a connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_past_its_share_is_refused_while_others_are_served() {
+    let v1 = backend("v1").await;
+    let yaml = service("backend", "10.96.0.1", ", appProtocol: http", &[v1]);
+    let config = ProxyConfig { max_connections: 5, max_connections_per_source: 3, ..ProxyConfig::default() };
+    let proxy = Proxy::start_with(&yaml, config).await;
+    let b = fastrand::u8(100..=250);
+    let (greedy, other) = (Ipv4Addr::new(127, b, 30, 1), Ipv4Addr::new(127, b, 30, 2));
+
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = dial_from(&proxy, greedy, VIP).await;
+        assert!(answered(&mut c).await, "within its share");
+        held.push(c);
+    }
+    let mut over = dial_from(&proxy, greedy, VIP).await;
+    assert!(!answered(&mut over).await, "a fourth from the same source is refused");
+    let limited = |reason| {
+        let labels =
+            gammaray_proxy::stats::LimitLabels { listener: "outbound", reason, source: "unknown".to_owned() };
+        proxy.stats.limited.get_or_create(&labels).get()
+    };
+    assert_eq!(limited("source_limit"), 1);
+
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        let mut c = dial_from(&proxy, other, VIP).await;
+        assert!(answered(&mut c).await, "another source is served");
+        others.push(c);
+    }
+    let mut sixth = dial_from(&proxy, other, VIP).await;
+    assert!(!answered(&mut sixth).await, "five in all");
+    assert_eq!(limited("node_limit"), 1);
+
+    drop(held.pop());
+    let mut again = None;
+    for _ in 0..50 {
+        let mut c = dial_from(&proxy, greedy, VIP).await;
+        if answered(&mut c).await {
+            again = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "a closed connection's place comes back");
+}
