@@ -146,7 +146,7 @@ pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
         let store = store.lock().expect("store lock").clone();
         out.publish(store, "kubernetes");
         published_once = true;
-        release_freed_memory();
+        crate::memory::release_freed_memory();
     }
 }
 
@@ -222,15 +222,5 @@ fn apply(store: &mut Store, kind: Kind, object: DynamicObject) {
     value["kind"] = kind.kind.into();
     if let Err(err) = store.apply_value(0, value) {
         warn!(object = %name, error = %err, "object skipped: it does not parse");
-    }
-}
-
-/// Hands memory freed by the rebuild (the previous store and snapshot, decoding's temporaries)
-/// back to the kernel: glibc keeps freed heap for reuse, so without this the agent's RSS stays at
-/// its high-water mark after each large configuration change.
-fn release_freed_memory() {
-    // SAFETY: malloc_trim only walks glibc's own heap bookkeeping; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

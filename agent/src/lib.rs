@@ -13,6 +13,7 @@ pub mod kube_client;
 pub mod kube_source;
 pub mod logging;
 pub mod manifests;
+pub mod memory;
 pub mod netns;
 pub mod preflight;
 pub mod run;

@@ -177,6 +177,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         let state = state.clone();
         async move { control::serve(&control_path, state).await }
     });
+    let trim = tokio::spawn(crate::memory::trim_after_bursts(std::time::Duration::from_secs(5)));
     tracing::info!(node = %cfg.node, proxy = %proxy_addr, "agent ready");
 
     tokio::select! {
@@ -204,6 +205,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     if let Some(task) = source {
         task.abort();
     }
+    trim.abort();
     if let Some(task) = kernel_logs {
         task.abort();
         let _ = task.await;

@@ -13,11 +13,12 @@ use gammaray_testkit::lanes::Lane;
 use super::{
     Ctx,
     measure::{mem_mib, which_backend},
-    report::Row,
+    report::{Row, Target},
     world::{HELD_CONNECTIONS, WEB_L4, WEB_L7},
 };
 
-pub(super) fn run(ctx: &Ctx<'_>, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+/// `idle_rss`: each agent's RSS before any load, in MiB.
+pub(super) fn run(ctx: &Ctx<'_>, idle_rss: &[f64], rows: &mut Vec<Row>) -> anyhow::Result<()> {
     // Connections held open: what each costs the agents in memory while it is idle, after one
     // request and its answer (so each direction has been read and written once). Last, so that
     // what the allocator keeps after they close does not count in the figures above.
@@ -57,6 +58,22 @@ pub(super) fn run(ctx: &Ctx<'_>, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         drop(held);
         std::thread::sleep(Duration::from_millis(500));
     }
-
+    // What the connections and everything before them took must come back: the agents hand
+    // freed heap back a few seconds after a burst ends.
+    std::thread::sleep(MEMORY_SETTLES);
+    for (agent, idle) in ctx.bed.agents.iter().zip(idle_rss) {
+        rows.push(
+            Row::new(
+                format!("{} agent RSS once the load has ended (direct: idle, before any load)", agent.node),
+                Some(*idle),
+                mem_mib(agent.pid(), "VmRSS"),
+                "MiB",
+            )
+            .target(Target::AddedAtMost(10.0)),
+        );
+    }
     Ok(())
 }
+
+/// Longer than the agents' look at their memory (every 5 s), so a trim has happened.
+const MEMORY_SETTLES: Duration = Duration::from_secs(6);
