@@ -173,7 +173,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     connects::run(&ctx, &mut rows)?;
     scale::run(&ctx, &idle, &mut rows)?;
     // Last, so that what the allocator keeps after they close counts in no figure above.
-    held::run(&ctx, &idle.rss, &mut rows)?;
+    held::run(&ctx, &mut rows)?;
 
     let report = report::render(&rows, quick, build, &plan, agent_build);
     std::fs::create_dir_all(&bench_dir)?;

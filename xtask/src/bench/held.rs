@@ -17,8 +17,9 @@ use super::{
     world::{HELD_CONNECTIONS, WEB_L4, WEB_L7},
 };
 
-/// `idle_rss`: each agent's RSS before any load, in MiB.
-pub(super) fn run(ctx: &Ctx<'_>, idle_rss: &[f64], rows: &mut Vec<Row>) -> anyhow::Result<()> {
+pub(super) fn run(ctx: &Ctx<'_>, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    // Before the connections: the configuration of the scale phase loaded, no traffic.
+    let before_all: Vec<f64> = ctx.bed.agents.iter().map(|a| mem_mib(a.pid(), "VmRSS")).collect();
     // Connections held open: what each costs the agents in memory while it is idle, after one
     // request and its answer (so each direction has been read and written once). Last, so that
     // what the allocator keeps after they close does not count in the figures above.
@@ -58,14 +59,17 @@ pub(super) fn run(ctx: &Ctx<'_>, idle_rss: &[f64], rows: &mut Vec<Row>) -> anyho
         drop(held);
         std::thread::sleep(Duration::from_millis(500));
     }
-    // What the connections and everything before them took must come back: the agents hand
-    // freed heap back a few seconds after a burst ends.
+    // What the connections took must come back: the agents hand freed heap back a few seconds
+    // after a burst ends.
     std::thread::sleep(MEMORY_SETTLES);
-    for (agent, idle) in ctx.bed.agents.iter().zip(idle_rss) {
+    for (agent, before) in ctx.bed.agents.iter().zip(&before_all) {
         rows.push(
             Row::new(
-                format!("{} agent RSS once the load has ended (direct: idle, before any load)", agent.node),
-                Some(*idle),
+                format!(
+                    "{} agent RSS once the held connections have closed (direct: before them, the same configuration, no traffic)",
+                    agent.node
+                ),
+                Some(*before),
                 mem_mib(agent.pid(), "VmRSS"),
                 "MiB",
             )
