@@ -87,35 +87,34 @@ async fn connect(
     Ok(response.status().as_u16())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hbone_reaches_only_mesh_pods_of_its_node_and_only_for_its_trust_domain() {
-    let world = World::new();
+/// Node B's proxy, and the snapshot it routes by.
+struct NodeB {
+    proxy: Proxy,
+    snapshot: tokio::sync::watch::Sender<Arc<gammaray_proxy::snapshot::Snapshot>>,
+}
+
+/// Node B's world on loopback: the pod listening, and node B's proxy started with `config`
+/// (its addresses, node and trust domain filled in) and certificates of `ca`.
+async fn node_b(world: &World, ca: &Arc<Authority>, config: ProxyConfig) -> NodeB {
     let mut store = Store::default();
     let applied = store.apply_yaml(&world.objects());
     assert!(applied.errors.is_empty(), "{:?}", applied.errors);
     let snapshot = translate(&store, &Options { trust_domain: TRUST_DOMAIN.into(), version: 1 }).snapshot;
-    assert!(
-        !snapshot.workloads.contains_key(&IpAddr::V4(world.host_pod)),
-        "a host-network pod is no workload"
-    );
-    let (_publish, snapshot) = tokio::sync::watch::channel(Arc::new(snapshot));
-
-    // The pod, and a port on the node's own address (as an agent's or a kubelet's would be).
+    let (publish, snapshot) = tokio::sync::watch::channel(Arc::new(snapshot));
     let pod = TcpListener::bind((world.pod, 8080)).await.expect("bind the pod");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = pod.accept().await {
             let _ = s.write_all(b"pod").await;
+            // Held open until the client ends, as a real pod's connection would be.
+            let mut sink = [0u8; 64];
+            while matches!(tokio::io::AsyncReadExt::read(&mut s, &mut sink).await, Ok(n) if n > 0) {}
         }
     });
-    let node_port =
-        TcpListener::bind((world.node, 0)).await.expect("bind on the node").local_addr().expect("addr");
-
-    let ca = Arc::new(Authority::generate(TRUST_DOMAIN).expect("a mesh CA"));
     let config = ProxyConfig {
         outbound_addr: SocketAddr::new(IpAddr::V4(world.node), 0),
         node: Some("node-b".into()),
         trust_domain: TRUST_DOMAIN.into(),
-        ..ProxyConfig::default()
+        ..config
     };
     let inputs = Inputs {
         snapshot,
@@ -123,6 +122,68 @@ async fn hbone_reaches_only_mesh_pods_of_its_node_and_only_for_its_trust_domain(
         certs: Some(Arc::new(CertStore::new(ca.clone()))),
     };
     let proxy = Proxy::start(config, inputs, &tokio::runtime::Handle::current()).expect("node B's proxy");
+    NodeB { proxy, snapshot: publish }
+}
+
+/// A peer that opens tunnels without end on one connection gets its share and then 503s,
+/// counted against its identity; the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_opening_tunnels_without_end_is_refused_past_its_share() {
+    let world = World::new();
+    let ca = Arc::new(Authority::generate(TRUST_DOMAIN).expect("a mesh CA"));
+    let node =
+        node_b(&world, &ca, ProxyConfig { max_connections_per_source: 4, ..ProxyConfig::default() }).await;
+    let proxy = &node.proxy;
+    let hbone = proxy.inbound_addr().expect("an inbound listener");
+    let client: Identity = "spiffe://cluster.local/ns/demo/sa/client".parse().expect("identity");
+    let web: Identity = "spiffe://cluster.local/ns/demo/sa/web".parse().expect("identity");
+    let issued = CertStore::new(ca.clone()).get(&client).expect("a certificate");
+    let config = client_config(Arc::new(ca.roots()), &issued, web.clone()).expect("client config");
+    let name = rustls::pki_types::ServerName::try_from(web.server_name()).expect("server name");
+    let tcp = tokio::net::TcpStream::connect(hbone).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.expect("mTLS");
+    let (sender, conn) = h2::client::handshake(tls).await.expect("h2");
+    tokio::spawn(conn);
+    let pod = SocketAddr::new(IpAddr::V4(world.pod), 8080);
+    let mut statuses = Vec::new();
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        let mut sender = sender.clone().ready().await.expect("ready");
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(pod.to_string())
+            .body(())
+            .expect("req");
+        let (response, send) = sender.send_request(req, false).expect("CONNECT");
+        let response =
+            tokio::time::timeout(Duration::from_secs(5), response).await.expect("an answer").expect("h2");
+        statuses.push(response.status().as_u16());
+        open.push((send, response));
+    }
+    // The connection holds one place of the peer's four: three tunnels, then refusals.
+    assert_eq!(statuses, [200, 200, 200, 503, 503, 503], "one peer's share");
+    let labels = gammaray_proxy::stats::LimitLabels {
+        listener: "hbone",
+        reason: "source_limit",
+        source: client.to_string(),
+    };
+    assert_eq!(proxy.stats().limited.get_or_create(&labels).get(), 3, "counted against the peer's identity");
+    drop(open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hbone_reaches_only_mesh_pods_of_its_node_and_only_for_its_trust_domain() {
+    let world = World::new();
+    let ca = Arc::new(Authority::generate(TRUST_DOMAIN).expect("a mesh CA"));
+    let node = node_b(&world, &ca, ProxyConfig::default()).await;
+    let proxy = &node.proxy;
+    assert!(
+        !node.snapshot.borrow().workloads.contains_key(&IpAddr::V4(world.host_pod)),
+        "a host-network pod is no workload"
+    );
+    // A port on the node's own address, as an agent's or a kubelet's would be.
+    let node_port =
+        TcpListener::bind((world.node, 0)).await.expect("bind on the node").local_addr().expect("addr");
     let hbone = proxy.inbound_addr().expect("an inbound listener with certificates");
     let refused = |reason| proxy.stats().hbone_refused.get_or_create(&RefusalLabels { reason }).get();
 

@@ -794,3 +794,42 @@ async fn a_source_past_its_share_is_refused_while_others_are_served() {
     }
     assert!(again.is_some(), "a closed connection's place comes back");
 }
+
+/// An L4 connection is never cut for being idle: quiet for longer than every timeout the
+/// proxy has, it still carries bytes both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_l4_connection_is_not_cut() {
+    let echo = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind echo");
+    let echo_addr = echo.local_addr().expect("echo addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    // No appProtocol and no routes: the Service is balanced at L4.
+    let yaml = service("opaque", "10.96.0.1", "", &[echo_addr]);
+    let short = Duration::from_millis(200);
+    let config = ProxyConfig {
+        header_read_timeout: short,
+        h2_keepalive_interval: short,
+        h2_keepalive_timeout: short,
+        tls_handshake_timeout: short,
+        ..ProxyConfig::default()
+    };
+    let proxy = Proxy::start_with(&yaml, config).await;
+    let mut conn = proxy.connect(VIP).await;
+    for round in 0..2 {
+        conn.write_all(b"ping").await.expect("write");
+        let mut back = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut back))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: no echo"))
+            .expect("read");
+        assert_eq!(&back, b"ping", "round {round}");
+        // Quiet for ten times every timeout above.
+        tokio::time::sleep(short * 10).await;
+    }
+}
