@@ -384,28 +384,16 @@ fn tunnel(
     if req.method() != Method::CONNECT {
         return reply(respond, StatusCode::METHOD_NOT_ALLOWED);
     }
-    let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
-        inbound.refused("bad_target");
-        return reply(respond, StatusCode::BAD_REQUEST);
-    };
     let snapshot = inbound.snapshot.borrow().clone();
-    // A node's own addresses (its agent, kubelet, anything on the host's network) are never a
-    // tunnel's end, whatever a pod object claims.
-    if snapshot.nodes.values().any(|ip| *ip == target.ip()) {
-        inbound.refused("node_address");
-        warn!(%target, src_identity = %peer, "CONNECT to a node's own address refused");
-        return reply(respond, StatusCode::FORBIDDEN);
-    }
-    let Some(workload) = snapshot.workloads.get(&target.ip()) else {
-        inbound.refused("not_a_workload");
-        warn!(%target, src_identity = %peer, "CONNECT to an address that is no pod here");
-        return reply(respond, StatusCode::NOT_FOUND);
+    let authority = req.uri().authority().map(|a| a.as_str());
+    let (target, workload) = match snapshot.tunnel_target(authority, &inbound.node, local) {
+        Ok(found) => found,
+        Err(refusal) => {
+            inbound.refused(refusal.reason());
+            warn!(target = ?authority, src_identity = %peer, dst_identity = %local, reason = refusal.reason(), "CONNECT refused");
+            return reply(respond, refusal.status());
+        }
     };
-    if workload.node.as_deref() != Some(inbound.node.as_str()) || workload.identity != *local {
-        inbound.refused("not_here");
-        warn!(%target, pod = %workload.pod, expected = %local, "CONNECT target is not a pod on this node with the presented identity");
-        return reply(respond, StatusCode::FORBIDDEN);
-    }
     // Each tunnel costs this node a socket to the pod: it counts against the node's limits, as
     // the peer node's own connections do.
     let slot = match inbound.limits.admit(peer_ip) {

@@ -35,6 +35,63 @@ impl Snapshot {
     pub fn frontend(&self, addr: SocketAddr) -> Option<&Arc<Frontend>> {
         self.frontends.get(&addr)
     }
+
+    /// Where an inbound HBONE CONNECT to `authority` may go on node `node`, for a client that
+    /// asked for the identity `local`: a mesh pod of this node with that identity, never a
+    /// node's own address; or why not.
+    pub fn tunnel_target(
+        &self,
+        authority: Option<&str>,
+        node: &str,
+        local: &crate::identity::Identity,
+    ) -> Result<(SocketAddr, &Workload), TunnelRefusal> {
+        let target: SocketAddr =
+            authority.and_then(|a| a.parse().ok()).ok_or(TunnelRefusal::BadTarget)?;
+        // A node's own addresses (its agent, kubelet, anything on the host's network) are never
+        // a tunnel's end, whatever a pod object claims.
+        if self.nodes.values().any(|ip| *ip == target.ip()) {
+            return Err(TunnelRefusal::NodeAddress);
+        }
+        let workload = self.workloads.get(&target.ip()).ok_or(TunnelRefusal::NotAWorkload)?;
+        if workload.node.as_deref() != Some(node) || workload.identity != *local {
+            return Err(TunnelRefusal::NotHere);
+        }
+        Ok((target, workload))
+    }
+}
+
+/// Why an inbound tunnel is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelRefusal {
+    /// The CONNECT's authority is no `ip:port`.
+    BadTarget,
+    /// One of the nodes' own addresses.
+    NodeAddress,
+    /// No mesh pod has the address.
+    NotAWorkload,
+    /// A pod of another node, or of another identity than the one the client asked for.
+    NotHere,
+}
+
+impl TunnelRefusal {
+    /// The metric label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::BadTarget => "bad_target",
+            Self::NodeAddress => "node_address",
+            Self::NotAWorkload => "not_a_workload",
+            Self::NotHere => "not_here",
+        }
+    }
+
+    /// The CONNECT's answer.
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            Self::BadTarget => http::StatusCode::BAD_REQUEST,
+            Self::NodeAddress | Self::NotHere => http::StatusCode::FORBIDDEN,
+            Self::NotAWorkload => http::StatusCode::NOT_FOUND,
+        }
+    }
 }
 
 /// A namespace/name pair.
