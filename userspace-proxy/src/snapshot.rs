@@ -45,8 +45,7 @@ impl Snapshot {
         node: &str,
         local: &crate::identity::Identity,
     ) -> Result<(SocketAddr, &Workload), TunnelRefusal> {
-        let target: SocketAddr =
-            authority.and_then(|a| a.parse().ok()).ok_or(TunnelRefusal::BadTarget)?;
+        let target: SocketAddr = authority.and_then(|a| a.parse().ok()).ok_or(TunnelRefusal::BadTarget)?;
         // A node's own addresses (its agent, kubelet, anything on the host's network) are never
         // a tunnel's end, whatever a pod object claims.
         if self.nodes.values().any(|ip| *ip == target.ip()) {

@@ -137,6 +137,12 @@ async fn dial(proxy: SocketAddr, table: &StaticTable, dst: SocketAddrV4) -> toki
     socket.connect(proxy).await.expect("connect to proxy")
 }
 
+/// A port that was bound and released: connections to it are refused.
+fn refused_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    l.local_addr().expect("addr")
+}
+
 fn snapshot_of(yaml: &str) -> Snapshot {
     let mut store = Store::default();
     let applied = store.apply_yaml(yaml);
@@ -282,11 +288,7 @@ async fn header_routing_adds_a_header_only_on_matched_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_become_status_codes_and_the_proxy_keeps_serving() {
     let v1 = backend("v1").await;
-    // A port that was bound and released: connections to it are refused.
-    let closed = {
-        let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let closed = refused_port();
     let yaml = format!(
         "{}{}{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: demo}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: backend, port: 80}}]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /ok}}}}]\n    backendRefs: [{{name: good, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: /refused}}}}]\n    backendRefs: [{{name: refused, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: /missing}}}}]\n    backendRefs: [{{name: nowhere, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: /empty}}}}]\n    backendRefs: [{{name: backend, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: /moved}}}}]\n    filters: [{{type: RequestRedirect, requestRedirect: {{hostname: example.org, statusCode: 301}}}}]\n",
         service("backend", "10.96.0.1", "", &[]),
@@ -505,10 +507,7 @@ impl tonic::codec::Decoder for RawCodec {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_clients_get_grpc_statuses_for_local_answers() {
     let good = grpc_backend().await;
-    let closed = {
-        let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let closed = refused_port();
     let h2c = ", appProtocol: kubernetes.io/h2c";
     let rule = |method: &str, backend: &str| {
         format!(
@@ -584,10 +583,7 @@ async fn raw_exchange(proxy: &Proxy, request: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_refuses_ambiguous_hosts_fills_missing_ones_and_speaks_the_backends_protocol() {
     let v1 = backend("v1").await;
-    let closed = {
-        let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let closed = refused_port();
     let yaml = format!(
         "{}{}",
         service("backend", "10.96.0.1", ", appProtocol: http", &[v1]),
