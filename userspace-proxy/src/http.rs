@@ -204,10 +204,7 @@ impl ConnContext {
         let mut cache = self.counters.lock().expect("counters lock");
         if !std::ptr::eq(cache.snapshot.as_ptr(), Arc::as_ptr(&snapshot)) {
             let client = snapshot.workloads.get(&self.client.ip());
-            cache.source = client.map_or_else(
-                || "unknown".to_owned(),
-                |w| format!("{}/{}", w.pod.namespace, w.service_account),
-            );
+            cache.source = client.map_or_else(|| "unknown".to_owned(), |w| w.label());
             cache.destination = snapshot
                 .frontend(self.orig_dst)
                 .map_or_else(|| self.orig_dst.to_string(), |f| format!("{}:{}", f.service, f.port));

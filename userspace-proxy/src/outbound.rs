@@ -118,11 +118,8 @@ fn refuse(
     if let SocketAddr::V4(v4) = peer {
         let _ = lookup.take(v4);
     }
-    let source = snapshot
-        .borrow()
-        .workloads
-        .get(&peer.ip())
-        .map_or_else(|| "unknown".to_owned(), |w| format!("{}/{}", w.pod.namespace, w.service_account));
+    let source =
+        snapshot.borrow().workloads.get(&peer.ip()).map_or_else(|| "unknown".to_owned(), |w| w.label());
     stats
         .limited
         .get_or_create(&crate::stats::LimitLabels { listener: "outbound", reason: refusal.reason(), source })

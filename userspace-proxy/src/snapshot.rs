@@ -122,6 +122,13 @@ pub struct Workload {
     pub identity: crate::identity::Identity,
 }
 
+impl Workload {
+    /// `namespace/serviceaccount`, as metrics name a source workload.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.pod.namespace, self.service_account)
+    }
+}
+
 /// What a Service port speaks, from its `appProtocol`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppProtocol {

@@ -46,23 +46,15 @@ pub(super) fn run(ctx: &Ctx<'_>, idle: &Idle, rows: &mut Vec<Row>) -> anyhow::Re
     }
     let load_time = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(500));
-    for agent in &ctx.bed.agents {
-        rows.push(
-            Row::new(
-                format!(
-                    "{} agent RSS with {} Services and {} endpoints (loaded in {:.2} s)",
-                    agent.node,
-                    ctx.plan.services,
-                    ctx.plan.services * ctx.plan.endpoints_per_service,
-                    load_time
-                ),
-                None,
-                mem_mib(agent.pid(), "VmRSS"),
-                "MiB",
-            )
-            .target(Target::AtMost(40.0)),
-        );
-    }
+    rss_with_services(
+        ctx,
+        rows,
+        &format!(
+            "with {} Services and {} endpoints (loaded in {load_time:.2} s)",
+            ctx.plan.services,
+            ctx.plan.services * ctx.plan.endpoints_per_service
+        ),
+    );
     let version = ctx.bed.agents[0].status()?.config_version;
     let started = Instant::now();
     ctx.bed.server.apply_yaml(&web_route(100, 0));
@@ -86,20 +78,14 @@ pub(super) fn run(ctx: &Ctx<'_>, idle: &Idle, rows: &mut Vec<Row>) -> anyhow::Re
 
     // The rebuild after the change must not leave the agent larger than before it.
     std::thread::sleep(Duration::from_millis(500));
-    for agent in &ctx.bed.agents {
-        rows.push(
-            Row::new(
-                format!(
-                    "{} agent RSS with {} Services, after the weight change",
-                    agent.node, ctx.plan.services
-                ),
-                None,
-                mem_mib(agent.pid(), "VmRSS"),
-                "MiB",
-            )
-            .target(Target::AtMost(40.0)),
-        );
-    }
-
+    rss_with_services(ctx, rows, &format!("with {} Services, after the weight change", ctx.plan.services));
     Ok(())
+}
+
+/// Each agent's RSS `when`, held to the target for a cluster of this size.
+fn rss_with_services(ctx: &Ctx<'_>, rows: &mut Vec<Row>, when: &str) {
+    for agent in &ctx.bed.agents {
+        let figure = format!("{} agent RSS {when}", agent.node);
+        rows.push(Row::new(figure, None, mem_mib(agent.pid(), "VmRSS"), "MiB").target(Target::AtMost(40.0)));
+    }
 }
