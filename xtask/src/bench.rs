@@ -21,13 +21,14 @@
 //! the numbers are reported.
 //!
 //! The run goes by phases, one module each: [`requests`], [`bulk`], [`connects`], [`scale`] and
-//! [`held`] (connections held open), with [`profile`] for `--profile`'s traces; [`world`] builds
+//! [`held`] (connections held open), then [`flood`] (one pod against its node), with [`profile`] for `--profile`'s traces; [`world`] builds
 //! what they measure through and [`report`] writes the figures with their targets. The lanes are
 //! `gammaray_testkit::lanes`'s, the table the instruction counts and the profile's training use
 //! too.
 
 mod bulk;
 mod connects;
+mod flood;
 mod held;
 mod measure;
 mod profile;
@@ -45,6 +46,7 @@ use std::{
 use gammaray_testkit::lanes::Lane;
 
 use crate::agents::{Build, require_privileges};
+pub use flood::hold_connections;
 use measure::{cpu_of, mem_mib, tool};
 use world::{Binaries, FULL, Plan, QUICK, Testbed};
 
@@ -174,6 +176,7 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     scale::run(&ctx, &idle, &mut rows)?;
     // Last, so that what the allocator keeps after they close counts in no figure above.
     held::run(&ctx, &mut rows)?;
+    flood::run(&ctx, &mut rows)?;
 
     let report = report::render(&rows, quick, build, &plan, agent_build);
     std::fs::create_dir_all(&bench_dir)?;

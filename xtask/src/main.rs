@@ -58,6 +58,15 @@ enum Task {
     Release,
     /// rustfmt check and clippy with warnings denied.
     Lint,
+    /// The benchmark's flood (run inside a pod by the bench): opens `count` connections to `to`,
+    /// prints how many it holds, and holds them, idle, until it is stopped or 15 minutes pass.
+    #[command(hide = true)]
+    HoldConnections {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Lint => test::lint(),
+        Task::HoldConnections { to, count } => bench::hold_connections(to, count),
     }
 }
 

@@ -80,4 +80,4 @@ pub(super) fn run(ctx: &Ctx<'_>, rows: &mut Vec<Row>) -> anyhow::Result<()> {
 }
 
 /// Longer than the agents' look at their memory (every 5 s), so a trim has happened.
-const MEMORY_SETTLES: Duration = Duration::from_secs(6);
+pub(super) const MEMORY_SETTLES: Duration = Duration::from_secs(6);

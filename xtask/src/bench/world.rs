@@ -48,6 +48,8 @@ pub(super) struct Plan {
     pub endpoints_per_service: usize,
     /// Round trips of the wakeup-cost measurement.
     pub ping_pongs: usize,
+    /// Connections one pod holds in the flood phase.
+    pub flood: usize,
 }
 
 pub(super) const FULL: Plan = Plan {
@@ -59,6 +61,7 @@ pub(super) const FULL: Plan = Plan {
     services: 1000,
     endpoints_per_service: 10,
     ping_pongs: 20_000,
+    flood: 30_000,
 };
 
 pub(super) const QUICK: Plan = Plan {
@@ -70,6 +73,7 @@ pub(super) const QUICK: Plan = Plan {
     services: 1000,
     endpoints_per_service: 10,
     ping_pongs: 5_000,
+    flood: 3_000,
 };
 
 pub(super) struct World {
@@ -195,6 +199,8 @@ pub(super) struct Testbed {
     pub servers: Vec<Process>,
     pub server: ApiServer,
     pub world: World,
+    /// The mesh CA's directory (`ca.crt`, `ca.key`).
+    pub ca: PathBuf,
     /// Dropped last: its guards remove the nodes' and pods' namespaces and cgroups.
     _cluster: Cluster,
 }
@@ -223,6 +229,7 @@ impl Testbed {
             ("mesh-2", 2, MESH_NS),
             ("direct-1", 1, PLAIN_NS),
             ("direct-2", 2, PLAIN_NS),
+            ("flood-1", 1, MESH_NS),
         ] {
             clients.insert(name, cluster.add_pod(node, ns, &format!("{name}-7d9f8b6c5-b2n8w"))?);
         }
@@ -280,7 +287,8 @@ impl Testbed {
             agent.wait_until(|s| s.frontends >= 6)?;
             agents.push(agent);
         }
-        agents[0].wait_until(|s| !s.enrolled.is_empty())?;
+        // mesh-1 and flood-1.
+        agents[0].wait_until(|s| s.enrolled.len() >= 2)?;
         agents[1].wait_until(|s| s.enrolled.len() >= 3)?;
         // One message of 16 bytes behind gRPC's prefix (uncompressed, length).
         let grpc_body = cluster.dir().join("grpc-request.bin");
@@ -314,7 +322,7 @@ impl Testbed {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Ok(Self { agents, relays, servers, server, world, _cluster: cluster })
+        Ok(Self { agents, relays, servers, server, world, ca, _cluster: cluster })
     }
 
     pub(super) fn agent_pids(&self) -> Vec<u32> {
