@@ -54,4 +54,24 @@ if ! oha --version 2>/dev/null | grep -q "${OHA_VERSION}"; then
   cargo "+${TOOLCHAIN}" install oha --locked --version "${OHA_VERSION}"
 fi
 
-log "ready: ${TOOLCHAIN}, bpf-linker ${BPF_LINKER_VERSION}, LLVM ${LLVM_MAJOR}, oha ${OHA_VERSION}"
+# kube-apiserver and etcd for the tests against a real API server (the envtest layout,
+# KUBEBUILDER_ASSETS), unpacked from the shared directory beside the project into a cache named by
+# the archive's checksum; `current` points at the one in use. kubectl comes with these machines.
+ENVTEST_SRC="${GAMMARAY_ENVTEST_SRC:-$(cd "$(dirname "$0")/../.." && pwd)/shared/envtest}"
+ENVTEST_CACHE="/var/cache/gammaray/envtest"
+if [ -f "${ENVTEST_SRC}/assets.tar.xz" ]; then
+  sum="$(sha256sum "${ENVTEST_SRC}/assets.tar.xz" | cut -c1-16)"
+  dest="${ENVTEST_CACHE}/${sum}"
+  if [ ! -x "${dest}/bin/kube-apiserver" ] || [ ! -x "${dest}/bin/etcd" ]; then
+    log "unpacking kube-apiserver and etcd from ${ENVTEST_SRC} into ${dest}"
+    rm -rf "${dest}.tmp" && mkdir -p "${dest}.tmp"
+    tar -xJf "${ENVTEST_SRC}/assets.tar.xz" -C "${dest}.tmp"
+    rm -rf "${dest}" && mv "${dest}.tmp" "${dest}"
+  fi
+  ln -sfn "${dest}/bin" "${ENVTEST_CACHE}/current"
+else
+  log "no envtest assets at ${ENVTEST_SRC}: the tests against a real API server will SKIP (CI fails them)"
+fi
+command -v kubectl >/dev/null || log "kubectl is not on PATH: the tests against a real API server need it"
+
+log "ready: ${TOOLCHAIN}, bpf-linker ${BPF_LINKER_VERSION}, LLVM ${LLVM_MAJOR}, oha ${OHA_VERSION}, envtest assets in ${ENVTEST_CACHE}/current"

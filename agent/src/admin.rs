@@ -93,6 +93,11 @@ fn registry(state: &Arc<State>, readiness: &Readiness) -> Registry {
         "HTTP requests the proxy answered itself, by reason",
         state.outbound.local_responses.clone(),
     );
+    registry.register(
+        "status_writes_refused",
+        "Route status writes the API server refused as invalid (422)",
+        state.status_refused.count.clone(),
+    );
     registry.register_collector(Box::new(Scrape { state: state.clone(), certs: readiness.certs.clone() }));
     registry
 }

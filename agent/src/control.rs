@@ -80,6 +80,8 @@ pub struct State {
     pub mtls: bool,
     pub datapath: Datapath,
     pub outbound: Arc<OutboundStats>,
+    /// Route status writes the API server refused as invalid.
+    pub status_refused: crate::status_writer::Refused,
 }
 
 /// Serves the control socket until the task is dropped. An existing socket file at `path` is

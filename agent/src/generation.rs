@@ -8,7 +8,7 @@
 //! endpoint) watch the generation; the proxy, which needs only the snapshot, watches a channel
 //! of its own that the same call feeds after the generation.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use gammaray_proxy::snapshot::Snapshot;
 use tokio::sync::watch;
@@ -54,6 +54,8 @@ pub struct Publisher {
     options: Options,
     generation: watch::Sender<Arc<Generation>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    /// The conditions last logged, so each is logged when it changes, not on every snapshot.
+    logged: Conditions,
 }
 
 impl Publisher {
@@ -63,7 +65,7 @@ impl Publisher {
         let (generation, generation_rx) = watch::channel(Arc::new(Generation::default()));
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
         (
-            Self { options, generation, snapshot },
+            Self { options, generation, snapshot, logged: Conditions::new() },
             Subscription { generation: generation_rx, snapshot: snapshot_rx },
         )
     }
@@ -89,9 +91,24 @@ impl Publisher {
             translate_us = started.elapsed().as_micros() as u64,
             "configuration applied"
         );
-        log_conditions(&generation.statuses);
+        self.logged = log_changed_conditions(&generation.statuses, &self.logged);
         self.generation.send_replace(generation.clone());
         self.snapshot.send_replace(generation.snapshot.clone());
+        generation
+    }
+
+    /// Publishes `objects` with the configuration in force, untranslated: for changes that no
+    /// translation reads (a route's `status`, which the status writer compares against). The
+    /// version, snapshot and statuses stay; the proxy's channel is not touched.
+    pub fn refresh(&mut self, objects: Store) -> Arc<Generation> {
+        let current = self.generation.borrow().clone();
+        let generation = Arc::new(Generation {
+            version: current.version,
+            snapshot: current.snapshot.clone(),
+            statuses: current.statuses.clone(),
+            objects,
+        });
+        self.generation.send_replace(generation.clone());
         generation
     }
 
@@ -101,15 +118,31 @@ impl Publisher {
     }
 }
 
-/// Logs each route condition that is not plainly true, with its reason.
-fn log_conditions(statuses: &[RouteStatus]) {
+/// Route conditions that are not plainly true, by route, kind, parent and condition type: their
+/// status, reason and message.
+type Conditions = BTreeMap<(String, String, String, String), (String, String, String)>;
+
+/// Logs each route condition that is not plainly true and was not so in `before` (new, or with
+/// another reason or message), and each that was and now is; returns the conditions now.
+fn log_changed_conditions(statuses: &[RouteStatus], before: &Conditions) -> Conditions {
+    let mut now = Conditions::new();
     for s in statuses {
         for p in &s.parents {
             for c in p.conditions.iter().filter(|c| c.status != "True" || c.type_ == "PartiallyInvalid") {
-                warn!(route = %s.route, kind = %s.kind, parent = %p.parent_ref.name, condition = c.type_, reason = c.reason, message = %c.message, "route status");
+                let key =
+                    (s.route.clone(), s.kind.to_string(), p.parent_ref.name.clone(), c.type_.to_string());
+                let value = (c.status.to_string(), c.reason.to_string(), c.message.clone());
+                if before.get(&key) != Some(&value) {
+                    warn!(route = %s.route, kind = %s.kind, parent = %p.parent_ref.name, condition = c.type_, reason = c.reason, message = %c.message, "route status");
+                }
+                now.insert(key, value);
             }
         }
     }
+    for (route, kind, parent, condition) in before.keys().filter(|k| !now.contains_key(*k)) {
+        info!(%route, %kind, %parent, condition, "route status: the condition no longer holds (fixed, or the route is gone)");
+    }
+    now
 }
 
 #[cfg(test)]

@@ -107,6 +107,7 @@ struct Watched {
 /// Runs the source until the task is dropped.
 pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
     let changed = Arc::new(Notify::new());
+    let refreshed = Arc::new(Notify::new());
     let store = Arc::new(Mutex::new(Store::default()));
     let mut watched = Vec::new();
     let mut tasks = Vec::new();
@@ -116,9 +117,10 @@ pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
         let synced = Arc::new(AtomicBool::new(false));
         // managedFields can outweigh the object itself, and nothing here reads them.
         let stream = watcher(api, watcher::Config::default())
-            .default_backoff()
+            .backoff(watch_backoff())
             .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None);
-        tasks.push(tokio::spawn(drive(*kind, stream, store.clone(), changed.clone(), synced.clone())));
+        let wake = Wake { changed: changed.clone(), refreshed: refreshed.clone() };
+        tasks.push(tokio::spawn(drive(*kind, stream, store.clone(), wake, synced.clone())));
         watched.push(Watched { kind: *kind, synced });
     }
     let _abort = AbortOnDrop(tasks);
@@ -127,7 +129,18 @@ pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
     let mut published_once = false;
     loop {
         if published_once {
-            changed.notified().await;
+            let translate = tokio::select! {
+                () = changed.notified() => true,
+                () = refreshed.notified() => false,
+            };
+            if !translate {
+                // Only what no translation reads changed (a route's status, as the status writer
+                // wrote it): the objects are published for it, the configuration stays.
+                tokio::time::sleep(options.debounce).await;
+                let store = store.lock().expect("store lock").clone();
+                out.refresh(store);
+                continue;
+            }
         } else {
             let remaining = options.initial_sync_timeout.saturating_sub(started.elapsed());
             let _ = tokio::time::timeout(remaining, changed.notified()).await;
@@ -160,14 +173,40 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The watchers' retry delays: from 100 ms, doubling to [`WATCH_BACKOFF_MAX`], each plus up to as
+/// much again of jitter, so never more than a second. The API server being back is then noticed
+/// within a second, however long it was away (kube-runtime's default grows to 30 s, so a change
+/// made just after an outage could wait that long); the cost is one or two list attempts per kind
+/// per second while it is away.
+pub fn watch_backoff() -> watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(WATCH_BACKOFF_MAX)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
+/// The longest delay between two attempts before jitter (which at most doubles it).
+pub const WATCH_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// How a watcher wakes the builder: `changed` for what translation reads, `refreshed` for what
+/// it does not.
+struct Wake {
+    changed: Arc<Notify>,
+    refreshed: Arc<Notify>,
+}
+
 /// Drives one kind's watch stream into the store, waking the builder on every change.
 async fn drive(
     kind: Kind,
     stream: impl futures::Stream<Item = Result<watcher::Event<DynamicObject>, watcher::Error>>,
     store: Arc<Mutex<Store>>,
-    changed: Arc<Notify>,
+    wake: Wake,
     synced: Arc<AtomicBool>,
 ) {
+    let changed = &wake.changed;
     let mut stream = std::pin::pin!(stream);
     // Objects of a (re)list, applied at once when it completes.
     let mut listing: Option<Vec<DynamicObject>> = None;
@@ -192,8 +231,11 @@ async fn drive(
                 changed.notify_one();
             }
             Ok(watcher::Event::Apply(object)) => {
-                apply(&mut store.lock().expect("store lock"), kind, object);
-                changed.notify_one();
+                if apply(&mut store.lock().expect("store lock"), kind, object) {
+                    changed.notify_one();
+                } else {
+                    wake.refreshed.notify_one();
+                }
             }
             Ok(watcher::Event::Delete(object)) => {
                 let (ns, name) =
@@ -207,8 +249,15 @@ async fn drive(
 }
 
 /// Decodes one object into the store; one that does not parse is logged and skipped, leaving the
-/// last good version of it (if any) in place.
-fn apply(store: &mut Store, kind: Kind, object: DynamicObject) {
+/// last good version of it (if any) in place. Returns whether translation must run again: not
+/// when only a route's status (or what every write changes) moved, which is what the status
+/// writer's own writes look like when they come back through the watch.
+fn apply(store: &mut Store, kind: Kind, object: DynamicObject) -> bool {
+    let key = (
+        object.metadata.namespace.clone().unwrap_or_default(),
+        object.metadata.name.clone().unwrap_or_default(),
+    );
+    let before = route_as_translated(store, kind.kind, &key);
     let name = format!(
         "{} {}/{}@{}",
         kind.kind,
@@ -216,11 +265,47 @@ fn apply(store: &mut Store, kind: Kind, object: DynamicObject) {
         object.metadata.name.as_deref().unwrap_or(""),
         object.metadata.resource_version.as_deref().unwrap_or("")
     );
-    let Ok(mut value) = serde_json::to_value(&object) else { return };
+    let Ok(mut value) = serde_json::to_value(&object) else { return false };
     drop(object);
     value["apiVersion"] = kind.api_version().into();
     value["kind"] = kind.kind.into();
     if let Err(err) = store.apply_value(0, value) {
         warn!(object = %name, error = %err, "object skipped: it does not parse");
+        return false;
+    }
+    before.is_none() || before != route_as_translated(store, kind.kind, &key)
+}
+
+/// A route as translation reads it: the stored object without its status and the metadata every
+/// write changes. `None` for other kinds, and for a route not held.
+fn route_as_translated(store: &Store, kind: &str, key: &(String, String)) -> Option<serde_json::Value> {
+    let mut value = match kind {
+        "HTTPRoute" => serde_json::to_value(&**store.http_routes.get(key)?).ok()?,
+        "GRPCRoute" => serde_json::to_value(&**store.grpc_routes.get(key)?).ok()?,
+        _ => return None,
+    };
+    let object = value.as_object_mut()?;
+    object.remove("status");
+    if let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("resourceVersion");
+        meta.remove("managedFields");
+    }
+    Some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watch_backoff_never_waits_more_than_a_second_and_starts_again_when_reset() {
+        use kube::runtime::utils::Backoff as _;
+        let mut backoff = watch_backoff();
+        let delays: Vec<Duration> = (&mut backoff).take(1000).collect();
+        assert_eq!(delays.len(), 1000, "it never gives up");
+        assert!(delays.iter().all(|d| *d <= 2 * WATCH_BACKOFF_MAX), "{:?}", delays.iter().max());
+        assert!(delays[0] < Duration::from_millis(250), "the first retry is quick: {:?}", delays[0]);
+        backoff.reset();
+        assert!(backoff.next().expect("a delay") < Duration::from_millis(250), "reset starts over");
     }
 }

@@ -137,6 +137,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         outbound: proxy.stats().clone(),
         generation: config.generation.clone(),
         mtls: certs.is_some(),
+        status_refused: Default::default(),
     });
     let readiness = Arc::new(admin::Readiness { expects_config: source.is_some(), certs });
     // Health and the configuration on one listener, metrics on another unless they share it.
@@ -170,6 +171,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
             config.generation.clone(),
             stop_writer_rx,
             Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            state.status_refused.clone(),
         ))
     });
     let control_path = cfg.control_socket.clone();

@@ -13,8 +13,9 @@
 //! coming back through the watch, settle at once.
 
 use std::{
+    collections::BTreeMap,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -29,6 +30,7 @@ use kube::{
     Api, Client,
     api::{DynamicObject, PostParams},
 };
+use prometheus_client::metrics::counter::Counter;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -56,19 +58,26 @@ pub async fn run(
     mut generation: watch::Receiver<Arc<Generation>>,
     mut shutdown: watch::Receiver<bool>,
     leading: Arc<AtomicBool>,
+    refused: Refused,
 ) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
     let renew = lease.duration / 3;
     let mut tick = tokio::time::interval(renew.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When this agent last renewed the Lease: a failed renewal loses it only once it has expired.
+    let mut renewed: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let held = match try_hold(&leases, &lease).await {
-                    Ok(held) => held,
+                    Ok(held) => {
+                        renewed = held.then(std::time::Instant::now);
+                        held
+                    }
                     Err(err) => {
-                        warn!(error = %err, lease = %lease.name, "cannot read or renew the status lease");
-                        false
+                        let valid = renewed.is_some_and(|at| at.elapsed() < lease.duration);
+                        warn!(error = %err, lease = %lease.name, still_held = valid, "cannot read or renew the status lease");
+                        valid
                     }
                 };
                 if held != leading.swap(held, Ordering::AcqRel) {
@@ -92,7 +101,7 @@ pub async fn run(
         }
         if leading.load(Ordering::Acquire) {
             let current = generation.borrow_and_update().clone();
-            write_statuses(&client, &current, &lease.identity).await;
+            write_statuses(&client, &current, &lease.identity, &refused).await;
         }
     }
 }
@@ -173,6 +182,19 @@ fn current_route(store: &Store, kind: &str, namespace: &str, name: &str) -> Opti
         "GRPCRoute" => store.grpc_routes.get(&key).and_then(|r| serde_json::to_value(&**r).ok()),
         _ => store.http_routes.get(&key).and_then(|r| serde_json::to_value(&**r).ok()),
     }
+}
+
+/// The parents' entries without their timestamps, which differ on every attempt.
+fn desired_only(parents: &[Value]) -> Value {
+    let mut parents = json!(parents);
+    for p in parents.as_array_mut().into_iter().flatten() {
+        for c in p["conditions"].as_array_mut().into_iter().flatten() {
+            if let Some(c) = c.as_object_mut() {
+                c.remove("lastTransitionTime");
+            }
+        }
+    }
+    parents
 }
 
 /// The `parentRef` of a status entry, as the route wrote it (namespace filled in).
@@ -264,9 +286,19 @@ pub fn merged_parents(current: &Value, status: &RouteStatus, now: &str) -> Optio
     Some(others.into_iter().chain(desired).collect())
 }
 
+/// Status writes the API server refused as invalid (422: the CRD's schema or its CEL rules say
+/// no): counted, logged with the server's message, and not tried again until the route or the
+/// status to write changes.
+#[derive(Clone, Default)]
+pub struct Refused {
+    pub count: Counter,
+    /// Per route, the `status.parents` last refused.
+    last: Arc<Mutex<BTreeMap<String, Value>>>,
+}
+
 /// Writes each route's status of `generation` that differs from what the route says, onto the
 /// generation's own objects: a status is never paired with objects of another version.
-pub async fn write_statuses(client: &Client, generation: &Generation, identity: &str) {
+pub async fn write_statuses(client: &Client, generation: &Generation, identity: &str, refused: &Refused) {
     let (desired, store) = (&generation.statuses, &generation.objects);
     let now = Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
     let pp = PostParams { field_manager: Some(field_manager(identity)), ..Default::default() };
@@ -277,6 +309,11 @@ pub async fn write_statuses(client: &Client, generation: &Generation, identity: 
         let Some(parents) = merged_parents(&route, status, &now) else { continue };
         let Some(watched) = crate::kube_source::kind(&kind) else { continue };
         route["status"]["parents"] = json!(parents);
+        let attempt =
+            json!({"generation": route["metadata"]["generation"], "parents": desired_only(&parents)});
+        if refused.last.lock().expect("refused lock").get(&status.route) == Some(&attempt) {
+            continue;
+        }
         route["apiVersion"] = json!(watched.api_version());
         route["kind"] = json!(kind);
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &watched.resource());
@@ -291,6 +328,11 @@ pub async fn write_statuses(client: &Client, generation: &Generation, identity: 
             Ok(_) => debug!(route = %status.route, %kind, "route status written"),
             Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
                 debug!(route = %status.route, code = s.code, "route changed under the status write; the watch brings it back")
+            }
+            Err(kube::Error::Api(s)) if s.code == 422 => {
+                refused.count.inc();
+                warn!(route = %status.route, %kind, message = %s.message, "the API server refused the route's status as invalid; not retried until the route or its status changes");
+                refused.last.lock().expect("refused lock").insert(status.route.clone(), attempt);
             }
             Err(err) => warn!(route = %status.route, error = %err, "cannot write route status"),
         }

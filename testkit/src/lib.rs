@@ -13,6 +13,7 @@ pub mod catalogue;
 pub mod cgroup;
 pub mod cluster;
 pub mod controllers;
+pub mod controlplane;
 pub mod echo;
 pub mod eventually;
 pub mod http;

@@ -24,7 +24,7 @@ pub fn sweep() -> usize {
             }
         }
     }
-    removed
+    removed + crate::controlplane::sweep()
 }
 
 fn is_orphan(name: &str) -> bool {

@@ -383,10 +383,17 @@ fn check_path(value: &str) -> Result<(), Unresolved> {
 }
 
 fn anchored(pattern: &str) -> Result<Regex, Unresolved> {
-    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
-        .size_limit(1 << 20)
-        .build()
-        .map_err(|e| problem(format!("invalid regular expression {pattern:?}: {e}")))
+    let build = |p: &str| regex::RegexBuilder::new(p).size_limit(1 << 20).build();
+    build(&format!("^(?:{pattern})$")).map_err(|anchored_error| {
+        // The error in the user's own terms: the pattern as written, not the anchored form, and
+        // one line (regex's message repeats the pattern over several, with a caret).
+        let e = build(pattern).err().unwrap_or(anchored_error).to_string();
+        let why = e
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("error:"))
+            .map_or_else(|| e.split_whitespace().collect::<Vec<_>>().join(" "), |l| l.trim().to_owned());
+        problem(format!("invalid regular expression {pattern:?}: {why}"))
+    })
 }
 
 fn value_match(value: &str, regex: bool) -> Result<ValueMatch, Unresolved> {
@@ -530,7 +537,12 @@ fn compile_filters(
                     })
                 }
                 HttpRouteRulesFiltersType::ExtensionRef | HttpRouteRulesFiltersType::Cors => {
-                    return Err(problem(format!("filter type {:?} is not supported by gammaray", f.r#type)));
+                    // The type as the route spells it (`CORS`), not as the Rust type names it.
+                    let name = serde_json::to_value(&f.r#type)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_else(|| format!("{:?}", f.r#type));
+                    return Err(problem(format!("filter type {name} is not supported by gammaray")));
                 }
             })
         })

@@ -626,3 +626,23 @@ fn routes_to_gateways_are_not_ours() {
     assert!(t.statuses.is_empty(), "no status for a Gateway parent: {:?}", t.statuses);
     assert_eq!(get(frontend(&t.snapshot, "10.96.0.1:80"), "shop", "/", &[]), "pass:web");
 }
+
+#[test]
+fn refusal_messages_speak_the_users_terms_on_one_line() {
+    let message = |rules: &str| {
+        let t = translated(&http_route("bad", "shop", WEB80, rules));
+        let c = status_of(&t, "shop/bad").parents[0].condition("Accepted").cloned().expect("Accepted");
+        assert_eq!(c.status, "False", "{c:?}");
+        c.message
+    };
+    let regex = message(
+        "  - matches: [{headers: [{type: RegularExpression, name: x-user, value: 'a(b'}]}]\n    backendRefs: [{name: v1, port: 80}]",
+    );
+    assert!(regex.contains("\"a(b\""), "the pattern as written: {regex}");
+    assert!(!regex.contains("^(?:"), "not the anchored internal form: {regex}");
+    assert!(!regex.contains('\n'), "one line: {regex}");
+    let cors = message(
+        "  - filters: [{type: CORS, cors: {allowOrigins: ['https://a.example']}}]\n    backendRefs: [{name: v1, port: 80}]",
+    );
+    assert!(cors.contains("filter type CORS "), "the type as the route spells it: {cors}");
+}
