@@ -128,6 +128,18 @@ impl Cluster {
 
     /// Creates a pod on node `node` (1-based).
     pub fn add_pod(&self, node: u8, namespace: &str, name: &str) -> Result<Arc<Pod>> {
+        self.add_pod_with_uid(node, namespace, name, None)
+    }
+
+    /// [`Cluster::add_pod`] with the UID a real API server gave the pod's object (its cgroup is
+    /// named by it, which is how an agent finds the pod); `None` makes one up.
+    pub fn add_pod_with_uid(
+        &self,
+        node: u8,
+        namespace: &str,
+        name: &str,
+        uid: Option<&str>,
+    ) -> Result<Arc<Pod>> {
         let node = self.node(node);
         let k = {
             let mut next = node.next_pod.lock().expect("pod counter lock");
@@ -152,7 +164,7 @@ impl Cluster {
         ip(&["-n", p, "route", "add", &format!("{gw}/32"), "dev", "eth0", "scope", "link"])?;
         ip(&["-n", p, "route", "add", "default", "via", &gw, "dev", "eth0"])?;
 
-        let uid = pod_uid(&self.run, node.index, k);
+        let uid = uid.map_or_else(|| pod_uid(&self.run, node.index, k), str::to_owned);
         let container = format!("{:064x}", u128::from(k) << 8 | u128::from(node.index));
         let cgroup = self.cgroup.child(&format!("{}/kubepods/besteffort/pod{uid}/{container}", node.name))?;
         let procs = cgroup.join("cgroup.procs");

@@ -90,15 +90,23 @@ pub fn echo_ports(args: &[String]) -> Vec<u16> {
     ports
 }
 
+/// Creates a Pod object (JSON, without status) and returns its UID.
+pub type CreatePod<'a> = dyn Fn(&Value) -> Result<String> + 'a;
+
 impl World {
     /// Builds the world of `manifests` (multi-document YAML texts) on `cluster`. ClusterIPs come
     /// from `assigned` (`namespace/name` → IP) where given, else from 10.96.200.0/24. Echo
     /// servers run on `runtime` until the world is dropped.
+    ///
+    /// With `create_pod`, each Pod object (without status) is first created through it, and the
+    /// UID it returns, a real API server's, is the pod's: Pod specs cannot change once created,
+    /// so the object it creates is the one the world's objects hold.
     pub fn build(
         cluster: &Cluster,
         manifests: &[String],
         assigned: &BTreeMap<String, Vec<String>>,
         runtime: &tokio::runtime::Handle,
+        create_pod: Option<&CreatePod<'_>>,
     ) -> Result<Self> {
         let mut docs = Vec::new();
         for text in manifests {
@@ -153,7 +161,26 @@ impl World {
                 let pod_name = format!("{name}-{hash}-{}", names::generated(name.as_bytes(), r + 1, 5));
                 let node = (placed % nodes) as u8 + 1;
                 placed += 1;
-                let pod = cluster.add_pod(node, ns, &pod_name)?;
+                let sa = pod_spec.get("serviceAccountName").and_then(Value::as_str).unwrap_or("default");
+                let mut pod_spec = pod_spec.clone();
+                pod_spec["nodeName"] = json!(cluster.node(node).name);
+                pod_spec["serviceAccountName"] = json!(sa);
+                let mut object = json!({
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": pod_name,
+                        "namespace": ns,
+                        "labels": labels,
+                        "ownerReferences": [{
+                            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{name}-{hash}"),
+                            "uid": format!("rs-{name}-{hash}"), "controller": true,
+                        }],
+                    },
+                    "spec": pod_spec,
+                });
+                let uid = create_pod.map(|create| create(&object)).transpose()?;
+                let pod = cluster.add_pod_with_uid(node, ns, &pod_name, uid.as_deref())?;
                 let who = Arc::new(istio_echo::EchoIdentity {
                     hostname: pod_name.clone(),
                     namespace: ns.to_owned(),
@@ -170,31 +197,14 @@ impl World {
                         .map_err(|e| Error::Other(format!("{pod_name}: {e}")))?;
                     world.servers.push(runtime.spawn(istio_echo::serve(listener, who.clone())));
                 }
-                let sa = pod_spec.get("serviceAccountName").and_then(Value::as_str).unwrap_or("default");
-                let mut pod_spec = pod_spec.clone();
-                pod_spec["nodeName"] = json!(pod.node);
-                pod_spec["serviceAccountName"] = json!(sa);
-                generated.push(json!({
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "metadata": {
-                        "name": pod_name,
-                        "namespace": ns,
-                        "uid": pod.uid,
-                        "labels": labels,
-                        "ownerReferences": [{
-                            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{name}-{hash}"),
-                            "uid": format!("rs-{name}-{hash}"), "controller": true,
-                        }],
-                    },
-                    "spec": pod_spec,
-                    "status": {
-                        "phase": "Running",
-                        "podIP": pod.ip.to_string(),
-                        "podIPs": [{"ip": pod.ip.to_string()}],
-                        "conditions": [{"type": "Ready", "status": "True"}],
-                    },
-                }));
+                object["metadata"]["uid"] = json!(pod.uid);
+                object["status"] = json!({
+                    "phase": "Running",
+                    "podIP": pod.ip.to_string(),
+                    "podIPs": [{"ip": pod.ip.to_string()}],
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                });
+                generated.push(object);
                 world.pods.push(WorldPod {
                     pod,
                     deployment: name.to_owned(),

@@ -2,9 +2,17 @@
 //! data path. For each base manifest set, a two-node simulated cluster is built with real agents
 //! (eBPF redirect, node proxies, HBONE mTLS between nodes); testkit's controllers turn the
 //! Deployments into echo pods and the Services into ClusterIPs and EndpointSlices, and the
-//! agents enrol every pod, as the namespaces carry the ambient label. Each case's manifests are then applied in turn (the agents re-read their manifest
-//! directory; the runner waits until both have the new config), and each request is sent from
-//! inside its client pod under the upstream harness rules, plus the stricter checks.
+//! agents enrol every pod, as the namespaces carry the ambient label. Each case's manifests are
+//! then applied in turn (the runner waits until both agents have the new config), and each
+//! request is sent from inside its client pod under the upstream harness rules, plus the
+//! stricter checks.
+//!
+//! The agents read the configuration from a manifest directory they re-read, or with
+//! `--apiserver real` from a real kube-apiserver and etcd (testkit's control plane, inside node1
+//! on its address): `deploy/` is applied there, the agents run with their ServiceAccount's token,
+//! the world's Pods are created through the server (their UIDs, which name the pods' cgroups, are
+//! the server's), each case's objects replace the last case's, and every route of a case must
+//! have its status written, through the Gateway API CRDs' validation, with none refused.
 
 use std::{
     collections::BTreeMap,
@@ -17,9 +25,11 @@ use anyhow::{Context as _, bail};
 use gammaray_testkit::{
     Cluster,
     catalogue::{self, Case, Outcome, Request},
-    controllers::World,
+    controllers::{CreatePod, World},
+    controlplane::{Assets, ControlPlane, Site},
     istio_echo,
 };
+use serde_json::Value;
 
 use crate::agents::{Agent, Control as _, generate_ca, manifest_agent, require_privileges, write_atomically};
 
@@ -72,10 +82,23 @@ pub struct Summary {
     pub skipped: u64,
 }
 
+/// Where the agents read the configuration from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// A manifest directory the agents re-read.
+    Manifests,
+    /// A real kube-apiserver with etcd (`KUBEBUILDER_ASSETS`).
+    Real,
+}
+
 /// Runs every case in `dir` (its `cases/` and the base files beside it), prints the table and
 /// returns the counts. Errors only when the run itself cannot happen.
-pub fn run(dir: &Path, build: crate::agents::Build) -> anyhow::Result<Summary> {
+pub fn run(dir: &Path, build: crate::agents::Build, source: Source) -> anyhow::Result<Summary> {
     require_privileges("the conformance runner")?;
+    let assets = match source {
+        Source::Manifests => None,
+        Source::Real => Some(Assets::find().map_err(|e| anyhow::anyhow!("--apiserver real: {e}"))?),
+    };
     let cases = catalogue::load_cases(dir)
         .with_context(|| format!("reading the conformance catalogue in {}", dir.display()))?;
     if cases.is_empty() {
@@ -97,8 +120,10 @@ pub fn run(dir: &Path, build: crate::agents::Build) -> anyhow::Result<Summary> {
     let mut results = Vec::new();
     for (base, cases) in &by_base {
         println!("conformance: building the world of {base} for {} cases", cases.len());
-        results
-            .extend(run_base(dir, cases, &agent_bin, &runtime).with_context(|| format!("world of {base}"))?);
+        results.extend(
+            run_base(dir, cases, &agent_bin, &runtime, assets.as_ref())
+                .with_context(|| format!("world of {base}"))?,
+        );
     }
     Ok(report(&results, started.elapsed()))
 }
@@ -108,6 +133,7 @@ fn run_base(
     cases: &[Case],
     agent_bin: &Path,
     runtime: &tokio::runtime::Runtime,
+    assets: Option<&Assets>,
 ) -> anyhow::Result<Vec<CaseResult>> {
     let cluster = Cluster::new(2).context("building the simulated cluster")?;
     let bases = catalogue::base_texts(dir, &cases[0])?;
@@ -115,15 +141,43 @@ fn run_base(
     for text in &bases {
         assigned.extend(catalogue::cluster_ip_assignments(text));
     }
-    let world = World::build(&cluster, &bases, &assigned, runtime.handle()).context("the base world")?;
-    let manifests = cluster.dir().join("manifests");
-    std::fs::create_dir_all(&manifests)?;
-    write_atomically(&manifests.join("00-world.yaml"), &world.objects)?;
     let ca = cluster.dir().join("ca");
     generate_ca(agent_bin, &ca)?;
+    let (mut config, args) = match assets {
+        None => {
+            let manifests = cluster.dir().join("manifests");
+            std::fs::create_dir_all(&manifests)?;
+            let args = manifest_agent(&manifests, &ca, "warn");
+            (Config::Manifests { dir: manifests }, args)
+        }
+        Some(assets) => {
+            let (plane, kubeconfig) = real_api_server(&cluster, assets, &bases)?;
+            let args = crate::agents::AgentArgs {
+                ca: Some(ca.clone()),
+                extra: vec!["--kubeconfig".to_owned(), kubeconfig.display().to_string()],
+                rust_log: "warn".to_owned(),
+                ..Default::default()
+            };
+            (Config::Real { plane: Box::new(plane), last: None }, args)
+        }
+    };
+    let world = {
+        // With a real API server, each Pod object is created there first: its UID is the pod's.
+        let create = |object: &Value| -> gammaray_testkit::Result<String> {
+            let Config::Real { plane, .. } = &config else { unreachable!("only with a real API server") };
+            let created = plane.create(object).map_err(gammaray_testkit::Error::Other)?;
+            created["metadata"]["uid"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| gammaray_testkit::Error::Other(format!("no uid in {created}")))
+        };
+        let create_pod: Option<&CreatePod<'_>> = matches!(config, Config::Real { .. }).then_some(&create);
+        World::build(&cluster, &bases, &assigned, runtime.handle(), create_pod).context("the base world")?
+    };
+    config.load_world(&world.objects)?;
     let mut agents = Vec::new();
     for node in cluster.nodes() {
-        let agent = Agent::start(agent_bin, &cluster, node, &manifest_agent(&manifests, &ca, "warn"))?;
+        let agent = Agent::start(agent_bin, &cluster, node, &args)?;
         agent.wait_until(|s| s.config_version > 0 && s.frontends > 0)?;
         agents.push(agent);
     }
@@ -134,7 +188,6 @@ fn run_base(
             .wait_until(|s| s.enrolled.len() >= on_node)
             .with_context(|| format!("{} enrolling its pods", agent.node))?;
     }
-    let case_file = manifests.join("10-case.yaml");
     let mut results = Vec::new();
     for case in cases {
         let started = Instant::now();
@@ -143,8 +196,9 @@ fn run_base(
             if let Some(missing) = case.features.iter().find(|f| !SUPPORTED_FEATURES.contains(&f.as_str())) {
                 Verdict::Skipped(format!("feature {missing} is not supported"))
             } else {
-                apply_case(case, &case_file, &agents)?;
-                let wrong = runtime.block_on(run_case(&world, case));
+                config.apply_case(case, &agents)?;
+                let mut wrong = runtime.block_on(run_case(&world, case));
+                wrong.extend(config.statuses_written(case));
                 if wrong.is_empty() { Verdict::Passed } else { Verdict::Failed(wrong) }
             };
         results.push(CaseResult {
@@ -178,26 +232,155 @@ fn run_base(
     if !unmeshed.is_empty() {
         bail!("traffic did not go through the mesh: {}", unmeshed.join("; "));
     }
+    if let Config::Real { .. } = config {
+        // The API server refused no status the agents wrote (they log each refusal).
+        for agent in &agents {
+            let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+            if let Some(line) = log.lines().find(|l| l.contains("refused the route's status as invalid")) {
+                bail!("{}: the API server refused a route status: {line}", agent.node);
+            }
+        }
+    }
     drop(agents);
     drop(world);
     drop(cluster);
     Ok(results)
 }
 
-/// Writes the case's manifests into the agents' directory and waits until both route by them.
-fn apply_case(case: &Case, file: &Path, agents: &[Agent]) -> anyhow::Result<()> {
-    let before: Vec<u64> =
-        agents.iter().map(|a| a.status().map(|s| s.config_version)).collect::<Result<_, _>>()?;
-    let mut text = format!("# {}\n", case.name);
-    for m in &case.manifests {
-        text.push_str("---\n");
-        text.push_str(&serde_yaml::to_string(m)?);
+/// Where the agents read the configuration from, for one world.
+enum Config {
+    Manifests {
+        dir: PathBuf,
+    },
+    Real {
+        plane: Box<ControlPlane>,
+        /// The last case's objects, removed when the next is applied.
+        last: Option<String>,
+    },
+}
+
+/// A real control plane inside node1, on its address, with `deploy/` applied and the bases'
+/// Namespaces created (the world's Pods are created in them); returns it with a kubeconfig that
+/// authenticates as the agent's ServiceAccount.
+fn real_api_server(
+    cluster: &Cluster,
+    assets: &Assets,
+    bases: &[String],
+) -> anyhow::Result<(ControlPlane, PathBuf)> {
+    let node1 = cluster.node(1);
+    let site = Site { netns: Some(node1.netns().path()), address: node1.ip };
+    let plane =
+        ControlPlane::start_at(assets, site).map_err(|e| anyhow::anyhow!("the control plane: {e}"))?;
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let deploy = deploy.to_str().context("deploy/'s path")?;
+    plane
+        .kubectl(&["apply", "-k", deploy, "--server-side"])
+        .map_err(|e| anyhow::anyhow!("apply deploy/: {e}"))?;
+    let mut namespaces = String::new();
+    for text in bases {
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let Ok(value) = <Value as serde::Deserialize>::deserialize(doc) else { continue };
+            if value["kind"] == "Namespace" {
+                namespaces.push_str("---\n");
+                namespaces.push_str(&serde_yaml::to_string(&value)?);
+            }
+        }
     }
-    write_atomically(file, &text)?;
-    for (agent, before) in agents.iter().zip(before) {
-        agent.wait_until(|s| s.config_version > before)?;
+    plane.try_apply_yaml(&namespaces).map_err(|e| anyhow::anyhow!("the bases' namespaces: {e}"))?;
+    let token =
+        plane.token("gammaray-system", "gammaray-agent").map_err(|e| anyhow::anyhow!("a token: {e}"))?;
+    let kubeconfig = cluster.dir().join("agent-kubeconfig");
+    plane.write_token_kubeconfig(&kubeconfig, &token)?;
+    Ok((plane, kubeconfig))
+}
+
+impl Config {
+    /// The world's objects, where the agents read them.
+    fn load_world(&self, objects: &str) -> anyhow::Result<()> {
+        match self {
+            Config::Manifests { dir } => write_atomically(&dir.join("00-world.yaml"), objects),
+            Config::Real { plane, .. } => {
+                plane.try_apply_yaml(objects).map_err(|e| anyhow::anyhow!("the world's objects: {e}"))
+            }
+        }
     }
-    Ok(())
+
+    /// Puts the case's objects in place of the last case's and waits until both agents route by
+    /// them.
+    fn apply_case(&mut self, case: &Case, agents: &[Agent]) -> anyhow::Result<()> {
+        let versions = || -> anyhow::Result<Vec<u64>> {
+            agents.iter().map(|a| Ok(a.status()?.config_version)).collect()
+        };
+        let wait_past = |before: Vec<u64>| -> anyhow::Result<()> {
+            for (agent, before) in agents.iter().zip(before) {
+                agent.wait_until(|s| s.config_version > before)?;
+            }
+            Ok(())
+        };
+        let mut text = format!("# {}\n", case.name);
+        for m in &case.manifests {
+            text.push_str("---\n");
+            text.push_str(&serde_yaml::to_string(m)?);
+        }
+        match self {
+            Config::Manifests { dir } => {
+                let before = versions()?;
+                write_atomically(&dir.join("10-case.yaml"), &text)?;
+                wait_past(before)
+            }
+            Config::Real { plane, last } => {
+                if let Some(previous) = last.take() {
+                    let before = versions()?;
+                    plane
+                        .delete_yaml(&previous)
+                        .map_err(|e| anyhow::anyhow!("removing the last case: {e}"))?;
+                    wait_past(before)?;
+                }
+                if case.manifests.is_empty() {
+                    return Ok(());
+                }
+                let before = versions()?;
+                plane.try_apply_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", case.name))?;
+                *last = Some(text);
+                wait_past(before)
+            }
+        }
+    }
+
+    /// With a real API server: each route of the case has gammaray's status entry (so the status
+    /// passed the CRDs' validation). What is missing after 10 s.
+    fn statuses_written(&self, case: &Case) -> Vec<String> {
+        let Config::Real { plane, .. } = self else { return Vec::new() };
+        let mut missing = Vec::new();
+        for m in &case.manifests {
+            let kind = m["kind"].as_str().unwrap_or_default();
+            if !matches!(kind, "HTTPRoute" | "GRPCRoute") {
+                continue;
+            }
+            let (ns, name) = (
+                m["metadata"]["namespace"].as_str().unwrap_or("default"),
+                m["metadata"]["name"].as_str().unwrap_or_default(),
+            );
+            let api_version = m["apiVersion"].as_str().unwrap_or("gateway.networking.k8s.io/v1");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let ours = || {
+                plane.get(api_version, kind, ns, name).is_some_and(|r| {
+                    r["status"]["parents"].as_array().into_iter().flatten().any(|p| {
+                        p["controllerName"] == gammaray_agent::translate::CONTROLLER_NAME
+                            && p["conditions"][0]["observedGeneration"] == r["metadata"]["generation"]
+                    })
+                })
+            };
+            while !ours() {
+                if Instant::now() > deadline {
+                    missing.push(format!("{kind} {ns}/{name}: no status of this generation written in 10 s"));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        missing
+    }
 }
 
 /// Every request of the case under the harness rules, then its weight distribution; returns

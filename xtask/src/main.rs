@@ -33,6 +33,10 @@ enum Task {
         /// the shared catalogue, `GAMMARAY_CONFORMANCE_DIR` or `shared/conformance` above here).
         #[arg(long)]
         cases: Option<std::path::PathBuf>,
+        /// Where the agents read the configuration: a manifest directory, or a real kube-apiserver
+        /// and etcd (`real`, from `KUBEBUILDER_ASSETS`).
+        #[arg(long, value_enum, default_value = "manifests")]
+        apiserver: conformance::Source,
     },
     /// Measure the mesh against a direct connection; writes target/bench/report.md (needs root).
     Bench {
@@ -73,8 +77,8 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Demo => demo::run(agents::Build::Now),
         Task::Test { args } => test::run(&args),
-        Task::Conformance { cases } => {
-            let summary = conformance::run(&conformance::dir(cases), agents::Build::Now)?;
+        Task::Conformance { cases, apiserver } => {
+            let summary = conformance::run(&conformance::dir(cases), agents::Build::Now, apiserver)?;
             anyhow::ensure!(summary.failed == 0, "{} conformance cases failed", summary.failed);
             Ok(())
         }
