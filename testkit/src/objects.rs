@@ -31,8 +31,30 @@ pub fn pod(p: &Pod, labels: &[(&str, &str)]) -> String {
 
 /// The service account a simulated pod runs as: its name up to the pod-template hash.
 pub fn service_account(p: &Pod) -> String {
-    let parts: Vec<&str> = p.name.split('-').collect();
-    if parts.len() > 2 { parts[..parts.len() - 2].join("-") } else { p.name.clone() }
+    service_account_of(&p.name)
+}
+
+/// [`service_account`] of a pod named `name`.
+pub fn service_account_of(name: &str) -> String {
+    let parts: Vec<&str> = name.split('-').collect();
+    if parts.len() > 2 { parts[..parts.len() - 2].join("-") } else { name.to_owned() }
+}
+
+/// The Pod object [`pod`] writes, before the pod exists: no UID and no status, as it is created
+/// on a real API server (whose UID the pod then takes).
+pub fn pod_to_create(namespace: &str, name: &str, node: &str, labels: &[(&str, &str)]) -> serde_json::Value {
+    let labels: serde_json::Map<String, serde_json::Value> =
+        labels.iter().map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v))).collect();
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "nodeName": node,
+            "serviceAccountName": service_account_of(name),
+            "containers": [{"name": "app", "image": "app"}],
+        },
+    })
 }
 
 /// A ClusterIP Service with one port, and its EndpointSlice listing `pods` on `target_port`.

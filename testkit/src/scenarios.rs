@@ -2,7 +2,7 @@
 
 use std::{net::Ipv4Addr, sync::Arc};
 
-use crate::{Cluster, Pod, Result, http::HttpBackend, names, objects};
+use crate::{Cluster, Pod, Result, controllers::CreatePod, http::HttpBackend, names, objects};
 
 /// The canary: backend-v1 (3 pods) and backend-v2 (2 pods) spread over nodes 1 and 2, each
 /// answering "hello from backend vN" on port 8080; Services `backend` (both versions),
@@ -28,6 +28,23 @@ pub fn pod_name(deployment: &str, index: usize) -> String {
 
 impl Canary {
     pub fn build(cluster: &Cluster) -> Result<Self> {
+        Self::build_with(cluster, None)
+    }
+
+    /// [`Canary::build`]; with `create_pod`, each Pod object is created through it first and the
+    /// pod takes the UID it returns (a real API server's, as [`crate::controllers::World::build`]
+    /// does). The Namespace must exist there already.
+    pub fn build_with(cluster: &Cluster, create_pod: Option<&CreatePod<'_>>) -> Result<Self> {
+        let add_pod = |node: u8, name: &str, labels: &[(&str, &str)]| -> Result<Arc<Pod>> {
+            let uid = match create_pod {
+                Some(create) => {
+                    let node_name = &cluster.node(node).name;
+                    Some(create(&objects::pod_to_create(NAMESPACE, name, node_name, labels))?)
+                }
+                None => None,
+            };
+            cluster.add_pod_with_uid(node, NAMESPACE, name, uid.as_deref())
+        };
         let mut backends = Vec::new();
         let mut objects = format!(
             "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}, labels: {{gammaray.dev/dataplane-mode: ambient}}}}\n"
@@ -44,16 +61,17 @@ impl Canary {
         ];
         for (i, (deployment, version, node)) in layout.iter().enumerate() {
             let name = pod_name(deployment, i);
-            let pod = cluster.add_pod(*node, NAMESPACE, &name)?;
+            let labels = [("app", "backend"), ("version", *version)];
+            let pod = add_pod(*node, &name, &labels)?;
             let listener = pod
                 .run(|| std::net::TcpListener::bind((pod.ip, TARGET_PORT)))?
                 .map_err(|e| crate::Error::Other(format!("bind {name}: {e}")))?;
             let server = HttpBackend::start(listener, &name, &format!("hello from backend {version}"))
                 .map_err(|e| crate::Error::Other(format!("serve {name}: {e}")))?;
-            objects.push_str(&objects::pod(&pod, &[("app", "backend"), ("version", version)]));
+            objects.push_str(&objects::pod(&pod, &labels));
             backends.push((pod, server));
         }
-        let client = cluster.add_pod(1, NAMESPACE, &pod_name("client", 0))?;
+        let client = add_pod(1, &pod_name("client", 0), &[("app", "client")])?;
         objects.push_str(&objects::pod(&client, &[("app", "client")]));
         let select = |prefix: &str| -> Vec<&Pod> {
             backends.iter().map(|(p, _)| p.as_ref()).filter(|p| p.name.starts_with(prefix)).collect()

@@ -1,11 +1,16 @@
 //! Real agents on the simulated cluster's nodes, for the demo, the conformance runner and the
 //! bench: testkit's harness starts them; here is what xtask asks of them over the control socket.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use gammaray_agent::control::{Client, Status};
-use gammaray_testkit::agent::block_on;
 pub use gammaray_testkit::agent::{Agent, AgentArgs, TIMEOUT, generate_ca};
+use gammaray_testkit::{
+    Cluster,
+    agent::block_on,
+    controlplane::{Assets, ControlPlane, Site},
+};
 
 /// What xtask asks of a running agent, over its control socket.
 pub trait Control {
@@ -32,6 +37,62 @@ impl Control for Agent {
             Err(err) => Err(err.to_string()),
         })
     }
+}
+
+/// Where the agents read the configuration from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// A manifest directory the agents re-read.
+    Manifests,
+    /// A real kube-apiserver with etcd (`KUBEBUILDER_ASSETS`).
+    Real,
+}
+
+/// A real control plane inside node1, on its address (where both nodes' agents reach it), with
+/// `deploy/` applied and `namespaces` (YAML) created; returns it with a kubeconfig, in the
+/// cluster's directory, that authenticates as the agent's ServiceAccount (a TokenRequest token):
+/// the agents run with the RBAC a cluster gives them.
+pub fn real_api_server(
+    cluster: &Cluster,
+    assets: &Assets,
+    namespaces: &str,
+) -> anyhow::Result<(ControlPlane, PathBuf)> {
+    let node1 = cluster.node(1);
+    let site = Site { netns: Some(node1.netns().path()), address: node1.ip };
+    let plane =
+        ControlPlane::start_at(assets, site).map_err(|e| anyhow::anyhow!("the control plane: {e}"))?;
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let deploy = deploy.to_str().context("deploy/'s path")?;
+    plane
+        .kubectl(&["apply", "-k", deploy, "--server-side"])
+        .map_err(|e| anyhow::anyhow!("apply deploy/: {e}"))?;
+    if !namespaces.trim().is_empty() {
+        plane.try_apply_yaml(namespaces).map_err(|e| anyhow::anyhow!("the namespaces: {e}"))?;
+    }
+    let token =
+        plane.token("gammaray-system", "gammaray-agent").map_err(|e| anyhow::anyhow!("a token: {e}"))?;
+    let kubeconfig = cluster.dir().join("agent-kubeconfig");
+    plane.write_token_kubeconfig(&kubeconfig, &token)?;
+    Ok((plane, kubeconfig))
+}
+
+/// An agent watching the API server of `kubeconfig`, with mTLS by the CA in `ca`.
+pub fn kubeconfig_agent(kubeconfig: &Path, ca: &Path, rust_log: &str) -> AgentArgs {
+    AgentArgs {
+        ca: Some(ca.to_owned()),
+        extra: vec!["--kubeconfig".to_owned(), kubeconfig.display().to_string()],
+        rust_log: rust_log.to_owned(),
+        ..AgentArgs::default()
+    }
+}
+
+/// The UID a real API server gives `object` (a Pod, created there): the hook testkit's worlds take.
+pub fn create_on(plane: &ControlPlane, object: &serde_json::Value) -> gammaray_testkit::Result<String> {
+    let created = plane.create(object).map_err(gammaray_testkit::Error::Other)?;
+    created["metadata"]["uid"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| gammaray_testkit::Error::Other(format!("no uid in {created}")))
 }
 
 /// An agent routing by the manifests in `manifests`, with mTLS by the CA in `ca`.

@@ -26,12 +26,16 @@ use gammaray_testkit::{
     Cluster,
     catalogue::{self, Case, Outcome, Request},
     controllers::{CreatePod, World},
-    controlplane::{Assets, ControlPlane, Site},
+    controlplane::{Assets, ControlPlane},
     istio_echo,
 };
 use serde_json::Value;
 
-use crate::agents::{Agent, Control as _, generate_ca, manifest_agent, require_privileges, write_atomically};
+pub use crate::agents::Source;
+use crate::agents::{
+    Agent, Control as _, generate_ca, kubeconfig_agent, manifest_agent, real_api_server, require_privileges,
+    write_atomically,
+};
 
 /// How long a request may take to become consistent, and how many passes in a row it needs.
 const MAX_TIME_TO_CONSISTENCY: Duration = Duration::from_secs(30);
@@ -80,15 +84,6 @@ pub struct Summary {
     pub passed: u64,
     pub failed: u64,
     pub skipped: u64,
-}
-
-/// Where the agents read the configuration from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Source {
-    /// A manifest directory the agents re-read.
-    Manifests,
-    /// A real kube-apiserver with etcd (`KUBEBUILDER_ASSETS`).
-    Real,
 }
 
 /// Runs every case in `dir` (its `cases/` and the base files beside it), prints the table and
@@ -151,13 +146,8 @@ fn run_base(
             (Config::Manifests { dir: manifests }, args)
         }
         Some(assets) => {
-            let (plane, kubeconfig) = real_api_server(&cluster, assets, &bases)?;
-            let args = crate::agents::AgentArgs {
-                ca: Some(ca.clone()),
-                extra: vec!["--kubeconfig".to_owned(), kubeconfig.display().to_string()],
-                rust_log: "warn".to_owned(),
-                ..Default::default()
-            };
+            let (plane, kubeconfig) = real_api_server(&cluster, assets, &namespaces_of(&bases)?)?;
+            let args = kubeconfig_agent(&kubeconfig, &ca, "warn");
             (Config::Real { plane: Box::new(plane), last: None }, args)
         }
     };
@@ -165,11 +155,7 @@ fn run_base(
         // With a real API server, each Pod object is created there first: its UID is the pod's.
         let create = |object: &Value| -> gammaray_testkit::Result<String> {
             let Config::Real { plane, .. } = &config else { unreachable!("only with a real API server") };
-            let created = plane.create(object).map_err(gammaray_testkit::Error::Other)?;
-            created["metadata"]["uid"]
-                .as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| gammaray_testkit::Error::Other(format!("no uid in {created}")))
+            crate::agents::create_on(plane, object)
         };
         let create_pod: Option<&CreatePod<'_>> = matches!(config, Config::Real { .. }).then_some(&create);
         World::build(&cluster, &bases, &assigned, runtime.handle(), create_pod).context("the base world")?
@@ -247,35 +233,8 @@ fn run_base(
     Ok(results)
 }
 
-/// Where the agents read the configuration from, for one world.
-enum Config {
-    Manifests {
-        dir: PathBuf,
-    },
-    Real {
-        plane: Box<ControlPlane>,
-        /// The last case's objects, removed when the next is applied.
-        last: Option<String>,
-    },
-}
-
-/// A real control plane inside node1, on its address, with `deploy/` applied and the bases'
-/// Namespaces created (the world's Pods are created in them); returns it with a kubeconfig that
-/// authenticates as the agent's ServiceAccount.
-fn real_api_server(
-    cluster: &Cluster,
-    assets: &Assets,
-    bases: &[String],
-) -> anyhow::Result<(ControlPlane, PathBuf)> {
-    let node1 = cluster.node(1);
-    let site = Site { netns: Some(node1.netns().path()), address: node1.ip };
-    let plane =
-        ControlPlane::start_at(assets, site).map_err(|e| anyhow::anyhow!("the control plane: {e}"))?;
-    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    let deploy = deploy.to_str().context("deploy/'s path")?;
-    plane
-        .kubectl(&["apply", "-k", deploy, "--server-side"])
-        .map_err(|e| anyhow::anyhow!("apply deploy/: {e}"))?;
+/// The bases' Namespaces, as one YAML text: the world's Pods are created in them.
+fn namespaces_of(bases: &[String]) -> anyhow::Result<String> {
     let mut namespaces = String::new();
     for text in bases {
         for doc in serde_yaml::Deserializer::from_str(text) {
@@ -286,12 +245,19 @@ fn real_api_server(
             }
         }
     }
-    plane.try_apply_yaml(&namespaces).map_err(|e| anyhow::anyhow!("the bases' namespaces: {e}"))?;
-    let token =
-        plane.token("gammaray-system", "gammaray-agent").map_err(|e| anyhow::anyhow!("a token: {e}"))?;
-    let kubeconfig = cluster.dir().join("agent-kubeconfig");
-    plane.write_token_kubeconfig(&kubeconfig, &token)?;
-    Ok((plane, kubeconfig))
+    Ok(namespaces)
+}
+
+/// Where the agents read the configuration from, for one world.
+enum Config {
+    Manifests {
+        dir: PathBuf,
+    },
+    Real {
+        plane: Box<ControlPlane>,
+        /// The last case's objects, removed when the next is applied.
+        last: Option<String>,
+    },
 }
 
 impl Config {

@@ -1,8 +1,10 @@
 //! `cargo xtask demo`: gammaray on a simulated two-node cluster, narrated step by step.
 //!
 //! Real agents load the eBPF programs and route by Gateway API objects from a manifest
-//! directory: a 90/10 canary split of 1000 requests, a live shift to 50/50, header routing,
-//! the identities the mesh assigns, and the kernel's own log lines.
+//! directory, or with `--apiserver real` from a real kube-apiserver (testkit's control plane inside
+//! node1, `deploy/`'s RBAC, route status written back): a 90/10 canary split of 1000 requests, a
+//! live shift to 50/50, header routing, the identities the mesh assigns, and the kernel's own log
+//! lines.
 
 use std::{collections::BTreeMap, io::Write as _, net::SocketAddr, time::Instant};
 
@@ -13,9 +15,11 @@ use gammaray_testkit::{
     scenarios::{self, Canary},
 };
 
+use gammaray_testkit::controlplane::{Assets, ControlPlane};
+
 use crate::agents::{
-    Agent, Build, Control as _, TIMEOUT, agent_binary, generate_ca, manifest_agent, require_privileges,
-    write_atomically,
+    Agent, Build, Control as _, Source, TIMEOUT, agent_binary, create_on, generate_ca, kubeconfig_agent,
+    manifest_agent, real_api_server, require_privileges, write_atomically,
 };
 const REQUESTS: usize = 1000;
 
@@ -23,8 +27,33 @@ fn step(msg: &str) {
     println!("\n\x1b[1m==> {msg}\x1b[0m");
 }
 
-pub fn run(build: Build) -> anyhow::Result<()> {
+/// Where the demo's objects live: the agents' manifest directory, or a real API server.
+enum Objects {
+    Dir(std::path::PathBuf),
+    Real(Box<ControlPlane>),
+}
+
+impl Objects {
+    /// Puts the route `yaml` in place, in place of the route named `replaces` if given.
+    fn route(&self, yaml: &str, replaces: Option<&str>) -> anyhow::Result<()> {
+        match self {
+            Objects::Dir(dir) => write_atomically(&dir.join("route.yaml"), yaml),
+            Objects::Real(plane) => {
+                if let Some(name) = replaces {
+                    plane.delete("gateway.networking.k8s.io/v1", "HTTPRoute", scenarios::NAMESPACE, name);
+                }
+                plane.try_apply_yaml(yaml).map_err(|e| anyhow::anyhow!("the route: {e}"))
+            }
+        }
+    }
+}
+
+pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
     require_privileges("the demo")?;
+    let assets = match source {
+        Source::Manifests => None,
+        Source::Real => Some(Assets::find().map_err(|e| anyhow::anyhow!("--apiserver real: {e}"))?),
+    };
     let started = Instant::now();
     let agent_bin = match build {
         Build::Now => {
@@ -45,33 +74,59 @@ pub fn run(build: Build) -> anyhow::Result<()> {
 
     step("creating a simulated cluster: 2 nodes on a bridge, pods as network namespaces");
     let cluster = Cluster::new(2).context("building the simulated cluster")?;
-    let canary = Canary::build(&cluster).context("starting the backend pods")?;
+    let ca = cluster.dir().join("ca");
+    let (objects, agent_args) = match &assets {
+        None => {
+            let dir = cluster.dir().join("manifests");
+            std::fs::create_dir_all(&dir)?;
+            let args = manifest_agent(&dir, &ca, "info,gammaray::kernel=debug");
+            (Objects::Dir(dir), args)
+        }
+        Some(assets) => {
+            step(
+                "starting a real kube-apiserver and etcd inside node1 (KUBEBUILDER_ASSETS), applying deploy/",
+            );
+            let namespace = format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}, labels: {{gammaray.dev/dataplane-mode: ambient}}}}\n",
+                scenarios::NAMESPACE
+            );
+            let (plane, kubeconfig) = real_api_server(&cluster, assets, &namespace)?;
+            println!(
+                "    {} ready; the agents use a token of ServiceAccount gammaray-system/gammaray-agent",
+                plane.url()
+            );
+            let args = kubeconfig_agent(&kubeconfig, &ca, "info,gammaray::kernel=debug");
+            (Objects::Real(Box::new(plane)), args)
+        }
+    };
+    let canary = match &objects {
+        Objects::Dir(_) => Canary::build(&cluster),
+        // Each Pod object is created first: the pod takes the server's UID, by which agents find it.
+        Objects::Real(plane) => Canary::build_with(&cluster, Some(&|object| create_on(plane, object))),
+    }
+    .context("starting the backend pods")?;
     for (pod, _) in &canary.backends {
         println!("    {:<32} {:<12} on {}", pod.name, pod.ip.to_string(), pod.node);
     }
     println!("    {:<32} {:<12} on {}", canary.client.name, canary.client.ip.to_string(), canary.client.node);
 
     step("writing the cluster's objects and the HTTPRoute (backend-v1 90, backend-v2 10)");
-    let manifests = cluster.dir().join("manifests");
-    std::fs::create_dir_all(&manifests)?;
-    std::fs::write(manifests.join("objects.yaml"), &canary.objects)?;
-    let route_file = manifests.join("route.yaml");
-    write_atomically(&route_file, &Canary::route(90, 10))?;
+    match &objects {
+        Objects::Dir(dir) => std::fs::write(dir.join("objects.yaml"), &canary.objects)?,
+        Objects::Real(plane) => {
+            plane.try_apply_yaml(&canary.objects).map_err(|e| anyhow::anyhow!("objects: {e}"))?
+        }
+    }
+    objects.route(&Canary::route(90, 10), None)?;
     print!("{}", indent(&Canary::route(90, 10)));
 
     step("generating the mesh root CA (gammaray-agent ca generate)");
-    let ca = cluster.dir().join("ca");
     println!("    {}", generate_ca(&agent_bin, &ca)?);
 
     step("starting one gammaray agent per node (eBPF redirect, node proxy, HBONE mTLS on :15008)");
     let mut agents = Vec::new();
     for node in cluster.nodes() {
-        let agent = Agent::start(
-            &agent_bin,
-            &cluster,
-            node,
-            &manifest_agent(&manifests, &ca, "info,gammaray::kernel=debug"),
-        )?;
+        let agent = Agent::start(&agent_bin, &cluster, node, &agent_args)?;
         let st = agent.wait_until(|s| s.frontends >= 3)?;
         println!(
             "    {}: eBPF links {:?} at {}, proxy on {}, config v{} with {} Service frontends",
@@ -130,23 +185,57 @@ pub fn run(build: Build) -> anyhow::Result<()> {
 
     step("shifting the weights to 50/50, live (what Flagger does during a rollout)");
     let before = agents[0].status()?.config_version;
-    write_atomically(&route_file, &Canary::route(50, 50))?;
+    objects.route(&Canary::route(50, 50), None)?;
     let st = agents[0].wait_until(|s| s.config_version > before)?;
     println!("    node1 now routes by config v{}", st.config_version);
     let split = send(&canary.client, REQUESTS, &[])?;
     chart(&split, REQUESTS);
 
+    if let Objects::Real(plane) = &objects {
+        step("the route's status, written back by the agent that holds the status Lease");
+        let route = plane
+            .get("gateway.networking.k8s.io/v1", "HTTPRoute", scenarios::NAMESPACE, "backend-canary")
+            .context("the canary HTTPRoute")?;
+        for parent in route["status"]["parents"].as_array().into_iter().flatten() {
+            for c in parent["conditions"].as_array().into_iter().flatten() {
+                println!(
+                    "    {} on Service {}: {}={} ({}), generation {}",
+                    parent["controllerName"].as_str().unwrap_or("?"),
+                    parent["parentRef"]["name"].as_str().unwrap_or("?"),
+                    c["type"].as_str().unwrap_or("?"),
+                    c["status"].as_str().unwrap_or("?"),
+                    c["reason"].as_str().unwrap_or("?"),
+                    c["observedGeneration"]
+                );
+            }
+        }
+    }
+
     step("header routing: requests with `x-user: tester` go to v2 with `x-canary: true` added");
-    write_atomically(&route_file, &header_route())?;
+    objects.route(&header_route(), Some("backend-canary"))?;
     print!("{}", indent(&header_route()));
-    let before = st.config_version;
-    agents[0].wait_until(|s| s.config_version > before)?;
-    for user in ["tester", "someone"] {
-        let reply = canary.client.run(|| -> std::io::Result<_> {
+    let ask = |user: &str| {
+        canary.client.run(|| -> std::io::Result<_> {
             let mut c =
                 HttpClient::connect(SocketAddr::from((scenarios::BACKEND_VIP, 80)), "backend", TIMEOUT)?;
             c.get("/reviews/1", &[("x-user", user)])
-        })??;
+        })
+    };
+    // The route is in force when a tester's request is marked (with an API server, the old route's
+    // deletion and the new one's creation are two changes, published one after the other).
+    let started_wait = Instant::now();
+    loop {
+        let reply = ask("tester")??;
+        if reply.fields.get("header:x-canary").is_some_and(|v| v == "true") {
+            break;
+        }
+        if started_wait.elapsed() > TIMEOUT {
+            bail!("the header route was not in force after {TIMEOUT:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for user in ["tester", "someone"] {
+        let reply = ask(user)??;
         println!(
             "    x-user: {user:<8} → {} ({}), backend saw x-canary: {}",
             reply.fields.get("message").map_or("?", String::as_str),
@@ -158,17 +247,17 @@ pub fn run(build: Build) -> anyhow::Result<()> {
     step("mutual TLS between the nodes: the identities node2 verified and saw");
     let node2_log = std::fs::read_to_string(&agents[1].log)?;
     let mut pairs = std::collections::BTreeSet::new();
-    for line in node2_log.lines().filter(|l| l.contains("inbound tunnel closed")) {
+    for line in node2_log.lines().filter(|l| l.contains("inbound mTLS connection")) {
         let field = |name: &str| {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(&format!("{name}=")))
                 .unwrap_or("?")
                 .to_owned()
         };
-        pairs.insert((field("src_identity"), field("dst_identity"), field("pod")));
+        pairs.insert((field("src_identity"), field("dst_identity")));
     }
-    for (src, dst, pod) in &pairs {
-        println!("    {src} → {dst} ({pod})");
+    for (src, dst) in &pairs {
+        println!("    {src} → {dst}");
     }
     let st1 = agents[0].status()?;
     let st2 = agents[1].status()?;
@@ -198,6 +287,7 @@ pub fn run(build: Build) -> anyhow::Result<()> {
     step("cleaning up: agents stop, links detach, namespaces and cgroups go");
     drop(agents);
     drop(canary);
+    drop(objects);
     drop(cluster);
     println!("\ndone in {:.1} s after the build", started.elapsed().as_secs_f64());
     Ok(())

@@ -20,7 +20,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Run the demo on a simulated cluster (needs root).
-    Demo,
+    Demo {
+        /// Where the agents read the configuration: a manifest directory, or a real kube-apiserver
+        /// and etcd (`real`, from `KUBEBUILDER_ASSETS`).
+        #[arg(long, value_enum, default_value = "manifests")]
+        apiserver: agents::Source,
+    },
     /// Run every test and print "N passed, N failed".
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -36,7 +41,7 @@ enum Task {
         /// Where the agents read the configuration: a manifest directory, or a real kube-apiserver
         /// and etcd (`real`, from `KUBEBUILDER_ASSETS`).
         #[arg(long, value_enum, default_value = "manifests")]
-        apiserver: conformance::Source,
+        apiserver: agents::Source,
     },
     /// Measure the mesh against a direct connection; writes target/bench/report.md (needs root).
     Bench {
@@ -75,7 +80,7 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Demo => demo::run(agents::Build::Now),
+        Task::Demo { apiserver } => demo::run(agents::Build::Now, apiserver),
         Task::Test { args } => test::run(&args),
         Task::Conformance { cases, apiserver } => {
             let summary = conformance::run(&conformance::dir(cases), agents::Build::Now, apiserver)?;

@@ -42,7 +42,15 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     counts.record(what, crate::instructions::check_harness().map(|()| (1, 0, 0)));
     // The main job must keep working: run the demo once, as the README's first command would.
     counts.step("the demo (the README's first command) as a smoke test", || {
-        crate::demo::run(crate::agents::Build::AlreadyBuilt).map(|()| (1, 0, 0))
+        crate::demo::run(crate::agents::Build::AlreadyBuilt, crate::agents::Source::Manifests)
+            .map(|()| (1, 0, 0))
+    });
+    counts.step("the demo with a real API server as the source", || {
+        match gammaray_testkit::controlplane::require_apiserver("demo --apiserver real") {
+            None => Ok((0, 0, 1)),
+            Some(_) => crate::demo::run(crate::agents::Build::AlreadyBuilt, crate::agents::Source::Real)
+                .map(|()| (1, 0, 0)),
+        }
     });
     // The conformance catalogue on the real data path, one count per case: the agents reading a
     // manifest directory, then a real API server (route status through the CRDs' validation).

@@ -149,7 +149,8 @@ impl Flood {
         // One source address to one proxy port: the pod's ephemeral ports must outnumber the flood.
         pod.run(|| std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535"))?
             .context("widening the flooding pod's port range")?;
-        let exe = std::env::current_exe()?;
+        // This very binary, through /proc: still there if a build has replaced the file since.
+        let exe = std::path::PathBuf::from(format!("/proc/{}/exe", std::process::id()));
         let mut holders = Vec::new();
         let mut left = ctx.plan.flood;
         while left > 0 {
