@@ -1,7 +1,8 @@
 //! Memory the agent has freed goes back to the kernel. glibc keeps freed heap for reuse, so
 //! after a configuration rebuild, or a burst of connections or large responses, the agent's
 //! RSS would stay at its high-water mark. The sources hand it back after each rebuild; a task
-//! watches RSS and hands it back when it has grown well past what it was after the last time.
+//! watches how much freed heap glibc holds and hands it back when that has grown well past what
+//! it held after the last time.
 
 use std::time::Duration;
 
@@ -13,36 +14,37 @@ pub fn release_freed_memory() {
     }
 }
 
-/// How far RSS may grow past its level after the last trim before the next one.
+/// How far the freed heap may grow past its level after the last trim before the next one.
 const SLACK: u64 = 8 << 20;
 
-/// Whether to trim now, with RSS at `now` and `after_last` after the last trim (bytes).
+/// Whether to trim now, with `now` bytes of freed heap held and `after_last` held after the last
+/// trim.
 fn should_trim(now: u64, after_last: u64) -> bool {
     now > after_last.saturating_add(SLACK)
 }
 
-/// This process's resident set, in bytes, from /proc.
-fn rss() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).ok()?)
+/// The bytes glibc holds freed, in every arena (trimmed pages count too: they stay on its free
+/// lists, not resident).
+fn freed_heap() -> u64 {
+    // SAFETY: mallinfo2 only reads glibc's heap bookkeeping; it has no preconditions.
+    let info = unsafe { libc::mallinfo2() };
+    info.fordblks as u64
 }
 
-/// Every `interval`, trims when RSS has grown more than [`SLACK`] past its level after the last
-/// trim (a burst that has ended leaves that much free heap), until the task is dropped. Trimming
-/// while the burst still runs costs a walk of the heap and returns little; the next look, after
-/// it ends, returns the rest.
+/// Every `interval`, trims when the freed heap has grown more than [`SLACK`] past its level after
+/// the last trim, until the task is dropped. Watching the freed heap, not RSS, is what catches the
+/// end of a burst: while connections are held the heap is in use and RSS is high; when they close
+/// RSS stays where it was and only the freed heap grows. Trimming while the burst still runs
+/// returns little; the next look, after it ends, returns the rest.
 pub async fn trim_after_bursts(interval: Duration) {
-    let mut after_last = rss().unwrap_or(0);
+    let mut after_last = freed_heap();
     loop {
         tokio::time::sleep(interval).await;
-        let Some(now) = rss() else { return };
+        let now = freed_heap();
         if should_trim(now, after_last) {
             release_freed_memory();
-            after_last = rss().unwrap_or(now);
-            tracing::debug!(before = now, after = after_last, "freed heap handed back");
+            after_last = freed_heap();
+            tracing::debug!(freed_before = now, freed_after = after_last, "freed heap handed back");
         } else {
             after_last = after_last.min(now);
         }
@@ -60,8 +62,16 @@ mod tests {
     }
 
     #[test]
-    fn reads_its_own_rss() {
-        let rss = super::rss().expect("/proc/self/statm");
-        assert!(rss > 1 << 20, "a running test process holds more than a MiB: {rss}");
+    fn sees_the_freed_heap_grow_when_a_burst_ends() {
+        let before = super::freed_heap();
+        // 32 MiB in pieces below glibc's mmap threshold; freeing every other one leaves 16 MiB of
+        // holes that cannot coalesce into the top of the heap and be trimmed at once.
+        let mut pieces: Vec<Option<Vec<u8>>> = (0..4096).map(|_| Some(vec![1u8; 8 << 10])).collect();
+        for piece in pieces.iter_mut().step_by(2) {
+            *piece = None;
+        }
+        let freed = super::freed_heap();
+        assert!(freed >= before + (12 << 20), "freed heap {before} → {freed} bytes");
+        drop(pieces);
     }
 }

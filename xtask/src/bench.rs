@@ -81,7 +81,19 @@ impl Ctx<'_> {
 ///
 /// `pgo` (with [`Build::Now`]) builds the agent with profile-guided optimisation, as the image
 /// ships it ([`crate::pgo`]); without it the agent is a plain release build.
-pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Result<()> {
+/// The phases of a run, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Phase {
+    Requests,
+    Bulk,
+    Connects,
+    Scale,
+    Held,
+    Flood,
+}
+
+pub fn run(quick: bool, profile: bool, build: Build, pgo: bool, only: &[Phase]) -> anyhow::Result<()> {
+    let runs = |phase: Phase| only.is_empty() || only.contains(&phase);
     require_privileges("the benchmarks")?;
     let plan = if quick { QUICK } else { FULL };
     let oha_bin = tool("oha")?;
@@ -170,15 +182,33 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool) -> anyhow::Resul
     let idle = scale::Idle { cpu: idle_cpu, rss: idle_rss };
 
     let mut rows = Vec::new();
-    let latency = requests::run(&ctx, &mut rows)?;
-    bulk::run(&ctx, &mut rows)?;
-    connects::run(&ctx, &mut rows)?;
-    scale::run(&ctx, &idle, &mut rows)?;
+    let mut latency = Default::default();
+    if runs(Phase::Requests) {
+        latency = requests::run(&ctx, &mut rows)?;
+    }
+    if runs(Phase::Bulk) {
+        bulk::run(&ctx, &mut rows)?;
+    }
+    if runs(Phase::Connects) {
+        connects::run(&ctx, &mut rows)?;
+    }
+    if runs(Phase::Scale) {
+        scale::run(&ctx, &idle, &mut rows)?;
+    }
     // Last, so that what the allocator keeps after they close counts in no figure above.
-    held::run(&ctx, &mut rows)?;
-    flood::run(&ctx, &mut rows)?;
+    if runs(Phase::Held) {
+        held::run(&ctx, &mut rows)?;
+    }
+    if runs(Phase::Flood) {
+        flood::run(&ctx, &mut rows)?;
+    }
 
-    let report = report::render(&rows, quick, build, &plan, agent_build);
+    let mut report = report::render(&rows, quick, build, &plan, agent_build);
+    if !only.is_empty() {
+        let names: Vec<String> = only.iter().map(|p| format!("{p:?}").to_lowercase()).collect();
+        report =
+            report.replacen("\n\n", &format!("\n\nPhases run: {} (`--phases`).\n\n", names.join(", ")), 1);
+    }
     std::fs::create_dir_all(&bench_dir)?;
     std::fs::write(bench_dir.join("report.md"), &report)?;
     std::fs::write(bench_dir.join("latency.svg"), report::chart(&latency))?;

@@ -61,6 +61,10 @@ enum Task {
         /// two release builds and a training run quicker, and not what the image ships.
         #[arg(long)]
         no_pgo: bool,
+        /// Only these phases (comma-separated): for comparing two agents where a phase needs what
+        /// only one has (the flood needs the connection limits).
+        #[arg(long, value_enum, value_delimiter = ',', conflicts_with = "instructions")]
+        phases: Vec<bench::Phase>,
     },
     /// Build the agent's release binary with profile-guided optimisation, as the image does;
     /// prints its path.
@@ -88,7 +92,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Bench { instructions: true, no_pgo, .. } => instructions::run(!no_pgo),
-        Task::Bench { quick, profile, no_pgo, .. } => bench::run(quick, profile, agents::Build::Now, !no_pgo),
+        Task::Bench { quick, profile, no_pgo, phases, .. } => {
+            bench::run(quick, profile, agents::Build::Now, !no_pgo, &phases)
+        }
         Task::Release => {
             let built = pgo::build(&target_dir()?)?;
             println!("{}", built.agent.display());

@@ -79,7 +79,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     });
     // The benchmark harness must keep working; its numbers are reported, never asserted.
     counts.step("the benchmarks, quick mode (numbers reported, not asserted)", || {
-        crate::bench::run(true, false, crate::agents::Build::AlreadyBuilt, false).map(|()| (1, 0, 0))
+        crate::bench::run(true, false, crate::agents::Build::AlreadyBuilt, false, &[]).map(|()| (1, 0, 0))
     });
     let Counts { passed, failed, skipped: ignored } = counts;
     println!();

@@ -100,33 +100,53 @@ async fn the_deployed_rbac_is_enough_for_the_agent_and_no_more() {
         forbidden(services.create(&PostParams::default(), &service).await),
         "writing a Service is refused"
     );
-    let mut backend = services.get("backend").await.expect("reading Services is allowed");
+    let listed = services.list(&Default::default()).await.expect("listing Services is allowed");
+    let mut backend = listed
+        .items
+        .into_iter()
+        .find(|s| s.metadata.name.as_deref() == Some("backend"))
+        .expect("the backend Service");
     backend.metadata.labels.get_or_insert_default().insert("sneaky".into(), "yes".into());
     assert!(
         forbidden(services.replace("backend", &PostParams::default(), &backend).await),
         "changing one too"
     );
-    // Nor may it change a route's spec, only its status.
-    for (verb, resource) in [
-        ("update", "httproutes.gateway.networking.k8s.io"),
-        ("delete", "pods"),
-        ("create", "pods/exec"),
-        ("get", "secrets"),
-        ("update", "leases.coordination.k8s.io"),
+    // Nor may it change a route's spec, only its status; nor hold what it does not use.
+    for (verb, resource, subresource) in [
+        ("update", "httproutes.gateway.networking.k8s.io", ""),
+        ("delete", "pods", ""),
+        ("create", "pods", "exec"),
+        ("get", "secrets", ""),
+        ("update", "leases.coordination.k8s.io", ""),
+        // It watches, and writes status without reading it.
+        ("get", "pods", ""),
+        ("get", "httproutes.gateway.networking.k8s.io", ""),
+        ("get", "httproutes.gateway.networking.k8s.io", "status"),
     ] {
-        let answer = server
-            .kubectl(&[
-                "auth",
-                "can-i",
-                verb,
-                resource,
-                "-n",
-                corner.ns,
-                &format!("--as=system:serviceaccount:{ns}:gammaray-agent"),
-            ])
-            .unwrap_or_else(|e| e);
-        assert_eq!(answer.trim(), "no", "the agent may not {verb} {resource}");
+        let as_agent = format!("--as=system:serviceaccount:{ns}:gammaray-agent");
+        let mut args = vec!["auth", "can-i", verb, resource, "-n", corner.ns, as_agent.as_str()];
+        let subresource_arg = format!("--subresource={subresource}");
+        if !subresource.is_empty() {
+            args.push(&subresource_arg);
+        }
+        let answer = server.kubectl(&args).unwrap_or_else(|e| e);
+        assert_eq!(answer.trim(), "no", "the agent may not {verb} {resource} {subresource}");
     }
+    // And the one write it needs, it has.
+    let as_agent = format!("--as=system:serviceaccount:{ns}:gammaray-agent");
+    let answer = server
+        .kubectl(&[
+            "auth",
+            "can-i",
+            "update",
+            "httproutes.gateway.networking.k8s.io",
+            "--subresource=status",
+            "-n",
+            corner.ns,
+            &as_agent,
+        ])
+        .unwrap_or_else(|e| e);
+    assert_eq!(answer.trim(), "yes", "the agent may update route status");
     assert_eq!(writer.refused.count.get(), 0, "no status refused as invalid");
     let _ = writer.stop.send(true);
 }

@@ -116,3 +116,36 @@ fn a_flood_of_idle_connections_from_one_pod_leaves_the_node_serving_the_others()
     assert!(refused.is_some_and(|n| n > 0), "the flood was refused past its share:\n{}", metrics.body);
     drop(held);
 }
+
+/// The timeouts that close slow and idle HTTP connections never cut a legitimate long-lived L4
+/// connection: one quiet for `GAMMARAY_L4_IDLE_SECS` (75 s by default, past the relays' TCP
+/// keepalive of 60 s; run once by hand with 600) still carries bytes both ways, across nodes
+/// through HBONE.
+#[test]
+fn an_idle_l4_connection_across_nodes_still_works_after_the_quiet() {
+    if !require_privileged("hostile: an idle L4 connection") {
+        return;
+    }
+    const PORT: u16 = 9200;
+    let idle = Duration::from_secs(
+        std::env::var("GAMMARAY_L4_IDLE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(75),
+    );
+    let mesh = CanaryMesh::start(&Canary::route(50, 50), &[1, 2]);
+    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == "node2").expect("a backend on node2");
+    let listener = pod.run(|| std::net::TcpListener::bind((pod.ip, PORT))).expect("enter pod").expect("bind");
+    let _echo = gammaray_testkit::echo::EchoServer::start(listener, &pod.name).expect("an echo server");
+    let dst = SocketAddr::from((pod.ip, PORT));
+    let (greeting, mut conn) = mesh.canary.client.run(|| open_and_greet(dst)).expect("enter client pod");
+    assert_eq!(greeting.hostname, pod.name, "reached the pod on node2");
+    let echo = |conn: &mut TcpStream, what: &str| {
+        use std::io::{Read as _, Write as _};
+        conn.write_all(format!("{what}\n").as_bytes()).expect("write");
+        let mut back = vec![0u8; what.len() + 1];
+        conn.read_exact(&mut back).unwrap_or_else(|e| panic!("{what}: no echo: {e}"));
+        assert_eq!(back, format!("{what}\n").as_bytes(), "{what}");
+    };
+    echo(&mut conn, "before the quiet");
+    eprintln!("hostile: an L4 connection through node1 and node2 stays quiet for {idle:?}");
+    std::thread::sleep(idle);
+    echo(&mut conn, "after the quiet");
+}
