@@ -1,5 +1,7 @@
 //! Match plus backend choice for one Service with 100 HTTPRoutes of 10 rules each (1000 rules),
-//! and the translation that builds that table.
+//! and the translation that builds that table; and the translation of whole clusters of 100,
+//! 1 000 and 5 000 Services of 10 endpoints each (a pod with a service account behind each, one
+//! HTTPRoute per ten Services), for how its cost grows with the cluster.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use gammaray_agent::{
@@ -75,5 +77,56 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// `services` Services in namespace `scale`, each with an EndpointSlice of 10 ready endpoints
+/// whose pods exist (service account, node, IP), and an HTTPRoute on every tenth splitting it with
+/// the next.
+fn cluster(services: usize) -> String {
+    let mut y = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: scale}\n");
+    for s in 0..services {
+        let vip = format!("10.96.{}.{}", s / 250, s % 250 + 1);
+        y.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: scale}}\nspec: {{clusterIP: '{vip}', ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]}}\n"
+        ));
+        let mut endpoints = Vec::new();
+        for e in 0..10 {
+            let n = s * 10 + e;
+            let ip = format!("10.{}.{}.{}", 128 + n / 62_500, (n / 250) % 250, n % 250 + 1);
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{n}, namespace: scale, uid: uid-{n}}}\nspec: {{nodeName: node{}, serviceAccountName: sa-{s}, containers: [{{name: app, image: app}}]}}\nstatus: {{phase: Running, podIP: '{ip}', podIPs: [{{ip: '{ip}'}}]}}\n",
+                n % 3
+            ));
+            endpoints.push(format!(
+                "{{addresses: ['{ip}'], nodeName: node{}, conditions: {{ready: true}}, targetRef: {{kind: Pod, namespace: scale, name: pod-{n}}}}}",
+                n % 3
+            ));
+        }
+        y.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{s}-x, namespace: scale, labels: {{kubernetes.io/service-name: svc-{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
+            endpoints.join(", ")
+        ));
+        if s % 10 == 0 && s + 1 < services {
+            y.push_str(&format!(
+                "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: split-{s}, namespace: scale}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: svc-{s}, port: 80}}]\n  rules:\n  - backendRefs: [{{name: svc-{s}, port: 80, weight: 90}}, {{name: svc-{}, port: 80, weight: 10}}]\n",
+                s + 1
+            ));
+        }
+    }
+    y
+}
+
+fn scale(c: &mut Criterion) {
+    let mut group = c.benchmark_group("translate a cluster");
+    group.sample_size(10);
+    for services in [100, 1_000, 5_000] {
+        let mut store = Store::default();
+        let applied = store.apply_yaml(&cluster(services));
+        assert!(applied.errors.is_empty(), "{:?}", applied.errors);
+        group.bench_function(format!("{services} Services x 10 endpoints"), |b| {
+            b.iter(|| translate(black_box(&store), &Options::default()))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, scale);
 criterion_main!(benches);

@@ -1,7 +1,10 @@
 //! The typed stores every configuration source fills (Kubernetes watchers, manifest files,
 //! test fixtures) and the one translation reads. Objects are the upstream types.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use gateway_api::{
     grpcroutes::GrpcRoute as GRPCRoute, httproutes::HttpRoute as HTTPRoute, referencegrants::ReferenceGrant,
@@ -22,7 +25,13 @@ pub struct Store {
     pub namespaces: BTreeMap<String, Arc<Namespace>>,
     pub nodes: BTreeMap<String, Arc<Node>>,
     pub services: BTreeMap<Key, Arc<Service>>,
-    pub endpoint_slices: BTreeMap<Key, Arc<EndpointSlice>>,
+    /// Written through [`Store::apply_value`], [`Store::remove`] and [`Store::clear_kind`] only,
+    /// which keep [`Store::slices_of`]'s index.
+    endpoint_slices: BTreeMap<Key, Arc<EndpointSlice>>,
+    /// The EndpointSlices of each Service (`kubernetes.io/service-name`): (namespace, Service) →
+    /// slice names. Translation looks a Service's endpoints up here instead of scanning every
+    /// slice of the cluster for each Service port.
+    slices_by_service: BTreeMap<Key, BTreeSet<String>>,
     pub pods: BTreeMap<Key, Arc<Pod>>,
     pub http_routes: BTreeMap<Key, Arc<HTTPRoute>>,
     pub grpc_routes: BTreeMap<Key, Arc<GRPCRoute>>,
@@ -133,7 +142,15 @@ impl Store {
                 self.pods.insert(key, decode(index, &kind, &name, value)?);
             }
             ("discovery.k8s.io", "EndpointSlice") => {
-                self.endpoint_slices.insert(key, decode(index, &kind, &name, value)?);
+                let slice: Arc<EndpointSlice> = decode(index, &kind, &name, value)?;
+                self.remove_slice(&key);
+                if let Some(service) = service_of(&slice) {
+                    self.slices_by_service
+                        .entry((namespace.clone(), service))
+                        .or_default()
+                        .insert(name.clone());
+                }
+                self.endpoint_slices.insert(key, slice);
             }
             ("gateway.networking.k8s.io", "HTTPRoute") => {
                 self.http_routes.insert(key, decode(index, &kind, &name, value)?);
@@ -158,7 +175,10 @@ impl Store {
             "Node" => self.nodes.clear(),
             "Service" => self.services.clear(),
             "Pod" => self.pods.clear(),
-            "EndpointSlice" => self.endpoint_slices.clear(),
+            "EndpointSlice" => {
+                self.endpoint_slices.clear();
+                self.slices_by_service.clear();
+            }
             "HTTPRoute" => self.http_routes.clear(),
             "GRPCRoute" => self.grpc_routes.clear(),
             "ReferenceGrant" => self.reference_grants.clear(),
@@ -174,12 +194,41 @@ impl Store {
             "Node" => self.nodes.remove(name).is_some(),
             "Service" => self.services.remove(&key).is_some(),
             "Pod" => self.pods.remove(&key).is_some(),
-            "EndpointSlice" => self.endpoint_slices.remove(&key).is_some(),
+            "EndpointSlice" => self.remove_slice(&key),
             "HTTPRoute" => self.http_routes.remove(&key).is_some(),
             "GRPCRoute" => self.grpc_routes.remove(&key).is_some(),
             "ReferenceGrant" => self.reference_grants.remove(&key).is_some(),
             _ => false,
         }
+    }
+
+    /// The EndpointSlices of the Service `namespace/service`, by their name.
+    pub fn slices_of<'a>(
+        &'a self,
+        namespace: &str,
+        service: &str,
+    ) -> impl Iterator<Item = &'a Arc<EndpointSlice>> {
+        let key = (namespace.to_owned(), service.to_owned());
+        self.slices_by_service
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter_map(move |name| self.endpoint_slices.get(&(key.0.clone(), name.clone())))
+    }
+
+    /// Removes one EndpointSlice and its place in the index; whether it was held.
+    fn remove_slice(&mut self, key: &Key) -> bool {
+        let Some(old) = self.endpoint_slices.remove(key) else { return false };
+        if let Some(service) = service_of(&old) {
+            let index_key = (key.0.clone(), service);
+            if let Some(names) = self.slices_by_service.get_mut(&index_key) {
+                names.remove(&key.1);
+                if names.is_empty() {
+                    self.slices_by_service.remove(&index_key);
+                }
+            }
+        }
+        true
     }
 }
 
@@ -232,6 +281,32 @@ mod tests {
     }
 
     #[test]
+    fn a_services_slices_follow_their_label_through_updates_removals_and_relists() {
+        let slice = |name: &str, service: &str| {
+            format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: n, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nendpoints: []\n"
+            )
+        };
+        let names = |store: &Store, service: &str| -> Vec<String> {
+            store.slices_of("n", service).filter_map(|s| s.metadata.name.clone()).collect()
+        };
+        let mut store = Store::default();
+        store.apply_yaml(&[slice("a-1", "a"), slice("a-2", "a"), slice("b-1", "b")].concat());
+        assert_eq!(names(&store, "a"), ["a-1", "a-2"]);
+        assert_eq!(names(&store, "b"), ["b-1"]);
+        assert!(store.slices_of("other", "a").next().is_none(), "by namespace too");
+        // A slice moved to another Service (its label changed) leaves the first.
+        store.apply_yaml(&slice("a-2", "b"));
+        assert_eq!(names(&store, "a"), ["a-1"]);
+        assert_eq!(names(&store, "b"), ["a-2", "b-1"]);
+        assert!(store.remove("EndpointSlice", "n", "a-1"));
+        assert!(names(&store, "a").is_empty());
+        assert!(!store.remove("EndpointSlice", "n", "a-1"), "removed once");
+        store.clear_kind("EndpointSlice");
+        assert!(names(&store, "b").is_empty(), "a relist starts from nothing");
+    }
+
+    #[test]
     fn markers_split_documents() {
         assert_eq!(
             split_documents("a: 1\n---\nb: 2\n--- \nc: 3\n...\n"),
@@ -240,4 +315,9 @@ mod tests {
         assert_eq!(split_documents("---\na: 1\n"), vec!["a: 1\n"]);
         assert_eq!(split_documents("a: |\n  ---\n  x\n"), vec!["a: |\n  ---\n  x\n"]);
     }
+}
+
+/// The Service an EndpointSlice belongs to: its `kubernetes.io/service-name` label.
+fn service_of(slice: &EndpointSlice) -> Option<String> {
+    slice.metadata.labels.as_ref()?.get("kubernetes.io/service-name").cloned()
 }

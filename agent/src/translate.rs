@@ -32,8 +32,6 @@ pub use rules::{CompiledRoute, CompiledRule};
 
 /// The controller name gammaray writes into route status.
 pub const CONTROLLER_NAME: &str = "gammaray.dev/mesh";
-/// The label an EndpointSlice carries to name its Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -521,11 +519,7 @@ impl BackendResolver<'_> {
             });
         };
         let mut endpoints = Vec::new();
-        for ((ns, _), slice) in &self.store.endpoint_slices {
-            let owner = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
-            if ns != &service.namespace || owner != Some(&service.name) {
-                continue;
-            }
+        for slice in self.store.slices_of(&service.namespace, &service.name) {
             if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
                 continue;
             }
@@ -553,7 +547,7 @@ impl BackendResolver<'_> {
                         .filter(|t| t.kind.as_deref() == Some("Pod"))
                         .and_then(|t| {
                             Some(ObjectRef::new(
-                                t.namespace.clone().unwrap_or_else(|| ns.clone()),
+                                t.namespace.clone().unwrap_or_else(|| service.namespace.clone()),
                                 t.name.clone()?,
                             ))
                         })
