@@ -254,6 +254,11 @@ pub fn split_documents(text: &str) -> Vec<&str> {
     docs.into_iter().filter(|d| !d.trim().is_empty()).collect()
 }
 
+/// The Service an EndpointSlice belongs to: its `kubernetes.io/service-name` label.
+fn service_of(slice: &EndpointSlice) -> Option<String> {
+    slice.metadata.labels.as_ref()?.get("kubernetes.io/service-name").cloned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,9 +320,4 @@ mod tests {
         assert_eq!(split_documents("---\na: 1\n"), vec!["a: 1\n"]);
         assert_eq!(split_documents("a: |\n  ---\n  x\n"), vec!["a: |\n  ---\n  x\n"]);
     }
-}
-
-/// The Service an EndpointSlice belongs to: its `kubernetes.io/service-name` label.
-fn service_of(slice: &EndpointSlice) -> Option<String> {
-    slice.metadata.labels.as_ref()?.get("kubernetes.io/service-name").cloned()
 }
