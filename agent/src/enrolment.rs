@@ -21,11 +21,14 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::{control::State, generation::Generation, store::Store};
+use crate::{
+    control::State,
+    generation::Generation,
+    store::{PodInfo, Store},
+};
 
 /// The label on a namespace (enrol its pods) or a pod (`none`: leave it out).
 pub const DATAPLANE_LABEL: &str = "gammaray.dev/dataplane-mode";
@@ -52,26 +55,20 @@ pub fn wanted(store: &Store, node: &str) -> BTreeMap<String, Wanted> {
         .pods
         .iter()
         .filter(|((ns, _), pod)| {
-            let spec = pod.spec.as_ref();
-            spec.and_then(|s| s.node_name.as_deref()) == Some(node)
-                && !spec.and_then(|s| s.host_network).unwrap_or(false)
+            pod.node.as_deref() == Some(node)
+                && !pod.host_network
                 && !is_finished(pod)
-                && pod
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(DATAPLANE_LABEL))
-                    .is_none_or(|v| v != "none")
+                && pod.dataplane_mode.as_deref() != Some("none")
                 && ambient(ns)
         })
         .filter_map(|((ns, name), pod)| {
-            Some((pod.metadata.uid.clone()?, Wanted { namespace: ns.clone(), name: name.clone() }))
+            Some((pod.uid.clone()?, Wanted { namespace: ns.clone(), name: name.clone() }))
         })
         .collect()
 }
 
-fn is_finished(pod: &Pod) -> bool {
-    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+fn is_finished(pod: &PodInfo) -> bool {
+    matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed"))
 }
 
 /// The pod UID a cgroup path names, for both kubelet cgroup drivers.

@@ -32,7 +32,8 @@ pub struct Store {
     /// slice names. Translation looks a Service's endpoints up here instead of scanning every
     /// slice of the cluster for each Service port.
     slices_by_service: BTreeMap<Key, BTreeSet<String>>,
-    pub pods: BTreeMap<Key, Arc<Pod>>,
+    /// What the mesh reads of each Pod ([`PodInfo`]), not the whole object.
+    pub pods: BTreeMap<Key, Arc<PodInfo>>,
     pub http_routes: BTreeMap<Key, Arc<HTTPRoute>>,
     pub grpc_routes: BTreeMap<Key, Arc<GRPCRoute>>,
     pub reference_grants: BTreeMap<Key, Arc<ReferenceGrant>>,
@@ -139,7 +140,8 @@ impl Store {
                 self.services.insert(key, decode(index, &kind, &name, value)?);
             }
             ("", "Pod") => {
-                self.pods.insert(key, decode(index, &kind, &name, value)?);
+                let pod: Arc<Pod> = decode(index, &kind, &name, value)?;
+                self.pods.insert(key, Arc::new(PodInfo::of(&pod)));
             }
             ("discovery.k8s.io", "EndpointSlice") => {
                 let slice: Arc<EndpointSlice> = decode(index, &kind, &name, value)?;
@@ -254,6 +256,49 @@ pub fn split_documents(text: &str) -> Vec<&str> {
     docs.into_iter().filter(|d| !d.trim().is_empty()).collect()
 }
 
+/// What the mesh reads of a Pod: enrolment (node, UID, host network, phase, the pod's own opt-out
+/// label) and translation (IPs, node, service account). The rest of the object a kubelet writes
+/// (containers, env, volumes, probes, conditions, container statuses, owner references, managed
+/// fields) is dropped on arrival: kept whole, a realistic Pod costs the store about 12 KiB, on
+/// every node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    pub uid: Option<String>,
+    pub node: Option<String>,
+    pub service_account: Option<String>,
+    pub host_network: bool,
+    pub phase: Option<String>,
+    /// `status.podIPs`, or `status.podIP` when the list is absent.
+    pub ips: Vec<String>,
+    /// The pod's own `gammaray.dev/dataplane-mode` label, if any.
+    pub dataplane_mode: Option<String>,
+}
+
+impl PodInfo {
+    pub fn of(pod: &Pod) -> Self {
+        let (spec, status) = (pod.spec.as_ref(), pod.status.as_ref());
+        let ips = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .map(|ips| ips.iter().map(|i| i.ip.clone()).collect::<Vec<_>>())
+            .or_else(|| status.and_then(|s| s.pod_ip.clone()).map(|ip| vec![ip]))
+            .unwrap_or_default();
+        Self {
+            uid: pod.metadata.uid.clone(),
+            node: spec.and_then(|s| s.node_name.clone()),
+            service_account: spec.and_then(|s| s.service_account_name.clone()),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            phase: status.and_then(|s| s.phase.clone()),
+            ips,
+            dataplane_mode: pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::enrolment::DATAPLANE_LABEL))
+                .cloned(),
+        }
+    }
+}
+
 /// The Service an EndpointSlice belongs to: its `kubernetes.io/service-name` label.
 fn service_of(slice: &EndpointSlice) -> Option<String> {
     slice.metadata.labels.as_ref()?.get("kubernetes.io/service-name").cloned()
@@ -309,6 +354,34 @@ mod tests {
         assert!(!store.remove("EndpointSlice", "n", "a-1"), "removed once");
         store.clear_kind("EndpointSlice");
         assert!(names(&store, "b").is_empty(), "a relist starts from nothing");
+    }
+
+    #[test]
+    fn a_pod_is_kept_as_what_the_mesh_reads_of_it() {
+        let mut store = Store::default();
+        store.apply_yaml(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: n, uid: u-a, labels: {app: a, gammaray.dev/dataplane-mode: none}}\n\
+             spec: {nodeName: node1, serviceAccountName: sa-a, containers: [{name: c, image: i, env: [{name: X, value: y}]}]}\n\
+             status: {phase: Running, podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}, {ip: 'fd00::1'}]}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: n}\n\
+             spec: {hostNetwork: true, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.200.0.1}\n",
+        );
+        let a = &store.pods[&("n".to_owned(), "a".to_owned())];
+        assert_eq!(
+            **a,
+            PodInfo {
+                uid: Some("u-a".into()),
+                node: Some("node1".into()),
+                service_account: Some("sa-a".into()),
+                host_network: false,
+                phase: Some("Running".into()),
+                ips: vec!["10.0.0.1".into(), "fd00::1".into()],
+                dataplane_mode: Some("none".into()),
+            }
+        );
+        let b = &store.pods[&("n".to_owned(), "b".to_owned())];
+        assert!(b.host_network);
+        assert_eq!(b.ips, ["10.200.0.1"], "podIP when podIPs is absent");
     }
 
     #[test]

@@ -457,14 +457,13 @@ fn node_addresses(store: &Store) -> gammaray_proxy::snapshot::FastMap<String, Ip
 fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
     let mut out = HashMap::new();
     for ((ns, name), pod) in &store.pods {
-        let spec = pod.spec.as_ref();
-        if spec.and_then(|s| s.host_network) == Some(true) {
+        if pod.host_network {
             continue;
         }
-        let sa = spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+        let sa = pod.service_account.clone().unwrap_or_else(|| "default".into());
         let workload = Workload {
             pod: ObjectRef::new(ns, name),
-            node: spec.and_then(|s| s.node_name.clone()),
+            node: pod.node.clone(),
             identity: gammaray_proxy::identity::Identity {
                 trust_domain: trust_domain.into(),
                 namespace: ns.as_str().into(),
@@ -472,13 +471,7 @@ fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
             },
             service_account: sa,
         };
-        let status = pod.status.as_ref();
-        let ips = status
-            .and_then(|s| s.pod_ips.clone())
-            .map(|ips| ips.into_iter().map(|i| i.ip).collect::<Vec<_>>())
-            .or_else(|| status.and_then(|s| s.pod_ip.clone()).map(|ip| vec![ip]))
-            .unwrap_or_default();
-        for ip in ips.iter().filter_map(|ip| ip.parse().ok()) {
+        for ip in pod.ips.iter().filter_map(|ip| ip.parse().ok()) {
             out.insert(ip, workload.clone());
         }
     }
