@@ -19,9 +19,10 @@ fi
 export PATH="$HOME/.cargo/bin:$PATH"
 
 # Debian packages: LLVM for bpf-linker, iproute2 for network namespaces, iperf3 for the bulk
-# throughput benchmark, valgrind for the benchmark's instruction counts.
+# throughput benchmark, valgrind for the benchmark's instruction counts, xz-utils to unpack the
+# envtest assets.
 need_pkgs=()
-for p in "llvm-${LLVM_MAJOR}-dev" iproute2 procps iperf3 valgrind; do
+for p in "llvm-${LLVM_MAJOR}-dev" iproute2 procps iperf3 valgrind xz-utils; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
