@@ -107,8 +107,7 @@ struct Watched {
 /// Runs the source until the task is dropped.
 pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
     let changed = Arc::new(Notify::new());
-    let refreshed = Arc::new(Notify::new());
-    let store = Arc::new(Mutex::new(Store::default()));
+    let store = Arc::new(Mutex::new(Pending::default()));
     let mut watched = Vec::new();
     let mut tasks = Vec::new();
     for kind in KINDS {
@@ -119,8 +118,7 @@ pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
         let stream = watcher(api, watcher::Config::default())
             .backoff(watch_backoff())
             .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None);
-        let wake = Wake { changed: changed.clone(), refreshed: refreshed.clone() };
-        tasks.push(tokio::spawn(drive(*kind, stream, store.clone(), wake, synced.clone())));
+        tasks.push(tokio::spawn(drive(*kind, stream, store.clone(), changed.clone(), synced.clone())));
         watched.push(Watched { kind: *kind, synced });
     }
     let _abort = AbortOnDrop(tasks);
@@ -129,18 +127,7 @@ pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
     let mut published_once = false;
     loop {
         if published_once {
-            let translate = tokio::select! {
-                () = changed.notified() => true,
-                () = refreshed.notified() => false,
-            };
-            if !translate {
-                // Only what no translation reads changed (a route's status, as the status writer
-                // wrote it): the objects are published for it, the configuration stays.
-                tokio::time::sleep(options.debounce).await;
-                let store = store.lock().expect("store lock").clone();
-                out.refresh(store);
-                continue;
-            }
+            changed.notified().await;
         } else {
             let remaining = options.initial_sync_timeout.saturating_sub(started.elapsed());
             let _ = tokio::time::timeout(remaining, changed.notified()).await;
@@ -156,8 +143,19 @@ pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
                 watched.iter().filter(|w| !w.synced.load(Ordering::Acquire)).map(|w| w.kind.kind).collect();
             warn!(?missing, "not every kind has listed yet; publishing what has");
         }
-        let store = store.lock().expect("store lock").clone();
-        out.publish(store, "kubernetes");
+        // The copy and whether it needs translating are taken together, under the lock the
+        // watchers change both under: a refresh never carries a change translation reads.
+        let (objects, translate) = {
+            let mut pending = store.lock().expect("store lock");
+            (pending.store.clone(), std::mem::take(&mut pending.translate))
+        };
+        if published_once && !translate {
+            // Only what no translation reads changed (a route's status, as the status writer
+            // wrote it): the objects are published for it, the configuration stays.
+            out.refresh(objects);
+            continue;
+        }
+        out.publish(objects, "kubernetes");
         published_once = true;
         crate::memory::release_freed_memory();
     }
@@ -191,22 +189,22 @@ pub fn watch_backoff() -> watcher::ExponentialBackoff {
 /// The longest delay between two attempts before jitter (which at most doubles it).
 pub const WATCH_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
-/// How a watcher wakes the builder: `changed` for what translation reads, `refreshed` for what
-/// it does not.
-struct Wake {
-    changed: Arc<Notify>,
-    refreshed: Arc<Notify>,
+/// The objects the watchers keep, and whether they changed what translation reads since the
+/// builder last took them.
+#[derive(Default)]
+struct Pending {
+    store: Store,
+    translate: bool,
 }
 
 /// Drives one kind's watch stream into the store, waking the builder on every change.
 async fn drive(
     kind: Kind,
     stream: impl futures::Stream<Item = Result<watcher::Event<DynamicObject>, watcher::Error>>,
-    store: Arc<Mutex<Store>>,
-    wake: Wake,
+    store: Arc<Mutex<Pending>>,
+    changed: Arc<Notify>,
     synced: Arc<AtomicBool>,
 ) {
-    let changed = &wake.changed;
     let mut stream = std::pin::pin!(stream);
     // Objects of a (re)list, applied at once when it completes.
     let mut listing: Option<Vec<DynamicObject>> = None;
@@ -221,26 +219,28 @@ async fn drive(
                 let objects = listing.take().unwrap_or_default();
                 debug!(kind = kind.kind, objects = objects.len(), "listed");
                 {
-                    let mut store = store.lock().expect("store lock");
-                    store.clear_kind(kind.kind);
+                    let mut pending = store.lock().expect("store lock");
+                    pending.store.clear_kind(kind.kind);
                     for object in objects {
-                        apply(&mut store, kind, object);
+                        apply(&mut pending.store, kind, object);
                     }
+                    pending.translate = true;
                 }
                 synced.store(true, Ordering::Release);
                 changed.notify_one();
             }
             Ok(watcher::Event::Apply(object)) => {
-                if apply(&mut store.lock().expect("store lock"), kind, object) {
-                    changed.notify_one();
-                } else {
-                    wake.refreshed.notify_one();
-                }
+                let mut pending = store.lock().expect("store lock");
+                pending.translate |= apply(&mut pending.store, kind, object);
+                drop(pending);
+                changed.notify_one();
             }
             Ok(watcher::Event::Delete(object)) => {
                 let (ns, name) =
                     (object.metadata.namespace.unwrap_or_default(), object.metadata.name.unwrap_or_default());
-                store.lock().expect("store lock").remove(kind.kind, &ns, &name);
+                let mut pending = store.lock().expect("store lock");
+                pending.translate |= pending.store.remove(kind.kind, &ns, &name);
+                drop(pending);
                 changed.notify_one();
             }
             Err(err) => warn!(kind = kind.kind, error = %err, "watch failed; retrying with backoff"),

@@ -267,6 +267,50 @@ async fn changes_on_a_real_api_server_reach_the_snapshot() {
     changes_reach_the_snapshot(server, Corner { ns: "changes", net: 1 }).await;
 }
 
+/// A change of a route's status alone (another controller's entry here; the status writer's own
+/// writes coming back look the same) reaches the published objects without a translation: the
+/// version and the snapshot stay. A change of the spec still translates. On the fake only: on the
+/// shared real server other tests' objects would start translations of their own meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_status_change_is_published_without_a_new_translation() {
+    let server = ApiServer::start().expect("fake API server");
+    let corner = Corner { ns: "demo", net: 0 };
+    server.apply_yaml(&corner.world());
+    server.apply_yaml(&corner.canary(90, 10));
+    let mut source = start_source(&server).await;
+    wait_for_weights(&mut source, corner, &[90, 10], "initial list").await;
+    let before = source.generation.borrow_and_update().clone();
+    server.set_route_status(
+        "HTTPRoute",
+        corner.ns,
+        "canary",
+        serde_json::json!({"parents": [{
+            "parentRef": {"group": "", "kind": "Service", "name": "backend"},
+            "controllerName": "example.com/other-mesh",
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        }]}),
+    );
+    let key = (corner.ns.to_owned(), "canary".to_owned());
+    let deadline = Instant::now() + WAIT;
+    let after = loop {
+        let g = source.generation.borrow_and_update().clone();
+        let status =
+            g.objects.http_routes.get(&key).map(|r| serde_json::to_value(&r.status).unwrap_or_default());
+        if status.is_some_and(|s| s.to_string().contains("example.com/other-mesh")) {
+            break g;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "the status never reached the published objects");
+        let _ = tokio::time::timeout(left, source.generation.changed()).await;
+    };
+    assert_eq!(after.version, before.version, "no new translation for a status change");
+    assert!(Arc::ptr_eq(&after.snapshot, &before.snapshot), "the proxy's snapshot is the same one");
+    server.apply_yaml(&corner.canary(50, 50));
+    wait_for_weights(&mut source, corner, &[50, 50], "a spec change after it").await;
+    assert!(source.generation.borrow().version > before.version, "a spec change translates");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_watches_410_gone_and_a_restarted_fake_server_lose_no_update() {
     let server = ApiServer::start_with(Duration::from_millis(200)).expect("fake API server");

@@ -199,6 +199,16 @@ impl Flood {
     }
 }
 
+impl Drop for Flood {
+    /// A phase that fails half way still ends the HBONE flood (its holders stop with them).
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(streams) = self.streams.take() {
+            let _ = streams.join();
+        }
+    }
+}
+
 /// Reads a holder's log until it says how many connections it holds.
 fn wait_for_held(log: &Path, within: Duration) -> anyhow::Result<usize> {
     let deadline = Instant::now() + within;
