@@ -219,4 +219,33 @@ mod tests {
             assert_eq!(sub.generation.borrow().version, VERSIONS as u64);
         });
     }
+
+    /// A route condition that is not plainly true is logged when it appears, not again on every
+    /// snapshot while it holds, and once more when it no longer holds.
+    #[test]
+    fn a_route_condition_is_logged_when_it_changes_not_on_every_snapshot() {
+        let captured = crate::logging::capture::Captured::default();
+        let subscriber = tracing_subscriber::fmt().with_writer(captured.clone()).with_ansi(false).finish();
+        let world = |backend: &str| {
+            let mut store = Store::default();
+            let applied = store.apply_yaml(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{name: http, port: 80}}]}}\n\
+                 ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: demo}}\n\
+                 spec: {{parentRefs: [{{group: '', kind: Service, name: web, port: 80}}], rules: [{{backendRefs: [{{name: {backend}, port: 80}}]}}]}}\n"
+            ));
+            assert!(applied.errors.is_empty(), "{:?}", applied.errors);
+            store
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            let (mut publisher, _readers) = Publisher::new(Options::default());
+            for _ in 0..3 {
+                publisher.publish(world("missing"), "test");
+            }
+            publisher.publish(world("web"), "test");
+        });
+        let lines = captured.lines();
+        let logged = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
+        assert_eq!(logged("route status route=demo/r"), 1, "once for three snapshots: {lines:#?}");
+        assert_eq!(logged("no longer holds"), 1, "and once when fixed: {lines:#?}");
+    }
 }

@@ -35,6 +35,8 @@ use tracing_subscriber::{
 };
 
 #[cfg(test)]
+pub(crate) mod capture;
+#[cfg(test)]
 mod tests;
 
 /// Installs the global subscriber. `default` applies when RUST_LOG is unset, e.g.

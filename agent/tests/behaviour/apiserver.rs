@@ -651,6 +651,27 @@ async fn on_the_fake_only_the_lease_holder_writes_status_and_another_takes_over(
         .await;
 }
 
+/// A renewal that fails while the Lease is still valid keeps it: an API server away for less than
+/// the Lease's duration (2 s here, renewed every 0.67 s) does not hand it over; one away for
+/// longer does, and the holder takes it again when the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_renewal_keeps_the_lease_until_it_expires() {
+    let server = ApiServer::start().expect("fake API server");
+    let corner = Corner { ns: "demo", net: 0 };
+    server.apply_yaml(&corner.world());
+    let writer = start_writer(&server, "gammaray-route-status", "node-a").await;
+    let leading = || writer.leading.load(Ordering::Acquire);
+    eventually("the lease is taken", || leading().then_some(()).ok_or("not yet".to_owned())).await;
+    server.stop();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(leading(), "a second without the server: the lease renewed at most 1.67 s ago still holds");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!leading(), "3.5 s without the server: the lease has expired and is let go");
+    server.resume();
+    eventually("the lease is taken again", || leading().then_some(()).ok_or("not yet".to_owned())).await;
+    let _ = writer.stop.send(true);
+}
+
 /// The shared server's routes are written by other tests' writers too, so who wrote is checked
 /// on the fake only; the Lease's hand-overs are checked here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
