@@ -145,6 +145,8 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool, only: &[Phase]) 
         anyhow::ensure!(bin.exists(), "{} is missing: build it first", bin.display());
     }
     let bench_dir = target_dir.join("bench");
+    // Phases write their logs here before the report is written: a fresh clone has no such directory.
+    std::fs::create_dir_all(&bench_dir)?;
     let ticks: f64 = String::from_utf8_lossy(&Command::new("getconf").arg("CLK_TCK").output()?.stdout)
         .trim()
         .parse()
