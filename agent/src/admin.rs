@@ -152,14 +152,14 @@ fn handle(
 pub fn config_dump(state: &State) -> Result<String, String> {
     let status = crate::control::status(state).map_err(|e| e.to_string())?;
     let generation = state.generation.borrow().clone();
-    let (snapshot, statuses) = (&generation.snapshot, &generation.statuses);
+    let (snapshot, statuses) = (&generation.snapshot, generation.status_list());
     let services: std::collections::BTreeSet<(String, String)> =
         snapshot.frontends.values().map(|f| (f.service.namespace.clone(), f.service.name.clone())).collect();
     let described: serde_json::Map<String, serde_json::Value> = services
         .iter()
         .map(|(ns, name)| {
             let text =
-                crate::describe::describe(snapshot, statuses, ns, name, state.mtls).unwrap_or_default();
+                crate::describe::describe(snapshot, &statuses, ns, name, state.mtls).unwrap_or_default();
             (format!("{ns}/{name}"), serde_json::Value::String(text))
         })
         .collect();

@@ -133,7 +133,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Fu
             let generation = state.generation.borrow().clone();
             match crate::describe::describe(
                 &generation.snapshot,
-                &generation.statuses,
+                &generation.status_list(),
                 &ns,
                 &name,
                 state.mtls,
@@ -147,7 +147,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Fu
         }
         (Method::GET, "/routes") => {
             let generation = state.generation.borrow().clone();
-            json(StatusCode::OK, &generation.statuses)
+            json(StatusCode::OK, &generation.status_list())
         }
         (Method::GET, "/config_dump") => match crate::admin::config_dump(&state) {
             Ok(dump) => self::text(StatusCode::OK, dump),

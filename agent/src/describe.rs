@@ -15,7 +15,7 @@ use crate::translate::RouteStatus;
 /// Renders the description, or `None` when the snapshot has no such Service frontend.
 pub fn describe(
     snapshot: &Snapshot,
-    statuses: &[RouteStatus],
+    statuses: &[&RouteStatus],
     namespace: &str,
     name: &str,
     mtls: bool,
@@ -84,6 +84,7 @@ pub fn describe(
     }
     let attached: Vec<&RouteStatus> = statuses
         .iter()
+        .copied()
         .filter(|s| {
             s.parents.iter().any(|p| p.parent_ref.namespace == namespace && p.parent_ref.name == name)
         })
@@ -264,7 +265,9 @@ mod tests {
         );
         assert!(applied.errors.is_empty(), "{:?}", applied.errors);
         let t = translate(&store, &Options::default());
-        let text = super::describe(&t.snapshot, &t.statuses, "demo", "backend", true).expect("a description");
+        let text =
+            super::describe(&t.snapshot, &t.statuses.iter().collect::<Vec<_>>(), "demo", "backend", true)
+                .expect("a description");
         for needle in [
             "Service: backend.demo",
             "ClusterIP: 10.96.0.10",
@@ -282,6 +285,9 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
-        assert!(super::describe(&t.snapshot, &t.statuses, "demo", "nope", true).is_none());
+        assert!(
+            super::describe(&t.snapshot, &t.statuses.iter().collect::<Vec<_>>(), "demo", "nope", true)
+                .is_none()
+        );
     }
 }

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::{
     store::Store,
-    translate::{Options, RouteStatus, translate},
+    translate::{Incremental, Options, RouteKey, RouteStatus, Statuses},
 };
 
 /// The configuration in force, as one value.
@@ -26,16 +26,22 @@ pub struct Generation {
     /// source has published.
     pub version: u64,
     pub snapshot: Arc<Snapshot>,
-    pub statuses: Vec<RouteStatus>,
+    /// Every route's status, by route (HTTPRoutes, then GRPCRoutes, by namespace and name).
+    pub statuses: Statuses,
     /// The objects translated, for what reads them directly (enrolment, status writing).
     pub objects: Store,
 }
 
 impl Generation {
+    /// The route statuses in order.
+    pub fn status_list(&self) -> Vec<&RouteStatus> {
+        self.statuses.values().map(|s| &**s).collect()
+    }
+
     /// The routes whose parents do not all accept them.
     pub fn rejected(&self) -> usize {
         self.statuses
-            .iter()
+            .values()
             .filter(|s| s.parents.iter().any(|p| p.condition("Accepted").is_some_and(|c| c.status != "True")))
             .count()
     }
@@ -49,9 +55,12 @@ pub struct Subscription {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
 }
 
-/// Translates stores into generations and publishes them; the one writer.
+/// Translates stores into generations and publishes them; the one writer. Translation is
+/// incremental ([`Incremental`]): each store is compared with the one before, and only what
+/// the difference touches is recomputed.
 pub struct Publisher {
     options: Options,
+    translator: Incremental,
     generation: watch::Sender<Arc<Generation>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// The conditions last logged, so each is logged when it changes, not on every snapshot.
@@ -65,7 +74,13 @@ impl Publisher {
         let (generation, generation_rx) = watch::channel(Arc::new(Generation::default()));
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
         (
-            Self { options, generation, snapshot, logged: Conditions::new() },
+            Self {
+                translator: Incremental::new(options.clone()),
+                options,
+                generation,
+                snapshot,
+                logged: Conditions::new(),
+            },
             Subscription { generation: generation_rx, snapshot: snapshot_rx },
         )
     }
@@ -75,23 +90,26 @@ impl Publisher {
     pub fn publish(&mut self, objects: Store, source: &str) -> Arc<Generation> {
         self.options.version += 1;
         let started = Instant::now();
-        let t = translate(&objects, &self.options);
+        let step = self.translator.apply(&objects, self.options.version);
+        let before = self.generation.borrow().statuses.clone();
         let generation = Arc::new(Generation {
             version: self.options.version,
-            snapshot: Arc::new(t.snapshot),
-            statuses: t.statuses,
+            snapshot: Arc::new(step.snapshot),
+            statuses: step.statuses,
             objects,
         });
+        log_changed_conditions(&before, &generation.statuses, &mut self.logged);
         info!(
             source,
             version = generation.version,
             frontends = generation.snapshot.frontends.len(),
             routes = generation.statuses.len(),
             rejected = generation.rejected(),
+            recomputed_services = step.work.services,
+            recomputed_routes = step.work.routes,
             translate_us = started.elapsed().as_micros() as u64,
             "configuration applied"
         );
-        self.logged = log_changed_conditions(&generation.statuses, &self.logged);
         self.generation.send_replace(generation.clone());
         self.snapshot.send_replace(generation.snapshot.clone());
         generation
@@ -118,31 +136,43 @@ impl Publisher {
     }
 }
 
-/// Route conditions that are not plainly true, by route, kind, parent and condition type: their
+/// Route conditions that are not plainly true, by route, then parent and condition type: their
 /// status, reason and message.
-type Conditions = BTreeMap<(String, String, String, String), (String, String, String)>;
+type Conditions = BTreeMap<RouteKey, BTreeMap<(String, String), (String, String, String)>>;
 
-/// Logs each route condition that is not plainly true and was not so in `before` (new, or with
-/// another reason or message), and each that was and now is; returns the conditions now.
-fn log_changed_conditions(statuses: &[RouteStatus], before: &Conditions) -> Conditions {
-    let mut now = Conditions::new();
-    for s in statuses {
-        for p in &s.parents {
-            for c in p.conditions.iter().filter(|c| c.status != "True" || c.type_ == "PartiallyInvalid") {
-                let key =
-                    (s.route.clone(), s.kind.to_string(), p.parent_ref.name.clone(), c.type_.to_string());
-                let value = (c.status.to_string(), c.reason.to_string(), c.message.clone());
-                if before.get(&key) != Some(&value) {
-                    warn!(route = %s.route, kind = %s.kind, parent = %p.parent_ref.name, condition = c.type_, reason = c.reason, message = %c.message, "route status");
+/// Logs each route condition that is not plainly true and was not so before (new, or with
+/// another reason or message), and each that was and now is, for the routes whose status
+/// differs between `before` and `now` (the persistent maps find them without visiting the
+/// rest); keeps `logged` up to date.
+fn log_changed_conditions(before: &Statuses, now: &Statuses, logged: &mut Conditions) {
+    use imbl::ordmap::DiffItem;
+    for item in before.diff(now) {
+        let (key, status) = match item {
+            DiffItem::Add(k, s) | DiffItem::Update { new: (k, s), .. } => (k, Some(s)),
+            DiffItem::Remove(k, _) => (k, None),
+        };
+        let was = logged.remove(key).unwrap_or_default();
+        let mut is = BTreeMap::new();
+        if let Some(s) = status {
+            for p in &s.parents {
+                for c in p.conditions.iter().filter(|c| c.status != "True" || c.type_ == "PartiallyInvalid") {
+                    let at = (p.parent_ref.name.clone(), c.type_.to_string());
+                    let value = (c.status.to_string(), c.reason.to_string(), c.message.clone());
+                    if was.get(&at) != Some(&value) {
+                        warn!(route = %s.route, kind = %s.kind, parent = %p.parent_ref.name, condition = c.type_, reason = c.reason, message = %c.message, "route status");
+                    }
+                    is.insert(at, value);
                 }
-                now.insert(key, value);
             }
         }
+        let (kind, route) = (key.0, format!("{}/{}", key.1.0, key.1.1));
+        for (parent, condition) in was.keys().filter(|k| !is.contains_key(*k)) {
+            info!(%route, %kind, %parent, condition, "route status: the condition no longer holds (fixed, or the route is gone)");
+        }
+        if !is.is_empty() {
+            logged.insert(key.clone(), is);
+        }
     }
-    for (route, kind, parent, condition) in before.keys().filter(|k| !now.contains_key(*k)) {
-        info!(%route, %kind, %parent, condition, "route status: the condition no longer holds (fixed, or the route is gone)");
-    }
-    now
 }
 
 #[cfg(test)]
@@ -174,7 +204,7 @@ mod tests {
     }
 
     fn routes_in_statuses(g: &Generation) -> BTreeSet<String> {
-        g.statuses.iter().map(|s| s.route.clone()).collect()
+        g.statuses.values().map(|s| s.route.clone()).collect()
     }
 
     const ROUTES: usize = 300;

@@ -302,7 +302,7 @@ pub async fn write_statuses(client: &Client, generation: &Generation, identity: 
     let (desired, store) = (&generation.statuses, &generation.objects);
     let now = Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
     let pp = PostParams { field_manager: Some(field_manager(identity)), ..Default::default() };
-    for status in desired {
+    for status in desired.values() {
         let kind = status.kind.to_string();
         let Some((namespace, name)) = status.route.split_once('/') else { continue };
         let Some(mut route) = current_route(store, &kind, namespace, name) else { continue };

@@ -1,14 +1,12 @@
 //! The typed stores every configuration source fills (Kubernetes watchers, manifest files,
 //! test fixtures) and the one translation reads. Objects are the upstream types.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-};
+use std::sync::Arc;
 
 use gateway_api::{
     grpcroutes::GrpcRoute as GRPCRoute, httproutes::HttpRoute as HTTPRoute, referencegrants::ReferenceGrant,
 };
+use imbl::{OrdMap, OrdSet};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -18,25 +16,28 @@ use serde::de::DeserializeOwned;
 /// `namespace/name` key; cluster-scoped objects use an empty namespace.
 pub type Key = (String, String);
 
-/// Objects are shared (`Arc`): publishing the store to its readers is a clone of the maps, not
-/// of every object, so the agent holds one copy of the cluster's objects, not two.
+/// Objects are shared (`Arc`) and the maps are persistent ([`OrdMap`]): publishing the store to
+/// its readers is an O(1) clone that later changes copy only the paths they touch, so the agent
+/// holds one copy of the cluster's objects, and two versions of the store can be compared in
+/// time proportional to what differs between them ([`OrdMap::diff`]), which is how translation
+/// finds what a change touched.
 #[derive(Debug, Default, Clone)]
 pub struct Store {
-    pub namespaces: BTreeMap<String, Arc<Namespace>>,
-    pub nodes: BTreeMap<String, Arc<Node>>,
-    pub services: BTreeMap<Key, Arc<Service>>,
+    pub namespaces: OrdMap<String, Arc<Namespace>>,
+    pub nodes: OrdMap<String, Arc<Node>>,
+    pub services: OrdMap<Key, Arc<Service>>,
     /// Written through [`Store::apply_value`], [`Store::remove`] and [`Store::clear_kind`] only,
     /// which keep [`Store::slices_of`]'s index.
-    endpoint_slices: BTreeMap<Key, Arc<EndpointSlice>>,
+    endpoint_slices: OrdMap<Key, Arc<EndpointSlice>>,
     /// The EndpointSlices of each Service (`kubernetes.io/service-name`): (namespace, Service) →
     /// slice names. Translation looks a Service's endpoints up here instead of scanning every
     /// slice of the cluster for each Service port.
-    slices_by_service: BTreeMap<Key, BTreeSet<String>>,
+    slices_by_service: OrdMap<Key, OrdSet<String>>,
     /// What the mesh reads of each Pod ([`PodInfo`]), not the whole object.
-    pub pods: BTreeMap<Key, Arc<PodInfo>>,
-    pub http_routes: BTreeMap<Key, Arc<HTTPRoute>>,
-    pub grpc_routes: BTreeMap<Key, Arc<GRPCRoute>>,
-    pub reference_grants: BTreeMap<Key, Arc<ReferenceGrant>>,
+    pub pods: OrdMap<Key, Arc<PodInfo>>,
+    pub http_routes: OrdMap<Key, Arc<HTTPRoute>>,
+    pub grpc_routes: OrdMap<Key, Arc<GRPCRoute>>,
+    pub reference_grants: OrdMap<Key, Arc<ReferenceGrant>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +219,11 @@ impl Store {
             .filter_map(move |name| self.endpoint_slices.get(&(key.0.clone(), name.clone())))
     }
 
+    /// Every EndpointSlice, by namespace and name.
+    pub fn endpoint_slices(&self) -> &OrdMap<Key, Arc<EndpointSlice>> {
+        &self.endpoint_slices
+    }
+
     /// Removes one EndpointSlice and its place in the index; whether it was held.
     fn remove_slice(&mut self, key: &Key) -> bool {
         let Some(old) = self.endpoint_slices.remove(key) else { return false };
@@ -300,7 +306,7 @@ impl PodInfo {
 }
 
 /// The Service an EndpointSlice belongs to: its `kubernetes.io/service-name` label.
-fn service_of(slice: &EndpointSlice) -> Option<String> {
+pub fn service_of(slice: &EndpointSlice) -> Option<String> {
     slice.metadata.labels.as_ref()?.get("kubernetes.io/service-name").cloned()
 }
 

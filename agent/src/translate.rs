@@ -9,6 +9,7 @@
 //! one route kind applies per Service port (GRPCRoute over HTTPRoute); rules are sorted by the
 //! spec's precedence; invalid rules are dropped with a status, invalid backends answer 500.
 
+mod incremental;
 mod rules;
 
 use std::{
@@ -28,6 +29,7 @@ use k8s_openapi::api::core::v1::{Service, ServicePort};
 use serde::Serialize;
 
 use crate::store::Store;
+pub use incremental::{Incremental, RouteKey, Statuses};
 pub use rules::{CompiledRoute, CompiledRule};
 
 /// The controller name gammaray writes into route status.
@@ -189,32 +191,11 @@ pub fn translate(store: &Store, opts: &Options) -> Translation {
         });
     }
 
-    let mut frontends = gammaray_proxy::snapshot::FastMap::default();
+    let mut frontends = gammaray_proxy::snapshot::SharedMap::default();
     for ((ns, name), svc) in &store.services {
         let service = ObjectRef::new(ns, name);
-        let Some(spec) = &svc.spec else { continue };
-        if !has_frontend(svc) {
-            continue;
-        }
-        let ips: Vec<IpAddr> = spec
-            .cluster_ips
-            .clone()
-            .unwrap_or_else(|| spec.cluster_ip.clone().into_iter().collect())
-            .iter()
-            .filter_map(|ip| ip.parse().ok())
-            .collect();
-        for sp in spec.ports.iter().flatten() {
-            let Ok(port) = u16::try_from(sp.port) else {
-                continue;
-            };
-            let default_backend = backends.resolve(&service, port).unwrap_or_else(|_| {
-                Arc::new(Backend {
-                    service: service.clone(),
-                    port,
-                    protocol: app_protocol(sp),
-                    endpoints: Vec::new(),
-                })
-            });
+        let backend = |port| backends.resolve(&service, port).ok();
+        let tables = |port| {
             let mut producer = None;
             let mut consumers = BTreeMap::new();
             if let Some(groups) = attached.get(&(service.clone(), port)) {
@@ -228,18 +209,10 @@ pub fn translate(store: &Store, opts: &Options) -> Translation {
                     }
                 }
             }
-            let frontend = Arc::new(Frontend {
-                service: service.clone(),
-                port,
-                port_name: sp.name.clone(),
-                protocol: app_protocol(sp),
-                default_backend,
-                producer,
-                consumers,
-            });
-            for ip in &ips {
-                frontends.insert(SocketAddr::new(*ip, port), frontend.clone());
-            }
+            (producer, consumers)
+        };
+        for (addr, frontend) in frontends_of(&service, svc, backend, tables) {
+            frontends.insert(addr, frontend);
         }
     }
 
@@ -252,6 +225,59 @@ pub fn translate(store: &Store, opts: &Options) -> Translation {
         },
         statuses,
     }
+}
+
+/// A frontend's route tables: the producers' and each consumer namespace's.
+type Tables = (Option<Arc<RouteTable>>, BTreeMap<String, Arc<RouteTable>>);
+
+/// The frontends of one Service, one per port and ClusterIP, in order (a later one for the same
+/// address replaces an earlier one). `backend` resolves the default backend of a port, `tables`
+/// gives the route tables attached to it.
+fn frontends_of(
+    service: &ObjectRef,
+    svc: &Service,
+    mut backend: impl FnMut(u16) -> Option<Arc<Backend>>,
+    tables: impl Fn(u16) -> Tables,
+) -> Vec<(SocketAddr, Arc<Frontend>)> {
+    let mut out = Vec::new();
+    let Some(spec) = &svc.spec else { return out };
+    if !has_frontend(svc) {
+        return out;
+    }
+    let ips: Vec<IpAddr> = spec
+        .cluster_ips
+        .clone()
+        .unwrap_or_else(|| spec.cluster_ip.clone().into_iter().collect())
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    for sp in spec.ports.iter().flatten() {
+        let Ok(port) = u16::try_from(sp.port) else {
+            continue;
+        };
+        let default_backend = backend(port).unwrap_or_else(|| {
+            Arc::new(Backend {
+                service: service.clone(),
+                port,
+                protocol: app_protocol(sp),
+                endpoints: Vec::new(),
+            })
+        });
+        let (producer, consumers) = tables(port);
+        let frontend = Arc::new(Frontend {
+            service: service.clone(),
+            port,
+            port_name: sp.name.clone(),
+            protocol: app_protocol(sp),
+            default_backend,
+            producer,
+            consumers,
+        });
+        for ip in &ips {
+            out.push((SocketAddr::new(*ip, port), frontend.clone()));
+        }
+    }
+    out
 }
 
 /// The rules of the routes attached to one frontend for one group, in precedence order.
@@ -453,29 +479,38 @@ fn node_addresses(store: &Store) -> gammaray_proxy::snapshot::FastMap<String, Ip
 
 /// Meshed pods by IP, with their SPIFFE identity. A pod on the host's network is no workload:
 /// its IP is its node's, and the mesh must never speak for, or tunnel to, a node's own
-/// addresses.
+/// addresses. Two pods claiming one address: the last by namespace and name wins.
 fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
     let mut out = HashMap::new();
     for ((ns, name), pod) in &store.pods {
-        if pod.host_network {
-            continue;
-        }
-        let sa = pod.service_account.clone().unwrap_or_else(|| "default".into());
-        let workload = Workload {
-            pod: ObjectRef::new(ns, name),
-            node: pod.node.clone(),
-            identity: gammaray_proxy::identity::Identity {
-                trust_domain: trust_domain.into(),
-                namespace: ns.as_str().into(),
-                service_account: sa.as_str().into(),
-            },
-            service_account: sa,
-        };
-        for ip in pod.ips.iter().filter_map(|ip| ip.parse().ok()) {
+        let Some(workload) = workload_of(ns, name, pod, trust_domain) else { continue };
+        for ip in pod_ips(pod) {
             out.insert(ip, workload.clone());
         }
     }
     out
+}
+
+/// The workload a pod is, if it is one.
+fn workload_of(ns: &str, name: &str, pod: &crate::store::PodInfo, trust_domain: &str) -> Option<Workload> {
+    if pod.host_network {
+        return None;
+    }
+    let sa = pod.service_account.clone().unwrap_or_else(|| "default".into());
+    Some(Workload {
+        pod: ObjectRef::new(ns, name),
+        node: pod.node.clone(),
+        identity: gammaray_proxy::identity::Identity {
+            trust_domain: trust_domain.into(),
+            namespace: ns.into(),
+            service_account: sa.as_str().into(),
+        },
+        service_account: sa,
+    })
+}
+
+fn pod_ips(pod: &crate::store::PodInfo) -> impl Iterator<Item = IpAddr> + '_ {
+    pod.ips.iter().filter_map(|ip| ip.parse().ok())
 }
 
 /// Why a backendRef does not resolve.
@@ -485,6 +520,12 @@ pub struct Unresolved {
     pub message: String,
 }
 
+/// Where a rule's backendRefs are resolved: the full translation's [`BackendResolver`], or the
+/// incremental translator's cache of every Service's backends.
+pub trait Resolve {
+    fn resolve(&mut self, service: &ObjectRef, port: u16) -> Result<Arc<Backend>, Unresolved>;
+}
+
 /// Resolves Service backends to endpoints, sharing one [`Backend`] per Service port.
 pub struct BackendResolver<'a> {
     store: &'a Store,
@@ -492,78 +533,92 @@ pub struct BackendResolver<'a> {
     cache: HashMap<(ObjectRef, u16), Arc<Backend>>,
 }
 
-impl BackendResolver<'_> {
-    pub fn resolve(&mut self, service: &ObjectRef, port: u16) -> Result<Arc<Backend>, Unresolved> {
+impl Resolve for BackendResolver<'_> {
+    fn resolve(&mut self, service: &ObjectRef, port: u16) -> Result<Arc<Backend>, Unresolved> {
         if let Some(b) = self.cache.get(&(service.clone(), port)) {
             return Ok(b.clone());
         }
-        let Some(svc) = self.store.services.get(&(service.namespace.clone(), service.name.clone())) else {
-            return Err(Unresolved {
-                reason: "BackendNotFound",
-                message: format!("Service {service} does not exist"),
-            });
-        };
-        let Some(sp) =
-            svc.spec.iter().flat_map(|s| s.ports.iter().flatten()).find(|p| p.port == i32::from(port))
-        else {
-            return Err(Unresolved {
-                reason: "BackendNotFound",
-                message: format!("Service {service} has no port {port}"),
-            });
-        };
-        let mut endpoints = Vec::new();
-        for slice in self.store.slices_of(&service.namespace, &service.name) {
-            if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
-                continue;
-            }
-            let Some(target) = slice
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| {
-                    p.name == sp.name || (p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""))
-                })
-                .and_then(|p| p.port)
-                .and_then(|p| u16::try_from(p).ok())
-            else {
-                continue;
-            };
-            for ep in &slice.endpoints {
-                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                    continue;
-                }
-                for addr in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
-                    let workload = self.workloads.get(&addr);
-                    let pod = ep
-                        .target_ref
-                        .as_ref()
-                        .filter(|t| t.kind.as_deref() == Some("Pod"))
-                        .and_then(|t| {
-                            Some(ObjectRef::new(
-                                t.namespace.clone().unwrap_or_else(|| service.namespace.clone()),
-                                t.name.clone()?,
-                            ))
-                        })
-                        .or_else(|| workload.map(|w| w.pod.clone()));
-                    endpoints.push(Endpoint {
-                        addr: SocketAddr::new(addr, target),
-                        pod,
-                        node: ep.node_name.clone().or_else(|| workload.and_then(|w| w.node.clone())),
-                        identity: workload.map(|w| w.identity.to_string()),
-                    });
-                }
-            }
-        }
-        endpoints.sort_by_key(|e| e.addr);
-        endpoints.dedup_by_key(|e| e.addr);
-        let backend =
-            Arc::new(Backend { service: service.clone(), port, protocol: app_protocol(sp), endpoints });
+        let workloads = self.workloads;
+        let backend = Arc::new(resolve_backend(self.store, service, port, &|ip| workloads.get(ip))?);
         self.cache.insert((service.clone(), port), backend.clone());
         Ok(backend)
     }
 }
 
+fn no_service(service: &ObjectRef) -> Unresolved {
+    Unresolved { reason: "BackendNotFound", message: format!("Service {service} does not exist") }
+}
+
+fn no_port(service: &ObjectRef, port: u16) -> Unresolved {
+    Unresolved { reason: "BackendNotFound", message: format!("Service {service} has no port {port}") }
+}
+
+/// The endpoints of `service`'s port `port` (its first port of that number), from the Service's
+/// EndpointSlices, each with the workload its address belongs to.
+fn resolve_backend<'w>(
+    store: &Store,
+    service: &ObjectRef,
+    port: u16,
+    workload_of: &dyn Fn(&IpAddr) -> Option<&'w Workload>,
+) -> Result<Backend, Unresolved> {
+    let Some(svc) = store.services.get(&(service.namespace.clone(), service.name.clone())) else {
+        return Err(no_service(service));
+    };
+    let Some(sp) = svc.spec.iter().flat_map(|s| s.ports.iter().flatten()).find(|p| p.port == i32::from(port))
+    else {
+        return Err(no_port(service, port));
+    };
+    let mut endpoints = Vec::new();
+    for slice in store.slices_of(&service.namespace, &service.name) {
+        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+            continue;
+        }
+        let Some(target) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| {
+                p.name == sp.name || (p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""))
+            })
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for addr in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                let workload = workload_of(&addr);
+                let pod = ep
+                    .target_ref
+                    .as_ref()
+                    .filter(|t| t.kind.as_deref() == Some("Pod"))
+                    .and_then(|t| {
+                        Some(ObjectRef::new(
+                            t.namespace.clone().unwrap_or_else(|| service.namespace.clone()),
+                            t.name.clone()?,
+                        ))
+                    })
+                    .or_else(|| workload.map(|w| w.pod.clone()));
+                endpoints.push(Endpoint {
+                    addr: SocketAddr::new(addr, target),
+                    pod,
+                    node: ep.node_name.clone().or_else(|| workload.and_then(|w| w.node.clone())),
+                    identity: workload.map(|w| w.identity.to_string()),
+                });
+            }
+        }
+    }
+    endpoints.sort_by_key(|e| e.addr);
+    endpoints.dedup_by_key(|e| e.addr);
+    Ok(Backend { service: service.clone(), port, protocol: app_protocol(sp), endpoints })
+}
+
 #[cfg(test)]
 mod catalogue_tests;
+#[cfg(test)]
+mod incremental_tests;
 #[cfg(test)]
 mod tests;

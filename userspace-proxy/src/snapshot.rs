@@ -17,6 +17,12 @@ use regex::Regex;
 /// lookup than SipHash.
 pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
+/// A [`FastMap`] that is cheap to copy: a hash array mapped trie whose clones share structure.
+/// The agent makes a new snapshot for every configuration change; with tens of thousands of
+/// frontends and workloads, a change then copies the few paths it touches, not the whole map.
+pub type SharedMap<K, V> =
+    imbl::GenericHashMap<K, V, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
+
 /// The whole routing state of a node at one point in time.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -24,9 +30,9 @@ pub struct Snapshot {
     pub version: u64,
     /// Service frontends by ClusterIP and port. Routes apply only to traffic addressed here,
     /// never to traffic sent straight to a pod.
-    pub frontends: FastMap<SocketAddr, Arc<Frontend>>,
+    pub frontends: SharedMap<SocketAddr, Arc<Frontend>>,
     /// Meshed workloads by pod IP: who a client is, and where a pod runs.
-    pub workloads: FastMap<IpAddr, Arc<Workload>>,
+    pub workloads: SharedMap<IpAddr, Arc<Workload>>,
     /// Node addresses by node name: where another node's HBONE listener is.
     pub nodes: FastMap<String, IpAddr>,
 }

@@ -24,7 +24,7 @@ use gateway_api::{
 use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 
-use super::{BackendResolver, ParentRef, Unresolved};
+use super::{ParentRef, Resolve, Unresolved};
 
 /// The largest weight the API allows.
 const MAX_WEIGHT: i32 = 1_000_000;
@@ -102,7 +102,7 @@ fn service_parents(route_ns: &str, refs: &[HttpRouteParentRefs]) -> Vec<ParentRe
         .collect()
 }
 
-pub fn compile_http(route: &HttpRoute, backends: &mut BackendResolver<'_>) -> CompiledRoute {
+pub fn compile_http(route: &HttpRoute, backends: &mut dyn Resolve) -> CompiledRoute {
     let parents = route.spec.parent_refs.clone().unwrap_or_default();
     // The API server defaults `rules` to one rule matching every path.
     let rules =
@@ -128,7 +128,7 @@ pub fn compile_http(route: &HttpRoute, backends: &mut BackendResolver<'_>) -> Co
     )
 }
 
-pub fn compile_grpc(route: &GrpcRoute, backends: &mut BackendResolver<'_>) -> CompiledRoute {
+pub fn compile_grpc(route: &GrpcRoute, backends: &mut dyn Resolve) -> CompiledRoute {
     // GRPCRoute parentRefs, filters and backendRefs have the HTTPRoute shape: one compiler.
     let parents = reshape(route.spec.parent_refs.as_deref().unwrap_or_default()).unwrap_or_default();
     let rules =
@@ -157,8 +157,8 @@ fn compile_route<R>(
     metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     parent_refs: &[HttpRouteParentRefs],
     rules: &[R],
-    backends: &mut BackendResolver<'_>,
-    mut compile: impl FnMut(&str, &R, &mut BackendResolver<'_>, &mut Option<Unresolved>) -> RuleResult,
+    backends: &mut dyn Resolve,
+    mut compile: impl FnMut(&str, &R, &mut dyn Resolve, &mut Option<Unresolved>) -> RuleResult,
 ) -> CompiledRoute {
     let (id, generation, created) = meta(metadata);
     let parents = service_parents(&id.namespace, parent_refs);
@@ -250,7 +250,7 @@ fn compile_http_rule(
     filters: &[HttpRouteRulesFilters],
     refs: &[HttpRouteRulesBackendRefs],
     timeouts: Option<&HttpRouteRulesTimeouts>,
-    backends: &mut BackendResolver<'_>,
+    backends: &mut dyn Resolve,
     unresolved: &mut Option<Unresolved>,
 ) -> Result<(Vec<HttpMatch>, RuleAction), Unresolved> {
     let http_matches = http_matches(matches)?;
@@ -299,7 +299,7 @@ fn resolve_ref(
     namespace: Option<&str>,
     name: &str,
     port: Option<i32>,
-    backends: &mut BackendResolver<'_>,
+    backends: &mut dyn Resolve,
     unresolved: &mut Option<Unresolved>,
 ) -> BackendTarget {
     let mut fail = |reason: &'static str, message: String| {
@@ -425,7 +425,7 @@ fn compile_filters(
     route_ns: &str,
     filters: &[HttpRouteRulesFilters],
     all_prefix: bool,
-    backends: &mut BackendResolver<'_>,
+    backends: &mut dyn Resolve,
     unresolved: &mut Option<Unresolved>,
 ) -> Result<Vec<Filter>, Unresolved> {
     let missing = |t: &str| problem(format!("filter {t} has no {t} configuration"));

@@ -256,7 +256,7 @@ async fn changes_on_the_fake_api_server_reach_the_snapshot_and_a_bad_object_is_s
     );
     let source = changes_reach_the_snapshot(&server, corner).await;
     assert!(
-        source.generation.borrow().statuses.iter().all(|s| s.route != "demo/broken"),
+        source.generation.borrow().statuses.values().all(|s| s.route != "demo/broken"),
         "the broken route is skipped, not half-applied"
     );
 }
@@ -735,13 +735,15 @@ async fn a_status_the_crds_refuse_is_counted_and_not_retried() {
     wait_for_weights(&mut source, corner, &[90, 10], "initial list").await;
     let current = source.generation.borrow().clone();
     let route = format!("{}/canary", corner.ns);
-    let mut statuses: Vec<_> = current.statuses.iter().filter(|s| s.route == route).cloned().collect();
-    assert_eq!(statuses.len(), 1, "the canary's status");
-    statuses[0].parents[0].conditions[0].reason = "Not a valid reason!";
+    let canary: Vec<_> = current.statuses.iter().filter(|(_, s)| s.route == route).collect();
+    assert_eq!(canary.len(), 1, "the canary's status");
+    let (key, status) = canary[0];
+    let mut status = (**status).clone();
+    status.parents[0].conditions[0].reason = "Not a valid reason!";
     let bad = Generation {
         version: current.version,
         snapshot: current.snapshot.clone(),
-        statuses,
+        statuses: std::iter::once((key.clone(), std::sync::Arc::new(status))).collect(),
         objects: current.objects.clone(),
     };
     let (client, refused) = (server.client().await, status_writer::Refused::default());

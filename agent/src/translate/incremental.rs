@@ -1,0 +1,509 @@
+//! Incremental translation: the same answer as [`super::translate`], at the cost of what changed.
+//!
+//! [`Incremental`] keeps the store it last translated and what it derived from it: every pod's
+//! workload by address, every Service's backends, every route compiled with the Services it
+//! read, which routes are attached to which Service port, every frontend and every route status.
+//! Given the next store, it asks the persistent maps what differs ([`imbl::OrdMap::diff`], which
+//! skips the subtrees both versions share) and follows the dependencies from there:
+//!
+//! - a Pod → the workloads of its addresses → the Services whose EndpointSlices list them;
+//! - an EndpointSlice → its Service (before and after, since its label may move);
+//! - a Service → its backends, frontends and the routes that name it (as parent or backend);
+//! - a Service's backends → the routes that resolve them (recompiled) → the frontends those
+//!   routes are attached to, and the statuses of every route attached there (kind conflicts);
+//! - a route → itself, the frontends it was or is attached to, and their routes' statuses.
+//!
+//! The snapshot's maps and the statuses are persistent too: a new snapshot shares every frontend,
+//! workload and status the change did not touch with the one before. The first call, from an
+//! empty store, is the initial load, through the same code. `translate` stays the reference:
+//! the property test in `tests` checks after every step of random change sequences that both
+//! give the same snapshot and statuses.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use gammaray_proxy::snapshot::{
+    Backend, FastMap, Frontend, ObjectRef, RouteKind, SharedMap, Snapshot, Workload,
+};
+use imbl::{OrdMap, ordmap::DiffItem};
+
+use super::{
+    Attachment, CompiledRoute, Group, Options, Resolve, RouteStatus, Tables, Unresolved, bind, frontends_of,
+    no_port, no_service, node_addresses, parent_status, pod_ips, resolve_backend, route_table, rules,
+    workload_of,
+};
+use crate::store::{Key, Store, service_of};
+
+/// A route: its kind, then namespace and name (HTTPRoutes sort before GRPCRoutes, as the full
+/// translation lists their statuses).
+pub type RouteKey = (RouteKind, Key);
+
+/// Every route's status, by route: persistent, so a new generation shares the unchanged ones.
+pub type Statuses = OrdMap<RouteKey, Arc<RouteStatus>>;
+
+/// One Service's backends, one per port number (the first port of that number, as resolving a
+/// backendRef finds it).
+type ServiceBackends = BTreeMap<u16, Arc<Backend>>;
+
+/// What the incremental translation keeps of one route.
+struct RouteEntry {
+    compiled: Arc<CompiledRoute>,
+    /// The Services it read: its parents and the backends it resolved (or failed to).
+    uses: BTreeSet<ObjectRef>,
+    /// Where it is attached: Service port and group.
+    attachments: Vec<(ObjectRef, u16, Group)>,
+}
+
+/// The translator that keeps its derived state between stores. See the module's documentation.
+pub struct Incremental {
+    options: Options,
+    /// The store last translated.
+    prev: Store,
+    workloads: SharedMap<IpAddr, Arc<Workload>>,
+    /// Every pod that claims an address, with the workload it would be there; the last by
+    /// namespace and name is the address's workload, as in the full translation.
+    claims: HashMap<IpAddr, BTreeMap<Key, Arc<Workload>>>,
+    /// Every Service's backends; absent for a Service that does not exist.
+    backends: HashMap<ObjectRef, ServiceBackends>,
+    /// The addresses each Service's EndpointSlices list, and the reverse.
+    endpoint_ips: HashMap<ObjectRef, BTreeSet<IpAddr>>,
+    ip_users: HashMap<IpAddr, BTreeSet<ObjectRef>>,
+    routes: BTreeMap<RouteKey, RouteEntry>,
+    /// The routes that read each Service.
+    users: HashMap<ObjectRef, BTreeSet<RouteKey>>,
+    /// The routes attached to each Service port, by group.
+    attached: HashMap<(ObjectRef, u16), BTreeMap<Group, BTreeSet<RouteKey>>>,
+    frontends: SharedMap<SocketAddr, Arc<Frontend>>,
+    /// Every Service that puts a frontend at an address; the last by namespace and name wins.
+    frontend_claims: HashMap<SocketAddr, BTreeMap<ObjectRef, Arc<Frontend>>>,
+    service_addrs: HashMap<ObjectRef, Vec<SocketAddr>>,
+    statuses: Statuses,
+    nodes: FastMap<String, IpAddr>,
+}
+
+/// What one step produced.
+pub struct Step {
+    pub snapshot: Snapshot,
+    pub statuses: Statuses,
+    /// How much was recomputed, for logs and the bench.
+    pub work: Work,
+}
+
+/// Counts of what a step recomputed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Work {
+    pub workloads: usize,
+    pub services: usize,
+    pub routes: usize,
+    pub frontends: usize,
+    pub statuses: usize,
+}
+
+impl Incremental {
+    pub fn new(options: Options) -> Self {
+        Self {
+            options,
+            prev: Store::default(),
+            workloads: SharedMap::default(),
+            claims: HashMap::new(),
+            backends: HashMap::new(),
+            endpoint_ips: HashMap::new(),
+            ip_users: HashMap::new(),
+            routes: BTreeMap::new(),
+            users: HashMap::new(),
+            attached: HashMap::new(),
+            frontends: SharedMap::default(),
+            frontend_claims: HashMap::new(),
+            service_addrs: HashMap::new(),
+            statuses: Statuses::new(),
+            nodes: FastMap::default(),
+        }
+    }
+
+    /// Translates `store` as version `version`, recomputing only what differs from the store of
+    /// the previous call.
+    pub fn apply(&mut self, store: &Store, version: u64) -> Step {
+        let prev = std::mem::replace(&mut self.prev, store.clone());
+        let mut work = Work::default();
+
+        if prev.nodes.diff(&store.nodes).next().is_some() {
+            self.nodes = node_addresses(store);
+        }
+
+        // Pods → the workloads of their addresses.
+        let mut touched_ips = BTreeSet::new();
+        for item in prev.pods.diff(&store.pods) {
+            let (key, old, new) = split(item);
+            if let Some(old) = old {
+                for ip in pod_ips(old) {
+                    if let Some(claims) = self.claims.get_mut(&ip) {
+                        claims.remove(key);
+                        if claims.is_empty() {
+                            self.claims.remove(&ip);
+                        }
+                    }
+                    touched_ips.insert(ip);
+                }
+            }
+            if let Some(new) = new
+                && let Some(workload) = workload_of(&key.0, &key.1, new, &self.options.trust_domain)
+            {
+                let workload = Arc::new(workload);
+                for ip in pod_ips(new) {
+                    self.claims.entry(ip).or_default().insert(key.clone(), workload.clone());
+                    touched_ips.insert(ip);
+                }
+            }
+        }
+        let mut dirty_services = BTreeSet::new();
+        for ip in touched_ips {
+            let now = self.claims.get(&ip).and_then(|c| c.last_key_value()).map(|(_, w)| w.clone());
+            let before = self.workloads.get(&ip);
+            if now.as_deref() == before.map(|w| &**w) {
+                continue;
+            }
+            work.workloads += 1;
+            match now {
+                Some(w) => self.workloads.insert(ip, w),
+                None => self.workloads.remove(&ip),
+            };
+            dirty_services.extend(self.ip_users.get(&ip).into_iter().flatten().cloned());
+        }
+
+        // Services and EndpointSlices → the Services whose backends may have changed.
+        let mut changed_services = BTreeSet::new();
+        for item in prev.services.diff(&store.services) {
+            let (key, _, _) = split(item);
+            changed_services.insert(ObjectRef::new(&key.0, &key.1));
+        }
+        dirty_services.extend(changed_services.iter().cloned());
+        for item in prev.endpoint_slices().diff(store.endpoint_slices()) {
+            let (key, old, new) = split(item);
+            for slice in old.into_iter().chain(new) {
+                if let Some(service) = service_of(slice) {
+                    dirty_services.insert(ObjectRef::new(&key.0, service));
+                }
+            }
+        }
+        // Every Service whose object changed re-binds its routes, and every Service whose
+        // backends changed recompiles the routes resolving them.
+        let mut reread = changed_services;
+        for service in &dirty_services {
+            work.services += 1;
+            if self.refresh_backends(store, service) {
+                reread.insert(service.clone());
+            }
+        }
+
+        // Routes: those that changed, and those that read a Service that did.
+        let mut dirty_routes: BTreeSet<RouteKey> = BTreeSet::new();
+        for item in prev.http_routes.diff(&store.http_routes) {
+            dirty_routes.insert((RouteKind::Http, split(item).0.clone()));
+        }
+        for item in prev.grpc_routes.diff(&store.grpc_routes) {
+            dirty_routes.insert((RouteKind::Grpc, split(item).0.clone()));
+        }
+        for service in &reread {
+            dirty_routes.extend(self.users.get(service).into_iter().flatten().cloned());
+        }
+        let mut dirty_ports: BTreeSet<(ObjectRef, u16)> = BTreeSet::new();
+        for key in &dirty_routes {
+            work.routes += 1;
+            self.recompile(store, key, &mut dirty_ports);
+        }
+
+        // Statuses: the routes recompiled, and every route attached where attachments changed
+        // (a GRPCRoute arriving or leaving changes an HTTPRoute's conflict).
+        let mut dirty_statuses = dirty_routes;
+        for port in &dirty_ports {
+            for routes in self.attached.get(port).into_iter().flat_map(|g| g.values()) {
+                dirty_statuses.extend(routes.iter().cloned());
+            }
+        }
+        for key in &dirty_statuses {
+            work.statuses += 1;
+            self.refresh_status(store, key);
+        }
+
+        // Frontends: the Services that changed, whose backends changed, or whose ports' routes did.
+        let mut dirty_frontends = reread;
+        dirty_frontends.extend(dirty_ports.into_iter().map(|(service, _)| service));
+        for service in &dirty_frontends {
+            work.frontends += 1;
+            self.refresh_frontends(store, service);
+        }
+
+        Step {
+            snapshot: Snapshot {
+                version,
+                frontends: self.frontends.clone(),
+                workloads: self.workloads.clone(),
+                nodes: self.nodes.clone(),
+            },
+            statuses: self.statuses.clone(),
+            work,
+        }
+    }
+
+    /// Recomputes one Service's backends and the addresses its slices list; whether they changed.
+    fn refresh_backends(&mut self, store: &Store, service: &ObjectRef) -> bool {
+        let ips: BTreeSet<IpAddr> = store
+            .slices_of(&service.namespace, &service.name)
+            .flat_map(|slice| slice.endpoints.iter().flat_map(|ep| ep.addresses.iter()))
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        let before = self.endpoint_ips.remove(service).unwrap_or_default();
+        for ip in before.difference(&ips) {
+            if let Some(users) = self.ip_users.get_mut(ip) {
+                users.remove(service);
+                if users.is_empty() {
+                    self.ip_users.remove(ip);
+                }
+            }
+        }
+        for ip in ips.difference(&before) {
+            self.ip_users.entry(*ip).or_default().insert(service.clone());
+        }
+        if !ips.is_empty() {
+            self.endpoint_ips.insert(service.clone(), ips);
+        }
+
+        let now = store.services.get(&(service.namespace.clone(), service.name.clone())).map(|svc| {
+            let workloads = &self.workloads;
+            let mut backends = ServiceBackends::new();
+            for sp in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+                let Ok(port) = u16::try_from(sp.port) else { continue };
+                if backends.contains_key(&port) {
+                    continue;
+                }
+                if let Ok(b) = resolve_backend(store, service, port, &|ip| workloads.get(ip).map(|w| &**w)) {
+                    backends.insert(port, Arc::new(b));
+                }
+            }
+            backends
+        });
+        let before = self.backends.get(service);
+        let same = match (&now, before) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                a.len() == b.len() && a.iter().zip(b).all(|((pa, a), (pb, b))| pa == pb && same_backend(a, b))
+            }
+            _ => false,
+        };
+        if same {
+            return false;
+        }
+        match now {
+            Some(b) => self.backends.insert(service.clone(), b),
+            None => self.backends.remove(service),
+        };
+        true
+    }
+
+    /// Drops a route's compiled form and attachments, and compiles it again from `store` if it is
+    /// still there; every Service port it was or is attached to goes into `dirty_ports`.
+    fn recompile(&mut self, store: &Store, key: &RouteKey, dirty_ports: &mut BTreeSet<(ObjectRef, u16)>) {
+        if let Some(old) = self.routes.remove(key) {
+            for service in &old.uses {
+                if let Some(users) = self.users.get_mut(service) {
+                    users.remove(key);
+                    if users.is_empty() {
+                        self.users.remove(service);
+                    }
+                }
+            }
+            for (service, port, group) in old.attachments {
+                let at = (service, port);
+                if let Some(groups) = self.attached.get_mut(&at) {
+                    if let Some(routes) = groups.get_mut(&group) {
+                        routes.remove(key);
+                        if routes.is_empty() {
+                            groups.remove(&group);
+                        }
+                    }
+                    if groups.is_empty() {
+                        self.attached.remove(&at);
+                    }
+                }
+                dirty_ports.insert(at);
+            }
+        }
+        let mut resolver = Cached { backends: &self.backends, read: BTreeSet::new() };
+        let compiled = match key.0 {
+            RouteKind::Http => store.http_routes.get(&key.1).map(|r| rules::compile_http(r, &mut resolver)),
+            RouteKind::Grpc => store.grpc_routes.get(&key.1).map(|r| rules::compile_grpc(r, &mut resolver)),
+        };
+        let mut uses = resolver.read;
+        let Some(compiled) = compiled else { return };
+        let mut attachments = Vec::new();
+        for parent in &compiled.parents {
+            let service = ObjectRef::new(&parent.namespace, &parent.name);
+            uses.insert(service.clone());
+            let Ok(ports) = bind(store, &compiled, parent) else { continue };
+            if !compiled.has_valid_rules() {
+                continue;
+            }
+            let group = group_of(&compiled, &service);
+            for port in ports {
+                attachments.push((service.clone(), port, group.clone()));
+            }
+        }
+        for service in &uses {
+            self.users.entry(service.clone()).or_default().insert(key.clone());
+        }
+        for (service, port, group) in &attachments {
+            let at = (service.clone(), *port);
+            self.attached
+                .entry(at.clone())
+                .or_default()
+                .entry(group.clone())
+                .or_default()
+                .insert(key.clone());
+            dirty_ports.insert(at);
+        }
+        self.routes.insert(key.clone(), RouteEntry { compiled: Arc::new(compiled), uses, attachments });
+    }
+
+    /// Recomputes one route's status (or drops it, for a route gone or without Service parents).
+    fn refresh_status(&mut self, store: &Store, key: &RouteKey) {
+        let Some(entry) = self.routes.get(key).filter(|e| !e.compiled.parents.is_empty()) else {
+            self.statuses.remove(key);
+            return;
+        };
+        let route = &entry.compiled;
+        let parents = route
+            .parents
+            .iter()
+            .map(|parent| {
+                let service = ObjectRef::new(&parent.namespace, &parent.name);
+                let ports = bind(store, route, parent).unwrap_or_default();
+                // An attached HTTPRoute loses the ports where a GRPCRoute of its group is
+                // attached too.
+                let group = group_of(route, &service);
+                let lost: Vec<u16> = ports
+                    .iter()
+                    .copied()
+                    .filter(|port| {
+                        route.kind == RouteKind::Http
+                            && route.has_valid_rules()
+                            && self
+                                .attached
+                                .get(&(service.clone(), *port))
+                                .and_then(|groups| groups.get(&group))
+                                .is_some_and(|routes| routes.iter().any(|(kind, _)| *kind == RouteKind::Grpc))
+                    })
+                    .collect();
+                parent_status(store, route, parent, &ports, &lost)
+            })
+            .collect();
+        let status = RouteStatus {
+            kind: route.kind,
+            route: route.id.to_string(),
+            generation: route.generation,
+            parents,
+        };
+        if self.statuses.get(key).map(|s| &**s) != Some(&status) {
+            self.statuses.insert(key.clone(), Arc::new(status));
+        }
+    }
+
+    /// Recomputes one Service's frontends and puts them (or, for a Service gone, its absence)
+    /// into the snapshot's map.
+    fn refresh_frontends(&mut self, store: &Store, service: &ObjectRef) {
+        let mut touched: BTreeSet<SocketAddr> = BTreeSet::new();
+        for addr in self.service_addrs.remove(service).unwrap_or_default() {
+            if let Some(claims) = self.frontend_claims.get_mut(&addr) {
+                claims.remove(service);
+                if claims.is_empty() {
+                    self.frontend_claims.remove(&addr);
+                }
+            }
+            touched.insert(addr);
+        }
+        if let Some(svc) = store.services.get(&(service.namespace.clone(), service.name.clone())) {
+            let backends = self.backends.get(service);
+            let (routes, attached) = (&self.routes, &self.attached);
+            let tables = |port| tables(routes, attached, service, port);
+            let made =
+                frontends_of(service, svc, |port| backends.and_then(|b| b.get(&port)).cloned(), tables);
+            let mut addrs = Vec::new();
+            for (addr, frontend) in made {
+                self.frontend_claims.entry(addr).or_default().insert(service.clone(), frontend);
+                touched.insert(addr);
+                addrs.push(addr);
+            }
+            if !addrs.is_empty() {
+                self.service_addrs.insert(service.clone(), addrs);
+            }
+        }
+        for addr in touched {
+            match self.frontend_claims.get(&addr).and_then(|c| c.last_key_value()) {
+                Some((_, frontend)) => self.frontends.insert(addr, frontend.clone()),
+                None => self.frontends.remove(&addr),
+            };
+        }
+    }
+}
+
+/// The route tables attached to one Service port.
+fn tables(
+    routes: &BTreeMap<RouteKey, RouteEntry>,
+    attached: &HashMap<(ObjectRef, u16), BTreeMap<Group, BTreeSet<RouteKey>>>,
+    service: &ObjectRef,
+    port: u16,
+) -> Tables {
+    let mut producer = None;
+    let mut consumers = BTreeMap::new();
+    for (group, keys) in attached.get(&(service.clone(), port)).into_iter().flatten() {
+        let attachments: Vec<Attachment<'_>> =
+            keys.iter().filter_map(|k| routes.get(k)).map(|e| Attachment { route: &e.compiled }).collect();
+        let table = Arc::new(route_table(&attachments));
+        match group {
+            Group::Producer => producer = Some(table),
+            Group::Consumer(ns) => {
+                consumers.insert(ns.clone(), table);
+            }
+        }
+    }
+    (producer, consumers)
+}
+
+/// Producer when the route lives in the Service's namespace, else a consumer of its own.
+fn group_of(route: &CompiledRoute, service: &ObjectRef) -> Group {
+    if route.id.namespace == service.namespace {
+        Group::Producer
+    } else {
+        Group::Consumer(route.id.namespace.clone())
+    }
+}
+
+/// Backends compared by what the proxy reads of them.
+fn same_backend(a: &Backend, b: &Backend) -> bool {
+    a.service == b.service && a.port == b.port && a.protocol == b.protocol && a.endpoints == b.endpoints
+}
+
+/// A diff item as (key, before, after).
+fn split<'a, K, V>(item: DiffItem<'a, 'a, K, V>) -> (&'a K, Option<&'a V>, Option<&'a V>) {
+    match item {
+        DiffItem::Add(k, v) => (k, None, Some(v)),
+        DiffItem::Update { old: (k, old), new: (_, new) } => (k, Some(old), Some(new)),
+        DiffItem::Remove(k, v) => (k, Some(v), None),
+    }
+}
+
+/// Resolves backendRefs from the cache of every Service's backends, noting each Service read.
+struct Cached<'a> {
+    backends: &'a HashMap<ObjectRef, ServiceBackends>,
+    read: BTreeSet<ObjectRef>,
+}
+
+impl Resolve for Cached<'_> {
+    fn resolve(&mut self, service: &ObjectRef, port: u16) -> Result<Arc<Backend>, Unresolved> {
+        self.read.insert(service.clone());
+        let backends = self.backends.get(service).ok_or_else(|| no_service(service))?;
+        backends.get(&port).cloned().ok_or_else(|| no_port(service, port))
+    }
+}
