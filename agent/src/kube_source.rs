@@ -1,7 +1,9 @@
 //! The Kubernetes source: one kube-rs watcher per kind the routing reads (Namespaces, Nodes,
 //! Pods, Services, EndpointSlices, HTTPRoutes, GRPCRoutes, ReferenceGrants), each keeping its
-//! kind's part of one typed [`Store`] up to date. Every change, after a short debounce,
-//! publishes the store as a new [`crate::generation::Generation`].
+//! kind's part of one typed [`Store`] up to date. Every change publishes the store as a new
+//! [`crate::generation::Generation`]: at once after a quiet spell, and during a burst at most once
+//! per debounce interval, each snapshot carrying every change made before it (coalesced, never
+//! lost: the watchers and the builder share one store under one lock).
 //!
 //! The watchers read objects untyped (`DynamicObject`) and each event's object is decoded on its
 //! own and then dropped, so one object the agent cannot parse is logged with its kind and name
@@ -86,7 +88,7 @@ pub fn kind(kind: &str) -> Option<&'static Kind> {
 /// How the source behaves.
 #[derive(Debug, Clone)]
 pub struct SourceOptions {
-    /// Changes closer together than this become one snapshot.
+    /// While changes keep coming, at most one snapshot per this interval.
     pub debounce: Duration,
     /// A first snapshot is published once every kind has listed, or after this long with what
     /// has (a kind whose CRD is missing must not keep the mesh from routing the others).
@@ -125,6 +127,9 @@ pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
 
     let started = Instant::now();
     let mut published_once = false;
+    // When the last snapshot was published: a change after a quiet spell is published at once,
+    // and while changes keep coming, at most one snapshot per `debounce` carries all of them.
+    let mut last_publish: Option<Instant> = None;
     loop {
         if published_once {
             changed.notified().await;
@@ -132,8 +137,11 @@ pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
             let remaining = options.initial_sync_timeout.saturating_sub(started.elapsed());
             let _ = tokio::time::timeout(remaining, changed.notified()).await;
         }
-        // Let a burst of events settle into one snapshot.
-        tokio::time::sleep(options.debounce).await;
+        match last_publish {
+            Some(at) => tokio::time::sleep(options.debounce.saturating_sub(at.elapsed())).await,
+            // Until the first snapshot, let the lists settle.
+            None => tokio::time::sleep(options.debounce).await,
+        }
         let all_synced = watched.iter().all(|w| w.synced.load(Ordering::Acquire));
         if !published_once && !all_synced {
             if started.elapsed() < options.initial_sync_timeout {
@@ -156,6 +164,7 @@ pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
             continue;
         }
         out.publish(objects, "kubernetes");
+        last_publish = Some(Instant::now());
         published_once = true;
         crate::memory::release_freed_memory();
     }

@@ -21,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use gammaray_proxy::snapshot::RouteKind;
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
@@ -294,6 +295,39 @@ pub struct Refused {
     pub count: Counter,
     /// Per route, the `status.parents` last refused.
     last: Arc<Mutex<BTreeMap<String, Value>>>,
+    /// Per route, the status and the route object last found to agree (or written): while
+    /// neither has changed (the same shared values, held here so their addresses stay theirs),
+    /// the route is not serialized and compared again. A change to one route then costs one
+    /// comparison, not one per route of the cluster.
+    settled: Arc<Mutex<BTreeMap<String, Settled>>>,
+}
+
+/// A route's status and the route object it was found on.
+type Settled = (Arc<RouteStatus>, RouteObject);
+
+/// A route object as the store holds it.
+#[derive(Clone)]
+enum RouteObject {
+    Http(Arc<gateway_api::httproutes::HttpRoute>),
+    Grpc(Arc<gateway_api::grpcroutes::GrpcRoute>),
+}
+
+impl RouteObject {
+    fn of(store: &Store, kind: RouteKind, namespace: &str, name: &str) -> Option<Self> {
+        let key = (namespace.to_owned(), name.to_owned());
+        match kind {
+            RouteKind::Http => store.http_routes.get(&key).cloned().map(Self::Http),
+            RouteKind::Grpc => store.grpc_routes.get(&key).cloned().map(Self::Grpc),
+        }
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Http(a), Self::Http(b)) => Arc::ptr_eq(a, b),
+            (Self::Grpc(a), Self::Grpc(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 /// Writes each route's status of `generation` that differs from what the route says, onto the
@@ -305,8 +339,28 @@ pub async fn write_statuses(client: &Client, generation: &Generation, identity: 
     for status in desired.values() {
         let kind = status.kind.to_string();
         let Some((namespace, name)) = status.route.split_once('/') else { continue };
+        let Some(object) = RouteObject::of(store, status.kind, namespace, name) else { continue };
+        let settle = || {
+            refused
+                .settled
+                .lock()
+                .expect("settled lock")
+                .insert(status.route.clone(), (status.clone(), object.clone()));
+        };
+        if refused
+            .settled
+            .lock()
+            .expect("settled lock")
+            .get(&status.route)
+            .is_some_and(|(s, o)| Arc::ptr_eq(s, status) && o.same(&object))
+        {
+            continue;
+        }
         let Some(mut route) = current_route(store, &kind, namespace, name) else { continue };
-        let Some(parents) = merged_parents(&route, status, &now) else { continue };
+        let Some(parents) = merged_parents(&route, status, &now) else {
+            settle();
+            continue;
+        };
         let Some(watched) = crate::kube_source::kind(&kind) else { continue };
         route["status"]["parents"] = json!(parents);
         let attempt =
@@ -325,7 +379,10 @@ pub async fn write_statuses(client: &Client, generation: &Generation, identity: 
             }
         };
         match api.replace_status(name, &pp, &object).await {
-            Ok(_) => debug!(route = %status.route, %kind, "route status written"),
+            Ok(_) => {
+                settle();
+                debug!(route = %status.route, %kind, "route status written")
+            }
             Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
                 debug!(route = %status.route, code = s.code, "route changed under the status write; the watch brings it back")
             }

@@ -196,6 +196,15 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool, only: &[Phase]) 
     }
     if runs(Phase::Scale) {
         scale::run(&ctx, &idle, &mut rows)?;
+        let example = match build {
+            Build::Now => {
+                println!("bench: building the agent's scale example in release mode");
+                crate::cargo_quiet(&["build", "--release", "-p", "gammaray-agent", "--example", "scale"])?;
+                target_dir.join("release/examples/scale")
+            }
+            Build::AlreadyBuilt => target_dir.join("debug/examples/scale"),
+        };
+        scale::cluster(&example, &plan, &mut rows)?;
     }
     // Last, so that what the allocator keeps after they close counts in no figure above.
     if runs(Phase::Held) {

@@ -63,14 +63,15 @@ pub struct Incremental {
     /// The store last translated.
     prev: Store,
     workloads: SharedMap<IpAddr, Arc<Workload>>,
-    /// Every pod that claims an address, with the workload it would be there; the last by
-    /// namespace and name is the address's workload, as in the full translation.
-    claims: HashMap<IpAddr, BTreeMap<Key, Arc<Workload>>>,
+    /// Every pod that claims an address, as the workload it would be there, in namespace and
+    /// name order; the last is the address's workload, as in the full translation. (Almost
+    /// always one: a list costs one small allocation per address, where a map would cost a node.)
+    claims: HashMap<IpAddr, Vec<Arc<Workload>>>,
     /// Every Service's backends; absent for a Service that does not exist.
     backends: HashMap<ObjectRef, ServiceBackends>,
     /// The addresses each Service's EndpointSlices list, and the reverse.
-    endpoint_ips: HashMap<ObjectRef, BTreeSet<IpAddr>>,
-    ip_users: HashMap<IpAddr, BTreeSet<ObjectRef>>,
+    endpoint_ips: HashMap<Arc<ObjectRef>, Vec<IpAddr>>,
+    ip_users: HashMap<IpAddr, Vec<Arc<ObjectRef>>>,
     routes: BTreeMap<RouteKey, RouteEntry>,
     /// The routes that read each Service.
     users: HashMap<ObjectRef, BTreeSet<RouteKey>>,
@@ -140,7 +141,7 @@ impl Incremental {
             if let Some(old) = old {
                 for ip in pod_ips(old) {
                     if let Some(claims) = self.claims.get_mut(&ip) {
-                        claims.remove(key);
+                        claims.retain(|w| w.pod.namespace != key.0 || w.pod.name != key.1);
                         if claims.is_empty() {
                             self.claims.remove(&ip);
                         }
@@ -153,14 +154,18 @@ impl Incremental {
             {
                 let workload = Arc::new(workload);
                 for ip in pod_ips(new) {
-                    self.claims.entry(ip).or_default().insert(key.clone(), workload.clone());
+                    let claims = self.claims.entry(ip).or_default();
+                    match claims.binary_search_by(|w| w.pod.cmp(&workload.pod)) {
+                        Ok(at) => claims[at] = workload.clone(),
+                        Err(at) => claims.insert(at, workload.clone()),
+                    }
                     touched_ips.insert(ip);
                 }
             }
         }
         let mut dirty_services = BTreeSet::new();
         for ip in touched_ips {
-            let now = self.claims.get(&ip).and_then(|c| c.last_key_value()).map(|(_, w)| w.clone());
+            let now = self.claims.get(&ip).and_then(|c| c.last()).cloned();
             let before = self.workloads.get(&ip);
             if now.as_deref() == before.map(|w| &**w) {
                 continue;
@@ -170,7 +175,7 @@ impl Incremental {
                 Some(w) => self.workloads.insert(ip, w),
                 None => self.workloads.remove(&ip),
             };
-            dirty_services.extend(self.ip_users.get(&ip).into_iter().flatten().cloned());
+            dirty_services.extend(self.ip_users.get(&ip).into_iter().flatten().map(|s| (**s).clone()));
         }
 
         // Services and EndpointSlices → the Services whose backends may have changed.
@@ -250,25 +255,30 @@ impl Incremental {
 
     /// Recomputes one Service's backends and the addresses its slices list; whether they changed.
     fn refresh_backends(&mut self, store: &Store, service: &ObjectRef) -> bool {
-        let ips: BTreeSet<IpAddr> = store
+        let mut ips: Vec<IpAddr> = store
             .slices_of(&service.namespace, &service.name)
             .flat_map(|slice| slice.endpoints.iter().flat_map(|ep| ep.addresses.iter()))
             .filter_map(|a| a.parse().ok())
             .collect();
-        let before = self.endpoint_ips.remove(service).unwrap_or_default();
-        for ip in before.difference(&ips) {
+        ips.sort_unstable();
+        ips.dedup();
+        let (handle, before) = self
+            .endpoint_ips
+            .remove_entry(service)
+            .unwrap_or_else(|| (Arc::new(service.clone()), Vec::new()));
+        for ip in before.iter().filter(|ip| ips.binary_search(ip).is_err()) {
             if let Some(users) = self.ip_users.get_mut(ip) {
-                users.remove(service);
+                users.retain(|s| **s != *service);
                 if users.is_empty() {
                     self.ip_users.remove(ip);
                 }
             }
         }
-        for ip in ips.difference(&before) {
-            self.ip_users.entry(*ip).or_default().insert(service.clone());
+        for ip in ips.iter().filter(|ip| before.binary_search(ip).is_err()) {
+            self.ip_users.entry(*ip).or_default().push(handle.clone());
         }
         if !ips.is_empty() {
-            self.endpoint_ips.insert(service.clone(), ips);
+            self.endpoint_ips.insert(handle, ips);
         }
 
         let now = store.services.get(&(service.namespace.clone(), service.name.clone())).map(|svc| {

@@ -755,3 +755,80 @@ async fn a_status_the_crds_refuse_is_counted_and_not_retried() {
     let written = corner.route(server, "canary")["status"].to_string();
     assert!(!written.contains("Not a valid reason!"), "nothing of the refused status was stored: {written}");
 }
+
+/// A snapshot in a form where equal contents compare equal (its maps' order depends on their
+/// hasher's seed).
+fn canonical(s: &Snapshot) -> String {
+    use std::collections::BTreeMap;
+    let frontends: BTreeMap<_, _> = s.frontends.iter().map(|(k, v)| (*k, format!("{v:?}"))).collect();
+    let workloads: BTreeMap<_, _> = s.workloads.iter().map(|(k, v)| (*k, format!("{v:?}"))).collect();
+    let nodes: BTreeMap<_, _> = s.nodes.iter().collect();
+    format!("version {}\n{frontends:#?}\n{workloads:#?}\n{nodes:?}", s.version)
+}
+
+/// A burst of 1 000 endpoint changes in about a second is coalesced into few generations, each a
+/// whole one (its snapshot and statuses are what a full translation of its own objects gives)
+/// and the last carrying the last change: none is lost. On the fake, which takes a write in
+/// microseconds, so the burst is as dense as the test says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_endpoint_changes_is_coalesced_into_few_whole_generations() {
+    const CHANGES: usize = 1000;
+    let server = ApiServer::start().expect("fake API server");
+    let corner = Corner { ns: "burst", net: 7 };
+    server.apply_yaml(&corner.world());
+    server.apply_yaml(&corner.canary(90, 10));
+    let options = SourceOptions { debounce: Duration::from_millis(50), ..Default::default() };
+    let mut source = start_source_with(server.client().await, options);
+    wait_for_weights(&mut source, corner, &[90, 10], "initial list").await;
+    let first = source.generation.borrow().version;
+
+    // Every generation the reader is woken for, until the publisher has been quiet for a while.
+    let mut rx = source.generation.clone();
+    let reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while tokio::time::timeout(Duration::from_secs(2), rx.changed()).await.is_ok_and(|r| r.is_ok()) {
+            seen.push(rx.borrow_and_update().clone());
+        }
+        seen
+    });
+    let backend_v1 = SocketAddr::new(format!("10.96.{}.11", corner.net).parse().expect("ip"), 80);
+    let started = Instant::now();
+    for i in 0..CHANGES {
+        // backend-v1's slice gains a second endpoint whose address moves with every change.
+        let extra = format!("10.244.{}.{}", corner.net, 10 + i % 200);
+        server.apply_yaml(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: backend-v1-x1, namespace: {ns}, labels: {{kubernetes.io/service-name: backend-v1}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+             endpoints: [{{addresses: ['10.244.{net}.2'], conditions: {{ready: true}}}}, {{addresses: ['{extra}'], conditions: {{ready: true}}}}]\n",
+            ns = corner.ns,
+            net = corner.net
+        ));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let burst = started.elapsed();
+    let seen = reader.await.expect("the reader");
+    let last = seen.last().expect("generations after the burst");
+    let published = last.version - first;
+    let most = burst.as_millis() as u64 / 50 + 3;
+    assert!(published <= most, "{published} generations for {CHANGES} changes in {burst:?}: at most {most}");
+    for g in &seen {
+        let full = gammaray_agent::translate::translate(
+            &g.objects,
+            &Options { version: g.version, ..Options::default() },
+        );
+        assert_eq!(canonical(&g.snapshot), canonical(&full.snapshot), "generation {} is whole", g.version);
+        let statuses: Vec<_> = g.statuses.values().map(|s| (**s).clone()).collect();
+        assert_eq!(statuses, full.statuses, "generation {}'s statuses", g.version);
+    }
+    let endpoints: Vec<String> = last
+        .snapshot
+        .frontend(backend_v1)
+        .expect("backend-v1's frontend")
+        .default_backend
+        .endpoints
+        .iter()
+        .map(|e| e.addr.ip().to_string())
+        .collect();
+    let want = format!("10.244.{}.{}", corner.net, 10 + (CHANGES - 1) % 200);
+    assert!(endpoints.contains(&want), "the last change is in the last generation: {endpoints:?}");
+    println!("{CHANGES} changes in {burst:?}: {published} generations published, {} seen", seen.len());
+}

@@ -1,6 +1,8 @@
 //! What the agents cost at rest, and at scale: RSS and CPU with no traffic, RSS with many
 //! Services and endpoints loaded, and the time from a weight change to the new split a client
-//! sees.
+//! sees. Then the configuration path alone at cluster scale ([`cluster`]): the agent's store,
+//! translation and publisher at 1 000 to 20 000 Services with pods as a kubelet writes them, run
+//! by the `scale` example of the agent crate (`agent/examples/scale.rs`), one process per size.
 
 use std::{
     net::SocketAddr,
@@ -88,4 +90,95 @@ fn rss_with_services(ctx: &Ctx<'_>, rows: &mut Vec<Row>, when: &str) {
         let figure = format!("{} agent RSS {when}", agent.node);
         rows.push(Row::new(figure, None, mem_mib(agent.pid(), "VmRSS"), "MiB").target(Target::AtMost(40.0)));
     }
+}
+
+/// The configuration path at each of the plan's cluster sizes, in a process of its own per size
+/// (the RSS figures are then that size's alone): the initial load, RSS, the time and CPU from one
+/// endpoint or weight change to the new snapshot on the proxy's channel, and the CPU of a
+/// sustained churn. Each size's figures are given with the previous size's as their baseline,
+/// so the ratio is the growth from one size to the next.
+pub(super) fn cluster(
+    example: &std::path::Path,
+    plan: &super::world::Plan,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let run = |services: usize, churn_secs: u64| -> anyhow::Result<serde_json::Value> {
+        println!("bench: the configuration path with {services} Services (the agent's scale example)");
+        let out = std::process::Command::new(example)
+            .args([services.to_string(), plan.cluster_changes.to_string(), churn_secs.to_string()])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{} {services} failed: {}",
+            example.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let num = |v: &serde_json::Value, path: &[&str]| -> f64 {
+        path.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(f64::NAN)
+    };
+    let mut previous: Option<serde_json::Value> = None;
+    let largest = plan.cluster_sizes.iter().copied().max().unwrap_or(0);
+    for &services in plan.cluster_sizes {
+        let r = run(services, 0)?;
+        let pods = services * 10;
+        let base = |path: &[&str]| previous.as_ref().map(|p| num(p, path));
+        let growth = |path: &[&str], figure: String, unit| Row::new(figure, base(path), num(&r, path), unit);
+        let mut load = Row::new(
+            format!("initial load of {services} Services, {pods} pods (decode, store, translate)"),
+            base(&["initial_load_ms"]),
+            num(&r, &["initial_load_ms"]),
+            "ms",
+        );
+        if services == largest {
+            load = load.target(Target::AtMost(10_000.0));
+        }
+        rows.push(load);
+        for (what, key) in [("endpoint change", "endpoint_change"), ("weight change", "weight_change")] {
+            rows.push(
+                growth(
+                    &[key, "p50_ms"],
+                    format!("{what} → snapshot on the proxy's channel, {services} Services (p50)"),
+                    "ms",
+                )
+                .target(Target::AtMost(5.0))
+                .target(Target::RatioAtMost(2.0)),
+            );
+            rows.push(growth(&[key, "p99_ms"], format!("{what}, {services} Services (p99)"), "ms"));
+            rows.push(growth(
+                &[key, "cpu_p50_ms"],
+                format!("{what}: the agent's CPU, {services} Services (p50)"),
+                "ms",
+            ));
+        }
+        let mut rss = growth(
+            &["rss_after_mib"],
+            format!("configuration RSS with {services} Services and {pods} realistic pods"),
+            "MiB",
+        );
+        if services == largest {
+            rss = rss.target(Target::AtMost(150.0));
+        }
+        rows.push(rss);
+        previous = Some(r);
+    }
+    let (services, secs) = plan.churn;
+    let r = run(services, secs)?;
+    let churn = &r["churn"];
+    rows.push(
+        Row::new(
+            format!(
+                "CPU under {} endpoint changes/s for {secs} s at {services} Services ({} snapshots for {} changes)",
+                100,
+                num(churn, &["snapshots"]),
+                num(churn, &["changes"])
+            ),
+            None,
+            num(churn, &["cores"]),
+            "cores",
+        )
+        .target(Target::AtMost(0.1)),
+    );
+    Ok(())
 }

@@ -50,6 +50,12 @@ pub(super) struct Plan {
     pub ping_pongs: usize,
     /// Connections one pod holds in the flood phase.
     pub flood: usize,
+    /// Cluster sizes (Services of 10 endpoints and realistic pods) of the configuration path's
+    /// scale measurement, and the changes timed at each.
+    pub cluster_sizes: &'static [usize],
+    pub cluster_changes: usize,
+    /// Sustained endpoint churn (100 changes/s): at how many Services, for how many seconds.
+    pub churn: (usize, u64),
 }
 
 pub(super) const FULL: Plan = Plan {
@@ -62,6 +68,9 @@ pub(super) const FULL: Plan = Plan {
     endpoints_per_service: 10,
     ping_pongs: 20_000,
     flood: 30_000,
+    cluster_sizes: &[1_000, 10_000, 20_000],
+    cluster_changes: 200,
+    churn: (10_000, 60),
 };
 
 pub(super) const QUICK: Plan = Plan {
@@ -74,6 +83,9 @@ pub(super) const QUICK: Plan = Plan {
     endpoints_per_service: 10,
     ping_pongs: 5_000,
     flood: 3_000,
+    cluster_sizes: &[100, 1_000],
+    cluster_changes: 20,
+    churn: (1_000, 2),
 };
 
 pub(super) struct World {
