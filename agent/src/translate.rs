@@ -569,14 +569,13 @@ fn resolve_backend<'w>(
         return Err(no_port(service, port));
     };
     let mut endpoints = Vec::new();
-    for slice in store.slices_of(&service.namespace, &service.name) {
+    for (_, slice) in store.slices_of(&service.namespace, &service.name) {
         if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
             continue;
         }
         let Some(target) = slice
             .ports
             .iter()
-            .flatten()
             .find(|p| {
                 p.name == sp.name || (p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""))
             })
@@ -586,20 +585,16 @@ fn resolve_backend<'w>(
             continue;
         };
         for ep in &slice.endpoints {
-            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+            if ep.ready == Some(false) {
                 continue;
             }
             for addr in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
                 let workload = workload_of(&addr);
                 let pod = ep
-                    .target_ref
+                    .pod
                     .as_ref()
-                    .filter(|t| t.kind.as_deref() == Some("Pod"))
-                    .and_then(|t| {
-                        Some(ObjectRef::new(
-                            t.namespace.clone().unwrap_or_else(|| service.namespace.clone()),
-                            t.name.clone()?,
-                        ))
+                    .map(|(ns, name)| {
+                        ObjectRef::new(ns.clone().unwrap_or_else(|| service.namespace.clone()), name.clone())
                     })
                     .or_else(|| workload.map(|w| w.pod.clone()));
                 endpoints.push(Endpoint {

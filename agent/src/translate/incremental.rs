@@ -257,7 +257,7 @@ impl Incremental {
     fn refresh_backends(&mut self, store: &Store, service: &ObjectRef) -> bool {
         let mut ips: Vec<IpAddr> = store
             .slices_of(&service.namespace, &service.name)
-            .flat_map(|slice| slice.endpoints.iter().flat_map(|ep| ep.addresses.iter()))
+            .flat_map(|(_, slice)| slice.endpoints.iter().flat_map(|ep| ep.addresses.iter()))
             .filter_map(|a| a.parse().ok())
             .collect();
         ips.sort_unstable();
