@@ -481,6 +481,8 @@ fn node_addresses(store: &Store) -> gammaray_proxy::snapshot::FastMap<String, Ip
 /// its IP is its node's, and the mesh must never speak for, or tunnel to, a node's own
 /// addresses. Two pods claiming one address: the last by namespace and name wins.
 fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
+    let trust_domain: Arc<str> = trust_domain.into();
+    let trust_domain = &trust_domain;
     let mut out = HashMap::new();
     for ((ns, name), pod) in &store.pods {
         let Some(workload) = workload_of(ns, name, pod, trust_domain) else { continue };
@@ -492,19 +494,26 @@ fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
 }
 
 /// The workload a pod is, if it is one.
-fn workload_of(ns: &str, name: &str, pod: &crate::store::PodInfo, trust_domain: &str) -> Option<Workload> {
+fn workload_of(
+    ns: &str,
+    name: &str,
+    pod: &crate::store::PodInfo,
+    trust_domain: &Arc<str>,
+) -> Option<Workload> {
     if pod.host_network {
         return None;
     }
     let sa = pod.service_account.clone().unwrap_or_else(|| "default".into());
+    let identity = gammaray_proxy::identity::Identity {
+        trust_domain: trust_domain.clone(),
+        namespace: ns.into(),
+        service_account: sa.as_str().into(),
+    };
     Some(Workload {
         pod: ObjectRef::new(ns, name),
-        node: pod.node.clone(),
-        identity: gammaray_proxy::identity::Identity {
-            trust_domain: trust_domain.into(),
-            namespace: ns.into(),
-            service_account: sa.as_str().into(),
-        },
+        node: pod.node.as_deref().map(Arc::from),
+        uri: identity.to_string().into(),
+        identity,
         service_account: sa,
     })
 }
@@ -597,17 +606,24 @@ fn resolve_backend<'w>(
                         ObjectRef::new(ns.clone().unwrap_or_else(|| service.namespace.clone()), name.clone())
                     })
                     .or_else(|| workload.map(|w| w.pod.clone()));
+                let node = match (&ep.node_name, workload) {
+                    (Some(n), Some(w)) if w.node.as_deref() == Some(n.as_str()) => w.node.clone(),
+                    (Some(n), _) => Some(Arc::from(n.as_str())),
+                    (None, w) => w.and_then(|w| w.node.clone()),
+                };
                 endpoints.push(Endpoint {
                     addr: SocketAddr::new(addr, target),
                     pod,
-                    node: ep.node_name.clone().or_else(|| workload.and_then(|w| w.node.clone())),
-                    identity: workload.map(|w| w.identity.to_string()),
+                    node,
+                    identity: workload.map(|w| w.uri.clone()),
                 });
             }
         }
     }
     endpoints.sort_by_key(|e| e.addr);
     endpoints.dedup_by_key(|e| e.addr);
+    // Kept for as long as the Service is unchanged: no spare capacity.
+    endpoints.shrink_to_fit();
     Ok(Backend { service: service.clone(), port, protocol: app_protocol(sp), endpoints })
 }
 

@@ -234,10 +234,12 @@ impl std::fmt::Display for ObjectRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
     pub pod: ObjectRef,
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
     pub service_account: String,
     /// Parsed once, when the snapshot is made: the data path reads it per request.
     pub identity: crate::identity::Identity,
+    /// The identity as a SPIFFE URI, made once and shared by every endpoint of the pod.
+    pub uri: Arc<str>,
 }
 
 impl Workload {
@@ -303,9 +305,10 @@ pub struct Endpoint {
     /// Pod IP and target port.
     pub addr: SocketAddr,
     pub pod: Option<ObjectRef>,
-    pub node: Option<String>,
+    /// Shared with the pod's [`Workload`] where they agree, as is the identity.
+    pub node: Option<Arc<str>>,
     /// The SPIFFE identity the endpoint's proxy must present.
-    pub identity: Option<String>,
+    pub identity: Option<Arc<str>>,
 }
 
 /// The routes of one route group (producer, or one namespace's consumers) for one frontend.

@@ -59,7 +59,8 @@ struct RouteEntry {
 
 /// The translator that keeps its derived state between stores. See the module's documentation.
 pub struct Incremental {
-    options: Options,
+    /// The trust domain (of the options), shared by every workload's identity.
+    trust_domain: Arc<str>,
     /// The store last translated.
     prev: Store,
     workloads: SharedMap<IpAddr, Arc<Workload>>,
@@ -106,7 +107,7 @@ pub struct Work {
 impl Incremental {
     pub fn new(options: Options) -> Self {
         Self {
-            options,
+            trust_domain: options.trust_domain.as_str().into(),
             prev: Store::default(),
             workloads: SharedMap::default(),
             claims: HashMap::new(),
@@ -150,7 +151,7 @@ impl Incremental {
                 }
             }
             if let Some(new) = new
-                && let Some(workload) = workload_of(&key.0, &key.1, new, &self.options.trust_domain)
+                && let Some(workload) = workload_of(&key.0, &key.1, new, &self.trust_domain)
             {
                 let workload = Arc::new(workload);
                 for ip in pod_ips(new) {
