@@ -9,11 +9,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use gammaray_testkit::lanes::Lane;
+
 use super::{
     Ctx,
-    measure::{mem_mib, time_to_split},
+    measure::{cpu_of, mem_mib, oha, time_to_split},
     report::{Row, Target},
-    world::{WEB_L7, scale_objects, web_route},
+    world::{WEB_L7, scale_objects, scale_slice, web_route},
 };
 use crate::agents::Control as _;
 
@@ -81,6 +83,68 @@ pub(super) fn run(ctx: &Ctx<'_>, idle: &Idle, rows: &mut Vec<Row>) -> anyhow::Re
     // The rebuild after the change must not leave the agent larger than before it.
     std::thread::sleep(Duration::from_millis(500));
     rss_with_services(ctx, rows, &format!("with {} Services, after the weight change", ctx.plan.services));
+
+    churn(ctx, rows)
+}
+
+/// Endpoint churn end to end: 100 EndpointSlice changes per second on the loaded Services, through
+/// the API server and both agents' watches, while a pod on node1 calls the L7 Service on node2 at
+/// 100 req/s; against the same traffic without churn just before. What the churn adds to the
+/// agents' CPU, and any request that failed meanwhile.
+fn churn(ctx: &Ctx<'_>, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    const RATE: u32 = 100;
+    let secs = ctx.plan.churn.1;
+    let duration = Duration::from_secs(secs);
+    let (pod, url) = ctx.bed.world.target(Lane::L7Cross);
+    let run = |churn: bool| -> anyhow::Result<(f64, super::measure::Load, u64, u64)> {
+        let version = ctx.bed.agents[0].status()?.config_version;
+        let cpu0 = cpu_of(ctx.agent_pids.iter().copied(), ctx.ticks);
+        let t0 = Instant::now();
+        let (load, changes) = std::thread::scope(|s| {
+            let load = s.spawn(|| oha(ctx.oha, pod, &url, 2, Some(RATE), duration));
+            let mut changes = 0u64;
+            if churn {
+                let started = Instant::now();
+                while started.elapsed() < duration {
+                    let due = started + Duration::from_secs_f64(changes as f64 / 100.0);
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    let s = (changes as usize * 7919) % ctx.plan.services;
+                    let unready =
+                        (changes % 2 == 0).then_some(changes as usize % ctx.plan.endpoints_per_service);
+                    ctx.bed.server.apply_yaml(&scale_slice(s, ctx.plan.endpoints_per_service, unready));
+                    changes += 1;
+                }
+            }
+            (load.join(), changes)
+        });
+        let load = load.map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
+        let cores = (cpu_of(ctx.agent_pids.iter().copied(), ctx.ticks) - cpu0) / t0.elapsed().as_secs_f64();
+        let versions = ctx.bed.agents[0].status()?.config_version - version;
+        Ok((cores, load, changes, versions))
+    };
+    let (quiet_cores, quiet, _, _) = run(false)?;
+    let (cores, load, changes, versions) = run(true)?;
+    rows.push(
+        Row::new(
+            format!(
+                "both agents' CPU under {changes} endpoint changes in {secs} s with {} Services, a pod calling at {RATE} req/s ({versions} configurations on node1; direct: the same traffic without churn)",
+                ctx.plan.services
+            ),
+            Some(quiet_cores),
+            cores,
+            "cores",
+        )
+        .target(Target::AddedAtMost(0.2)),
+    );
+    rows.push(
+        Row::new(
+            format!("its failed requests of {:.0} during the churn (direct: without churn)", load.requests),
+            Some(quiet.errors),
+            load.errors,
+            "requests",
+        )
+        .target(Target::AtMost(0.0)),
+    );
     Ok(())
 }
 

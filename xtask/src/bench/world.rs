@@ -177,23 +177,30 @@ pub(super) fn scale_objects(services: usize, per: usize) -> String {
         y.push_str(&format!(
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: scale}}\nspec: {{clusterIP: '{ip}', clusterIPs: ['{ip}'], ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]}}\n"
         ));
-        let endpoints: Vec<String> = (0..per)
-            .map(|e| {
-                let n = s * per + e;
-                format!(
-                    "{{addresses: ['10.{}.{}.{}'], nodeName: node2, conditions: {{ready: true}}}}",
-                    240 + n / 65_000,
-                    (n / 250) % 260 % 256,
-                    n % 250 + 1
-                )
-            })
-            .collect();
-        y.push_str(&format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{s}-1, namespace: scale, labels: {{kubernetes.io/service-name: svc-{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
-            endpoints.join(", ")
-        ));
+        y.push_str("---\n");
+        y.push_str(&scale_slice(s, per, None));
     }
     y
+}
+
+/// The EndpointSlice of [`scale_objects`]' Service `s`, with endpoint `unready` not ready.
+pub(super) fn scale_slice(s: usize, per: usize, unready: Option<usize>) -> String {
+    let endpoints: Vec<String> = (0..per)
+        .map(|e| {
+            let n = s * per + e;
+            format!(
+                "{{addresses: ['10.{}.{}.{}'], nodeName: node2, conditions: {{ready: {}}}}}",
+                240 + n / 65_000,
+                (n / 250) % 260 % 256,
+                n % 250 + 1,
+                unready != Some(e)
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{s}-1, namespace: scale, labels: {{kubernetes.io/service-name: svc-{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
+        endpoints.join(", ")
+    )
 }
 
 /// The agents' log filter: `warn` unless `GAMMARAY_BENCH_LOG` says otherwise. At `warn` there is
