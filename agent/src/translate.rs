@@ -25,10 +25,9 @@ use gammaray_proxy::{
         RouteTable, Snapshot, Workload,
     },
 };
-use k8s_openapi::api::core::v1::{Service, ServicePort};
 use serde::Serialize;
 
-use crate::store::Store;
+use crate::store::{ServiceInfo, ServicePortInfo, Store};
 pub use incremental::{Incremental, RouteKey, Statuses};
 pub use rules::{CompiledRoute, CompiledRule};
 
@@ -235,7 +234,7 @@ type Tables = (Option<Arc<RouteTable>>, BTreeMap<String, Arc<RouteTable>>);
 /// gives the route tables attached to it.
 fn frontends_of(
     service: &ObjectRef,
-    svc: &Service,
+    svc: &ServiceInfo,
     mut backend: impl FnMut(u16) -> Option<Arc<Backend>>,
     tables: impl Fn(u16) -> Tables,
 ) -> Vec<(SocketAddr, Arc<Frontend>)> {
@@ -386,7 +385,7 @@ fn bind(store: &Store, route: &CompiledRoute, parent: &ParentRef) -> Result<Vec<
     Ok(ports)
 }
 
-fn has_frontend(svc: &Service) -> bool {
+fn has_frontend(svc: &ServiceInfo) -> bool {
     let Some(spec) = &svc.spec else { return false };
     spec.type_.as_deref() != Some("ExternalName")
         && spec.cluster_ip.as_deref().is_some_and(|ip| ip != "None" && !ip.is_empty())
@@ -452,7 +451,7 @@ fn parent_status(
     ParentStatus { parent_ref: parent.clone(), controller_name: CONTROLLER_NAME, conditions }
 }
 
-fn app_protocol(port: &ServicePort) -> AppProtocol {
+fn app_protocol(port: &ServicePortInfo) -> AppProtocol {
     match port.app_protocol.as_deref() {
         Some("http") => AppProtocol::Http,
         Some("kubernetes.io/h2c" | "grpc" | "h2c") => AppProtocol::H2c,

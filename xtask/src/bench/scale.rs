@@ -109,8 +109,9 @@ fn churn(ctx: &Ctx<'_>, rows: &mut Vec<Row>) -> anyhow::Result<()> {
                     let due = started + Duration::from_secs_f64(changes as f64 / 100.0);
                     std::thread::sleep(due.saturating_duration_since(Instant::now()));
                     let s = (changes as usize * 7919) % ctx.plan.services;
-                    let unready =
-                        (changes % 2 == 0).then_some(changes as usize % ctx.plan.endpoints_per_service);
+                    let unready = changes
+                        .is_multiple_of(2)
+                        .then_some(changes as usize % ctx.plan.endpoints_per_service);
                     ctx.bed.server.apply_yaml(&scale_slice(s, ctx.plan.endpoints_per_service, unready));
                     changes += 1;
                 }
