@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use crate::{
     control::State,
     generation::Generation,
-    store::{PodInfo, Store},
+    store::{Key, PodInfo, Store},
 };
 
 /// The label on a namespace (enrol its pods) or a pod (`none`: leave it out).
@@ -43,28 +43,65 @@ pub struct Wanted {
 
 /// The pods of `node` that belong in the mesh, by UID.
 pub fn wanted(store: &Store, node: &str) -> BTreeMap<String, Wanted> {
-    let ambient = |ns: &str| {
-        store
-            .namespaces
-            .get(ns)
-            .and_then(|n| n.metadata.labels.as_ref())
-            .and_then(|l| l.get(DATAPLANE_LABEL))
-            .is_some_and(|v| v == AMBIENT)
-    };
-    store
-        .pods
-        .iter()
-        .filter(|((ns, _), pod)| {
-            pod.node.as_deref() == Some(node)
-                && !pod.host_network
-                && !is_finished(pod)
-                && pod.dataplane_mode.as_deref() != Some("none")
-                && ambient(ns)
-        })
-        .filter_map(|((ns, name), pod)| {
-            Some((pod.uid.clone()?, Wanted { namespace: ns.clone(), name: name.clone() }))
-        })
-        .collect()
+    store.pods.iter().filter_map(|(key, pod)| wanted_pod(store, node, key, pod)).collect()
+}
+
+/// One pod, by UID, if `node` should steer it.
+fn wanted_pod(store: &Store, node: &str, (ns, name): &Key, pod: &PodInfo) -> Option<(String, Wanted)> {
+    let ambient = store
+        .namespaces
+        .get(ns)
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(DATAPLANE_LABEL))
+        .is_some_and(|v| v == AMBIENT);
+    let wanted = pod.node.as_deref() == Some(node)
+        && !pod.host_network
+        && !is_finished(pod)
+        && pod.dataplane_mode.as_deref() != Some("none")
+        && ambient;
+    wanted.then(|| Some((pod.uid.clone()?, Wanted { namespace: ns.clone(), name: name.clone() }))).flatten()
+}
+
+/// [`wanted`], kept from one store to the next by the pods that changed: the store's persistent
+/// maps tell them apart in time proportional to the change, so a pod starting elsewhere in a
+/// cluster of 200 000 does not cost a pass over all of them. A change to the namespaces (whose
+/// label enrols all their pods) recomputes the whole set.
+pub struct Tracker {
+    node: String,
+    last: Option<Store>,
+    want: BTreeMap<String, Wanted>,
+}
+
+impl Tracker {
+    pub fn new(node: String) -> Self {
+        Self { node, last: None, want: BTreeMap::new() }
+    }
+
+    pub fn update(&mut self, store: &Store) -> &BTreeMap<String, Wanted> {
+        use imbl::ordmap::DiffItem;
+        match &self.last {
+            Some(last) if last.namespaces.diff(&store.namespaces).next().is_none() => {
+                for item in last.pods.diff(&store.pods) {
+                    let (key, old, new) = match item {
+                        DiffItem::Add(k, v) => (k, None, Some(v)),
+                        DiffItem::Update { old: (k, o), new: (_, n) } => (k, Some(o), Some(n)),
+                        DiffItem::Remove(k, v) => (k, Some(v), None),
+                    };
+                    if let Some(uid) = old.and_then(|p| p.uid.as_ref())
+                        && self.want.get(uid).is_some_and(|w| w.namespace == key.0 && w.name == key.1)
+                    {
+                        self.want.remove(uid);
+                    }
+                    if let Some((uid, w)) = new.and_then(|p| wanted_pod(store, &self.node, key, p)) {
+                        self.want.insert(uid, w);
+                    }
+                }
+            }
+            _ => self.want = wanted(store, &self.node),
+        }
+        self.last = Some(store.clone());
+        &self.want
+    }
 }
 
 fn is_finished(pod: &PodInfo) -> bool {
@@ -134,10 +171,11 @@ pub async fn run(
         .filter_map(|p| std::fs::metadata(proc_root.join(p).join("ns/net")).ok().map(|m| m.ino()))
         .collect();
     let mut enrolled = Enrolled::new();
+    let mut tracker = Tracker::new(node);
     loop {
         let current = generation.borrow_and_update().clone();
-        let want = wanted(&current.objects, &node);
-        let pending = reconcile(&state, &want, &mut enrolled, &proc_root, &host_netns).await;
+        let want = tracker.update(&current.objects);
+        let pending = reconcile(&state, want, &mut enrolled, &proc_root, &host_netns).await;
         if pending {
             tokio::select! {
                 changed = generation.changed() => if changed.is_err() { return },
@@ -273,6 +311,30 @@ spec: {nodeName: node1, containers: [{name: c}]}
         assert!(applied.errors.is_empty(), "{:?}", applied.errors);
         let want = wanted(&store, "node1");
         assert_eq!(want.keys().collect::<Vec<_>>(), vec!["u-a"]);
+
+        // The tracker agrees after every change: pods arriving, moving, opting out, finishing,
+        // leaving, and a namespace's label coming and going.
+        let mut tracker = Tracker::new("node1".into());
+        assert_eq!(tracker.update(&store), &want);
+        for change in [
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: c, namespace: mesh, uid: u-g}\nspec: {nodeName: node1}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: elsewhere, namespace: mesh, uid: u-d}\nspec: {nodeName: node1}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: mesh, uid: u-a, labels: {gammaray.dev/dataplane-mode: none}}\nspec: {nodeName: node1}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: c, namespace: mesh, uid: u-g}\nspec: {nodeName: node1}\nstatus: {phase: Failed}\n",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: plain, labels: {gammaray.dev/dataplane-mode: ambient}}\n",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh}\n",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {gammaray.dev/dataplane-mode: ambient}}\n",
+        ] {
+            assert!(store.apply_yaml(change).errors.is_empty(), "{change}");
+            assert_eq!(tracker.update(&store), &wanted(&store, "node1"), "after {change}");
+        }
+        assert!(store.remove("Pod", "mesh", "elsewhere"));
+        assert_eq!(tracker.update(&store), &wanted(&store, "node1"), "after a removal");
+        assert_eq!(
+            tracker.update(&store).keys().collect::<Vec<_>>(),
+            vec!["u-f"],
+            "only plain's pod is left"
+        );
     }
 
     #[test]
