@@ -257,11 +257,33 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
     let resolver = SniResolver {
         store: inbound.certs.clone(),
         trust_domain: inbound.config.trust_domain.clone(),
-        // Only identities with a workload on this node get a certificate here.
-        allowed: Box::new(move |id| {
-            let snap = snapshot.borrow().clone();
-            snap.workloads.values().any(|w| w.node.as_deref() == Some(node.as_str()) && w.identity == *id)
-        }),
+        // Only identities with a workload on this node get a certificate here. The set is made
+        // from the snapshot at the first handshake after each change of it, not by a pass over
+        // every workload of the cluster per handshake.
+        allowed: {
+            // The snapshot the set was made from is held, so a new one is never taken for it.
+            let local: std::sync::Mutex<Option<(Arc<Snapshot>, std::collections::HashSet<Identity>)>> =
+                Default::default();
+            Box::new(move |id| {
+                let snap = snapshot.borrow().clone();
+                let mut local = local.lock().expect("identities lock");
+                let (_, here) = match local.take() {
+                    Some((made_from, here)) if Arc::ptr_eq(&made_from, &snap) => {
+                        local.insert((made_from, here))
+                    }
+                    _ => {
+                        let here = snap
+                            .workloads
+                            .values()
+                            .filter(|w| w.node.as_deref() == Some(node.as_str()))
+                            .map(|w| w.identity.clone())
+                            .collect();
+                        local.insert((snap, here))
+                    }
+                };
+                here.contains(id)
+            })
+        },
     };
     let config = server_config(Arc::new(inbound.certs.authority().roots()), Arc::new(resolver))?;
     let acceptor = TlsAcceptor::from(Arc::new(config));
