@@ -502,18 +502,16 @@ fn workload_of(
     if pod.host_network {
         return None;
     }
-    let sa = pod.service_account.clone().unwrap_or_else(|| "default".into());
     let identity = gammaray_proxy::identity::Identity {
         trust_domain: trust_domain.clone(),
         namespace: ns.into(),
-        service_account: sa.as_str().into(),
+        service_account: pod.service_account.as_deref().unwrap_or("default").into(),
     };
     Some(Workload {
-        pod: ObjectRef::new(ns, name),
+        pod: Arc::new(ObjectRef::new(ns, name)),
         node: pod.node.as_deref().map(Arc::from),
         uri: identity.to_string().into(),
         identity,
-        service_account: sa,
     })
 }
 
@@ -598,13 +596,16 @@ fn resolve_backend<'w>(
             }
             for addr in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
                 let workload = workload_of(&addr);
-                let pod = ep
-                    .pod
-                    .as_ref()
-                    .map(|(ns, name)| {
-                        ObjectRef::new(ns.clone().unwrap_or_else(|| service.namespace.clone()), name.clone())
-                    })
-                    .or_else(|| workload.map(|w| w.pod.clone()));
+                let pod = match (&ep.pod, workload) {
+                    (Some((ns, name)), w) => {
+                        let ns = ns.as_deref().unwrap_or(&service.namespace);
+                        match w {
+                            Some(w) if w.pod.namespace == ns && w.pod.name == *name => Some(w.pod.clone()),
+                            _ => Some(Arc::new(ObjectRef::new(ns, name.clone()))),
+                        }
+                    }
+                    (None, w) => w.map(|w| w.pod.clone()),
+                };
                 let node = match (&ep.node_name, workload) {
                     (Some(n), Some(w)) if w.node.as_deref() == Some(n.as_str()) => w.node.clone(),
                     (Some(n), _) => Some(Arc::from(n.as_str())),

@@ -233,9 +233,9 @@ impl std::fmt::Display for ObjectRef {
 /// A pod the mesh knows about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
-    pub pod: ObjectRef,
+    /// Shared with the pod's endpoints.
+    pub pod: Arc<ObjectRef>,
     pub node: Option<Arc<str>>,
-    pub service_account: String,
     /// Parsed once, when the snapshot is made: the data path reads it per request.
     pub identity: crate::identity::Identity,
     /// The identity as a SPIFFE URI, made once and shared by every endpoint of the pod.
@@ -245,7 +245,7 @@ pub struct Workload {
 impl Workload {
     /// `namespace/serviceaccount`, as metrics name a source workload.
     pub fn label(&self) -> String {
-        format!("{}/{}", self.pod.namespace, self.service_account)
+        format!("{}/{}", self.pod.namespace, self.identity.service_account)
     }
 }
 
@@ -304,8 +304,8 @@ pub struct Backend {
 pub struct Endpoint {
     /// Pod IP and target port.
     pub addr: SocketAddr,
-    pub pod: Option<ObjectRef>,
-    /// Shared with the pod's [`Workload`] where they agree, as is the identity.
+    /// Shared with the pod's [`Workload`] where they agree, as are the node and the identity.
+    pub pod: Option<Arc<ObjectRef>>,
     pub node: Option<Arc<str>>,
     /// The SPIFFE identity the endpoint's proxy must present.
     pub identity: Option<Arc<str>>,

@@ -64,10 +64,10 @@ pub struct Incremental {
     /// The store last translated.
     prev: Store,
     workloads: SharedMap<IpAddr, Arc<Workload>>,
-    /// Every pod that claims an address, as the workload it would be there, in namespace and
-    /// name order; the last is the address's workload, as in the full translation. (Almost
-    /// always one: a list costs one small allocation per address, where a map would cost a node.)
-    claims: HashMap<IpAddr, Vec<Arc<Workload>>>,
+    /// The addresses two or more pods claim, with every claimant (as the workload it would be
+    /// there) in namespace and name order; the last is the address's workload, as in the full
+    /// translation. An address with one claimant has it in `workloads` only.
+    contested: HashMap<IpAddr, Vec<Arc<Workload>>>,
     /// Every Service's backends; absent for a Service that does not exist.
     backends: HashMap<ObjectRef, ServiceBackends>,
     /// The addresses each Service's EndpointSlices list, and the reverse.
@@ -110,7 +110,7 @@ impl Incremental {
             trust_domain: options.trust_domain.as_str().into(),
             prev: Store::default(),
             workloads: SharedMap::default(),
-            claims: HashMap::new(),
+            contested: HashMap::new(),
             backends: HashMap::new(),
             endpoint_ips: HashMap::new(),
             ip_users: HashMap::new(),
@@ -135,19 +135,14 @@ impl Incremental {
             self.nodes = node_addresses(store);
         }
 
-        // Pods → the workloads of their addresses.
-        let mut touched_ips = BTreeSet::new();
+        // Pods → the workloads of their addresses; what each touched address had before.
+        let mut touched: BTreeMap<IpAddr, Option<Arc<Workload>>> = BTreeMap::new();
         for item in prev.pods.diff(&store.pods) {
             let (key, old, new) = split(item);
             if let Some(old) = old {
                 for ip in pod_ips(old) {
-                    if let Some(claims) = self.claims.get_mut(&ip) {
-                        claims.retain(|w| w.pod.namespace != key.0 || w.pod.name != key.1);
-                        if claims.is_empty() {
-                            self.claims.remove(&ip);
-                        }
-                    }
-                    touched_ips.insert(ip);
+                    touched.entry(ip).or_insert_with(|| self.workloads.get(&ip).cloned());
+                    self.unclaim(ip, key);
                 }
             }
             if let Some(new) = new
@@ -155,27 +150,17 @@ impl Incremental {
             {
                 let workload = Arc::new(workload);
                 for ip in pod_ips(new) {
-                    let claims = self.claims.entry(ip).or_default();
-                    match claims.binary_search_by(|w| w.pod.cmp(&workload.pod)) {
-                        Ok(at) => claims[at] = workload.clone(),
-                        Err(at) => claims.insert(at, workload.clone()),
-                    }
-                    touched_ips.insert(ip);
+                    touched.entry(ip).or_insert_with(|| self.workloads.get(&ip).cloned());
+                    self.claim(ip, workload.clone());
                 }
             }
         }
         let mut dirty_services = BTreeSet::new();
-        for ip in touched_ips {
-            let now = self.claims.get(&ip).and_then(|c| c.last()).cloned();
-            let before = self.workloads.get(&ip);
-            if now.as_deref() == before.map(|w| &**w) {
+        for (ip, before) in touched {
+            if self.workloads.get(&ip).map(|w| &**w) == before.as_deref() {
                 continue;
             }
             work.workloads += 1;
-            match now {
-                Some(w) => self.workloads.insert(ip, w),
-                None => self.workloads.remove(&ip),
-            };
             dirty_services.extend(self.ip_users.get(&ip).into_iter().flatten().map(|s| (**s).clone()));
         }
 
@@ -251,6 +236,50 @@ impl Incremental {
             },
             statuses: self.statuses.clone(),
             work,
+        }
+    }
+
+    /// Pod `workload` claims address `ip`: the address's workload is the last claimant by
+    /// namespace and name, as in the full translation.
+    fn claim(&mut self, ip: IpAddr, workload: Arc<Workload>) {
+        let by_pod = |a: &Arc<Workload>, b: &Arc<Workload>| a.pod.cmp(&b.pod);
+        if let Some(claims) = self.contested.get_mut(&ip) {
+            match claims.binary_search_by(|w| by_pod(w, &workload)) {
+                Ok(at) => claims[at] = workload,
+                Err(at) => claims.insert(at, workload),
+            }
+            let last = claims.last().expect("two or more").clone();
+            self.workloads.insert(ip, last);
+            return;
+        }
+        match self.workloads.get(&ip) {
+            Some(current) if current.pod != workload.pod => {
+                let mut claims = vec![current.clone(), workload];
+                claims.sort_by(by_pod);
+                self.workloads.insert(ip, claims[1].clone());
+                self.contested.insert(ip, claims);
+            }
+            _ => {
+                self.workloads.insert(ip, workload);
+            }
+        }
+    }
+
+    /// The pod `key` no longer claims address `ip`.
+    fn unclaim(&mut self, ip: IpAddr, (ns, name): &Key) {
+        let is_it = |w: &Arc<Workload>| w.pod.namespace == *ns && w.pod.name == *name;
+        if let Some(claims) = self.contested.get_mut(&ip) {
+            claims.retain(|w| !is_it(w));
+            let last = claims.last().cloned();
+            if claims.len() < 2 {
+                self.contested.remove(&ip);
+            }
+            match last {
+                Some(w) => self.workloads.insert(ip, w),
+                None => self.workloads.remove(&ip),
+            };
+        } else if self.workloads.get(&ip).is_some_and(is_it) {
+            self.workloads.remove(&ip);
         }
     }
 
