@@ -148,7 +148,7 @@ impl Store {
                 self.pods.insert(key, Arc::new(pod));
             }
             ("discovery.k8s.io", "EndpointSlice") => {
-                let slice = SliceInfo::decode(value).map_err(|source| StoreError::Decode {
+                let slice = SliceInfo::decode(value, &namespace).map_err(|source| StoreError::Decode {
                     index,
                     kind: kind.clone(),
                     name: name.clone(),
@@ -413,18 +413,39 @@ pub struct SlicePort {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct SliceEndpoint {
-    pub addresses: Vec<String>,
+    /// Parsed on arrival; one that is no IP address (an FQDN slice's) is dropped.
+    #[serde(deserialize_with = "ip_addresses")]
+    pub addresses: Box<[std::net::IpAddr]>,
     #[serde(rename = "conditions", deserialize_with = "ready_condition")]
     pub ready: Option<bool>,
-    pub node_name: Option<String>,
+    pub node_name: Option<Box<str>>,
+    /// A `targetRef` of kind Pod: its namespace (none when it is the slice's own) and name.
     #[serde(rename = "targetRef", deserialize_with = "target_pod")]
-    pub pod: Option<(Option<String>, String)>,
+    pub pod: Option<PodRef>,
 }
 
+/// A Pod an endpoint names: its namespace (none when it is the slice's own) and name.
+pub type PodRef = (Option<Box<str>>, Box<str>);
+
 impl SliceInfo {
-    pub fn decode(value: serde_json::Value) -> Result<Self, serde_json::Error> {
-        serde_json::from_value(value)
+    /// What the mesh reads of the EndpointSlice `value`, which lives in `namespace`.
+    pub fn decode(value: serde_json::Value, namespace: &str) -> Result<Self, serde_json::Error> {
+        let mut slice: Self = serde_json::from_value(value)?;
+        for ep in &mut slice.endpoints {
+            if let Some((ns, _)) = &mut ep.pod
+                && ns.as_deref() == Some(namespace)
+            {
+                *ns = None;
+            }
+        }
+        Ok(slice)
     }
+}
+
+fn ip_addresses<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Box<[std::net::IpAddr]>, D::Error> {
+    use serde::Deserialize as _;
+    let addresses = Option::<Vec<String>>::deserialize(d)?.unwrap_or_default();
+    Ok(addresses.iter().filter_map(|a| a.parse().ok()).collect())
 }
 
 fn null_as_empty<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
@@ -458,7 +479,7 @@ fn ready_condition<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool
 }
 
 /// A `targetRef` naming a Pod: its namespace (if given) and name.
-fn target_pod<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<(Option<String>, String)>, D::Error> {
+fn target_pod<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PodRef>, D::Error> {
     use serde::Deserialize as _;
     #[derive(serde::Deserialize, Default)]
     #[serde(default)]
@@ -469,7 +490,7 @@ fn target_pod<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<(Option<S
     }
     let Some(t) = Option::<Target>::deserialize(d)? else { return Ok(None) };
     Ok(match (t.kind.as_deref(), t.name) {
-        (Some("Pod"), Some(name)) => Some((t.namespace, name)),
+        (Some("Pod"), Some(name)) => Some((t.namespace.map(String::into_boxed_str), name.into_boxed_str())),
         _ => None,
     })
 }
@@ -577,17 +598,20 @@ mod tests {
                 ports: vec![SlicePort { name: Some("http".into()), port: Some(8080) }],
                 endpoints: vec![
                     SliceEndpoint {
-                        addresses: vec!["10.0.0.1".into()],
+                        addresses: Box::new(["10.0.0.1".parse().expect("ip")]),
                         ready: Some(true),
                         node_name: Some("node1".into()),
-                        pod: Some((Some("n".into()), "web-a".into())),
+                        pod: Some((None, "web-a".into())),
                     },
                     SliceEndpoint {
-                        addresses: vec!["10.0.0.2".into()],
+                        addresses: Box::new(["10.0.0.2".parse().expect("ip")]),
                         ready: Some(false),
                         ..Default::default()
                     },
-                    SliceEndpoint { addresses: vec!["10.0.0.3".into()], ..Default::default() },
+                    SliceEndpoint {
+                        addresses: Box::new(["10.0.0.3".parse().expect("ip")]),
+                        ..Default::default()
+                    },
                 ],
             }
         );

@@ -594,21 +594,21 @@ fn resolve_backend<'w>(
             if ep.ready == Some(false) {
                 continue;
             }
-            for addr in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+            for &addr in &ep.addresses {
                 let workload = workload_of(&addr);
                 let pod = match (&ep.pod, workload) {
                     (Some((ns, name)), w) => {
                         let ns = ns.as_deref().unwrap_or(&service.namespace);
                         match w {
-                            Some(w) if w.pod.namespace == ns && w.pod.name == *name => Some(w.pod.clone()),
-                            _ => Some(Arc::new(ObjectRef::new(ns, name.clone()))),
+                            Some(w) if w.pod.namespace == ns && w.pod.name == **name => Some(w.pod.clone()),
+                            _ => Some(Arc::new(ObjectRef::new(ns, &**name))),
                         }
                     }
                     (None, w) => w.map(|w| w.pod.clone()),
                 };
                 let node = match (&ep.node_name, workload) {
-                    (Some(n), Some(w)) if w.node.as_deref() == Some(n.as_str()) => w.node.clone(),
-                    (Some(n), _) => Some(Arc::from(n.as_str())),
+                    (Some(n), Some(w)) if w.node.as_deref() == Some(&**n) => w.node.clone(),
+                    (Some(n), _) => Some(Arc::from(&**n)),
                     (None, w) => w.and_then(|w| w.node.clone()),
                 };
                 endpoints.push(Endpoint {

@@ -287,8 +287,7 @@ impl Incremental {
     fn refresh_backends(&mut self, store: &Store, service: &ObjectRef) -> bool {
         let mut ips: Vec<IpAddr> = store
             .slices_of(&service.namespace, &service.name)
-            .flat_map(|(_, slice)| slice.endpoints.iter().flat_map(|ep| ep.addresses.iter()))
-            .filter_map(|a| a.parse().ok())
+            .flat_map(|(_, slice)| slice.endpoints.iter().flat_map(|ep| ep.addresses.iter().copied()))
             .collect();
         ips.sort_unstable();
         ips.dedup();
