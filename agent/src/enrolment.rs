@@ -59,7 +59,9 @@ fn wanted_pod(store: &Store, node: &str, (ns, name): &Key, pod: &PodInfo) -> Opt
         && !is_finished(pod)
         && pod.dataplane_mode.as_deref() != Some("none")
         && ambient;
-    wanted.then(|| Some((pod.uid.clone()?, Wanted { namespace: ns.clone(), name: name.clone() }))).flatten()
+    wanted
+        .then(|| Some((pod.uid.as_deref()?.to_owned(), Wanted { namespace: ns.clone(), name: name.clone() })))
+        .flatten()
 }
 
 /// [`wanted`], kept from one store to the next by the pods that changed: the store's persistent
@@ -87,7 +89,7 @@ impl Tracker {
                         DiffItem::Update { old: (k, o), new: (_, n) } => (k, Some(o), Some(n)),
                         DiffItem::Remove(k, v) => (k, Some(v), None),
                     };
-                    if let Some(uid) = old.and_then(|p| p.uid.as_ref())
+                    if let Some(uid) = old.and_then(|p| p.uid.as_deref())
                         && self.want.get(uid).is_some_and(|w| w.namespace == key.0 && w.name == key.1)
                     {
                         self.want.remove(uid);

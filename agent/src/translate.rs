@@ -516,7 +516,7 @@ fn workload_of(
 }
 
 fn pod_ips(pod: &crate::store::PodInfo) -> impl Iterator<Item = IpAddr> + '_ {
-    pod.ips.iter().filter_map(|ip| ip.parse().ok())
+    pod.ips.iter().copied()
 }
 
 /// Why a backendRef does not resolve.
