@@ -209,6 +209,17 @@ pub(crate) async fn wait_for_weights(
     }
 }
 
+/// A route status as another mesh would write it: its own entry, accepting the route on the
+/// Service `parent`.
+fn other_mesh_status(parent: &str) -> Value {
+    serde_json::json!({"parents": [{
+        "parentRef": {"group": "", "kind": "Service", "name": parent},
+        "controllerName": "example.com/other-mesh",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    }]})
+}
+
 /// Waits until `check` passes on the server, polling.
 pub(crate) async fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + WAIT;
@@ -280,17 +291,7 @@ async fn a_route_status_change_is_published_without_a_new_translation() {
     let mut source = start_source(&server).await;
     wait_for_weights(&mut source, corner, &[90, 10], "initial list").await;
     let before = source.generation.borrow_and_update().clone();
-    server.set_route_status(
-        "HTTPRoute",
-        corner.ns,
-        "canary",
-        serde_json::json!({"parents": [{
-            "parentRef": {"group": "", "kind": "Service", "name": "backend"},
-            "controllerName": "example.com/other-mesh",
-            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
-                            "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-        }]}),
-    );
+    server.set_route_status("HTTPRoute", corner.ns, "canary", other_mesh_status("backend"));
     let key = (corner.ns.to_owned(), "canary".to_owned());
     let deadline = Instant::now() + WAIT;
     let after = loop {
@@ -477,17 +478,7 @@ async fn status_is_written(server: &impl Server, corner: Corner, lease: &str) {
     server.apply_yaml(&corner.route_yaml("missing-backend", "backend-v2", "backend-nope"));
     server.apply_yaml(&corner.route_yaml("bad-parent", "ghost", "backend-v1"));
     // Another mesh's entry on the valid route must survive our writes.
-    server.set_route_status(
-        "HTTPRoute",
-        corner.ns,
-        "valid",
-        serde_json::json!({"parents": [{
-            "parentRef": {"group": "", "kind": "Service", "name": "backend-v1"},
-            "controllerName": "example.com/other-mesh",
-            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
-                            "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-        }]}),
-    );
+    server.set_route_status("HTTPRoute", corner.ns, "valid", other_mesh_status("backend-v1"));
     let writer = start_writer(server, lease, "node1").await;
 
     eventually("the valid route's status", || {
