@@ -480,11 +480,11 @@ fn node_addresses(store: &Store) -> gammaray_proxy::snapshot::FastMap<String, Ip
 /// its IP is its node's, and the mesh must never speak for, or tunnel to, a node's own
 /// addresses. Two pods claiming one address: the last by namespace and name wins.
 fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
-    let trust_domain: Arc<str> = trust_domain.into();
-    let trust_domain = &trust_domain;
+    let mut names = Names::default();
+    let trust_domain = names.get(trust_domain);
     let mut out = HashMap::new();
     for ((ns, name), pod) in &store.pods {
-        let Some(workload) = workload_of(ns, name, pod, trust_domain) else { continue };
+        let Some(workload) = workload_of(ns, name, pod, &trust_domain, &mut names) else { continue };
         for ip in pod_ips(pod) {
             out.insert(ip, workload.clone());
         }
@@ -492,27 +492,54 @@ fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
     out
 }
 
-/// The workload a pod is, if it is one.
+/// The workload a pod is, if it is one. Its namespace, service account, node and SPIFFE URI
+/// are shared with every other workload that has the same (`names`).
 fn workload_of(
     ns: &str,
     name: &str,
     pod: &crate::store::PodInfo,
     trust_domain: &Arc<str>,
+    names: &mut Names,
 ) -> Option<Workload> {
     if pod.host_network {
         return None;
     }
     let identity = gammaray_proxy::identity::Identity {
         trust_domain: trust_domain.clone(),
-        namespace: ns.into(),
-        service_account: pod.service_account.as_deref().unwrap_or("default").into(),
+        namespace: names.get(ns),
+        service_account: names.get(pod.service_account.as_deref().unwrap_or("default")),
     };
     Some(Workload {
         pod: Arc::new(ObjectRef::new(ns, name)),
-        node: pod.node.as_deref().map(Arc::from),
-        uri: identity.to_string().into(),
+        node: pod.node.as_deref().map(|n| names.get(n)),
+        uri: names.get(&identity.to_string()),
         identity,
     })
+}
+
+/// One shared copy of each name that many workloads repeat (namespaces, service accounts, nodes,
+/// SPIFFE URIs): an allocation per distinct name, not per pod. Names no workload holds any more
+/// are dropped when the table has doubled since it was last swept, so churn cannot grow it
+/// without bound.
+#[derive(Default)]
+struct Names {
+    names: std::collections::HashSet<Arc<str>>,
+    swept_at: usize,
+}
+
+impl Names {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.names.get(name) {
+            return shared.clone();
+        }
+        if self.names.len() >= 2 * self.swept_at.max(1024) {
+            self.names.retain(|n| Arc::strong_count(n) > 1);
+            self.swept_at = self.names.len();
+        }
+        let shared: Arc<str> = name.into();
+        self.names.insert(shared.clone());
+        shared
+    }
 }
 
 fn pod_ips(pod: &crate::store::PodInfo) -> impl Iterator<Item = IpAddr> + '_ {

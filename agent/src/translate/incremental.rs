@@ -31,9 +31,9 @@ use gammaray_proxy::snapshot::{
 use imbl::{OrdMap, ordmap::DiffItem};
 
 use super::{
-    Attachment, CompiledRoute, Group, Options, Resolve, RouteStatus, Tables, Unresolved, bind, frontends_of,
-    no_port, no_service, node_addresses, parent_status, pod_ips, resolve_backend, route_table, rules,
-    workload_of,
+    Attachment, CompiledRoute, Group, Names, Options, Resolve, RouteStatus, Tables, Unresolved, bind,
+    frontends_of, no_port, no_service, node_addresses, parent_status, pod_ips, resolve_backend, route_table,
+    rules, workload_of,
 };
 use crate::store::{Key, Store, service_of};
 
@@ -61,6 +61,8 @@ struct RouteEntry {
 pub struct Incremental {
     /// The trust domain (of the options), shared by every workload's identity.
     trust_domain: Arc<str>,
+    /// The names workloads share.
+    names: Names,
     /// The store last translated.
     prev: Store,
     workloads: SharedMap<IpAddr, Arc<Workload>>,
@@ -108,6 +110,7 @@ impl Incremental {
     pub fn new(options: Options) -> Self {
         Self {
             trust_domain: options.trust_domain.as_str().into(),
+            names: Names::default(),
             prev: Store::default(),
             workloads: SharedMap::default(),
             contested: HashMap::new(),
@@ -146,7 +149,7 @@ impl Incremental {
                 }
             }
             if let Some(new) = new
-                && let Some(workload) = workload_of(&key.0, &key.1, new, &self.trust_domain)
+                && let Some(workload) = workload_of(&key.0, &key.1, new, &self.trust_domain, &mut self.names)
             {
                 let workload = Arc::new(workload);
                 for ip in pod_ips(new) {

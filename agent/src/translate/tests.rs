@@ -646,3 +646,24 @@ fn refusal_messages_speak_the_users_terms_on_one_line() {
     );
     assert!(cors.contains("filter type CORS "), "the type as the route spells it: {cors}");
 }
+
+/// Shared names are shared, and names nobody holds any more do not pile up under churn.
+#[test]
+fn shared_names_are_one_copy_and_churn_does_not_grow_them() {
+    let mut names = super::Names::default();
+    let a = names.get("shop");
+    let b = names.get("shop");
+    assert!(std::sync::Arc::ptr_eq(&a, &b), "one copy");
+    let held: Vec<_> = (0..10).map(|i| names.get(&format!("kept-{i}"))).collect();
+    for i in 0..100_000 {
+        names.get(&format!("gone-{i}"));
+    }
+    assert!(names.names.len() < 4096, "swept: {} left", names.names.len());
+    for (i, n) in held.iter().enumerate() {
+        assert!(
+            std::sync::Arc::ptr_eq(n, &names.get(&format!("kept-{i}"))),
+            "a held name survives the sweeps"
+        );
+    }
+    assert!(std::sync::Arc::ptr_eq(&a, &names.get("shop")));
+}
