@@ -36,6 +36,9 @@ pub struct Store {
     pub http_routes: OrdMap<Key, Arc<HTTPRoute>>,
     pub grpc_routes: OrdMap<Key, Arc<GRPCRoute>>,
     pub reference_grants: OrdMap<Key, Arc<ReferenceGrant>>,
+    /// The names pods and endpoints repeat (nodes, service accounts, phases), one copy each;
+    /// shared by every clone of the store.
+    names: Arc<std::sync::Mutex<Names>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,21 +142,19 @@ impl Store {
                 self.services.insert(key, decode(index, &kind, &name, value)?);
             }
             ("", "Pod") => {
-                let pod = PodInfo::decode(value).map_err(|source| StoreError::Decode {
-                    index,
-                    kind: kind.clone(),
-                    name: name.clone(),
-                    source,
-                })?;
+                let pod = PodInfo::decode(value, &mut self.names.lock().expect("names lock")).map_err(
+                    |source| StoreError::Decode { index, kind: kind.clone(), name: name.clone(), source },
+                )?;
                 self.pods.insert(key, Arc::new(pod));
             }
             ("discovery.k8s.io", "EndpointSlice") => {
-                let slice = SliceInfo::decode(value, &namespace).map_err(|source| StoreError::Decode {
-                    index,
-                    kind: kind.clone(),
-                    name: name.clone(),
-                    source,
-                })?;
+                let slice = SliceInfo::decode(value, &namespace, &mut self.names.lock().expect("names lock"))
+                    .map_err(|source| StoreError::Decode {
+                        index,
+                        kind: kind.clone(),
+                        name: name.clone(),
+                        source,
+                    })?;
                 let slice = Arc::new(slice);
                 self.remove_slice(&key);
                 if let Some(service) = service_of(&slice) {
@@ -247,6 +248,31 @@ impl Store {
     }
 }
 
+/// One shared copy of each name that many objects repeat (namespaces, service accounts, nodes,
+/// SPIFFE URIs): an allocation per distinct name, not per pod. Names no workload holds any more
+/// are dropped when the table has doubled since it was last swept, so churn cannot grow it
+/// without bound.
+#[derive(Debug, Default)]
+pub struct Names {
+    pub(crate) names: std::collections::HashSet<Arc<str>>,
+    swept_at: usize,
+}
+
+impl Names {
+    pub fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.names.get(name) {
+            return shared.clone();
+        }
+        if self.names.len() >= 2 * self.swept_at.max(1024) {
+            self.names.retain(|n| Arc::strong_count(n) > 1);
+            self.swept_at = self.names.len();
+        }
+        let shared: Arc<str> = name.into();
+        self.names.insert(shared.clone());
+        shared
+    }
+}
+
 /// Splits a YAML stream at document markers: a line that is `---` or starts with `--- `.
 /// Block scalars are indented, so a marker at the start of a line always starts a document.
 pub fn split_documents(text: &str) -> Vec<&str> {
@@ -278,10 +304,11 @@ pub fn split_documents(text: &str) -> Vec<&str> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodInfo {
     pub uid: Option<Box<str>>,
-    pub node: Option<Box<str>>,
-    pub service_account: Option<Box<str>>,
+    /// Node, service account and phase are shared with every pod that has the same.
+    pub node: Option<Arc<str>>,
+    pub service_account: Option<Arc<str>>,
     pub host_network: bool,
-    pub phase: Option<Box<str>>,
+    pub phase: Option<Arc<str>>,
     /// `status.podIPs`, or `status.podIP` when the list is absent; one that is no IP address is
     /// dropped.
     pub ips: Box<[std::net::IpAddr]>,
@@ -332,7 +359,7 @@ struct PodIpField {
 
 impl PodInfo {
     /// What the mesh reads of the Pod object `value`.
-    pub fn decode(value: serde_json::Value) -> Result<Self, serde_json::Error> {
+    pub fn decode(value: serde_json::Value, names: &mut Names) -> Result<Self, serde_json::Error> {
         let PodFields { metadata, spec, status } = serde_json::from_value(value)?;
         let (spec, status) = (spec.unwrap_or_default(), status.unwrap_or_default());
         let ips = match status.pod_ips {
@@ -341,10 +368,10 @@ impl PodInfo {
         };
         Ok(Self {
             uid: metadata.uid.map(String::into_boxed_str),
-            node: spec.node_name.map(String::into_boxed_str),
-            service_account: spec.service_account_name.map(String::into_boxed_str),
+            node: spec.node_name.map(|n| names.get(&n)),
+            service_account: spec.service_account_name.map(|n| names.get(&n)),
             host_network: spec.host_network.unwrap_or(false),
-            phase: status.phase.map(String::into_boxed_str),
+            phase: status.phase.map(|n| names.get(&n)),
             ips,
             dataplane_mode: metadata
                 .labels
@@ -423,7 +450,9 @@ pub struct SliceEndpoint {
     pub addresses: Box<[std::net::IpAddr]>,
     #[serde(rename = "conditions", deserialize_with = "ready_condition")]
     pub ready: Option<bool>,
-    pub node_name: Option<Box<str>>,
+    /// Shared with every endpoint on the same node.
+    #[serde(deserialize_with = "shared_name")]
+    pub node_name: Option<Arc<str>>,
     /// A `targetRef` of kind Pod: its namespace (none when it is the slice's own) and name.
     #[serde(rename = "targetRef", deserialize_with = "target_pod")]
     pub pod: Option<PodRef>,
@@ -434,9 +463,16 @@ pub type PodRef = (Option<Box<str>>, Box<str>);
 
 impl SliceInfo {
     /// What the mesh reads of the EndpointSlice `value`, which lives in `namespace`.
-    pub fn decode(value: serde_json::Value, namespace: &str) -> Result<Self, serde_json::Error> {
+    pub fn decode(
+        value: serde_json::Value,
+        namespace: &str,
+        names: &mut Names,
+    ) -> Result<Self, serde_json::Error> {
         let mut slice: Self = serde_json::from_value(value)?;
         for ep in &mut slice.endpoints {
+            if let Some(node) = &mut ep.node_name {
+                *node = names.get(node);
+            }
             if let Some((ns, _)) = &mut ep.pod
                 && ns.as_deref() == Some(namespace)
             {
@@ -445,6 +481,12 @@ impl SliceInfo {
         }
         Ok(slice)
     }
+}
+
+/// A name, to be replaced by its shared copy.
+fn shared_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Arc<str>>, D::Error> {
+    use serde::Deserialize as _;
+    Ok(Option::<String>::deserialize(d)?.map(Arc::from))
 }
 
 fn ip_addresses<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Box<[std::net::IpAddr]>, D::Error> {

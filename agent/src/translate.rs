@@ -27,7 +27,7 @@ use gammaray_proxy::{
 };
 use serde::Serialize;
 
-use crate::store::{ServiceInfo, ServicePortInfo, Store};
+use crate::store::{Names, ServiceInfo, ServicePortInfo, Store};
 pub use incremental::{Incremental, RouteKey, Statuses};
 pub use rules::{CompiledRoute, CompiledRule};
 
@@ -507,39 +507,14 @@ fn workload_of(
     let identity = gammaray_proxy::identity::Identity {
         trust_domain: trust_domain.clone(),
         namespace: names.get(ns),
-        service_account: names.get(pod.service_account.as_deref().unwrap_or("default")),
+        service_account: pod.service_account.clone().unwrap_or_else(|| names.get("default")),
     };
     Some(Workload {
         pod: Arc::new(ObjectRef::new(ns, name)),
-        node: pod.node.as_deref().map(|n| names.get(n)),
+        node: pod.node.clone(),
         uri: names.get(&identity.to_string()),
         identity,
     })
-}
-
-/// One shared copy of each name that many workloads repeat (namespaces, service accounts, nodes,
-/// SPIFFE URIs): an allocation per distinct name, not per pod. Names no workload holds any more
-/// are dropped when the table has doubled since it was last swept, so churn cannot grow it
-/// without bound.
-#[derive(Default)]
-struct Names {
-    names: std::collections::HashSet<Arc<str>>,
-    swept_at: usize,
-}
-
-impl Names {
-    fn get(&mut self, name: &str) -> Arc<str> {
-        if let Some(shared) = self.names.get(name) {
-            return shared.clone();
-        }
-        if self.names.len() >= 2 * self.swept_at.max(1024) {
-            self.names.retain(|n| Arc::strong_count(n) > 1);
-            self.swept_at = self.names.len();
-        }
-        let shared: Arc<str> = name.into();
-        self.names.insert(shared.clone());
-        shared
-    }
 }
 
 fn pod_ips(pod: &crate::store::PodInfo) -> impl Iterator<Item = IpAddr> + '_ {
@@ -635,7 +610,7 @@ fn resolve_backend<'w>(
                 };
                 let node = match (&ep.node_name, workload) {
                     (Some(n), Some(w)) if w.node.as_deref() == Some(&**n) => w.node.clone(),
-                    (Some(n), _) => Some(Arc::from(&**n)),
+                    (Some(n), _) => Some(n.clone()),
                     (None, w) => w.and_then(|w| w.node.clone()),
                 };
                 endpoints.push(Endpoint {
