@@ -274,8 +274,14 @@ fn apply(store: &mut Store, kind: Kind, object: DynamicObject) -> bool {
         object.metadata.name.as_deref().unwrap_or(""),
         object.metadata.resource_version.as_deref().unwrap_or("")
     );
-    let Ok(mut value) = serde_json::to_value(&object) else { return false };
-    drop(object);
+    // The object's fields other than its metadata are already JSON: moved, not serialized again.
+    let DynamicObject { metadata, data, .. } = object;
+    let mut value = match data {
+        serde_json::Value::Object(fields) => serde_json::Value::Object(fields),
+        _ => serde_json::Value::Object(Default::default()),
+    };
+    let Ok(metadata) = serde_json::to_value(&metadata) else { return false };
+    value["metadata"] = metadata;
     value["apiVersion"] = kind.api_version().into();
     value["kind"] = kind.kind.into();
     if let Err(err) = store.apply_value(0, value) {
