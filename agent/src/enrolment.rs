@@ -80,15 +80,10 @@ impl Tracker {
     }
 
     pub fn update(&mut self, store: &Store) -> &BTreeMap<String, Wanted> {
-        use imbl::ordmap::DiffItem;
         match &self.last {
             Some(last) if last.namespaces.diff(&store.namespaces).next().is_none() => {
                 for item in last.pods.diff(&store.pods) {
-                    let (key, old, new) = match item {
-                        DiffItem::Add(k, v) => (k, None, Some(v)),
-                        DiffItem::Update { old: (k, o), new: (_, n) } => (k, Some(o), Some(n)),
-                        DiffItem::Remove(k, v) => (k, Some(v), None),
-                    };
+                    let (key, old, new) = crate::store::changed(item);
                     if let Some(uid) = old.and_then(|p| p.uid.as_deref())
                         && self.want.get(uid).is_some_and(|w| w.namespace == key.0 && w.name == key.1)
                     {

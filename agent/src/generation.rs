@@ -145,12 +145,8 @@ type Conditions = BTreeMap<RouteKey, BTreeMap<(String, String), (String, String,
 /// differs between `before` and `now` (the persistent maps find them without visiting the
 /// rest); keeps `logged` up to date.
 fn log_changed_conditions(before: &Statuses, now: &Statuses, logged: &mut Conditions) {
-    use imbl::ordmap::DiffItem;
     for item in before.diff(now) {
-        let (key, status) = match item {
-            DiffItem::Add(k, s) | DiffItem::Update { new: (k, s), .. } => (k, Some(s)),
-            DiffItem::Remove(k, _) => (k, None),
-        };
+        let (key, _, status) = crate::store::changed(item);
         let was = logged.remove(key).unwrap_or_default();
         let mut is = BTreeMap::new();
         if let Some(s) = status {

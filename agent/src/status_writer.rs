@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 use crate::{
     generation::Generation,
     store::Store,
-    translate::{CONTROLLER_NAME, ParentStatus, RouteStatus},
+    translate::{CONTROLLER_NAME, ParentStatus, RouteKey, RouteStatus},
 };
 
 #[derive(Debug, Clone)]
@@ -298,8 +298,8 @@ pub struct Refused {
     /// Per route, the status and the route object last found to agree (or written): while
     /// neither has changed (the same shared values, held here so their addresses stay theirs),
     /// the route is not serialized and compared again. A change to one route then costs one
-    /// comparison, not one per route of the cluster.
-    settled: Arc<Mutex<BTreeMap<String, Settled>>>,
+    /// comparison, not one per route of the cluster. A route that is gone is forgotten.
+    settled: Arc<Mutex<BTreeMap<RouteKey, Settled>>>,
 }
 
 /// A route's status and the route object it was found on.
@@ -336,7 +336,9 @@ pub async fn write_statuses(client: &Client, generation: &Generation, identity: 
     let (desired, store) = (&generation.statuses, &generation.objects);
     let now = Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
     let pp = PostParams { field_manager: Some(field_manager(identity)), ..Default::default() };
-    for status in desired.values() {
+    // Forget the routes that are gone: what is held for them would keep their objects alive.
+    refused.settled.lock().expect("settled lock").retain(|key, _| desired.contains_key(key));
+    for (key, status) in desired.iter() {
         let kind = status.kind.to_string();
         let Some((namespace, name)) = status.route.split_once('/') else { continue };
         let Some(object) = RouteObject::of(store, status.kind, namespace, name) else { continue };
@@ -345,13 +347,13 @@ pub async fn write_statuses(client: &Client, generation: &Generation, identity: 
                 .settled
                 .lock()
                 .expect("settled lock")
-                .insert(status.route.clone(), (status.clone(), object.clone()));
+                .insert(key.clone(), (status.clone(), object.clone()));
         };
         if refused
             .settled
             .lock()
             .expect("settled lock")
-            .get(&status.route)
+            .get(key)
             .is_some_and(|(s, o)| Arc::ptr_eq(s, status) && o.same(&object))
         {
             continue;

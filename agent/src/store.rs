@@ -273,6 +273,19 @@ impl Names {
     }
 }
 
+/// One entry of `OrdMap::diff` between two versions of a map, as (key, before, after): `None`
+/// before for an entry added, `None` after for one removed.
+pub fn changed<'a, K, V>(
+    item: imbl::ordmap::DiffItem<'a, 'a, K, V>,
+) -> (&'a K, Option<&'a V>, Option<&'a V>) {
+    use imbl::ordmap::DiffItem;
+    match item {
+        DiffItem::Add(k, v) => (k, None, Some(v)),
+        DiffItem::Update { old: (k, old), new: (_, new) } => (k, Some(old), Some(new)),
+        DiffItem::Remove(k, v) => (k, Some(v), None),
+    }
+}
+
 /// Splits a YAML stream at document markers: a line that is `---` or starts with `--- `.
 /// Block scalars are indented, so a marker at the start of a line always starts a document.
 pub fn split_documents(text: &str) -> Vec<&str> {

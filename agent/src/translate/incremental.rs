@@ -28,14 +28,14 @@ use std::{
 use gammaray_proxy::snapshot::{
     Backend, FastMap, Frontend, ObjectRef, RouteKind, SharedMap, Snapshot, Workload,
 };
-use imbl::{OrdMap, ordmap::DiffItem};
+use imbl::OrdMap;
 
 use super::{
     Attachment, CompiledRoute, Group, Names, Options, Resolve, RouteStatus, Tables, Unresolved, bind,
     frontends_of, no_port, no_service, node_addresses, parent_status, pod_ips, resolve_backend, route_table,
     rules, workload_of,
 };
-use crate::store::{Key, Store, service_of};
+use crate::store::{Key, Store, changed, service_of};
 
 /// A route: its kind, then namespace and name (HTTPRoutes sort before GRPCRoutes, as the full
 /// translation lists their statuses).
@@ -141,7 +141,7 @@ impl Incremental {
         // Pods → the workloads of their addresses; what each touched address had before.
         let mut touched: BTreeMap<IpAddr, Option<Arc<Workload>>> = BTreeMap::new();
         for item in prev.pods.diff(&store.pods) {
-            let (key, old, new) = split(item);
+            let (key, old, new) = changed(item);
             if let Some(old) = old {
                 for ip in pod_ips(old) {
                     touched.entry(ip).or_insert_with(|| self.workloads.get(&ip).cloned());
@@ -170,12 +170,12 @@ impl Incremental {
         // Services and EndpointSlices → the Services whose backends may have changed.
         let mut changed_services = BTreeSet::new();
         for item in prev.services.diff(&store.services) {
-            let (key, _, _) = split(item);
+            let (key, _, _) = changed(item);
             changed_services.insert(ObjectRef::new(&key.0, &key.1));
         }
         dirty_services.extend(changed_services.iter().cloned());
         for item in prev.endpoint_slices().diff(store.endpoint_slices()) {
-            let (key, old, new) = split(item);
+            let (key, old, new) = changed(item);
             for slice in old.into_iter().chain(new) {
                 if let Some(service) = service_of(slice) {
                     dirty_services.insert(ObjectRef::new(&key.0, service));
@@ -195,10 +195,10 @@ impl Incremental {
         // Routes: those that changed, and those that read a Service that did.
         let mut dirty_routes: BTreeSet<RouteKey> = BTreeSet::new();
         for item in prev.http_routes.diff(&store.http_routes) {
-            dirty_routes.insert((RouteKind::Http, split(item).0.clone()));
+            dirty_routes.insert((RouteKind::Http, changed(item).0.clone()));
         }
         for item in prev.grpc_routes.diff(&store.grpc_routes) {
-            dirty_routes.insert((RouteKind::Grpc, split(item).0.clone()));
+            dirty_routes.insert((RouteKind::Grpc, changed(item).0.clone()));
         }
         for service in &reread {
             dirty_routes.extend(self.users.get(service).into_iter().flatten().cloned());
@@ -525,15 +525,6 @@ fn group_of(route: &CompiledRoute, service: &ObjectRef) -> Group {
 /// Backends compared by what the proxy reads of them.
 fn same_backend(a: &Backend, b: &Backend) -> bool {
     a.service == b.service && a.port == b.port && a.protocol == b.protocol && a.endpoints == b.endpoints
-}
-
-/// A diff item as (key, before, after).
-fn split<'a, K, V>(item: DiffItem<'a, 'a, K, V>) -> (&'a K, Option<&'a V>, Option<&'a V>) {
-    match item {
-        DiffItem::Add(k, v) => (k, None, Some(v)),
-        DiffItem::Update { old: (k, old), new: (_, new) } => (k, Some(old), Some(new)),
-        DiffItem::Remove(k, v) => (k, Some(v), None),
-    }
 }
 
 /// Resolves backendRefs from the cache of every Service's backends, noting each Service read.

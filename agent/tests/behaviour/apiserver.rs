@@ -531,6 +531,16 @@ async fn status_is_written(server: &impl Server, corner: Corner, lease: &str) {
     let settled = versions(&read);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(versions(&read), settled, "no status writes once everything says what it should");
+    // A route deleted and made again (a new object, no status) is compared afresh, not taken
+    // for the one whose status was already written.
+    assert!(server.delete("gateway.networking.k8s.io/v1", "HTTPRoute", corner.ns, "missing-backend"));
+    server.apply_yaml(&corner.route_yaml("missing-backend", "backend-v2", "backend-nope"));
+    eventually("the remade route's status", || {
+        let ours = our_parent(&corner.route(server, "missing-backend")).ok_or("no entry yet")?;
+        let (s, reason, _) = condition(&ours, "ResolvedRefs");
+        (s == "False" && reason == "BackendNotFound").then_some(()).ok_or(format!("{ours}"))
+    })
+    .await;
     assert_eq!(writer.refused.count.get(), 0, "no status refused as invalid");
     assert!(writer.leading.load(Ordering::Acquire));
     let _ = writer.stop.send(true);
