@@ -50,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         store.apply_value(0, value).map_err(|e| anyhow::anyhow!("{e}"))?;
         decode += t.elapsed();
     }
+    let heap_store = heap_in_use();
     let t = Instant::now();
     let first = publisher.publish(store.clone(), "scale");
     let first_translation = t.elapsed();
@@ -57,6 +58,7 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(first.rejected() == 0, "every route is accepted");
     trim();
     let rss_after = rss_bytes();
+    let heap_after = heap_in_use();
 
     // One endpoint turning unready, then ready again, in Services spread over the cluster.
     let mut endpoint = Vec::new();
@@ -98,6 +100,8 @@ fn main() -> anyhow::Result<()> {
         "initial_translation_ms": ms(first_translation),
         "rss_before_mib": rss_before as f64 / 1048576.0,
         "rss_after_mib": rss_after as f64 / 1048576.0,
+        "heap_store_mib": heap_store as f64 / 1048576.0,
+        "heap_after_mib": heap_after as f64 / 1048576.0,
         "endpoint_change": summary(&endpoint),
         "weight_change": summary(&weight),
         "churn": churn,
@@ -321,6 +325,14 @@ fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
     pages * 4096
+}
+
+/// The heap in use (glibc's count, every arena): what the store alone holds, then with the
+/// translator's state and the snapshot.
+fn heap_in_use() -> u64 {
+    // SAFETY: mallinfo2 only reads glibc's heap bookkeeping.
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks + info.hblkhd) as u64
 }
 
 fn trim() {

@@ -153,7 +153,7 @@ pub fn config_dump(state: &State) -> Result<String, String> {
     let status = crate::control::status(state).map_err(|e| e.to_string())?;
     let generation = state.generation.borrow().clone();
     let (snapshot, statuses) = (&generation.snapshot, generation.status_list());
-    let services: std::collections::BTreeSet<(String, String)> =
+    let services: std::collections::BTreeSet<(Arc<str>, Arc<str>)> =
         snapshot.frontends.values().map(|f| (f.service.namespace.clone(), f.service.name.clone())).collect();
     let described: serde_json::Map<String, serde_json::Value> = services
         .iter()

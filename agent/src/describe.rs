@@ -23,7 +23,7 @@ pub fn describe(
     let mut frontends: Vec<(&std::net::SocketAddr, &Frontend)> = snapshot
         .frontends
         .iter()
-        .filter(|(_, f)| f.service.namespace == namespace && f.service.name == name)
+        .filter(|(_, f)| *f.service.namespace == *namespace && *f.service.name == *name)
         .map(|(a, f)| (a, f.as_ref()))
         .collect();
     if frontends.is_empty() {

@@ -50,7 +50,7 @@ pub fn wanted(store: &Store, node: &str) -> BTreeMap<String, Wanted> {
 fn wanted_pod(store: &Store, node: &str, (ns, name): &Key, pod: &PodInfo) -> Option<(String, Wanted)> {
     let ambient = store
         .namespaces
-        .get(ns)
+        .get(&**ns)
         .and_then(|n| n.metadata.labels.as_ref())
         .and_then(|l| l.get(DATAPLANE_LABEL))
         .is_some_and(|v| v == AMBIENT);
@@ -60,7 +60,7 @@ fn wanted_pod(store: &Store, node: &str, (ns, name): &Key, pod: &PodInfo) -> Opt
         && pod.dataplane_mode.as_deref() != Some("none")
         && ambient;
     wanted
-        .then(|| Some((pod.uid.as_deref()?.to_owned(), Wanted { namespace: ns.clone(), name: name.clone() })))
+        .then(|| Some((pod.uid.as_deref()?.to_owned(), Wanted { namespace: ns.to_string(), name: name.to_string() })))
         .flatten()
 }
 
@@ -85,7 +85,7 @@ impl Tracker {
                 for item in last.pods.diff(&store.pods) {
                     let (key, old, new) = crate::store::changed(item);
                     if let Some(uid) = old.and_then(|p| p.uid.as_deref())
-                        && self.want.get(uid).is_some_and(|w| w.namespace == key.0 && w.name == key.1)
+                        && self.want.get(uid).is_some_and(|w| *w.namespace == *key.0 && *w.name == *key.1)
                     {
                         self.want.remove(uid);
                     }

@@ -262,9 +262,9 @@ async fn drive(
 /// when only a route's status (or what every write changes) moved, which is what the status
 /// writer's own writes look like when they come back through the watch.
 fn apply(store: &mut Store, kind: Kind, object: DynamicObject) -> bool {
-    let key = (
-        object.metadata.namespace.clone().unwrap_or_default(),
-        object.metadata.name.clone().unwrap_or_default(),
+    let key = crate::store::key(
+        object.metadata.namespace.as_deref().unwrap_or_default(),
+        object.metadata.name.as_deref().unwrap_or_default(),
     );
     let before = route_as_translated(store, kind.kind, &key);
     let name = format!(
@@ -293,7 +293,7 @@ fn apply(store: &mut Store, kind: Kind, object: DynamicObject) -> bool {
 
 /// A route as translation reads it: the stored object without its status and the metadata every
 /// write changes. `None` for other kinds, and for a route not held.
-fn route_as_translated(store: &Store, kind: &str, key: &(String, String)) -> Option<serde_json::Value> {
+fn route_as_translated(store: &Store, kind: &str, key: &crate::store::Key) -> Option<serde_json::Value> {
     let mut value = match kind {
         "HTTPRoute" => serde_json::to_value(&**store.http_routes.get(key)?).ok()?,
         "GRPCRoute" => serde_json::to_value(&**store.grpc_routes.get(key)?).ok()?,

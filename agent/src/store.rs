@@ -10,8 +10,15 @@ use imbl::{OrdMap, OrdSet};
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use serde::de::DeserializeOwned;
 
-/// `namespace/name` key; cluster-scoped objects use an empty namespace.
-pub type Key = (String, String);
+/// `namespace/name` key; cluster-scoped objects use an empty namespace. The names are shared:
+/// namespaces are one copy each ([`Names`]), and translation holds the same strings in the
+/// references it derives ([`gammaray_proxy::snapshot::ObjectRef::shared`]).
+pub type Key = (Arc<str>, Arc<str>);
+
+/// The key of `namespace/name`, for a lookup with names not already shared.
+pub fn key(namespace: &str, name: &str) -> Key {
+    (namespace.into(), name.into())
+}
 
 /// Objects are shared (`Arc`) and the maps are persistent ([`OrdMap`]): publishing the store to
 /// its readers is an O(1) clone that later changes copy only the paths they touch, so the agent
@@ -30,7 +37,7 @@ pub struct Store {
     /// The EndpointSlices of each Service (`kubernetes.io/service-name`): (namespace, Service) →
     /// slice names. Translation looks a Service's endpoints up here instead of scanning every
     /// slice of the cluster for each Service port.
-    slices_by_service: OrdMap<Key, OrdSet<String>>,
+    slices_by_service: OrdMap<Key, OrdSet<Arc<str>>>,
     /// What the mesh reads of each Pod ([`PodInfo`]), not the whole object.
     pub pods: OrdMap<Key, Arc<PodInfo>>,
     pub http_routes: OrdMap<Key, Arc<HTTPRoute>>,
@@ -117,7 +124,7 @@ impl Store {
         if name.is_empty() {
             return Err(StoreError::Invalid { index, reason: format!("{kind} without metadata.name") });
         }
-        let key = (namespace.clone(), name.clone());
+        let key: Key = (self.names.lock().expect("names lock").get(&namespace), name.as_str().into());
         fn decode<T: DeserializeOwned>(
             index: usize,
             kind: &str,
@@ -159,9 +166,9 @@ impl Store {
                 self.remove_slice(&key);
                 if let Some(service) = service_of(&slice) {
                     self.slices_by_service
-                        .entry((namespace.clone(), service.to_owned()))
+                        .entry((key.0.clone(), service.into()))
                         .or_default()
-                        .insert(name.clone());
+                        .insert(key.1.clone());
                 }
                 self.endpoint_slices.insert(key, slice);
             }
@@ -201,7 +208,7 @@ impl Store {
 
     /// Removes one object; cluster-scoped kinds ignore `namespace`. Returns whether it was held.
     pub fn remove(&mut self, kind: &str, namespace: &str, name: &str) -> bool {
-        let key = (namespace.to_owned(), name.to_owned());
+        let key = key(namespace, name);
         match kind {
             "Namespace" => self.namespaces.remove(name).is_some(),
             "Node" => self.nodes.remove(name).is_some(),
@@ -221,9 +228,9 @@ impl Store {
         namespace: &str,
         service: &str,
     ) -> impl Iterator<Item = (&'a str, &'a Arc<SliceInfo>)> {
-        let key = (namespace.to_owned(), service.to_owned());
+        let key = key(namespace, service);
         self.slices_by_service.get(&key).into_iter().flatten().filter_map(move |name| {
-            Some((name.as_str(), self.endpoint_slices.get(&(key.0.clone(), name.clone()))?))
+            Some((&**name, self.endpoint_slices.get(&(key.0.clone(), name.clone()))?))
         })
     }
 
@@ -236,7 +243,7 @@ impl Store {
     fn remove_slice(&mut self, key: &Key) -> bool {
         let Some(old) = self.endpoint_slices.remove(key) else { return false };
         if let Some(service) = service_of(&old) {
-            let index_key = (key.0.clone(), service.to_owned());
+            let index_key = (key.0.clone(), service.into());
             if let Some(names) = self.slices_by_service.get_mut(&index_key) {
                 names.remove(&key.1);
                 if names.is_empty() {
@@ -617,7 +624,7 @@ mod tests {
              ---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: n}\n\
              spec: {hostNetwork: true, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.200.0.1}\n",
         );
-        let a = &store.pods[&("n".to_owned(), "a".to_owned())];
+        let a = &store.pods[&key("n", "a")];
         assert_eq!(
             **a,
             PodInfo {
@@ -630,7 +637,7 @@ mod tests {
                 dataplane_mode: Some("none".into()),
             }
         );
-        let b = &store.pods[&("n".to_owned(), "b".to_owned())];
+        let b = &store.pods[&key("n", "b")];
         assert!(b.host_network);
         assert_eq!(
             *b.ips,
@@ -679,7 +686,7 @@ mod tests {
                 ],
             }
         );
-        let bare = &store.endpoint_slices()[&("n".to_owned(), "bare".to_owned())];
+        let bare = &store.endpoint_slices()[&key("n", "bare")];
         assert_eq!(
             **bare,
             SliceInfo { address_type: "IPv6".into(), ..Default::default() },
@@ -703,7 +710,7 @@ mod tests {
             "a port needs its number: {:?}",
             applied.errors
         );
-        let web = &store.services[&("n".to_owned(), "web".to_owned())];
+        let web = &store.services[&key("n", "web")];
         assert_eq!(
             **web,
             ServiceInfo {

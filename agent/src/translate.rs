@@ -133,10 +133,10 @@ pub fn translate(store: &Store, opts: &Options) -> Translation {
             };
             if route.has_valid_rules() {
                 let service = ObjectRef::new(&parent.namespace, &parent.name);
-                let group = if route.id.namespace == parent.namespace {
+                let group = if *route.id.namespace == *parent.namespace {
                     Group::Producer
                 } else {
-                    Group::Consumer(route.id.namespace.clone())
+                    Group::Consumer(route.id.namespace.to_string())
                 };
                 for &port in &ports {
                     attached
@@ -345,7 +345,7 @@ struct NotBound {
 
 /// The Service ports a parentRef binds to.
 fn bind(store: &Store, route: &CompiledRoute, parent: &ParentRef) -> Result<Vec<u16>, NotBound> {
-    let Some(svc) = store.services.get(&(parent.namespace.clone(), parent.name.clone())) else {
+    let Some(svc) = store.services.get(&crate::store::key(&parent.namespace, &parent.name)) else {
         return Err(NotBound {
             reason: "NoMatchingParent",
             message: format!("Service {}/{} does not exist", parent.namespace, parent.name),
@@ -483,8 +483,8 @@ fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
     let mut names = Names::default();
     let trust_domain = names.get(trust_domain);
     let mut out = HashMap::new();
-    for ((ns, name), pod) in &store.pods {
-        let Some(workload) = workload_of(ns, name, pod, &trust_domain, &mut names) else { continue };
+    for (key, pod) in &store.pods {
+        let Some(workload) = workload_of(key, pod, &trust_domain, &mut names) else { continue };
         for ip in pod_ips(pod) {
             out.insert(ip, workload.clone());
         }
@@ -492,11 +492,11 @@ fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
     out
 }
 
-/// The workload a pod is, if it is one. Its namespace, service account, node and SPIFFE URI
-/// are shared with every other workload that has the same (`names`).
+/// The workload a pod is, if it is one. Its names are the store's key (shared), its service
+/// account and node the store's (shared), its SPIFFE URI shared with every other workload that
+/// has the same (`names`).
 fn workload_of(
-    ns: &str,
-    name: &str,
+    (ns, name): &crate::store::Key,
     pod: &crate::store::PodInfo,
     trust_domain: &Arc<str>,
     names: &mut Names,
@@ -506,11 +506,11 @@ fn workload_of(
     }
     let identity = gammaray_proxy::identity::Identity {
         trust_domain: trust_domain.clone(),
-        namespace: names.get(ns),
+        namespace: ns.clone(),
         service_account: pod.service_account.clone().unwrap_or_else(|| names.get("default")),
     };
     Some(Workload {
-        pod: Arc::new(ObjectRef::new(ns, name)),
+        pod: Arc::new(ObjectRef::shared(ns.clone(), name.clone())),
         node: pod.node.clone(),
         uri: names.get(&identity.to_string()),
         identity,
@@ -602,7 +602,7 @@ fn resolve_backend<'w>(
                     (Some((ns, name)), w) => {
                         let ns = ns.as_deref().unwrap_or(&service.namespace);
                         match w {
-                            Some(w) if w.pod.namespace == ns && w.pod.name == **name => Some(w.pod.clone()),
+                            Some(w) if *w.pod.namespace == *ns && *w.pod.name == **name => Some(w.pod.clone()),
                             _ => Some(Arc::new(ObjectRef::new(ns, &**name))),
                         }
                     }

@@ -211,16 +211,22 @@ impl TunnelRefusal {
     }
 }
 
-/// A namespace/name pair.
+/// A namespace/name pair. The names are shared: a pod's reference in its workload, its
+/// endpoints and the agent's store is one copy of each string, however many hold it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectRef {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
+        Self { namespace: namespace.as_ref().into(), name: name.as_ref().into() }
+    }
+
+    /// A reference holding names already shared elsewhere.
+    pub fn shared(namespace: Arc<str>, name: Arc<str>) -> Self {
+        Self { namespace, name }
     }
 }
 

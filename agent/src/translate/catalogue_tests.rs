@@ -30,7 +30,7 @@ fn world(dir: &Path, case: &Case) -> Store {
         for (service, ips) in catalogue::cluster_ip_assignments(text) {
             let (ns, name) = service.split_once('/').expect("namespace/name");
             let svc =
-                store.services.get_mut(&(ns.to_owned(), name.to_owned())).expect("assigned Service exists");
+                store.services.get_mut(&crate::store::key(ns, name)).expect("assigned Service exists");
             let spec = std::sync::Arc::make_mut(svc).spec.get_or_insert_default();
             spec.cluster_ip = ips.first().cloned();
             spec.cluster_ips = Some(ips);
@@ -44,7 +44,7 @@ fn world(dir: &Path, case: &Case) -> Store {
 
 fn cluster_ip(store: &Store, service: &str) -> IpAddr {
     let (ns, name) = service.split_once('/').expect("namespace/name");
-    let svc = store.services.get(&(ns.to_owned(), name.to_owned())).expect("destination Service exists");
+    let svc = store.services.get(&crate::store::key(ns, name)).expect("destination Service exists");
     svc.spec.as_ref().and_then(|s| s.cluster_ip.as_ref()).and_then(|ip| ip.parse().ok()).expect("ClusterIP")
 }
 
@@ -53,7 +53,7 @@ fn pod_ip(snapshot: &Snapshot, workload: &str) -> IpAddr {
     let mut pods: Vec<_> = snapshot
         .workloads
         .iter()
-        .filter(|(_, w)| w.pod.namespace == ns && w.pod.name.starts_with(&format!("{prefix}-")))
+        .filter(|(_, w)| *w.pod.namespace == *ns && w.pod.name.starts_with(&format!("{prefix}-")))
         .collect();
     pods.sort_by(|a, b| a.1.pod.name.cmp(&b.1.pod.name));
     *pods.first().unwrap_or_else(|| panic!("a pod of {workload}")).0
@@ -105,15 +105,15 @@ fn send(store: &Store, snapshot: &Snapshot, req: &Request, random: u64) -> Outco
     };
     let pick = |endpoints: &[Endpoint]| -> (Option<String>, Option<String>) {
         let pod = endpoints.get((random as usize) % endpoints.len().max(1)).and_then(|e| e.pod.as_ref());
-        (pod.map(|p| p.name.clone()), pod.map(|p| p.namespace.clone()))
+        (pod.map(|p| p.name.to_string()), pod.map(|p| p.namespace.to_string()))
     };
     let Some(frontend) = snapshot.frontend(dst) else {
         // Not a Service frontend: the mesh passes it to that address untouched.
         let pod = snapshot.workloads.get(&dst.ip()).map(|w| &w.pod);
         return Outcome {
             status: if pod.is_some() { 200 } else { 503 },
-            backend: pod.map(|p| p.name.clone()),
-            backend_namespace: pod.map(|p| p.namespace.clone()),
+            backend: pod.map(|p| p.name.to_string()),
+            backend_namespace: pod.map(|p| p.namespace.to_string()),
             request_headers: headers.clone(),
             request_path: Some(target.clone()),
             response_headers: HeaderMap::new(),

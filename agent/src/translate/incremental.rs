@@ -29,6 +29,7 @@ use gammaray_proxy::snapshot::{
     Backend, FastMap, Frontend, ObjectRef, RouteKind, SharedMap, Snapshot, Workload,
 };
 use imbl::OrdMap;
+use smallvec::SmallVec;
 
 use super::{
     Attachment, CompiledRoute, Group, Names, Options, Resolve, RouteStatus, Tables, Unresolved, bind,
@@ -45,8 +46,32 @@ pub type RouteKey = (RouteKind, Key);
 pub type Statuses = OrdMap<RouteKey, Arc<RouteStatus>>;
 
 /// One Service's backends, one per port number (the first port of that number, as resolving a
-/// backendRef finds it).
-type ServiceBackends = BTreeMap<u16, Arc<Backend>>;
+/// backendRef finds it), in port order. Most Services have one port: it is held inline.
+#[derive(Default)]
+struct ServiceBackends(SmallVec<[(u16, Arc<Backend>); 1]>);
+
+impl ServiceBackends {
+    fn get(&self, port: &u16) -> Option<&Arc<Backend>> {
+        self.0.binary_search_by_key(port, |(p, _)| *p).ok().map(|at| &self.0[at].1)
+    }
+
+    /// Adds the backend of `port` unless that port has one already.
+    fn add(&mut self, port: u16, backend: impl FnOnce() -> Option<Backend>) {
+        if let Err(at) = self.0.binary_search_by_key(&port, |(p, _)| *p)
+            && let Some(b) = backend()
+        {
+            self.0.insert(at, (port, Arc::new(b)));
+        }
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self.0.iter().zip(&other.0).all(|((pa, a), (pb, b))| pa == pb && same_backend(a, b))
+    }
+}
+
+/// The Services whose EndpointSlices list one address: almost always one, held inline.
+type Users = SmallVec<[Arc<ObjectRef>; 1]>;
 
 /// What the incremental translation keeps of one route.
 struct RouteEntry {
@@ -74,15 +99,17 @@ pub struct Incremental {
     backends: HashMap<ObjectRef, ServiceBackends>,
     /// The addresses each Service's EndpointSlices list, and the reverse.
     endpoint_ips: HashMap<Arc<ObjectRef>, Vec<IpAddr>>,
-    ip_users: HashMap<IpAddr, Vec<Arc<ObjectRef>>>,
+    ip_users: HashMap<IpAddr, Users>,
     routes: BTreeMap<RouteKey, RouteEntry>,
     /// The routes that read each Service.
     users: HashMap<ObjectRef, BTreeSet<RouteKey>>,
     /// The routes attached to each Service port, by group.
     attached: HashMap<(ObjectRef, u16), BTreeMap<Group, BTreeSet<RouteKey>>>,
     frontends: SharedMap<SocketAddr, Arc<Frontend>>,
-    /// Every Service that puts a frontend at an address; the last by namespace and name wins.
-    frontend_claims: HashMap<SocketAddr, BTreeMap<ObjectRef, Arc<Frontend>>>,
+    /// The addresses two or more Services put a frontend at, with every claimant's frontend in
+    /// namespace and name order; the last is the address's frontend. An address with one
+    /// claimant has it in `frontends` only.
+    frontend_claims: HashMap<SocketAddr, Vec<Arc<Frontend>>>,
     service_addrs: HashMap<ObjectRef, Vec<SocketAddr>>,
     statuses: Statuses,
     nodes: FastMap<String, IpAddr>,
@@ -149,7 +176,7 @@ impl Incremental {
                 }
             }
             if let Some(new) = new
-                && let Some(workload) = workload_of(&key.0, &key.1, new, &self.trust_domain, &mut self.names)
+                && let Some(workload) = workload_of(key, new, &self.trust_domain, &mut self.names)
             {
                 let workload = Arc::new(workload);
                 for ip in pod_ips(new) {
@@ -294,6 +321,8 @@ impl Incremental {
             .collect();
         ips.sort_unstable();
         ips.dedup();
+        // Kept until the Service's slices change: no spare capacity.
+        ips.shrink_to_fit();
         let (handle, before) = self
             .endpoint_ips
             .remove_entry(service)
@@ -315,24 +344,19 @@ impl Incremental {
 
         let now = store.services.get(&(service.namespace.clone(), service.name.clone())).map(|svc| {
             let workloads = &self.workloads;
-            let mut backends = ServiceBackends::new();
+            let mut backends = ServiceBackends::default();
             for sp in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
                 let Ok(port) = u16::try_from(sp.port) else { continue };
-                if backends.contains_key(&port) {
-                    continue;
-                }
-                if let Ok(b) = resolve_backend(store, service, port, &|ip| workloads.get(ip).map(|w| &**w)) {
-                    backends.insert(port, Arc::new(b));
-                }
+                backends.add(port, || {
+                    resolve_backend(store, service, port, &|ip| workloads.get(ip).map(|w| &**w)).ok()
+                });
             }
             backends
         });
         let before = self.backends.get(service);
         let same = match (&now, before) {
             (None, None) => true,
-            (Some(a), Some(b)) => {
-                a.len() == b.len() && a.iter().zip(b).all(|((pa, a), (pb, b))| pa == pb && same_backend(a, b))
-            }
+            (Some(a), Some(b)) => a.same(b),
             _ => false,
         };
         if same {
@@ -455,15 +479,8 @@ impl Incremental {
     /// Recomputes one Service's frontends and puts them (or, for a Service gone, its absence)
     /// into the snapshot's map.
     fn refresh_frontends(&mut self, store: &Store, service: &ObjectRef) {
-        let mut touched: BTreeSet<SocketAddr> = BTreeSet::new();
         for addr in self.service_addrs.remove(service).unwrap_or_default() {
-            if let Some(claims) = self.frontend_claims.get_mut(&addr) {
-                claims.remove(service);
-                if claims.is_empty() {
-                    self.frontend_claims.remove(&addr);
-                }
-            }
-            touched.insert(addr);
+            self.unclaim_frontend(addr, service);
         }
         if let Some(svc) = store.services.get(&(service.namespace.clone(), service.name.clone())) {
             let backends = self.backends.get(service);
@@ -473,19 +490,57 @@ impl Incremental {
                 frontends_of(service, svc, |port| backends.and_then(|b| b.get(&port)).cloned(), tables);
             let mut addrs = Vec::new();
             for (addr, frontend) in made {
-                self.frontend_claims.entry(addr).or_default().insert(service.clone(), frontend);
-                touched.insert(addr);
+                self.claim_frontend(addr, frontend);
                 addrs.push(addr);
             }
             if !addrs.is_empty() {
+                addrs.shrink_to_fit();
                 self.service_addrs.insert(service.clone(), addrs);
             }
         }
-        for addr in touched {
-            match self.frontend_claims.get(&addr).and_then(|c| c.last_key_value()) {
-                Some((_, frontend)) => self.frontends.insert(addr, frontend.clone()),
+    }
+
+    /// A Service's `frontend` claims address `addr`: the address's frontend is the last
+    /// claimant by namespace and name, as in the full translation; a Service claiming an
+    /// address again replaces its claim.
+    fn claim_frontend(&mut self, addr: SocketAddr, frontend: Arc<Frontend>) {
+        let by_service = |a: &Arc<Frontend>, b: &Arc<Frontend>| a.service.cmp(&b.service);
+        if let Some(claims) = self.frontend_claims.get_mut(&addr) {
+            match claims.binary_search_by(|f| by_service(f, &frontend)) {
+                Ok(at) => claims[at] = frontend,
+                Err(at) => claims.insert(at, frontend),
+            }
+            let last = claims.last().expect("two or more").clone();
+            self.frontends.insert(addr, last);
+            return;
+        }
+        match self.frontends.get(&addr) {
+            Some(current) if current.service != frontend.service => {
+                let mut claims = vec![current.clone(), frontend];
+                claims.sort_by(by_service);
+                self.frontends.insert(addr, claims[1].clone());
+                self.frontend_claims.insert(addr, claims);
+            }
+            _ => {
+                self.frontends.insert(addr, frontend);
+            }
+        }
+    }
+
+    /// `service` no longer claims address `addr`.
+    fn unclaim_frontend(&mut self, addr: SocketAddr, service: &ObjectRef) {
+        if let Some(claims) = self.frontend_claims.get_mut(&addr) {
+            claims.retain(|f| f.service != *service);
+            let last = claims.last().cloned();
+            if claims.len() < 2 {
+                self.frontend_claims.remove(&addr);
+            }
+            match last {
+                Some(f) => self.frontends.insert(addr, f),
                 None => self.frontends.remove(&addr),
             };
+        } else if self.frontends.get(&addr).is_some_and(|f| f.service == *service) {
+            self.frontends.remove(&addr);
         }
     }
 }
@@ -518,7 +573,7 @@ fn group_of(route: &CompiledRoute, service: &ObjectRef) -> Group {
     if route.id.namespace == service.namespace {
         Group::Producer
     } else {
-        Group::Consumer(route.id.namespace.clone())
+        Group::Consumer(route.id.namespace.to_string())
     }
 }
 

@@ -419,7 +419,7 @@ fn weights_zero_absent_and_all_zero() {
             headers: &view_headers,
         };
         let name = |d: Decision<'_>| match d {
-            Decision::Forward(fw) => fw.backend.service.name.clone(),
+            Decision::Forward(fw) => fw.backend.service.name.to_string(),
             Decision::Respond(r) => r.status.to_string(),
             Decision::Passthrough(_) => "pass".into(),
         };

@@ -251,7 +251,7 @@ async fn changes_reach_the_snapshot(server: &impl Server, corner: Corner) -> Sou
         assert!(Instant::now() < deadline, "a deleted route leaves the snapshot");
         let _ = tokio::time::timeout(WAIT, source.snapshot.changed()).await;
     }
-    let pods = source.generation.borrow().objects.pods.keys().filter(|(ns, _)| ns == corner.ns).count();
+    let pods = source.generation.borrow().objects.pods.keys().filter(|(ns, _)| **ns == *corner.ns).count();
     assert_eq!(pods, 2, "the objects are published for enrolment");
     source
 }
@@ -292,7 +292,7 @@ async fn a_route_status_change_is_published_without_a_new_translation() {
     wait_for_weights(&mut source, corner, &[90, 10], "initial list").await;
     let before = source.generation.borrow_and_update().clone();
     server.set_route_status("HTTPRoute", corner.ns, "canary", other_mesh_status("backend"));
-    let key = (corner.ns.to_owned(), "canary".to_owned());
+    let key = gammaray_agent::store::key(corner.ns, "canary");
     let deadline = Instant::now() + WAIT;
     let after = loop {
         let g = source.generation.borrow_and_update().clone();

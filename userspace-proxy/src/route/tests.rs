@@ -226,6 +226,6 @@ fn route_tables_sort_their_entries_by_precedence() {
         (place(3, 0), rule("exact", PathMatch::Exact("/a".into()), None)),
     ];
     let RouteTable::Http(rules) = RouteTable::http(entries) else { panic!("an HTTP table") };
-    let order: Vec<&str> = rules.iter().map(|r| r.id.route.name.as_str()).collect();
+    let order: Vec<&str> = rules.iter().map(|r| &*r.id.route.name).collect();
     assert_eq!(order, ["exact", "with-method", "older-twin", "younger-twin", "catch-all"]);
 }
