@@ -241,8 +241,8 @@ fn slice(s: usize, unready: Option<usize>) -> Value {
             let ready = unready != Some(e);
             json!({"addresses": [pod_ip(n)], "nodeName": format!("node-{}", n % NODES),
                    "conditions": {"ready": ready, "serving": ready, "terminating": false},
-                   "targetRef": {"kind": "Pod", "namespace": namespace_of(s), "name": format!("svc-{s}-{n}"),
-                                 "uid": format!("pod-uid-{n}")}})
+                   "targetRef": {"kind": "Pod", "namespace": namespace_of(s), "name": pod_name(s, n),
+                                 "uid": uid(n)}})
         })
         .collect();
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -266,10 +266,25 @@ fn route(s: usize, weight: i64, services: usize) -> Value {
                      {"name": format!("svc-{next}"), "namespace": namespace_of(next), "port": 80, "weight": 100 - weight}]}]}})
 }
 
+/// A pod name as a Deployment's ReplicaSet makes them: the Deployment, the template hash, five
+/// random characters.
+fn pod_name(s: usize, n: usize) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let suffix: String = (0..5).map(|i| ALPHABET[(n / ALPHABET.len().pow(i)) % ALPHABET.len()] as char).collect();
+    format!("svc-{s}-5d8f7c9b6-{suffix}")
+}
+
+/// A UID as the API server assigns them (a random UUID; here one per pod number).
+fn uid(n: usize) -> String {
+    let x = (n as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c834) ^ 0x0123_4567_89ab_cdef;
+    let h = format!("{x:032x}");
+    format!("{}-{}-4{}-8{}-{}", &h[..8], &h[8..12], &h[13..16], &h[17..20], &h[20..])
+}
+
 /// A Pod as a kubelet leaves it running.
 fn pod(n: usize, s: usize) -> Value {
     let ns = namespace_of(s);
-    let name = format!("svc-{s}-{n}");
+    let name = pod_name(s, n);
     let env: Vec<Value> =
         (0..10).map(|i| json!({"name": format!("SETTING_{i}"), "value": format!("value-{i}-{n}")})).collect();
     let probe = json!({"httpGet": {"path": "/healthz", "port": 8080, "scheme": "HTTP"},
@@ -280,7 +295,7 @@ fn pod(n: usize, s: usize) -> Value {
                                      "lastTransitionTime": "2026-01-01T00:00:10Z"})
     };
     json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "uid": format!("pod-uid-{n}"),
+        "metadata": {"name": name, "namespace": ns, "uid": uid(n),
             "resourceVersion": format!("{}", 1000 + n), "creationTimestamp": "2026-01-01T00:00:00Z",
             "generateName": format!("svc-{s}-"),
             "labels": {"app": format!("svc-{s}"), "pod-template-hash": "5d8f7c9b6"},

@@ -56,11 +56,11 @@ fn wanted_pod(store: &Store, node: &str, (ns, name): &Key, pod: &PodInfo) -> Opt
         .is_some_and(|v| v == AMBIENT);
     let wanted = pod.node.as_deref() == Some(node)
         && !pod.host_network
-        && !is_finished(pod)
-        && pod.dataplane_mode.as_deref() != Some("none")
+        && !pod.finished
+        && !pod.opted_out
         && ambient;
     wanted
-        .then(|| Some((pod.uid.as_deref()?.to_owned(), Wanted { namespace: ns.to_string(), name: name.to_string() })))
+        .then(|| Some((pod.uid.as_ref()?.to_string(), Wanted { namespace: ns.to_string(), name: name.to_string() })))
         .flatten()
 }
 
@@ -84,10 +84,10 @@ impl Tracker {
             Some(last) if last.namespaces.diff(&store.namespaces).next().is_none() => {
                 for item in last.pods.diff(&store.pods) {
                     let (key, old, new) = crate::store::changed(item);
-                    if let Some(uid) = old.and_then(|p| p.uid.as_deref())
-                        && self.want.get(uid).is_some_and(|w| *w.namespace == *key.0 && *w.name == *key.1)
+                    if let Some(uid) = old.and_then(|p| p.uid.as_ref()).map(|u| u.to_string())
+                        && self.want.get(&uid).is_some_and(|w| *w.namespace == *key.0 && *w.name == *key.1)
                     {
-                        self.want.remove(uid);
+                        self.want.remove(&uid);
                     }
                     if let Some((uid, w)) = new.and_then(|p| wanted_pod(store, &self.node, key, p)) {
                         self.want.insert(uid, w);
@@ -99,10 +99,6 @@ impl Tracker {
         self.last = Some(store.clone());
         &self.want
     }
-}
-
-fn is_finished(pod: &PodInfo) -> bool {
-    matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed"))
 }
 
 /// The pod UID a cgroup path names, for both kubelet cgroup drivers.

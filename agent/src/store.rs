@@ -7,6 +7,7 @@ use gateway_api::{
     grpcroutes::GrpcRoute as GRPCRoute, httproutes::HttpRoute as HTTPRoute, referencegrants::ReferenceGrant,
 };
 use imbl::{OrdMap, OrdSet};
+use smallvec::SmallVec;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use serde::de::DeserializeOwned;
 
@@ -319,21 +320,79 @@ pub fn split_documents(text: &str) -> Vec<&str> {
 /// label) and translation (IPs, node, service account). The rest of the object a kubelet writes
 /// (containers, env, volumes, probes, conditions, container statuses, owner references, managed
 /// fields) is dropped on arrival: kept whole, a realistic Pod costs the store about 19 KiB, on
-/// every node. Strings are boxed (no spare capacity) and addresses parsed: a cluster holds
-/// hundreds of thousands of these.
+/// every node. A cluster holds hundreds of thousands of these, so each is one allocation: the
+/// UID parsed, the addresses inline (one or two), the phase and the label reduced to what the
+/// mesh asks of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodInfo {
-    pub uid: Option<Box<str>>,
-    /// Node, service account and phase are shared with every pod that has the same.
+    pub uid: Option<Uid>,
+    /// Node and service account are shared with every pod that has the same.
     pub node: Option<Arc<str>>,
     pub service_account: Option<Arc<str>>,
-    pub host_network: bool,
-    pub phase: Option<Arc<str>>,
     /// `status.podIPs`, or `status.podIP` when the list is absent; one that is no IP address is
     /// dropped.
-    pub ips: Box<[std::net::IpAddr]>,
-    /// The pod's own `gammaray.dev/dataplane-mode` label, if any.
-    pub dataplane_mode: Option<Box<str>>,
+    pub ips: SmallVec<[std::net::IpAddr; 1]>,
+    pub host_network: bool,
+    /// `status.phase` is `Succeeded` or `Failed`: the pod's containers have ended for good.
+    pub finished: bool,
+    /// The pod's own `gammaray.dev/dataplane-mode` label is `none`: it stays out of the mesh
+    /// whatever its namespace says.
+    pub opted_out: bool,
+}
+
+/// A pod's `metadata.uid`: 16 bytes for the UUID the API server assigns, the text otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uid {
+    Uuid([u8; 16]),
+    Other(Box<str>),
+}
+
+impl Uid {
+    pub fn parse(text: &str) -> Self {
+        Self::uuid(text).map_or_else(|| Self::Other(text.into()), Self::Uuid)
+    }
+
+    /// The bytes of a UUID in its canonical form (lowercase, 8-4-4-4-12), which is how the API
+    /// server writes UIDs; any other text is kept as it is, so that it reads back unchanged.
+    fn uuid(text: &str) -> Option<[u8; 16]> {
+        let b = text.as_bytes();
+        if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        let mut digits = b.iter().filter(|c| **c != b'-');
+        for byte in &mut out {
+            let mut value = 0u8;
+            for _ in 0..2 {
+                let c = *digits.next()?;
+                let d = match c {
+                    b'0'..=b'9' => c - b'0',
+                    b'a'..=b'f' => c - b'a' + 10,
+                    _ => return None,
+                };
+                value = value << 4 | d;
+            }
+            *byte = value;
+        }
+        Some(out)
+    }
+}
+
+impl std::fmt::Display for Uid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Other(text) => f.write_str(text),
+            Self::Uuid(b) => {
+                for (i, byte) in b.iter().enumerate() {
+                    if matches!(i, 4 | 6 | 8 | 10) {
+                        f.write_str("-")?;
+                    }
+                    write!(f, "{byte:02x}")?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// The parts of a Pod that [`PodInfo`] is made of, decoded straight from the object: what else a
@@ -387,16 +446,15 @@ impl PodInfo {
             None => status.pod_ip.iter().filter_map(|ip| ip.parse().ok()).collect(),
         };
         Ok(Self {
-            uid: metadata.uid.map(String::into_boxed_str),
+            uid: metadata.uid.as_deref().map(Uid::parse),
             node: spec.node_name.map(|n| names.get(&n)),
             service_account: spec.service_account_name.map(|n| names.get(&n)),
-            host_network: spec.host_network.unwrap_or(false),
-            phase: status.phase.map(|n| names.get(&n)),
             ips,
-            dataplane_mode: metadata
+            host_network: spec.host_network.unwrap_or(false),
+            finished: matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")),
+            opted_out: metadata
                 .labels
-                .and_then(|mut l| l.remove(crate::enrolment::DATAPLANE_LABEL))
-                .map(String::into_boxed_str),
+                .is_some_and(|l| l.get(crate::enrolment::DATAPLANE_LABEL).is_some_and(|v| v == "none")),
         })
     }
 }
@@ -628,22 +686,32 @@ mod tests {
         assert_eq!(
             **a,
             PodInfo {
-                uid: Some("u-a".into()),
+                uid: Some(Uid::Other("u-a".into())),
                 node: Some("node1".into()),
                 service_account: Some("sa-a".into()),
-                host_network: false,
-                phase: Some("Running".into()),
                 ips: ["10.0.0.1", "fd00::1"].iter().map(|ip| ip.parse().expect("ip")).collect(),
-                dataplane_mode: Some("none".into()),
+                host_network: false,
+                finished: false,
+                opted_out: true,
             }
         );
         let b = &store.pods[&key("n", "b")];
         assert!(b.host_network);
         assert_eq!(
-            *b.ips,
+            *b.ips.as_slice(),
             ["10.200.0.1".parse::<std::net::IpAddr>().expect("ip")],
             "podIP when podIPs is absent"
         );
+    }
+
+    #[test]
+    fn uids_read_back_as_written() {
+        let uuid = "0f8b2c1e-9a4d-4e7f-b3c2-5d6e7f8a9b0c";
+        assert!(matches!(Uid::parse(uuid), Uid::Uuid(_)), "an API server's UID is 16 bytes");
+        for text in [uuid, "0F8B2C1E-9A4D-4E7F-B3C2-5D6E7F8A9B0C", "u-a", "0f8b2c1e-9a4d-4e7f-b3c2-5d6e7f8a9b0", ""] {
+            assert_eq!(Uid::parse(text).to_string(), text);
+        }
+        assert!(matches!(Uid::parse("0f8b2c1e-9a4d-4e7f-b3c2-5d6e7f8a9b0g"), Uid::Other(_)));
     }
 
     #[test]
