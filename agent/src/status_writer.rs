@@ -178,7 +178,7 @@ fn field_manager(identity: &str) -> String {
 
 /// The route as the store holds it (JSON), if it does.
 fn current_route(store: &Store, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-    let key = crate::store::key(namespace, name);
+    let key = crate::store::KeyRef(namespace, name);
     match kind {
         "GRPCRoute" => store.grpc_routes.get(&key).and_then(|r| serde_json::to_value(&**r).ok()),
         _ => store.http_routes.get(&key).and_then(|r| serde_json::to_value(&**r).ok()),
@@ -314,7 +314,7 @@ enum RouteObject {
 
 impl RouteObject {
     fn of(store: &Store, kind: RouteKind, namespace: &str, name: &str) -> Option<Self> {
-        let key = crate::store::key(namespace, name);
+        let key = crate::store::KeyRef(namespace, name);
         match kind {
             RouteKind::Http => store.http_routes.get(&key).cloned().map(Self::Http),
             RouteKind::Grpc => store.grpc_routes.get(&key).cloned().map(Self::Grpc),

@@ -16,9 +16,25 @@ use serde::de::DeserializeOwned;
 /// references it derives ([`gammaray_proxy::snapshot::ObjectRef::shared`]).
 pub type Key = (Arc<str>, Arc<str>);
 
-/// The key of `namespace/name`, for a lookup with names not already shared.
+/// The key of `namespace/name`, with names not already shared.
 pub fn key(namespace: &str, name: &str) -> Key {
     (namespace.into(), name.into())
+}
+
+/// `namespace/name` to look a [`Key`] up with, without making one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyRef<'a>(pub &'a str, pub &'a str);
+
+impl equivalent::Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        *self == KeyRef(&key.0, &key.1)
+    }
+}
+
+impl equivalent::Comparable<Key> for KeyRef<'_> {
+    fn compare(&self, key: &Key) -> std::cmp::Ordering {
+        self.cmp(&KeyRef(&key.0, &key.1))
+    }
 }
 
 /// Objects are shared (`Arc`) and the maps are persistent ([`OrdMap`]): publishing the store to
@@ -156,7 +172,7 @@ impl Store {
                 self.pods.insert(key, Arc::new(pod));
             }
             ("discovery.k8s.io", "EndpointSlice") => {
-                let slice = SliceInfo::decode(value, &namespace, &mut self.names.lock().expect("names lock"))
+                let slice = SliceInfo::decode(value, &namespace, &mut self.names.lock().expect("names lock"), &self.pods)
                     .map_err(|source| StoreError::Decode {
                         index,
                         kind: kind.clone(),
@@ -164,7 +180,7 @@ impl Store {
                         source,
                     })?;
                 let slice = Arc::new(slice);
-                self.remove_slice(&key);
+                self.remove_slice(KeyRef(&key.0, &key.1));
                 if let Some(service) = service_of(&slice) {
                     self.slices_by_service
                         .entry((key.0.clone(), service.into()))
@@ -209,13 +225,13 @@ impl Store {
 
     /// Removes one object; cluster-scoped kinds ignore `namespace`. Returns whether it was held.
     pub fn remove(&mut self, kind: &str, namespace: &str, name: &str) -> bool {
-        let key = key(namespace, name);
+        let key = KeyRef(namespace, name);
         match kind {
             "Namespace" => self.namespaces.remove(name).is_some(),
             "Node" => self.nodes.remove(name).is_some(),
             "Service" => self.services.remove(&key).is_some(),
             "Pod" => self.pods.remove(&key).is_some(),
-            "EndpointSlice" => self.remove_slice(&key),
+            "EndpointSlice" => self.remove_slice(key),
             "HTTPRoute" => self.http_routes.remove(&key).is_some(),
             "GRPCRoute" => self.grpc_routes.remove(&key).is_some(),
             "ReferenceGrant" => self.reference_grants.remove(&key).is_some(),
@@ -229,9 +245,11 @@ impl Store {
         namespace: &str,
         service: &str,
     ) -> impl Iterator<Item = (&'a str, &'a Arc<SliceInfo>)> {
-        let key = key(namespace, service);
-        self.slices_by_service.get(&key).into_iter().flatten().filter_map(move |name| {
-            Some((&**name, self.endpoint_slices.get(&(key.0.clone(), name.clone()))?))
+        let found = self.slices_by_service.get_key_value(&KeyRef(namespace, service));
+        found.into_iter().flat_map(move |((namespace, _), names)| {
+            names.iter().filter_map(move |name| {
+                Some((&**name, self.endpoint_slices.get(&KeyRef(namespace, name))?))
+            })
         })
     }
 
@@ -241,12 +259,12 @@ impl Store {
     }
 
     /// Removes one EndpointSlice and its place in the index; whether it was held.
-    fn remove_slice(&mut self, key: &Key) -> bool {
-        let Some(old) = self.endpoint_slices.remove(key) else { return false };
+    fn remove_slice(&mut self, key: KeyRef<'_>) -> bool {
+        let Some(old) = self.endpoint_slices.remove(&key) else { return false };
         if let Some(service) = service_of(&old) {
-            let index_key = (key.0.clone(), service.into());
+            let index_key = KeyRef(key.0, service);
             if let Some(names) = self.slices_by_service.get_mut(&index_key) {
-                names.remove(&key.1);
+                names.remove(key.1);
                 if names.is_empty() {
                     self.slices_by_service.remove(&index_key);
                 }
@@ -523,9 +541,10 @@ pub struct SlicePort {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct SliceEndpoint {
-    /// Parsed on arrival; one that is no IP address (an FQDN slice's) is dropped.
+    /// Parsed on arrival; one that is no IP address (an FQDN slice's) is dropped. Endpoints
+    /// have one (the API allows more): it is held inline.
     #[serde(deserialize_with = "ip_addresses")]
-    pub addresses: Box<[std::net::IpAddr]>,
+    pub addresses: SmallVec<[std::net::IpAddr; 1]>,
     #[serde(rename = "conditions", deserialize_with = "ready_condition")]
     pub ready: Option<bool>,
     /// Shared with every endpoint on the same node.
@@ -536,8 +555,9 @@ pub struct SliceEndpoint {
     pub pod: Option<PodRef>,
 }
 
-/// A Pod an endpoint names: its namespace (none when it is the slice's own) and name.
-pub type PodRef = (Option<Box<str>>, Box<str>);
+/// A Pod an endpoint names: its namespace (none when it is the slice's own) and name, shared
+/// with the store's key for the pod when it holds the pod already.
+pub type PodRef = (Option<Arc<str>>, Arc<str>);
 
 impl SliceInfo {
     /// What the mesh reads of the EndpointSlice `value`, which lives in `namespace`.
@@ -545,16 +565,22 @@ impl SliceInfo {
         value: serde_json::Value,
         namespace: &str,
         names: &mut Names,
+        pods: &OrdMap<Key, Arc<PodInfo>>,
     ) -> Result<Self, serde_json::Error> {
         let mut slice: Self = serde_json::from_value(value)?;
         for ep in &mut slice.endpoints {
             if let Some(node) = &mut ep.node_name {
                 *node = names.get(node);
             }
-            if let Some((ns, _)) = &mut ep.pod
-                && ns.as_deref() == Some(namespace)
-            {
-                *ns = None;
+            if let Some((ns, name)) = &mut ep.pod {
+                let pod_ns = ns.as_deref().unwrap_or(namespace);
+                if let Some(((_, shared), _)) = pods.get_key_value(&KeyRef(pod_ns, name)) {
+                    *name = shared.clone();
+                }
+                *ns = match ns.as_deref() {
+                    Some(other) if other != namespace => Some(names.get(other)),
+                    _ => None,
+                };
             }
         }
         Ok(slice)
@@ -567,7 +593,9 @@ fn shared_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Arc<str>
     Ok(Option::<String>::deserialize(d)?.map(Arc::from))
 }
 
-fn ip_addresses<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Box<[std::net::IpAddr]>, D::Error> {
+fn ip_addresses<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<SmallVec<[std::net::IpAddr; 1]>, D::Error> {
     use serde::Deserialize as _;
     let addresses = Option::<Vec<String>>::deserialize(d)?.unwrap_or_default();
     Ok(addresses.iter().filter_map(|a| a.parse().ok()).collect())
@@ -615,7 +643,7 @@ fn target_pod<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PodRef>, 
     }
     let Some(t) = Option::<Target>::deserialize(d)? else { return Ok(None) };
     Ok(match (t.kind.as_deref(), t.name) {
-        (Some("Pod"), Some(name)) => Some((t.namespace.map(String::into_boxed_str), name.into_boxed_str())),
+        (Some("Pod"), Some(name)) => Some((t.namespace.map(Arc::from), name.into())),
         _ => None,
     })
 }
@@ -705,6 +733,25 @@ mod tests {
     }
 
     #[test]
+    fn an_endpoint_shares_its_pods_name_with_the_store() {
+        let mut store = Store::default();
+        store.apply_yaml(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web-a, namespace: n}\nstatus: {podIP: 10.0.0.1}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: n, labels: {kubernetes.io/service-name: web}}\n\
+             addressType: IPv4\nendpoints:\n\
+             - {addresses: [10.0.0.1], targetRef: {kind: Pod, namespace: n, name: web-a}}\n\
+             - {addresses: [10.0.0.2], targetRef: {kind: Pod, namespace: other, name: web-b}}\n",
+        );
+        let (key, _) = store.pods.get_key_value(&KeyRef("n", "web-a")).expect("the pod");
+        let slice = &store.endpoint_slices()[&KeyRef("n", "web-1")];
+        let (ns, name) = slice.endpoints[0].pod.as_ref().expect("its pod");
+        assert!(ns.is_none(), "the slice's own namespace");
+        assert!(Arc::ptr_eq(name, &key.1), "one copy of the name");
+        let (ns, name) = slice.endpoints[1].pod.as_ref().expect("its pod");
+        assert_eq!((ns.as_deref(), &**name), (Some("other"), "web-b"), "a pod not held yet keeps its own copy");
+    }
+
+    #[test]
     fn uids_read_back_as_written() {
         let uuid = "0f8b2c1e-9a4d-4e7f-b3c2-5d6e7f8a9b0c";
         assert!(matches!(Uid::parse(uuid), Uid::Uuid(_)), "an API server's UID is 16 bytes");
@@ -737,18 +784,18 @@ mod tests {
                 ports: vec![SlicePort { name: Some("http".into()), port: Some(8080) }],
                 endpoints: vec![
                     SliceEndpoint {
-                        addresses: Box::new(["10.0.0.1".parse().expect("ip")]),
+                        addresses: smallvec::smallvec!["10.0.0.1".parse().expect("ip")],
                         ready: Some(true),
                         node_name: Some("node1".into()),
                         pod: Some((None, "web-a".into())),
                     },
                     SliceEndpoint {
-                        addresses: Box::new(["10.0.0.2".parse().expect("ip")]),
+                        addresses: smallvec::smallvec!["10.0.0.2".parse().expect("ip")],
                         ready: Some(false),
                         ..Default::default()
                     },
                     SliceEndpoint {
-                        addresses: Box::new(["10.0.0.3".parse().expect("ip")]),
+                        addresses: smallvec::smallvec!["10.0.0.3".parse().expect("ip")],
                         ..Default::default()
                     },
                 ],

@@ -27,7 +27,7 @@ use gammaray_proxy::{
 };
 use serde::Serialize;
 
-use crate::store::{Names, ServiceInfo, ServicePortInfo, Store};
+use crate::store::{KeyRef, Names, ServiceInfo, ServicePortInfo, Store};
 pub use incremental::{Incremental, RouteKey, Statuses};
 pub use rules::{CompiledRoute, CompiledRule};
 
@@ -345,7 +345,7 @@ struct NotBound {
 
 /// The Service ports a parentRef binds to.
 fn bind(store: &Store, route: &CompiledRoute, parent: &ParentRef) -> Result<Vec<u16>, NotBound> {
-    let Some(svc) = store.services.get(&crate::store::key(&parent.namespace, &parent.name)) else {
+    let Some(svc) = store.services.get(&crate::store::KeyRef(&parent.namespace, &parent.name)) else {
         return Err(NotBound {
             reason: "NoMatchingParent",
             message: format!("Service {}/{} does not exist", parent.namespace, parent.name),
@@ -569,7 +569,7 @@ fn resolve_backend<'w>(
     port: u16,
     workload_of: &dyn Fn(&IpAddr) -> Option<&'w Workload>,
 ) -> Result<Backend, Unresolved> {
-    let Some(svc) = store.services.get(&(service.namespace.clone(), service.name.clone())) else {
+    let Some(svc) = store.services.get(&KeyRef(&service.namespace, &service.name)) else {
         return Err(no_service(service));
     };
     let Some(sp) = svc.spec.iter().flat_map(|s| s.ports.iter().flatten()).find(|p| p.port == i32::from(port))
@@ -600,10 +600,10 @@ fn resolve_backend<'w>(
                 let workload = workload_of(&addr);
                 let pod = match (&ep.pod, workload) {
                     (Some((ns, name)), w) => {
-                        let ns = ns.as_deref().unwrap_or(&service.namespace);
+                        let ns = ns.as_ref().unwrap_or(&service.namespace);
                         match w {
-                            Some(w) if *w.pod.namespace == *ns && *w.pod.name == **name => Some(w.pod.clone()),
-                            _ => Some(Arc::new(ObjectRef::new(ns, &**name))),
+                            Some(w) if w.pod.namespace == *ns && w.pod.name == *name => Some(w.pod.clone()),
+                            _ => Some(Arc::new(ObjectRef::shared(ns.clone(), name.clone()))),
                         }
                     }
                     (None, w) => w.map(|w| w.pod.clone()),

@@ -36,7 +36,7 @@ use super::{
     frontends_of, no_port, no_service, node_addresses, parent_status, pod_ips, resolve_backend, route_table,
     rules, workload_of,
 };
-use crate::store::{Key, Store, changed, service_of};
+use crate::store::{Key, KeyRef, Store, changed, service_of};
 
 /// A route: its kind, then namespace and name (HTTPRoutes sort before GRPCRoutes, as the full
 /// translation lists their statuses).
@@ -342,7 +342,7 @@ impl Incremental {
             self.endpoint_ips.insert(handle, ips);
         }
 
-        let now = store.services.get(&(service.namespace.clone(), service.name.clone())).map(|svc| {
+        let now = store.services.get(&KeyRef(&service.namespace, &service.name)).map(|svc| {
             let workloads = &self.workloads;
             let mut backends = ServiceBackends::default();
             for sp in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
@@ -482,7 +482,7 @@ impl Incremental {
         for addr in self.service_addrs.remove(service).unwrap_or_default() {
             self.unclaim_frontend(addr, service);
         }
-        if let Some(svc) = store.services.get(&(service.namespace.clone(), service.name.clone())) {
+        if let Some(svc) = store.services.get(&KeyRef(&service.namespace, &service.name)) {
             let backends = self.backends.get(service);
             let (routes, attached) = (&self.routes, &self.attached);
             let tables = |port| tables(routes, attached, service, port);
