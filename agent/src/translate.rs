@@ -21,13 +21,13 @@ use std::{
 use gammaray_proxy::{
     route::Place,
     snapshot::{
-        AppProtocol, Backend, Endpoint, Frontend, GrpcRuleMatch, HttpRuleMatch, ObjectRef, RouteKind,
+        AppProtocol, Backend, Endpoint, Frontend, GrpcRuleMatch, HttpRuleMatch, ObjectRef, Principal, RouteKind,
         RouteTable, Snapshot, Workload,
     },
 };
 use serde::Serialize;
 
-use crate::store::{KeyRef, Names, ServiceInfo, ServicePortInfo, Store};
+use crate::store::{KeyRef, ServiceInfo, ServicePortInfo, Store};
 pub use incremental::{Incremental, RouteKey, Statuses};
 pub use rules::{CompiledRoute, CompiledRule};
 
@@ -480,11 +480,10 @@ fn node_addresses(store: &Store) -> gammaray_proxy::snapshot::FastMap<String, Ip
 /// its IP is its node's, and the mesh must never speak for, or tunnel to, a node's own
 /// addresses. Two pods claiming one address: the last by namespace and name wins.
 fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
-    let mut names = Names::default();
-    let trust_domain = names.get(trust_domain);
+    let mut principals = Principals::new(trust_domain);
     let mut out = HashMap::new();
     for (key, pod) in &store.pods {
-        let Some(workload) = workload_of(key, pod, &trust_domain, &mut names) else { continue };
+        let Some(workload) = workload_of(key, pod, &mut principals) else { continue };
         for ip in pod_ips(pod) {
             out.insert(ip, workload.clone());
         }
@@ -492,29 +491,61 @@ fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
     out
 }
 
-/// The workload a pod is, if it is one. Its names are the store's key (shared), its service
-/// account and node the store's (shared), its SPIFFE URI shared with every other workload that
-/// has the same (`names`).
+/// The workload a pod is, if it is one. Its names and node are the store's (shared), its
+/// principal shared with every other pod of its service account.
 fn workload_of(
     (ns, name): &crate::store::Key,
     pod: &crate::store::PodInfo,
-    trust_domain: &Arc<str>,
-    names: &mut Names,
+    principals: &mut Principals,
 ) -> Option<Workload> {
     if pod.host_network {
         return None;
     }
-    let identity = gammaray_proxy::identity::Identity {
-        trust_domain: trust_domain.clone(),
-        namespace: ns.clone(),
-        service_account: pod.service_account.clone().unwrap_or_else(|| names.get("default")),
-    };
     Some(Workload {
         pod: Arc::new(ObjectRef::shared(ns.clone(), name.clone())),
         node: pod.node.clone(),
-        uri: names.get(&identity.to_string()),
-        identity,
+        principal: principals.get(ns, pod.service_account.as_ref()),
     })
+}
+
+/// One [`Principal`] per namespace and service account, shared by their pods' workloads. Those
+/// no workload holds any more are dropped when the table has doubled since it was last swept.
+pub struct Principals {
+    trust_domain: Arc<str>,
+    /// A pod without `serviceAccountName` runs as `default`.
+    default_account: Arc<str>,
+    by_account: HashMap<(Arc<str>, Arc<str>), Arc<Principal>>,
+    swept_at: usize,
+}
+
+impl Principals {
+    pub fn new(trust_domain: &str) -> Self {
+        Self {
+            trust_domain: trust_domain.into(),
+            default_account: "default".into(),
+            by_account: HashMap::new(),
+            swept_at: 0,
+        }
+    }
+
+    fn get(&mut self, namespace: &Arc<str>, service_account: Option<&Arc<str>>) -> Arc<Principal> {
+        let key = (namespace.clone(), service_account.unwrap_or(&self.default_account).clone());
+        if let Some(shared) = self.by_account.get(&key) {
+            return shared.clone();
+        }
+        if self.by_account.len() >= 2 * self.swept_at.max(1024) {
+            self.by_account.retain(|_, p| Arc::strong_count(p) > 1);
+            self.swept_at = self.by_account.len();
+        }
+        let identity = gammaray_proxy::identity::Identity {
+            trust_domain: self.trust_domain.clone(),
+            namespace: key.0.clone(),
+            service_account: key.1.clone(),
+        };
+        let principal = Arc::new(Principal { uri: identity.to_string().into(), identity });
+        self.by_account.insert(key, principal.clone());
+        principal
+    }
 }
 
 fn pod_ips(pod: &crate::store::PodInfo) -> impl Iterator<Item = IpAddr> + '_ {
@@ -617,7 +648,7 @@ fn resolve_backend<'w>(
                     addr: SocketAddr::new(addr, target),
                     pod,
                     node,
-                    identity: workload.map(|w| w.uri.clone()),
+                    identity: workload.map(|w| w.uri().clone()),
                 });
             }
         }

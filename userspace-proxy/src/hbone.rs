@@ -113,8 +113,8 @@ impl Mesh {
             return Hop::Refuse("the client is not a workload of this node");
         }
         Hop::Tunnel {
-            src: src.identity.clone(),
-            dst: dst.identity.clone(),
+            src: src.identity().clone(),
+            dst: dst.identity().clone(),
             node: SocketAddr::new(*node_ip, self.config.hbone_port),
             target,
         }
@@ -276,7 +276,7 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
                             .workloads
                             .values()
                             .filter(|w| w.node.as_deref() == Some(node.as_str()))
-                            .map(|w| w.identity.clone())
+                            .map(|w| w.identity().clone())
                             .collect();
                         local.insert((snap, here))
                     }

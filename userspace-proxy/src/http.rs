@@ -134,7 +134,7 @@ async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
     if let Some((method, path)) = method {
         // The access log: values are formatted into the line, never into strings of their own.
         let snapshot = ctx.snapshot.borrow().clone();
-        let src_identity = snapshot.workloads.get(&ctx.client.ip()).map(|w| &w.identity);
+        let src_identity = snapshot.workloads.get(&ctx.client.ip()).map(|w| w.identity());
         let endpoint = upstream.and_then(|u| u.backend.endpoints.get(u.endpoint));
         info!(
             src = %Addr(ctx.client),

@@ -170,7 +170,7 @@ impl Snapshot {
             return Err(TunnelRefusal::NodeAddress);
         }
         let workload = self.workloads.get(&target.ip()).ok_or(TunnelRefusal::NotAWorkload)?;
-        if workload.node.as_deref() != Some(node) || workload.identity != *local {
+        if workload.node.as_deref() != Some(node) || *workload.identity() != *local {
             return Err(TunnelRefusal::NotHere);
         }
         Ok((target, workload))
@@ -236,22 +236,37 @@ impl std::fmt::Display for ObjectRef {
     }
 }
 
-/// A pod the mesh knows about.
+/// A pod the mesh knows about. A cluster has hundreds of thousands, and every node holds them
+/// all: what pods of one service account share is one [`Principal`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
     /// Shared with the pod's endpoints.
     pub pod: Arc<ObjectRef>,
     pub node: Option<Arc<str>>,
+    pub principal: Arc<Principal>,
+}
+
+/// Who the pods of one service account are.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Principal {
     /// Parsed once, when the snapshot is made: the data path reads it per request.
     pub identity: crate::identity::Identity,
-    /// The identity as a SPIFFE URI, made once and shared by every endpoint of the pod.
+    /// The identity as a SPIFFE URI, made once and shared by every endpoint of its pods.
     pub uri: Arc<str>,
 }
 
 impl Workload {
+    pub fn identity(&self) -> &crate::identity::Identity {
+        &self.principal.identity
+    }
+
+    pub fn uri(&self) -> &Arc<str> {
+        &self.principal.uri
+    }
+
     /// `namespace/serviceaccount`, as metrics name a source workload.
     pub fn label(&self) -> String {
-        format!("{}/{}", self.pod.namespace, self.identity.service_account)
+        format!("{}/{}", self.pod.namespace, self.identity().service_account)
     }
 }
 

@@ -32,7 +32,7 @@ use imbl::OrdMap;
 use smallvec::SmallVec;
 
 use super::{
-    Attachment, CompiledRoute, Group, Names, Options, Resolve, RouteStatus, Tables, Unresolved, bind,
+    Attachment, CompiledRoute, Group, Options, Principals, Resolve, RouteStatus, Tables, Unresolved, bind,
     frontends_of, no_port, no_service, node_addresses, parent_status, pod_ips, resolve_backend, route_table,
     rules, workload_of,
 };
@@ -84,10 +84,8 @@ struct RouteEntry {
 
 /// The translator that keeps its derived state between stores. See the module's documentation.
 pub struct Incremental {
-    /// The trust domain (of the options), shared by every workload's identity.
-    trust_domain: Arc<str>,
-    /// The names workloads share.
-    names: Names,
+    /// What the workloads of one service account share.
+    principals: Principals,
     /// The store last translated.
     prev: Store,
     workloads: SharedMap<IpAddr, Arc<Workload>>,
@@ -136,8 +134,7 @@ pub struct Work {
 impl Incremental {
     pub fn new(options: Options) -> Self {
         Self {
-            trust_domain: options.trust_domain.as_str().into(),
-            names: Names::default(),
+            principals: Principals::new(&options.trust_domain),
             prev: Store::default(),
             workloads: SharedMap::default(),
             contested: HashMap::new(),
@@ -176,7 +173,7 @@ impl Incremental {
                 }
             }
             if let Some(new) = new
-                && let Some(workload) = workload_of(key, new, &self.trust_domain, &mut self.names)
+                && let Some(workload) = workload_of(key, new, &mut self.principals)
             {
                 let workload = Arc::new(workload);
                 for ip in pod_ips(new) {

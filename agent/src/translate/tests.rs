@@ -650,7 +650,7 @@ fn refusal_messages_speak_the_users_terms_on_one_line() {
 /// Shared names are shared, and names nobody holds any more do not pile up under churn.
 #[test]
 fn shared_names_are_one_copy_and_churn_does_not_grow_them() {
-    let mut names = super::Names::default();
+    let mut names = crate::store::Names::default();
     let a = names.get("shop");
     let b = names.get("shop");
     assert!(std::sync::Arc::ptr_eq(&a, &b), "one copy");
@@ -666,4 +666,21 @@ fn shared_names_are_one_copy_and_churn_does_not_grow_them() {
         );
     }
     assert!(std::sync::Arc::ptr_eq(&a, &names.get("shop")));
+}
+
+#[test]
+fn pods_of_one_service_account_share_a_principal_and_churn_does_not_grow_them() {
+    let mut principals = super::Principals::new("cluster.local");
+    let (shop, web): (std::sync::Arc<str>, std::sync::Arc<str>) = ("shop".into(), "web".into());
+    let a = principals.get(&shop, Some(&web));
+    let b = principals.get(&"shop".into(), Some(&"web".into()));
+    assert!(std::sync::Arc::ptr_eq(&a, &b), "one copy per namespace and service account");
+    assert_eq!(&*a.uri, "spiffe://cluster.local/ns/shop/sa/web");
+    assert_eq!(a.identity.to_string(), *a.uri);
+    assert_eq!(&*principals.get(&shop, None).uri, "spiffe://cluster.local/ns/shop/sa/default");
+    for i in 0..100_000 {
+        principals.get(&shop, Some(&format!("gone-{i}").into()));
+    }
+    assert!(principals.by_account.len() < 4096, "swept: {} left", principals.by_account.len());
+    assert!(std::sync::Arc::ptr_eq(&a, &principals.get(&shop, Some(&web))), "a held one survives the sweeps");
 }
