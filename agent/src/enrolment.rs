@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use crate::{
     control::State,
     generation::Generation,
-    store::{Key, PodInfo, Store},
+    store::{PodInfo, PodKey, Store},
 };
 
 /// The label on a namespace (enrol its pods) or a pod (`none`: leave it out).
@@ -47,10 +47,10 @@ pub fn wanted(store: &Store, node: &str) -> BTreeMap<String, Wanted> {
 }
 
 /// One pod, by UID, if `node` should steer it.
-fn wanted_pod(store: &Store, node: &str, (ns, name): &Key, pod: &PodInfo) -> Option<(String, Wanted)> {
+fn wanted_pod(store: &Store, node: &str, key: &PodKey, pod: &PodInfo) -> Option<(String, Wanted)> {
     let ambient = store
         .namespaces
-        .get(&**ns)
+        .get(&*key.namespace)
         .and_then(|n| n.metadata.labels.as_ref())
         .and_then(|l| l.get(DATAPLANE_LABEL))
         .is_some_and(|v| v == AMBIENT);
@@ -60,7 +60,7 @@ fn wanted_pod(store: &Store, node: &str, (ns, name): &Key, pod: &PodInfo) -> Opt
         && !pod.opted_out
         && ambient;
     wanted
-        .then(|| Some((pod.uid.as_ref()?.to_string(), Wanted { namespace: ns.to_string(), name: name.to_string() })))
+        .then(|| Some((pod.uid.as_ref()?.to_string(), Wanted { namespace: key.namespace.to_string(), name: key.name.to_string() })))
         .flatten()
 }
 
@@ -85,7 +85,7 @@ impl Tracker {
                 for item in last.pods.diff(&store.pods) {
                     let (key, old, new) = crate::store::changed(item);
                     if let Some(uid) = old.and_then(|p| p.uid.as_ref()).map(|u| u.to_string())
-                        && self.want.get(&uid).is_some_and(|w| *w.namespace == *key.0 && *w.name == *key.1)
+                        && self.want.get(&uid).is_some_and(|w| *w.namespace == *key.namespace && *w.name == *key.name)
                     {
                         self.want.remove(&uid);
                     }

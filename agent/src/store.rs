@@ -6,7 +6,8 @@ use std::sync::Arc;
 use gateway_api::{
     grpcroutes::GrpcRoute as GRPCRoute, httproutes::HttpRoute as HTTPRoute, referencegrants::ReferenceGrant,
 };
-use imbl::{OrdMap, OrdSet};
+use gammaray_proxy::snapshot::ObjectRef;
+use imbl::OrdMap;
 use smallvec::SmallVec;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use serde::de::DeserializeOwned;
@@ -20,6 +21,25 @@ pub type Key = (Arc<str>, Arc<str>);
 pub fn key(namespace: &str, name: &str) -> Key {
     (namespace.into(), name.into())
 }
+
+/// A pod's namespace and name: one allocation, shared by the store's key, the pod's workload
+/// and every endpoint that names it.
+pub type PodKey = Arc<ObjectRef>;
+
+impl equivalent::Equivalent<PodKey> for KeyRef<'_> {
+    fn equivalent(&self, key: &PodKey) -> bool {
+        *self == KeyRef(&key.namespace, &key.name)
+    }
+}
+
+impl equivalent::Comparable<PodKey> for KeyRef<'_> {
+    fn compare(&self, key: &PodKey) -> std::cmp::Ordering {
+        self.cmp(&KeyRef(&key.namespace, &key.name))
+    }
+}
+
+/// The names of one Service's EndpointSlices, in order: most Services have one, held inline.
+type SliceNames = SmallVec<[Arc<str>; 1]>;
 
 /// `namespace/name` to look a [`Key`] up with, without making one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -54,9 +74,9 @@ pub struct Store {
     /// The EndpointSlices of each Service (`kubernetes.io/service-name`): (namespace, Service) →
     /// slice names. Translation looks a Service's endpoints up here instead of scanning every
     /// slice of the cluster for each Service port.
-    slices_by_service: OrdMap<Key, OrdSet<Arc<str>>>,
+    slices_by_service: OrdMap<Key, SliceNames>,
     /// What the mesh reads of each Pod ([`PodInfo`]), not the whole object.
-    pub pods: OrdMap<Key, Arc<PodInfo>>,
+    pub pods: OrdMap<PodKey, Arc<PodInfo>>,
     pub http_routes: OrdMap<Key, Arc<HTTPRoute>>,
     pub grpc_routes: OrdMap<Key, Arc<GRPCRoute>>,
     pub reference_grants: OrdMap<Key, Arc<ReferenceGrant>>,
@@ -169,6 +189,10 @@ impl Store {
                 let pod = PodInfo::decode(value, &mut self.names.lock().expect("names lock")).map_err(
                     |source| StoreError::Decode { index, kind: kind.clone(), name: name.clone(), source },
                 )?;
+                let key = match self.pods.get_key_value(&KeyRef(&key.0, &key.1)) {
+                    Some((held, _)) => held.clone(),
+                    None => Arc::new(ObjectRef::shared(key.0, key.1)),
+                };
                 self.pods.insert(key, Arc::new(pod));
             }
             ("discovery.k8s.io", "EndpointSlice") => {
@@ -182,10 +206,10 @@ impl Store {
                 let slice = Arc::new(slice);
                 self.remove_slice(KeyRef(&key.0, &key.1));
                 if let Some(service) = service_of(&slice) {
-                    self.slices_by_service
-                        .entry((key.0.clone(), service.into()))
-                        .or_default()
-                        .insert(key.1.clone());
+                    let names = self.slices_by_service.entry((key.0.clone(), service.into())).or_default();
+                    if let Err(at) = names.binary_search(&key.1) {
+                        names.insert(at, key.1.clone());
+                    }
                 }
                 self.endpoint_slices.insert(key, slice);
             }
@@ -264,7 +288,7 @@ impl Store {
         if let Some(service) = service_of(&old) {
             let index_key = KeyRef(key.0, service);
             if let Some(names) = self.slices_by_service.get_mut(&index_key) {
-                names.remove(key.1);
+                names.retain(|n| **n != *key.1);
                 if names.is_empty() {
                     self.slices_by_service.remove(&index_key);
                 }
@@ -550,14 +574,11 @@ pub struct SliceEndpoint {
     /// Shared with every endpoint on the same node.
     #[serde(deserialize_with = "shared_name")]
     pub node_name: Option<Arc<str>>,
-    /// A `targetRef` of kind Pod: its namespace (none when it is the slice's own) and name.
+    /// A `targetRef` of kind Pod (its namespace defaults to the slice's): the store's own key
+    /// for the pod when it holds the pod already.
     #[serde(rename = "targetRef", deserialize_with = "target_pod")]
-    pub pod: Option<PodRef>,
+    pub pod: Option<PodKey>,
 }
-
-/// A Pod an endpoint names: its namespace (none when it is the slice's own) and name, shared
-/// with the store's key for the pod when it holds the pod already.
-pub type PodRef = (Option<Arc<str>>, Arc<str>);
 
 impl SliceInfo {
     /// What the mesh reads of the EndpointSlice `value`, which lives in `namespace`.
@@ -565,21 +586,19 @@ impl SliceInfo {
         value: serde_json::Value,
         namespace: &str,
         names: &mut Names,
-        pods: &OrdMap<Key, Arc<PodInfo>>,
+        pods: &OrdMap<PodKey, Arc<PodInfo>>,
     ) -> Result<Self, serde_json::Error> {
         let mut slice: Self = serde_json::from_value(value)?;
         for ep in &mut slice.endpoints {
             if let Some(node) = &mut ep.node_name {
                 *node = names.get(node);
             }
-            if let Some((ns, name)) = &mut ep.pod {
-                let pod_ns = ns.as_deref().unwrap_or(namespace);
-                if let Some(((_, shared), _)) = pods.get_key_value(&KeyRef(pod_ns, name)) {
-                    *name = shared.clone();
-                }
-                *ns = match ns.as_deref() {
-                    Some(other) if other != namespace => Some(names.get(other)),
-                    _ => None,
+            if let Some(pod) = &mut ep.pod {
+                // Read with an empty namespace when the targetRef gives none.
+                let ns = Some(&*pod.namespace).filter(|ns| !ns.is_empty()).unwrap_or(namespace);
+                *pod = match pods.get_key_value(&KeyRef(ns, &pod.name)) {
+                    Some((held, _)) => held.clone(),
+                    None => Arc::new(ObjectRef::shared(names.get(ns), pod.name.clone())),
                 };
             }
         }
@@ -631,8 +650,8 @@ fn ready_condition<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool
     Ok(Option::<Conditions>::deserialize(d)?.and_then(|c| c.ready))
 }
 
-/// A `targetRef` naming a Pod: its namespace (if given) and name.
-fn target_pod<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PodRef>, D::Error> {
+/// A `targetRef` naming a Pod: its namespace (empty if not given) and name.
+fn target_pod<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PodKey>, D::Error> {
     use serde::Deserialize as _;
     #[derive(serde::Deserialize, Default)]
     #[serde(default)]
@@ -643,7 +662,9 @@ fn target_pod<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PodRef>, 
     }
     let Some(t) = Option::<Target>::deserialize(d)? else { return Ok(None) };
     Ok(match (t.kind.as_deref(), t.name) {
-        (Some("Pod"), Some(name)) => Some((t.namespace.map(Arc::from), name.into())),
+        (Some("Pod"), Some(name)) => {
+            Some(Arc::new(ObjectRef::new(t.namespace.as_deref().unwrap_or_default(), name)))
+        }
         _ => None,
     })
 }
@@ -710,7 +731,7 @@ mod tests {
              ---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: n}\n\
              spec: {hostNetwork: true, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.200.0.1}\n",
         );
-        let a = &store.pods[&key("n", "a")];
+        let a = &store.pods[&KeyRef("n", "a")];
         assert_eq!(
             **a,
             PodInfo {
@@ -723,7 +744,7 @@ mod tests {
                 opted_out: true,
             }
         );
-        let b = &store.pods[&key("n", "b")];
+        let b = &store.pods[&KeyRef("n", "b")];
         assert!(b.host_network);
         assert_eq!(
             *b.ips.as_slice(),
@@ -744,11 +765,10 @@ mod tests {
         );
         let (key, _) = store.pods.get_key_value(&KeyRef("n", "web-a")).expect("the pod");
         let slice = &store.endpoint_slices()[&KeyRef("n", "web-1")];
-        let (ns, name) = slice.endpoints[0].pod.as_ref().expect("its pod");
-        assert!(ns.is_none(), "the slice's own namespace");
-        assert!(Arc::ptr_eq(name, &key.1), "one copy of the name");
-        let (ns, name) = slice.endpoints[1].pod.as_ref().expect("its pod");
-        assert_eq!((ns.as_deref(), &**name), (Some("other"), "web-b"), "a pod not held yet keeps its own copy");
+        let pod = slice.endpoints[0].pod.as_ref().expect("its pod");
+        assert!(Arc::ptr_eq(pod, key), "one copy of the pod's key");
+        let pod = slice.endpoints[1].pod.as_ref().expect("its pod");
+        assert_eq!(**pod, ObjectRef::new("other", "web-b"), "a pod not held yet has its own");
     }
 
     #[test]
@@ -787,7 +807,7 @@ mod tests {
                         addresses: smallvec::smallvec!["10.0.0.1".parse().expect("ip")],
                         ready: Some(true),
                         node_name: Some("node1".into()),
-                        pod: Some((None, "web-a".into())),
+                        pod: Some(Arc::new(ObjectRef::new("n", "web-a"))),
                     },
                     SliceEndpoint {
                         addresses: smallvec::smallvec!["10.0.0.2".parse().expect("ip")],

@@ -494,7 +494,7 @@ fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
 /// The workload a pod is, if it is one. Its names and node are the store's (shared), its
 /// principal shared with every other pod of its service account.
 fn workload_of(
-    (ns, name): &crate::store::Key,
+    key: &crate::store::PodKey,
     pod: &crate::store::PodInfo,
     principals: &mut Principals,
 ) -> Option<Workload> {
@@ -502,9 +502,9 @@ fn workload_of(
         return None;
     }
     Some(Workload {
-        pod: Arc::new(ObjectRef::shared(ns.clone(), name.clone())),
+        pod: key.clone(),
         node: pod.node.clone(),
-        principal: principals.get(ns, pod.service_account.as_ref()),
+        principal: principals.get(&key.namespace, pod.service_account.as_ref()),
     })
 }
 
@@ -630,13 +630,8 @@ fn resolve_backend<'w>(
             for &addr in &ep.addresses {
                 let workload = workload_of(&addr);
                 let pod = match (&ep.pod, workload) {
-                    (Some((ns, name)), w) => {
-                        let ns = ns.as_ref().unwrap_or(&service.namespace);
-                        match w {
-                            Some(w) if w.pod.namespace == *ns && w.pod.name == *name => Some(w.pod.clone()),
-                            _ => Some(Arc::new(ObjectRef::shared(ns.clone(), name.clone()))),
-                        }
-                    }
+                    (Some(pod), Some(w)) if w.pod == *pod => Some(w.pod.clone()),
+                    (Some(pod), _) => Some(pod.clone()),
                     (None, w) => w.map(|w| w.pod.clone()),
                 };
                 let node = match (&ep.node_name, workload) {

@@ -36,7 +36,7 @@ use super::{
     frontends_of, no_port, no_service, node_addresses, parent_status, pod_ips, resolve_backend, route_table,
     rules, workload_of,
 };
-use crate::store::{Key, KeyRef, Store, changed, service_of};
+use crate::store::{Key, KeyRef, PodKey, Store, changed, service_of};
 
 /// A route: its kind, then namespace and name (HTTPRoutes sort before GRPCRoutes, as the full
 /// translation lists their statuses).
@@ -293,8 +293,8 @@ impl Incremental {
     }
 
     /// The pod `key` no longer claims address `ip`.
-    fn unclaim(&mut self, ip: IpAddr, (ns, name): &Key) {
-        let is_it = |w: &Arc<Workload>| w.pod.namespace == *ns && w.pod.name == *name;
+    fn unclaim(&mut self, ip: IpAddr, pod: &PodKey) {
+        let is_it = |w: &Arc<Workload>| w.pod == *pod;
         if let Some(claims) = self.contested.get_mut(&ip) {
             claims.retain(|w| !is_it(w));
             let last = claims.last().cloned();

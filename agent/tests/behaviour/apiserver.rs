@@ -251,7 +251,7 @@ async fn changes_reach_the_snapshot(server: &impl Server, corner: Corner) -> Sou
         assert!(Instant::now() < deadline, "a deleted route leaves the snapshot");
         let _ = tokio::time::timeout(WAIT, source.snapshot.changed()).await;
     }
-    let pods = source.generation.borrow().objects.pods.keys().filter(|(ns, _)| **ns == *corner.ns).count();
+    let pods = source.generation.borrow().objects.pods.keys().filter(|k| *k.namespace == *corner.ns).count();
     assert_eq!(pods, 2, "the objects are published for enrolment");
     source
 }
