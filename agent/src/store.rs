@@ -373,13 +373,50 @@ pub struct PodInfo {
     pub service_account: Option<Arc<str>>,
     /// `status.podIPs`, or `status.podIP` when the list is absent; one that is no IP address is
     /// dropped.
-    pub ips: SmallVec<[std::net::IpAddr; 1]>,
+    pub ips: PodIps,
     pub host_network: bool,
     /// `status.phase` is `Succeeded` or `Failed`: the pod's containers have ended for good.
     pub finished: bool,
     /// The pod's own `gammaray.dev/dataplane-mode` label is `none`: it stays out of the mesh
     /// whatever its namespace says.
     pub opted_out: bool,
+}
+
+/// A pod's addresses: one (or two, dual-stack) per pod. 24 bytes, where a `SmallVec` of one
+/// takes 32: the pod's record then fits a smaller allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodIps {
+    One(std::net::IpAddr),
+    Many(Box<[std::net::IpAddr]>),
+}
+
+impl Default for PodIps {
+    fn default() -> Self {
+        Self::Many(Box::default())
+    }
+}
+
+impl PodIps {
+    pub fn as_slice(&self) -> &[std::net::IpAddr] {
+        match self {
+            Self::One(ip) => std::slice::from_ref(ip),
+            Self::Many(ips) => ips,
+        }
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, std::net::IpAddr> {
+        self.as_slice().iter()
+    }
+}
+
+impl FromIterator<std::net::IpAddr> for PodIps {
+    fn from_iter<I: IntoIterator<Item = std::net::IpAddr>>(items: I) -> Self {
+        let ips: SmallVec<[std::net::IpAddr; 2]> = items.into_iter().collect();
+        match ips.as_slice() {
+            [one] => Self::One(*one),
+            many => Self::Many(many.into()),
+        }
+    }
 }
 
 /// A pod's `metadata.uid`: 16 bytes for the UUID the API server assigns, the text otherwise.
@@ -769,6 +806,18 @@ mod tests {
         assert!(Arc::ptr_eq(pod, key), "one copy of the pod's key");
         let pod = slice.endpoints[1].pod.as_ref().expect("its pod");
         assert_eq!(**pod, ObjectRef::new("other", "web-b"), "a pod not held yet has its own");
+    }
+
+    #[test]
+    fn a_pods_record_stays_small() {
+        // Every node holds one per pod of the cluster: with its `Arc` counts it must stay within
+        // glibc's 112-byte chunk (a request of at most 104 bytes).
+        assert!(std::mem::size_of::<PodInfo>() <= 88, "{} bytes", std::mem::size_of::<PodInfo>());
+        let one: PodIps = ["10.0.0.1".parse().expect("ip")].into_iter().collect();
+        assert!(matches!(one, PodIps::One(_)), "one address is held inline");
+        let two: PodIps = ["10.0.0.1", "fd00::1"].iter().map(|ip| ip.parse().expect("ip")).collect();
+        assert_eq!(two.as_slice().len(), 2);
+        assert!(PodIps::default().as_slice().is_empty());
     }
 
     #[test]

@@ -56,7 +56,7 @@ fn pod_ip(snapshot: &Snapshot, workload: &str) -> IpAddr {
         .filter(|(_, w)| *w.pod.namespace == *ns && w.pod.name.starts_with(&format!("{prefix}-")))
         .collect();
     pods.sort_by(|a, b| a.1.pod.name.cmp(&b.1.pod.name));
-    *pods.first().unwrap_or_else(|| panic!("a pod of {workload}")).0
+    pods.first().unwrap_or_else(|| panic!("a pod of {workload}")).0
 }
 
 fn send(store: &Store, snapshot: &Snapshot, req: &Request, random: u64) -> Outcome {

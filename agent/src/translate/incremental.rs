@@ -26,7 +26,7 @@ use std::{
 };
 
 use gammaray_proxy::snapshot::{
-    Backend, FastMap, Frontend, ObjectRef, RouteKind, SharedMap, Snapshot, Workload,
+    AddrMap, Backend, FastMap, Frontend, ObjectRef, RouteKind, SharedMap, Snapshot, Workload,
 };
 use imbl::OrdMap;
 use smallvec::SmallVec;
@@ -73,6 +73,48 @@ impl ServiceBackends {
 /// The Services whose EndpointSlices list one address: almost always one, held inline.
 type Users = SmallVec<[Arc<ObjectRef>; 1]>;
 
+/// A map by IP address with the addresses kept as their bits (see [`AddrMap`]).
+struct AddrTable<V> {
+    v4: HashMap<u32, V>,
+    v6: HashMap<u128, V>,
+}
+
+impl<V> Default for AddrTable<V> {
+    fn default() -> Self {
+        Self { v4: HashMap::new(), v6: HashMap::new() }
+    }
+}
+
+impl<V: Default> AddrTable<V> {
+    fn get(&self, ip: &IpAddr) -> Option<&V> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(&a.to_bits()),
+            IpAddr::V6(a) => self.v6.get(&a.to_bits()),
+        }
+    }
+
+    fn get_mut(&mut self, ip: &IpAddr) -> Option<&mut V> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get_mut(&a.to_bits()),
+            IpAddr::V6(a) => self.v6.get_mut(&a.to_bits()),
+        }
+    }
+
+    fn get_or_default(&mut self, ip: IpAddr) -> &mut V {
+        match ip {
+            IpAddr::V4(a) => self.v4.entry(a.to_bits()).or_default(),
+            IpAddr::V6(a) => self.v6.entry(a.to_bits()).or_default(),
+        }
+    }
+
+    fn remove(&mut self, ip: &IpAddr) -> Option<V> {
+        match ip {
+            IpAddr::V4(a) => self.v4.remove(&a.to_bits()),
+            IpAddr::V6(a) => self.v6.remove(&a.to_bits()),
+        }
+    }
+}
+
 /// What the incremental translation keeps of one route.
 struct RouteEntry {
     compiled: Arc<CompiledRoute>,
@@ -88,7 +130,7 @@ pub struct Incremental {
     principals: Principals,
     /// The store last translated.
     prev: Store,
-    workloads: SharedMap<IpAddr, Arc<Workload>>,
+    workloads: AddrMap<Arc<Workload>>,
     /// The addresses two or more pods claim, with every claimant (as the workload it would be
     /// there) in namespace and name order; the last is the address's workload, as in the full
     /// translation. An address with one claimant has it in `workloads` only.
@@ -97,7 +139,7 @@ pub struct Incremental {
     backends: HashMap<ObjectRef, ServiceBackends>,
     /// The addresses each Service's EndpointSlices list, and the reverse.
     endpoint_ips: HashMap<Arc<ObjectRef>, Vec<IpAddr>>,
-    ip_users: HashMap<IpAddr, Users>,
+    ip_users: AddrTable<Users>,
     routes: BTreeMap<RouteKey, RouteEntry>,
     /// The routes that read each Service.
     users: HashMap<ObjectRef, BTreeSet<RouteKey>>,
@@ -136,11 +178,11 @@ impl Incremental {
         Self {
             principals: Principals::new(&options.trust_domain),
             prev: Store::default(),
-            workloads: SharedMap::default(),
+            workloads: AddrMap::default(),
             contested: HashMap::new(),
             backends: HashMap::new(),
             endpoint_ips: HashMap::new(),
-            ip_users: HashMap::new(),
+            ip_users: AddrTable::default(),
             routes: BTreeMap::new(),
             users: HashMap::new(),
             attached: HashMap::new(),
@@ -333,7 +375,7 @@ impl Incremental {
             }
         }
         for ip in ips.iter().filter(|ip| before.binary_search(ip).is_err()) {
-            self.ip_users.entry(*ip).or_default().push(handle.clone());
+            self.ip_users.get_or_default(*ip).push(handle.clone());
         }
         if !ips.is_empty() {
             self.endpoint_ips.insert(handle, ips);

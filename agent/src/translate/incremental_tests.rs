@@ -147,7 +147,7 @@ fn object(op: &Op) -> Result<String, (&'static str, String, String)> {
 /// their hasher's seed).
 fn canonical(s: &Snapshot) -> String {
     let frontends: BTreeMap<_, _> = s.frontends.iter().map(|(k, v)| (*k, format!("{v:?}"))).collect();
-    let workloads: BTreeMap<_, _> = s.workloads.iter().map(|(k, v)| (*k, format!("{v:?}"))).collect();
+    let workloads: BTreeMap<_, _> = s.workloads.iter().map(|(k, v)| (k, format!("{v:?}"))).collect();
     let nodes: BTreeMap<_, _> = s.nodes.iter().collect();
     format!("version {}\n{frontends:#?}\n{workloads:#?}\n{nodes:?}", s.version)
 }

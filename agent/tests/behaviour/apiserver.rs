@@ -762,7 +762,7 @@ async fn a_status_the_crds_refuse_is_counted_and_not_retried() {
 fn canonical(s: &Snapshot) -> String {
     use std::collections::BTreeMap;
     let frontends: BTreeMap<_, _> = s.frontends.iter().map(|(k, v)| (*k, format!("{v:?}"))).collect();
-    let workloads: BTreeMap<_, _> = s.workloads.iter().map(|(k, v)| (*k, format!("{v:?}"))).collect();
+    let workloads: BTreeMap<_, _> = s.workloads.iter().map(|(k, v)| (k, format!("{v:?}"))).collect();
     let nodes: BTreeMap<_, _> = s.nodes.iter().collect();
     format!("version {}\n{frontends:#?}\n{workloads:#?}\n{nodes:?}", s.version)
 }
