@@ -70,6 +70,15 @@ impl ServiceBackends {
     }
 }
 
+/// What the translator keeps of one Service, in one entry: a cluster has tens of thousands.
+#[derive(Default)]
+struct ServiceState {
+    /// Absent while the Service does not exist.
+    backends: Option<ServiceBackends>,
+    /// Where its frontends are.
+    addrs: SmallVec<[SocketAddr; 1]>,
+}
+
 /// The Services whose EndpointSlices list one address: almost always one, held inline.
 type Users = SmallVec<[Arc<ObjectRef>; 1]>;
 
@@ -135,10 +144,10 @@ pub struct Incremental {
     /// there) in namespace and name order; the last is the address's workload, as in the full
     /// translation. An address with one claimant has it in `workloads` only.
     contested: HashMap<IpAddr, Vec<Arc<Workload>>>,
-    /// Every Service's backends; absent for a Service that does not exist.
-    backends: HashMap<ObjectRef, ServiceBackends>,
-    /// The addresses each Service's EndpointSlices list, and the reverse.
-    endpoint_ips: HashMap<Arc<ObjectRef>, Vec<IpAddr>>,
+    /// What is kept of each Service (see [`ServiceState`]).
+    services: HashMap<Arc<ObjectRef>, ServiceState>,
+    /// The Services whose EndpointSlices list each address (the slices of the store last
+    /// translated): a workload changing there changes their backends.
     ip_users: AddrTable<Users>,
     routes: BTreeMap<RouteKey, RouteEntry>,
     /// The routes that read each Service.
@@ -150,7 +159,6 @@ pub struct Incremental {
     /// namespace and name order; the last is the address's frontend. An address with one
     /// claimant has it in `frontends` only.
     frontend_claims: HashMap<SocketAddr, Vec<Arc<Frontend>>>,
-    service_addrs: HashMap<ObjectRef, Vec<SocketAddr>>,
     statuses: Statuses,
     nodes: FastMap<String, IpAddr>,
 }
@@ -180,15 +188,13 @@ impl Incremental {
             prev: Store::default(),
             workloads: AddrMap::default(),
             contested: HashMap::new(),
-            backends: HashMap::new(),
-            endpoint_ips: HashMap::new(),
+            services: HashMap::new(),
             ip_users: AddrTable::default(),
             routes: BTreeMap::new(),
             users: HashMap::new(),
             attached: HashMap::new(),
             frontends: SharedMap::default(),
             frontend_claims: HashMap::new(),
-            service_addrs: HashMap::new(),
             statuses: Statuses::new(),
             nodes: FastMap::default(),
         }
@@ -237,14 +243,14 @@ impl Incremental {
         let mut changed_services = BTreeSet::new();
         for item in prev.services.diff(&store.services) {
             let (key, _, _) = changed(item);
-            changed_services.insert(ObjectRef::new(&key.0, &key.1));
+            changed_services.insert(ObjectRef::shared(key.0.clone(), key.1.clone()));
         }
         dirty_services.extend(changed_services.iter().cloned());
         for item in prev.endpoint_slices().diff(store.endpoint_slices()) {
             let (key, old, new) = changed(item);
             for slice in old.into_iter().chain(new) {
                 if let Some(service) = service_of(slice) {
-                    dirty_services.insert(ObjectRef::new(&key.0, service));
+                    dirty_services.insert(service_ref(&prev, store, &key.0, service));
                 }
             }
         }
@@ -253,7 +259,7 @@ impl Incremental {
         let mut reread = changed_services;
         for service in &dirty_services {
             work.services += 1;
-            if self.refresh_backends(store, service) {
+            if self.refresh_backends(&prev, store, service) {
                 reread.insert(service.clone());
             }
         }
@@ -352,33 +358,34 @@ impl Incremental {
         }
     }
 
-    /// Recomputes one Service's backends and the addresses its slices list; whether they changed.
-    fn refresh_backends(&mut self, store: &Store, service: &ObjectRef) -> bool {
-        let mut ips: Vec<IpAddr> = store
-            .slices_of(&service.namespace, &service.name)
-            .flat_map(|(_, slice)| slice.endpoints.iter().flat_map(|ep| ep.addresses.iter().copied()))
-            .collect();
-        ips.sort_unstable();
-        ips.dedup();
-        // Kept until the Service's slices change: no spare capacity.
-        ips.shrink_to_fit();
-        let (handle, before) = self
-            .endpoint_ips
-            .remove_entry(service)
-            .unwrap_or_else(|| (Arc::new(service.clone()), Vec::new()));
-        for ip in before.iter().filter(|ip| ips.binary_search(ip).is_err()) {
-            if let Some(users) = self.ip_users.get_mut(ip) {
-                users.retain(|s| **s != *service);
-                if users.is_empty() {
-                    self.ip_users.remove(ip);
+    /// Recomputes one Service's backends, and the index of the addresses its slices list;
+    /// whether its backends changed.
+    fn refresh_backends(&mut self, prev: &Store, store: &Store, service: &ObjectRef) -> bool {
+        // The index holds what `prev`'s slices list (every Service whose slices changed since is
+        // refreshed here): the difference is what to move.
+        let listed = |s: &Store| -> Vec<IpAddr> {
+            let mut ips: Vec<IpAddr> = s
+                .slices_of(&service.namespace, &service.name)
+                .flat_map(|(_, slice)| slice.endpoints.iter().flat_map(|ep| ep.addresses.iter().copied()))
+                .collect();
+            ips.sort_unstable();
+            ips.dedup();
+            ips
+        };
+        let (before, now) = (listed(prev), listed(store));
+        if before != now {
+            for ip in before.iter().filter(|ip| now.binary_search(ip).is_err()) {
+                if let Some(users) = self.ip_users.get_mut(ip) {
+                    users.retain(|s| **s != *service);
+                    if users.is_empty() {
+                        self.ip_users.remove(ip);
+                    }
                 }
             }
-        }
-        for ip in ips.iter().filter(|ip| before.binary_search(ip).is_err()) {
-            self.ip_users.get_or_default(*ip).push(handle.clone());
-        }
-        if !ips.is_empty() {
-            self.endpoint_ips.insert(handle, ips);
+            let handle = self.handle(service);
+            for ip in now.iter().filter(|ip| before.binary_search(ip).is_err()) {
+                self.ip_users.get_or_default(*ip).push(handle.clone());
+            }
         }
 
         let now = store.services.get(&KeyRef(&service.namespace, &service.name)).map(|svc| {
@@ -392,7 +399,7 @@ impl Incremental {
             }
             backends
         });
-        let before = self.backends.get(service);
+        let before = self.services.get(service).and_then(|s| s.backends.as_ref());
         let same = match (&now, before) {
             (None, None) => true,
             (Some(a), Some(b)) => a.same(b),
@@ -402,10 +409,36 @@ impl Incremental {
             return false;
         }
         match now {
-            Some(b) => self.backends.insert(service.clone(), b),
-            None => self.backends.remove(service),
-        };
+            Some(b) => self.state(service).backends = Some(b),
+            None => {
+                if let Some(state) = self.services.get_mut(service) {
+                    state.backends = None;
+                }
+                self.tidy(service);
+            }
+        }
         true
+    }
+
+    /// The shared reference to `service` the address index holds.
+    fn handle(&mut self, service: &ObjectRef) -> Arc<ObjectRef> {
+        match self.services.get_key_value(service) {
+            Some((handle, _)) => handle.clone(),
+            None => Arc::new(service.clone()),
+        }
+    }
+
+    /// The entry of `service`, made if absent.
+    fn state(&mut self, service: &ObjectRef) -> &mut ServiceState {
+        let handle = self.handle(service);
+        self.services.entry(handle).or_default()
+    }
+
+    /// Forgets the entry of a Service that has neither backends nor frontends.
+    fn tidy(&mut self, service: &ObjectRef) {
+        if self.services.get(service).is_some_and(|s| s.backends.is_none() && s.addrs.is_empty()) {
+            self.services.remove(service);
+        }
     }
 
     /// Drops a route's compiled form and attachments, and compiles it again from `store` if it is
@@ -436,7 +469,7 @@ impl Incremental {
                 dirty_ports.insert(at);
             }
         }
-        let mut resolver = Cached { backends: &self.backends, read: BTreeSet::new() };
+        let mut resolver = Cached { services: &self.services, read: BTreeSet::new() };
         let compiled = match key.0 {
             RouteKind::Http => store.http_routes.get(&key.1).map(|r| rules::compile_http(r, &mut resolver)),
             RouteKind::Grpc => store.grpc_routes.get(&key.1).map(|r| rules::compile_grpc(r, &mut resolver)),
@@ -518,25 +551,26 @@ impl Incremental {
     /// Recomputes one Service's frontends and puts them (or, for a Service gone, its absence)
     /// into the snapshot's map.
     fn refresh_frontends(&mut self, store: &Store, service: &ObjectRef) {
-        for addr in self.service_addrs.remove(service).unwrap_or_default() {
+        let old = self.services.get_mut(service).map(|s| std::mem::take(&mut s.addrs));
+        for addr in old.unwrap_or_default() {
             self.unclaim_frontend(addr, service);
         }
         if let Some(svc) = store.services.get(&KeyRef(&service.namespace, &service.name)) {
-            let backends = self.backends.get(service);
+            let backends = self.services.get(service).and_then(|s| s.backends.as_ref());
             let (routes, attached) = (&self.routes, &self.attached);
             let tables = |port| tables(routes, attached, service, port);
             let made =
                 frontends_of(service, svc, |port| backends.and_then(|b| b.get(&port)).cloned(), tables);
-            let mut addrs = Vec::new();
+            let mut addrs = SmallVec::new();
             for (addr, frontend) in made {
                 self.claim_frontend(addr, frontend);
                 addrs.push(addr);
             }
             if !addrs.is_empty() {
-                addrs.shrink_to_fit();
-                self.service_addrs.insert(service.clone(), addrs);
+                self.state(service).addrs = addrs;
             }
         }
+        self.tidy(service);
     }
 
     /// A Service's `frontend` claims address `addr`: the address's frontend is the last
@@ -584,6 +618,16 @@ impl Incremental {
     }
 }
 
+/// A reference to the Service `namespace/name` holding the store's names for it when either
+/// store has the Service.
+fn service_ref(prev: &Store, store: &Store, namespace: &Arc<str>, name: &str) -> ObjectRef {
+    let held = store.services.get_key_value(&KeyRef(namespace, name));
+    match held.or_else(|| prev.services.get_key_value(&KeyRef(namespace, name))) {
+        Some(((ns, name), _)) => ObjectRef::shared(ns.clone(), name.clone()),
+        None => ObjectRef::shared(namespace.clone(), name.into()),
+    }
+}
+
 /// The route tables attached to one Service port.
 fn tables(
     routes: &BTreeMap<RouteKey, RouteEntry>,
@@ -623,14 +667,15 @@ fn same_backend(a: &Backend, b: &Backend) -> bool {
 
 /// Resolves backendRefs from the cache of every Service's backends, noting each Service read.
 struct Cached<'a> {
-    backends: &'a HashMap<ObjectRef, ServiceBackends>,
+    services: &'a HashMap<Arc<ObjectRef>, ServiceState>,
     read: BTreeSet<ObjectRef>,
 }
 
 impl Resolve for Cached<'_> {
     fn resolve(&mut self, service: &ObjectRef, port: u16) -> Result<Arc<Backend>, Unresolved> {
         self.read.insert(service.clone());
-        let backends = self.backends.get(service).ok_or_else(|| no_service(service))?;
+        let backends =
+            self.services.get(service).and_then(|s| s.backends.as_ref()).ok_or_else(|| no_service(service))?;
         backends.get(&port).cloned().ok_or_else(|| no_port(service, port))
     }
 }
