@@ -115,10 +115,10 @@ pub fn describe(
             let _ = writeln!(
                 out,
                 "      {:<21} node {:<8} {:<40} {}",
-                e.addr.to_string(),
-                e.node.as_deref().unwrap_or("?"),
-                e.pod.as_ref().map_or("-".to_owned(), |p| p.to_string()),
-                e.identity.as_deref().unwrap_or("(no identity)")
+                e.addr().to_string(),
+                e.node().map_or("?", |n| &**n),
+                e.pod().map_or("-".to_owned(), |p| p.to_string()),
+                e.identity().map_or("(no identity)", |i| &**i)
             );
         }
     }

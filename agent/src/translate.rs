@@ -21,7 +21,7 @@ use std::{
 use gammaray_proxy::{
     route::Place,
     snapshot::{
-        AppProtocol, Backend, Endpoint, Frontend, GrpcRuleMatch, HttpRuleMatch, ObjectRef, Principal, RouteKind,
+        AppProtocol, Backend, Declared, Endpoint, Frontend, GrpcRuleMatch, HttpRuleMatch, ObjectRef, Principal, RouteKind,
         RouteTable, Snapshot, Workload,
     },
 };
@@ -219,7 +219,7 @@ pub fn translate(store: &Store, opts: &Options) -> Translation {
         snapshot: Snapshot {
             version: opts.version,
             frontends,
-            workloads: workloads.into_iter().map(|(ip, w)| (ip, Arc::new(w))).collect(),
+            workloads: workloads.into_iter().collect(),
             nodes: node_addresses(store),
         },
         statuses,
@@ -479,11 +479,12 @@ fn node_addresses(store: &Store) -> gammaray_proxy::snapshot::FastMap<String, Ip
 /// Meshed pods by IP, with their SPIFFE identity. A pod on the host's network is no workload:
 /// its IP is its node's, and the mesh must never speak for, or tunnel to, a node's own
 /// addresses. Two pods claiming one address: the last by namespace and name wins.
-fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Workload> {
+fn workloads(store: &Store, trust_domain: &str) -> HashMap<IpAddr, Arc<Workload>> {
     let mut principals = Principals::new(trust_domain);
     let mut out = HashMap::new();
     for (key, pod) in &store.pods {
         let Some(workload) = workload_of(key, pod, &mut principals) else { continue };
+        let workload = Arc::new(workload);
         for ip in pod_ips(pod) {
             out.insert(ip, workload.clone());
         }
@@ -568,7 +569,7 @@ pub trait Resolve {
 /// Resolves Service backends to endpoints, sharing one [`Backend`] per Service port.
 pub struct BackendResolver<'a> {
     store: &'a Store,
-    workloads: &'a HashMap<IpAddr, Workload>,
+    workloads: &'a HashMap<IpAddr, Arc<Workload>>,
     cache: HashMap<(ObjectRef, u16), Arc<Backend>>,
 }
 
@@ -598,7 +599,7 @@ fn resolve_backend<'w>(
     store: &Store,
     service: &ObjectRef,
     port: u16,
-    workload_of: &dyn Fn(&IpAddr) -> Option<&'w Workload>,
+    workload_of: &dyn Fn(&IpAddr) -> Option<&'w Arc<Workload>>,
 ) -> Result<Backend, Unresolved> {
     let Some(svc) = store.services.get(&KeyRef(&service.namespace, &service.name)) else {
         return Err(no_service(service));
@@ -639,17 +640,18 @@ fn resolve_backend<'w>(
                     (Some(n), _) => Some(n.clone()),
                     (None, w) => w.and_then(|w| w.node.clone()),
                 };
+                let agrees = workload.is_some_and(|w| pod.as_ref() == Some(&w.pod) && node == w.node);
                 endpoints.push(Endpoint {
-                    addr: SocketAddr::new(addr, target),
-                    pod,
-                    node,
-                    identity: workload.map(|w| w.uri().clone()),
+                    ip: addr,
+                    port: target,
+                    workload: workload.cloned(),
+                    declared: (!agrees).then(|| Arc::new(Declared { pod, node })),
                 });
             }
         }
     }
-    endpoints.sort_by_key(|e| e.addr);
-    endpoints.dedup_by_key(|e| e.addr);
+    endpoints.sort_by_key(Endpoint::addr);
+    endpoints.dedup_by_key(|e| e.addr());
     // Kept for as long as the Service is unchanged: no spare capacity.
     endpoints.shrink_to_fit();
     Ok(Backend { service: service.clone(), port, protocol: app_protocol(sp), endpoints })

@@ -141,8 +141,8 @@ async fn handle(req: Request<Incoming>, ctx: &ConnContext) -> Response<Body> {
             src_identity = %OrDash(src_identity),
             dst = %Addr(ctx.orig_dst),
             service = %OrDash(upstream.map(|u| BackendLabel(&u.backend))),
-            backend = %OrDash(endpoint.map(|e| Addr(e.addr))),
-            dst_identity = %OrDash(endpoint.and_then(|e| e.identity.as_deref())),
+            backend = %OrDash(endpoint.map(|e| Addr(e.addr()))),
+            dst_identity = %OrDash(endpoint.and_then(|e| e.identity().map(|i| &**i))),
             mtls = upstream.is_some_and(|u| u.tunnelled),
             %method,
             path,
@@ -332,7 +332,7 @@ async fn forward_to(
         AppProtocol::Http => false,
         AppProtocol::Opaque => req.version() == Version::HTTP_2,
     };
-    let uri = match upstream_uri(&req, plan.as_ref().and_then(|p| p.path.as_deref()), endpoint.addr, h2) {
+    let uri = match upstream_uri(&req, plan.as_ref().and_then(|p| p.path.as_deref()), endpoint.addr(), h2) {
         Ok(uri) => uri,
         Err(err) => return (Err(LocalError::BadTarget(err)), None),
     };
@@ -358,8 +358,8 @@ async fn forward_to(
             mirror(&req, m, ctx, random);
         }
     }
-    let hop = ctx.mesh.hop(&ctx.snapshot.borrow().clone(), ctx.client.ip(), endpoint.addr);
-    debug!(endpoint = %endpoint.addr, ?hop, "upstream hop");
+    let hop = ctx.mesh.hop(&ctx.snapshot.borrow().clone(), ctx.client.ip(), endpoint.addr());
+    debug!(endpoint = %endpoint.addr(), ?hop, "upstream hop");
     let info = UpstreamInfo {
         backend: backend.clone(),
         endpoint: endpoint_index,
@@ -454,11 +454,11 @@ fn mirror(req: &Request<Incoming>, m: &crate::snapshot::Mirror, ctx: &ConnContex
     *copy.method_mut() = req.method().clone();
     *copy.headers_mut() = req.headers().clone();
     *copy.uri_mut() = req.uri().path_and_query().cloned().map_or_else(|| Uri::from_static("/"), Uri::from);
-    let hop = ctx.mesh.hop(&ctx.snapshot.borrow().clone(), ctx.client.ip(), endpoint.addr);
+    let hop = ctx.mesh.hop(&ctx.snapshot.borrow().clone(), ctx.client.ip(), endpoint.addr());
     let (target, via) = match upstream_of(hop) {
         Ok(upstream) => upstream,
         Err(why) => {
-            debug!(target = %endpoint.addr, why, "mirror not sent");
+            debug!(target = %endpoint.addr(), why, "mirror not sent");
             return;
         }
     };

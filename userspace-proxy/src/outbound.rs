@@ -170,7 +170,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
         match snap.frontend(SocketAddr::V4(orig)) {
             Some(frontend) if frontend.is_http() => None,
             Some(frontend) => match pick_endpoint(&frontend.default_backend.endpoints, fastrand::u64(..)) {
-                Some(endpoint) => Some(endpoint.addr),
+                Some(endpoint) => Some(endpoint.addr()),
                 None => {
                     stats.no_endpoint.fetch_add(1, Relaxed);
                     warn!(dst = %orig, service = %frontend.service, "no ready endpoint; closing");

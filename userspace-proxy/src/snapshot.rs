@@ -402,16 +402,50 @@ pub struct Backend {
     pub endpoints: Vec<Endpoint>,
 }
 
-/// One ready endpoint of a backend.
+/// One ready endpoint of a backend. Every pod behind a Service is one, on every node: 40 bytes,
+/// its pod, node and identity those of the workload at its address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// Pod IP and target port.
-    pub addr: SocketAddr,
-    /// Shared with the pod's [`Workload`] where they agree, as are the node and the identity.
+    /// Pod IP; the target port is `port`.
+    pub ip: IpAddr,
+    pub port: u16,
+    /// The workload at the address, when the mesh knows one.
+    pub workload: Option<Arc<Workload>>,
+    /// What the EndpointSlice says of the endpoint where that differs from the workload (or
+    /// there is none): its pod and node.
+    pub declared: Option<Arc<Declared>>,
+}
+
+/// An endpoint's pod and node as its EndpointSlice names them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Declared {
     pub pod: Option<Arc<ObjectRef>>,
     pub node: Option<Arc<str>>,
-    /// The SPIFFE identity the endpoint's proxy must present.
-    pub identity: Option<Arc<str>>,
+}
+
+impl Endpoint {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port)
+    }
+
+    pub fn pod(&self) -> Option<&Arc<ObjectRef>> {
+        match &self.declared {
+            Some(d) => d.pod.as_ref(),
+            None => self.workload.as_ref().map(|w| &w.pod),
+        }
+    }
+
+    pub fn node(&self) -> Option<&Arc<str>> {
+        match &self.declared {
+            Some(d) => d.node.as_ref(),
+            None => self.workload.as_ref().and_then(|w| w.node.as_ref()),
+        }
+    }
+
+    /// The SPIFFE identity the endpoint's proxy must present: its workload's.
+    pub fn identity(&self) -> Option<&Arc<str>> {
+        self.workload.as_ref().map(|w| w.uri())
+    }
 }
 
 /// The routes of one route group (producer, or one namespace's consumers) for one frontend.

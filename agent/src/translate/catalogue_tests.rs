@@ -104,7 +104,7 @@ fn send(store: &Store, snapshot: &Snapshot, req: &Request, random: u64) -> Outco
         other => panic!("unknown destination kind {other}"),
     };
     let pick = |endpoints: &[Endpoint]| -> (Option<String>, Option<String>) {
-        let pod = endpoints.get((random as usize) % endpoints.len().max(1)).and_then(|e| e.pod.as_ref());
+        let pod = endpoints.get((random as usize) % endpoints.len().max(1)).and_then(|e| e.pod());
         (pod.map(|p| p.name.to_string()), pod.map(|p| p.namespace.to_string()))
     };
     let Some(frontend) = snapshot.frontend(dst) else {

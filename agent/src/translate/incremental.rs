@@ -394,7 +394,7 @@ impl Incremental {
             for sp in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
                 let Ok(port) = u16::try_from(sp.port) else { continue };
                 backends.add(port, || {
-                    resolve_backend(store, service, port, &|ip| workloads.get(ip).map(|w| &**w)).ok()
+                    resolve_backend(store, service, port, &|ip| workloads.get(ip)).ok()
                 });
             }
             backends

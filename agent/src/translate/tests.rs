@@ -296,17 +296,17 @@ fn routes_apply_to_the_service_frontend_only_and_no_match_is_404() {
     let t = translated("");
     let v2 = frontend(&t.snapshot, "10.96.0.3:80");
     assert_eq!(v2.default_backend.endpoints.len(), 1, "the not-ready endpoint is left out");
-    assert_eq!(v2.default_backend.endpoints[0].addr, "10.244.2.2:8080".parse().expect("addr"));
+    assert_eq!(v2.default_backend.endpoints[0].addr(), "10.244.2.2:8080".parse().expect("addr"));
     assert_eq!(
-        v2.default_backend.endpoints[0].identity.as_deref(),
+        v2.default_backend.endpoints[0].identity().map(|i| &**i),
         Some("spiffe://cluster.local/ns/shop/sa/default")
     );
     let v1 = frontend(&t.snapshot, "10.96.0.2:80");
     assert_eq!(
-        v1.default_backend.endpoints[0].identity.as_deref(),
+        v1.default_backend.endpoints[0].identity().map(|i| &**i),
         Some("spiffe://cluster.local/ns/shop/sa/v1-sa")
     );
-    assert_eq!(v1.default_backend.endpoints[0].node.as_deref(), Some("node1"));
+    assert_eq!(v1.default_backend.endpoints[0].node().map(|n| &**n), Some("node1"));
 }
 
 #[test]
@@ -683,4 +683,35 @@ fn pods_of_one_service_account_share_a_principal_and_churn_does_not_grow_them() 
     }
     assert!(principals.by_account.len() < 4096, "swept: {} left", principals.by_account.len());
     assert!(std::sync::Arc::ptr_eq(&a, &principals.get(&shop, Some(&web))), "a held one survives the sweeps");
+}
+
+#[test]
+fn an_endpoint_is_its_workload_unless_its_slice_says_otherwise() {
+    let mut store = Store::default();
+    let applied = store.apply_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\n\
+         spec: {clusterIP: 10.96.0.9, ports: [{name: tcp, port: 5432}]}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: shop}\n\
+         spec: {nodeName: node1, serviceAccountName: db}\nstatus: {podIP: 10.244.1.9}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: db-1, namespace: shop, labels: {kubernetes.io/service-name: db}}\n\
+         addressType: IPv4\nports: [{name: tcp, port: 5432}]\nendpoints:\n\
+         - {addresses: [10.244.1.9], nodeName: node1, targetRef: {kind: Pod, name: db-0}}\n\
+         - {addresses: [10.244.1.9], nodeName: node2, targetRef: {kind: Pod, name: db-old}}\n\
+         - {addresses: [10.244.3.3], nodeName: node3, targetRef: {kind: Pod, name: elsewhere}}\n",
+    );
+    assert!(applied.errors.is_empty(), "{:?}", applied.errors);
+    let t = translate(&store, &Options::default());
+    let endpoints = &frontend(&t.snapshot, "10.96.0.9:5432").default_backend.endpoints;
+    assert_eq!(endpoints.len(), 2, "one per address");
+    let known = &endpoints[0];
+    assert!(known.declared.is_none(), "the slice agrees with the workload: nothing more is kept");
+    assert_eq!(known.pod().map(|p| p.to_string()).as_deref(), Some("shop/db-0"));
+    assert_eq!(known.node().map(|n| &**n), Some("node1"));
+    assert_eq!(known.identity().map(|i| &**i), Some("spiffe://cluster.local/ns/shop/sa/db"));
+    let unknown = &endpoints[1];
+    assert_eq!(unknown.addr(), "10.244.3.3:5432".parse().expect("addr"));
+    assert_eq!(unknown.pod().map(|p| p.to_string()).as_deref(), Some("shop/elsewhere"), "the slice's pod");
+    assert_eq!(unknown.node().map(|n| &**n), Some("node3"), "the slice's node");
+    assert!(unknown.identity().is_none(), "no workload, no identity");
 }

@@ -827,7 +827,7 @@ async fn a_burst_of_endpoint_changes_is_coalesced_into_few_whole_generations() {
         .default_backend
         .endpoints
         .iter()
-        .map(|e| e.addr.ip().to_string())
+        .map(|e| e.ip.to_string())
         .collect();
     let want = format!("10.244.{}.{}", corner.net, 10 + (CHANGES - 1) % 200);
     assert!(endpoints.contains(&want), "the last change is in the last generation: {endpoints:?}");
