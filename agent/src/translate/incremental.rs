@@ -70,6 +70,104 @@ impl ServiceBackends {
     }
 }
 
+/// A sorted set that holds its first `N` entries inline: the translator keeps one per Service
+/// and per Service port, and most hold one route, where a `BTreeSet` allocates a node of eleven.
+#[derive(Debug, Clone)]
+struct SmallSet<T, const N: usize>(SmallVec<[T; N]>);
+
+impl<T, const N: usize> Default for SmallSet<T, N> {
+    fn default() -> Self {
+        Self(SmallVec::new())
+    }
+}
+
+impl<T: Ord, const N: usize> SmallSet<T, N> {
+    fn insert(&mut self, value: T) {
+        if let Err(at) = self.0.binary_search(&value) {
+            self.0.insert(at, value);
+        }
+    }
+
+    fn remove(&mut self, value: &T) {
+        if let Ok(at) = self.0.binary_search(value) {
+            self.0.remove(at);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+}
+
+impl<'a, T, const N: usize> IntoIterator for &'a SmallSet<T, N> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+/// A sorted map that holds its first entry inline (see [`SmallSet`]).
+#[derive(Debug)]
+struct SmallMap<K, V>(SmallVec<[(K, V); 1]>);
+
+impl<K, V> Default for SmallMap<K, V> {
+    fn default() -> Self {
+        Self(SmallVec::new())
+    }
+}
+
+impl<K: Ord, V: Default> SmallMap<K, V> {
+    fn at(&self, key: &K) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.cmp(key))
+    }
+
+    fn get(&self, key: &K) -> Option<&V> {
+        self.at(key).ok().map(|at| &self.0[at].1)
+    }
+
+    fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.at(key).ok().map(|at| &mut self.0[at].1)
+    }
+
+    /// The value of `key`, made if absent.
+    fn entry(&mut self, key: K) -> &mut V {
+        let at = match self.at(&key) {
+            Ok(at) => at,
+            Err(at) => {
+                self.0.insert(at, (key, V::default()));
+                at
+            }
+        };
+        &mut self.0[at].1
+    }
+
+    fn remove(&mut self, key: &K) {
+        if let Ok(at) = self.at(key) {
+            self.0.remove(at);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+}
+
+/// The routes of one Service port in one group.
+type RouteKeys = SmallSet<RouteKey, 1>;
+
 /// What the translator keeps of one Service, in one entry: a cluster has tens of thousands.
 #[derive(Default)]
 struct ServiceState {
@@ -128,7 +226,7 @@ impl<V: Default> AddrTable<V> {
 struct RouteEntry {
     compiled: Arc<CompiledRoute>,
     /// The Services it read: its parents and the backends it resolved (or failed to).
-    uses: BTreeSet<ObjectRef>,
+    uses: SmallSet<ObjectRef, 2>,
     /// Where it is attached: Service port and group.
     attachments: Vec<(ObjectRef, u16, Group)>,
 }
@@ -151,9 +249,9 @@ pub struct Incremental {
     ip_users: AddrTable<Users>,
     routes: BTreeMap<RouteKey, RouteEntry>,
     /// The routes that read each Service.
-    users: HashMap<ObjectRef, BTreeSet<RouteKey>>,
+    users: HashMap<ObjectRef, RouteKeys>,
     /// The routes attached to each Service port, by group.
-    attached: HashMap<(ObjectRef, u16), BTreeMap<Group, BTreeSet<RouteKey>>>,
+    attached: HashMap<(ObjectRef, u16), SmallMap<Group, RouteKeys>>,
     frontends: SharedMap<SocketAddr, Arc<Frontend>>,
     /// The addresses two or more Services put a frontend at, with every claimant's frontend in
     /// namespace and name order; the last is the address's frontend. An address with one
@@ -474,7 +572,7 @@ impl Incremental {
             RouteKind::Http => store.http_routes.get(&key.1).map(|r| rules::compile_http(r, &mut resolver)),
             RouteKind::Grpc => store.grpc_routes.get(&key.1).map(|r| rules::compile_grpc(r, &mut resolver)),
         };
-        let mut uses = resolver.read;
+        let mut uses = SmallSet(resolver.read.into_iter().collect());
         let Some(compiled) = compiled else { return };
         let mut attachments = Vec::new();
         for parent in &compiled.parents {
@@ -494,12 +592,7 @@ impl Incremental {
         }
         for (service, port, group) in &attachments {
             let at = (service.clone(), *port);
-            self.attached
-                .entry(at.clone())
-                .or_default()
-                .entry(group.clone())
-                .or_default()
-                .insert(key.clone());
+            self.attached.entry(at.clone()).or_default().entry(group.clone()).insert(key.clone());
             dirty_ports.insert(at);
         }
         self.routes.insert(key.clone(), RouteEntry { compiled: Arc::new(compiled), uses, attachments });
@@ -631,13 +724,13 @@ fn service_ref(prev: &Store, store: &Store, namespace: &Arc<str>, name: &str) ->
 /// The route tables attached to one Service port.
 fn tables(
     routes: &BTreeMap<RouteKey, RouteEntry>,
-    attached: &HashMap<(ObjectRef, u16), BTreeMap<Group, BTreeSet<RouteKey>>>,
+    attached: &HashMap<(ObjectRef, u16), SmallMap<Group, RouteKeys>>,
     service: &ObjectRef,
     port: u16,
 ) -> Tables {
     let mut producer = None;
     let mut consumers = BTreeMap::new();
-    for (group, keys) in attached.get(&(service.clone(), port)).into_iter().flatten() {
+    for (group, keys) in attached.get(&(service.clone(), port)).into_iter().flat_map(SmallMap::iter) {
         let attachments: Vec<Attachment<'_>> =
             keys.iter().filter_map(|k| routes.get(k)).map(|e| Attachment { route: &e.compiled }).collect();
         let table = Arc::new(route_table(&attachments));
