@@ -183,7 +183,10 @@ impl Store {
                 self.nodes.insert(name.clone(), decode(index, &kind, &name, value)?);
             }
             ("", "Service") => {
-                self.services.insert(key, decode(index, &kind, &name, value)?);
+                let service = ServiceInfo::decode(value, &mut self.names.lock().expect("names lock")).map_err(
+                    |source| StoreError::Decode { index, kind: kind.clone(), name: name.clone(), source },
+                )?;
+                self.services.insert(key, Arc::new(service));
             }
             ("", "Pod") => {
                 let pod = PodInfo::decode(value, &mut self.names.lock().expect("names lock")).map_err(
@@ -196,7 +199,7 @@ impl Store {
                 self.pods.insert(key, Arc::new(pod));
             }
             ("discovery.k8s.io", "EndpointSlice") => {
-                let slice = SliceInfo::decode(value, &namespace, &mut self.names.lock().expect("names lock"), &self.pods)
+                let slice = SliceInfo::decode(value, &key.0, &mut self.names.lock().expect("names lock"), self)
                     .map_err(|source| StoreError::Decode {
                         index,
                         kind: kind.clone(),
@@ -551,8 +554,8 @@ pub struct ServiceInfo {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(default)]
 pub struct ServiceSpecInfo {
-    #[serde(rename = "type")]
-    pub type_: Option<String>,
+    #[serde(rename = "type", deserialize_with = "shared_name")]
+    pub type_: Option<Arc<str>>,
     #[serde(rename = "clusterIP")]
     pub cluster_ip: Option<String>,
     #[serde(rename = "clusterIPs")]
@@ -563,12 +566,35 @@ pub struct ServiceSpecInfo {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePortInfo {
-    #[serde(default)]
-    pub name: Option<String>,
+    #[serde(default, deserialize_with = "shared_name")]
+    pub name: Option<Arc<str>>,
     /// Required, as the API has it: a port without a number is refused with its Service.
     pub port: i32,
-    #[serde(default)]
-    pub app_protocol: Option<String>,
+    #[serde(default, deserialize_with = "shared_name")]
+    pub app_protocol: Option<Arc<str>>,
+}
+
+impl ServiceInfo {
+    /// What the mesh reads of the Service `value`, its repeated names (type, port names and
+    /// protocols) shared.
+    pub fn decode(value: serde_json::Value, names: &mut Names) -> Result<Self, serde_json::Error> {
+        let mut service: Self = serde_json::from_value(value)?;
+        if let Some(spec) = &mut service.spec {
+            share(&mut spec.type_, names);
+            for port in spec.ports.iter_mut().flatten() {
+                share(&mut port.name, names);
+                share(&mut port.app_protocol, names);
+            }
+        }
+        Ok(service)
+    }
+}
+
+/// Replaces a name by its shared copy.
+fn share(name: &mut Option<Arc<str>>, names: &mut Names) {
+    if let Some(n) = name {
+        *n = names.get(n);
+    }
 }
 
 /// The Service an EndpointSlice belongs to: its `kubernetes.io/service-name` label.
@@ -583,9 +609,12 @@ pub fn service_of(slice: &SliceInfo) -> Option<&str> {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct SliceInfo {
+    /// Shared with the store's key for the Service when it holds the Service.
     #[serde(rename = "metadata", deserialize_with = "service_label")]
-    pub service: Option<String>,
-    pub address_type: String,
+    pub service: Option<Arc<str>>,
+    /// Shared with every slice of the same type.
+    #[serde(deserialize_with = "shared_text")]
+    pub address_type: Arc<str>,
     #[serde(deserialize_with = "null_as_empty")]
     pub ports: Vec<SlicePort>,
     #[serde(deserialize_with = "null_as_empty")]
@@ -595,7 +624,8 @@ pub struct SliceInfo {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(default)]
 pub struct SlicePort {
-    pub name: Option<String>,
+    #[serde(deserialize_with = "shared_name")]
+    pub name: Option<Arc<str>>,
     pub port: Option<i32>,
 }
 
@@ -618,14 +648,25 @@ pub struct SliceEndpoint {
 }
 
 impl SliceInfo {
-    /// What the mesh reads of the EndpointSlice `value`, which lives in `namespace`.
+    /// What the mesh reads of the EndpointSlice `value`, which lives in `namespace`: the names
+    /// it repeats shared, its Service's and its pods' with `store`'s keys where it holds them.
     pub fn decode(
         value: serde_json::Value,
         namespace: &str,
         names: &mut Names,
-        pods: &OrdMap<PodKey, Arc<PodInfo>>,
+        store: &Store,
     ) -> Result<Self, serde_json::Error> {
         let mut slice: Self = serde_json::from_value(value)?;
+        let pods = &store.pods;
+        slice.address_type = names.get(&slice.address_type);
+        if let Some(service) = &mut slice.service
+            && let Some(((_, held), _)) = store.services.get_key_value(&KeyRef(namespace, service))
+        {
+            *service = held.clone();
+        }
+        for port in &mut slice.ports {
+            share(&mut port.name, names);
+        }
         for ep in &mut slice.endpoints {
             if let Some(node) = &mut ep.node_name {
                 *node = names.get(node);
@@ -641,6 +682,12 @@ impl SliceInfo {
         }
         Ok(slice)
     }
+}
+
+/// A text, to be replaced by its shared copy.
+fn shared_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+    use serde::Deserialize as _;
+    Ok(String::deserialize(d)?.into())
 }
 
 /// A name, to be replaced by its shared copy.
@@ -665,7 +712,7 @@ fn null_as_empty<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
 }
 
 /// `metadata.labels["kubernetes.io/service-name"]`.
-fn service_label<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+fn service_label<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Arc<str>>, D::Error> {
     use serde::Deserialize as _;
     #[derive(serde::Deserialize, Default)]
     #[serde(default)]
@@ -673,7 +720,7 @@ fn service_label<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String
         labels: Option<std::collections::BTreeMap<String, String>>,
     }
     let meta = Option::<Meta>::deserialize(d)?.unwrap_or_default();
-    Ok(meta.labels.and_then(|mut l| l.remove("kubernetes.io/service-name")))
+    Ok(meta.labels.and_then(|mut l| l.remove("kubernetes.io/service-name")).map(Arc::from))
 }
 
 /// `conditions.ready`.

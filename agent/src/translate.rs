@@ -370,7 +370,7 @@ fn bind(store: &Store, route: &CompiledRoute, parent: &ParentRef) -> Result<Vec<
         .iter()
         .flatten()
         .filter(|p| parent.port.is_none_or(|want| p.port == want))
-        .filter(|p| parent.section_name.as_ref().is_none_or(|want| p.name.as_ref() == Some(want)))
+        .filter(|p| parent.section_name.as_ref().is_none_or(|want| p.name.as_deref() == Some(want.as_str())))
         .filter_map(|p| u16::try_from(p.port).ok())
         .collect();
     if ports.is_empty() {
@@ -610,7 +610,7 @@ fn resolve_backend<'w>(
     };
     let mut endpoints = Vec::new();
     for (_, slice) in store.slices_of(&service.namespace, &service.name) {
-        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+        if *slice.address_type != *"IPv4" && *slice.address_type != *"IPv6" {
             continue;
         }
         let Some(target) = slice

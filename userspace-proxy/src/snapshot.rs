@@ -368,7 +368,7 @@ pub enum AppProtocol {
 pub struct Frontend {
     pub service: ObjectRef,
     pub port: u16,
-    pub port_name: Option<String>,
+    pub port_name: Option<Arc<str>>,
     pub protocol: AppProtocol,
     /// Where traffic goes when no route applies: the Service's own endpoints for this port.
     pub default_backend: Arc<Backend>,
