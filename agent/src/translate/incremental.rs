@@ -36,7 +36,7 @@ use super::{
     frontends_of, no_port, no_service, node_addresses, parent_status, pod_ips, resolve_backend, route_table,
     rules, workload_of,
 };
-use crate::store::{Key, KeyRef, PodKey, Store, changed, service_of};
+use crate::store::{Key, KeyRef, Store, changed, service_of};
 
 /// A route: its kind, then namespace and name (HTTPRoutes sort before GRPCRoutes, as the full
 /// translation lists their statuses).
@@ -315,7 +315,7 @@ impl Incremental {
             if let Some(old) = old {
                 for ip in pod_ips(old) {
                     touched.entry(ip).or_insert_with(|| self.workloads.get(&ip).cloned());
-                    self.unclaim(ip, key);
+                    unclaim(&mut self.workloads, &mut self.contested, ip, key, workload_owner);
                 }
             }
             if let Some(new) = new
@@ -324,7 +324,7 @@ impl Incremental {
                 let workload = Arc::new(workload);
                 for ip in pod_ips(new) {
                     touched.entry(ip).or_insert_with(|| self.workloads.get(&ip).cloned());
-                    self.claim(ip, workload.clone());
+                    claim(&mut self.workloads, &mut self.contested, ip, workload.clone(), workload_owner);
                 }
             }
         }
@@ -409,50 +409,6 @@ impl Incremental {
             },
             statuses: self.statuses.clone(),
             work,
-        }
-    }
-
-    /// Pod `workload` claims address `ip`: the address's workload is the last claimant by
-    /// namespace and name, as in the full translation.
-    fn claim(&mut self, ip: IpAddr, workload: Arc<Workload>) {
-        let by_pod = |a: &Arc<Workload>, b: &Arc<Workload>| a.pod.cmp(&b.pod);
-        if let Some(claims) = self.contested.get_mut(&ip) {
-            match claims.binary_search_by(|w| by_pod(w, &workload)) {
-                Ok(at) => claims[at] = workload,
-                Err(at) => claims.insert(at, workload),
-            }
-            let last = claims.last().expect("two or more").clone();
-            self.workloads.insert(ip, last);
-            return;
-        }
-        match self.workloads.get(&ip) {
-            Some(current) if current.pod != workload.pod => {
-                let mut claims = vec![current.clone(), workload];
-                claims.sort_by(by_pod);
-                self.workloads.insert(ip, claims[1].clone());
-                self.contested.insert(ip, claims);
-            }
-            _ => {
-                self.workloads.insert(ip, workload);
-            }
-        }
-    }
-
-    /// The pod `key` no longer claims address `ip`.
-    fn unclaim(&mut self, ip: IpAddr, pod: &PodKey) {
-        let is_it = |w: &Arc<Workload>| w.pod == *pod;
-        if let Some(claims) = self.contested.get_mut(&ip) {
-            claims.retain(|w| !is_it(w));
-            let last = claims.last().cloned();
-            if claims.len() < 2 {
-                self.contested.remove(&ip);
-            }
-            match last {
-                Some(w) => self.workloads.insert(ip, w),
-                None => self.workloads.remove(&ip),
-            };
-        } else if self.workloads.get(&ip).is_some_and(is_it) {
-            self.workloads.remove(&ip);
         }
     }
 
@@ -646,7 +602,7 @@ impl Incremental {
     fn refresh_frontends(&mut self, store: &Store, service: &ObjectRef) {
         let old = self.services.get_mut(service).map(|s| std::mem::take(&mut s.addrs));
         for addr in old.unwrap_or_default() {
-            self.unclaim_frontend(addr, service);
+            unclaim(&mut self.frontends, &mut self.frontend_claims, addr, service, frontend_owner);
         }
         if let Some(svc) = store.services.get(&KeyRef(&service.namespace, &service.name)) {
             let backends = self.services.get(service).and_then(|s| s.backends.as_ref());
@@ -656,7 +612,7 @@ impl Incremental {
                 frontends_of(service, svc, |port| backends.and_then(|b| b.get(&port)).cloned(), tables);
             let mut addrs = SmallVec::new();
             for (addr, frontend) in made {
-                self.claim_frontend(addr, frontend);
+                claim(&mut self.frontends, &mut self.frontend_claims, addr, frontend, frontend_owner);
                 addrs.push(addr);
             }
             if !addrs.is_empty() {
@@ -666,48 +622,98 @@ impl Incremental {
         self.tidy(service);
     }
 
-    /// A Service's `frontend` claims address `addr`: the address's frontend is the last
-    /// claimant by namespace and name, as in the full translation; a Service claiming an
-    /// address again replaces its claim.
-    fn claim_frontend(&mut self, addr: SocketAddr, frontend: Arc<Frontend>) {
-        let by_service = |a: &Arc<Frontend>, b: &Arc<Frontend>| a.service.cmp(&b.service);
-        if let Some(claims) = self.frontend_claims.get_mut(&addr) {
-            match claims.binary_search_by(|f| by_service(f, &frontend)) {
-                Ok(at) => claims[at] = frontend,
-                Err(at) => claims.insert(at, frontend),
-            }
-            let last = claims.last().expect("two or more").clone();
-            self.frontends.insert(addr, last);
-            return;
-        }
-        match self.frontends.get(&addr) {
-            Some(current) if current.service != frontend.service => {
-                let mut claims = vec![current.clone(), frontend];
-                claims.sort_by(by_service);
-                self.frontends.insert(addr, claims[1].clone());
-                self.frontend_claims.insert(addr, claims);
-            }
-            _ => {
-                self.frontends.insert(addr, frontend);
-            }
-        }
-    }
 
-    /// `service` no longer claims address `addr`.
-    fn unclaim_frontend(&mut self, addr: SocketAddr, service: &ObjectRef) {
-        if let Some(claims) = self.frontend_claims.get_mut(&addr) {
-            claims.retain(|f| f.service != *service);
-            let last = claims.last().cloned();
-            if claims.len() < 2 {
-                self.frontend_claims.remove(&addr);
-            }
-            match last {
-                Some(f) => self.frontends.insert(addr, f),
-                None => self.frontends.remove(&addr),
-            };
-        } else if self.frontends.get(&addr).is_some_and(|f| f.service == *service) {
-            self.frontends.remove(&addr);
+}
+
+/// A snapshot map whose keys several owners may claim (pods an address, Services a frontend
+/// address): the last claimant in owner order holds the key, as in the full translation.
+trait Claimable<K, V> {
+    fn held(&self, key: &K) -> Option<&V>;
+    fn hold(&mut self, key: K, value: V);
+    fn release(&mut self, key: &K);
+}
+
+impl<V: Clone> Claimable<IpAddr, V> for AddrMap<V> {
+    fn held(&self, key: &IpAddr) -> Option<&V> {
+        self.get(key)
+    }
+    fn hold(&mut self, key: IpAddr, value: V) {
+        self.insert(key, value);
+    }
+    fn release(&mut self, key: &IpAddr) {
+        self.remove(key);
+    }
+}
+
+impl<V: Clone> Claimable<SocketAddr, V> for SharedMap<SocketAddr, V> {
+    fn held(&self, key: &SocketAddr) -> Option<&V> {
+        self.get(key)
+    }
+    fn hold(&mut self, key: SocketAddr, value: V) {
+        self.insert(key, value);
+    }
+    fn release(&mut self, key: &SocketAddr) {
+        self.remove(key);
+    }
+}
+
+fn workload_owner(w: &Arc<Workload>) -> &ObjectRef {
+    &w.pod
+}
+
+fn frontend_owner(f: &Arc<Frontend>) -> &ObjectRef {
+    &f.service
+}
+
+/// `value` claims `key` in `map`. `contested` keeps every claimant of the keys two or more claim,
+/// in owner order (a key with one claimant is in `map` only); a claimant whose owner claimed
+/// the key already replaces that claim.
+fn claim<K: Copy + Eq + std::hash::Hash, V: Clone>(
+    map: &mut impl Claimable<K, V>,
+    contested: &mut HashMap<K, Vec<V>>,
+    key: K,
+    value: V,
+    owner: fn(&V) -> &ObjectRef,
+) {
+    if let Some(claims) = contested.get_mut(&key) {
+        match claims.binary_search_by(|c| owner(c).cmp(owner(&value))) {
+            Ok(at) => claims[at] = value,
+            Err(at) => claims.insert(at, value),
         }
+        map.hold(key, claims.last().expect("two or more").clone());
+        return;
+    }
+    match map.held(&key) {
+        Some(current) if owner(current) != owner(&value) => {
+            let mut claims = vec![current.clone(), value];
+            claims.sort_by(|a, b| owner(a).cmp(owner(b)));
+            map.hold(key, claims[1].clone());
+            contested.insert(key, claims);
+        }
+        _ => map.hold(key, value),
+    }
+}
+
+/// The claim of `gone` on `key` ends (see [`claim`]).
+fn unclaim<K: Copy + Eq + std::hash::Hash, V: Clone>(
+    map: &mut impl Claimable<K, V>,
+    contested: &mut HashMap<K, Vec<V>>,
+    key: K,
+    gone: &ObjectRef,
+    owner: fn(&V) -> &ObjectRef,
+) {
+    if let Some(claims) = contested.get_mut(&key) {
+        claims.retain(|c| owner(c) != gone);
+        let last = claims.last().cloned();
+        if claims.len() < 2 {
+            contested.remove(&key);
+        }
+        match last {
+            Some(v) => map.hold(key, v),
+            None => map.release(&key),
+        }
+    } else if map.held(&key).is_some_and(|c| owner(c) == gone) {
+        map.release(&key);
     }
 }
 
