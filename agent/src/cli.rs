@@ -91,6 +91,11 @@ pub enum Command {
         /// The host's /proc (pods' network namespaces are found through their processes).
         #[arg(long, default_value = "/proc")]
         proc_root: PathBuf,
+        /// Seconds a SIGTERM waits for the proxy's connections to finish (the listeners stop
+        /// accepting at once); what is left then is closed. Match the pod's
+        /// terminationGracePeriodSeconds.
+        #[arg(long, default_value_t = 30)]
+        drain_timeout: u64,
     },
     /// Mesh CA management.
     Ca {

@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr,
                 kube,
                 proc_root,
+                drain_timeout,
             } => {
                 let kube_settings = kube_client::Access::detect(kube.kubeconfig).map(|access| KubeSettings {
                     access,
@@ -60,6 +61,7 @@ fn main() -> anyhow::Result<()> {
                     metrics_addr,
                     kube: kube_settings,
                     proc_root,
+                    drain_timeout: std::time::Duration::from_secs(drain_timeout),
                 };
                 run(cfg, shutdown_signal()).await
             }

@@ -33,6 +33,8 @@ pub struct RunConfig {
     pub kube: Option<KubeSettings>,
     /// Where the host's processes are (pods' network namespaces are found through it).
     pub proc_root: PathBuf,
+    /// How long a shutdown waits for the proxy's connections to finish.
+    pub drain_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +195,23 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     let _ = stop_writer.send(true);
     if let Some(writer) = status_writer {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), writer).await;
+    }
+    // Connections in flight finish before the proxy goes; new ones are refused meanwhile (the
+    // programs stay attached: an enrolled pod's connection never leaves unproxied).
+    tracing::info!(
+        connections = proxy.connections(),
+        deadline_secs = cfg.drain_timeout.as_secs(),
+        "draining: the proxy accepts no more connections; those open may finish"
+    );
+    let drained = proxy.drain(cfg.drain_timeout).await;
+    if drained.left == 0 {
+        tracing::info!(took_ms = drained.took.as_millis() as u64, "drained: every connection finished");
+    } else {
+        tracing::warn!(
+            left = drained.left,
+            took_ms = drained.took.as_millis() as u64,
+            "drain deadline passed: closing the connections left"
+        );
     }
     if let Some(task) = enrolment {
         task.abort();

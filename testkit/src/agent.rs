@@ -31,7 +31,13 @@ pub struct AgentArgs {
     pub extra: Vec<String>,
     /// The agent's log filter (`RUST_LOG`); empty leaves the agent's default.
     pub rust_log: String,
+    /// `--drain-timeout` in seconds; [`DRAIN_SECS`] when `None`.
+    pub drain_secs: Option<u64>,
 }
+
+/// How long a test agent's shutdown waits for connections: short, so that a test, the demo or
+/// the bench ending with connections open does not wait the deployed default.
+pub const DRAIN_SECS: u64 = 3;
 
 /// A running agent; dropping it kills the process.
 pub struct Agent {
@@ -71,6 +77,7 @@ impl Agent {
                 dir.join("ca.key").display().to_string(),
             ]);
         }
+        argv.extend(["--drain-timeout".into(), args.drain_secs.unwrap_or(DRAIN_SECS).to_string()]);
         argv.extend(args.extra.iter().cloned());
         let env: Vec<(String, String)> = if args.rust_log.is_empty() {
             Vec::new()
@@ -96,6 +103,16 @@ impl Agent {
     /// SIGTERM, then SIGKILL after `grace`; the exit status, unless it was already stopped.
     pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         self.process.stop(grace)
+    }
+
+    /// Sends SIGTERM and returns at once (the agent drains, then exits).
+    pub fn terminate(&self) {
+        self.process.terminate();
+    }
+
+    /// The exit status, once the process has exited within `timeout`; `None` while it runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.process.wait_exit(timeout)
     }
 
     /// What the agent has logged so far.

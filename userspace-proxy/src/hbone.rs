@@ -70,13 +70,24 @@ type Key = (Identity, Identity, SocketAddr);
 pub(crate) struct Mesh {
     pub config: Arc<ProxyConfig>,
     pub hbone: Option<Arc<Pool>>,
+    /// Turns true when the proxy drains ([`crate::Proxy::drain`]).
+    pub drain: Drain,
 }
 
 impl Mesh {
-    pub fn new(config: Arc<ProxyConfig>, certs: Option<Arc<CertStore>>) -> Self {
+    pub fn new(config: Arc<ProxyConfig>, certs: Option<Arc<CertStore>>, drain: Drain) -> Self {
         let hbone = certs.map(|certs| Arc::new(Pool::new(certs, config.clone())));
-        Self { config, hbone }
+        Self { config, hbone, drain }
     }
+}
+
+/// Whether the proxy drains: listeners stop accepting, connections finish what they carry.
+pub(crate) type Drain = watch::Receiver<bool>;
+
+/// Resolves once the proxy drains.
+pub(crate) async fn drained(drain: &mut Drain) {
+    // An error means the proxy is gone: draining, as far as anyone here is concerned.
+    let _ = drain.wait_for(|d| *d).await;
 }
 
 /// The way to one destination.
@@ -234,6 +245,7 @@ pub(crate) struct Inbound {
     pub stats: Arc<OutboundStats>,
     /// The node's connection limits, which tunnels count against too.
     pub limits: Arc<crate::limits::ConnLimits>,
+    pub drain: Drain,
 }
 
 impl Inbound {
@@ -290,8 +302,16 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, component = "inbound", "listener ready");
     let accept_errors = crate::limits::EverySecond::new();
+    let mut drain = inbound.drain.clone();
     loop {
-        let (tcp, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = drained(&mut drain) => {
+                info!(addr = ?addr, component = "inbound", "draining: the listener stops accepting");
+                return Ok(());
+            }
+        };
+        let (tcp, peer) = match accepted {
             Ok(c) => c,
             Err(err) => {
                 if accept_errors.should_log() {
@@ -366,8 +386,20 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
                     }
                 };
                 // Accepting drives the connection; each CONNECT stream is served by its own task.
+                // Draining sends GOAWAY: the peer opens no more streams here, those open finish.
+                let mut drain = inbound.drain.clone();
+                let mut shutting = false;
                 cork.drive(async {
-                    while let Some(accepted) = conn.accept().await {
+                    loop {
+                        let accepted = tokio::select! {
+                            accepted = conn.accept() => accepted,
+                            () = drained(&mut drain), if !shutting => {
+                                shutting = true;
+                                conn.graceful_shutdown();
+                                continue;
+                            }
+                        };
+                        let Some(accepted) = accepted else { break };
                         match accepted {
                             Ok((req, respond)) => tunnel(req, respond, &inbound, peer.ip(), &peer_id, &local_id),
                             Err(err) => {

@@ -62,6 +62,7 @@ pub(crate) struct ConnContext {
 /// Serves one client connection as HTTP/1.1 or HTTP/2 (prior knowledge) until it closes.
 pub(crate) async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
     let ctx_config = ctx.mesh.config.clone();
+    let mut drain = ctx.mesh.drain.clone();
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
@@ -76,7 +77,16 @@ pub(crate) async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
             .keep_alive_timeout(config.h2_keepalive_timeout)
             .max_concurrent_streams(config.h2.pod_max_concurrent_streams)
             .serve_connection(TokioIo::new(io), service);
-        if let Err(err) = cork.drive(conn).await {
+        // Draining sends GOAWAY: the client opens no more streams here, those open finish.
+        let served = cork.drive(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                done = conn.as_mut() => return done,
+                () = crate::hbone::drained(&mut drain) => conn.as_mut().graceful_shutdown(),
+            }
+            conn.await
+        });
+        if let Err(err) = served.await {
             debug!(error = %err, "http/2 connection ended with an error");
         }
         return;
@@ -89,7 +99,18 @@ pub(crate) async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
         .keep_alive_interval(config.h2_keepalive_interval)
         .keep_alive_timeout(config.h2_keepalive_timeout)
         .max_concurrent_streams(config.h2.pod_max_concurrent_streams);
-    if let Err(err) = builder.serve_connection(TokioIo::new(stream), service).await {
+    // Draining closes an idle keep-alive connection at once, a busy one after its response
+    // (HTTP/1.1), or sends GOAWAY (HTTP/2).
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let served = tokio::select! {
+        done = conn.as_mut() => done,
+        () = crate::hbone::drained(&mut drain) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = served {
         debug!(error = %err, "http connection ended with an error");
     }
 }

@@ -25,4 +25,4 @@ pub mod stats;
 mod upstream;
 
 pub use config::{DEFAULT_HBONE_PORT, H2Config, ProxyConfig};
-pub use proxy::{Inputs, Proxy, ProxyError};
+pub use proxy::{Drained, Inputs, Proxy, ProxyError};

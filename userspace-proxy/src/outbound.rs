@@ -62,8 +62,16 @@ pub(crate) async fn serve(listener: TcpListener, outbound: Outbound) -> Result<(
         .map_err(|source| OutboundError::Accept { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
     info!(%addr, component = "outbound", "listener ready");
     let accept_errors = crate::limits::EverySecond::new();
+    let mut drain = mesh.drain.clone();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = crate::hbone::drained(&mut drain) => {
+                info!(%addr, component = "outbound", "draining: the listener stops accepting");
+                return Ok(());
+            }
+        };
+        let (stream, peer) = match accepted {
             Ok(conn) => conn,
             // Per-connection failures (the peer reset before accept, fd limits) must not stop
             // the listener; back off briefly so an fd exhaustion does not spin.

@@ -43,7 +43,17 @@ pub struct Proxy {
     outbound_addr: SocketAddr,
     inbound_addr: Option<SocketAddr>,
     stats: Arc<OutboundStats>,
+    limits: Arc<ConnLimits>,
+    drain: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Connections still open at the deadline (0: every one finished).
+    pub left: usize,
+    pub took: std::time::Duration,
 }
 
 impl Proxy {
@@ -59,6 +69,7 @@ impl Proxy {
         let stats = Arc::new(OutboundStats::default());
         // One count for the whole node: the outbound listener, the inbound one and its tunnels.
         let limits = ConnLimits::new(config.max_connections, config.max_connections_per_source);
+        let (drain, draining) = watch::channel(false);
         let outbound = listen(&config, config.outbound_addr).map_err(|source| ProxyError::Bind {
             listener: "outbound",
             addr: config.outbound_addr,
@@ -83,18 +94,19 @@ impl Proxy {
                 certs: certs.clone(),
                 stats: stats.clone(),
                 limits: limits.clone(),
+                drain: draining.clone(),
             });
             tasks.push(runtime.spawn(log_end("inbound", crate::hbone::serve_inbound(listener, inbound))));
         }
         let outbound_state = Outbound {
-            mesh: Arc::new(Mesh::new(config, certs)),
-            limits,
+            mesh: Arc::new(Mesh::new(config, certs, draining)),
+            limits: limits.clone(),
             lookup,
             snapshot,
             stats: stats.clone(),
         };
         tasks.push(runtime.spawn(log_end("outbound", crate::outbound::serve(outbound, outbound_state))));
-        Ok(Self { outbound_addr, inbound_addr, stats, tasks })
+        Ok(Self { outbound_addr, inbound_addr, stats, limits, drain, tasks })
     }
 
     /// Where the outbound listener is bound (the configured address, its port filled in).
@@ -105,6 +117,29 @@ impl Proxy {
     /// Where the inbound HBONE listener is bound, when there is one.
     pub fn inbound_addr(&self) -> Option<SocketAddr> {
         self.inbound_addr
+    }
+
+    /// Connections open now: on the outbound listener, the inbound one, and tunnels.
+    pub fn connections(&self) -> usize {
+        self.limits.held()
+    }
+
+    /// Drains: both listeners stop accepting (a connection redirected here from now on is
+    /// refused at once), HTTP/2 and HBONE connections get GOAWAY, idle HTTP/1.1 keep-alive
+    /// connections close and busy ones close after their response; TCP streams run on. Resolves
+    /// when every connection has ended or `deadline` has passed, whichever is first; what is
+    /// left then ends with the proxy.
+    pub async fn drain(&self, deadline: std::time::Duration) -> Drained {
+        let started = std::time::Instant::now();
+        self.drain.send_replace(true);
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let left = self.limits.held();
+            if left == 0 || tokio::time::Instant::now() >= until {
+                return Drained { left, took: started.elapsed() };
+            }
+            tokio::time::sleep_until(until.min(tokio::time::Instant::now() + DRAIN_POLL)).await;
+        }
     }
 
     /// The proxy's counters, for the agent's status and metrics.
@@ -120,6 +155,9 @@ impl Drop for Proxy {
         }
     }
 }
+
+/// How often a drain looks whether every connection has ended.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A listener on `addr` with the configured backlog, registered with the runtime entered.
 fn listen(config: &ProxyConfig, addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {

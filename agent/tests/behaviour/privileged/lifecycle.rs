@@ -1,9 +1,13 @@
-//! The agent as a process: a missing privilege is named, its flags and variables parse, and
-//! nothing is left behind when it stops.
+//! The agent as a process: a missing privilege is named, its flags and variables parse,
+//! SIGTERM drains its connections, and nothing is left behind when it stops.
 
-use std::net::SocketAddr;
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
 
-use gammaray_testkit::{Cluster, agent::AgentArgs, require_privileged};
+use gammaray_testkit::{Cluster, agent::AgentArgs, http::HttpClient, require_privileged, scenarios::Canary};
 
 use super::support::*;
 
@@ -71,4 +75,100 @@ fn nothing_is_left_behind() {
     for id in links {
         assert!(!live.contains(&id), "BPF link {id} still attached");
     }
+}
+
+/// An L4 stream from a pod on node1 to a pod on node2 (through node1's proxy and HBONE), open
+/// and echoing.
+fn open_stream(mesh: &CanaryMesh, port: u16) -> (TcpStream, SocketAddr, gammaray_testkit::echo::EchoServer) {
+    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == "node2").expect("a backend on node2");
+    let listener = pod.run(|| std::net::TcpListener::bind((pod.ip, port))).expect("enter pod").expect("bind");
+    let echo = gammaray_testkit::echo::EchoServer::start(listener, &pod.name).expect("an echo server");
+    let dst = SocketAddr::from((pod.ip, port));
+    let (greeting, conn) = mesh.canary.client.run(|| open_and_greet(dst)).expect("enter client pod");
+    assert_eq!(greeting.hostname, pod.name, "reached the pod on node2");
+    (conn, dst, echo)
+}
+
+fn echo_line(conn: &mut TcpStream, what: &str) {
+    conn.write_all(format!("{what}\n").as_bytes()).expect("write");
+    let mut back = vec![0u8; what.len() + 1];
+    conn.read_exact(&mut back).unwrap_or_else(|e| panic!("{what}: no echo: {e}"));
+    assert_eq!(back, format!("{what}\n").as_bytes(), "{what}");
+}
+
+fn node1(mesh: &mut CanaryMesh) -> &mut gammaray_testkit::agent::Agent {
+    &mut mesh.agents.iter_mut().find(|(n, _)| *n == 1).expect("node1's agent").1
+}
+
+/// SIGTERM drains: the proxy stops accepting at once (a new connection from an enrolled pod is
+/// refused, never sent around the proxy), an idle HTTP keep-alive connection is closed, a stream
+/// open through it keeps flowing, and the agent exits as soon as that stream ends, well before
+/// its deadline.
+#[test]
+fn sigterm_lets_open_connections_finish_and_refuses_new_ones() {
+    if !require_privileged("lifecycle: drain") {
+        return;
+    }
+    let args = AgentArgs { drain_secs: Some(60), ..AgentArgs::default() };
+    let mut mesh = CanaryMesh::start_with(&Canary::route(50, 50), &[1, 2], args);
+    let (mut conn, dst, _echo) = open_stream(&mesh, 9301);
+    echo_line(&mut conn, "before the signal");
+    let service = SocketAddr::from((gammaray_testkit::scenarios::BACKEND_VIP, 80));
+    let mut http = mesh
+        .canary
+        .client
+        .run(|| HttpClient::connect(service, "backend", TIMEOUT))
+        .expect("enter client pod")
+        .expect("an HTTP connection to the Service");
+    assert_eq!(http.get("/", &[]).expect("a request before the signal").status, 200);
+    let agent = node1(&mut mesh);
+    agent.terminate();
+    agent
+        .wait_for("the drain to start", || {
+            let log = agent.log_text();
+            log.contains("draining: the proxy accepts no more connections").then_some(()).ok_or_else(|| "not yet".to_owned())
+        })
+        .expect("draining");
+    echo_line(&mut conn, "while draining");
+    // The idle keep-alive connection is closed by the drain (a request just before it may
+    // still be answered).
+    let deadline = Instant::now() + TIMEOUT;
+    while http.get("/", &[]).is_ok() {
+        assert!(Instant::now() < deadline, "the idle HTTP connection is still served after the drain began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let refused = mesh.canary.client.run(|| TcpStream::connect_timeout(&dst, TIMEOUT)).expect("enter client pod");
+    assert!(refused.is_err(), "a new connection is refused while draining, not sent around the proxy");
+    assert!(started.elapsed() < Duration::from_secs(2), "refused at once: {:?}", started.elapsed());
+    let agent = node1(&mut mesh);
+    assert!(agent.wait_exit(Duration::from_millis(500)).is_none(), "the agent waits for the open stream");
+    drop(conn);
+    let status = agent.wait_exit(TIMEOUT).expect("the agent exits once the stream has ended");
+    assert!(status.success(), "{status:?}\n{}", agent.log_text());
+    assert!(agent.log_text().contains("drained: every connection finished"), "{}", agent.log_text());
+}
+
+/// A drain that cannot finish by its deadline closes what is left and says how many.
+#[test]
+fn a_drain_past_its_deadline_closes_what_is_left_and_says_how_many() {
+    if !require_privileged("lifecycle: drain deadline") {
+        return;
+    }
+    let args = AgentArgs { drain_secs: Some(1), ..AgentArgs::default() };
+    let mut mesh = CanaryMesh::start_with(&Canary::route(50, 50), &[1, 2], args);
+    let (mut conn, _dst, _echo) = open_stream(&mesh, 9302);
+    echo_line(&mut conn, "before the signal");
+    let agent = node1(&mut mesh);
+    let started = Instant::now();
+    agent.terminate();
+    let status = agent.wait_exit(TIMEOUT).expect("the agent exits at its deadline");
+    assert!(status.success(), "{status:?}\n{}", agent.log_text());
+    assert!(started.elapsed() >= Duration::from_secs(1), "it waited for the deadline: {:?}", started.elapsed());
+    let log = agent.log_text();
+    let line = log.lines().find(|l| l.contains("drain deadline passed")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("left=1"), "the open stream is counted: {line}");
+    conn.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut buf = [0u8; 1];
+    assert!(matches!(conn.read(&mut buf), Ok(0) | Err(_)), "the stream left is closed");
 }

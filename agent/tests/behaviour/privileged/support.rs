@@ -127,6 +127,11 @@ pub struct CanaryMesh {
 
 impl CanaryMesh {
     pub fn start(route: &str, nodes: &[u8]) -> Self {
+        Self::start_with(route, nodes, AgentArgs::default())
+    }
+
+    /// [`CanaryMesh::start`] with agents started with `args` (manifests and CA filled in).
+    pub fn start_with(route: &str, nodes: &[u8], args: AgentArgs) -> Self {
         let cluster = Cluster::new(2).expect("cluster");
         let canary = Canary::build(&cluster).expect("canary world");
         let dir = cluster.dir().join("manifests");
@@ -138,8 +143,7 @@ impl CanaryMesh {
         let agents: Vec<(u8, Agent)> = nodes
             .iter()
             .map(|&n| {
-                let args =
-                    AgentArgs { manifests: Some(dir.clone()), ca: Some(ca.clone()), ..AgentArgs::default() };
+                let args = AgentArgs { manifests: Some(dir.clone()), ca: Some(ca.clone()), ..args.clone() };
                 (n, start_agent(&cluster, n, args))
             })
             .collect();
