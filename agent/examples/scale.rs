@@ -270,7 +270,8 @@ fn route(s: usize, weight: i64, services: usize) -> Value {
 /// random characters.
 fn pod_name(s: usize, n: usize) -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let suffix: String = (0..5).map(|i| ALPHABET[(n / ALPHABET.len().pow(i)) % ALPHABET.len()] as char).collect();
+    let suffix: String =
+        (0..5).map(|i| ALPHABET[(n / ALPHABET.len().pow(i)) % ALPHABET.len()] as char).collect();
     format!("svc-{s}-5d8f7c9b6-{suffix}")
 }
 

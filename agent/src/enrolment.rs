@@ -54,13 +54,15 @@ fn wanted_pod(store: &Store, node: &str, key: &PodKey, pod: &PodInfo) -> Option<
         .and_then(|n| n.metadata.labels.as_ref())
         .and_then(|l| l.get(DATAPLANE_LABEL))
         .is_some_and(|v| v == AMBIENT);
-    let wanted = pod.node.as_deref() == Some(node)
-        && !pod.host_network
-        && !pod.finished
-        && !pod.opted_out
-        && ambient;
+    let wanted =
+        pod.node.as_deref() == Some(node) && !pod.host_network && !pod.finished && !pod.opted_out && ambient;
     wanted
-        .then(|| Some((pod.uid.as_ref()?.to_string(), Wanted { namespace: key.namespace.to_string(), name: key.name.to_string() })))
+        .then(|| {
+            Some((
+                pod.uid.as_ref()?.to_string(),
+                Wanted { namespace: key.namespace.to_string(), name: key.name.to_string() },
+            ))
+        })
         .flatten()
 }
 
@@ -85,7 +87,10 @@ impl Tracker {
                 for item in last.pods.diff(&store.pods) {
                     let (key, old, new) = crate::store::changed(item);
                     if let Some(uid) = old.and_then(|p| p.uid.as_ref()).map(|u| u.to_string())
-                        && self.want.get(&uid).is_some_and(|w| *w.namespace == *key.namespace && *w.name == *key.name)
+                        && self
+                            .want
+                            .get(&uid)
+                            .is_some_and(|w| *w.namespace == *key.namespace && *w.name == *key.name)
                     {
                         self.want.remove(&uid);
                     }

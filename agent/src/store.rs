@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
+use gammaray_proxy::snapshot::ObjectRef;
 use gateway_api::{
     grpcroutes::GrpcRoute as GRPCRoute, httproutes::HttpRoute as HTTPRoute, referencegrants::ReferenceGrant,
 };
-use gammaray_proxy::snapshot::ObjectRef;
 use imbl::OrdMap;
-use smallvec::SmallVec;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use serde::de::DeserializeOwned;
+use smallvec::SmallVec;
 
 /// `namespace/name` key; cluster-scoped objects use an empty namespace. The names are shared:
 /// namespaces are one copy each ([`Names`]), and translation holds the same strings in the
@@ -183,9 +183,10 @@ impl Store {
                 self.nodes.insert(name.clone(), decode(index, &kind, &name, value)?);
             }
             ("", "Service") => {
-                let service = ServiceInfo::decode(value, &mut self.names.lock().expect("names lock")).map_err(
-                    |source| StoreError::Decode { index, kind: kind.clone(), name: name.clone(), source },
-                )?;
+                let service =
+                    ServiceInfo::decode(value, &mut self.names.lock().expect("names lock")).map_err(
+                        |source| StoreError::Decode { index, kind: kind.clone(), name: name.clone(), source },
+                    )?;
                 self.services.insert(key, Arc::new(service));
             }
             ("", "Pod") => {
@@ -199,13 +200,14 @@ impl Store {
                 self.pods.insert(key, Arc::new(pod));
             }
             ("discovery.k8s.io", "EndpointSlice") => {
-                let slice = SliceInfo::decode(value, &key.0, &mut self.names.lock().expect("names lock"), self)
-                    .map_err(|source| StoreError::Decode {
-                        index,
-                        kind: kind.clone(),
-                        name: name.clone(),
-                        source,
-                    })?;
+                let slice =
+                    SliceInfo::decode(value, &key.0, &mut self.names.lock().expect("names lock"), self)
+                        .map_err(|source| StoreError::Decode {
+                            index,
+                            kind: kind.clone(),
+                            name: name.clone(),
+                            source,
+                        })?;
                 let slice = Arc::new(slice);
                 self.remove_slice(KeyRef(&key.0, &key.1));
                 if let Some(service) = service_of(&slice) {
@@ -274,9 +276,9 @@ impl Store {
     ) -> impl Iterator<Item = (&'a str, &'a Arc<SliceInfo>)> {
         let found = self.slices_by_service.get_key_value(&KeyRef(namespace, service));
         found.into_iter().flat_map(move |((namespace, _), names)| {
-            names.iter().filter_map(move |name| {
-                Some((&**name, self.endpoint_slices.get(&KeyRef(namespace, name))?))
-            })
+            names
+                .iter()
+                .filter_map(move |name| Some((&**name, self.endpoint_slices.get(&KeyRef(namespace, name))?)))
         })
     }
 
@@ -696,9 +698,7 @@ fn shared_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Arc<str>
     Ok(Option::<String>::deserialize(d)?.map(Arc::from))
 }
 
-fn ip_addresses<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<SmallVec<[std::net::IpAddr; 1]>, D::Error> {
+fn ip_addresses<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SmallVec<[std::net::IpAddr; 1]>, D::Error> {
     use serde::Deserialize as _;
     let addresses = Option::<Vec<String>>::deserialize(d)?.unwrap_or_default();
     Ok(addresses.iter().filter_map(|a| a.parse().ok()).collect())
@@ -871,7 +871,9 @@ mod tests {
     fn uids_read_back_as_written() {
         let uuid = "0f8b2c1e-9a4d-4e7f-b3c2-5d6e7f8a9b0c";
         assert!(matches!(Uid::parse(uuid), Uid::Uuid(_)), "an API server's UID is 16 bytes");
-        for text in [uuid, "0F8B2C1E-9A4D-4E7F-B3C2-5D6E7F8A9B0C", "u-a", "0f8b2c1e-9a4d-4e7f-b3c2-5d6e7f8a9b0", ""] {
+        for text in
+            [uuid, "0F8B2C1E-9A4D-4E7F-B3C2-5D6E7F8A9B0C", "u-a", "0f8b2c1e-9a4d-4e7f-b3c2-5d6e7f8a9b0", ""]
+        {
             assert_eq!(Uid::parse(text).to_string(), text);
         }
         assert!(matches!(Uid::parse("0f8b2c1e-9a4d-4e7f-b3c2-5d6e7f8a9b0g"), Uid::Other(_)));

@@ -21,8 +21,8 @@ use std::{
 use gammaray_proxy::{
     route::Place,
     snapshot::{
-        AppProtocol, Backend, Declared, Endpoint, Frontend, GrpcRuleMatch, HttpRuleMatch, ObjectRef, Principal, RouteKind,
-        RouteTable, Snapshot, Workload,
+        AppProtocol, Backend, Declared, Endpoint, Frontend, GrpcRuleMatch, HttpRuleMatch, ObjectRef,
+        Principal, RouteKind, RouteTable, Snapshot, Workload,
     },
 };
 use serde::Serialize;

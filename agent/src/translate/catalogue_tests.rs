@@ -29,8 +29,7 @@ fn world(dir: &Path, case: &Case) -> Store {
     for text in &bases {
         for (service, ips) in catalogue::cluster_ip_assignments(text) {
             let (ns, name) = service.split_once('/').expect("namespace/name");
-            let svc =
-                store.services.get_mut(&crate::store::key(ns, name)).expect("assigned Service exists");
+            let svc = store.services.get_mut(&crate::store::key(ns, name)).expect("assigned Service exists");
             let spec = std::sync::Arc::make_mut(svc).spec.get_or_insert_default();
             spec.cluster_ip = ips.first().cloned();
             spec.cluster_ips = Some(ips);

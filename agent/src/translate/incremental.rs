@@ -447,9 +447,7 @@ impl Incremental {
             let mut backends = ServiceBackends::default();
             for sp in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
                 let Ok(port) = u16::try_from(sp.port) else { continue };
-                backends.add(port, || {
-                    resolve_backend(store, service, port, &|ip| workloads.get(ip)).ok()
-                });
+                backends.add(port, || resolve_backend(store, service, port, &|ip| workloads.get(ip)).ok());
             }
             backends
         });
@@ -621,8 +619,6 @@ impl Incremental {
         }
         self.tidy(service);
     }
-
-
 }
 
 /// A snapshot map whose keys several owners may claim (pods an address, Services a frontend
@@ -773,8 +769,11 @@ struct Cached<'a> {
 impl Resolve for Cached<'_> {
     fn resolve(&mut self, service: &ObjectRef, port: u16) -> Result<Arc<Backend>, Unresolved> {
         self.read.insert(service.clone());
-        let backends =
-            self.services.get(service).and_then(|s| s.backends.as_ref()).ok_or_else(|| no_service(service))?;
+        let backends = self
+            .services
+            .get(service)
+            .and_then(|s| s.backends.as_ref())
+            .ok_or_else(|| no_service(service))?;
         backends.get(&port).cloned().ok_or_else(|| no_port(service, port))
     }
 }

@@ -126,7 +126,9 @@ fn sigterm_lets_open_connections_finish_and_refuses_new_ones() {
     agent
         .wait_for("the drain to start", || {
             let log = agent.log_text();
-            log.contains("draining: the proxy accepts no more connections").then_some(()).ok_or_else(|| "not yet".to_owned())
+            log.contains("draining: the proxy accepts no more connections")
+                .then_some(())
+                .ok_or_else(|| "not yet".to_owned())
         })
         .expect("draining");
     echo_line(&mut conn, "while draining");
@@ -138,7 +140,8 @@ fn sigterm_lets_open_connections_finish_and_refuses_new_ones() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let started = Instant::now();
-    let refused = mesh.canary.client.run(|| TcpStream::connect_timeout(&dst, TIMEOUT)).expect("enter client pod");
+    let refused =
+        mesh.canary.client.run(|| TcpStream::connect_timeout(&dst, TIMEOUT)).expect("enter client pod");
     assert!(refused.is_err(), "a new connection is refused while draining, not sent around the proxy");
     assert!(started.elapsed() < Duration::from_secs(2), "refused at once: {:?}", started.elapsed());
     let agent = node1(&mut mesh);
@@ -164,7 +167,11 @@ fn a_drain_past_its_deadline_closes_what_is_left_and_says_how_many() {
     agent.terminate();
     let status = agent.wait_exit(TIMEOUT).expect("the agent exits at its deadline");
     assert!(status.success(), "{status:?}\n{}", agent.log_text());
-    assert!(started.elapsed() >= Duration::from_secs(1), "it waited for the deadline: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "it waited for the deadline: {:?}",
+        started.elapsed()
+    );
     let log = agent.log_text();
     let line = log.lines().find(|l| l.contains("drain deadline passed")).unwrap_or_else(|| panic!("{log}"));
     assert!(line.contains("left=1"), "the open stream is counted: {line}");
