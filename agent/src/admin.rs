@@ -173,6 +173,9 @@ pub fn config_dump(state: &State) -> Result<String, String> {
 
 /// Why the agent is not ready, if it is not.
 fn not_ready(state: &State, readiness: &Readiness) -> Option<&'static str> {
+    if state.outbound.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return Some("draining");
+    }
     if state.datapath.attachment().link_ids.len() < 2 {
         return Some("eBPF programs not attached");
     }
@@ -269,6 +272,22 @@ impl Collector for Scrape {
             o.inbound_tunnels,
         )?;
         counter(&mut encoder, "tls_refused", "Inbound TLS handshakes refused", o.tls_refused)?;
+        let g = ConstGauge::new(self.state.outbound.connections_open() as i64);
+        g.encode(encoder.encode_descriptor(
+            "proxy_connections_open",
+            "Connections the proxy holds now: outbound, inbound and tunnels",
+            None,
+            g.metric_type(),
+        )?)?;
+        let g = ConstGauge::new(i64::from(
+            self.state.outbound.draining.load(std::sync::atomic::Ordering::Relaxed),
+        ));
+        g.encode(encoder.encode_descriptor(
+            "proxy_draining",
+            "1 while the proxy drains (it accepts no new connection), else 0",
+            None,
+            g.metric_type(),
+        )?)?;
         let g = ConstGauge::new(self.state.generation.borrow().version as i64);
         g.encode(encoder.encode_descriptor(
             "config_version",

@@ -38,6 +38,7 @@ impl Refusal {
 }
 
 /// The counts one listener admits connections against.
+#[derive(Debug)]
 pub(crate) struct ConnLimits {
     max_total: usize,
     max_per_source: usize,
@@ -48,6 +49,7 @@ pub(crate) struct ConnLimits {
 }
 
 /// Says yes at most once a second: for log lines that a flood would otherwise repeat.
+#[derive(Debug)]
 pub(crate) struct EverySecond {
     /// Milliseconds since `started`, plus a second, when it last said yes (0: never).
     last: AtomicU64,

@@ -69,6 +69,7 @@ impl Proxy {
         let stats = Arc::new(OutboundStats::default());
         // One count for the whole node: the outbound listener, the inbound one and its tunnels.
         let limits = ConnLimits::new(config.max_connections, config.max_connections_per_source);
+        let _ = stats.open.set(limits.clone());
         let (drain, draining) = watch::channel(false);
         let outbound = listen(&config, config.outbound_addr).map_err(|source| ProxyError::Bind {
             listener: "outbound",
@@ -131,6 +132,7 @@ impl Proxy {
     /// left then ends with the proxy.
     pub async fn drain(&self, deadline: std::time::Duration) -> Drained {
         let started = std::time::Instant::now();
+        self.stats.draining.store(true, std::sync::atomic::Ordering::Relaxed);
         self.drain.send_replace(true);
         let until = tokio::time::Instant::now() + deadline;
         loop {

@@ -84,6 +84,17 @@ pub struct OutboundStats {
     /// Bytes carried from clients to destinations, and back.
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    /// The proxy drains: its listeners accept no more ([`crate::Proxy::drain`]).
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Connections the proxy holds now: outbound, inbound and tunnels.
+    pub(crate) open: std::sync::OnceLock<std::sync::Arc<crate::limits::ConnLimits>>,
+}
+
+impl OutboundStats {
+    /// Connections the proxy holds now: outbound, inbound and tunnels.
+    pub fn connections_open(&self) -> usize {
+        self.open.get().map_or(0, |limits| limits.held())
+    }
 }
 
 /// A point-in-time copy of [`OutboundStats`].

@@ -139,6 +139,23 @@ fn sigterm_lets_open_connections_finish_and_refuses_new_ones() {
         assert!(Instant::now() < deadline, "the idle HTTP connection is still served after the drain began");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The node says so: not ready, draining, with the stream (at least) still open.
+    let node = mesh.cluster.node(1);
+    let get = |port: u16, path: &str| {
+        node.run(|| HttpClient::connect(SocketAddr::from((node.ip, port)), "node", TIMEOUT)?.get(path, &[]))
+            .expect("enter node1")
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let ready = get(15021, "/readyz");
+    assert_eq!((ready.status, ready.body.trim()), (503, "not ready: draining"));
+    let metrics = get(15020, "/metrics").body;
+    assert!(metrics.lines().any(|l| l == "gammaray_proxy_draining 1"), "{metrics}");
+    let open: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gammaray_proxy_connections_open "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(open >= 1, "the stream is counted: {open}");
     let started = Instant::now();
     let refused =
         mesh.canary.client.run(|| TcpStream::connect_timeout(&dst, TIMEOUT)).expect("enter client pod");
