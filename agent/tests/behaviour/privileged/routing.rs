@@ -136,3 +136,109 @@ fn header_routing_adds_a_header_only_on_matched_requests() {
         })
         .expect("enter client pod");
 }
+
+/// What a progressive delivery controller (Flagger) does to a route: 90/10 → 50/50 → 0/100,
+/// each step written while a client calls steadily, across nodes, on keep-alive connections and
+/// on new ones. No request fails; after each step is in force the split is the step's. How long
+/// each step took to reach the client is printed (the bench measures it; not asserted here).
+#[test]
+fn progressive_weight_steps_under_load_fail_no_request() {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering::Relaxed},
+        },
+        time::Instant,
+    };
+    if !require_privileged("canary steps") {
+        return;
+    }
+    let mesh = CanaryMesh::start(&Canary::route(90, 10), &[1, 2]);
+    let (canary, dir, agent) = (&mesh.canary, &mesh.dir, mesh.agent(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = std::thread::spawn({
+        let (client, stop) = (canary.client.clone(), stop.clone());
+        move || {
+            client
+                .run(|| {
+                    let service = SocketAddr::from((scenarios::BACKEND_VIP, 80));
+                    let (mut answers, mut failures) = (Vec::new(), Vec::new());
+                    let mut conn = None;
+                    // Bounded: the main thread stops it within seconds; the cap is a backstop.
+                    for i in 0..20_000 {
+                        if stop.load(Relaxed) {
+                            break;
+                        }
+                        // Every fourth request on a new connection, the rest kept alive.
+                        if i % 4 == 0 {
+                            conn = None;
+                        }
+                        let sent = Instant::now();
+                        let reply = match conn.as_mut() {
+                            Some(c) => HttpClient::get(c, "/", &[]),
+                            None => HttpClient::connect(service, "backend", TIMEOUT).and_then(|mut c| {
+                                let r = c.get("/", &[]);
+                                conn = Some(c);
+                                r
+                            }),
+                        };
+                        match reply {
+                            Ok(r) if r.status == 200 => answers.push((sent, r.fields["message"].clone())),
+                            Ok(r) => failures.push(format!("request {i}: status {}: {}", r.status, r.body)),
+                            Err(e) => {
+                                failures.push(format!("request {i}: {e}"));
+                                conn = None;
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(4));
+                    }
+                    (answers, failures)
+                })
+                .expect("enter the client pod")
+        }
+    });
+    let mut steps = Vec::new();
+    for (v1, v2) in [(50, 50), (0, 100)] {
+        std::thread::sleep(Duration::from_millis(800));
+        let before = agent.status().config_version;
+        write_manifest(&dir.join("route.yaml"), &Canary::route(v1, v2));
+        let written = Instant::now();
+        assert_eventually("the step is in force", TIMEOUT, || {
+            let v = agent.status().config_version;
+            (v > before).then_some(()).ok_or(format!("still version {v}"))
+        });
+        steps.push((v2, written, Instant::now()));
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    stop.store(true, Relaxed);
+    let (answers, failures) = load.join().expect("the load thread");
+    assert!(failures.is_empty(), "{} of {} requests failed: {failures:?}", failures.len(), answers.len());
+    let is_v2 = |m: &str| m == "hello from backend v2";
+    for (k, &(v2, written, in_force)) in steps.iter().enumerate() {
+        // Requests sent once the step is in force, until the next step is written.
+        let until = steps.get(k + 1).map(|s| s.1);
+        let window: Vec<_> = answers
+            .iter()
+            .filter(|(sent, _)| {
+                *sent > in_force + Duration::from_millis(50) && until.is_none_or(|u| *sent < u)
+            })
+            .collect();
+        assert!(window.len() >= 100, "step to {v2}% v2: {} requests in its window", window.len());
+        let share = window.iter().filter(|(_, m)| is_v2(m)).count() * 100 / window.len();
+        match v2 {
+            100 => assert_eq!(share, 100, "after 0/100 every answer is v2"),
+            _ => assert!((35..=65).contains(&share), "50/50: {share}% to v2 of {}", window.len()),
+        }
+        let last_old = answers
+            .iter()
+            .filter(|(sent, m)| *sent > written && v2 == 100 && !is_v2(m))
+            .map(|(sent, _)| sent.duration_since(written))
+            .max();
+        eprintln!(
+            "canary steps: to {v2}% v2 in force {:?} after the write; last v1 answer {:?} after it",
+            in_force.duration_since(written),
+            last_old
+        );
+    }
+    eprintln!("canary steps: {} requests, none failed", answers.len());
+}
