@@ -84,7 +84,59 @@ pub(super) fn run(ctx: &Ctx<'_>, idle: &Idle, rows: &mut Vec<Row>) -> anyhow::Re
     std::thread::sleep(Duration::from_millis(500));
     rss_with_services(ctx, rows, &format!("with {} Services, after the weight change", ctx.plan.services));
 
+    steps(ctx, rows)?;
     churn(ctx, rows)
+}
+
+/// What a progressive delivery controller (Flagger) does to a route, 90/10 → 50/50 → 0/100
+/// through the API server, while a pod on node1 calls the L7 Service on node2 at 200 req/s:
+/// the requests that failed, the time from the 50/50 write to node1 routing by it, and from the
+/// 0/100 write to the client seeing only the new version. The route is left as it was found.
+fn steps(ctx: &Ctx<'_>, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    const RATE: u32 = 200;
+    let agent = &ctx.bed.agents[0];
+    let apply = |a: u32, b: u32| -> anyhow::Result<Duration> {
+        let version = agent.status()?.config_version;
+        let written = Instant::now();
+        ctx.bed.server.apply_yaml(&web_route(a, b));
+        agent.wait_until(|s| s.config_version > version)?;
+        Ok(written.elapsed())
+    };
+    apply(90, 10)?;
+    let (pod, url) = ctx.bed.world.target(Lane::L7Cross);
+    let (load, to_half, to_all) = std::thread::scope(|s| -> anyhow::Result<_> {
+        let load = s.spawn(|| oha(ctx.oha, pod, &url, 2, Some(RATE), Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_secs(1));
+        let to_half = apply(50, 50)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let written = Instant::now();
+        ctx.bed.server.apply_yaml(&web_route(0, 100));
+        let to_all = time_to_split(pod, SocketAddr::from((WEB_L7, 80)), "web-b", 20, written)?;
+        let load = load.join().map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
+        Ok((load, to_half, to_all))
+    })?;
+    rows.push(
+        Row::new(
+            format!(
+                "weight steps 90/10 → 50/50 → 0/100 under {RATE} req/s across nodes: failed requests of {:.0}",
+                load.requests
+            ),
+            None,
+            load.errors,
+            "requests",
+        )
+        .target(Target::AtMost(0.0)),
+    );
+    rows.push(
+        Row::new("… 50/50 write → in force on node1".into(), None, to_half.as_secs_f64() * 1000.0, "ms")
+            .target(Target::AtMost(1000.0)),
+    );
+    rows.push(
+        Row::new("… 0/100 write → the client sees only the new version".into(), None, to_all * 1000.0, "ms")
+            .target(Target::AtMost(1000.0)),
+    );
+    apply(100, 0)?;
+    Ok(())
 }
 
 /// Endpoint churn end to end: 100 EndpointSlice changes per second on the loaded Services, through
