@@ -131,21 +131,9 @@ fn an_idle_l4_connection_across_nodes_still_works_after_the_quiet() {
         std::env::var("GAMMARAY_L4_IDLE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(75),
     );
     let mesh = CanaryMesh::start(&Canary::route(50, 50), &[1, 2]);
-    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == "node2").expect("a backend on node2");
-    let listener = pod.run(|| std::net::TcpListener::bind((pod.ip, PORT))).expect("enter pod").expect("bind");
-    let _echo = gammaray_testkit::echo::EchoServer::start(listener, &pod.name).expect("an echo server");
-    let dst = SocketAddr::from((pod.ip, PORT));
-    let (greeting, mut conn) = mesh.canary.client.run(|| open_and_greet(dst)).expect("enter client pod");
-    assert_eq!(greeting.hostname, pod.name, "reached the pod on node2");
-    let echo = |conn: &mut TcpStream, what: &str| {
-        use std::io::{Read as _, Write as _};
-        conn.write_all(format!("{what}\n").as_bytes()).expect("write");
-        let mut back = vec![0u8; what.len() + 1];
-        conn.read_exact(&mut back).unwrap_or_else(|e| panic!("{what}: no echo: {e}"));
-        assert_eq!(back, format!("{what}\n").as_bytes(), "{what}");
-    };
-    echo(&mut conn, "before the quiet");
+    let (mut conn, _dst, _echo) = open_stream(&mesh, PORT);
+    echo_line(&mut conn, "before the quiet");
     eprintln!("hostile: an L4 connection through node1 and node2 stays quiet for {idle:?}");
     std::thread::sleep(idle);
-    echo(&mut conn, "after the quiet");
+    echo_line(&mut conn, "after the quiet");
 }

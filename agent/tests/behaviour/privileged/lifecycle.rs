@@ -2,7 +2,7 @@
 //! SIGTERM drains its connections, and nothing is left behind when it stops.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Read as _,
     net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
@@ -77,23 +77,22 @@ fn nothing_is_left_behind() {
     }
 }
 
-/// An L4 stream from a pod on node1 to a pod on node2 (through node1's proxy and HBONE), open
-/// and echoing.
-fn open_stream(mesh: &CanaryMesh, port: u16) -> (TcpStream, SocketAddr, gammaray_testkit::echo::EchoServer) {
-    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == "node2").expect("a backend on node2");
-    let listener = pod.run(|| std::net::TcpListener::bind((pod.ip, port))).expect("enter pod").expect("bind");
-    let echo = gammaray_testkit::echo::EchoServer::start(listener, &pod.name).expect("an echo server");
-    let dst = SocketAddr::from((pod.ip, port));
-    let (greeting, conn) = mesh.canary.client.run(|| open_and_greet(dst)).expect("enter client pod");
-    assert_eq!(greeting.hostname, pod.name, "reached the pod on node2");
-    (conn, dst, echo)
-}
-
-fn echo_line(conn: &mut TcpStream, what: &str) {
-    conn.write_all(format!("{what}\n").as_bytes()).expect("write");
-    let mut back = vec![0u8; what.len() + 1];
-    conn.read_exact(&mut back).unwrap_or_else(|e| panic!("{what}: no echo: {e}"));
-    assert_eq!(back, format!("{what}\n").as_bytes(), "{what}");
+/// A mesh whose agents drain for `drain_secs`, and an L4 stream from the client pod on node1 to
+/// a pod on node2 (through node1's proxy and HBONE) open and echoing, with the stream's
+/// destination and its echo server; `None` (after a SKIP line) without the privileges.
+fn mesh_with_a_stream(
+    what: &str,
+    drain_secs: u64,
+    port: u16,
+) -> Option<(CanaryMesh, TcpStream, SocketAddr, gammaray_testkit::echo::EchoServer)> {
+    if !require_privileged(what) {
+        return None;
+    }
+    let args = AgentArgs { drain_secs: Some(drain_secs), ..AgentArgs::default() };
+    let mesh = CanaryMesh::start_with(&Canary::route(50, 50), &[1, 2], args);
+    let (mut conn, dst, echo) = open_stream(&mesh, port);
+    echo_line(&mut conn, "before the signal");
+    Some((mesh, conn, dst, echo))
 }
 
 fn node1(mesh: &mut CanaryMesh) -> &mut gammaray_testkit::agent::Agent {
@@ -106,13 +105,9 @@ fn node1(mesh: &mut CanaryMesh) -> &mut gammaray_testkit::agent::Agent {
 /// its deadline.
 #[test]
 fn sigterm_lets_open_connections_finish_and_refuses_new_ones() {
-    if !require_privileged("lifecycle: drain") {
+    let Some((mut mesh, mut conn, dst, _echo)) = mesh_with_a_stream("lifecycle: drain", 60, 9301) else {
         return;
-    }
-    let args = AgentArgs { drain_secs: Some(60), ..AgentArgs::default() };
-    let mut mesh = CanaryMesh::start_with(&Canary::route(50, 50), &[1, 2], args);
-    let (mut conn, dst, _echo) = open_stream(&mesh, 9301);
-    echo_line(&mut conn, "before the signal");
+    };
     let service = SocketAddr::from((gammaray_testkit::scenarios::BACKEND_VIP, 80));
     let mut http = mesh
         .canary
@@ -172,13 +167,10 @@ fn sigterm_lets_open_connections_finish_and_refuses_new_ones() {
 /// A drain that cannot finish by its deadline closes what is left and says how many.
 #[test]
 fn a_drain_past_its_deadline_closes_what_is_left_and_says_how_many() {
-    if !require_privileged("lifecycle: drain deadline") {
+    let Some((mut mesh, mut conn, _dst, _echo)) = mesh_with_a_stream("lifecycle: drain deadline", 1, 9302)
+    else {
         return;
-    }
-    let args = AgentArgs { drain_secs: Some(1), ..AgentArgs::default() };
-    let mut mesh = CanaryMesh::start_with(&Canary::route(50, 50), &[1, 2], args);
-    let (mut conn, _dst, _echo) = open_stream(&mesh, 9302);
-    echo_line(&mut conn, "before the signal");
+    };
     let agent = node1(&mut mesh);
     let started = Instant::now();
     agent.terminate();

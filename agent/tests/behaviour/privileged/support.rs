@@ -163,3 +163,24 @@ impl CanaryMesh {
         &self.agents.iter().find(|(n, _)| *n == node).expect("an agent on that node").1
     }
 }
+
+/// An L4 stream from the client pod on node1 to a backend pod on node2 (through node1's proxy
+/// and HBONE), to an echo server on `port` there: the stream, its destination and the server.
+pub fn open_stream(mesh: &CanaryMesh, port: u16) -> (TcpStream, SocketAddr, EchoServer) {
+    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == "node2").expect("a backend on node2");
+    let listener = pod.run(|| std::net::TcpListener::bind((pod.ip, port))).expect("enter pod").expect("bind");
+    let echo = EchoServer::start(listener, &pod.name).expect("an echo server");
+    let dst = SocketAddr::from((pod.ip, port));
+    let (greeting, conn) = mesh.canary.client.run(|| open_and_greet(dst)).expect("enter client pod");
+    assert_eq!(greeting.hostname, pod.name, "reached the pod on node2");
+    (conn, dst, echo)
+}
+
+/// Sends `what` and a newline on an echoed stream and checks it comes back.
+pub fn echo_line(conn: &mut TcpStream, what: &str) {
+    use std::io::{Read as _, Write as _};
+    conn.write_all(format!("{what}\n").as_bytes()).expect("write");
+    let mut back = vec![0u8; what.len() + 1];
+    conn.read_exact(&mut back).unwrap_or_else(|e| panic!("{what}: no echo: {e}"));
+    assert_eq!(back, format!("{what}\n").as_bytes(), "{what}");
+}
