@@ -139,6 +139,8 @@ pub(super) fn render(rows: &[Row], quick: bool, build: Build, plan: &Plan, agent
     let mut verdicts = Vec::new();
     for r in rows {
         let (base, ratio) = match r.baseline {
+            // A ratio to nothing (failed requests against none) says nothing: a dash.
+            Some(b) if b == 0.0 => (format!("{} {}", fmt(b), r.unit), "—".into()),
             Some(b) => {
                 let mut ratio = format!("{:.2}×", r.value / b);
                 if r.ratios.len() > 1 {
@@ -244,6 +246,13 @@ mod tests {
         let one = Row::of_rounds("y".into(), &[10.0], &[5.0], "ms");
         let md = render(&[one], true, crate::agents::Build::Now, &FULL, "a build");
         assert!(md.contains("| y | 10.00 ms | 5.00 ms | 0.50× |  |"), "{md}");
+        // A baseline of zero gives no ratio, not NaN× or inf×.
+        let none = Row::new("z".into(), Some(0.0), 0.0, "requests");
+        let some = Row::new("w".into(), Some(0.0), 2.0, "requests");
+        let md = render(&[none, some], true, crate::agents::Build::Now, &FULL, "a build");
+        assert!(md.contains("| z | 0.000 requests | 0.000 requests | — |  |"), "{md}");
+        assert!(md.contains("| w | 0.000 requests | 2.00 requests | — |  |"), "{md}");
+        assert!(!md.contains("NaN×") && !md.contains("inf×"), "{md}");
     }
 
     #[test]
