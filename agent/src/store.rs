@@ -670,9 +670,7 @@ impl SliceInfo {
             share(&mut port.name, names);
         }
         for ep in &mut slice.endpoints {
-            if let Some(node) = &mut ep.node_name {
-                *node = names.get(node);
-            }
+            share(&mut ep.node_name, names);
             if let Some(pod) = &mut ep.pod {
                 // Read with an empty namespace when the targetRef gives none.
                 let ns = Some(&*pod.namespace).filter(|ns| !ns.is_empty()).unwrap_or(namespace);

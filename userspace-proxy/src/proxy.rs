@@ -43,7 +43,6 @@ pub struct Proxy {
     outbound_addr: SocketAddr,
     inbound_addr: Option<SocketAddr>,
     stats: Arc<OutboundStats>,
-    limits: Arc<ConnLimits>,
     drain: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -101,13 +100,13 @@ impl Proxy {
         }
         let outbound_state = Outbound {
             mesh: Arc::new(Mesh::new(config, certs, draining)),
-            limits: limits.clone(),
+            limits,
             lookup,
             snapshot,
             stats: stats.clone(),
         };
         tasks.push(runtime.spawn(log_end("outbound", crate::outbound::serve(outbound, outbound_state))));
-        Ok(Self { outbound_addr, inbound_addr, stats, limits, drain, tasks })
+        Ok(Self { outbound_addr, inbound_addr, stats, drain, tasks })
     }
 
     /// Where the outbound listener is bound (the configured address, its port filled in).
@@ -122,7 +121,7 @@ impl Proxy {
 
     /// Connections open now: on the outbound listener, the inbound one, and tunnels.
     pub fn connections(&self) -> usize {
-        self.limits.held()
+        self.stats.connections_open()
     }
 
     /// Drains: both listeners stop accepting (a connection redirected here from now on is
@@ -136,7 +135,7 @@ impl Proxy {
         self.drain.send_replace(true);
         let until = tokio::time::Instant::now() + deadline;
         loop {
-            let left = self.limits.held();
+            let left = self.stats.connections_open();
             if left == 0 || tokio::time::Instant::now() >= until {
                 return Drained { left, took: started.elapsed() };
             }
