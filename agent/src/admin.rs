@@ -232,6 +232,19 @@ impl Collector for Scrape {
                 k.lookup_misses,
             )?;
             counter(&mut encoder, "kernel_errors", "Map updates that failed in the kernel", k.errors)?;
+            // Pinned counters: they include what happened while no agent ran.
+            counter(
+                &mut encoder,
+                "kernel_refused_no_proxy",
+                "Enrolled connects refused while no node proxy was alive (failure mode closed)",
+                k.refused_no_proxy,
+            )?;
+            counter(
+                &mut encoder,
+                "kernel_passed_no_proxy",
+                "Enrolled connects sent directly while no node proxy was alive (failure mode open)",
+                k.passed_no_proxy,
+            )?;
         }
         let o = self.state.outbound.snapshot();
         counter(

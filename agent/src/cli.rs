@@ -7,6 +7,9 @@ use clap::{
     builder::{BoolishValueParser, TypedValueParser as _},
 };
 
+/// Where the agent pins its eBPF state by default.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/gammaray";
+
 /// The variable that sets `--log-json`.
 pub const LOG_JSON_ENV: &str = "GAMMARAY_LOG_JSON";
 
@@ -96,6 +99,22 @@ pub enum Command {
         /// terminationGracePeriodSeconds.
         #[arg(long, default_value_t = 30)]
         drain_timeout: u64,
+        /// Where the eBPF maps and links are pinned (a bpf file system), so that they outlive
+        /// the agent: a restarted or upgraded agent adopts them. One directory per node.
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// What an enrolled pod's connection meets while no node proxy is alive (the agent
+        /// crashed, was killed, or has not started yet): `closed` refuses it at once, `open`
+        /// lets it go directly, unproxied and in plaintext. Default: `closed` with mutual TLS,
+        /// `open` without.
+        #[arg(long, value_enum)]
+        failure_mode: Option<crate::ebpf::FailureMode>,
+    },
+    /// Remove the pinned eBPF maps and links of a node (run once no agent runs there: the
+    /// DaemonSet's removal path). Enrolled pods then connect directly.
+    Uninstall {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
     },
     /// Mesh CA management.
     Ca {

@@ -84,15 +84,26 @@ pub struct State {
     pub status_refused: crate::status_writer::Refused,
 }
 
-/// Serves the control socket until the task is dropped. An existing socket file at `path` is
-/// replaced (a previous agent that crashed leaves one behind).
-pub async fn serve(path: &Path, state: Arc<State>) -> Result<(), ControlError> {
+/// Binds the control socket at `path`, replacing a socket file there: one left by an agent
+/// that crashed, or the one of the agent this one takes over from (which keeps serving the
+/// connections it has). Returns the listener and the file's inode, by which the agent knows at
+/// exit whether the file is still its own.
+pub fn bind(path: &Path) -> Result<(UnixListener, u64), ControlError> {
+    use std::os::unix::fs::MetadataExt as _;
     let _ = std::fs::remove_file(path);
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let listener =
-        UnixListener::bind(path).map_err(|source| ControlError::Bind { path: path.to_owned(), source })?;
+    let err = |source| ControlError::Bind { path: path.to_owned(), source };
+    let listener = UnixListener::bind(path).map_err(err)?;
+    let inode = std::fs::metadata(path).map_err(err)?.ino();
+    Ok((listener, inode))
+}
+
+/// Serves the control socket until the task is dropped.
+pub async fn serve(listener: UnixListener, state: Arc<State>) -> Result<(), ControlError> {
+    let path =
+        listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_owned)).unwrap_or_default();
     tracing::info!(path = %path.display(), component = "control", "listener ready");
     loop {
         let (stream, _) = match listener.accept().await {

@@ -1,21 +1,34 @@
 //! Loading, attaching and driving the eBPF programs: the only place the agent touches the
-//! kernel's maps. Detaching happens on drop: the links are file descriptors owned here.
+//! kernel's maps.
+//!
+//! The kernel side outlives the agent: the maps and the two links are pinned in bpffs (see
+//! [`Pins`]), so a pod's connections keep being steered while no agent runs, and a starting
+//! agent adopts what is pinned: the maps when their ABI version is its own, and the links
+//! always, moving them to its freshly loaded programs with `BPF_LINK_UPDATE`, which swaps the
+//! program of a live link with no moment of none attached. Only `uninstall` removes the pins.
 
 use std::{
+    ffi::CString,
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, Program,
+        links::{FdLink, PinnedLink},
+    },
 };
 use gammaray_common::{
-    CONFIG_FLAG_ACTIVE, COUNTER_ERRORS, COUNTER_LOOKUP_MISSES, COUNTER_REDIRECTED, COUNTER_SKIPPED,
-    ClientKey, Config, Enrolled, MAP_CLIENT_ORIG, MAP_CONFIG, MAP_COUNTERS, MAP_ENROLLED, OrigDst,
+    ABI_VERSION, CONFIG_FLAG_ACTIVE, CONFIG_FLAG_FAIL_OPEN, COUNTER_ERRORS, COUNTER_LOOKUP_MISSES,
+    COUNTER_PASSED_NO_PROXY, COUNTER_REDIRECTED, COUNTER_REFUSED_NO_PROXY, COUNTER_SKIPPED, ClientKey,
+    Config, Enrolled, MAP_CLIENT_ORIG, MAP_CONFIG, MAP_COUNTERS, MAP_ENROLLED, MAP_HEARTBEAT, MAPS, OrigDst,
     PROG_CONNECT4, PROG_SOCKOPS,
 };
 use gammaray_proxy::orig_dst::{LookupError, OrigDstLookup};
@@ -27,6 +40,9 @@ const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
 /// The eBPF object built by build.rs from the `ebpf/` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gammaray"));
+
+/// `statfs(2)`'s type of a bpf file system.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -44,6 +60,20 @@ pub enum EbpfError {
     Log(#[source] aya_log::Error),
     #[error("cannot read link info: {0}")]
     Link(#[source] aya::programs::links::LinkError),
+    #[error(
+        "{dir} is not on a bpf file system: the agent pins its maps and links there so that they \
+         outlive it; mount one (`mount -t bpf bpf /sys/fs/bpf`, or the DaemonSet's hostPath \
+         /sys/fs/bpf) or pass --bpffs DIR"
+    )]
+    NotBpffs { dir: PathBuf },
+    #[error(
+        "the eBPF state pinned at {dir} belongs to node {owner}, not {node}: refusing to adopt it \
+         (another agent's pins, or the node was renamed: `gammaray-agent uninstall --bpffs {dir}` \
+         removes them)"
+    )]
+    Owner { dir: PathBuf, owner: String, node: String },
+    #[error("{what} {path}: {source}")]
+    Pin { what: &'static str, path: PathBuf, source: std::io::Error },
 }
 
 /// Kernel counters, summed over CPUs.
@@ -54,6 +84,12 @@ pub struct KernelCounters {
     pub skipped: u64,
     pub lookup_misses: u64,
     pub errors: u64,
+    /// Enrolled connections refused while no node proxy was alive (failure mode `closed`).
+    #[serde(default)]
+    pub refused_no_proxy: u64,
+    /// Enrolled connections let through directly while no node proxy was alive (`open`).
+    #[serde(default)]
+    pub passed_no_proxy: u64,
 }
 
 /// Identifiers of what the agent put into the kernel, so callers can check it is gone later.
@@ -63,76 +99,365 @@ pub struct Attachment {
     pub cgroup: PathBuf,
     pub link_ids: Vec<u32>,
     pub program_ids: Vec<u32>,
+    /// Where the maps and links are pinned.
+    #[serde(default)]
+    pub pins: PathBuf,
+    /// What the agent found pinned when it started.
+    #[serde(default)]
+    pub adoption: Adoption,
 }
 
-/// The loaded and attached programs with handles on their maps.
+/// What a starting agent found pinned.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Adoption {
+    /// Nothing: it attached new links and created the maps.
+    #[default]
+    Fresh,
+    /// Links and maps of its ABI version: it kept the maps (enrolment, destinations in flight)
+    /// and moved the links to its programs.
+    Adopted,
+    /// Links with maps of another ABI version: it created new maps, and moves the links to its
+    /// programs once its first enrolment pass has filled them; the old maps' pins go then.
+    Replaced,
+}
+
+/// What happens to an enrolled pod's connection while no node proxy is alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FailureMode {
+    /// Refused at once (connect() fails with EPERM): nothing leaves the node unproxied.
+    Closed,
+    /// Sent directly to its destination, unproxied (plaintext, no routes), and counted.
+    Open,
+}
+
+/// The pin layout under one directory (`--bpffs`, default `/sys/fs/bpf/gammaray`), one per
+/// node and cgroup attached to:
+///
+/// - `node-NAME/`: an empty directory naming the node that owns the rest;
+/// - `abi-N/GR_*`: the maps of ABI version N ([`ABI_VERSION`]);
+/// - `link-gr_connect4`, `link-gr_sockops`: the two links.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    pub dir: PathBuf,
+}
+
+impl Pins {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    fn owner_dir(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("node-{node}"))
+    }
+
+    fn abi_dir(&self) -> PathBuf {
+        self.dir.join(format!("abi-{ABI_VERSION}"))
+    }
+
+    fn map(&self, name: &str) -> PathBuf {
+        self.abi_dir().join(name)
+    }
+
+    fn link(&self, program: &str) -> PathBuf {
+        self.dir.join(format!("link-{program}"))
+    }
+
+    /// The nodes named by `node-*` entries.
+    fn owners(&self) -> Vec<String> {
+        self.entries().into_iter().filter_map(|n| n.strip_prefix("node-").map(str::to_owned)).collect()
+    }
+
+    /// `abi-*` directories of other versions than this agent's.
+    fn other_abis(&self) -> Vec<PathBuf> {
+        let ours = format!("abi-{ABI_VERSION}");
+        self.entries()
+            .into_iter()
+            .filter(|n| n.starts_with("abi-") && *n != ours)
+            .map(|n| self.dir.join(n))
+            .collect()
+    }
+
+    fn entries(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
+        entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+    }
+
+    /// Creates the directory, after checking it is on a bpf file system; the owner entry is
+    /// made, or checked against `node`.
+    fn prepare(&self, node: &str) -> Result<(), EbpfError> {
+        let pin = pin_err;
+        let mut probe = self.dir.as_path();
+        while !probe.exists() {
+            probe = probe.parent().unwrap_or(Path::new("/"));
+        }
+        let fs = nix::sys::statfs::statfs(probe).map_err(|e| pin("cannot stat", probe)(e.into()))?;
+        if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+            return Err(EbpfError::NotBpffs { dir: self.dir.clone() });
+        }
+        std::fs::create_dir_all(&self.dir).map_err(pin("cannot create", &self.dir))?;
+        match self.owners().into_iter().find(|o| o != node) {
+            Some(owner) => Err(EbpfError::Owner { dir: self.dir.clone(), owner, node: node.to_owned() }),
+            None => {
+                let owner = self.owner_dir(node);
+                if !owner.exists() {
+                    std::fs::create_dir(&owner).map_err(pin("cannot create", &owner))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn pin_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> EbpfError + use<> {
+    let path = path.to_owned();
+    move |source| EbpfError::Pin { what, path, source }
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Removed {
+    pub links: usize,
+    pub maps: usize,
+}
+
+/// Removes every pin under `pins.dir`, links first (a link whose last reference goes detaches
+/// its program), then the maps and the directory. An agent still running keeps its own
+/// references until it exits.
+pub fn uninstall(pins: &Pins) -> Result<Removed, EbpfError> {
+    let mut removed = Removed::default();
+    if !pins.dir.exists() {
+        return Ok(removed);
+    }
+    let err = pin_err;
+    let mut names = pins.entries();
+    // Links before maps: the programs stop running before their maps go.
+    names.sort_by_key(|n| !n.starts_with("link-"));
+    for name in names {
+        let path = pins.dir.join(&name);
+        if path.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(err("cannot read", &path))?.flatten() {
+                std::fs::remove_file(entry.path()).map_err(err("cannot remove", &entry.path()))?;
+                removed.maps += 1;
+            }
+            std::fs::remove_dir(&path).map_err(err("cannot remove", &path))?;
+        } else {
+            std::fs::remove_file(&path).map_err(err("cannot remove", &path))?;
+            if name.starts_with("link-") {
+                removed.links += 1;
+            }
+        }
+    }
+    std::fs::remove_dir(&pins.dir).map_err(err("cannot remove", &pins.dir))?;
+    Ok(removed)
+}
+
+/// How the agent loads the programs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node: String,
+    pub pins: Pins,
+    pub failure: FailureMode,
+    /// A heartbeat older than this means no proxy is alive.
+    pub liveness: Duration,
+}
+
+/// Links of an older ABI waiting to be moved to this agent's programs.
+struct PendingSwap {
+    links: Vec<(PathBuf, &'static str)>,
+}
+
+/// The loaded programs, attached through pinned links, with handles on their maps.
 pub struct Datapath {
-    // Dropping `links` detaches the programs; `ebpf` keeps the programs and maps alive.
-    links: Vec<FdLink>,
     attachment: Attachment,
+    pins: Pins,
+    pending: Mutex<Option<PendingSwap>>,
     enrolled: Mutex<HashMap<MapData, u64, Enrolled>>,
     counters: PerCpuArray<MapData, u64>,
+    heartbeat: Mutex<Array<MapData, u64>>,
     client_orig: Arc<Mutex<HashMap<MapData, ClientKey, OrigDst>>>,
     logger: Option<aya_log::EbpfLogger<KernelLog>>,
-    _ebpf: Ebpf,
+    // Keeps the programs loaded (a link update needs their descriptors) and the maps open.
+    ebpf: Ebpf,
 }
 
 impl Datapath {
-    /// Loads the object, points it at the node proxy's outbound listener and attaches both
-    /// programs to `cgroup_root` as links beside any other programs there.
-    pub fn load(cgroup_root: &Path, proxy: SocketAddrV4) -> Result<Self, EbpfError> {
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(EbpfError::Load)?;
+    /// Loads the object, points it at the node proxy's outbound listener, and attaches both
+    /// programs to `cgroup_root` through pinned links beside any other programs there, or
+    /// adopts the links pinned by an earlier agent (see the module's comment).
+    pub fn load(cgroup_root: &Path, proxy: SocketAddrV4, settings: &Settings) -> Result<Self, EbpfError> {
+        let pins = &settings.pins;
+        pins.prepare(&settings.node)?;
+        let abi_dir = pins.abi_dir();
+        let maps_pinned = MAPS.iter().all(|m| pins.map(m).exists());
+        let links_pinned = [PROG_CONNECT4, PROG_SOCKOPS].iter().all(|p| pins.link(p).exists());
+        let adoption = match (links_pinned, maps_pinned) {
+            (false, _) => Adoption::Fresh,
+            (true, true) => Adoption::Adopted,
+            (true, false) => Adoption::Replaced,
+        };
+        std::fs::create_dir_all(&abi_dir).map_err(|source| EbpfError::Pin {
+            what: "cannot create",
+            path: abi_dir.clone(),
+            source,
+        })?;
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&'static str, PathBuf)> = MAPS.iter().map(|m| (*m, pins.map(m))).collect();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, KernelLog).map_err(EbpfError::Log)?;
 
         let mut config: Array<MapData, Config> = take_map(&mut ebpf, MAP_CONFIG)?;
+        let mut flags = CONFIG_FLAG_ACTIVE;
+        if settings.failure == FailureMode::Open {
+            flags |= CONFIG_FLAG_FAIL_OPEN;
+        }
         let cfg = Config {
             proxy_addr: u32::from(*proxy.ip()).to_be(),
             proxy_port: proxy.port().to_be(),
-            flags: CONFIG_FLAG_ACTIVE,
+            flags,
+            liveness_ns: settings.liveness.as_nanos() as u64,
             ..Config::default()
         };
         config.set(0, &cfg, 0).map_err(|source| EbpfError::Map { name: MAP_CONFIG, source })?;
         let enrolled = take_map(&mut ebpf, MAP_ENROLLED)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
+        let heartbeat = take_map(&mut ebpf, MAP_HEARTBEAT)?;
         let client_orig = take_map(&mut ebpf, MAP_CLIENT_ORIG)?;
 
         let cgroup = File::open(cgroup_root)
             .map_err(|source| EbpfError::Cgroup { path: cgroup_root.to_owned(), source })?;
-        let mut links = Vec::new();
         let mut program_ids = Vec::new();
-
-        let prog: &mut CgroupSockAddr = program(&mut ebpf, PROG_CONNECT4)?;
-        let err = |source| EbpfError::Program { name: PROG_CONNECT4, source };
-        prog.load().map_err(err)?;
-        let id = prog.attach(&cgroup, ATTACH_MODE).map_err(err)?;
-        links.push(FdLink::try_from(prog.take_link(id).map_err(err)?).map_err(EbpfError::Link)?);
-        program_ids.push(prog.info().map_err(err)?.id());
-
-        let prog: &mut SockOps = program(&mut ebpf, PROG_SOCKOPS)?;
-        let err = |source| EbpfError::Program { name: PROG_SOCKOPS, source };
-        prog.load().map_err(err)?;
-        let id = prog.attach(&cgroup, ATTACH_MODE).map_err(err)?;
-        links.push(FdLink::try_from(prog.take_link(id).map_err(err)?).map_err(EbpfError::Link)?);
-        program_ids.push(prog.info().map_err(err)?.id());
-
-        let link_ids = links
+        let mut pending = Vec::new();
+        for name in [PROG_CONNECT4, PROG_SOCKOPS] {
+            let err = |source| EbpfError::Program { name, source };
+            let link_path = pins.link(name);
+            let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing { kind: "program", name })?;
+            let attach = |prog: &mut Program| -> Result<FdLink, EbpfError> {
+                let link = match prog {
+                    Program::CgroupSockAddr(p) => {
+                        p.load().map_err(err)?;
+                        let id = p.attach(&cgroup, ATTACH_MODE).map_err(err)?;
+                        FdLink::try_from(p.take_link(id).map_err(err)?).map_err(EbpfError::Link)?
+                    }
+                    Program::SockOps(p) => {
+                        p.load().map_err(err)?;
+                        let id = p.attach(&cgroup, ATTACH_MODE).map_err(err)?;
+                        FdLink::try_from(p.take_link(id).map_err(err)?).map_err(EbpfError::Link)?
+                    }
+                    _ => return Err(EbpfError::Missing { kind: "cgroup program", name }),
+                };
+                Ok(link)
+            };
+            match adoption {
+                Adoption::Fresh => {
+                    // A lone pin of one link (a crash between the two) is replaced.
+                    let _ = std::fs::remove_file(&link_path);
+                    let link = attach(prog)?;
+                    link.pin(&link_path).map_err(|e| EbpfError::Pin {
+                        what: "cannot pin link",
+                        path: link_path.clone(),
+                        source: std::io::Error::other(e),
+                    })?;
+                }
+                Adoption::Adopted | Adoption::Replaced => {
+                    load_only(prog, name)?;
+                    if adoption == Adoption::Adopted {
+                        swap(&link_path, program_fd(prog, name)?)?;
+                    } else {
+                        pending.push((link_path.clone(), name));
+                    }
+                }
+            }
+            program_ids.push(program_info_id(prog, name)?);
+        }
+        let link_ids = [PROG_CONNECT4, PROG_SOCKOPS]
             .iter()
-            .map(|l| l.info().map(|i| i.id()))
+            .map(|p| PinnedLink::from_pin(pins.link(p)).and_then(|l| FdLink::from(l).info()).map(|i| i.id()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(EbpfError::Link)?;
         tracing::info!(
-            cgroup = %cgroup_root.display(), %proxy, ?link_ids, ?program_ids,
+            cgroup = %cgroup_root.display(), %proxy, ?link_ids, ?program_ids, pins = %pins.dir.display(),
+            adoption = ?adoption, abi = ABI_VERSION, failure_mode = ?settings.failure,
             "eBPF programs attached"
         );
-        Ok(Self {
-            links,
-            attachment: Attachment { cgroup: cgroup_root.to_owned(), link_ids, program_ids },
+        let datapath = Self {
+            attachment: Attachment {
+                cgroup: cgroup_root.to_owned(),
+                link_ids,
+                program_ids,
+                pins: pins.dir.clone(),
+                adoption,
+            },
+            pins: pins.clone(),
+            pending: Mutex::new((!pending.is_empty()).then_some(PendingSwap { links: pending })),
             enrolled: Mutex::new(enrolled),
             counters,
+            heartbeat: Mutex::new(heartbeat),
             client_orig: Arc::new(Mutex::new(client_orig)),
             logger: Some(logger),
-            _ebpf: ebpf,
-        })
+            ebpf,
+        };
+        if adoption != Adoption::Replaced {
+            datapath.remove_other_abis();
+        }
+        Ok(datapath)
+    }
+
+    /// Moves links still running an older ABI's programs to this agent's, now that its own
+    /// maps hold the enrolment; then removes the older maps' pins. Does nothing when there
+    /// is nothing to move.
+    pub fn complete_swap(&self) -> Result<(), EbpfError> {
+        let Some(pending) = self.pending.lock().expect("pending lock").take() else { return Ok(()) };
+        for (path, name) in &pending.links {
+            let prog = self.ebpf.program(name).ok_or(EbpfError::Missing { kind: "program", name })?;
+            let fd = prog.fd().map_err(|source| EbpfError::Program { name, source })?;
+            swap(path, fd.as_fd())?;
+        }
+        tracing::info!(links = pending.links.len(), abi = ABI_VERSION, "links moved to this ABI's programs");
+        self.remove_other_abis();
+        Ok(())
+    }
+
+    fn remove_other_abis(&self) {
+        for dir in self.pins.other_abis() {
+            let removed = std::fs::read_dir(&dir)
+                .map(|entries| entries.flatten().filter(|e| std::fs::remove_file(e.path()).is_ok()).count())
+                .unwrap_or(0);
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), maps = removed, "removed the maps of another ABI version")
+                }
+                Err(err) => {
+                    tracing::warn!(dir = %dir.display(), error = %err, "cannot remove the maps of another ABI version")
+                }
+            }
+        }
+    }
+
+    /// Says the node proxy is serving: connections of enrolled pods are steered to it until
+    /// the liveness window passes without another beat.
+    pub fn beat(&self) -> Result<(), EbpfError> {
+        let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `t` is a valid timespec to write; CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
+        let now = match unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) } {
+            0 => t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64,
+            _ => {
+                return Err(EbpfError::Pin {
+                    what: "cannot read the clock for",
+                    path: self.pins.dir.clone(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        };
+        self.heartbeat
+            .lock()
+            .expect("heartbeat lock")
+            .set(0, &now, 0)
+            .map_err(|source| EbpfError::Map { name: MAP_HEARTBEAT, source })
     }
 
     pub fn attachment(&self) -> &Attachment {
@@ -181,19 +506,14 @@ impl Datapath {
             skipped: sum(COUNTER_SKIPPED)?,
             lookup_misses: sum(COUNTER_LOOKUP_MISSES)?,
             errors: sum(COUNTER_ERRORS)?,
+            refused_no_proxy: sum(COUNTER_REFUSED_NO_PROXY)?,
+            passed_no_proxy: sum(COUNTER_PASSED_NO_PROXY)?,
         })
     }
 
     /// The proxy's view of the original-destination map.
     pub fn orig_dst_lookup(&self) -> Arc<dyn OrigDstLookup> {
         Arc::new(MapLookup { map: self.client_orig.clone() })
-    }
-
-    /// Detaches both programs now (dropping the datapath does the same).
-    pub fn detach(&mut self) {
-        let n = self.links.len();
-        self.links.clear();
-        tracing::info!(links = n, "eBPF programs detached");
     }
 }
 
@@ -205,12 +525,88 @@ where
     T::try_from(map).map_err(|source| EbpfError::Map { name, source })
 }
 
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing { kind: "program", name })?;
-    prog.try_into().map_err(|source| EbpfError::Program { name, source })
+/// Loads a program into the kernel without attaching it.
+fn load_only(prog: &mut Program, name: &'static str) -> Result<(), EbpfError> {
+    let err = |source| EbpfError::Program { name, source };
+    match prog {
+        Program::CgroupSockAddr(p) => p.load().map_err(err),
+        Program::SockOps(p) => p.load().map_err(err),
+        _ => Err(EbpfError::Missing { kind: "cgroup program", name }),
+    }
+}
+
+fn program_fd<'a>(prog: &'a Program, name: &'static str) -> Result<BorrowedFd<'a>, EbpfError> {
+    prog.fd().map(|fd| fd.as_fd()).map_err(|source| EbpfError::Program { name, source })
+}
+
+fn program_info_id(prog: &Program, name: &'static str) -> Result<u32, EbpfError> {
+    let err = |source| EbpfError::Program { name, source };
+    match prog {
+        Program::CgroupSockAddr(p) => Ok(p.info().map_err(err)?.id()),
+        Program::SockOps(p) => Ok(p.info().map_err(err)?.id()),
+        _ => Err(EbpfError::Missing { kind: "cgroup program", name }),
+    }
+}
+
+/// Points the link pinned at `path` at the program `prog` (`BPF_LINK_UPDATE`): the kernel
+/// swaps the program of the attached link in one step.
+fn swap(path: &Path, prog: BorrowedFd<'_>) -> Result<(), EbpfError> {
+    let err = |what| move |source| EbpfError::Pin { what, path: path.to_owned(), source };
+    let link = bpf::obj_get(path).map_err(err("cannot open pinned link"))?;
+    bpf::link_update(link.as_fd(), prog).map_err(err("cannot move the pinned link to the new program"))
+}
+
+/// The two bpf(2) commands aya keeps to itself: opening a pinned object by path, and updating
+/// a link's program.
+mod bpf {
+    use super::*;
+
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+
+    fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+        // SAFETY: `attr` is a live, initialised bpf_attr prefix of the given size for `cmd`; the
+        // kernel reads (and may write) only those bytes, zero-extending the rest.
+        let ret = unsafe {
+            libc::syscall(libc::SYS_bpf, cmd, attr as *mut T as *mut libc::c_void, std::mem::size_of::<T>())
+        };
+        if ret < 0 { Err(std::io::Error::last_os_error()) } else { Ok(ret) }
+    }
+
+    pub(super) fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let path = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+        let mut attr = ObjAttr { pathname: path.as_ptr() as u64, ..Default::default() };
+        let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
+        // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    pub(super) fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
+        let mut attr = LinkUpdateAttr {
+            link_fd: link.as_raw_fd() as u32,
+            new_prog_fd: prog.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        sys_bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+    }
 }
 
 struct MapLookup {

@@ -170,10 +170,18 @@ pub async fn run(
         .collect();
     let mut enrolled = Enrolled::new();
     let mut tracker = Tracker::new(node);
+    let mut first = true;
     loop {
         let current = generation.borrow_and_update().clone();
         let want = tracker.update(&current.objects);
         let pending = reconcile(&state, want, &mut enrolled, &proc_root, &host_netns).await;
+        if std::mem::take(&mut first) {
+            // Links still running an older ABI's programs move once this agent's maps hold
+            // what the first pass enrolled: never a moment when an enrolled pod is unsteered.
+            if let Err(err) = state.datapath.complete_swap() {
+                warn!(error = %err, "cannot move the pinned links to this agent's programs");
+            }
+        }
         if pending {
             tokio::select! {
                 changed = generation.changed() => if changed.is_err() { return },

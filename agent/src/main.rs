@@ -32,6 +32,8 @@ fn main() -> anyhow::Result<()> {
                 kube,
                 proc_root,
                 drain_timeout,
+                bpffs,
+                failure_mode,
             } => {
                 let kube_settings = kube_client::Access::detect(kube.kubeconfig).map(|access| KubeSettings {
                     access,
@@ -62,8 +64,20 @@ fn main() -> anyhow::Result<()> {
                     kube: kube_settings,
                     proc_root,
                     drain_timeout: std::time::Duration::from_secs(drain_timeout),
+                    bpffs,
+                    failure_mode,
                 };
                 run(cfg, shutdown_signal()).await
+            }
+            Command::Uninstall { bpffs } => {
+                let removed = gammaray_agent::ebpf::uninstall(&gammaray_agent::ebpf::Pins::new(&bpffs))?;
+                println!(
+                    "removed {} link(s) and {} map(s) pinned at {}",
+                    removed.links,
+                    removed.maps,
+                    bpffs.display()
+                );
+                Ok(())
             }
             Command::Enrol { netns } => {
                 let r = client.enrol(&netns).await?;

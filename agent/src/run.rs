@@ -35,7 +35,18 @@ pub struct RunConfig {
     pub proc_root: PathBuf,
     /// How long a shutdown waits for the proxy's connections to finish.
     pub drain_timeout: std::time::Duration,
+    /// Where the eBPF maps and links are pinned.
+    pub bpffs: PathBuf,
+    /// With no live proxy, enrolled connections are refused or go direct; `None` chooses by
+    /// whether traffic between nodes is mutual TLS (refused when it is).
+    pub failure_mode: Option<ebpf::FailureMode>,
 }
+
+/// How often the proxy says, to the kernel side, that it is serving.
+const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long after the last heartbeat the kernel side holds the proxy for dead: five beats, so
+/// a busy moment of the agent never reads as a death.
+const LIVENESS: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct KubeSettings {
@@ -62,12 +73,6 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         std::net::SocketAddr::V4(addr) => addr,
         addr => anyhow::bail!("the outbound listener {addr} must be an IPv4 address"),
     };
-    // Attached with no pod enrolled: nothing is redirected until enrolment starts, after the
-    // proxy's listeners are bound.
-    let mut datapath = ebpf::Datapath::load(&cgroup_root, proxy_addr)?;
-    let logger = datapath.take_logger();
-    let kernel_logs = logger.map(|l| tokio::spawn(ebpf::forward_kernel_logs(l)));
-
     // Until a source publishes, the empty generation makes every destination pass through.
     let options = translate::Options { trust_domain: cfg.proxy.trust_domain.clone(), version: 0 };
     let (out, config) = generation::Publisher::new(options);
@@ -115,6 +120,25 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         }
     };
 
+    // Attached (or adopted from an earlier agent, whose enrolment and links keep working
+    // meanwhile). A fresh attachment has no pod enrolled: nothing is redirected until
+    // enrolment starts, after the proxy's listeners are bound.
+    let failure = cfg.failure_mode.unwrap_or(if certs.is_some() {
+        ebpf::FailureMode::Closed
+    } else {
+        ebpf::FailureMode::Open
+    });
+    let settings = ebpf::Settings {
+        node: cfg.node.clone(),
+        pins: ebpf::Pins::new(&cfg.bpffs),
+        failure,
+        liveness: LIVENESS,
+    };
+    let mut datapath = ebpf::Datapath::load(&cgroup_root, proxy_addr, &settings)?;
+    let logger = datapath.take_logger();
+    let kernel_logs = logger.map(|l| tokio::spawn(ebpf::forward_kernel_logs(l)));
+    allow_listener_handover();
+
     // The proxy runs on a runtime of its own, so a burst of traffic never starves the agent's
     // control work, and the agent's work never adds latency to requests.
     let proxy_rt = ProxyRuntime::start(cfg.proxy_threads).context("cannot start the proxy runtime")?;
@@ -150,9 +174,8 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     }
     let mut admin = Vec::new();
     for (addr, what, surfaces) in surfaces {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot bind the {what} endpoint on {addr}"))?;
+        let listener =
+            bind_shared(addr).with_context(|| format!("cannot bind the {what} endpoint on {addr}"))?;
         admin.push(tokio::spawn(admin::serve(listener, state.clone(), readiness.clone(), surfaces)));
     }
     // Pods of labelled namespaces on this node follow the objects, whichever the source.
@@ -176,11 +199,25 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
             state.status_refused.clone(),
         ))
     });
-    let control_path = cfg.control_socket.clone();
-    let mut control = tokio::spawn({
+    let (control_listener, control_inode) = control::bind(&cfg.control_socket)?;
+    let mut control = tokio::spawn(control::serve(control_listener, state.clone()));
+    // The kernel side steers to this proxy while it beats; an agent taking over beats too.
+    let heartbeat = proxy_rt.handle().spawn({
         let state = state.clone();
-        async move { control::serve(&control_path, state).await }
+        async move {
+            let mut every = tokio::time::interval(HEARTBEAT_EVERY);
+            loop {
+                every.tick().await;
+                if let Err(err) = state.datapath.beat() {
+                    tracing::warn!(error = %err, "cannot write the proxy's heartbeat");
+                }
+            }
+        }
     });
+    if enrolment.is_none() {
+        // No enrolment pass to wait for: links of an older ABI move now.
+        state.datapath.complete_swap()?;
+    }
     let trim = tokio::spawn(crate::memory::trim_after_bursts(std::time::Duration::from_secs(5)));
     tracing::info!(node = %cfg.node, proxy = %proxy_addr, "agent ready");
 
@@ -196,8 +233,10 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     if let Some(writer) = status_writer {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), writer).await;
     }
-    // Connections in flight finish before the proxy goes; new ones are refused meanwhile (the
-    // programs stay attached: an enrolled pod's connection never leaves unproxied).
+    // Connections in flight finish before the proxy goes. The heartbeat stops with the
+    // listeners: an agent taking over keeps the kernel side steering to its own; with none,
+    // the failure mode applies once the liveness window passes (the programs stay attached).
+    heartbeat.abort();
     tracing::info!(
         connections = proxy.connections(),
         deadline_secs = cfg.drain_timeout.as_secs(),
@@ -233,13 +272,50 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     }
     drop(proxy);
     proxy_rt.shutdown();
-    let _ = std::fs::remove_file(&cfg.control_socket);
-    // The control task holds the last other reference; once it is gone the links drop here.
-    match Arc::try_unwrap(state) {
-        Ok(mut state) => state.datapath.detach(),
-        Err(_) => tracing::warn!("state still shared at exit; links close with the process"),
+    // Unless an agent that took over has bound its own since.
+    if std::fs::metadata(&cfg.control_socket).is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt as _;
+        m.ino() == control_inode
+    }) {
+        let _ = std::fs::remove_file(&cfg.control_socket);
     }
+    // The links and maps stay pinned: pods keep the failure mode until an agent adopts them,
+    // or `gammaray-agent uninstall` removes them.
+    tracing::info!(pins = %cfg.bpffs.display(), "stopped; the eBPF programs stay attached");
     Ok(())
+}
+
+/// A listener on `addr` that another agent on the node may bind beside this one
+/// (`SO_REUSEPORT`), so an upgrade overlaps the two.
+fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Asks the kernel to move connections waiting in a closing listener's queue to another
+/// listener of its `SO_REUSEPORT` group (`net.ipv4.tcp_migrate_req`, Linux 5.14): without it,
+/// the connections a draining agent had not accepted yet are reset. The sysctl is the node's
+/// network namespace's.
+fn allow_listener_handover() {
+    let path = std::path::Path::new("/proc/sys/net/ipv4/tcp_migrate_req");
+    match std::fs::read_to_string(path) {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(_) => match std::fs::write(path, "1") {
+            Ok(()) => tracing::info!(
+                "set net.ipv4.tcp_migrate_req=1: a draining agent's queued connections move to its successor"
+            ),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot set net.ipv4.tcp_migrate_req: connections queued at an upgrade may be reset")
+            }
+        },
+        Err(err) => {
+            tracing::warn!(error = %err, "no net.ipv4.tcp_migrate_req (Linux 5.14): connections queued at an upgrade may be reset")
+        }
+    }
 }
 
 /// What the agent's descriptors allow the proxy.

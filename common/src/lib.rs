@@ -18,6 +18,18 @@ pub const MAP_CLIENT_ORIG: &str = "GR_CLIENT_ORIG";
 pub const MAP_CONFIG: &str = "GR_CONFIG";
 /// Per-CPU array of `u64` counters, indexed by the `COUNTER_*` constants.
 pub const MAP_COUNTERS: &str = "GR_COUNTERS";
+/// Array of one `u64`: the `CLOCK_MONOTONIC` time, in nanoseconds, at which a node proxy last
+/// said it was serving. Every agent on the node writes it while its proxy accepts.
+pub const MAP_HEARTBEAT: &str = "GR_HEARTBEAT";
+
+/// Every map of the object, in the order the agent pins them.
+pub const MAPS: [&str; 6] =
+    [MAP_ENROLLED, MAP_SOCK_ORIG, MAP_CLIENT_ORIG, MAP_CONFIG, MAP_COUNTERS, MAP_HEARTBEAT];
+
+/// The version of this ABI: the maps' names, types, keys and values. Pinned maps live in a
+/// directory named after it, so an agent of another version never opens them; bump it with
+/// any change to a map or to what a value means.
+pub const ABI_VERSION: u32 = 2;
 
 /// Program names as the object file names them (the functions in the eBPF crate).
 pub const PROG_CONNECT4: &str = "gr_connect4";
@@ -37,10 +49,19 @@ pub const COUNTER_SKIPPED: u32 = 1;
 pub const COUNTER_LOOKUP_MISSES: u32 = 2;
 /// Map updates that failed in the kernel (the connection goes on unredirected or unrecorded).
 pub const COUNTER_ERRORS: u32 = 3;
-pub const COUNTERS_LEN: u32 = 4;
+/// Connections of enrolled namespaces refused because no node proxy was alive (failure mode
+/// `closed`).
+pub const COUNTER_REFUSED_NO_PROXY: u32 = 4;
+/// Connections of enrolled namespaces let through directly because no node proxy was alive
+/// (failure mode `open`).
+pub const COUNTER_PASSED_NO_PROXY: u32 = 5;
+pub const COUNTERS_LEN: u32 = 6;
 
 /// `Config::flags`: the config has been written (an all-zero array slot means "not yet").
 pub const CONFIG_FLAG_ACTIVE: u32 = 1;
+/// `Config::flags`: with no live node proxy, enrolled connections go directly (`open`)
+/// instead of being refused (`closed`, the flag unset).
+pub const CONFIG_FLAG_FAIL_OPEN: u32 = 2;
 
 /// Value of the enrolled map. The key is the netns cookie.
 #[repr(C)]
@@ -86,12 +107,14 @@ pub struct Config {
     /// `CONFIG_FLAG_*` bits.
     pub flags: u32,
     pub _pad2: u32,
+    /// A heartbeat older than this many nanoseconds means no node proxy is alive.
+    pub liveness_ns: u64,
 }
 
 const _: () = assert!(size_of::<Enrolled>() == 8);
 const _: () = assert!(size_of::<OrigDst>() == 8);
 const _: () = assert!(size_of::<ClientKey>() == 8);
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Config>() == 24);
 
 #[cfg(feature = "user")]
 mod user {

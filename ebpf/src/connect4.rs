@@ -8,26 +8,32 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use aya_log_ebpf::{debug, warn};
-use gammaray_common::{COUNTER_ERRORS, COUNTER_REDIRECTED, COUNTER_SKIPPED, OrigDst};
+use gammaray_common::{
+    CONFIG_FLAG_FAIL_OPEN, COUNTER_ERRORS, COUNTER_PASSED_NO_PROXY, COUNTER_REDIRECTED,
+    COUNTER_REFUSED_NO_PROXY, COUNTER_SKIPPED, OrigDst,
+};
 
-use crate::maps::{GR_ENROLLED, GR_SOCK_ORIG, config, count};
+use crate::maps::{GR_ENROLLED, GR_SOCK_ORIG, config, count, proxy_alive};
 
 const ALLOW: i32 = 1;
+/// The connect() fails at once with EPERM.
+const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 
 #[cgroup_sock_addr(connect4)]
 pub fn gr_connect4(ctx: SockAddrContext) -> i32 {
-    redirect(&ctx);
-    ALLOW
+    redirect(&ctx)
 }
 
+/// The verdict on one connect(): refused only when the namespace is enrolled, no node proxy
+/// is alive and the failure mode is `closed`.
 #[inline(always)]
-fn redirect(ctx: &SockAddrContext) {
+fn redirect(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the helper takes the program's own context, which the kernel hands us valid.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if GR_ENROLLED.get_ptr(&netns).is_none() {
-        return;
+        return ALLOW;
     }
     let sa = ctx.sock_addr;
     // SAFETY: `sock_addr` is the kernel's context pointer for this invocation; the verifier
@@ -36,17 +42,25 @@ fn redirect(ctx: &SockAddrContext) {
         unsafe { ((*sa).type_, (*sa).protocol, (*sa).user_ip4, (*sa).user_port as u16) };
     if kind != SOCK_STREAM || protocol != IPPROTO_TCP {
         count(COUNTER_SKIPPED);
-        return;
+        return ALLOW;
     }
     let Some(cfg) = config() else {
         warn!(ctx, "enrolled netns {} connects before the proxy address is configured", netns);
         count(COUNTER_SKIPPED);
-        return;
+        return ALLOW;
     };
     let first_octet = u32::from_be(dst_addr) >> 24;
     if first_octet == 127 || dst_addr == 0 || (dst_addr == cfg.proxy_addr && dst_port == cfg.proxy_port) {
         count(COUNTER_SKIPPED);
-        return;
+        return ALLOW;
+    }
+    if !proxy_alive(&cfg) {
+        if cfg.flags & CONFIG_FLAG_FAIL_OPEN != 0 {
+            count(COUNTER_PASSED_NO_PROXY);
+            return ALLOW;
+        }
+        count(COUNTER_REFUSED_NO_PROXY);
+        return REFUSE;
     }
     // SAFETY: as above; the helper reads the socket behind this context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -55,7 +69,7 @@ fn redirect(ctx: &SockAddrContext) {
         // Without a record the proxy could not route the connection: leave it alone.
         warn!(ctx, "cannot record original destination of socket {}: error {}", cookie, err);
         count(COUNTER_ERRORS);
-        return;
+        return ALLOW;
     }
     // SAFETY: user_ip4 and user_port are writable in connect4 programs (4-byte writes).
     unsafe {
@@ -73,4 +87,5 @@ fn redirect(ctx: &SockAddrContext) {
         u32::from_be(cfg.proxy_addr),
         u16::from_be(cfg.proxy_port)
     );
+    ALLOW
 }

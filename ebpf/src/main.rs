@@ -1,8 +1,10 @@
 //! gammaray's kernel side. `connect4` steers the outbound TCP connections of enrolled network
-//! namespaces to the node proxy and remembers where they were going; `sockops` re-keys that
+//! namespaces to the node proxy and remembers where they were going (or, when no proxy is
+//! alive, refuses them or lets them through, as the failure mode says); `sockops` re-keys that
 //! memory by the client's address once the connection is established, so the proxy can find it
-//! from `accept()`'s peer address. Every program returns "allow" on every path: a fault in the
-//! mesh must never become an error for a pod's `connect()`.
+//! from `accept()`'s peer address. Every program returns "allow" on every other path: a fault in
+//! the mesh (a full map, a missing config) must never become an error for a pod's `connect()`;
+//! only the `closed` failure mode refuses, and only while no proxy is alive.
 #![no_std]
 #![no_main]
 

@@ -22,6 +22,9 @@ pub static GR_CLIENT_ORIG: LruHashMap<ClientKey, OrigDst> = LruHashMap::with_max
 pub static GR_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map]
+pub static GR_HEARTBEAT: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map]
 pub static GR_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
 /// Adds one to a per-CPU counter. Per-CPU slots need no atomics.
@@ -42,4 +45,13 @@ pub fn config() -> Option<Config> {
         return None;
     }
     Some(*cfg)
+}
+
+/// Whether a node proxy said it was serving within the config's liveness window.
+#[inline(always)]
+pub fn proxy_alive(cfg: &Config) -> bool {
+    let Some(beat) = GR_HEARTBEAT.get(0) else { return false };
+    // SAFETY: the helper reads the kernel's monotonic clock and takes no arguments.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_ns() };
+    *beat != 0 && now.wrapping_sub(*beat) <= cfg.liveness_ns
 }

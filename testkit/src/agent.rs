@@ -33,6 +33,9 @@ pub struct AgentArgs {
     pub rust_log: String,
     /// `--drain-timeout` in seconds; [`DRAIN_SECS`] when `None`.
     pub drain_secs: Option<u64>,
+    /// Names a second agent on the same node (an upgrade's), so that its log is its own; the
+    /// rest of its command line is the first's.
+    pub instance: Option<String>,
 }
 
 /// How long a test agent's shutdown waits for connections: short, so that a test, the demo or
@@ -55,7 +58,10 @@ impl Agent {
     /// and waits until its control socket accepts (the agent binds it last).
     pub fn start(bin: &Path, cluster: &Cluster, node: &Node, args: &AgentArgs) -> anyhow::Result<Self> {
         let socket = cluster.dir().join(format!("{}-agent.sock", node.name));
-        let log = cluster.dir().join(format!("{}-agent.log", node.name));
+        let log = match &args.instance {
+            Some(instance) => cluster.dir().join(format!("{}-agent-{instance}.log", node.name)),
+            None => cluster.dir().join(format!("{}-agent.log", node.name)),
+        };
         let proxy = SocketAddrV4::new(node.ip, PROXY_PORT);
         let mut argv: Vec<String> = vec![
             "--control".into(),
@@ -65,6 +71,8 @@ impl Agent {
             node.name.clone(),
             "--proxy-addr".into(),
             proxy.to_string(),
+            "--bpffs".into(),
+            node.bpffs.display().to_string(),
         ];
         if let Some(dir) = &args.manifests {
             argv.extend(["--manifests".into(), dir.display().to_string()]);
@@ -103,6 +111,11 @@ impl Agent {
     /// SIGTERM, then SIGKILL after `grace`; the exit status, unless it was already stopped.
     pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         self.process.stop(grace)
+    }
+
+    /// SIGKILL (a crash, an OOM kill): the agent's own clean-up never runs.
+    pub fn kill(&mut self) {
+        self.process.kill();
     }
 
     /// Sends SIGTERM and returns at once (the agent drains, then exits).

@@ -44,12 +44,16 @@ pub struct Cluster {
     // fabric namespace.
     cgroup: Cgroup,
     _fabric: Netns,
+    /// Unmounted after the processes are gone: every pin of the run's agents goes with it.
+    _bpffs: crate::bpffs::Bpffs,
 }
 
 pub struct Node {
     pub name: String,
     pub index: u8,
     pub ip: Ipv4Addr,
+    /// Where the node's agents pin their eBPF maps and links (`--bpffs`).
+    pub bpffs: PathBuf,
     netns: Netns,
     system_cgroup: PathBuf,
     next_pod: Mutex<u8>,
@@ -77,6 +81,7 @@ impl Cluster {
         let run = names::unique_run();
         let fabric = Netns::create(&format!("{run}-fabric"))?;
         let cgroup = Cgroup::create(cgroup2_root()?.join(&run))?;
+        let bpffs = crate::bpffs::Bpffs::mount(&run)?;
         let dir = std::env::temp_dir().join(&run);
         std::fs::create_dir_all(&dir).map_err(|source| crate::Error::Io { path: dir.clone(), source })?;
         ip(&["-n", fabric.name(), "link", "add", "br0", "type", "bridge"])?;
@@ -95,7 +100,16 @@ impl Cluster {
             let node_cg = cgroup.child(&name)?;
             let system_cgroup = cgroup.child(&format!("{name}/system"))?;
             let _ = node_cg;
-            built.push(Node { name, index, ip: node_ip, netns, system_cgroup, next_pod: Mutex::new(0) });
+            let pins = bpffs.node(&name);
+            built.push(Node {
+                name,
+                index,
+                ip: node_ip,
+                bpffs: pins,
+                netns,
+                system_cgroup,
+                next_pod: Mutex::new(0),
+            });
         }
         for node in &built {
             for other in built.iter().filter(|o| o.index != node.index) {
@@ -103,7 +117,15 @@ impl Cluster {
                 ip(&["-n", node.netns.name(), "route", "add", &cidr, "via", &other.ip.to_string()])?;
             }
         }
-        Ok(Self { run, nodes: built, pods: Mutex::new(Vec::new()), dir, cgroup, _fabric: fabric })
+        Ok(Self {
+            run,
+            nodes: built,
+            pods: Mutex::new(Vec::new()),
+            dir,
+            cgroup,
+            _fabric: fabric,
+            _bpffs: bpffs,
+        })
     }
 
     /// The run's unique name (prefix of every namespace and cgroup it made).

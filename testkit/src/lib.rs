@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod bpffs;
 pub mod catalogue;
 pub mod cgroup;
 pub mod cluster;

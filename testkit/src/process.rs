@@ -80,6 +80,14 @@ impl Process {
         }
     }
 
+    /// SIGKILL, as an OOM kill or a crash ends a process: no clean-up of its own runs. Returns
+    /// once it has exited.
+    pub fn kill(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
     /// Waits up to `timeout` for the process to exit: its status, or `None` if it still runs
     /// (it is then still this handle's to stop).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {

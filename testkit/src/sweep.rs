@@ -1,5 +1,5 @@
 //! Removal of what crashed runs left behind: network namespaces and cgroups named
-//! `gammaray-<pid>-…` whose creating process is gone.
+//! `gammaray-<pid>-…` whose creating process is gone, and their bpf file systems.
 
 use crate::{cgroup, names, netns::ip};
 
@@ -20,6 +20,14 @@ pub fn sweep() -> usize {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if is_orphan(&name) && cgroup::remove_tree(&entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(crate::bpffs::ROOT) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_orphan(&name) && crate::bpffs::unmount(&entry.path()).is_ok() {
                 removed += 1;
             }
         }
@@ -51,6 +59,15 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|n| n.starts_with(prefix))
                 .map(|n| format!("cgroup {n}")),
+        );
+    }
+    if let Ok(entries) = std::fs::read_dir(crate::bpffs::ROOT) {
+        found.extend(
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .map(|n| format!("bpffs {n}")),
         );
     }
     found

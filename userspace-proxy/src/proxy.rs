@@ -165,6 +165,9 @@ fn listen(config: &ProxyConfig, addr: SocketAddr) -> std::io::Result<tokio::net:
     let socket =
         if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
+    // An agent taking over the node binds beside this one; the kernel spreads new connections
+    // over both until this one drains and closes its listener.
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(config.listen_backlog)
 }

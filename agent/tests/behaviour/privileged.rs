@@ -9,3 +9,4 @@ mod mtls;
 mod redirect;
 mod routing;
 mod support;
+mod upgrade;

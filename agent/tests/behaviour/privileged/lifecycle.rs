@@ -67,6 +67,21 @@ fn nothing_is_left_behind() {
         assert_eq!(links.len(), 2, "connect4 and sockops links");
         let exit = agent.stop(TIMEOUT).expect("agent exit status");
         assert!(exit.success(), "agent exits cleanly on SIGTERM: {exit:?}\n{}", agent.log_text());
+        // The kernel side outlives the agent until `uninstall` removes it.
+        let live =
+            || -> Vec<u32> { aya::programs::loaded_links().filter_map(Result::ok).map(|l| l.id()).collect() };
+        assert!(links.iter().all(|id| live().contains(id)), "the pinned links outlive the agent");
+        let pins = cluster.node(1).bpffs.clone();
+        let out = std::process::Command::new(agent_bin())
+            .args(["uninstall", "--bpffs"])
+            .arg(&pins)
+            .output()
+            .expect("run uninstall");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("removed 2 link(s) and 6 map(s)"), "{stdout}");
+        assert!(!pins.exists(), "the pin directory is gone");
+        assert!(links.iter().all(|id| !live().contains(id)), "uninstall detached the links");
         (cluster.run_name().to_owned(), links)
     };
     let left = gammaray_testkit::sweep::leftovers(&run);

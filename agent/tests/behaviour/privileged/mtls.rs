@@ -8,7 +8,6 @@ use std::{
 };
 
 use gammaray_testkit::{
-    Cluster,
     agent::block_on,
     assert_eventually,
     http::HttpClient,
@@ -17,42 +16,6 @@ use gammaray_testkit::{
 };
 
 use super::support::*;
-
-/// Captures every frame crossing the fabric bridge namespace while `f` runs.
-fn capture_fabric<T>(cluster: &Cluster, f: impl FnOnce() -> T) -> (T, Vec<u8>) {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
-    let fabric = gammaray_testkit::netns::Netns::existing(&format!("{}-fabric", cluster.run_name()));
-    let sock = fabric
-        .run(|| socket(AddressFamily::Packet, SockType::Raw, SockFlag::SOCK_NONBLOCK, SockProtocol::EthAll))
-        .expect("enter fabric")
-        .expect("packet socket (needs CAP_NET_RAW)");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = std::thread::spawn({
-        let stop = stop.clone();
-        move || {
-            let mut captured = Vec::new();
-            let mut buf = vec![0u8; 65536];
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while std::time::Instant::now() < deadline {
-                match nix::unistd::read(&sock, &mut buf) {
-                    Ok(n) => captured.extend_from_slice(&buf[..n]),
-                    Err(nix::errno::Errno::EAGAIN) => {
-                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err(e) => panic!("capture: {e}"),
-                }
-            }
-            captured
-        }
-    });
-    let result = f();
-    std::thread::sleep(Duration::from_millis(100));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    (result, reader.join().expect("capture thread"))
-}
 
 #[test]
 fn between_nodes_traffic_is_mutual_tls_with_spiffe_identities() {

@@ -184,3 +184,194 @@ pub fn echo_line(conn: &mut TcpStream, what: &str) {
     conn.read_exact(&mut back).unwrap_or_else(|e| panic!("{what}: no echo: {e}"));
     assert_eq!(back, format!("{what}\n").as_bytes(), "{what}");
 }
+
+/// Captures every frame crossing the fabric bridge namespace while `f` runs.
+pub fn capture_fabric<T>(cluster: &Cluster, f: impl FnOnce() -> T) -> (T, Vec<u8>) {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
+    let fabric = gammaray_testkit::netns::Netns::existing(&format!("{}-fabric", cluster.run_name()));
+    let sock = fabric
+        .run(|| socket(AddressFamily::Packet, SockType::Raw, SockFlag::SOCK_NONBLOCK, SockProtocol::EthAll))
+        .expect("enter fabric")
+        .expect("packet socket (needs CAP_NET_RAW)");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut captured = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while std::time::Instant::now() < deadline {
+                match nix::unistd::read(&sock, &mut buf) {
+                    Ok(n) => captured.extend_from_slice(&buf[..n]),
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(e) => panic!("capture: {e}"),
+                }
+            }
+            captured
+        }
+    });
+    let result = f();
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    (result, reader.join().expect("capture thread"))
+}
+
+/// What a [`Load`] saw.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// When each answered request was sent, and the backend's message.
+    pub answers: Vec<(std::time::Instant, String)>,
+    pub failures: Vec<String>,
+    /// Requests sent again on a new connection because the kept-alive one they were sent on
+    /// had been closed by the proxy while idle (what HTTP clients do; not a failure).
+    pub retried: usize,
+}
+
+/// Steady HTTP load from a pod to a Service: `keepalive` workers each on a kept-alive
+/// connection, and one opening a new connection for every request; every worker sends one
+/// request per `every`. A response saying `connection: close` ends its connection; a request on
+/// a reused connection that the proxy closed while idle is sent once more on a new one.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    workers: Vec<std::thread::JoinHandle<Tally>>,
+}
+
+impl Load {
+    pub fn start(pod: &Arc<Pod>, service: SocketAddr, host: &str, keepalive: usize, every: Duration) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let workers = (0..=keepalive)
+            .map(|w| {
+                let (pod, stop, host) = (pod.clone(), stop.clone(), host.to_owned());
+                let fresh_each_time = w == keepalive;
+                std::thread::spawn(move || {
+                    pod.run(|| load_worker(service, &host, fresh_each_time, every, &stop))
+                        .expect("enter the pod")
+                })
+            })
+            .collect();
+        Self { stop, workers }
+    }
+
+    /// Stops the workers and sums what they saw.
+    pub fn finish(self) -> Tally {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut all = Tally::default();
+        for w in self.workers {
+            let t = w.join().expect("a load worker");
+            all.answers.extend(t.answers);
+            all.failures.extend(t.failures);
+            all.retried += t.retried;
+        }
+        all.answers.sort_by_key(|(sent, _)| *sent);
+        all
+    }
+}
+
+fn load_worker(
+    service: SocketAddr,
+    host: &str,
+    fresh_each_time: bool,
+    every: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Tally {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    let mut tally = Tally::default();
+    let mut conn: Option<HttpClient> = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    // Bounded in count and time; the caller stops it within seconds.
+    for i in 0..100_000 {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) || std::time::Instant::now() > deadline {
+            break;
+        }
+        let sent = std::time::Instant::now();
+        let mut reply = None;
+        for attempt in 0..2 {
+            let reused = conn.is_some();
+            let result = match conn.as_mut() {
+                Some(c) => c.get("/", &[]),
+                None => HttpClient::connect(service, host, TIMEOUT).and_then(|mut c| {
+                    let r = c.get("/", &[]);
+                    conn = Some(c);
+                    r
+                }),
+            };
+            match result {
+                Err(e)
+                    if reused
+                        && attempt == 0
+                        && matches!(e.kind(), UnexpectedEof | ConnectionReset | BrokenPipe) =>
+                {
+                    tally.retried += 1;
+                    conn = None;
+                }
+                other => {
+                    reply = Some(other);
+                    break;
+                }
+            }
+        }
+        match reply.expect("an attempt's result") {
+            Ok(r) if r.status == 200 => {
+                if fresh_each_time
+                    || r.headers.get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                {
+                    conn = None;
+                }
+                tally.answers.push((sent, r.fields.get("message").cloned().unwrap_or_default()));
+            }
+            Ok(r) => {
+                tally.failures.push(format!("request {i}: status {}: {}", r.status, r.body));
+                conn = None;
+            }
+            Err(e) => {
+                tally.failures.push(format!("request {i}: {e}"));
+                conn = None;
+            }
+        }
+        std::thread::sleep(every.saturating_sub(sent.elapsed()));
+    }
+    tally
+}
+
+/// Watches the kernel's links with these ids on a thread of its own, every millisecond or so,
+/// until dropped: how many looks found one missing.
+pub struct LinkWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, usize)>>,
+}
+
+impl LinkWatch {
+    pub fn start(ids: Vec<u32>) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let (mut looks, mut missing) = (0, 0);
+                let deadline = std::time::Instant::now() + Duration::from_secs(120);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < deadline
+                {
+                    let live: Vec<u32> =
+                        aya::programs::loaded_links().filter_map(Result::ok).map(|l| l.id()).collect();
+                    looks += 1;
+                    if !ids.iter().all(|id| live.contains(id)) {
+                        missing += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                (looks, missing)
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+
+    /// Stops watching: (looks, looks that found a link missing).
+    pub fn finish(mut self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().expect("watching").join().expect("the link watcher")
+    }
+}

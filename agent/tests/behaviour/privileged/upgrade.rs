@@ -1,0 +1,293 @@
+//! Restarts and upgrades of a node's agent on the real data path: the kernel side outlives the
+//! agent (its links stay attached at every moment), a killed agent leaves its pods to the
+//! failure mode, a restarted one adopts the pins, and a second agent takes over from the first
+//! under load with no failed request.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use gammaray_agent::ebpf::Adoption;
+use gammaray_testkit::{
+    agent::{Agent, AgentArgs},
+    echo::Greeting,
+    require_privileged,
+    scenarios::{self, Canary},
+};
+
+use super::support::*;
+
+/// The agents' liveness window (the kernel holds a proxy for dead after a second without a
+/// heartbeat), with room for a busy host.
+const LIVENESS: Duration = Duration::from_secs(1);
+
+const MARKER: &str = "gammaray-unproxied-marker-51c2";
+
+/// Connects to `dst` and reads the echo server's greeting.
+fn try_greet(dst: SocketAddr) -> std::io::Result<Greeting> {
+    let mut conn = TcpStream::connect_timeout(&dst, TIMEOUT)?;
+    conn.set_read_timeout(Some(TIMEOUT))?;
+    conn.write_all(format!("{MARKER}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(conn).read_line(&mut line)?;
+    Greeting::parse(line.trim()).ok_or_else(|| std::io::Error::other(format!("not a greeting: {line:?}")))
+}
+
+/// The arguments node1's agent was started with by [`CanaryMesh::start_with`].
+fn mesh_args(mesh: &CanaryMesh, args: AgentArgs) -> AgentArgs {
+    AgentArgs { manifests: Some(mesh.dir.clone()), ca: Some(mesh.ca.clone()), ..args }
+}
+
+/// Replaces node1's agent in the mesh (so it stops before the cluster goes).
+fn replace_node1(mesh: &mut CanaryMesh, agent: Agent) -> Agent {
+    let slot = mesh.agents.iter_mut().find(|(n, _)| *n == 1).expect("node1's agent");
+    std::mem::replace(&mut slot.1, agent)
+}
+
+fn node1(mesh: &mut CanaryMesh) -> &mut Agent {
+    &mut mesh.agents.iter_mut().find(|(n, _)| *n == 1).expect("node1's agent").1
+}
+
+/// Polls `try_greet(dst)` from the client pod until it answers, for at most `within`; every
+/// failure before must be quick (a refusal, never a timeout). The time to the answer and the
+/// greeting; panics with the failures otherwise.
+fn first_answer(mesh: &CanaryMesh, dst: SocketAddr, within: Duration) -> (Duration, Greeting) {
+    let started = Instant::now();
+    let mut failures = Vec::new();
+    while started.elapsed() < within {
+        let t = Instant::now();
+        match mesh.canary.client.run(|| try_greet(dst)).expect("enter the client pod") {
+            Ok(g) => return (started.elapsed(), g),
+            Err(e) => {
+                assert!(t.elapsed() < Duration::from_millis(500), "a connect hung {:?}: {e}", t.elapsed());
+                failures.push(e.kind());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("no answer from {dst} within {within:?}: {failures:?}");
+}
+
+/// SIGKILL of node1's agent in the default failure mode with mutual TLS (`closed`): its links
+/// stay attached, an enrolled pod's connections fail at once (refused by the kernel once the
+/// proxy's heartbeat is stale) and nothing of theirs crosses the wire; a restarted agent adopts
+/// the same links and the pinned enrolment, and serves again.
+#[test]
+fn a_killed_agent_leaves_pods_refused_and_a_restart_adopts_its_pins() {
+    if !require_privileged("upgrade: SIGKILL, failure mode closed") {
+        return;
+    }
+    let mut mesh = CanaryMesh::start(&Canary::route(50, 50), &[1, 2]);
+    let (_stream, dst, _echo) = open_stream(&mesh, 9321);
+    let before = mesh.agent(1).status();
+    assert_eq!(before.attachment.adoption, Adoption::Fresh, "the first agent found nothing pinned");
+    let watch = LinkWatch::start(before.attachment.link_ids.clone());
+
+    let killed = Instant::now();
+    node1(&mut mesh).kill();
+    let (attempts, wire) = capture_fabric(&mesh.cluster, || {
+        mesh.canary
+            .client
+            .run(|| {
+                // Inside the liveness window and past it.
+                (0..30)
+                    .map(|_| {
+                        let t = Instant::now();
+                        let r = try_greet(dst).map_err(|e| e.kind());
+                        std::thread::sleep(Duration::from_millis(50));
+                        (t.elapsed(), r)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .expect("enter the client pod")
+    });
+    for (took, r) in &attempts {
+        assert!(r.is_err(), "a connection reached {dst} with no proxy alive: {attempts:?}");
+        assert!(*took < Duration::from_millis(500), "refused at once, not after a timeout: {attempts:?}");
+    }
+    assert!(
+        attempts.iter().any(|(_, r)| *r == Err(std::io::ErrorKind::PermissionDenied)),
+        "the kernel refused the connect (EPERM) once the proxy was known dead: {attempts:?}"
+    );
+    assert!(
+        !wire.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+        "an enrolled pod's bytes left the node"
+    );
+
+    let restarted = start_agent(&mesh.cluster, 1, mesh_args(&mesh, AgentArgs::default()));
+    let (gap, greeting) = first_answer(&mesh, dst, TIMEOUT);
+    let gap_from_kill = killed.elapsed();
+    assert_eq!(greeting.hostname.split('-').next(), Some("backend"), "{greeting:?}");
+    let after = restarted.status();
+    assert_eq!(after.attachment.adoption, Adoption::Adopted, "{:?}", after.attachment);
+    assert_eq!(after.attachment.link_ids, before.attachment.link_ids, "the same links, adopted");
+    assert_ne!(
+        after.attachment.program_ids, before.attachment.program_ids,
+        "now running the new agent's programs"
+    );
+    for cookie in &before.enrolled {
+        assert!(after.enrolled.contains(cookie), "enrolment survived the restart: {after:?}");
+    }
+    assert!(after.kernel.refused_no_proxy >= 1, "the pinned counters say what happened meanwhile: {after:?}");
+    let (looks, missing) = watch.finish();
+    assert!(looks > 100, "the links were watched ({looks} looks)");
+    assert_eq!(missing, 0, "the links were attached at every moment ({missing} of {looks} looks missed one)");
+    eprintln!(
+        "restart: served again {gap:?} after the new agent's start, {gap_from_kill:?} after the SIGKILL"
+    );
+    drop(replace_node1(&mut mesh, restarted));
+}
+
+/// With `--failure-mode open`, a killed agent's pods connect directly once its heartbeat is
+/// stale (within the liveness window; refused at once before), and the kernel counts them.
+#[test]
+fn in_open_mode_a_killed_agent_lets_pods_connect_directly() {
+    if !require_privileged("upgrade: SIGKILL, failure mode open") {
+        return;
+    }
+    let open = AgentArgs { extra: vec!["--failure-mode".into(), "open".into()], ..AgentArgs::default() };
+    let mut mesh = CanaryMesh::start_with(&Canary::route(50, 50), &[1, 2], open.clone());
+    let (_stream, dst, _echo) = open_stream(&mesh, 9322);
+    node1(&mut mesh).kill();
+    let (took, greeting) = first_answer(&mesh, dst, LIVENESS * 3);
+    assert_eq!(
+        greeting.peer.ip(),
+        std::net::IpAddr::V4(mesh.canary.client.ip),
+        "direct: the pod's own address"
+    );
+    assert!(took <= LIVENESS + Duration::from_millis(700), "direct within the liveness window: {took:?}");
+    let restarted = start_agent(&mesh.cluster, 1, mesh_args(&mesh, open));
+    let st = restarted.status();
+    assert_eq!(st.attachment.adoption, Adoption::Adopted);
+    assert!(st.kernel.passed_no_proxy >= 1, "counted: {:?}", st.kernel);
+    eprintln!("open mode: direct connections {took:?} after the SIGKILL");
+    drop(replace_node1(&mut mesh, restarted));
+}
+
+/// An upgrade as the DaemonSet's surge makes it: a second agent starts on node1 with the same
+/// flags, then the first gets SIGTERM and drains. Under steady L7 load from node1's client to
+/// backends on both nodes (16 kept-alive connections and one new connection per request) no
+/// request fails, an L4 stream open throughout arrives whole, and the links stay attached.
+#[test]
+fn a_second_agent_takes_over_under_load_with_no_failed_request() {
+    if !require_privileged("upgrade: hand-over under load") {
+        return;
+    }
+    let mut mesh = CanaryMesh::start_with(
+        &Canary::route(90, 10),
+        &[1, 2],
+        AgentArgs { drain_secs: Some(20), ..Default::default() },
+    );
+    let (mut stream, _dst, _echo) = open_stream(&mesh, 9323);
+    let links = mesh.agent(1).status().attachment.link_ids;
+    let watch = LinkWatch::start(links.clone());
+    let service = SocketAddr::from((scenarios::BACKEND_VIP, 80));
+    // 17 workers, one request each per 85 ms: about 200 requests a second.
+    let load = Load::start(&mesh.canary.client, service, "backend", 16, Duration::from_millis(85));
+    std::thread::sleep(Duration::from_secs(1));
+    echo_line(&mut stream, "before the upgrade");
+
+    let args = AgentArgs { drain_secs: Some(20), instance: Some("new".into()), ..Default::default() };
+    let new = start_agent(&mesh.cluster, 1, mesh_args(&mesh, args));
+    new.wait_for("the new agent to be ready", || {
+        let st = gammaray_agent::control::Client::new(&new.socket);
+        let st = gammaray_testkit::agent::block_on(st.status()).map_err(|e| e.to_string())?;
+        (st.frontends >= 3).then_some(st).ok_or_else(|| "no routes yet".to_owned())
+    })
+    .expect("the new agent routes");
+    std::thread::sleep(Duration::from_millis(500));
+    let old = node1(&mut mesh);
+    let signalled = Instant::now();
+    old.terminate();
+    echo_line(&mut stream, "while the old agent drains");
+    std::thread::sleep(Duration::from_millis(300));
+    echo_line(&mut stream, "the last line");
+    drop(stream);
+    let exit = old.wait_exit(Duration::from_secs(25)).expect("the old agent exits");
+    let handover = signalled.elapsed();
+    assert!(exit.success(), "{exit:?}\n{}", old.log_text());
+    std::thread::sleep(Duration::from_secs(1));
+    let tally = load.finish();
+    let (looks, missing) = watch.finish();
+
+    assert!(
+        tally.failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        tally.failures.len(),
+        tally.answers.len(),
+        tally.failures
+    );
+    assert!(tally.answers.len() > 400, "the load ran: {} answers", tally.answers.len());
+    let after = tally.answers.iter().filter(|(sent, _)| *sent > signalled + handover).count();
+    assert!(after > 100, "the new agent served the load after the hand-over: {after}");
+    assert_eq!(missing, 0, "links attached at every moment ({missing} of {looks} looks missed one)");
+    let st = gammaray_testkit::agent::block_on(gammaray_agent::control::Client::new(&new.socket).status())
+        .expect("the new agent's status");
+    assert_eq!(st.attachment.adoption, Adoption::Adopted);
+    assert_eq!(st.attachment.link_ids, links, "the same links");
+    let log = old.log_text();
+    assert!(log.contains("drained: every connection finished"), "{log}");
+    eprintln!(
+        "hand-over: {} requests answered, 0 failed, {} re-sent after an idle close; the old agent exited {handover:?} after SIGTERM",
+        tally.answers.len(),
+        tally.retried
+    );
+    drop(replace_node1(&mut mesh, new));
+}
+
+/// An agent for another node refuses the pins of node1 and says why; node1 keeps working.
+#[test]
+fn an_agent_of_another_node_refuses_the_pins() {
+    if !require_privileged("upgrade: pins of another node") {
+        return;
+    }
+    let mesh = CanaryMesh::start(&Canary::route(50, 50), &[1, 2]);
+    let node = mesh.cluster.node(1);
+    let out = std::process::Command::new(agent_bin())
+        .args(["--control", &mesh.cluster.dir().join("other.sock").display().to_string(), "run"])
+        .args(["--node", "node9", "--proxy-addr", "127.0.0.1:1"])
+        .arg("--bpffs")
+        .arg(&node.bpffs)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run a second agent");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("belongs to node node1, not node9: refusing to adopt it"), "{stderr}");
+    let st = mesh.agent(1).status();
+    assert_eq!(st.attachment.link_ids.len(), 2, "node1's agent is untouched");
+    let split = canary_split(&mesh.canary.client, 10);
+    assert_eq!(split.values().sum::<usize>(), 10, "node1 still routes: {split:?}");
+}
+
+/// Maps pinned by an agent of another ABI version are never opened: the new agent makes its
+/// own, moves the links to its programs once its enrolment pass has filled them, and removes
+/// the old maps' pins.
+#[test]
+fn maps_of_another_abi_version_are_replaced() {
+    if !require_privileged("upgrade: another ABI") {
+        return;
+    }
+    let mut mesh = CanaryMesh::start(&Canary::route(50, 50), &[1, 2]);
+    let before = mesh.agent(1).status();
+    let exit = node1(&mut mesh).stop(TIMEOUT).expect("node1's agent stops");
+    assert!(exit.success());
+    // What an agent of an older ABI would have left: its maps under their version's name.
+    let pins = mesh.cluster.node(1).bpffs.clone();
+    let ours = pins.join(format!("abi-{}", gammaray_common::ABI_VERSION));
+    let older = pins.join("abi-1");
+    std::fs::rename(&ours, &older).expect("rename the maps' directory");
+    let restarted = start_agent(&mesh.cluster, 1, mesh_args(&mesh, AgentArgs::default()));
+    restarted
+        .wait_for("the older maps to go", || {
+            (!older.exists()).then_some(()).ok_or_else(|| "still there".to_owned())
+        })
+        .expect("older maps removed");
+    let st = restarted.status();
+    assert_eq!(st.attachment.adoption, Adoption::Replaced, "{:?}", st.attachment);
+    assert_eq!(st.attachment.link_ids, before.attachment.link_ids, "the same links");
+    let (_stream, _dst, _echo) = open_stream(&mesh, 9324);
+    drop(replace_node1(&mut mesh, restarted));
+}
