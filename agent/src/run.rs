@@ -59,6 +59,7 @@ pub struct KubeSettings {
 
 /// Runs the agent until `shutdown` completes.
 pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     preflight::check_privileges()?;
     preflight::check_btf(&cfg.btf_path)?;
     let cgroup_root = match &cfg.cgroup_root {
@@ -219,7 +220,10 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         state.datapath.complete_swap()?;
     }
     let trim = tokio::spawn(crate::memory::trim_after_bursts(std::time::Duration::from_secs(5)));
-    tracing::info!(node = %cfg.node, proxy = %proxy_addr, "agent ready");
+    tracing::info!(
+        node = %cfg.node, proxy = %proxy_addr, adoption = ?state.datapath.attachment().adoption,
+        took_ms = started.elapsed().as_millis() as u64, "agent ready"
+    );
 
     tokio::select! {
         () = shutdown => tracing::info!("shutting down"),

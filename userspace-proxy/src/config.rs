@@ -43,6 +43,10 @@ pub struct ProxyConfig {
     /// HTTP/1 it is also the longest a keep-alive connection may sit idle between requests: the
     /// timer starts as soon as the proxy waits for the next head.
     pub header_read_timeout: Duration,
+    /// While the proxy drains, an HTTP/1.1 connection's responses say `connection: close`,
+    /// so a client's next request goes to a new connection (the next proxy's) with no race;
+    /// one left idle this long is closed then (a client sending just then would have to retry).
+    pub drain_idle_grace: Duration,
     /// An HTTP/2 connection from a pod is pinged this often while it is quiet, and closed when
     /// a ping is not answered within [`Self::h2_keepalive_timeout`]: a peer that is gone does
     /// not hold its connection.
@@ -97,6 +101,7 @@ impl Default for ProxyConfig {
             max_connections: 16_384,
             max_connections_per_source: 4_096,
             header_read_timeout: Duration::from_secs(30),
+            drain_idle_grace: Duration::from_secs(5),
             h2_keepalive_interval: Duration::from_secs(30),
             h2_keepalive_timeout: Duration::from_secs(20),
             tls_handshake_timeout: Duration::from_secs(10),

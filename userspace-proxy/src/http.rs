@@ -65,7 +65,16 @@ pub(crate) async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
     let mut drain = ctx.mesh.drain.clone();
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
+        async move {
+            let h1 = req.version() <= hyper::Version::HTTP_11;
+            let mut response = handle(req, &ctx).await;
+            // Draining: the client's next request goes to a new connection (the proxy that
+            // takes over), told so with this response instead of by a close it could race.
+            if h1 && *ctx.mesh.drain.borrow() {
+                response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let config = ctx_config.clone();
     if speaks_h2(&stream).await {
@@ -99,15 +108,21 @@ pub(crate) async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
         .keep_alive_interval(config.h2_keepalive_interval)
         .keep_alive_timeout(config.h2_keepalive_timeout)
         .max_concurrent_streams(config.h2.pod_max_concurrent_streams);
-    // Draining closes an idle keep-alive connection at once, a busy one after its response
-    // (HTTP/1.1), or sends GOAWAY (HTTP/2).
+    // Draining: an HTTP/1.1 connection's next response says `connection: close` (above); one
+    // still open after the grace (idle) is closed, a busy one after its response. (HTTP/2 seen
+    // by its preface above gets GOAWAY at once.)
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let served = tokio::select! {
         done = conn.as_mut() => done,
         () = crate::hbone::drained(&mut drain) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                done = conn.as_mut() => done,
+                () = tokio::time::sleep(config.drain_idle_grace) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         }
     };
     if let Err(err) = served {

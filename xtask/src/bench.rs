@@ -21,7 +21,8 @@
 //! the numbers are reported.
 //!
 //! The run goes by phases, one module each: [`requests`], [`bulk`], [`connects`], [`scale`] and
-//! [`held`] (connections held open), then [`flood`] (one pod against its node), with [`profile`] for `--profile`'s traces; [`world`] builds
+//! [`held`] (connections held open), then [`flood`] (one pod against its node) and [`upgrade`]
+//! (node1's agent upgraded under load, then killed and restarted), with [`profile`] for `--profile`'s traces; [`world`] builds
 //! what they measure through and [`report`] writes the figures with their targets. The lanes are
 //! `gammaray_testkit::lanes`'s, the table the instruction counts and the profile's training use
 //! too.
@@ -35,6 +36,7 @@ mod profile;
 mod report;
 mod requests;
 mod scale;
+mod upgrade;
 mod world;
 
 use std::{
@@ -90,6 +92,7 @@ pub enum Phase {
     Scale,
     Held,
     Flood,
+    Upgrade,
 }
 
 pub fn run(quick: bool, profile: bool, build: Build, pgo: bool, only: &[Phase]) -> anyhow::Result<()> {
@@ -213,6 +216,9 @@ pub fn run(quick: bool, profile: bool, build: Build, pgo: bool, only: &[Phase]) 
     if runs(Phase::Flood) {
         flood::run(&ctx, &mut rows)?;
     }
+    // Last: it replaces node1's agent; the one serving at the end stops before the testbed.
+    let _upgraded =
+        if runs(Phase::Upgrade) { Some(upgrade::run(&ctx, &agent_bin, &mut rows)?) } else { None };
 
     let mut report = report::render(&rows, quick, build, &plan, agent_build);
     if !only.is_empty() {

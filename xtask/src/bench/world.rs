@@ -222,6 +222,8 @@ pub(super) struct Testbed {
     pub world: World,
     /// The mesh CA's directory (`ca.crt`, `ca.key`).
     pub ca: PathBuf,
+    /// What the agents were started with (an upgrade starts another with the same).
+    pub args: AgentArgs,
     /// Dropped last: its guards remove the nodes' and pods' namespaces and cgroups.
     _cluster: Cluster,
 }
@@ -343,7 +345,11 @@ impl Testbed {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Ok(Self { agents, relays, servers, server, world, ca, _cluster: cluster })
+        Ok(Self { agents, relays, servers, server, world, ca, args, _cluster: cluster })
+    }
+
+    pub(super) fn cluster(&self) -> &Cluster {
+        &self._cluster
     }
 
     pub(super) fn agent_pids(&self) -> Vec<u32> {

@@ -227,15 +227,12 @@ pub struct Tally {
     /// When each answered request was sent, and the backend's message.
     pub answers: Vec<(std::time::Instant, String)>,
     pub failures: Vec<String>,
-    /// Requests sent again on a new connection because the kept-alive one they were sent on
-    /// had been closed by the proxy while idle (what HTTP clients do; not a failure).
-    pub retried: usize,
 }
 
 /// Steady HTTP load from a pod to a Service: `keepalive` workers each on a kept-alive
 /// connection, and one opening a new connection for every request; every worker sends one
-/// request per `every`. A response saying `connection: close` ends its connection; a request on
-/// a reused connection that the proxy closed while idle is sent once more on a new one.
+/// request per `every`. A response saying `connection: close` ends its connection; any error
+/// is a failure (no request is sent twice).
 pub struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
     workers: Vec<std::thread::JoinHandle<Tally>>,
@@ -265,7 +262,6 @@ impl Load {
             let t = w.join().expect("a load worker");
             all.answers.extend(t.answers);
             all.failures.extend(t.failures);
-            all.retried += t.retried;
         }
         all.answers.sort_by_key(|(sent, _)| *sent);
         all
@@ -279,7 +275,6 @@ fn load_worker(
     every: Duration,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Tally {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
     let mut tally = Tally::default();
     let mut conn: Option<HttpClient> = None;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
@@ -289,33 +284,15 @@ fn load_worker(
             break;
         }
         let sent = std::time::Instant::now();
-        let mut reply = None;
-        for attempt in 0..2 {
-            let reused = conn.is_some();
-            let result = match conn.as_mut() {
-                Some(c) => c.get("/", &[]),
-                None => HttpClient::connect(service, host, TIMEOUT).and_then(|mut c| {
-                    let r = c.get("/", &[]);
-                    conn = Some(c);
-                    r
-                }),
-            };
-            match result {
-                Err(e)
-                    if reused
-                        && attempt == 0
-                        && matches!(e.kind(), UnexpectedEof | ConnectionReset | BrokenPipe) =>
-                {
-                    tally.retried += 1;
-                    conn = None;
-                }
-                other => {
-                    reply = Some(other);
-                    break;
-                }
-            }
-        }
-        match reply.expect("an attempt's result") {
+        let reply = match conn.as_mut() {
+            Some(c) => c.get("/", &[]),
+            None => HttpClient::connect(service, host, TIMEOUT).and_then(|mut c| {
+                let r = c.get("/", &[]);
+                conn = Some(c);
+                r
+            }),
+        };
+        match reply {
             Ok(r) if r.status == 200 => {
                 if fresh_each_time
                     || r.headers.get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))

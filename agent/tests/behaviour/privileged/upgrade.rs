@@ -61,7 +61,8 @@ fn first_answer(mesh: &CanaryMesh, dst: SocketAddr, within: Duration) -> (Durati
         match mesh.canary.client.run(|| try_greet(dst)).expect("enter the client pod") {
             Ok(g) => return (started.elapsed(), g),
             Err(e) => {
-                assert!(t.elapsed() < Duration::from_millis(500), "a connect hung {:?}: {e}", t.elapsed());
+                // A refusal, not a dropped SYN (whose first retransmission alone takes a second).
+                assert!(t.elapsed() < Duration::from_millis(900), "a connect hung {:?}: {e}", t.elapsed());
                 failures.push(e.kind());
             }
         }
@@ -105,7 +106,7 @@ fn a_killed_agent_leaves_pods_refused_and_a_restart_adopts_its_pins() {
     });
     for (took, r) in &attempts {
         assert!(r.is_err(), "a connection reached {dst} with no proxy alive: {attempts:?}");
-        assert!(*took < Duration::from_millis(500), "refused at once, not after a timeout: {attempts:?}");
+        assert!(*took < Duration::from_millis(900), "refused at once, not after a timeout: {attempts:?}");
     }
     assert!(
         attempts.iter().any(|(_, r)| *r == Err(std::io::ErrorKind::PermissionDenied)),
@@ -157,7 +158,7 @@ fn in_open_mode_a_killed_agent_lets_pods_connect_directly() {
         std::net::IpAddr::V4(mesh.canary.client.ip),
         "direct: the pod's own address"
     );
-    assert!(took <= LIVENESS + Duration::from_millis(700), "direct within the liveness window: {took:?}");
+    assert!(took <= LIVENESS * 2, "direct once the liveness window has passed: {took:?}");
     let restarted = start_agent(&mesh.cluster, 1, mesh_args(&mesh, open));
     let st = restarted.status();
     assert_eq!(st.attachment.adoption, Adoption::Adopted);
@@ -169,7 +170,9 @@ fn in_open_mode_a_killed_agent_lets_pods_connect_directly() {
 /// An upgrade as the DaemonSet's surge makes it: a second agent starts on node1 with the same
 /// flags, then the first gets SIGTERM and drains. Under steady L7 load from node1's client to
 /// backends on both nodes (16 kept-alive connections and one new connection per request) no
-/// request fails, an L4 stream open throughout arrives whole, and the links stay attached.
+/// request fails (a kept-alive connection of the old agent's is told `connection: close` on
+/// its next response, and the client's next request opens a new one), an L4 stream open
+/// throughout arrives whole, and the links stay attached.
 #[test]
 fn a_second_agent_takes_over_under_load_with_no_failed_request() {
     if !require_privileged("upgrade: hand-over under load") {
@@ -230,9 +233,8 @@ fn a_second_agent_takes_over_under_load_with_no_failed_request() {
     let log = old.log_text();
     assert!(log.contains("drained: every connection finished"), "{log}");
     eprintln!(
-        "hand-over: {} requests answered, 0 failed, {} re-sent after an idle close; the old agent exited {handover:?} after SIGTERM",
-        tally.answers.len(),
-        tally.retried
+        "hand-over: {} requests answered, 0 failed; the old agent exited {handover:?} after SIGTERM",
+        tally.answers.len()
     );
     drop(replace_node1(&mut mesh, new));
 }
