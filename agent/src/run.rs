@@ -173,11 +173,16 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     if !shared {
         surfaces.push((cfg.metrics_addr, "metrics", admin::Surfaces { health: false, metrics: true }));
     }
+    // (health listener alone?, task)
     let mut admin = Vec::new();
     for (addr, what, surfaces) in surfaces {
         let listener =
             bind_shared(addr).with_context(|| format!("cannot bind the {what} endpoint on {addr}"))?;
-        admin.push(tokio::spawn(admin::serve(listener, state.clone(), readiness.clone(), surfaces)));
+        let health_only = surfaces.health && !surfaces.metrics;
+        admin.push((
+            health_only,
+            tokio::spawn(admin::serve(listener, state.clone(), readiness.clone(), surfaces)),
+        ));
     }
     // Pods of labelled namespaces on this node follow the objects, whichever the source.
     let enrolment = source.is_some().then(|| {
@@ -241,6 +246,14 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     // listeners: an agent taking over keeps the kernel side steering to its own; with none,
     // the failure mode applies once the liveness window passes (the programs stay attached).
     heartbeat.abort();
+    // The health listener closes too: an agent taking over shares its port (SO_REUSEPORT), and
+    // the kubelet's probes of the new pod must reach the new agent, not this one's "draining".
+    // Metrics stay served on their own listener while the drain lasts.
+    for (health_only, task) in &admin {
+        if *health_only {
+            task.abort();
+        }
+    }
     tracing::info!(
         connections = proxy.connections(),
         deadline_secs = cfg.drain_timeout.as_secs(),
@@ -262,7 +275,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     }
     control.abort();
     let _ = control.await;
-    for task in admin {
+    for (_, task) in admin {
         task.abort();
         let _ = task.await;
     }

@@ -13,6 +13,7 @@ use gammaray_agent::ebpf::Adoption;
 use gammaray_testkit::{
     agent::{Agent, AgentArgs},
     echo::Greeting,
+    http::HttpClient,
     require_privileged,
     scenarios::{self, Canary},
 };
@@ -201,9 +202,28 @@ fn a_second_agent_takes_over_under_load_with_no_failed_request() {
     })
     .expect("the new agent routes");
     std::thread::sleep(Duration::from_millis(500));
-    let old = node1(&mut mesh);
+    let (agents, cluster) = (&mut mesh.agents, &mesh.cluster);
+    let old = &mut agents.iter_mut().find(|(n, _)| *n == 1).expect("node1's agent").1;
     let signalled = Instant::now();
     old.terminate();
+    old.wait_for("the drain to start", || {
+        old.log_text()
+            .contains("draining: the proxy accepts no more connections")
+            .then_some(())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .expect("draining");
+    // The kubelet's probes of the node's health port now reach the new agent only.
+    let node = cluster.node(1);
+    for _ in 0..20 {
+        let ready = node
+            .run(|| {
+                HttpClient::connect(SocketAddr::from((node.ip, 15021)), "node", TIMEOUT)?.get("/readyz", &[])
+            })
+            .expect("enter node1")
+            .expect("the health port answers");
+        assert_eq!((ready.status, ready.body.trim()), (200, "ready"), "a probe reached the draining agent");
+    }
     echo_line(&mut stream, "while the old agent drains");
     std::thread::sleep(Duration::from_millis(300));
     echo_line(&mut stream, "the last line");
