@@ -6,7 +6,12 @@
 //! live shift to 50/50, header routing, the identities the mesh assigns, and the kernel's own log
 //! lines.
 
-use std::{collections::BTreeMap, io::Write as _, net::SocketAddr, time::Instant};
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
 use gammaray_testkit::{
@@ -18,8 +23,8 @@ use gammaray_testkit::{
 use gammaray_testkit::controlplane::{Assets, ControlPlane};
 
 use crate::agents::{
-    Agent, Build, Control as _, Source, TIMEOUT, agent_binary, create_on, generate_ca, kubeconfig_agent,
-    manifest_agent, real_api_server, require_privileges, write_atomically,
+    Agent, AgentArgs, Build, Control as _, Source, TIMEOUT, agent_binary, create_on, generate_ca,
+    kubeconfig_agent, manifest_agent, real_api_server, require_privileges, write_atomically,
 };
 const REQUESTS: usize = 1000;
 
@@ -284,7 +289,42 @@ pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
         st.kernel.redirected, st.kernel.lookup_misses, st.outbound.requests
     );
 
-    step("cleaning up: agents stop, links detach, namespaces and cgroups go");
+    step(
+        "upgrading node1's agent under traffic: a second agent adopts the pinned eBPF links and maps, the first drains",
+    );
+    let before = agents[0].status()?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (upgraded, (ok, failed), drained) = std::thread::scope(|s| -> anyhow::Result<_> {
+        let load = s.spawn(|| steady(&canary.client, &stop));
+        std::thread::sleep(Duration::from_millis(300));
+        let args = AgentArgs { instance: Some("upgraded".into()), ..agent_args.clone() };
+        let upgraded = Agent::start(&agent_bin, &cluster, cluster.node(1), &args)?;
+        upgraded.wait_until(|s| s.frontends >= 3)?;
+        let signalled = Instant::now();
+        agents[0].terminate();
+        let exit = agents[0].wait_exit(Duration::from_secs(30)).context("the old agent exits")?;
+        anyhow::ensure!(exit.success(), "the old agent exited with {exit:?}");
+        let drained = signalled.elapsed();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let counts = load.join().map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
+        Ok((upgraded, counts, drained))
+    })?;
+    let st = upgraded.status()?;
+    println!(
+        "    the new agent {:?} links {:?} (before: {:?}); the old one drained and exited {:.0} ms after SIGTERM",
+        st.attachment.adoption,
+        st.attachment.link_ids,
+        before.attachment.link_ids,
+        drained.as_secs_f64() * 1000.0
+    );
+    println!("    {ok} requests meanwhile, {failed} failed");
+    anyhow::ensure!(failed == 0, "{failed} requests failed during the upgrade");
+    agents[0] = upgraded;
+
+    step(
+        "cleaning up: agents stop (their links stay pinned), the run's bpf file system is unmounted (the links detach), namespaces and cgroups go",
+    );
     drop(agents);
     drop(canary);
     drop(objects);
@@ -325,6 +365,47 @@ fn send(pod: &Pod, n: usize, headers: &[(&str, &str)]) -> anyhow::Result<BTreeMa
     })??;
     println!("    {n} requests in {:.2} s, all 200", started.elapsed().as_secs_f64());
     Ok(counts)
+}
+
+/// Requests from `pod` to the Service, one every 5 ms until `stop`, on a kept-alive connection
+/// that is replaced when a response says `connection: close`: (answered, failed).
+fn steady(pod: &Pod, stop: &std::sync::atomic::AtomicBool) -> anyhow::Result<(usize, usize)> {
+    pod.run(|| {
+        let (mut ok, mut failed) = (0, 0);
+        let mut conn: Option<HttpClient> = None;
+        // Bounded: the caller stops it within seconds.
+        for _ in 0..20_000 {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let reply = match conn.as_mut() {
+                Some(c) => c.get("/", &[]),
+                None => {
+                    HttpClient::connect(SocketAddr::from((scenarios::BACKEND_VIP, 80)), "backend", TIMEOUT)
+                        .and_then(|mut c| {
+                            let r = c.get("/", &[]);
+                            conn = Some(c);
+                            r
+                        })
+                }
+            };
+            match reply {
+                Ok(r) if r.status == 200 => {
+                    ok += 1;
+                    if r.headers.get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+                        conn = None;
+                    }
+                }
+                _ => {
+                    failed += 1;
+                    conn = None;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (ok, failed)
+    })
+    .map_err(|e| anyhow::anyhow!("enter the client pod: {e}"))
 }
 
 fn chart(counts: &BTreeMap<String, usize>, total: usize) {
