@@ -89,6 +89,11 @@ fn registry(state: &Arc<State>, readiness: &Readiness) -> Registry {
         state.outbound.limited.clone(),
     );
     registry.register(
+        "authz_denied",
+        "Connections, tunnels and requests an authorization policy denied, by policy, reason and where",
+        state.outbound.authz_denied.clone(),
+    );
+    registry.register(
         "local_responses",
         "HTTP requests the proxy answered itself, by reason",
         state.outbound.local_responses.clone(),
@@ -163,10 +168,29 @@ pub fn config_dump(state: &State) -> Result<String, String> {
             (format!("{ns}/{name}"), serde_json::Value::String(text))
         })
         .collect();
+    let policies: Vec<serde_json::Value> = snapshot
+        .authz
+        .policies()
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "policy": &*p.name,
+                "action": format!("{:?}", p.action).to_uppercase(),
+                "selector": p.selector.as_ref().map(|s| s.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()),
+                "rules": p.rules.len(),
+                "deniesItsTargets": p.unenforceable,
+            })
+        })
+        .collect();
     let dump = serde_json::json!({
         "status": status,
         "services": described,
         "routeStatuses": statuses,
+        "authorizationPolicies": {
+            "rootNamespace": &*snapshot.authz.root,
+            "compiled": policies,
+            "notEnforcedAsWritten": &*generation.policy_refusals,
+        },
     });
     serde_json::to_string_pretty(&dump).map_err(|e| e.to_string())
 }

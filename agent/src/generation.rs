@@ -30,6 +30,8 @@ pub struct Generation {
     pub statuses: Statuses,
     /// The objects translated, for what reads them directly (enrolment, status writing).
     pub objects: Store,
+    /// Authorization policies not enforced as written, and why.
+    pub policy_refusals: Arc<Vec<crate::authz::Refusal>>,
 }
 
 impl Generation {
@@ -65,6 +67,9 @@ pub struct Publisher {
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// The conditions last logged, so each is logged when it changes, not on every snapshot.
     logged: Conditions,
+    /// The policies last compiled, and what they compiled to: compiled again only when they
+    /// change.
+    policies: Compiled,
 }
 
 impl Publisher {
@@ -80,6 +85,7 @@ impl Publisher {
                 generation,
                 snapshot,
                 logged: Conditions::new(),
+                policies: Default::default(),
             },
             Subscription { generation: generation_rx, snapshot: snapshot_rx },
         )
@@ -90,13 +96,28 @@ impl Publisher {
     pub fn publish(&mut self, objects: Store, source: &str) -> Arc<Generation> {
         self.options.version += 1;
         let started = Instant::now();
-        let step = self.translator.apply(&objects, self.options.version);
+        let mut step = self.translator.apply(&objects, self.options.version);
+        if !objects.authorization_policies.ptr_eq(&self.policies.0) {
+            let (authz, refusals) = crate::authz::compile(
+                crate::authz::ROOT_NAMESPACE,
+                objects.authorization_policies.iter().map(|((ns, name), o)| (&**ns, &**name, &**o)),
+            );
+            log_changed_refusals(&self.policies.2, &refusals);
+            info!(
+                policies = authz.policies().len(),
+                refused = refusals.len(),
+                "authorization policies compiled"
+            );
+            self.policies = (objects.authorization_policies.clone(), Arc::new(authz), Arc::new(refusals));
+        }
+        step.snapshot.authz = self.policies.1.clone();
         let before = self.generation.borrow().statuses.clone();
         let generation = Arc::new(Generation {
             version: self.options.version,
             snapshot: Arc::new(step.snapshot),
             statuses: step.statuses,
             objects,
+            policy_refusals: self.policies.2.clone(),
         });
         log_changed_conditions(&before, &generation.statuses, &mut self.logged);
         info!(
@@ -125,6 +146,7 @@ impl Publisher {
             snapshot: current.snapshot.clone(),
             statuses: current.statuses.clone(),
             objects,
+            policy_refusals: current.policy_refusals.clone(),
         });
         self.generation.send_replace(generation.clone());
         generation
@@ -133,6 +155,24 @@ impl Publisher {
     /// A receiver of the generations, for readers started after the publisher.
     pub fn subscribe(&self) -> Subscription {
         Subscription { generation: self.generation.subscribe(), snapshot: self.snapshot.subscribe() }
+    }
+}
+
+/// The policies as last compiled: the store's map (compared by pointer to know whether they
+/// changed), what they compiled to, and the refusals.
+type Compiled = (
+    imbl::OrdMap<crate::store::Key, Arc<serde_json::Value>>,
+    Arc<gammaray_proxy::authz::Authz>,
+    Arc<Vec<crate::authz::Refusal>>,
+);
+
+/// Logs each policy refusal that is new or changed, and each that no longer holds.
+fn log_changed_refusals(before: &[crate::authz::Refusal], now: &[crate::authz::Refusal]) {
+    for r in now.iter().filter(|r| !before.contains(r)) {
+        warn!(policy = %r.policy, reason = %r.reason, effect = r.effect, "authorization policy not enforced as written");
+    }
+    for r in before.iter().filter(|b| !now.iter().any(|n| n.policy == b.policy)) {
+        info!(policy = %r.policy, "authorization policy: the refusal no longer holds (fixed, or the policy is gone)");
     }
 }
 

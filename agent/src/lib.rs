@@ -3,6 +3,7 @@
 //! node proxy in-process on its own runtime.
 
 pub mod admin;
+pub mod authz;
 pub mod cli;
 pub mod control;
 pub mod describe;

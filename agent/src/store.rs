@@ -80,6 +80,9 @@ pub struct Store {
     pub http_routes: OrdMap<Key, Arc<HTTPRoute>>,
     pub grpc_routes: OrdMap<Key, Arc<GRPCRoute>>,
     pub reference_grants: OrdMap<Key, Arc<ReferenceGrant>>,
+    /// `AuthorizationPolicy` objects as written: they are read when compiled (by the
+    /// publisher), so one that does not decode is still there to fail closed.
+    pub authorization_policies: OrdMap<Key, Arc<serde_json::Value>>,
     /// The names pods and endpoints repeat (nodes, service accounts, phases), one copy each;
     /// shared by every clone of the store.
     names: Arc<std::sync::Mutex<Names>>,
@@ -151,6 +154,7 @@ impl Store {
             ("", "Namespace" | "Node" | "Service" | "Pod")
                 | ("discovery.k8s.io", "EndpointSlice")
                 | ("gateway.networking.k8s.io", "HTTPRoute" | "GRPCRoute" | "ReferenceGrant")
+                | ("security.istio.io", "AuthorizationPolicy")
         );
         if kind.is_empty() {
             return Err(StoreError::Invalid { index, reason: "object without kind".into() });
@@ -227,6 +231,9 @@ impl Store {
             ("gateway.networking.k8s.io", "ReferenceGrant") => {
                 self.reference_grants.insert(key, decode(index, &kind, &name, value)?);
             }
+            ("security.istio.io", "AuthorizationPolicy") => {
+                self.authorization_policies.insert(key, Arc::new(value));
+            }
             _ => return Ok(Some(format!("{kind} {namespace}/{name}"))),
         }
         Ok(None)
@@ -248,6 +255,7 @@ impl Store {
             "HTTPRoute" => self.http_routes.clear(),
             "GRPCRoute" => self.grpc_routes.clear(),
             "ReferenceGrant" => self.reference_grants.clear(),
+            "AuthorizationPolicy" => self.authorization_policies.clear(),
             _ => {}
         }
     }
@@ -264,6 +272,7 @@ impl Store {
             "HTTPRoute" => self.http_routes.remove(&key).is_some(),
             "GRPCRoute" => self.grpc_routes.remove(&key).is_some(),
             "ReferenceGrant" => self.reference_grants.remove(&key).is_some(),
+            "AuthorizationPolicy" => self.authorization_policies.remove(&key).is_some(),
             _ => false,
         }
     }
@@ -311,6 +320,8 @@ impl Store {
 pub struct Names {
     pub(crate) names: std::collections::HashSet<Arc<str>>,
     swept_at: usize,
+    classes: std::collections::HashSet<Arc<PodClass>>,
+    classes_swept_at: usize,
 }
 
 impl Names {
@@ -324,6 +335,30 @@ impl Names {
         }
         let shared: Arc<str> = name.into();
         self.names.insert(shared.clone());
+        shared
+    }
+
+    /// The shared [`PodClass`] of a pod with this service account and these labels.
+    pub fn class(
+        &mut self,
+        service_account: Option<&str>,
+        labels: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Arc<PodClass> {
+        let class = PodClass {
+            service_account: service_account.map(|s| self.get(s)),
+            labels: gammaray_proxy::authz::LabelSet::new(
+                labels.into_iter().flatten().map(|(k, v)| (k.as_str(), v.as_str())),
+            ),
+        };
+        if let Some(shared) = self.classes.get(&class) {
+            return shared.clone();
+        }
+        if self.classes.len() >= 2 * self.classes_swept_at.max(1024) {
+            self.classes.retain(|c| Arc::strong_count(c) > 1);
+            self.classes_swept_at = self.classes.len();
+        }
+        let shared = Arc::new(class);
+        self.classes.insert(shared.clone());
         shared
     }
 }
@@ -373,9 +408,10 @@ pub fn split_documents(text: &str) -> Vec<&str> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodInfo {
     pub uid: Option<Uid>,
-    /// Node and service account are shared with every pod that has the same.
+    /// Shared with every pod that has the same.
     pub node: Option<Arc<str>>,
-    pub service_account: Option<Arc<str>>,
+    /// Service account and labels, one copy for every pod that has the same (a controller's).
+    pub class: Arc<PodClass>,
     /// `status.podIPs`, or `status.podIP` when the list is absent; one that is no IP address is
     /// dropped.
     pub ips: PodIps,
@@ -386,6 +422,9 @@ pub struct PodInfo {
     /// whatever its namespace says.
     pub opted_out: bool,
 }
+
+/// A pod's service account and labels, shared by the pods alike ([`Names::class`]).
+pub use gammaray_proxy::authz::Class as PodClass;
 
 /// A pod's addresses: one (or two, dual-stack) per pod. 24 bytes, where a `SmallVec` of one
 /// takes 32: the pod's record then fits a smaller allocation.
@@ -532,12 +571,13 @@ impl PodInfo {
         Ok(Self {
             uid: metadata.uid.as_deref().map(Uid::parse),
             node: spec.node_name.map(|n| names.get(&n)),
-            service_account: spec.service_account_name.map(|n| names.get(&n)),
+            class: names.class(spec.service_account_name.as_deref(), metadata.labels.as_ref()),
             ips,
             host_network: spec.host_network.unwrap_or(false),
             finished: matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")),
             opted_out: metadata
                 .labels
+                .as_ref()
                 .is_some_and(|l| l.get(crate::enrolment::DATAPLANE_LABEL).is_some_and(|v| v == "none")),
         })
     }
@@ -803,6 +843,24 @@ mod tests {
         assert!(names(&store, "b").is_empty(), "a relist starts from nothing");
     }
 
+    /// Pods of one controller (same service account, same labels) share one class: the labels
+    /// policies select by cost a pointer per pod.
+    #[test]
+    fn pods_alike_share_their_service_account_and_labels() {
+        let mut store = Store::default();
+        let pod = |name: &str, version: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: n, labels: {{app: web, version: {version}}}}}\n\
+                 spec: {{serviceAccountName: web}}\n"
+            )
+        };
+        store.apply_yaml(&[pod("a", "v1"), pod("b", "v1"), pod("c", "v2")].concat());
+        let class = |name: &str| store.pods[&KeyRef("n", name)].class.clone();
+        assert!(Arc::ptr_eq(&class("a"), &class("b")), "one copy for pods alike");
+        assert!(!Arc::ptr_eq(&class("a"), &class("c")));
+        assert_eq!(class("c").labels.get("version"), Some("v2"));
+    }
+
     #[test]
     fn a_pod_is_kept_as_what_the_mesh_reads_of_it() {
         let mut store = Store::default();
@@ -819,7 +877,13 @@ mod tests {
             PodInfo {
                 uid: Some(Uid::Other("u-a".into())),
                 node: Some("node1".into()),
-                service_account: Some("sa-a".into()),
+                class: Arc::new(PodClass {
+                    service_account: Some("sa-a".into()),
+                    labels: gammaray_proxy::authz::LabelSet::new([
+                        ("app", "a"),
+                        ("gammaray.dev/dataplane-mode", "none")
+                    ]),
+                }),
                 ips: ["10.0.0.1", "fd00::1"].iter().map(|ip| ip.parse().expect("ip")).collect(),
                 host_network: false,
                 finished: false,

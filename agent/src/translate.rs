@@ -221,6 +221,7 @@ pub fn translate(store: &Store, opts: &Options) -> Translation {
             frontends,
             workloads: workloads.into_iter().collect(),
             nodes: node_addresses(store),
+            authz: Default::default(),
         },
         statuses,
     }
@@ -505,7 +506,8 @@ fn workload_of(
     Some(Workload {
         pod: key.clone(),
         node: pod.node.clone(),
-        principal: principals.get(&key.namespace, pod.service_account.as_ref()),
+        principal: principals.get(&key.namespace, pod.class.service_account.as_ref()),
+        class: pod.class.clone(),
     })
 }
 

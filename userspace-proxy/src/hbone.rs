@@ -99,11 +99,21 @@ pub enum Hop {
     Tunnel { src: Identity, dst: Identity, node: SocketAddr, target: SocketAddr },
     /// A meshed destination on another node, but the client has no identity: refused.
     Refuse(&'static str),
+    /// A workload of this node whose authorization policies deny the client.
+    Deny { policy: Arc<str>, reason: crate::authz::DenyReason },
 }
 
 impl Mesh {
     /// Where a connection from `client` to `target` goes.
     pub fn hop(&self, snapshot: &Snapshot, client: std::net::IpAddr, target: SocketAddr) -> Hop {
+        // A workload of this node: its policies are this node's to enforce.
+        if let (Some(node), Some(dst)) = (&self.config.node, snapshot.workloads.get(&target.ip()))
+            && dst.node.as_deref() == Some(node.as_str())
+            && let crate::authz::Decision::Deny { policy, reason } =
+                snapshot.authz.check_local(&snapshot.workloads, client, dst, target.port())
+        {
+            return Hop::Deny { policy, reason };
+        }
         let (Some(node), Some(_)) = (&self.config.node, &self.hbone) else {
             return Hop::Direct(target);
         };
@@ -448,6 +458,20 @@ fn tunnel(
             return reply(respond, refusal.status());
         }
     };
+    // The destination's policies, with the identity the peer's certificate proves. The source
+    // address is not carried: rules on it fail closed.
+    let decision = snapshot.authz.check(
+        &crate::authz::Peer { identity: Some(peer), ip: None },
+        &crate::authz::Target {
+            namespace: &workload.pod.namespace,
+            labels: &workload.class.labels,
+            port: target.port(),
+        },
+    );
+    if decision != crate::authz::Decision::Allow {
+        crate::authz::Authz::record(&inbound.stats, &decision, "inbound", peer, local, target);
+        return reply(respond, StatusCode::FORBIDDEN);
+    }
     // Each tunnel costs this node a socket to the pod: it counts against the node's limits, as
     // the peer node's own connections do.
     let slot = match inbound.limits.admit(peer_ip) {

@@ -401,9 +401,22 @@ async fn forward_to(
         endpoint: endpoint_index,
         tunnelled: matches!(hop, crate::hbone::Hop::Tunnel { .. }),
     };
+    if let crate::hbone::Hop::Deny { policy, reason } = &hop {
+        let snap = ctx.snapshot.borrow().clone();
+        let src = snap
+            .workloads
+            .get(&ctx.client.ip())
+            .map_or_else(|| ctx.client.to_string(), |w| w.uri().to_string());
+        let dst = snap
+            .workloads
+            .get(&endpoint.addr().ip())
+            .map_or_else(|| endpoint.addr().to_string(), |w| w.uri().to_string());
+        let decision = crate::authz::Decision::Deny { policy: policy.clone(), reason: *reason };
+        crate::authz::Authz::record(&ctx.stats, &decision, "local", &src, &dst, endpoint.addr());
+    }
     let answer = match upstream_of(hop) {
         Ok((target, via)) => forward_along(req, target, &via, h2, plan.as_ref(), ctx).await,
-        Err(why) => Err(LocalError::MtlsRequired(why)),
+        Err(err) => Err(err),
     };
     (answer, Some(info))
 }
@@ -458,11 +471,12 @@ fn upstream_uri(
 }
 
 /// The pod a hop ends at and how the pool reaches it, or why it may not be reached.
-fn upstream_of(hop: crate::hbone::Hop) -> Result<(SocketAddr, crate::upstream::Via), &'static str> {
+fn upstream_of(hop: crate::hbone::Hop) -> Result<(SocketAddr, crate::upstream::Via), LocalError> {
     use crate::{hbone::Hop, upstream::Via};
     match hop {
         Hop::Direct(target) => Ok((target, Via::Direct)),
-        Hop::Refuse(why) => Err(why),
+        Hop::Refuse(why) => Err(LocalError::MtlsRequired(why)),
+        Hop::Deny { policy, .. } => Err(LocalError::Denied { policy }),
         Hop::Tunnel { src, dst, node, target } => Ok((target, Via::Tunnel { src, dst, node })),
     }
 }
@@ -494,7 +508,7 @@ fn mirror(req: &Request<Incoming>, m: &crate::snapshot::Mirror, ctx: &ConnContex
     let (target, via) = match upstream_of(hop) {
         Ok(upstream) => upstream,
         Err(why) => {
-            debug!(target = %endpoint.addr(), why, "mirror not sent");
+            debug!(target = %endpoint.addr(), %why, "mirror not sent");
             return;
         }
     };

@@ -7,6 +7,7 @@
 //! translation builds from Kubernetes objects.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 mod config;
 mod cork;
 mod hbone;

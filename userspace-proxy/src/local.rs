@@ -35,6 +35,8 @@ pub enum LocalError {
     BackendTimeout,
     #[error("refusing to leave the node without mTLS: {0}")]
     MtlsRequired(&'static str),
+    #[error("denied by the authorization policy {policy}")]
+    Denied { policy: std::sync::Arc<str> },
     #[error("upstream {endpoint} failed: {source}")]
     Upstream { endpoint: SocketAddr, source: UpstreamError },
 }
@@ -68,6 +70,15 @@ impl LocalError {
             Self::RequestTimeout => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
             Self::BackendTimeout => (StatusCode::GATEWAY_TIMEOUT, "backend_timeout"),
             Self::MtlsRequired(_) => (StatusCode::BAD_GATEWAY, "mtls_required"),
+            Self::Denied { .. } => (StatusCode::FORBIDDEN, "denied"),
+            // The destination's node refused the tunnel for its policies.
+            Self::Upstream {
+                source:
+                    UpstreamError::Tunnel(crate::hbone::HboneError::Refused {
+                        status: StatusCode::FORBIDDEN, ..
+                    }),
+                ..
+            } => (StatusCode::FORBIDDEN, "denied"),
             Self::Upstream { .. } => (StatusCode::BAD_GATEWAY, "upstream_failed"),
         };
         Class { status, outcome }
@@ -77,6 +88,9 @@ impl LocalError {
     /// Service (the access log's `error` field keeps them).
     pub fn public_message(&self) -> std::borrow::Cow<'_, str> {
         match self {
+            Self::Upstream { .. } if self.class().status == StatusCode::FORBIDDEN => {
+                "denied by an authorization policy".into()
+            }
             Self::Upstream { .. } => "the backend could not be reached or did not answer".into(),
             other => other.to_string().into(),
         }

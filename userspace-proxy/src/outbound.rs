@@ -202,7 +202,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
         crate::http::serve_connection(client, Arc::new(ctx)).await;
         return;
     };
-    let hop = mesh.hop(&snapshot.borrow().clone(), std::net::IpAddr::V4(*peer.ip()), target);
+    let snap = snapshot.borrow().clone();
+    let hop = mesh.hop(&snap, std::net::IpAddr::V4(*peer.ip()), target);
+    if let Hop::Deny { policy, reason } = &hop {
+        let src = snap
+            .workloads
+            .get(&std::net::IpAddr::V4(*peer.ip()))
+            .map_or_else(|| peer.to_string(), |w| w.uri().to_string());
+        let dst =
+            snap.workloads.get(&target.ip()).map_or_else(|| target.to_string(), |w| w.uri().to_string());
+        let decision = crate::authz::Decision::Deny { policy: policy.clone(), reason: *reason };
+        crate::authz::Authz::record(&stats, &decision, "local", &src, &dst, target);
+    }
     relay(client, orig, hop, &mesh, &stats).await;
 }
 
@@ -226,6 +237,11 @@ async fn relay(mut client: TcpStream, orig: SocketAddrV4, hop: Hop, mesh: &Mesh,
             warn!(dst = %orig, why, "refusing to leave the node without mTLS");
             return;
         }
+        Hop::Deny { .. } => {
+            // Counted and logged where the hop was decided; the client's connection is reset.
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            return;
+        }
         Hop::Tunnel { src, dst, node, target } => {
             let pool = mesh.hbone.as_ref().expect("a tunnel hop implies HBONE");
             match pool.connect(&src, &dst, node, target).await {
@@ -241,6 +257,11 @@ async fn relay(mut client: TcpStream, orig: SocketAddrV4, hop: Hop, mesh: &Mesh,
                 Err(err) => {
                     stats.upstream_errors.fetch_add(1, Relaxed);
                     warn!(dst = %orig, %target, error = %err, "cannot open an HBONE tunnel");
+                    if let crate::hbone::HboneError::Refused { status: http::StatusCode::FORBIDDEN, .. } = err
+                    {
+                        // Denied by the destination's policies: reset, as a local denial is.
+                        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                    }
                 }
             }
             return;

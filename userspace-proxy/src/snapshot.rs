@@ -229,6 +229,8 @@ pub struct Snapshot {
     pub workloads: AddrMap<Arc<Workload>>,
     /// Node addresses by node name: where another node's HBONE listener is.
     pub nodes: FastMap<String, IpAddr>,
+    /// Who may connect to the workloads of this node.
+    pub authz: Arc<crate::authz::Authz>,
 }
 
 impl Snapshot {
@@ -326,6 +328,9 @@ pub struct Workload {
     pub pod: Arc<ObjectRef>,
     pub node: Option<Arc<str>>,
     pub principal: Arc<Principal>,
+    /// The pod's service account and labels (which authorization policies select by), shared
+    /// with the store's record of the pod.
+    pub class: Arc<crate::authz::Class>,
 }
 
 /// Who the pods of one service account are.

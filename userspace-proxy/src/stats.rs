@@ -30,6 +30,18 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the counter of connections and requests an authorization policy denied.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct DeniedLabels {
+    /// `namespace/name` of the policy that decided.
+    pub policy: String,
+    /// `deny_policy`, `no_allow_policy_matched`, `unenforceable_policy`.
+    pub reason: &'static str,
+    /// Where it was decided: `inbound` (an HBONE tunnel from another node) or `local` (a
+    /// connection or request from a pod of this node to one of this node).
+    pub path: &'static str,
+}
+
 /// Labels of the counter of connections refused at a limit.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct LimitLabels {
@@ -50,6 +62,11 @@ pub struct OutboundStats {
     /// Tunnels and connections the inbound HBONE listener refused, by reason.
     pub hbone_refused: prometheus_client::metrics::family::Family<
         RefusalLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    /// Connections, tunnels and requests an authorization policy denied.
+    pub authz_denied: prometheus_client::metrics::family::Family<
+        DeniedLabels,
         prometheus_client::metrics::counter::Counter,
     >,
     /// Requests the proxy answered itself, by reason.

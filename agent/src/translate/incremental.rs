@@ -406,6 +406,8 @@ impl Incremental {
                 frontends: self.frontends.clone(),
                 workloads: self.workloads.clone(),
                 nodes: self.nodes.clone(),
+                // Policies are compiled apart, by the publisher.
+                authz: Default::default(),
             },
             statuses: self.statuses.clone(),
             work,

@@ -746,6 +746,7 @@ async fn a_status_the_crds_refuse_is_counted_and_not_retried() {
         snapshot: current.snapshot.clone(),
         statuses: std::iter::once((key.clone(), std::sync::Arc::new(status))).collect(),
         objects: current.objects.clone(),
+        policy_refusals: current.policy_refusals.clone(),
     };
     let (client, refused) = (server.client().await, status_writer::Refused::default());
     status_writer::write_statuses(&client, &bad, "node1", &refused).await;

@@ -2,6 +2,7 @@
 //! programs loaded into this kernel by real agent processes. They need root; with
 //! GAMMARAY_REQUIRE_PRIVILEGED=1 (CI) they fail instead of skipping.
 
+mod authz;
 mod hostile;
 mod kubernetes;
 mod lifecycle;
