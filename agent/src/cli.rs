@@ -121,6 +121,9 @@ pub enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Print the CustomResourceDefinitions of the kinds the agent defines (AuthorizationPolicy),
+    /// as `deploy/crds/` holds them: for clusters without Istio's.
+    Crds,
     /// Enrol a network namespace (/proc/PID/ns/net or /run/netns/NAME) in a running agent.
     Enrol { netns: PathBuf },
     /// Stop steering a network namespace.

@@ -31,7 +31,7 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::sync::Notify;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{generation::Publisher, store::Store};
 
@@ -78,7 +78,35 @@ pub const KINDS: &[Kind] = &[
         kind: "ReferenceGrant",
         plural: "referencegrants",
     },
+    Kind {
+        group: "security.istio.io",
+        version: "v1",
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
+    },
 ];
+
+/// How the first configuration waits for a kind.
+fn gating(kind: &Kind) -> Gating {
+    match kind.group {
+        // Without pods, Services and endpoints the proxy would know no workload and pass
+        // everything through in plaintext: never published without them.
+        "" | "discovery.k8s.io" => Gating::Required,
+        // Policies narrow what may connect: published without them only when the cluster has
+        // no such kind (its CRD is not installed), never because the list is slow or refused.
+        "security.istio.io" => Gating::UnlessAbsent,
+        // Routes: after the sync timeout, the mesh routes what it has (a missing Gateway API
+        // CRD must not keep it from routing plain Services).
+        _ => Gating::Optional,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gating {
+    Required,
+    UnlessAbsent,
+    Optional,
+}
 
 /// The watched kind named `kind` (`HTTPRoute`, …).
 pub fn kind(kind: &str) -> Option<&'static Kind> {
@@ -90,8 +118,9 @@ pub fn kind(kind: &str) -> Option<&'static Kind> {
 pub struct SourceOptions {
     /// While changes keep coming, at most one snapshot per this interval.
     pub debounce: Duration,
-    /// A first snapshot is published once every kind has listed, or after this long with what
-    /// has (a kind whose CRD is missing must not keep the mesh from routing the others).
+    /// A first snapshot is published once every kind has listed or is known to be absent (its
+    /// CRD is not installed), or after this long with what has, when what is missing is only
+    /// routes: pods, Services, endpoints and authorization policies are always waited for.
     pub initial_sync_timeout: Duration,
 }
 
@@ -104,6 +133,19 @@ impl Default for SourceOptions {
 struct Watched {
     kind: Kind,
     synced: Arc<AtomicBool>,
+    /// The API server has no such kind (404 on its list: the CRD is not installed).
+    absent: Arc<AtomicBool>,
+}
+
+impl Watched {
+    /// Whether the first configuration may be published without this kind's list.
+    fn may_go_without(&self) -> bool {
+        match gating(&self.kind) {
+            Gating::Required => false,
+            Gating::UnlessAbsent => self.absent.load(Ordering::Acquire),
+            Gating::Optional => true,
+        }
+    }
 }
 
 /// Runs the source until the task is dropped.
@@ -116,12 +158,20 @@ pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
         let resource = kind.resource();
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
         let synced = Arc::new(AtomicBool::new(false));
+        let absent = Arc::new(AtomicBool::new(false));
         // managedFields can outweigh the object itself, and nothing here reads them.
         let stream = watcher(api, watcher::Config::default())
             .backoff(watch_backoff())
             .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None);
-        tasks.push(tokio::spawn(drive(*kind, stream, store.clone(), changed.clone(), synced.clone())));
-        watched.push(Watched { kind: *kind, synced });
+        tasks.push(tokio::spawn(drive(
+            *kind,
+            stream,
+            store.clone(),
+            changed.clone(),
+            synced.clone(),
+            absent.clone(),
+        )));
+        watched.push(Watched { kind: *kind, synced, absent });
     }
     let _abort = AbortOnDrop(tasks);
 
@@ -130,6 +180,7 @@ pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
     // When the last snapshot was published: a change after a quiet spell is published at once,
     // and while changes keep coming, at most one snapshot per `debounce` carries all of them.
     let mut last_publish: Option<Instant> = None;
+    let mut warned_waiting: Option<Instant> = None;
     loop {
         if published_once {
             changed.notified().await;
@@ -142,13 +193,27 @@ pub async fn run(client: Client, options: SourceOptions, mut out: Publisher) {
             // Until the first snapshot, let the lists settle.
             None => tokio::time::sleep(options.debounce).await,
         }
-        let all_synced = watched.iter().all(|w| w.synced.load(Ordering::Acquire));
-        if !published_once && !all_synced {
+        // A kind the API server does not have (its CRD is not installed) has nothing to wait for.
+        let unsynced: Vec<&Watched> = watched
+            .iter()
+            .filter(|w| !w.synced.load(Ordering::Acquire) && !w.absent.load(Ordering::Acquire))
+            .collect();
+        if !published_once && !unsynced.is_empty() {
             if started.elapsed() < options.initial_sync_timeout {
                 continue;
             }
-            let missing: Vec<&str> =
-                watched.iter().filter(|w| !w.synced.load(Ordering::Acquire)).map(|w| w.kind.kind).collect();
+            let waiting: Vec<&str> =
+                unsynced.iter().filter(|w| !w.may_go_without()).map(|w| w.kind.kind).collect();
+            if !waiting.is_empty() {
+                // Logged once per sync timeout while it lasts.
+                if warned_waiting.is_none_or(|at: Instant| at.elapsed() >= options.initial_sync_timeout) {
+                    warn!(?waiting, "these kinds have not listed yet; nothing is served until they have");
+                    warned_waiting = Some(Instant::now());
+                }
+                let _ = tokio::time::timeout(options.debounce * 10, changed.notified()).await;
+                continue;
+            }
+            let missing: Vec<&str> = unsynced.iter().map(|w| w.kind.kind).collect();
             warn!(?missing, "not every kind has listed yet; publishing what has");
         }
         // The copy and whether it needs translating are taken together, under the lock the
@@ -213,6 +278,7 @@ async fn drive(
     store: Arc<Mutex<Pending>>,
     changed: Arc<Notify>,
     synced: Arc<AtomicBool>,
+    absent: Arc<AtomicBool>,
 ) {
     let mut stream = std::pin::pin!(stream);
     // Objects of a (re)list, applied at once when it completes.
@@ -251,6 +317,17 @@ async fn drive(
                 pending.translate |= pending.store.remove(kind.kind, &ns, &name);
                 drop(pending);
                 changed.notify_one();
+            }
+            // The API server's answer for a resource it does not serve is a plain `404 page not
+            // found`, no Status object with a reason: the code says it.
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 => {
+                if !absent.swap(true, Ordering::AcqRel) {
+                    info!(
+                        kind = kind.kind,
+                        "the API server has no such kind (its CRD is not installed); none are read until it is"
+                    );
+                    changed.notify_one();
+                }
             }
             Err(err) => warn!(kind = kind.kind, error = %err, "watch failed; retrying with backoff"),
         }

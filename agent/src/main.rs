@@ -79,6 +79,10 @@ fn main() -> anyhow::Result<()> {
                 );
                 Ok(())
             }
+            Command::Crds => {
+                print!("{}", gammaray_agent::authz::crds_yaml()?);
+                Ok(())
+            }
             Command::Enrol { netns } => {
                 let r = client.enrol(&netns).await?;
                 println!("{}", serde_json::to_string(&r)?);

@@ -60,6 +60,7 @@ pub struct KubeSettings {
 /// Runs the agent until `shutdown` completes.
 pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    tokio::pin!(shutdown);
     preflight::check_privileges()?;
     preflight::check_btf(&cfg.btf_path)?;
     let cgroup_root = match &cfg.cgroup_root {
@@ -155,6 +156,21 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         lookup: datapath.orig_dst_lookup(),
         certs: certs.clone(),
     };
+    // The proxy serves only once it routes by the cluster's configuration: a proxy with none
+    // would pass connections straight to their destinations, in plaintext. Until then its
+    // ports stay unbound (an agent taking over leaves them to its predecessor) and it does not
+    // beat (the kernel side applies the failure mode).
+    if source.is_some() {
+        tracing::info!("waiting for the first configuration before serving");
+        let mut first = config.generation.clone();
+        tokio::select! {
+            _ = first.wait_for(|g| g.version > 0) => {}
+            () = &mut shutdown => {
+                tracing::info!("shutting down before serving");
+                return Ok(());
+            }
+        }
+    }
     let proxy = gammaray_proxy::Proxy::start(proxy_config, inputs, &proxy_rt.handle())?;
 
     let state = Arc::new(control::State {
@@ -231,7 +247,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
     );
 
     tokio::select! {
-        () = shutdown => tracing::info!("shutting down"),
+        () = &mut shutdown => tracing::info!("shutting down"),
         res = &mut control => match res {
             Ok(Err(err)) => tracing::error!(error = %err, "control socket stopped"),
             _ => tracing::error!("control socket task ended"),

@@ -122,6 +122,14 @@ static RESOURCES: &[Resource] = &[
         namespaced: true,
         status: false,
     },
+    Resource {
+        group: "security.istio.io",
+        versions: &["v1"],
+        plural: "authorizationpolicies",
+        kind: "AuthorizationPolicy",
+        namespaced: true,
+        status: false,
+    },
 ];
 
 fn resource_by_kind(api_version: &str, kind: &str) -> Option<&'static Resource> {

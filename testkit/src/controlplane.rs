@@ -283,6 +283,9 @@ impl ControlPlane {
         let crds = assets.crds.display().to_string();
         let how = if assets.crds.join("kustomization.yaml").is_file() { "-k" } else { "-f" };
         plane.kubectl_ok(&["apply", "--server-side", how, &crds])?;
+        // The kinds the agent defines itself (AuthorizationPolicy), as deploy/crds/ holds them.
+        let own = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+        plane.kubectl_ok(&["apply", "--server-side", "-f", &own.display().to_string()])?;
         plane.kubectl_ok(&["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"])?;
         eprintln!("testkit: kube-apiserver at {} ready in {:?}", plane.url, started.elapsed());
         Ok(plane)

@@ -834,3 +834,60 @@ async fn a_burst_of_endpoint_changes_is_coalesced_into_few_whole_generations() {
     assert!(endpoints.contains(&want), "the last change is in the last generation: {endpoints:?}");
     println!("{CHANGES} changes in {burst:?}: {published} generations published, {} seen", seen.len());
 }
+
+/// AuthorizationPolicy through a real API server: the CRD deploy/crds/ holds keeps a policy as
+/// written (a misspelt field included), the source watches the kind, and the publisher compiles
+/// it: an enforceable one into the snapshot, the misspelt one reported and failing closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_policies_on_the_api_server_reach_the_snapshot() {
+    let Some(server) = real("authorization policies") else { return };
+    server.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: authz}\n");
+    server.apply_yaml(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-web, namespace: authz}\n\
+         spec: {selector: {matchLabels: {app: web}}, rules: [{from: [{source: {principals: [cluster.local/ns/authz/sa/client]}}]}]}\n",
+    );
+    server.apply_yaml(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: typo, namespace: authz}\n\
+         spec: {action: DENY, rules: [{from: [{source: {principal: [x]}}]}]}\n",
+    );
+    let typo = server.get("security.istio.io/v1", "AuthorizationPolicy", "authz", "typo").expect("stored");
+    assert!(
+        typo.pointer("/spec/rules/0/from/0/source/principal").is_some(),
+        "the API server kept the misspelt field for the agent to see: {typo}"
+    );
+    let mut source = start_source(server).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let generation = source.generation.borrow_and_update().clone();
+        let names: Vec<String> =
+            generation.snapshot.authz.policies().iter().map(|p| p.name.to_string()).collect();
+        let refused: Vec<&str> = generation.policy_refusals.iter().map(|r| r.policy.as_str()).collect();
+        if names.contains(&"authz/allow-web".to_owned()) && refused.contains(&"authz/typo") {
+            let typo = generation.policy_refusals.iter().find(|r| r.policy == "authz/typo").expect("refused");
+            assert!(typo.reason.contains("unknown field `principal`"), "{typo:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "policies never compiled: {names:?}, refused {refused:?}");
+        let _ = tokio::time::timeout(WAIT, source.generation.changed()).await;
+    }
+}
+
+/// On a cluster without the AuthorizationPolicy kind (no Istio, deploy/crds/ not applied) the
+/// source learns it from the 404 and publishes at once, rather than after its sync timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_the_cluster_does_not_have_does_not_hold_the_first_configuration() {
+    let Some(assets) = gammaray_testkit::controlplane::require_apiserver("a missing CRD") else { return };
+    let plane = tokio::task::spawn_blocking(move || ControlPlane::start(&assets))
+        .await
+        .expect("start")
+        .expect("a control plane of this test's own");
+    plane
+        .kubectl(&["delete", "crd", "authorizationpolicies.security.istio.io", "--wait=true"])
+        .expect("delete the CRD");
+    // A timeout that would outlast the test: a publish can only come from the kind being known absent.
+    let options =
+        SourceOptions { debounce: Duration::from_millis(20), initial_sync_timeout: Duration::from_secs(600) };
+    let mut source = start_source_with(plane.client().await, options);
+    let published = tokio::time::timeout(WAIT, source.generation.wait_for(|g| g.version > 0)).await;
+    assert!(published.is_ok(), "no configuration while the AuthorizationPolicy kind is absent");
+}

@@ -103,6 +103,10 @@ fn read_all() -> Manifests {
                 ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
                     strict::<RoleBinding>(&value, &what).map(drop)
                 }
+                ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => strict::<
+                    k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+                >(&value, &what)
+                .map(drop),
                 ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
                     strict::<gateway_api::httproutes::HttpRoute>(&value, &what).map(drop)
                 }

@@ -118,8 +118,20 @@ fn a_killed_agent_leaves_pods_refused_and_a_restart_adopts_its_pins() {
         "an enrolled pod's bytes left the node"
     );
 
-    let restarted = start_agent(&mesh.cluster, 1, mesh_args(&mesh, AgentArgs::default()));
-    let (gap, greeting) = first_answer(&mesh, dst, TIMEOUT);
+    // Nothing leaves in plaintext while the new agent starts either: it serves (and beats) only
+    // once it routes by the configuration.
+    // The client polls from before the start, so it meets the new agent from its first moment.
+    let ((restarted, (gap, greeting)), wire) = capture_fabric(&mesh.cluster, || {
+        std::thread::scope(|scope| {
+            let poll = scope.spawn(|| first_answer(&mesh, dst, TIMEOUT));
+            let restarted = start_agent(&mesh.cluster, 1, mesh_args(&mesh, AgentArgs::default()));
+            (restarted, poll.join().expect("the polling thread"))
+        })
+    });
+    assert!(
+        !wire.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+        "plaintext while the agent restarted"
+    );
     let gap_from_kill = killed.elapsed();
     assert_eq!(greeting.hostname.split('-').next(), Some("backend"), "{greeting:?}");
     let after = restarted.status();
