@@ -269,6 +269,45 @@ impl Authz {
     }
 }
 
+/// The policies in force, changing only when they do (not with every snapshot): what open
+/// connections watch to learn that they may be no longer allowed.
+pub type Policies = tokio::sync::watch::Receiver<Arc<Authz>>;
+
+/// Follows the snapshots and sends their policies when they change. Runs until the snapshots
+/// end.
+pub(crate) fn follow(
+    mut snapshots: tokio::sync::watch::Receiver<Arc<crate::snapshot::Snapshot>>,
+) -> (Policies, impl std::future::Future<Output = ()>) {
+    let (tx, rx) = tokio::sync::watch::channel(snapshots.borrow().authz.clone());
+    let task = async move {
+        while snapshots.changed().await.is_ok() {
+            let authz = snapshots.borrow_and_update().authz.clone();
+            tx.send_if_modified(|current| {
+                let changed = !Arc::ptr_eq(current, &authz);
+                if changed {
+                    *current = authz;
+                }
+                changed
+            });
+        }
+    };
+    (rx, task)
+}
+
+/// Resolves with the denial once a change of the policies denies what `check` asks; never
+/// while they allow it.
+pub(crate) async fn revoked(mut policies: Policies, check: impl Fn(&Authz) -> Decision) -> Decision {
+    loop {
+        if policies.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let decision = check(&policies.borrow_and_update());
+        if decision != Decision::Allow {
+            return decision;
+        }
+    }
+}
+
 /// Whether the rule parts that read an attribute the proxy does not know match: yes for DENY
 /// (never weaker), no for ALLOW.
 fn unknown(action: Action) -> bool {

@@ -72,12 +72,19 @@ pub(crate) struct Mesh {
     pub hbone: Option<Arc<Pool>>,
     /// Turns true when the proxy drains ([`crate::Proxy::drain`]).
     pub drain: Drain,
+    /// The policies in force: connections to this node's workloads end when they deny them.
+    pub policies: crate::authz::Policies,
 }
 
 impl Mesh {
-    pub fn new(config: Arc<ProxyConfig>, certs: Option<Arc<CertStore>>, drain: Drain) -> Self {
+    pub fn new(
+        config: Arc<ProxyConfig>,
+        certs: Option<Arc<CertStore>>,
+        drain: Drain,
+        policies: crate::authz::Policies,
+    ) -> Self {
         let hbone = certs.map(|certs| Arc::new(Pool::new(certs, config.clone())));
-        Self { config, hbone, drain }
+        Self { config, hbone, drain, policies }
     }
 }
 
@@ -256,6 +263,7 @@ pub(crate) struct Inbound {
     /// The node's connection limits, which tunnels count against too.
     pub limits: Arc<crate::limits::ConnLimits>,
     pub drain: Drain,
+    pub policies: crate::authz::Policies,
 }
 
 impl Inbound {
@@ -485,6 +493,8 @@ fn tunnel(
     let relay = inbound.config.relay();
     let keepalive = inbound.config.tcp_keepalive;
     let pod = workload.pod.clone();
+    let (namespace, class) = (workload.pod.namespace.clone(), workload.class.clone());
+    let policies = inbound.policies.clone();
     let (peer, local) = (peer.clone(), local.clone());
     let recv = req.into_body();
     tokio::spawn(async move {
@@ -510,7 +520,21 @@ fn tunnel(
             }
         };
         stats.inbound_tunnels.fetch_add(1, Relaxed);
-        let result = TunnelStream::new(send, recv, relay).relay(&mut upstream).await;
+        // A policy change that no longer allows the tunnel ends it (the pod's side is reset).
+        let check = |authz: &crate::authz::Authz| {
+            authz.check(
+                &crate::authz::Peer { identity: Some(&peer), ip: None },
+                &crate::authz::Target { namespace: &namespace, labels: &class.labels, port: target.port() },
+            )
+        };
+        let result = tokio::select! {
+            result = TunnelStream::new(send, recv, relay).relay(&mut upstream) => result,
+            decision = crate::authz::revoked(policies, check) => {
+                crate::authz::Authz::record(&stats, &decision, "inbound_revoked", &peer, &local, target);
+                let _ = socket2::SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
+                return;
+            }
+        };
         // Sent to the pod, received from it.
         let (received, sent) = result.unwrap_or((0, 0));
         info!(

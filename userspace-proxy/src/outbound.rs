@@ -214,7 +214,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
         let decision = crate::authz::Decision::Deny { policy: policy.clone(), reason: *reason };
         crate::authz::Authz::record(&stats, &decision, "local", &src, &dst, target);
     }
-    relay(client, orig, hop, &mesh, &stats).await;
+    relay(client, orig, hop, &mesh, &stats, &snapshot).await;
 }
 
 /// Turns on TCP keepalive probes after `idle` of quiet: a relayed connection is never cut for
@@ -227,7 +227,15 @@ pub(crate) fn keep_alive(stream: &TcpStream, idle: Duration) {
 }
 
 /// Carries a connection's bytes along `hop` and back.
-async fn relay(mut client: TcpStream, orig: SocketAddrV4, hop: Hop, mesh: &Mesh, stats: &OutboundStats) {
+async fn relay(
+    mut client: TcpStream,
+    orig: SocketAddrV4,
+    hop: Hop,
+    mesh: &Mesh,
+    stats: &OutboundStats,
+    snapshot: &watch::Receiver<Arc<Snapshot>>,
+) {
+    let client_ip = client.peer_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let started = Instant::now();
     keep_alive(&client, mesh.config.tcp_keepalive);
     let target = match hop {
@@ -285,7 +293,45 @@ async fn relay(mut client: TcpStream, orig: SocketAddrV4, hop: Hop, mesh: &Mesh,
     keep_alive(&upstream, mesh.config.tcp_keepalive);
     let _ = client.set_nodelay(true);
     let mut upstream = upstream;
-    match copy_both_ways(&mut client, &mut upstream, mesh.config.copy_buffer).await {
+    // To a workload of this node under its policies: a change that no longer allows the
+    // connection ends it, both sides reset.
+    let snap = snapshot.borrow().clone();
+    let guarded = match (&mesh.config.node, snap.workloads.get(&target.ip())) {
+        (Some(node), Some(dst)) if dst.node.as_deref() == Some(node.as_str()) => Some((
+            snap.workloads.get(&client_ip).map(|w| w.principal.clone()),
+            dst.pod.namespace.clone(),
+            dst.class.clone(),
+            dst.uri().clone(),
+        )),
+        _ => None,
+    };
+    drop(snap);
+    let copied = match guarded {
+        None => copy_both_ways(&mut client, &mut upstream, mesh.config.copy_buffer).await,
+        Some((src, namespace, class, dst_uri)) => {
+            let check = |authz: &crate::authz::Authz| {
+                authz.check(
+                    &crate::authz::Peer { identity: src.as_ref().map(|p| &p.identity), ip: Some(client_ip) },
+                    &crate::authz::Target {
+                        namespace: &namespace,
+                        labels: &class.labels,
+                        port: target.port(),
+                    },
+                )
+            };
+            tokio::select! {
+                copied = copy_both_ways(&mut client, &mut upstream, mesh.config.copy_buffer) => copied,
+                decision = crate::authz::revoked(mesh.policies.clone(), check) => {
+                    let src = src.as_ref().map_or_else(|| client_ip.to_string(), |p| p.uri.to_string());
+                    crate::authz::Authz::record(stats, &decision, "local_revoked", &src, &dst_uri, target);
+                    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                    let _ = socket2::SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
+                    return;
+                }
+            }
+        }
+    };
+    match copied {
         Ok((sent, received)) => {
             stats.bytes_sent.fetch_add(sent, Relaxed);
             stats.bytes_received.fetch_add(received, Relaxed);

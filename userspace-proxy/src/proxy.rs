@@ -70,6 +70,7 @@ impl Proxy {
         let limits = ConnLimits::new(config.max_connections, config.max_connections_per_source);
         let _ = stats.open.set(limits.clone());
         let (drain, draining) = watch::channel(false);
+        let (policies, follow_policies) = crate::authz::follow(snapshot.clone());
         let outbound = listen(&config, config.outbound_addr).map_err(|source| ProxyError::Bind {
             listener: "outbound",
             addr: config.outbound_addr,
@@ -95,11 +96,13 @@ impl Proxy {
                 stats: stats.clone(),
                 limits: limits.clone(),
                 drain: draining.clone(),
+                policies: policies.clone(),
             });
             tasks.push(runtime.spawn(log_end("inbound", crate::hbone::serve_inbound(listener, inbound))));
         }
+        tasks.push(runtime.spawn(follow_policies));
         let outbound_state = Outbound {
-            mesh: Arc::new(Mesh::new(config, certs, draining)),
+            mesh: Arc::new(Mesh::new(config, certs, draining, policies)),
             limits,
             lookup,
             snapshot,

@@ -212,3 +212,59 @@ fn node_metrics(mesh: &CanaryMesh, n: u8) -> String {
     .expect("metrics")
     .body
 }
+
+/// A stream from the client to an echo server on the backend pod of `node`, open and echoing.
+fn stream_to(
+    mesh: &CanaryMesh,
+    node: &str,
+    port: u16,
+) -> (std::net::TcpStream, gammaray_testkit::echo::EchoServer) {
+    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == node).expect("a backend there");
+    let listener = pod.run(|| std::net::TcpListener::bind((pod.ip, port))).expect("enter pod").expect("bind");
+    let echo = gammaray_testkit::echo::EchoServer::start(listener, &pod.name).expect("an echo server");
+    let (_, mut conn) =
+        mesh.canary.client.run(|| open_and_greet(SocketAddr::from((pod.ip, port)))).expect("enter client");
+    echo_line(&mut conn, "before the policy");
+    (conn, echo)
+}
+
+/// A policy change that no longer allows an open connection ends it within a second, on the
+/// same node (node1's proxy) and across nodes (node2's end of the tunnel); one it still allows
+/// carries on.
+#[test]
+fn a_policy_change_closes_the_connections_it_no_longer_allows() {
+    if !require_privileged("authz: revocation") {
+        return;
+    }
+    use std::io::Read as _;
+    let mesh = CanaryMesh::start(&Canary::route(50, 50), &[1, 2]);
+    let (mut same, _e1) = stream_to(&mesh, "node1", 9401);
+    let (mut cross, _e2) = stream_to(&mesh, "node2", 9402);
+    let (mut other_port, _e3) = stream_to(&mesh, "node2", 9403);
+    apply_policies(
+        &mesh,
+        &policy(
+            "deny-940x",
+            "demo",
+            "{action: DENY, rules: [{to: [{operation: {ports: ['9401', '9402']}}]}]}",
+        ),
+    );
+    for (what, conn) in [("same node", &mut same), ("across nodes", &mut cross)] {
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(1))).expect("timeout");
+        let mut buf = [0u8; 16];
+        match conn.read(&mut buf) {
+            Ok(0) => {}
+            Err(e)
+                if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut => {
+            }
+            other => {
+                panic!("{what}: the denied connection is still open a second after the policy: {other:?}")
+            }
+        }
+    }
+    echo_line(&mut other_port, "a port the policy leaves alone");
+    for (n, path) in [(1, "local_revoked"), (2, "inbound_revoked")] {
+        let metrics = node_metrics(&mesh, n);
+        assert!(metrics.contains(&format!("path=\"{path}\"")), "node{n} counted it: {metrics}");
+    }
+}
