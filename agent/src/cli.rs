@@ -194,4 +194,16 @@ pub enum DescribeCommand {
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
     },
+    /// A workload (pod): the authorization policies that apply to it, and the decision for a
+    /// connection from `--from` (a SPIFFE identity; without it, an unauthenticated peer) to
+    /// `--port`.
+    Workload {
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+    },
 }

@@ -156,6 +156,28 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Fu
                 ),
             }
         }
+        (Method::GET, "/describe/workload") => {
+            let query = route_query.unwrap_or_default();
+            let param =
+                |k: &str| query.split('&').find_map(|p| p.strip_prefix(&format!("{k}=")).map(str::to_owned));
+            let (ns, name) = (param("namespace").unwrap_or_default(), param("name").unwrap_or_default());
+            let port = param("port").and_then(|p| p.parse().ok()).unwrap_or(80);
+            let from = match param("from").filter(|f| !f.is_empty()) {
+                Some(f) => match f.parse::<gammaray_proxy::identity::Identity>() {
+                    Ok(id) => Some(id),
+                    Err(err) => return Ok(text(StatusCode::BAD_REQUEST, format!("--from: {err}"))),
+                },
+                None => None,
+            };
+            let generation = state.generation.borrow().clone();
+            match crate::describe::describe_workload(&generation.snapshot, &ns, &name, from.as_ref(), port) {
+                Some(text) => self::text(StatusCode::OK, text),
+                None => self::text(
+                    StatusCode::NOT_FOUND,
+                    format!("no workload {ns}/{name} in the mesh's configuration"),
+                ),
+            }
+        }
         (Method::GET, "/routes") => {
             let generation = state.generation.borrow().clone();
             json(StatusCode::OK, &generation.status_list())
@@ -281,6 +303,21 @@ impl Client {
         let body = self
             .call(Method::GET, &format!("/describe?namespace={namespace}&name={name}"), Vec::new())
             .await?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// How the authorization policies treat the workload (pod) `namespace/name`, and a
+    /// connection from `from` (a SPIFFE URI; none: unauthenticated) to `port`.
+    pub async fn describe_workload(
+        &self,
+        namespace: &str,
+        name: &str,
+        from: Option<&str>,
+        port: u16,
+    ) -> Result<String, ControlError> {
+        let from = from.unwrap_or("");
+        let path = format!("/describe/workload?namespace={namespace}&name={name}&from={from}&port={port}");
+        let body = self.call(Method::GET, &path, Vec::new()).await?;
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
 

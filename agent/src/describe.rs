@@ -250,6 +250,60 @@ fn filter(f: &Filter) -> String {
     }
 }
 
+/// How the node's authorization policies treat the workload `namespace/name` (a pod): the
+/// policies that apply to it and, for a connection from `from` (a SPIFFE identity, or `None`
+/// for an unauthenticated peer) to `port`, the decision; `None` when no such workload is known.
+pub fn describe_workload(
+    snapshot: &Snapshot,
+    namespace: &str,
+    name: &str,
+    from: Option<&gammaray_proxy::identity::Identity>,
+    port: u16,
+) -> Option<String> {
+    use std::fmt::Write as _;
+
+    use gammaray_proxy::authz::{Decision, Peer, Target};
+    let workload = snapshot
+        .workloads
+        .iter()
+        .map(|(_, w)| w)
+        .find(|w| *w.pod.namespace == *namespace && *w.pod.name == *name)?;
+    let labels: Vec<String> = workload.class.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Workload {namespace}/{name}\n  node: {}\n  identity: {}\n  labels: {}",
+        workload.node.as_deref().unwrap_or("-"),
+        workload.uri(),
+        if labels.is_empty() { "-".to_owned() } else { labels.join(", ") }
+    );
+    let target = Target { namespace, labels: &workload.class.labels, port };
+    let applicable: Vec<_> = snapshot.authz.applicable(&target).collect();
+    let _ = writeln!(out, "Authorization policies that apply (root namespace {}):", snapshot.authz.root);
+    if applicable.is_empty() {
+        let _ = writeln!(out, "  none: every peer may connect");
+    }
+    for p in &applicable {
+        let selector = p.selector.as_ref().map_or_else(
+            || "every workload of its namespace".to_owned(),
+            |s| s.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "),
+        );
+        let _ = writeln!(out, "  {}: {:?}, {} rule(s), selects {selector}", p.name, p.action, p.rules.len());
+        if let Some(why) = &p.unenforceable {
+            let _ = writeln!(out, "    denies every connection to its targets: {why}");
+        }
+    }
+    let who = from.map_or_else(|| "an unauthenticated peer".to_owned(), |i| i.to_string());
+    let decision = snapshot.authz.check(&Peer { identity: from, ip: None }, &target);
+    let _ = match decision {
+        Decision::Allow => writeln!(out, "From {who} to port {port}: ALLOW"),
+        Decision::Deny { policy, reason } => {
+            writeln!(out, "From {who} to port {port}: DENY by {policy} ({})", reason.as_str())
+        }
+    };
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use crate::{

@@ -118,6 +118,10 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", client.describe(&namespace, &name).await?);
                 Ok(())
             }
+            Command::Describe { what: DescribeCommand::Workload { name, namespace, from, port } } => {
+                print!("{}", client.describe_workload(&namespace, &name, from.as_deref(), port).await?);
+                Ok(())
+            }
             Command::ConfigDump => {
                 println!("{}", client.config_dump().await?);
                 Ok(())

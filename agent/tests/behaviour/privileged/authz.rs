@@ -164,6 +164,25 @@ fn policies_are_enforced_at_the_destination_on_both_paths() {
         .expect("enter the client pod")
         .expect("answers");
     assert!(statuses.iter().all(|s| *s == 403), "{statuses:?}");
+    // `describe workload` on the destination's node says which policy applies and decides.
+    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == "node2").expect("a backend on node2");
+    let describe = |from: &str| {
+        gammaray_testkit::agent::block_on(mesh.agent(2).control().describe_workload(
+            "demo",
+            &pod.name,
+            Some(from),
+            8080,
+        ))
+        .expect("describe workload")
+    };
+    let text = describe("spiffe://cluster.local/ns/demo/sa/client");
+    assert!(
+        text.contains("demo/deny-demo: Deny, 1 rule(s), selects every workload of its namespace"),
+        "{text}"
+    );
+    assert!(text.contains("to port 8080: DENY by demo/deny-demo (deny_policy)"), "{text}");
+    let text = describe("spiffe://cluster.local/ns/elsewhere/sa/x");
+    assert!(text.contains("to port 8080: ALLOW"), "{text}");
     // Counted by policy, reason and where it was decided, on both nodes.
     for (n, path) in [(1, "local"), (2, "inbound")] {
         let metrics = node_metrics(&mesh, n);
