@@ -314,23 +314,39 @@ fn unknown(action: Action) -> bool {
     action == Action::Deny
 }
 
+/// A peer as rules read it: its principal written out once per check, not once per rule.
+struct Seen<'a> {
+    principal: Option<String>,
+    namespace: Option<&'a str>,
+    ip: Option<IpAddr>,
+}
+
+impl<'a> Seen<'a> {
+    fn of(peer: &Peer<'a>) -> Self {
+        Self {
+            principal: peer.identity.map(principal_of),
+            namespace: peer.identity.map(|i| &*i.namespace),
+            ip: peer.ip,
+        }
+    }
+}
+
 impl Source {
-    fn matches(&self, peer: &Peer<'_>, action: Action) -> bool {
-        let principal = peer.identity.map(principal_of);
-        let namespace = peer.identity.map(|i| &*i.namespace);
+    fn matches(&self, peer: &Seen<'_>, action: Action) -> bool {
         let any = |patterns: &[Pattern], value: Option<&str>| {
             value.is_some_and(|v| patterns.iter().any(|p| p.matches(v)))
         };
-        if !self.principals.is_empty() && !any(&self.principals, principal.as_deref()) {
+        let principal = peer.principal.as_deref();
+        if !self.principals.is_empty() && !any(&self.principals, principal) {
             return false;
         }
-        if any(&self.not_principals, principal.as_deref()) {
+        if any(&self.not_principals, principal) {
             return false;
         }
-        if !self.namespaces.is_empty() && !any(&self.namespaces, namespace) {
+        if !self.namespaces.is_empty() && !any(&self.namespaces, peer.namespace) {
             return false;
         }
-        if any(&self.not_namespaces, namespace) {
+        if any(&self.not_namespaces, peer.namespace) {
             return false;
         }
         let blocks = |blocks: &[IpBlock]| peer.ip.map(|ip| blocks.iter().any(|b| b.contains(ip)));
@@ -356,7 +372,7 @@ impl Operation {
 }
 
 impl Rule {
-    fn matches(&self, peer: &Peer<'_>, target: &Target<'_>, action: Action) -> bool {
+    fn matches(&self, peer: &Seen<'_>, target: &Target<'_>, action: Action) -> bool {
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(peer, action)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(target)))
     }
@@ -369,7 +385,7 @@ impl Policy {
             .is_none_or(|wanted| wanted.iter().all(|(k, v)| target.labels.get(k) == Some(v.as_str())))
     }
 
-    fn matches(&self, peer: &Peer<'_>, target: &Target<'_>) -> bool {
+    fn matches(&self, peer: &Seen<'_>, target: &Target<'_>) -> bool {
         self.rules.iter().any(|r| r.matches(peer, target, self.action))
     }
 }
@@ -409,6 +425,7 @@ impl Authz {
         if self.policies.is_empty() {
             return Decision::Allow;
         }
+        let peer = &Seen::of(peer);
         let mut first_allow: Option<&Arc<Policy>> = None;
         let mut allowed = false;
         for policy in self.applicable(target) {

@@ -10,9 +10,10 @@ use gammaray_testkit::Pod;
 use super::{
     Ctx,
     measure::{median, wakeup_cost},
-    report::Row,
-    world::WEB_L4,
+    report::{Row, Target},
+    world::{MESH_NS, WEB_L4},
 };
+use crate::agents::Control as _;
 
 pub(super) fn run(ctx: &Ctx<'_>, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let world = &ctx.bed.world;
@@ -46,6 +47,8 @@ pub(super) fn run(ctx: &Ctx<'_>, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         "conn/s",
     ));
 
+    policies(ctx, rows)?;
+
     // What one hop costs this machine before any proxy work: each process a request passes
     // through is a wakeup, and between CPUs of a virtual machine a wakeup is an interrupt
     // through the hypervisor.
@@ -63,4 +66,110 @@ pub(super) fn run(ctx: &Ctx<'_>, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     }
 
     Ok(())
+}
+
+/// How many AuthorizationPolicies the policy rows load.
+const POLICIES: usize = 100;
+
+/// The cost of authorization at the destination: a pod on node1 connects to the L4 Service
+/// (its backend on node2, so node2 checks each tunnel) and reads one answer, with no policy and
+/// with [`POLICIES`] loaded, every one of them applying to the backend (half DENY rules that do
+/// not match, half ALLOW rules of which the last matches: every check reads them all). Rounds
+/// alternate, so a slow spell of the host falls on both.
+fn policies(ctx: &Ctx<'_>, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let pod = &ctx.bed.world.clients["mesh-1"];
+    let dst = SocketAddr::from((WEB_L4, 80));
+    let per_round = (ctx.plan.connects / 4).max(25);
+    let node2 = &ctx.bed.agents[1];
+    let set = |loaded: bool| -> anyhow::Result<()> {
+        let version = node2.status()?.config_version;
+        for i in 0..POLICIES {
+            let name = format!("bench-policy-{i}");
+            if loaded {
+                let (action, source) = match i {
+                    i if i < POLICIES / 2 => {
+                        ("DENY", format!("principals: [cluster.local/ns/other-{i}/sa/x]"))
+                    }
+                    i if i + 1 < POLICIES => {
+                        ("ALLOW", format!("principals: [cluster.local/ns/other-{i}/sa/x]"))
+                    }
+                    _ => ("ALLOW", format!("namespaces: [{MESH_NS}]")),
+                };
+                ctx.bed.server.apply_yaml(&format!(
+                    "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {MESH_NS}}}\n\
+                     spec: {{action: {action}, rules: [{{from: [{{source: {{{source}}}}}], to: [{{operation: {{ports: ['8080', '80']}}}}]}}]}}\n"
+                ));
+            } else {
+                ctx.bed.server.delete("security.istio.io/v1", "AuthorizationPolicy", MESH_NS, &name);
+            }
+        }
+        let want = if loaded { POLICIES } else { 0 };
+        node2.wait_until(|s| s.config_version > version)?;
+        // Published in one or more steps; wait for the last.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while compiled_policies(node2)? != want {
+            anyhow::ensure!(Instant::now() < deadline, "node2 never compiled {want} policies");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
+    let round = || -> anyhow::Result<Vec<f64>> {
+        pod.run(|| -> anyhow::Result<Vec<f64>> {
+            use std::io::{Read as _, Write as _};
+            let mut times = Vec::with_capacity(per_round);
+            let mut buf = vec![0u8; 4096];
+            for _ in 0..per_round {
+                let t = Instant::now();
+                let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")?;
+                let mut got = 0;
+                loop {
+                    match s.read(&mut buf)? {
+                        0 => break,
+                        n => got += n,
+                    }
+                }
+                anyhow::ensure!(got > 0, "no answer through the L4 Service");
+                times.push(t.elapsed().as_secs_f64());
+            }
+            Ok(times)
+        })?
+    };
+    let (mut none, mut loaded) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        none.extend(round()?);
+        set(true)?;
+        loaded.extend(round()?);
+        set(false)?;
+    }
+    let p90 = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[(v.len() * 9 / 10).min(v.len() - 1)] * 1000.0
+    };
+    let n = none.len();
+    rows.push(
+        Row::new(
+            format!(
+                "cross-node L4 connect + one answer, 1 / median of {n}, with {POLICIES} AuthorizationPolicies applying to the backend (direct: none; rounds alternate)"
+            ),
+            Some(1.0 / median(none.clone())),
+            1.0 / median(loaded.clone()),
+            "conn/s",
+        )
+        .target(Target::RatioAtLeast(0.9)),
+    );
+    rows.push(
+        Row::new("… its p90 (direct: none)".to_string(), Some(p90(none)), p90(loaded), "ms")
+            .target(Target::RatioAtMost(1.1)),
+    );
+    Ok(())
+}
+
+/// How many policies node2's agent has compiled, from its configuration dump.
+fn compiled_policies(agent: &crate::agents::Agent) -> anyhow::Result<usize> {
+    let dump =
+        gammaray_testkit::agent::block_on(gammaray_agent::control::Client::new(&agent.socket).config_dump())?;
+    let dump: serde_json::Value = serde_json::from_str(&dump)?;
+    Ok(dump["authorizationPolicies"]["compiled"].as_array().map_or(0, Vec::len))
 }
