@@ -149,6 +149,36 @@ impl Mesh {
     }
 }
 
+/// `for=…` of a `forwarded` header (RFC 7239: an IPv6 address quoted and bracketed).
+fn forwarded_for(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => format!("for={v4}"),
+        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    }
+}
+
+/// The client address a CONNECT's `forwarded` header names, if it is one workload of the
+/// snapshot with the identity the peer's certificate proved: a node speaks only for its own
+/// pods, so an address that is not one of the peer's is not believed (rules on it then fail
+/// closed).
+fn forwarded_client(
+    headers: &http::HeaderMap,
+    snapshot: &Snapshot,
+    peer: &Identity,
+) -> Option<std::net::IpAddr> {
+    let value = headers.get(http::header::FORWARDED)?.to_str().ok()?;
+    let ip: std::net::IpAddr = value
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("for="))?
+        .trim_matches('"')
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()?;
+    let workload = snapshot.workloads.get(&ip)?;
+    (*workload.identity() == *peer).then_some(ip)
+}
+
 /// Outbound HBONE connections, pooled.
 pub(crate) struct Pool {
     certs: Arc<CertStore>,
@@ -169,13 +199,16 @@ impl Pool {
     }
 
     /// Opens a tunnel to `target` (a pod on the node at `node`) as `src`, expecting the
-    /// destination to be `dst`.
+    /// destination to be `dst`. `client`, the address of the one pod connection the tunnel
+    /// carries, goes along in a `forwarded` header (RFC 7239) for the destination's policies;
+    /// `None` for a tunnel that pooled connections share.
     pub async fn connect(
         &self,
         src: &Identity,
         dst: &Identity,
         node: SocketAddr,
         target: SocketAddr,
+        client: Option<std::net::IpAddr>,
     ) -> Result<TunnelStream, HboneError> {
         let key = (src.clone(), dst.clone(), node);
         let pooled = self
@@ -199,11 +232,11 @@ impl Pool {
         };
         // Waits while the node's limit of concurrent streams is reached.
         let mut sender = sender.ready().await.map_err(|source| HboneError::H2 { node, source })?;
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .body(())
-            .expect("CONNECT request parts are valid");
+        let mut req = Request::builder().method(Method::CONNECT).uri(target.to_string());
+        if let Some(ip) = client {
+            req = req.header(http::header::FORWARDED, forwarded_for(ip));
+        }
+        let req = req.body(()).expect("CONNECT request parts are valid");
         let (response, send) =
             sender.send_request(req, false).map_err(|source| HboneError::H2 { node, source })?;
         let resp = response.await.map_err(|source| HboneError::H2 { node, source })?;
@@ -466,10 +499,12 @@ fn tunnel(
             return reply(respond, refusal.status());
         }
     };
-    // The destination's policies, with the identity the peer's certificate proves. The source
-    // address is not carried: rules on it fail closed.
+    // The destination's policies, with the identity the peer's certificate proves, and the
+    // client's address when the peer vouches for one of its own pods (rules on an unknown one
+    // fail closed).
+    let client_ip = forwarded_client(req.headers(), &snapshot, peer);
     let decision = snapshot.authz.check(
-        &crate::authz::Peer { identity: Some(peer), ip: None },
+        &crate::authz::Peer { identity: Some(peer), ip: client_ip },
         &crate::authz::Target {
             namespace: &workload.pod.namespace,
             labels: &workload.class.labels,
@@ -523,7 +558,7 @@ fn tunnel(
         // A policy change that no longer allows the tunnel ends it (the pod's side is reset).
         let check = |authz: &crate::authz::Authz| {
             authz.check(
-                &crate::authz::Peer { identity: Some(&peer), ip: None },
+                &crate::authz::Peer { identity: Some(&peer), ip: client_ip },
                 &crate::authz::Target { namespace: &namespace, labels: &class.labels, port: target.port() },
             )
         };
@@ -548,4 +583,43 @@ fn tunnel(
             "inbound tunnel closed"
         );
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `forwarded` header names the client only when it is a pod with the peer's identity.
+    #[test]
+    fn a_forwarded_client_is_believed_only_for_the_peers_own_pods() {
+        let mut snapshot = Snapshot::default();
+        let id =
+            |sa: &str| -> Identity { format!("spiffe://cluster.local/ns/demo/sa/{sa}").parse().unwrap() };
+        let workload = |sa: &str| {
+            let identity = id(sa);
+            Arc::new(crate::snapshot::Workload {
+                pod: Arc::new(crate::snapshot::ObjectRef::new("demo", sa)),
+                node: Some("node1".into()),
+                principal: Arc::new(crate::snapshot::Principal {
+                    uri: identity.to_string().into(),
+                    identity,
+                }),
+                class: Arc::default(),
+            })
+        };
+        let mut workloads = snapshot.workloads.clone();
+        workloads.insert("10.244.1.5".parse().unwrap(), workload("client"));
+        workloads.insert("fd00::5".parse().unwrap(), workload("client"));
+        workloads.insert("10.244.1.6".parse().unwrap(), workload("other"));
+        snapshot.workloads = workloads;
+        let mut headers = http::HeaderMap::new();
+        let mut named = |ip: &str| {
+            headers.insert(http::header::FORWARDED, forwarded_for(ip.parse().unwrap()).parse().unwrap());
+            forwarded_client(&headers, &snapshot, &id("client"))
+        };
+        assert_eq!(named("10.244.1.5"), Some("10.244.1.5".parse().unwrap()));
+        assert_eq!(named("fd00::5"), Some("fd00::5".parse().unwrap()), "IPv6, quoted and bracketed");
+        assert_eq!(named("10.244.1.6"), None, "another identity's pod");
+        assert_eq!(named("10.9.9.9"), None, "no pod");
+    }
 }

@@ -252,7 +252,7 @@ async fn relay(
         }
         Hop::Tunnel { src, dst, node, target } => {
             let pool = mesh.hbone.as_ref().expect("a tunnel hop implies HBONE");
-            match pool.connect(&src, &dst, node, target).await {
+            match pool.connect(&src, &dst, node, target, Some(client_ip)).await {
                 Ok(tunnel) => {
                     stats.hbone_tunnels.fetch_add(1, Relaxed);
                     let _ = client.set_nodelay(true);

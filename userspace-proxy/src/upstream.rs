@@ -260,7 +260,8 @@ where
             }
             Via::Tunnel { src, dst, node } => {
                 let pool = self.hbone.as_ref().ok_or(UpstreamError::NoHbone)?;
-                let tunnel = pool.connect(src, dst, *node, target).await?;
+                // Pooled: the tunnel carries requests of many clients, so it names none.
+                let tunnel = pool.connect(src, dst, *node, target, None).await?;
                 self.stats.hbone_tunnels.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 handshake(TokioIo::new(tunnel), h2).await?
             }

@@ -115,6 +115,23 @@ fn policies_are_enforced_at_the_destination_on_both_paths() {
             [false, false, false],
         ),
         (
+            "ALLOW by the client's address (ipBlocks; across nodes the tunnel names it)",
+            policy(
+                "allow-ip",
+                "demo",
+                &format!(
+                    "{{rules: [{{from: [{{source: {{ipBlocks: ['{}/32']}}}}]}}]}}",
+                    mesh.canary.client.ip
+                ),
+            ),
+            [true, true, true],
+        ),
+        (
+            "ALLOW by another address only",
+            policy("allow-other-ip", "demo", "{rules: [{from: [{source: {ipBlocks: ['10.9.9.0/24']}}]}]}"),
+            [false, false, false],
+        ),
+        (
             "a port-scoped DENY on another port",
             policy("deny-9999", "demo", "{action: DENY, rules: [{to: [{operation: {ports: ['9999']}}]}]}"),
             [true, true, true],
