@@ -51,6 +51,21 @@ impl Objects {
             }
         }
     }
+
+    /// Puts the AuthorizationPolicy `yaml` in place (`Some`), or removes `name` (`None`).
+    fn policy(&self, name: &str, yaml: Option<&str>) -> anyhow::Result<()> {
+        match (self, yaml) {
+            (Objects::Dir(dir), Some(yaml)) => write_atomically(&dir.join("policy.yaml"), yaml),
+            (Objects::Dir(dir), None) => Ok(std::fs::remove_file(dir.join("policy.yaml"))?),
+            (Objects::Real(plane), Some(yaml)) => {
+                plane.try_apply_yaml(yaml).map_err(|e| anyhow::anyhow!("the policy: {e}"))
+            }
+            (Objects::Real(plane), None) => {
+                plane.delete("security.istio.io/v1", "AuthorizationPolicy", scenarios::NAMESPACE, name);
+                Ok(())
+            }
+        }
+    }
 }
 
 pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
@@ -248,6 +263,36 @@ pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
             reply.fields.get("header:x-canary").map_or("(none)", String::as_str)
         );
     }
+
+    step(
+        "authorization at the destination: an AuthorizationPolicy denies the client's identity to v2's pods",
+    );
+    let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-client-to-v2, namespace: demo}\n\
+                  spec:\n  action: DENY\n  selector: {matchLabels: {version: v2}}\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]\n";
+    print!("{}", indent(policy));
+    objects.policy("no-client-to-v2", Some(policy))?;
+    let wait_for = |user: &str, status: u16| -> anyhow::Result<()> {
+        let started = Instant::now();
+        while ask(user)??.status != status {
+            anyhow::ensure!(started.elapsed() < TIMEOUT, "x-user {user} never answered {status}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(())
+    };
+    wait_for("tester", 403)?;
+    for user in ["tester", "someone"] {
+        let reply = ask(user)??;
+        println!(
+            "    x-user: {user:<8} → {} {}",
+            reply.status,
+            reply.fields.get("message").map_or_else(|| reply.body.trim().to_owned(), Clone::clone)
+        );
+    }
+    objects.policy("no-client-to-v2", None)?;
+    wait_for("tester", 200)?;
+    println!(
+        "    policy removed: x-user tester → 200 again (the node running the chosen v2 pod decided, by the client's SPIFFE identity)"
+    );
 
     step("mutual TLS between the nodes: the identities node2 verified and saw");
     let node2_log = std::fs::read_to_string(&agents[1].log)?;
