@@ -74,6 +74,8 @@ pub enum EbpfError {
     Owner { dir: PathBuf, owner: String, node: String },
     #[error("{what} {path}: {source}")]
     Pin { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("cannot read the monotonic clock: {0}")]
+    Clock(#[source] std::io::Error),
 }
 
 /// Kernel counters, summed over CPUs.
@@ -445,13 +447,7 @@ impl Datapath {
         // SAFETY: `t` is a valid timespec to write; CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
         let now = match unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) } {
             0 => t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64,
-            _ => {
-                return Err(EbpfError::Pin {
-                    what: "cannot read the clock for",
-                    path: self.pins.dir.clone(),
-                    source: std::io::Error::last_os_error(),
-                });
-            }
+            _ => return Err(EbpfError::Clock(std::io::Error::last_os_error())),
         };
         self.heartbeat
             .lock()

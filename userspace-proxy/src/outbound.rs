@@ -214,7 +214,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
         let decision = crate::authz::Decision::Deny { policy: policy.clone(), reason: *reason };
         crate::authz::Authz::record(&stats, &decision, "local", &src, &dst, target);
     }
-    relay(client, orig, hop, &mesh, &stats, &snapshot).await;
+    relay(client, orig, hop, &mesh, &stats, &snapshot, std::net::IpAddr::V4(*peer.ip())).await;
 }
 
 /// Turns on TCP keepalive probes after `idle` of quiet: a relayed connection is never cut for
@@ -234,8 +234,8 @@ async fn relay(
     mesh: &Mesh,
     stats: &OutboundStats,
     snapshot: &watch::Receiver<Arc<Snapshot>>,
+    client_ip: std::net::IpAddr,
 ) {
-    let client_ip = client.peer_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let started = Instant::now();
     keep_alive(&client, mesh.config.tcp_keepalive);
     let target = match hop {
