@@ -111,7 +111,7 @@ pub struct SourceSpec {
     pub remote_ip_blocks: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_remote_ip_blocks: Vec<String>,
-    /// `namespace/name` of service accounts: not supported yet, so not enforced.
+    /// `namespace/name` of service accounts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -257,19 +257,25 @@ fn compile_one(namespace: &str, name: &str, object: &serde_json::Value) -> Resul
                     unenforceable.push(format!("{}: L7 (request) attributes are not enforced", at(field)));
                 }
             }
-            for (field, values) in
-                [("serviceAccounts", &s.service_accounts), ("notServiceAccounts", &s.not_service_accounts)]
-            {
-                if !values.is_empty() {
-                    unenforceable.push(format!("{}: not supported yet", at(field)));
-                }
-            }
+            let accounts = |field: &str, values: &[String]| -> Result<Vec<(String, String)>, String> {
+                values
+                    .iter()
+                    .map(|v| match v.split_once('/') {
+                        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+                            Ok((ns.to_owned(), sa.to_owned()))
+                        }
+                        _ => Err(format!("{}: {v:?} is not namespace/name", at(field))),
+                    })
+                    .collect()
+            };
             let blocks = |field: &str, values: &[String]| -> Result<Vec<IpBlock>, String> {
                 values.iter().map(|v| IpBlock::parse(v).map_err(|e| format!("{}: {e}", at(field)))).collect()
             };
             from.push(Source {
                 principals: s.principals.iter().map(|p| Pattern::parse(p)).collect(),
                 not_principals: s.not_principals.iter().map(|p| Pattern::parse(p)).collect(),
+                service_accounts: accounts("serviceAccounts", &s.service_accounts)?,
+                not_service_accounts: accounts("notServiceAccounts", &s.not_service_accounts)?,
                 namespaces: s.namespaces.iter().map(|p| Pattern::parse(p)).collect(),
                 not_namespaces: s.not_namespaces.iter().map(|p| Pattern::parse(p)).collect(),
                 ip_blocks: blocks("ipBlocks", &s.ip_blocks)?,
@@ -365,6 +371,27 @@ mod tests {
         ));
         assert!(matches!(
             decide(&authz, "spiffe://cluster.local/ns/demo/sa/other", "demo", 8080),
+            Decision::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn service_accounts_compile_and_a_malformed_one_fails_closed() {
+        let (authz, refusals) = compiled(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: by-sa, namespace: demo}\n\
+             spec: {rules: [{from: [{source: {serviceAccounts: [demo/client]}}]}]}\n\
+             ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad-sa, namespace: other}\n\
+             spec: {rules: [{from: [{source: {serviceAccounts: [client]}}]}]}\n",
+        );
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
+        assert!(refusals[0].reason.contains("\"client\" is not namespace/name"), "{refusals:?}");
+        assert_eq!(decide(&authz, "spiffe://cluster.local/ns/demo/sa/client", "demo", 80), Decision::Allow);
+        assert!(matches!(
+            decide(&authz, "spiffe://cluster.local/ns/demo/sa/x", "demo", 80),
+            Decision::Deny { .. }
+        ));
+        assert!(matches!(
+            decide(&authz, "spiffe://cluster.local/ns/other/sa/client", "other", 80),
             Decision::Deny { .. }
         ));
     }

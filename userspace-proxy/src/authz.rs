@@ -99,6 +99,9 @@ pub struct Rule {
 pub struct Source {
     pub principals: Vec<Pattern>,
     pub not_principals: Vec<Pattern>,
+    /// `namespace/name` of service accounts, exact.
+    pub service_accounts: Vec<(String, String)>,
+    pub not_service_accounts: Vec<(String, String)>,
     pub namespaces: Vec<Pattern>,
     pub not_namespaces: Vec<Pattern>,
     pub ip_blocks: Vec<IpBlock>,
@@ -318,6 +321,7 @@ fn unknown(action: Action) -> bool {
 struct Seen<'a> {
     principal: Option<String>,
     namespace: Option<&'a str>,
+    service_account: Option<&'a str>,
     ip: Option<IpAddr>,
 }
 
@@ -326,6 +330,7 @@ impl<'a> Seen<'a> {
         Self {
             principal: peer.identity.map(principal_of),
             namespace: peer.identity.map(|i| &*i.namespace),
+            service_account: peer.identity.map(|i| &*i.service_account),
             ip: peer.ip,
         }
     }
@@ -341,6 +346,17 @@ impl Source {
             return false;
         }
         if any(&self.not_principals, principal) {
+            return false;
+        }
+        let account = |accounts: &[(String, String)]| {
+            peer.namespace
+                .zip(peer.service_account)
+                .is_some_and(|(ns, sa)| accounts.iter().any(|(n, a)| n == ns && a == sa))
+        };
+        if !self.service_accounts.is_empty() && !account(&self.service_accounts) {
+            return false;
+        }
+        if account(&self.not_service_accounts) {
             return false;
         }
         if !self.namespaces.is_empty() && !any(&self.namespaces, peer.namespace) {

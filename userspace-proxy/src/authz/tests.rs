@@ -207,3 +207,16 @@ fn patterns_follow_istios_wildcards() {
     assert!(Pattern::parse("*/sa/client").matches("cluster.local/ns/demo/sa/client"));
     assert!(!Pattern::parse("demo").matches("demo2"));
 }
+
+#[test]
+fn service_accounts_match_namespace_and_name_exactly() {
+    let src = Source { service_accounts: vec![("demo".into(), "client".into())], ..Source::default() };
+    let allow = Authz::new("gammaray-system", vec![policy("demo", "a", Action::Allow, vec![from(src)])]);
+    assert_eq!(check(&allow, Some(&id("demo", "client")), target("demo", 80)), Decision::Allow);
+    assert!(matches!(check(&allow, Some(&id("other", "client")), target("demo", 80)), Decision::Deny { .. }));
+    assert!(matches!(check(&allow, None, target("demo", 80)), Decision::Deny { .. }), "unauthenticated");
+    let not = Source { not_service_accounts: vec![("demo".into(), "client".into())], ..Source::default() };
+    let deny = Authz::new("gammaray-system", vec![policy("demo", "d", Action::Deny, vec![from(not)])]);
+    assert_eq!(check(&deny, Some(&id("demo", "client")), target("demo", 80)), Decision::Allow);
+    assert!(matches!(check(&deny, Some(&id("demo", "other")), target("demo", 80)), Decision::Deny { .. }));
+}

@@ -110,6 +110,11 @@ fn policies_are_enforced_at_the_destination_on_both_paths() {
             [true, true, false],
         ),
         (
+            "ALLOW by serviceAccounts (namespace/name)",
+            policy("allow-sa", "demo", "{rules: [{from: [{source: {serviceAccounts: [demo/client]}}]}]}"),
+            [true, true, true],
+        ),
+        (
             "an ALLOW with no rules denies all",
             policy("nothing", "demo", "{action: ALLOW}"),
             [false, false, false],
