@@ -113,21 +113,21 @@ pub enum Hop {
 impl Mesh {
     /// Where a connection from `client` to `target` goes.
     pub fn hop(&self, snapshot: &Snapshot, client: std::net::IpAddr, target: SocketAddr) -> Hop {
-        // A workload of this node: its policies are this node's to enforce.
-        if let (Some(node), Some(dst)) = (&self.config.node, snapshot.workloads.get(&target.ip()))
-            && dst.node.as_deref() == Some(node.as_str())
-            && let crate::authz::Decision::Deny { policy, reason } =
-                snapshot.authz.check_local(&snapshot.workloads, client, dst, target.port())
-        {
-            return Hop::Deny { policy, reason };
+        let Some(dst) = snapshot.workloads.get(&target.ip()) else {
+            return Hop::Direct(target);
+        };
+        let here = self.config.node.as_deref();
+        if here.is_some() && dst.node.as_deref() == here {
+            // A workload of this node: its policies are this node's to enforce.
+            return match snapshot.authz.check_local(&snapshot.workloads, client, dst, target.port()) {
+                crate::authz::Decision::Deny { policy, reason } => Hop::Deny { policy, reason },
+                crate::authz::Decision::Allow => Hop::Direct(target),
+            };
         }
         let (Some(node), Some(_)) = (&self.config.node, &self.hbone) else {
             return Hop::Direct(target);
         };
-        let Some(dst) = snapshot.workloads.get(&target.ip()) else {
-            return Hop::Direct(target);
-        };
-        let Some(dst_node) = dst.node.as_deref().filter(|n| *n != node.as_str()) else {
+        let Some(dst_node) = dst.node.as_deref() else {
             return Hop::Direct(target);
         };
         let Some(node_ip) = snapshot.nodes.get(dst_node) else {

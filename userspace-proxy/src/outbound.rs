@@ -214,7 +214,34 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
         let decision = crate::authz::Decision::Deny { policy: policy.clone(), reason: *reason };
         crate::authz::Authz::record(&stats, &decision, "local", &src, &dst, target);
     }
-    relay(client, orig, hop, &mesh, &stats, &snapshot, std::net::IpAddr::V4(*peer.ip())).await;
+    let client_ip = std::net::IpAddr::V4(*peer.ip());
+    let guard = Guard::of(&snap, &mesh, client_ip, target);
+    // The connection may last: it keeps what its guard needs, not the whole snapshot.
+    drop(snap);
+    relay(client, orig, hop, &mesh, &stats, guard, client_ip).await;
+}
+
+/// What a relay to a workload of this node keeps to re-check its policies when they change:
+/// the source's principal (if it is a workload), the destination's namespace, class and URI.
+struct Guard {
+    src: Option<Arc<crate::snapshot::Principal>>,
+    namespace: Arc<str>,
+    class: Arc<crate::authz::Class>,
+    dst_uri: Arc<str>,
+}
+
+impl Guard {
+    fn of(snap: &Snapshot, mesh: &Mesh, client: std::net::IpAddr, target: SocketAddr) -> Option<Self> {
+        let (Some(node), Some(dst)) = (&mesh.config.node, snap.workloads.get(&target.ip())) else {
+            return None;
+        };
+        (dst.node.as_deref() == Some(node.as_str())).then(|| Self {
+            src: snap.workloads.get(&client).map(|w| w.principal.clone()),
+            namespace: dst.pod.namespace.clone(),
+            class: dst.class.clone(),
+            dst_uri: dst.uri().clone(),
+        })
+    }
 }
 
 /// Turns on TCP keepalive probes after `idle` of quiet: a relayed connection is never cut for
@@ -233,7 +260,7 @@ async fn relay(
     hop: Hop,
     mesh: &Mesh,
     stats: &OutboundStats,
-    snapshot: &watch::Receiver<Arc<Snapshot>>,
+    guard: Option<Guard>,
     client_ip: std::net::IpAddr,
 ) {
     let started = Instant::now();
@@ -295,20 +322,9 @@ async fn relay(
     let mut upstream = upstream;
     // To a workload of this node under its policies: a change that no longer allows the
     // connection ends it, both sides reset.
-    let snap = snapshot.borrow().clone();
-    let guarded = match (&mesh.config.node, snap.workloads.get(&target.ip())) {
-        (Some(node), Some(dst)) if dst.node.as_deref() == Some(node.as_str()) => Some((
-            snap.workloads.get(&client_ip).map(|w| w.principal.clone()),
-            dst.pod.namespace.clone(),
-            dst.class.clone(),
-            dst.uri().clone(),
-        )),
-        _ => None,
-    };
-    drop(snap);
-    let copied = match guarded {
+    let copied = match guard {
         None => copy_both_ways(&mut client, &mut upstream, mesh.config.copy_buffer).await,
-        Some((src, namespace, class, dst_uri)) => {
+        Some(Guard { src, namespace, class, dst_uri }) => {
             let check = |authz: &crate::authz::Authz| {
                 authz.check(
                     &crate::authz::Peer { identity: src.as_ref().map(|p| &p.identity), ip: Some(client_ip) },
