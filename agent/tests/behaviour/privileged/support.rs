@@ -352,3 +352,11 @@ impl LinkWatch {
         self.thread.take().expect("watching").join().expect("the link watcher")
     }
 }
+
+/// The programs the kernel's links `ids` run now, in the same order (0 for a link not found):
+/// what an adopting agent's `BPF_LINK_UPDATE` must have changed.
+pub fn programs_of_links(ids: &[u32]) -> Vec<u32> {
+    let live: Vec<(u32, u32)> =
+        aya::programs::loaded_links().filter_map(Result::ok).map(|l| (l.id(), l.program_id())).collect();
+    ids.iter().map(|id| live.iter().find(|(l, _)| l == id).map_or(0, |(_, p)| *p)).collect()
+}

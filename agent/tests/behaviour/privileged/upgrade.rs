@@ -137,9 +137,11 @@ fn a_killed_agent_leaves_pods_refused_and_a_restart_adopts_its_pins() {
     let after = restarted.status();
     assert_eq!(after.attachment.adoption, Adoption::Adopted, "{:?}", after.attachment);
     assert_eq!(after.attachment.link_ids, before.attachment.link_ids, "the same links, adopted");
-    assert_ne!(
-        after.attachment.program_ids, before.attachment.program_ids,
-        "now running the new agent's programs"
+    assert_ne!(after.attachment.program_ids, before.attachment.program_ids, "the new agent loaded its own");
+    assert_eq!(
+        programs_of_links(&after.attachment.link_ids),
+        after.attachment.program_ids,
+        "the adopted links run the new agent's programs"
     );
     for cookie in &before.enrolled {
         assert!(after.enrolled.contains(cookie), "enrolment survived the restart: {after:?}");
@@ -262,6 +264,7 @@ fn a_second_agent_takes_over_under_load_with_no_failed_request() {
         .expect("the new agent's status");
     assert_eq!(st.attachment.adoption, Adoption::Adopted);
     assert_eq!(st.attachment.link_ids, links, "the same links");
+    assert_eq!(programs_of_links(&links), st.attachment.program_ids, "running the new agent's programs");
     let log = old.log_text();
     assert!(log.contains("drained: every connection finished"), "{log}");
     eprintln!(
@@ -322,6 +325,11 @@ fn maps_of_another_abi_version_are_replaced() {
     let st = restarted.status();
     assert_eq!(st.attachment.adoption, Adoption::Replaced, "{:?}", st.attachment);
     assert_eq!(st.attachment.link_ids, before.attachment.link_ids, "the same links");
+    assert_eq!(
+        programs_of_links(&st.attachment.link_ids),
+        st.attachment.program_ids,
+        "moved to the new agent's programs once its enrolment pass ran"
+    );
     let (_stream, _dst, _echo) = open_stream(&mesh, 9324);
     drop(replace_node1(&mut mesh, restarted));
 }
