@@ -191,6 +191,10 @@ pub fn config_dump(state: &State) -> Result<String, String> {
             "compiled": policies,
             "notEnforcedAsWritten": &*generation.policy_refusals,
         },
+        "peerAuthentication": {
+            "label": gammaray_proxy::authz::PEER_AUTHENTICATION_LABEL,
+            "strictNamespaces": snapshot.authz.strict_namespaces(),
+        },
     });
     serde_json::to_string_pretty(&dump).map_err(|e| e.to_string())
 }
@@ -269,6 +273,24 @@ impl Collector for Scrape {
                 "Enrolled connects sent directly while no node proxy was alive (failure mode open)",
                 k.passed_no_proxy,
             )?;
+            counter(
+                &mut encoder,
+                "kernel_inbound_captured",
+                "Inbound connections to enrolled pods, not from their node, handed to the node proxy",
+                k.captured,
+            )?;
+            counter(
+                &mut encoder,
+                "kernel_inbound_refused_no_proxy",
+                "Inbound connections to enrolled pods refused while no node proxy listened in the pod",
+                k.inbound_refused_no_proxy,
+            )?;
+            counter(
+                &mut encoder,
+                "kernel_inbound_passed_no_proxy",
+                "Inbound connections to permissive pods let through while no node proxy listened (failure mode open)",
+                k.inbound_passed_no_proxy,
+            )?;
         }
         let o = self.state.outbound.snapshot();
         counter(
@@ -307,6 +329,12 @@ impl Collector for Scrape {
             "hbone_inbound_tunnels",
             "mTLS streams forwarded to a pod of this node",
             o.inbound_tunnels,
+        )?;
+        counter(
+            &mut encoder,
+            "inbound_captured_connections",
+            "Captured connections from outside the mesh forwarded to a pod of this node",
+            o.captured,
         )?;
         counter(&mut encoder, "tls_refused", "Inbound TLS handshakes refused", o.tls_refused)?;
         let g = ConstGauge::new(self.state.outbound.connections_open() as i64);

@@ -162,6 +162,33 @@ pub struct Refusal {
     pub effect: &'static str,
 }
 
+/// The namespaces whose workloads are `strict` by their label
+/// ([`gammaray_proxy::authz::PEER_AUTHENTICATION_LABEL`]), with a refusal for each label that is
+/// neither `strict` nor `permissive` (such a namespace is strict: never weaker than meant).
+pub fn strict_namespaces<'a>(
+    namespaces: impl Iterator<Item = (&'a str, Option<&'a str>)>,
+) -> (Vec<Arc<str>>, Vec<Refusal>) {
+    use gammaray_proxy::authz::{PEER_AUTHENTICATION_LABEL, PeerAuthentication};
+    let mut strict = Vec::new();
+    let mut refusals = Vec::new();
+    for (namespace, value) in namespaces {
+        let Some(value) = value else { continue };
+        match PeerAuthentication::parse(value) {
+            Ok(PeerAuthentication::Permissive) => {}
+            Ok(PeerAuthentication::Strict) => strict.push(namespace.into()),
+            Err(_) => {
+                refusals.push(Refusal {
+                    policy: format!("namespace {namespace}: label {PEER_AUTHENTICATION_LABEL}={value}"),
+                    reason: "neither strict nor permissive".into(),
+                    effect: "treated as strict",
+                });
+                strict.push(namespace.into());
+            }
+        }
+    }
+    (strict, refusals)
+}
+
 /// Compiles the policies of the store (namespace, name → the object as written).
 pub fn compile<'a>(
     root: &str,
@@ -468,5 +495,23 @@ mod tests {
         let crd = AuthorizationPolicy::crd();
         assert_eq!(crd.metadata.name.as_deref(), Some("authorizationpolicies.security.istio.io"));
         assert_eq!(crd.spec.scope, "Namespaced");
+    }
+
+    #[test]
+    fn namespace_labels_make_workloads_strict_and_an_unknown_value_is_strict_and_reported() {
+        let (strict, refusals) = strict_namespaces(
+            [
+                ("locked", Some("strict")),
+                ("open", Some("permissive")),
+                ("plain", None),
+                ("typo", Some("stric")),
+            ]
+            .into_iter(),
+        );
+        let names: Vec<&str> = strict.iter().map(|n| &**n).collect();
+        assert_eq!(names, ["locked", "typo"]);
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
+        assert!(refusals[0].policy.contains("typo") && refusals[0].policy.contains("stric"), "{refusals:?}");
+        assert_eq!(refusals[0].effect, "treated as strict");
     }
 }

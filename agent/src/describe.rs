@@ -278,6 +278,19 @@ pub fn describe_workload(
         if labels.is_empty() { "-".to_owned() } else { labels.join(", ") }
     );
     let target = Target { namespace, labels: &workload.class.labels, port };
+    let mode = snapshot.authz.peer_authentication(&target);
+    let _ = writeln!(
+        out,
+        "  peer authentication: {}{}",
+        mode.as_str(),
+        match mode {
+            gammaray_proxy::authz::PeerAuthentication::Strict =>
+                " (peers without a mesh identity are refused)",
+            gammaray_proxy::authz::PeerAuthentication::Permissive => {
+                " (peers from outside the mesh are captured and checked as unauthenticated)"
+            }
+        }
+    );
     let applicable: Vec<_> = snapshot.authz.applicable(&target).collect();
     let _ = writeln!(out, "Authorization policies that apply (root namespace {}):", snapshot.authz.root);
     if applicable.is_empty() {

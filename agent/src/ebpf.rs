@@ -6,6 +6,12 @@
 //! agent adopts what is pinned: the maps when their ABI version is its own, and the links
 //! always, moving them to its freshly loaded programs with `BPF_LINK_UPDATE`, which swaps the
 //! program of a live link with no moment of none attached. Only `uninstall` removes the pins.
+//!
+//! Inbound capture adds a link per enrolled pod: the `sk_lookup` program attached to the pod's
+//! network namespace (pinned as `link-inbound-COOKIE`), with the pod's entry in the
+//! inbound-pods map and the node proxy's listener in the pod in the socket hash. A starting
+//! agent moves each pod's link to its program when it sets the pod up; a link whose namespace
+//! is gone (the pod ended while no agent ran) is unpinned.
 
 use std::{
     ffi::CString,
@@ -19,17 +25,19 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, Program,
+        CgroupAttachMode, Program, SkLookup,
         links::{FdLink, PinnedLink},
     },
 };
 use gammaray_common::{
-    ABI_VERSION, CONFIG_FLAG_ACTIVE, CONFIG_FLAG_FAIL_OPEN, COUNTER_ERRORS, COUNTER_LOOKUP_MISSES,
+    ABI_VERSION, CONFIG_FLAG_ACTIVE, CONFIG_FLAG_FAIL_OPEN, COUNTER_CAPTURED, COUNTER_ERRORS,
+    COUNTER_INBOUND_PASSED_NO_PROXY, COUNTER_INBOUND_REFUSED_NO_PROXY, COUNTER_LOOKUP_MISSES,
     COUNTER_PASSED_NO_PROXY, COUNTER_REDIRECTED, COUNTER_REFUSED_NO_PROXY, COUNTER_SKIPPED, ClientKey,
-    Config, Enrolled, MAP_CLIENT_ORIG, MAP_CONFIG, MAP_COUNTERS, MAP_ENROLLED, MAP_HEARTBEAT, MAPS, OrigDst,
-    PROG_CONNECT4, PROG_SOCKOPS,
+    Config, Enrolled, INBOUND_FLAG_STRICT, InboundPod, MAP_CLIENT_ORIG, MAP_CONFIG, MAP_COUNTERS,
+    MAP_ENROLLED, MAP_HEARTBEAT, MAP_INBOUND_PODS, MAP_INBOUND_SOCKS, MAPS, OrigDst, PROG_CONNECT4,
+    PROG_INBOUND, PROG_SOCKOPS,
 };
 use gammaray_proxy::orig_dst::{LookupError, OrigDstLookup};
 
@@ -40,6 +48,9 @@ const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
 /// The eBPF object built by build.rs from the `ebpf/` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gammaray"));
+
+/// How a pod's inbound link is pinned: this, then its netns cookie.
+const INBOUND_LINK_PREFIX: &str = "link-inbound-";
 
 /// `statfs(2)`'s type of a bpf file system.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -92,6 +103,16 @@ pub struct KernelCounters {
     /// Enrolled connections let through directly while no node proxy was alive (`open`).
     #[serde(default)]
     pub passed_no_proxy: u64,
+    /// Inbound connections to enrolled pods handed to the proxy's listener in the pod.
+    #[serde(default)]
+    pub captured: u64,
+    /// Inbound connections to enrolled pods refused while no proxy listened in the pod.
+    #[serde(default)]
+    pub inbound_refused_no_proxy: u64,
+    /// Inbound connections to enrolled pods let through uncaptured while no proxy listened in
+    /// the pod (failure mode `open`, the pod `permissive`).
+    #[serde(default)]
+    pub inbound_passed_no_proxy: u64,
 }
 
 /// Identifiers of what the agent put into the kernel, so callers can check it is gone later.
@@ -139,7 +160,9 @@ pub enum FailureMode {
 ///
 /// - `node-NAME/`: an empty directory naming the node that owns the rest;
 /// - `abi-N/GR_*`: the maps of ABI version N ([`ABI_VERSION`]);
-/// - `link-gr_connect4`, `link-gr_sockops`: the two links.
+/// - `link-gr_connect4`, `link-gr_sockops`: the two cgroup links;
+/// - `link-inbound-COOKIE`: the `sk_lookup` link of the enrolled pod whose network namespace has
+///   that cookie.
 #[derive(Debug, Clone)]
 pub struct Pins {
     pub dir: PathBuf,
@@ -164,6 +187,21 @@ impl Pins {
 
     fn link(&self, program: &str) -> PathBuf {
         self.dir.join(format!("link-{program}"))
+    }
+
+    fn inbound_link(&self, netns_cookie: u64) -> PathBuf {
+        self.dir.join(format!("{INBOUND_LINK_PREFIX}{netns_cookie}"))
+    }
+
+    /// The pods' inbound links pinned here, by netns cookie.
+    fn inbound_links(&self) -> Vec<(u64, PathBuf)> {
+        self.entries()
+            .into_iter()
+            .filter_map(|n| {
+                let cookie = n.strip_prefix(INBOUND_LINK_PREFIX)?.parse().ok()?;
+                Some((cookie, self.dir.join(n)))
+            })
+            .collect()
     }
 
     /// The nodes named by `node-*` entries.
@@ -279,9 +317,49 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     heartbeat: Mutex<Array<MapData, u64>>,
     client_orig: Arc<Mutex<HashMap<MapData, ClientKey, OrigDst>>>,
+    inbound_pods: Mutex<HashMap<MapData, u32, InboundPod>>,
+    inbound_socks: Mutex<SockHash<MapData, u32>>,
+    inherited: Mutex<Option<Inherited>>,
     logger: Option<aya_log::EbpfLogger<KernelLog>>,
-    // Keeps the programs loaded (a link update needs their descriptors) and the maps open.
-    ebpf: Ebpf,
+    // Keeps the programs loaded (a link update needs their descriptors, an attachment the
+    // program itself) and the maps open.
+    ebpf: Mutex<Ebpf>,
+}
+
+/// What earlier agents left in the kernel when this one started: swept, once this agent's
+/// enrolment shows which of it is still wanted ([`Datapath::sweep`]).
+#[derive(Debug, Default, Clone)]
+pub struct Inherited {
+    enrolled: Vec<u64>,
+    links: Vec<u64>,
+    addresses: Vec<u32>,
+}
+
+/// What [`Datapath::sweep`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub enrolments: usize,
+    pub links: usize,
+    pub addresses: usize,
+}
+
+impl Swept {
+    pub fn any(&self) -> bool {
+        self.enrolments + self.links + self.addresses > 0
+    }
+}
+
+/// One enrolled pod's inbound capture, as [`Datapath::capture`] sets it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture<'a> {
+    pub netns_cookie: u64,
+    pub netns: &'a Path,
+    /// The pod's IPv4 addresses.
+    pub ips: &'a [Ipv4Addr],
+    /// Where the node's own connections to the pod come from: never captured.
+    pub node_addr: Ipv4Addr,
+    /// Peer authentication `strict`: with no proxy listener, always refused.
+    pub strict: bool,
 }
 
 impl Datapath {
@@ -325,10 +403,17 @@ impl Datapath {
             ..Config::default()
         };
         config.set(0, &cfg, 0).map_err(|source| EbpfError::Map { name: MAP_CONFIG, source })?;
-        let enrolled = take_map(&mut ebpf, MAP_ENROLLED)?;
+        let enrolled: HashMap<MapData, u64, Enrolled> = take_map(&mut ebpf, MAP_ENROLLED)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
         let heartbeat = take_map(&mut ebpf, MAP_HEARTBEAT)?;
         let client_orig = take_map(&mut ebpf, MAP_CLIENT_ORIG)?;
+        let inbound_pods: HashMap<MapData, u32, InboundPod> = take_map(&mut ebpf, MAP_INBOUND_PODS)?;
+        let inbound_socks = take_map(&mut ebpf, MAP_INBOUND_SOCKS)?;
+        let inherited = Inherited {
+            enrolled: enrolled.keys().filter_map(Result::ok).collect(),
+            links: pins.inbound_links().into_iter().map(|(cookie, _)| cookie).collect(),
+            addresses: inbound_pods.keys().filter_map(Result::ok).collect(),
+        };
 
         let cgroup = File::open(cgroup_root)
             .map_err(|source| EbpfError::Cgroup { path: cgroup_root.to_owned(), source })?;
@@ -376,6 +461,11 @@ impl Datapath {
             }
             program_ids.push(program_info_id(prog, name)?);
         }
+        // Attached per pod as enrolment sets the pods up.
+        let inbound = ebpf
+            .program_mut(PROG_INBOUND)
+            .ok_or(EbpfError::Missing { kind: "program", name: PROG_INBOUND })?;
+        load_only(inbound, PROG_INBOUND)?;
         let link_ids = [PROG_CONNECT4, PROG_SOCKOPS]
             .iter()
             .map(|p| PinnedLink::from_pin(pins.link(p)).and_then(|l| FdLink::from(l).info()).map(|i| i.id()))
@@ -400,12 +490,16 @@ impl Datapath {
             counters,
             heartbeat: Mutex::new(heartbeat),
             client_orig: Arc::new(Mutex::new(client_orig)),
+            inbound_pods: Mutex::new(inbound_pods),
+            inbound_socks: Mutex::new(inbound_socks),
+            inherited: Mutex::new(Some(inherited)),
             logger: Some(logger),
-            ebpf,
+            ebpf: Mutex::new(ebpf),
         };
         if adoption != Adoption::Replaced {
             datapath.remove_other_abis();
         }
+        datapath.unpin_defunct_inbound_links();
         Ok(datapath)
     }
 
@@ -414,8 +508,9 @@ impl Datapath {
     /// is nothing to move.
     pub fn complete_swap(&self) -> Result<(), EbpfError> {
         let Some(pending) = self.pending.lock().expect("pending lock").take() else { return Ok(()) };
+        let ebpf = self.ebpf.lock().expect("ebpf lock");
         for (path, name) in &pending.links {
-            let prog = self.ebpf.program(name).ok_or(EbpfError::Missing { kind: "program", name })?;
+            let prog = ebpf.program(name).ok_or(EbpfError::Missing { kind: "program", name })?;
             let fd = prog.fd().map_err(|source| EbpfError::Program { name, source })?;
             swap(path, fd.as_fd())?;
         }
@@ -504,7 +599,168 @@ impl Datapath {
             errors: sum(COUNTER_ERRORS)?,
             refused_no_proxy: sum(COUNTER_REFUSED_NO_PROXY)?,
             passed_no_proxy: sum(COUNTER_PASSED_NO_PROXY)?,
+            captured: sum(COUNTER_CAPTURED)?,
+            inbound_refused_no_proxy: sum(COUNTER_INBOUND_REFUSED_NO_PROXY)?,
+            inbound_passed_no_proxy: sum(COUNTER_INBOUND_PASSED_NO_PROXY)?,
         })
+    }
+
+    /// Captures the inbound connections to one pod: `listener` (a listening socket inside the
+    /// pod's network namespace) takes those that do not come from the node. The socket and
+    /// the pod's entry go in first, then the pod's `sk_lookup` link is attached and pinned, or,
+    /// pinned by an earlier agent, moved to this agent's program: no connection finds the link
+    /// without an entry. Called again for the same pod, it updates the entries (a new address,
+    /// a change of peer authentication).
+    pub fn capture(&self, pod: &Capture<'_>, listener: BorrowedFd<'_>) -> Result<(), EbpfError> {
+        let entry = InboundPod {
+            node_addr: u32::from(pod.node_addr).to_be(),
+            flags: if pod.strict { INBOUND_FLAG_STRICT } else { 0 },
+        };
+        for ip in pod.ips {
+            let key = u32::from(*ip).to_be();
+            self.inbound_socks
+                .lock()
+                .expect("inbound socks lock")
+                .insert(&key, listener.as_raw_fd(), 0)
+                .map_err(|source| EbpfError::Map { name: MAP_INBOUND_SOCKS, source })?;
+            self.inbound_pods
+                .lock()
+                .expect("inbound pods lock")
+                .insert(&key, &entry, 0)
+                .map_err(|source| EbpfError::Map { name: MAP_INBOUND_PODS, source })?;
+        }
+        let path = self.pins.inbound_link(pod.netns_cookie);
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let err = |source| EbpfError::Program { name: PROG_INBOUND, source };
+        let prog = ebpf
+            .program_mut(PROG_INBOUND)
+            .ok_or(EbpfError::Missing { kind: "program", name: PROG_INBOUND })?;
+        if path.exists() {
+            return swap(&path, program_fd(prog, PROG_INBOUND)?);
+        }
+        let prog: &mut SkLookup = prog.try_into().map_err(err)?;
+        let netns = File::open(pod.netns).map_err(|source| EbpfError::Pin {
+            what: "cannot open network namespace",
+            path: pod.netns.to_owned(),
+            source,
+        })?;
+        let id = prog.attach(&netns).map_err(err)?;
+        let link = FdLink::from(prog.take_link(id).map_err(err)?);
+        link.pin(&path).map_err(|e| EbpfError::Pin {
+            what: "cannot pin link",
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        Ok(())
+    }
+
+    /// Points a pod's addresses at `listener` again, where an agent that has since exited may
+    /// have left no entry (its socket closed): the same as [`Datapath::capture`] did.
+    pub fn recapture(&self, ips: &[Ipv4Addr], listener: BorrowedFd<'_>) -> Result<(), EbpfError> {
+        let mut socks = self.inbound_socks.lock().expect("inbound socks lock");
+        for ip in ips {
+            socks
+                .insert(&u32::from(*ip).to_be(), listener.as_raw_fd(), 0)
+                .map_err(|source| EbpfError::Map { name: MAP_INBOUND_SOCKS, source })?;
+        }
+        Ok(())
+    }
+
+    /// Stops capturing for a pod that leaves the mesh: its link is unpinned (detached), its
+    /// entries removed.
+    pub fn release(&self, netns_cookie: u64, ips: &[Ipv4Addr]) -> Result<(), EbpfError> {
+        let path = self.pins.inbound_link(netns_cookie);
+        if let Err(err) = std::fs::remove_file(&path)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(EbpfError::Pin { what: "cannot remove", path, source: err });
+        }
+        self.release_addresses(ips)
+    }
+
+    /// Removes the inbound entries of addresses no pod of this node has any more.
+    pub fn release_addresses(&self, ips: &[Ipv4Addr]) -> Result<(), EbpfError> {
+        for ip in ips {
+            self.remove_address(u32::from(*ip).to_be())?;
+        }
+        Ok(())
+    }
+
+    fn remove_address(&self, key: u32) -> Result<(), EbpfError> {
+        for (name, removed) in [
+            (MAP_INBOUND_PODS, self.inbound_pods.lock().expect("inbound pods lock").remove(&key)),
+            (MAP_INBOUND_SOCKS, self.inbound_socks.lock().expect("inbound socks lock").remove(&key)),
+        ] {
+            match removed {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(EbpfError::Map { name, source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// What earlier agents left when this one started; `None` after the first call.
+    pub fn inherited(&self) -> Inherited {
+        self.inherited.lock().expect("inherited lock").take().unwrap_or_default()
+    }
+
+    /// Removes, of what was `inherited`, the enrolments, inbound links and inbound addresses
+    /// that this agent's enrolment does not hold (`cookies`, `ips`). Errors are logged: a
+    /// sweep is tidying, and the next agent sweeps again.
+    pub fn sweep(
+        &self,
+        inherited: &Inherited,
+        cookies: &std::collections::HashSet<u64>,
+        ips: &std::collections::HashSet<Ipv4Addr>,
+    ) -> Swept {
+        let mut swept = Swept::default();
+        for cookie in inherited.enrolled.iter().filter(|c| !cookies.contains(c)) {
+            match self.unenrol(*cookie) {
+                Ok(true) => swept.enrolments += 1,
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(netns_cookie = cookie, error = %err, "cannot remove a stale enrolment")
+                }
+            }
+        }
+        for cookie in inherited.links.iter().filter(|c| !cookies.contains(c)) {
+            match std::fs::remove_file(self.pins.inbound_link(*cookie)) {
+                Ok(()) => swept.links += 1,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    tracing::warn!(netns_cookie = cookie, error = %err, "cannot unpin a stale inbound link")
+                }
+            }
+        }
+        for key in inherited.addresses.iter().filter(|k| !ips.contains(&Ipv4Addr::from(u32::from_be(**k)))) {
+            match self.remove_address(*key) {
+                Ok(()) => swept.addresses += 1,
+                Err(err) => tracing::warn!(error = %err, "cannot remove a stale inbound address"),
+            }
+        }
+        swept
+    }
+
+    /// Unpins the inbound links whose network namespace is gone (pods that ended while no
+    /// agent ran): the kernel detached them, and only the pin is left.
+    pub fn unpin_defunct_inbound_links(&self) {
+        for (cookie, path) in self.pins.inbound_links() {
+            match bpf::obj_get(&path).and_then(|fd| bpf::link_netns_ino(fd.as_fd())) {
+                Ok(0) => match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::info!(
+                        netns_cookie = cookie,
+                        "unpinned the inbound link of a pod that is gone"
+                    ),
+                    Err(err) => {
+                        tracing::warn!(path = %path.display(), error = %err, "cannot unpin a defunct inbound link")
+                    }
+                },
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), error = %err, "cannot read a pinned inbound link")
+                }
+            }
+        }
     }
 
     /// The proxy's view of the original-destination map.
@@ -527,7 +783,8 @@ fn load_only(prog: &mut Program, name: &'static str) -> Result<(), EbpfError> {
     match prog {
         Program::CgroupSockAddr(p) => p.load().map_err(err),
         Program::SockOps(p) => p.load().map_err(err),
-        _ => Err(EbpfError::Missing { kind: "cgroup program", name }),
+        Program::SkLookup(p) => p.load().map_err(err),
+        _ => Err(EbpfError::Missing { kind: "program of a known type", name }),
     }
 }
 
@@ -558,7 +815,29 @@ mod bpf {
     use super::*;
 
     const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     const BPF_LINK_UPDATE: libc::c_long = 29;
+    const BPF_LINK_TYPE_NETNS: u32 = 5;
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+
+    /// The head of `struct bpf_link_info` with its `netns` member.
+    #[repr(C)]
+    #[derive(Default)]
+    struct NetnsLinkInfo {
+        kind: u32,
+        id: u32,
+        prog_id: u32,
+        _pad: u32,
+        netns_ino: u32,
+        attach_type: u32,
+    }
 
     #[repr(C)]
     #[derive(Default)]
@@ -593,6 +872,22 @@ mod bpf {
         let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
         // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// The inode of the network namespace a netns link is attached to; 0 once the namespace is
+    /// gone.
+    pub(super) fn link_netns_ino(link: BorrowedFd<'_>) -> std::io::Result<u32> {
+        let mut info = NetnsLinkInfo::default();
+        let mut attr = InfoAttr {
+            bpf_fd: link.as_raw_fd() as u32,
+            info_len: std::mem::size_of::<NetnsLinkInfo>() as u32,
+            info: &raw mut info as u64,
+        };
+        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        if info.kind != BPF_LINK_TYPE_NETNS {
+            return Err(std::io::Error::other(format!("link {} is not a network namespace link", info.id)));
+        }
+        Ok(info.netns_ino)
     }
 
     pub(super) fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {

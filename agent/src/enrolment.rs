@@ -12,6 +12,12 @@
 //!
 //! Enrolment is one insert into the eBPF map and only changes how new connections are made:
 //! existing connections are never touched, whether a pod joins or leaves.
+//!
+//! An enrolled pod's inbound side is captured too (see `gammaray_proxy::capture`): the agent
+//! opens a listener inside the pod's network namespace, serves it from the node proxy, and
+//! points the pod's addresses at it in the kernel's maps, with the `sk_lookup` link attached to
+//! the namespace. The pod's peer authentication (`strict` or `permissive`, from its label or
+//! its namespace's) goes with it, for the kernel to know when no proxy listens.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -39,6 +45,29 @@ pub const AMBIENT: &str = "ambient";
 pub struct Wanted {
     pub namespace: String,
     pub name: String,
+    /// Its IPv4 addresses (inbound capture is IPv4).
+    pub ips: Vec<std::net::Ipv4Addr>,
+    /// Its peer authentication is `strict`.
+    pub strict: bool,
+}
+
+/// A pod's peer authentication: its own label, else its namespace's; a value that is neither
+/// `strict` nor `permissive` reads as strict.
+fn strict(pod: &PodInfo, namespace: Option<&k8s_openapi::api::core::v1::Namespace>) -> bool {
+    use gammaray_proxy::authz::{PEER_AUTHENTICATION_LABEL, PeerAuthentication};
+    let namespace_label = || {
+        namespace
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get(PEER_AUTHENTICATION_LABEL))
+            .map(String::as_str)
+    };
+    pod.class
+        .labels
+        .get(PEER_AUTHENTICATION_LABEL)
+        .or_else(namespace_label)
+        .map(|v| PeerAuthentication::parse(v).unwrap_or_else(|s| s))
+        .unwrap_or_default()
+        == PeerAuthentication::Strict
 }
 
 /// The pods of `node` that belong in the mesh, by UID.
@@ -48,9 +77,8 @@ pub fn wanted(store: &Store, node: &str) -> BTreeMap<String, Wanted> {
 
 /// One pod, by UID, if `node` should steer it.
 fn wanted_pod(store: &Store, node: &str, key: &PodKey, pod: &PodInfo) -> Option<(String, Wanted)> {
-    let ambient = store
-        .namespaces
-        .get(&*key.namespace)
+    let namespace = store.namespaces.get(&*key.namespace);
+    let ambient = namespace
         .and_then(|n| n.metadata.labels.as_ref())
         .and_then(|l| l.get(DATAPLANE_LABEL))
         .is_some_and(|v| v == AMBIENT);
@@ -60,7 +88,19 @@ fn wanted_pod(store: &Store, node: &str, key: &PodKey, pod: &PodInfo) -> Option<
         .then(|| {
             Some((
                 pod.uid.as_ref()?.to_string(),
-                Wanted { namespace: key.namespace.to_string(), name: key.name.to_string() },
+                Wanted {
+                    namespace: key.namespace.to_string(),
+                    name: key.name.to_string(),
+                    ips: pod
+                        .ips
+                        .iter()
+                        .filter_map(|ip| match ip {
+                            std::net::IpAddr::V4(v4) => Some(*v4),
+                            std::net::IpAddr::V6(_) => None,
+                        })
+                        .collect(),
+                    strict: strict(pod, namespace.map(|n| &**n)),
+                },
             ))
         })
         .flatten()
@@ -152,14 +192,38 @@ pub fn scan_proc(proc_root: &Path, host_netns: &[u64]) -> HashMap<String, PathBu
     found
 }
 
-/// What the controller enrolled: UID → (netns cookie, namespace/name).
-type Enrolled = HashMap<String, (u64, String)>;
+/// One pod the controller enrolled.
+struct EnrolledPod {
+    cookie: u64,
+    /// `namespace/name`, for the log.
+    pod: String,
+    netns: PathBuf,
+    capture: Option<Captured>,
+}
+
+/// A pod's inbound capture as set up.
+struct Captured {
+    ips: Vec<std::net::Ipv4Addr>,
+    strict: bool,
+    node_addr: std::net::Ipv4Addr,
+    /// The listener, for the kernel's socket map; the proxy serves its twin.
+    listener: std::os::fd::OwnedFd,
+    _serving: gammaray_proxy::Capture,
+}
+
+/// What the controller enrolled, by pod UID.
+type Enrolled = HashMap<String, EnrolledPod>;
+
+/// How often the pods' addresses are pointed at this agent's capture listeners again: an agent
+/// that took part in a hand-over and has exited takes its sockets' entries with it.
+const RECAPTURE_EVERY: Duration = Duration::from_secs(2);
 
 /// Keeps enrolment in step with the objects until the task is dropped: on every change, and
-/// every `retry` while a wanted pod has no process to be found yet.
+/// every `retry` while a wanted pod has no process to be found yet (or no address).
 pub async fn run(
     node: String,
     state: Arc<State>,
+    proxy: Arc<gammaray_proxy::Proxy>,
     mut generation: watch::Receiver<Arc<Generation>>,
     proc_root: PathBuf,
     retry: Duration,
@@ -171,10 +235,16 @@ pub async fn run(
     let mut enrolled = Enrolled::new();
     let mut tracker = Tracker::new(node);
     let mut first = true;
+    // What earlier agents left in the kernel, swept once this agent's first complete pass shows
+    // which of it is still wanted.
+    let mut inherited = Some(state.datapath.inherited());
+    let mut recapture = tokio::time::interval(RECAPTURE_EVERY);
+    recapture.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let current = generation.borrow_and_update().clone();
         let want = tracker.update(&current.objects);
-        let pending = reconcile(&state, want, &mut enrolled, &proc_root, &host_netns).await;
+        let ctx = Ctx { state: &state, proxy: &proxy, proc_root: &proc_root, host_netns: &host_netns };
+        let pending = reconcile(&ctx, want, &mut enrolled).await;
         if std::mem::take(&mut first) {
             // Links still running an older ABI's programs move once this agent's maps hold
             // what the first pass enrolled: never a moment when an enrolled pod is unsteered.
@@ -182,70 +252,175 @@ pub async fn run(
                 warn!(error = %err, "cannot move the pinned links to this agent's programs");
             }
         }
-        if pending {
+        if !pending && let Some(inherited) = inherited.take() {
+            sweep(&state, &inherited, &enrolled);
+        }
+        loop {
             tokio::select! {
-                changed = generation.changed() => if changed.is_err() { return },
-                () = tokio::time::sleep(retry) => {}
+                changed = generation.changed() => {
+                    if changed.is_err() { return }
+                    break;
+                }
+                () = tokio::time::sleep(retry), if pending => break,
+                _ = recapture.tick() => recapture_all(&state, &enrolled),
             }
-        } else if generation.changed().await.is_err() {
-            return;
         }
     }
 }
 
-/// One pass; returns whether some wanted pod could not be enrolled yet.
-async fn reconcile(
-    state: &State,
-    want: &BTreeMap<String, Wanted>,
-    enrolled: &mut Enrolled,
-    proc_root: &Path,
-    host_netns: &[u64],
-) -> bool {
-    let gone: Vec<String> = enrolled.keys().filter(|uid| !want.contains_key(*uid)).cloned().collect();
-    for uid in gone {
-        let (cookie, pod) = enrolled.remove(&uid).expect("present");
-        match state.datapath.unenrol(cookie) {
-            Ok(_) => info!(%pod, %uid, cookie, "pod unenrolled"),
-            Err(err) => warn!(%pod, %uid, error = %err, "cannot unenrol pod"),
+/// Removes what earlier agents left for pods this agent does not enrol (pods that left the
+/// mesh or ended while no agent ran): their enrolment, inbound links and inbound entries.
+/// Only what was there when this agent started: what an agent handing over adds meanwhile is
+/// that agent's.
+fn sweep(state: &State, inherited: &crate::ebpf::Inherited, enrolled: &Enrolled) {
+    let cookies: std::collections::HashSet<u64> = enrolled.values().map(|e| e.cookie).collect();
+    let ips: std::collections::HashSet<std::net::Ipv4Addr> =
+        enrolled.values().filter_map(|e| e.capture.as_ref()).flat_map(|c| c.ips.iter().copied()).collect();
+    let removed = state.datapath.sweep(inherited, &cookies, &ips);
+    if removed.any() {
+        info!(
+            enrolments = removed.enrolments,
+            inbound_links = removed.links,
+            inbound_addresses = removed.addresses,
+            "removed what earlier agents left for pods no longer enrolled"
+        );
+    }
+}
+
+fn recapture_all(state: &State, enrolled: &Enrolled) {
+    use std::os::fd::AsFd as _;
+    for e in enrolled.values() {
+        if let Some(c) = &e.capture
+            && let Err(err) = state.datapath.recapture(&c.ips, c.listener.as_fd())
+        {
+            warn!(pod = %e.pod, error = %err, "cannot point the pod's addresses at its capture listener");
         }
     }
+}
+
+/// What a pass works with.
+struct Ctx<'a> {
+    state: &'a State,
+    proxy: &'a Arc<gammaray_proxy::Proxy>,
+    proc_root: &'a Path,
+    host_netns: &'a [u64],
+}
+
+/// One pass; returns whether some wanted pod could not be enrolled (or captured) yet.
+async fn reconcile(ctx: &Ctx<'_>, want: &BTreeMap<String, Wanted>, enrolled: &mut Enrolled) -> bool {
+    let state = ctx.state;
+    let gone: Vec<String> = enrolled.keys().filter(|uid| !want.contains_key(*uid)).cloned().collect();
+    for uid in gone {
+        let e = enrolled.remove(&uid).expect("present");
+        let pod = &e.pod;
+        match state.datapath.unenrol(e.cookie) {
+            Ok(_) => info!(%pod, %uid, cookie = e.cookie, "pod unenrolled"),
+            Err(err) => warn!(%pod, %uid, error = %err, "cannot unenrol pod"),
+        }
+        let ips = e.capture.as_ref().map(|c| c.ips.clone()).unwrap_or_default();
+        if let Err(err) = state.datapath.release(e.cookie, &ips) {
+            warn!(%pod, %uid, error = %err, "cannot stop capturing the pod's inbound connections");
+        }
+    }
+    let mut pending = false;
     let missing: Vec<(&String, &Wanted)> =
         want.iter().filter(|(uid, _)| !enrolled.contains_key(*uid)).collect();
-    if missing.is_empty() {
-        return false;
-    }
-    let root = proc_root.to_owned();
-    let hosts = host_netns.to_vec();
-    let found = tokio::task::spawn_blocking(move || scan_proc(&root, &hosts)).await.unwrap_or_default();
-    let mut pending = false;
-    for (uid, w) in missing {
-        let pod = format!("{}/{}", w.namespace, w.name);
-        let Some(netns) = found.get(uid) else {
-            pending = true;
-            continue;
-        };
-        let path = netns.clone();
-        let cookie = match tokio::task::spawn_blocking(move || crate::netns::cookie_of(&path)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(err)) => {
-                warn!(%pod, %uid, error = %err, "cannot read the pod's network namespace");
+    if !missing.is_empty() {
+        let root = ctx.proc_root.to_owned();
+        let hosts = ctx.host_netns.to_vec();
+        let found = tokio::task::spawn_blocking(move || scan_proc(&root, &hosts)).await.unwrap_or_default();
+        for (uid, w) in missing {
+            let pod = format!("{}/{}", w.namespace, w.name);
+            let Some(netns) = found.get(uid) else {
                 pending = true;
                 continue;
+            };
+            let path = netns.clone();
+            let cookie = match tokio::task::spawn_blocking(move || crate::netns::cookie_of(&path)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(err)) => {
+                    warn!(%pod, %uid, error = %err, "cannot read the pod's network namespace");
+                    pending = true;
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            match state.datapath.enrol(cookie) {
+                Ok(()) => {
+                    info!(%pod, %uid, netns = %netns.display(), cookie, "pod enrolled");
+                    enrolled.insert(
+                        uid.clone(),
+                        EnrolledPod { cookie, pod, netns: netns.clone(), capture: None },
+                    );
+                }
+                Err(err) => {
+                    warn!(%pod, %uid, error = %err, "cannot enrol pod");
+                    pending = true;
+                }
             }
-            Err(_) => continue,
-        };
-        match state.datapath.enrol(cookie) {
-            Ok(()) => {
-                info!(%pod, %uid, netns = %netns.display(), cookie, "pod enrolled");
-                enrolled.insert(uid.clone(), (cookie, pod));
-            }
+        }
+    }
+    // Inbound capture, for pods new or whose addresses or peer authentication changed.
+    for (uid, w) in want {
+        let Some(e) = enrolled.get_mut(uid) else { continue };
+        if e.capture.as_ref().is_some_and(|c| c.ips == w.ips && c.strict == w.strict) {
+            continue;
+        }
+        if w.ips.is_empty() {
+            // No address yet: nothing to capture until the pod has one.
+            pending = true;
+            continue;
+        }
+        match capture(ctx, e, w).await {
+            Ok(()) => {}
             Err(err) => {
-                warn!(%pod, %uid, error = %err, "cannot enrol pod");
+                warn!(pod = %e.pod, %uid, error = %err, "cannot capture the pod's inbound connections; retrying");
                 pending = true;
             }
         }
     }
     pending
+}
+
+/// Sets up, or updates, one pod's inbound capture.
+async fn capture(ctx: &Ctx<'_>, e: &mut EnrolledPod, w: &Wanted) -> anyhow::Result<()> {
+    use std::os::fd::AsFd as _;
+    if let Some(c) = &mut e.capture {
+        // The same listener: the entries change.
+        let old: Vec<_> = c.ips.iter().copied().filter(|ip| !w.ips.contains(ip)).collect();
+        let pod = crate::ebpf::Capture {
+            netns_cookie: e.cookie,
+            netns: &e.netns,
+            ips: &w.ips,
+            node_addr: c.node_addr,
+            strict: w.strict,
+        };
+        ctx.state.datapath.capture(&pod, c.listener.as_fd())?;
+        ctx.state.datapath.release_addresses(&old)?;
+        (c.ips, c.strict) = (w.ips.clone(), w.strict);
+        info!(pod = %e.pod, ips = ?w.ips, strict = w.strict, "pod's inbound capture updated");
+        return Ok(());
+    }
+    let (netns, first) = (e.netns.clone(), w.ips[0]);
+    let (listener, node_addr) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let node_addr = crate::netns::source_toward(first)?;
+        Ok((crate::netns::listener_in(&netns, 1024)?, node_addr))
+    })
+    .await??;
+    let twin: std::os::fd::OwnedFd = listener.try_clone()?.into();
+    let pod = crate::ebpf::Capture {
+        netns_cookie: e.cookie,
+        netns: &e.netns,
+        ips: &w.ips,
+        node_addr,
+        strict: w.strict,
+    };
+    let serving = ctx.proxy.capture(listener, e.pod.clone())?;
+    ctx.state.datapath.capture(&pod, twin.as_fd())?;
+    info!(pod = %e.pod, ips = ?w.ips, %node_addr, strict = w.strict, "pod's inbound connections captured");
+    e.capture =
+        Some(Captured { ips: w.ips.clone(), strict: w.strict, node_addr, listener: twin, _serving: serving });
+    Ok(())
 }
 
 #[cfg(test)]

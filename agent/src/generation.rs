@@ -97,18 +97,38 @@ impl Publisher {
         self.options.version += 1;
         let started = Instant::now();
         let mut step = self.translator.apply(&objects, self.options.version);
-        if !objects.authorization_policies.ptr_eq(&self.policies.0) {
-            let (authz, refusals) = crate::authz::compile(
+        if !objects.authorization_policies.ptr_eq(&self.policies.0)
+            || !objects.namespaces.ptr_eq(&self.policies.3)
+        {
+            let (authz, mut refusals) = crate::authz::compile(
                 crate::authz::ROOT_NAMESPACE,
                 objects.authorization_policies.iter().map(|((ns, name), o)| (&**ns, &**name, &**o)),
             );
+            let (strict, label_refusals) =
+                crate::authz::strict_namespaces(objects.namespaces.iter().map(|(name, ns)| {
+                    let label = ns
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(gammaray_proxy::authz::PEER_AUTHENTICATION_LABEL))
+                        .map(String::as_str);
+                    (name.as_str(), label)
+                }));
+            refusals.extend(label_refusals);
+            let authz = authz.with_strict_namespaces(strict);
             log_changed_refusals(&self.policies.2, &refusals);
             info!(
                 policies = authz.policies().len(),
+                strict_namespaces = ?authz.strict_namespaces(),
                 refused = refusals.len(),
                 "authorization policies compiled"
             );
-            self.policies = (objects.authorization_policies.clone(), Arc::new(authz), Arc::new(refusals));
+            self.policies = (
+                objects.authorization_policies.clone(),
+                Arc::new(authz),
+                Arc::new(refusals),
+                objects.namespaces.clone(),
+            );
         }
         step.snapshot.authz = self.policies.1.clone();
         let before = self.generation.borrow().statuses.clone();
@@ -159,11 +179,13 @@ impl Publisher {
 }
 
 /// The policies as last compiled: the store's map (compared by pointer to know whether they
-/// changed), what they compiled to, and the refusals.
+/// changed), what they compiled to, the refusals, and the namespaces (whose labels set peer
+/// authentication; also compared by pointer).
 type Compiled = (
     imbl::OrdMap<crate::store::Key, Arc<serde_json::Value>>,
     Arc<gammaray_proxy::authz::Authz>,
     Arc<Vec<crate::authz::Refusal>>,
+    imbl::OrdMap<String, Arc<k8s_openapi::api::core::v1::Namespace>>,
 );
 
 /// Logs each policy refusal that is new or changed, and each that no longer holds.

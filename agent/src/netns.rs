@@ -18,6 +18,8 @@ pub enum NetnsError {
         "cannot read the cookie of network namespace {path}: {source} (SO_NETNS_COOKIE needs Linux 5.14)"
     )]
     Cookie { path: PathBuf, source: std::io::Error },
+    #[error("cannot listen inside network namespace {path}: {source}")]
+    Listen { path: PathBuf, source: std::io::Error },
 }
 
 /// Returns the netns cookie of the namespace at `path`.
@@ -66,4 +68,46 @@ fn socket_netns_cookie(socket: &std::net::UdpSocket) -> std::io::Result<u64> {
         )
     };
     if rc == 0 { Ok(cookie) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// A TCP listener inside the network namespace at `path`, bound to an ephemeral port on its
+/// loopback address: the node proxy's inbound capture socket for a pod. The kernel's
+/// `sk_lookup` program hands it connections meant for the pod's address, whatever address it
+/// is bound to, so it takes no port the pod's own programs might want to listen on.
+///
+/// Made on a short-lived thread that enters the namespace; the socket stays in it.
+pub fn listener_in(path: &Path, backlog: i32) -> Result<std::net::TcpListener, NetnsError> {
+    let file =
+        std::fs::File::open(path).map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
+    let path = path.to_owned();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(|source| NetnsError::Enter { path: path.clone(), source })?;
+                let listen = || -> std::io::Result<std::net::TcpListener> {
+                    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                    // The pod's loopback may not be up yet; the address need not be.
+                    socket.set_freebind_v4(true)?;
+                    socket.set_nonblocking(true)?;
+                    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+                    socket.listen(backlog)?;
+                    Ok(socket.into())
+                };
+                listen().map_err(|source| NetnsError::Listen { path, source })
+            })
+            .join()
+            .expect("capture listener thread does not panic")
+    })
+}
+
+/// The address this network namespace's connections to `dst` come from: what the kernel's
+/// route to it chooses, as for the kubelet's probes. A UDP socket's connect() sends nothing.
+pub fn source_toward(dst: std::net::Ipv4Addr) -> std::io::Result<std::net::Ipv4Addr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect((dst, 9))?;
+    match socket.local_addr()?.ip() {
+        std::net::IpAddr::V4(ip) => Ok(ip),
+        std::net::IpAddr::V6(ip) => Err(std::io::Error::other(format!("an IPv6 source {ip} toward {dst}"))),
+    }
 }

@@ -171,7 +171,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
             }
         }
     }
-    let proxy = gammaray_proxy::Proxy::start(proxy_config, inputs, &proxy_rt.handle())?;
+    let proxy = Arc::new(gammaray_proxy::Proxy::start(proxy_config, inputs, &proxy_rt.handle())?);
 
     let state = Arc::new(control::State {
         node: cfg.node.clone(),
@@ -205,6 +205,7 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
         tokio::spawn(enrolment::run(
             cfg.node.clone(),
             state.clone(),
+            proxy.clone(),
             config.generation.clone(),
             cfg.proc_root.clone(),
             std::time::Duration::from_millis(500),
@@ -270,6 +271,13 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
             task.abort();
         }
     }
+    // Enrolment stops before the drain: it makes no capture listener for a proxy that no
+    // longer accepts, and the pods' capture listeners close with it, so the kernel refers new
+    // inbound connections to an agent taking over (or applies the failure mode).
+    if let Some(task) = enrolment {
+        task.abort();
+        let _ = task.await;
+    }
     tracing::info!(
         connections = proxy.connections(),
         deadline_secs = cfg.drain_timeout.as_secs(),
@@ -284,10 +292,6 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
             took_ms = drained.took.as_millis() as u64,
             "drain deadline passed: closing the connections left"
         );
-    }
-    if let Some(task) = enrolment {
-        task.abort();
-        let _ = task.await;
     }
     control.abort();
     let _ = control.await;

@@ -22,18 +22,35 @@ pub const MAP_COUNTERS: &str = "GR_COUNTERS";
 /// said it was serving. Every agent on the node writes it while its proxy accepts.
 pub const MAP_HEARTBEAT: &str = "GR_HEARTBEAT";
 
+/// Hash map: an enrolled pod's IPv4 address (`u32`, network byte order) → [`InboundPod`]:
+/// which inbound connections to it the node proxy captures.
+pub const MAP_INBOUND_PODS: &str = "GR_INBOUND_PODS";
+/// Socket hash: an enrolled pod's IPv4 address (`u32`, network byte order) → the node proxy's
+/// listening socket inside that pod's network namespace. An entry goes when its socket closes.
+pub const MAP_INBOUND_SOCKS: &str = "GR_INBOUND_SOCKS";
+
 /// Every map of the object, in the order the agent pins them.
-pub const MAPS: [&str; 6] =
-    [MAP_ENROLLED, MAP_SOCK_ORIG, MAP_CLIENT_ORIG, MAP_CONFIG, MAP_COUNTERS, MAP_HEARTBEAT];
+pub const MAPS: [&str; 8] = [
+    MAP_ENROLLED,
+    MAP_SOCK_ORIG,
+    MAP_CLIENT_ORIG,
+    MAP_CONFIG,
+    MAP_COUNTERS,
+    MAP_HEARTBEAT,
+    MAP_INBOUND_PODS,
+    MAP_INBOUND_SOCKS,
+];
 
 /// The version of this ABI: the maps' names, types, keys and values. Pinned maps live in a
 /// directory named after it, so an agent of another version never opens them; bump it with
 /// any change to a map or to what a value means.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Program names as the object file names them (the functions in the eBPF crate).
 pub const PROG_CONNECT4: &str = "gr_connect4";
 pub const PROG_SOCKOPS: &str = "gr_sockops";
+/// The `sk_lookup` program, attached to each enrolled pod's network namespace.
+pub const PROG_INBOUND: &str = "gr_inbound";
 
 /// Capacity of the enrolled-netns map: pods per node, with room.
 pub const ENROLLED_MAX_ENTRIES: u32 = 4096;
@@ -55,7 +72,15 @@ pub const COUNTER_REFUSED_NO_PROXY: u32 = 4;
 /// Connections of enrolled namespaces let through directly because no node proxy was alive
 /// (failure mode `open`).
 pub const COUNTER_PASSED_NO_PROXY: u32 = 5;
-pub const COUNTERS_LEN: u32 = 6;
+/// Inbound connections to enrolled pods handed to the node proxy's listener in the pod.
+pub const COUNTER_CAPTURED: u32 = 6;
+/// Inbound connections to enrolled pods refused because no node proxy listened in the pod
+/// (failure mode `closed`, or the pod's peer authentication is `strict`).
+pub const COUNTER_INBOUND_REFUSED_NO_PROXY: u32 = 7;
+/// Inbound connections to enrolled pods let through uncaptured because no node proxy listened
+/// in the pod (failure mode `open` and the pod `permissive`).
+pub const COUNTER_INBOUND_PASSED_NO_PROXY: u32 = 8;
+pub const COUNTERS_LEN: u32 = 9;
 
 /// `Config::flags`: the config has been written (an all-zero array slot means "not yet").
 pub const CONFIG_FLAG_ACTIVE: u32 = 1;
@@ -70,6 +95,20 @@ pub struct Enrolled {
     /// Reserved for per-namespace options; zero today.
     pub flags: u32,
     pub _pad: u32,
+}
+
+/// `InboundPod::flags`: the pod's peer authentication is `strict`.
+pub const INBOUND_FLAG_STRICT: u32 = 1;
+
+/// Value of the inbound-pods map. The key is the pod's IPv4 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundPod {
+    /// The address the node's own connections to the pod come from (the node proxy's and the
+    /// kubelet's probes), network byte order: never captured.
+    pub node_addr: u32,
+    /// `INBOUND_FLAG_*` bits.
+    pub flags: u32,
 }
 
 /// A TCP/IPv4 destination as the kernel sees it: both fields in network byte order.
@@ -115,6 +154,7 @@ const _: () = assert!(size_of::<Enrolled>() == 8);
 const _: () = assert!(size_of::<OrigDst>() == 8);
 const _: () = assert!(size_of::<ClientKey>() == 8);
 const _: () = assert!(size_of::<Config>() == 24);
+const _: () = assert!(size_of::<InboundPod>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
@@ -127,4 +167,6 @@ mod user {
     unsafe impl aya::Pod for super::ClientKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InboundPod {}
 }

@@ -3,10 +3,10 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use gammaray_common::{
-    COUNTERS_LEN, ClientKey, Config, ENROLLED_MAX_ENTRIES, Enrolled, ORIG_MAX_ENTRIES, OrigDst,
+    COUNTERS_LEN, ClientKey, Config, ENROLLED_MAX_ENTRIES, Enrolled, InboundPod, ORIG_MAX_ENTRIES, OrigDst,
 };
 
 #[map]
@@ -23,6 +23,12 @@ pub static GR_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static GR_HEARTBEAT: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static GR_INBOUND_PODS: HashMap<u32, InboundPod> = HashMap::with_max_entries(ENROLLED_MAX_ENTRIES, 0);
+
+#[map]
+pub static GR_INBOUND_SOCKS: SockHash<u32> = SockHash::with_max_entries(ENROLLED_MAX_ENTRIES, 0);
 
 #[map]
 pub static GR_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);

@@ -11,8 +11,16 @@
 //! cannot enforce exactly (L7 fields) denies every connection to its targets, never silently
 //! less. An attribute the proxy does not know for a connection (the source address of a
 //! pooled tunnel) makes a rule that reads it match for DENY and not for ALLOW.
+//!
+//! Before any policy, a workload's peer authentication ([`PeerAuthentication`]): `strict`
+//! refuses every peer without a verified identity (plaintext from outside the mesh);
+//! `permissive` lets it on to the policies, unauthenticated.
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use crate::identity::Identity;
 
@@ -53,6 +61,42 @@ impl LabelSet {
     }
 }
 
+/// The label that sets a workload's peer authentication: on a namespace for its pods, on a pod
+/// to override its namespace's.
+pub const PEER_AUTHENTICATION_LABEL: &str = "gammaray.dev/peer-authentication";
+
+/// The name denials for peer authentication are counted and logged under.
+pub const STRICT_POLICY: &str = "peer-authentication/strict";
+
+/// Whether a workload accepts peers without a verified mesh identity.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerAuthentication {
+    /// Plaintext from outside the mesh is let on to the policies, unauthenticated.
+    #[default]
+    Permissive,
+    /// Only peers with a verified identity: mesh traffic.
+    Strict,
+}
+
+impl PeerAuthentication {
+    /// A label's value. One that is neither `strict` nor `permissive` reads as strict (never
+    /// weaker than meant) and is an error for the caller to report.
+    pub fn parse(value: &str) -> Result<Self, Self> {
+        match value {
+            "strict" => Ok(Self::Strict),
+            "permissive" => Ok(Self::Permissive),
+            _ => Err(Self::Strict),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "strict",
+            Self::Permissive => "permissive",
+        }
+    }
+}
+
 /// The compiled policies of the mesh.
 #[derive(Debug, Default)]
 pub struct Authz {
@@ -61,6 +105,8 @@ pub struct Authz {
     policies: Vec<Arc<Policy>>,
     /// Indexes into `policies` by namespace.
     by_namespace: HashMap<Arc<str>, Vec<usize>>,
+    /// Namespaces whose workloads are `strict` unless their own label says otherwise.
+    strict_namespaces: HashSet<Arc<str>>,
 }
 
 /// What a policy does when one of its rules matches.
@@ -224,6 +270,8 @@ pub enum DenyReason {
     NoAllowMatched,
     /// The policy has fields the proxy does not enforce.
     Unenforceable,
+    /// The workload's peer authentication is `strict` and the peer has no verified identity.
+    Unauthenticated,
 }
 
 impl DenyReason {
@@ -232,6 +280,7 @@ impl DenyReason {
             Self::DenyMatched => "deny_policy",
             Self::NoAllowMatched => "no_allow_policy_matched",
             Self::Unenforceable => "unenforceable_policy",
+            Self::Unauthenticated => "strict_unauthenticated",
         }
     }
 }
@@ -246,9 +295,6 @@ impl Authz {
         dst: &crate::snapshot::Workload,
         port: u16,
     ) -> Decision {
-        if self.policies.is_empty() {
-            return Decision::Allow;
-        }
         let src = snapshot_workloads.get(&client);
         let peer = Peer { identity: src.map(|w| w.identity()), ip: Some(client) };
         self.check(&peer, &Target { namespace: &dst.pod.namespace, labels: &dst.class.labels, port })
@@ -413,7 +459,29 @@ impl Authz {
         for (i, p) in policies.iter().enumerate() {
             by_namespace.entry(p.namespace.clone()).or_default().push(i);
         }
-        Self { root: root.into(), policies, by_namespace }
+        Self { root: root.into(), policies, by_namespace, strict_namespaces: HashSet::new() }
+    }
+
+    /// The same policies, with the workloads of `namespaces` `strict` by default.
+    pub fn with_strict_namespaces(mut self, namespaces: impl IntoIterator<Item = Arc<str>>) -> Self {
+        self.strict_namespaces = namespaces.into_iter().collect();
+        self
+    }
+
+    /// The namespaces whose workloads are `strict` by default, sorted.
+    pub fn strict_namespaces(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self.strict_namespaces.iter().map(|n| &**n).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// A workload's peer authentication: its own label, else its namespace's.
+    pub fn peer_authentication(&self, target: &Target<'_>) -> PeerAuthentication {
+        match target.labels.get(PEER_AUTHENTICATION_LABEL) {
+            Some(value) => PeerAuthentication::parse(value).unwrap_or_else(|strict| strict),
+            None if self.strict_namespaces.contains(target.namespace) => PeerAuthentication::Strict,
+            None => PeerAuthentication::Permissive,
+        }
     }
 
     pub fn policies(&self) -> &[Arc<Policy>] {
@@ -438,6 +506,9 @@ impl Authz {
 
     /// Whether `peer` may open a connection to `target`.
     pub fn check(&self, peer: &Peer<'_>, target: &Target<'_>) -> Decision {
+        if peer.identity.is_none() && self.peer_authentication(target) == PeerAuthentication::Strict {
+            return Decision::Deny { policy: STRICT_POLICY.into(), reason: DenyReason::Unauthenticated };
+        }
         if self.policies.is_empty() {
             return Decision::Allow;
         }

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+mod capture;
 mod config;
 mod cork;
 mod hbone;
@@ -26,4 +27,4 @@ pub mod stats;
 mod upstream;
 
 pub use config::{DEFAULT_HBONE_PORT, H2Config, ProxyConfig};
-pub use proxy::{Drained, Inputs, Proxy, ProxyError};
+pub use proxy::{Capture, Drained, Inputs, Proxy, ProxyError};

@@ -136,7 +136,7 @@ fn refuse(
     let _ = stream.set_zero_linger();
 }
 
-fn is_transient(err: &std::io::Error) -> bool {
+pub(crate) fn is_transient(err: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(err.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
         || err.raw_os_error() == Some(24) // EMFILE
@@ -223,11 +223,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
 
 /// What a relay to a workload of this node keeps to re-check its policies when they change:
 /// the source's principal (if it is a workload), the destination's namespace, class and URI.
-struct Guard {
-    src: Option<Arc<crate::snapshot::Principal>>,
-    namespace: Arc<str>,
-    class: Arc<crate::authz::Class>,
-    dst_uri: Arc<str>,
+pub(crate) struct Guard {
+    /// `None`: the source is unauthenticated.
+    pub src: Option<Arc<crate::snapshot::Principal>>,
+    pub namespace: Arc<str>,
+    pub class: Arc<crate::authz::Class>,
+    pub dst_uri: Arc<str>,
+    /// The `path` label a revocation is counted with.
+    pub revoked: &'static str,
 }
 
 impl Guard {
@@ -240,6 +243,7 @@ impl Guard {
             namespace: dst.pod.namespace.clone(),
             class: dst.class.clone(),
             dst_uri: dst.uri().clone(),
+            revoked: "local_revoked",
         })
     }
 }
@@ -254,7 +258,7 @@ pub(crate) fn keep_alive(stream: &TcpStream, idle: Duration) {
 }
 
 /// Carries a connection's bytes along `hop` and back.
-async fn relay(
+pub(crate) async fn relay(
     mut client: TcpStream,
     orig: SocketAddrV4,
     hop: Hop,
@@ -324,7 +328,7 @@ async fn relay(
     // connection ends it, both sides reset.
     let copied = match guard {
         None => copy_both_ways(&mut client, &mut upstream, mesh.config.copy_buffer).await,
-        Some(Guard { src, namespace, class, dst_uri }) => {
+        Some(Guard { src, namespace, class, dst_uri, revoked }) => {
             let check = |authz: &crate::authz::Authz| {
                 authz.check(
                     &crate::authz::Peer { identity: src.as_ref().map(|p| &p.identity), ip: Some(client_ip) },
@@ -339,7 +343,7 @@ async fn relay(
                 copied = copy_both_ways(&mut client, &mut upstream, mesh.config.copy_buffer) => copied,
                 decision = crate::authz::revoked(mesh.policies.clone(), check) => {
                     let src = src.as_ref().map_or_else(|| client_ip.to_string(), |p| p.uri.to_string());
-                    crate::authz::Authz::record(stats, &decision, "local_revoked", &src, &dst_uri, target);
+                    crate::authz::Authz::record(stats, &decision, revoked, &src, &dst_uri, target);
                     let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
                     let _ = socket2::SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
                     return;

@@ -7,6 +7,7 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::{runtime::Handle, sync::watch, task::JoinHandle};
 use tracing::error;
 
+pub use crate::capture::Capture;
 use crate::{
     ProxyConfig,
     hbone::{Inbound, Mesh},
@@ -40,6 +41,8 @@ pub struct Inputs {
 /// A running proxy; dropping it stops its listeners (connections in flight end with the
 /// runtime).
 pub struct Proxy {
+    runtime: Handle,
+    captures: Arc<crate::capture::Captures>,
     outbound_addr: SocketAddr,
     inbound_addr: Option<SocketAddr>,
     stats: Arc<OutboundStats>,
@@ -101,15 +104,28 @@ impl Proxy {
             tasks.push(runtime.spawn(log_end("inbound", crate::hbone::serve_inbound(listener, inbound))));
         }
         tasks.push(runtime.spawn(follow_policies));
-        let outbound_state = Outbound {
-            mesh: Arc::new(Mesh::new(config, certs, draining, policies)),
-            limits,
-            lookup,
-            snapshot,
+        let mesh = Arc::new(Mesh::new(config, certs, draining, policies));
+        let captures = Arc::new(crate::capture::Captures {
+            mesh: mesh.clone(),
+            limits: limits.clone(),
+            snapshot: snapshot.clone(),
             stats: stats.clone(),
-        };
+        });
+        let outbound_state = Outbound { mesh, limits, lookup, snapshot, stats: stats.clone() };
         tasks.push(runtime.spawn(log_end("outbound", crate::outbound::serve(outbound, outbound_state))));
-        Ok(Self { outbound_addr, inbound_addr, stats, drain, tasks })
+        Ok(Self { runtime: runtime.clone(), captures, outbound_addr, inbound_addr, stats, drain, tasks })
+    }
+
+    /// Serves a pod's capture listener (a listening socket inside the pod's network namespace
+    /// that the kernel hands the pod's inbound connections from outside the mesh; see
+    /// [`crate::capture`]) until the returned handle is dropped or the proxy drains. `pod`
+    /// names it in the log. Refused once the proxy drains.
+    pub fn capture(&self, listener: std::net::TcpListener, pod: String) -> std::io::Result<Capture> {
+        if *self.drain.borrow() {
+            return Err(std::io::Error::other("the proxy is draining"));
+        }
+        let _entered = self.runtime.enter();
+        self.captures.serve(listener, pod)
     }
 
     /// Where the outbound listener is bound (the configured address, its port filled in).
@@ -127,7 +143,7 @@ impl Proxy {
         self.stats.connections_open()
     }
 
-    /// Drains: both listeners stop accepting (a connection redirected here from now on is
+    /// Drains: the listeners (outbound, inbound, the pods' capture listeners) stop accepting (a connection redirected here from now on is
     /// refused at once), HTTP/2 and HBONE connections get GOAWAY, idle HTTP/1.1 keep-alive
     /// connections close and busy ones close after their response; TCP streams run on. Resolves
     /// when every connection has ended or `deadline` has passed, whichever is first; what is

@@ -92,6 +92,8 @@ pub struct OutboundStats {
     pub hbone_tunnels: AtomicU64,
     /// Inbound HBONE streams forwarded to a local pod.
     pub inbound_tunnels: AtomicU64,
+    /// Captured inbound connections (from outside the mesh) forwarded to a local pod.
+    pub captured: AtomicU64,
     /// Inbound TLS handshakes refused (unknown CA, expired, no such identity here).
     pub tls_refused: AtomicU64,
     /// Requests copied to a RequestMirror backend.
@@ -125,6 +127,8 @@ pub struct OutboundCounts {
     pub requests: u64,
     pub hbone_tunnels: u64,
     pub inbound_tunnels: u64,
+    #[serde(default)]
+    pub captured: u64,
     pub tls_refused: u64,
     pub mirrored: u64,
     pub mirror_skipped: u64,
@@ -142,6 +146,7 @@ impl OutboundStats {
             requests: self.requests.load(Relaxed),
             hbone_tunnels: self.hbone_tunnels.load(Relaxed),
             inbound_tunnels: self.inbound_tunnels.load(Relaxed),
+            captured: self.captured.load(Relaxed),
             tls_refused: self.tls_refused.load(Relaxed),
             mirrored: self.mirrored.load(Relaxed),
             mirror_skipped: self.mirror_skipped.load(Relaxed),

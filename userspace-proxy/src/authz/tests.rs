@@ -220,3 +220,50 @@ fn service_accounts_match_namespace_and_name_exactly() {
     assert_eq!(check(&deny, Some(&id("demo", "client")), target("demo", 80)), Decision::Allow);
     assert!(matches!(check(&deny, Some(&id("demo", "other")), target("demo", 80)), Decision::Deny { .. }));
 }
+
+#[test]
+fn strict_peer_authentication_refuses_only_the_unauthenticated() {
+    let strict = (PEER_AUTHENTICATION_LABEL, "strict");
+    let permissive = (PEER_AUTHENTICATION_LABEL, "permissive");
+    let authz = Authz::new("gammaray-system", vec![]).with_strict_namespaces(["locked".into()]);
+    let client = id("demo", "client");
+    let unauthenticated = Some((STRICT_POLICY, DenyReason::Unauthenticated));
+    // By namespace: the unauthenticated peer is refused, a verified one goes on to the policies.
+    assert_eq!(denied_by(&check(&authz, None, target("locked", 80))), unauthenticated);
+    assert_eq!(check(&authz, Some(&client), target("locked", 80)), Decision::Allow);
+    assert_eq!(check(&authz, None, target("demo", 80)), Decision::Allow, "permissive by default");
+    // A pod's own label overrides its namespace's, both ways; a value that is neither reads as
+    // strict.
+    for (labels, ns, want) in [
+        (vec![permissive], "locked", None),
+        (vec![strict], "demo", unauthenticated),
+        (vec![(PEER_AUTHENTICATION_LABEL, "STRICT")], "demo", unauthenticated),
+        (vec![(PEER_AUTHENTICATION_LABEL, "")], "demo", unauthenticated),
+    ] {
+        let labels = LabelSet::new(labels.clone());
+        let t = Target { namespace: ns, labels: &labels, port: 80 };
+        assert_eq!(denied_by(&check(&authz, None, t)), want, "{labels:?} in {ns}");
+        assert_eq!(check(&authz, Some(&client), t), Decision::Allow, "{labels:?}: a verified peer");
+    }
+    assert_eq!(PeerAuthentication::parse("strict"), Ok(PeerAuthentication::Strict));
+    assert_eq!(PeerAuthentication::parse("permissive"), Ok(PeerAuthentication::Permissive));
+    assert_eq!(PeerAuthentication::parse("Permissive"), Err(PeerAuthentication::Strict));
+}
+
+#[test]
+fn a_permissive_workload_applies_its_policies_to_the_unauthenticated() {
+    // ALLOW by namespace: an unauthenticated peer has none, so it is denied; by address, it is
+    // admitted.
+    let authz = Authz::new(
+        "gammaray-system",
+        vec![policy("demo", "ns", Action::Allow, vec![from(namespaces(&["demo"]))])],
+    );
+    assert_eq!(
+        denied_by(&check(&authz, None, target("demo", 80))),
+        Some(("demo/ns", DenyReason::NoAllowMatched))
+    );
+    let by_ip =
+        Source { ip_blocks: vec![IpBlock::parse("10.244.1.0/24").expect("block")], ..Source::default() };
+    let authz = Authz::new("gammaray-system", vec![policy("demo", "ip", Action::Allow, vec![from(by_ip)])]);
+    assert_eq!(check(&authz, None, target("demo", 80)), Decision::Allow);
+}

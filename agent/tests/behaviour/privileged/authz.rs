@@ -309,3 +309,144 @@ fn a_policy_change_closes_the_connections_it_no_longer_allows() {
         assert!(metrics.contains(&format!("path=\"{path}\"")), "node{n} counted it: {metrics}");
     }
 }
+
+/// Whether `pod`'s request to `dst` (HTTP on the pod's address) is answered 200.
+fn answered_from(pod: &gammaray_testkit::Pod, dst: SocketAddr) -> bool {
+    pod.run(|| HttpClient::connect(dst, "backend", TIMEOUT).and_then(|mut c| c.get("/", &[])))
+        .expect("enter the pod")
+        .is_ok_and(|r| r.status == 200)
+}
+
+/// Whether a probe from `node`'s own address (as the kubelet's) to `dst` is answered.
+fn probed(mesh: &CanaryMesh, n: u8, dst: SocketAddr) -> bool {
+    mesh.cluster
+        .node(n)
+        .run(|| HttpClient::connect(dst, "backend", TIMEOUT).and_then(|mut c| c.get("/", &[])))
+        .expect("enter the node")
+        .is_ok_and(|r| r.status == 200)
+}
+
+/// Whether a stream that echoed before is closed (reset or ended) within a second.
+fn closed_within_a_second(conn: &mut std::net::TcpStream) -> bool {
+    use std::io::Read as _;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(1))).expect("timeout");
+    let mut buf = [0u8; 16];
+    match conn.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut,
+    }
+}
+
+fn metric(metrics: &str, name: &str) -> u64 {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Inbound capture on the real data path: pods outside the mesh (one on each node) reach the
+/// enrolled backends directly. Permissive (the default), they are answered through the node
+/// proxy as unauthenticated sources, which policies then see as such; strict (the namespace's
+/// label), they are refused while mesh traffic and probes from the node's address pass, an open
+/// plaintext connection is closed by the switch, and with the agent gone they stay refused.
+#[test]
+fn inbound_capture_enforces_peer_authentication() {
+    if !require_privileged("authz: inbound capture and peer authentication") {
+        return;
+    }
+    let mut mesh = CanaryMesh::start(&Canary::route(50, 50), &[1, 2]);
+    let (same, cross) = (backend_on(&mesh, "node1", "v1"), backend_on(&mesh, "node2", "v1"));
+    let outside1 = mesh.cluster.add_pod(1, "outside", "stranger-1").expect("a pod outside the mesh");
+    let outside2 = mesh.cluster.add_pod(2, "outside", "stranger-2").expect("a pod outside the mesh");
+    let strangers = [(&outside1, "node1"), (&outside2, "node2")];
+    let captured_before = metric(&node_metrics(&mesh, 1), "gammaray_inbound_captured_connections_total");
+
+    // Permissive: answered, through the proxy.
+    for (pod, node) in strangers {
+        for dst in [same, cross] {
+            assert!(answered_from(pod, dst), "permissive: the pod outside the mesh on {node} reaches {dst}");
+        }
+    }
+    let metrics = node_metrics(&mesh, 1);
+    assert!(
+        metric(&metrics, "gammaray_inbound_captured_connections_total") >= captured_before + 2,
+        "node1's proxy carried the captured connections: {metrics}"
+    );
+    assert!(metric(&metrics, "gammaray_kernel_inbound_captured_total") >= 2, "{metrics}");
+    for (n, dst) in [(1, same), (2, cross)] {
+        assert!(probed(&mesh, n, dst), "node{n}'s own address reaches its pod");
+        assert!(answered(&mesh, dst), "the mesh client reaches {dst}");
+    }
+
+    // Unauthenticated, as policies see it: ALLOW by namespace lets the mesh client in only.
+    apply_policies(
+        &mesh,
+        &policy("allow-demo", "demo", "{rules: [{from: [{source: {namespaces: [demo]}}]}]}"),
+    );
+    assert!(answered(&mesh, same) && answered(&mesh, cross), "the mesh client is allowed");
+    for (pod, node) in strangers {
+        assert!(!answered_from(pod, same), "an unauthenticated source from {node} matches no namespace");
+    }
+    assert!(probed(&mesh, 1, same), "probes are not captured, so no policy applies to them");
+    apply_policies(&mesh, "");
+
+    // An open plaintext connection, then strict.
+    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == "node1").expect("a backend on node1");
+    let listener = pod.run(|| std::net::TcpListener::bind((pod.ip, 9501))).expect("enter").expect("bind");
+    let _echo = gammaray_testkit::echo::EchoServer::start(listener, &pod.name).expect("an echo server");
+    let (_, mut open) = outside2.run(|| open_and_greet(SocketAddr::from((pod.ip, 9501)))).expect("enter");
+    echo_line(&mut open, "plaintext while permissive");
+    let strict = mesh.canary.objects.replace(
+        "gammaray.dev/dataplane-mode: ambient}",
+        "gammaray.dev/dataplane-mode: ambient, gammaray.dev/peer-authentication: strict}",
+    );
+    assert_ne!(strict, mesh.canary.objects, "the namespace's labels are where the test expects them");
+    let versions: Vec<u64> = mesh.agents.iter().map(|(_, a)| a.status().config_version).collect();
+    write_manifest(&mesh.dir.join("objects.yaml"), &strict);
+    for ((n, agent), before) in mesh.agents.iter().zip(versions) {
+        assert_eventually(&format!("node{n} applies the label"), TIMEOUT, || {
+            let v = agent.status().config_version;
+            (v > before).then_some(()).ok_or(format!("still version {v}"))
+        });
+    }
+    assert!(closed_within_a_second(&mut open), "strict closes the open plaintext connection");
+    for (pod, node) in strangers {
+        for dst in [same, cross] {
+            assert!(
+                !answered_from(pod, dst),
+                "strict: the pod outside the mesh on {node} is refused by {dst}"
+            );
+        }
+    }
+    for (n, dst) in [(1, same), (2, cross)] {
+        assert!(probed(&mesh, n, dst), "strict: node{n}'s own address still reaches its pod");
+        assert!(answered(&mesh, dst), "strict: the mesh client still reaches {dst}");
+    }
+    let metrics = node_metrics(&mesh, 1);
+    for path in ["captured", "captured_revoked"] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with("gammaray_authz_denied_total{")
+                && l.contains("reason=\"strict_unauthenticated\"")
+                && l.contains(&format!("path=\"{path}\""))),
+            "counted on {path}: {metrics}"
+        );
+    }
+    let text = gammaray_testkit::agent::block_on(mesh.agent(1).control().describe_workload(
+        "demo",
+        &pod.name,
+        None,
+        scenarios::TARGET_PORT,
+    ))
+    .expect("describe workload");
+    assert!(text.contains("peer authentication: strict"), "{text}");
+    assert!(text.contains("DENY by peer-authentication/strict (strict_unauthenticated)"), "{text}");
+    let dump = gammaray_testkit::agent::block_on(mesh.agent(1).control().config_dump()).expect("config dump");
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("JSON");
+    assert_eq!(dump["peerAuthentication"]["strictNamespaces"], serde_json::json!(["demo"]), "{dump}");
+
+    // No agent on node1: its pods stay closed to plaintext (the kernel refuses), and open to
+    // the node's own address.
+    let (_, mut agent) = mesh.agents.remove(0);
+    let exit = agent.stop(TIMEOUT).expect("node1's agent stops");
+    assert!(exit.success(), "{exit:?}");
+    assert!(!answered_from(&outside2, same), "no agent: still refused");
+    assert!(probed(&mesh, 1, same), "no agent: the node's probes pass");
+}

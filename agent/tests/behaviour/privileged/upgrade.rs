@@ -168,11 +168,15 @@ fn in_open_mode_a_killed_agent_lets_pods_connect_directly() {
     let (_stream, dst, _echo) = open_stream(&mesh, 9322);
     node1(&mut mesh).kill();
     let (took, greeting) = first_answer(&mesh, dst, LIVENESS * 3);
+    // Direct, not through node1's proxy: node2 captures it as plaintext from outside the mesh
+    // (its pods are permissive) and delivers it from its own address.
     assert_eq!(
         greeting.peer.ip(),
-        std::net::IpAddr::V4(mesh.canary.client.ip),
-        "direct: the pod's own address"
+        std::net::IpAddr::V4(gammaray_testkit::cluster::pod_gateway(2)),
+        "delivered by node2"
     );
+    let node2 = mesh.agent(2).status();
+    assert!(node2.kernel.captured >= 1, "node2's kernel captured it: {:?}", node2.kernel);
     assert!(took <= LIVENESS * 2, "direct once the liveness window has passed: {took:?}");
     let restarted = start_agent(&mesh.cluster, 1, mesh_args(&mesh, open));
     let st = restarted.status();
@@ -331,5 +335,82 @@ fn maps_of_another_abi_version_are_replaced() {
         "moved to the new agent's programs once its enrolment pass ran"
     );
     let (_stream, _dst, _echo) = open_stream(&mesh, 9324);
+    drop(replace_node1(&mut mesh, restarted));
+}
+
+/// The pods' inbound links, pinned on `node`: their names and link ids.
+fn inbound_links(mesh: &CanaryMesh, node: u8) -> Vec<(String, u32)> {
+    let pins = mesh.cluster.node(node).bpffs.clone();
+    let mut links: Vec<(String, u32)> = std::fs::read_dir(&pins)
+        .expect("the pin directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("link-inbound-"))
+        .map(|n| {
+            let link = aya::programs::links::PinnedLink::from_pin(pins.join(&n)).expect("a pinned link");
+            let id = aya::programs::links::FdLink::from(link).info().expect("link info").id();
+            (n, id)
+        })
+        .collect();
+    links.sort();
+    links
+}
+
+/// Whether `pod`'s request to `dst` is answered.
+fn answered_from(pod: &gammaray_testkit::Pod, dst: SocketAddr) -> bool {
+    pod.run(|| HttpClient::connect(dst, "backend", TIMEOUT).and_then(|mut c| c.get("/", &[])))
+        .expect("enter the pod")
+        .is_ok_and(|r| r.status == 200)
+}
+
+/// The pods' inbound links outlive the agent too: with none, plaintext from outside the mesh
+/// to an enrolled pod is refused (failure mode closed); a restarted agent adopts the same
+/// links and captures again; and a namespace that left the mesh while no agent ran is let go
+/// at the next start: its pods' enrolment and inbound links are swept.
+#[test]
+fn inbound_capture_outlives_the_agent_and_a_restart_sweeps_what_left() {
+    if !require_privileged("upgrade: inbound capture across restarts") {
+        return;
+    }
+    let mut mesh = CanaryMesh::start(&Canary::route(50, 50), &[1, 2]);
+    let stranger = mesh.cluster.add_pod(2, "outside", "stranger").expect("a pod outside the mesh");
+    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == "node1").expect("a backend on node1");
+    let dst = SocketAddr::from((pod.ip, scenarios::TARGET_PORT));
+    assert!(answered_from(&stranger, dst), "permissive: captured and answered");
+    let links = inbound_links(&mesh, 1);
+    assert!(links.len() >= 2, "a link per enrolled pod on node1 (the client, a backend): {links:?}");
+
+    let exit = node1(&mut mesh).stop(TIMEOUT).expect("node1's agent stops");
+    assert!(exit.success());
+    assert!(!answered_from(&stranger, dst), "no agent: refused by the kernel (failure mode closed)");
+    assert_eq!(inbound_links(&mesh, 1), links, "the links stay pinned");
+
+    let restarted = start_agent(&mesh.cluster, 1, mesh_args(&mesh, AgentArgs::default()));
+    restarted
+        .wait_for("plaintext to be captured again", || {
+            answered_from(&stranger, dst).then_some(()).ok_or_else(|| "refused".to_owned())
+        })
+        .expect("captured again");
+    assert_eq!(inbound_links(&mesh, 1), links, "the same links, adopted");
+    assert!(restarted.status().kernel.inbound_refused_no_proxy >= 1, "the pinned counter saw the refusal");
+    drop(replace_node1(&mut mesh, restarted));
+
+    // The namespace leaves the mesh while no agent runs.
+    let exit = node1(&mut mesh).stop(TIMEOUT).expect("node1's agent stops");
+    assert!(exit.success());
+    let left = mesh.canary.objects.replace("labels: {gammaray.dev/dataplane-mode: ambient}", "labels: {}");
+    assert_ne!(left, mesh.canary.objects, "the namespace's label is where the test expects it");
+    write_manifest(&mesh.dir.join("objects.yaml"), &left);
+    let restarted = start_agent(&mesh.cluster, 1, mesh_args(&mesh, AgentArgs::default()));
+    restarted
+        .wait_for("the enrolments and links left behind to be swept", || {
+            let (links, enrolled) = (inbound_links(&mesh, 1), restarted.status().enrolled);
+            (links.is_empty() && enrolled.is_empty()).then_some(()).ok_or(format!("{links:?}, {enrolled:?}"))
+        })
+        .expect("swept");
+    let captured = restarted.status().kernel.captured;
+    assert!(answered_from(&stranger, dst), "out of the mesh: reached directly");
+    assert_eq!(restarted.status().kernel.captured, captured, "not captured");
+    assert!(restarted.log_text().contains("removed what earlier agents left for pods no longer enrolled"));
     drop(replace_node1(&mut mesh, restarted));
 }
