@@ -52,6 +52,28 @@ impl Objects {
         }
     }
 
+    /// Labels the demo namespace `gammaray.dev/peer-authentication=strict`; `objects` is what
+    /// the manifest directory holds.
+    fn strict(&self, objects: &str) -> anyhow::Result<()> {
+        let (from, to) = (
+            "gammaray.dev/dataplane-mode: ambient}",
+            "gammaray.dev/dataplane-mode: ambient, gammaray.dev/peer-authentication: strict}",
+        );
+        match self {
+            Objects::Dir(dir) => {
+                anyhow::ensure!(objects.contains(from), "the demo namespace's labels are not where expected");
+                write_atomically(&dir.join("objects.yaml"), &objects.replace(from, to))
+            }
+            Objects::Real(plane) => plane
+                .try_apply_yaml(&format!(
+                    "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}, labels: {{{}}}\n",
+                    scenarios::NAMESPACE,
+                    to
+                ))
+                .map_err(|e| anyhow::anyhow!("the namespace's label: {e}")),
+        }
+    }
+
     /// Puts the AuthorizationPolicy `yaml` in place (`Some`), or removes `name` (`None`).
     fn policy(&self, name: &str, yaml: Option<&str>) -> anyhow::Result<()> {
         match (self, yaml) {
@@ -293,6 +315,52 @@ pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
     println!(
         "    policy removed: x-user tester → 200 again (the node running the chosen v2 pod decided, by the client's SPIFFE identity)"
     );
+
+    step("peer authentication: a pod outside the mesh (namespace outside, on node2) calls a v1 pod directly");
+    let outsider = cluster.add_pod(2, "outside", "outsider").context("a pod outside the mesh")?;
+    let (v1, _) = canary
+        .backends
+        .iter()
+        .find(|(p, _)| p.node == "node1" && p.name.starts_with("backend-v1"))
+        .context("a v1 pod on node1")?;
+    let direct = SocketAddr::from((v1.ip, scenarios::TARGET_PORT));
+    let plain = |pod: &Pod| -> anyhow::Result<std::io::Result<u16>> {
+        Ok(pod.run(|| {
+            HttpClient::connect(direct, "backend", TIMEOUT)
+                .and_then(|mut c| c.get("/", &[]))
+                .map(|r| r.status)
+        })?)
+    };
+    let probe = || -> anyhow::Result<std::io::Result<u16>> {
+        Ok(cluster.node(1).run(|| {
+            HttpClient::connect(direct, "backend", TIMEOUT)
+                .and_then(|mut c| c.get("/", &[]))
+                .map(|r| r.status)
+        })?)
+    };
+    println!(
+        "    permissive (the default): {} → {:?}: node1 captured it in the pod (sk_lookup) and let it on, unauthenticated",
+        direct,
+        plain(&outsider)?.map_err(|e| e.kind())
+    );
+    objects.strict(&canary.objects)?;
+    println!("    kubectl label namespace demo gammaray.dev/peer-authentication=strict");
+    let started_strict = Instant::now();
+    let refused = loop {
+        match plain(&outsider)? {
+            Err(e) => break e,
+            Ok(_) if started_strict.elapsed() < TIMEOUT => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            Ok(status) => bail!("strict was not in force after {TIMEOUT:?}: answered {status}"),
+        }
+    };
+    println!("    strict: the pod outside the mesh → {:?} (no mesh identity)", refused.kind());
+    println!("    strict: node1's own address (the kubelet's probes) → {:?}", probe()?.map_err(|e| e.kind()));
+    let log = std::fs::read_to_string(&agents[0].log)?;
+    if let Some(line) = log.lines().rev().find(|l| l.contains("strict_unauthenticated")) {
+        println!("    node1: {}", line.split_once(" WARN ").map_or(line, |(_, rest)| rest.trim()));
+    }
 
     step("mutual TLS between the nodes: the identities node2 verified and saw");
     let node2_log = std::fs::read_to_string(&agents[1].log)?;

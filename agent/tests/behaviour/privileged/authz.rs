@@ -416,6 +416,13 @@ fn inbound_capture_enforces_peer_authentication() {
             );
         }
     }
+    let (own, _) = mesh
+        .canary
+        .backends
+        .iter()
+        .find(|(p, _)| std::net::IpAddr::V4(p.ip) == same.ip())
+        .expect("the same-node backend");
+    assert!(answered_from(own, same), "strict: the pod reaches itself at its own address");
     for (n, dst) in [(1, same), (2, cross)] {
         assert!(probed(&mesh, n, dst), "strict: node{n}'s own address still reaches its pod");
         assert!(answered(&mesh, dst), "strict: the mesh client still reaches {dst}");
