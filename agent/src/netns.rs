@@ -24,24 +24,35 @@ pub enum NetnsError {
 
 /// Returns the netns cookie of the namespace at `path`.
 ///
-/// A cookie can only be read from a socket inside the namespace, so this creates one on a
-/// short-lived thread that enters the namespace; the caller's thread never moves.
+/// A cookie can only be read from a socket inside the namespace, so this creates one there
+/// ([`in_netns`]).
 pub fn cookie_of(path: &Path) -> Result<u64, NetnsError> {
+    in_netns(path, |path| {
+        let cookie = |source| NetnsError::Cookie { path: path.to_owned(), source };
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+            .or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))
+            .map_err(cookie)?;
+        socket_netns_cookie(&socket).map_err(cookie)
+    })
+}
+
+/// Runs `f` on a short-lived thread that enters the network namespace at `path`; the caller's
+/// thread never moves. A socket `f` makes stays in that namespace.
+fn in_netns<T: Send>(
+    path: &Path,
+    f: impl FnOnce(&Path) -> Result<T, NetnsError> + Send,
+) -> Result<T, NetnsError> {
     let file =
         std::fs::File::open(path).map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
-    let path = path.to_owned();
     std::thread::scope(|scope| {
         scope
             .spawn(move || {
                 setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
-                    .map_err(|source| NetnsError::Enter { path: path.clone(), source })?;
-                let socket = std::net::UdpSocket::bind("127.0.0.1:0")
-                    .or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))
-                    .map_err(|source| NetnsError::Cookie { path: path.clone(), source })?;
-                socket_netns_cookie(&socket).map_err(|source| NetnsError::Cookie { path, source })
+                    .map_err(|source| NetnsError::Enter { path: path.to_owned(), source })?;
+                f(path)
             })
             .join()
-            .expect("netns cookie thread does not panic")
+            .expect("a thread in a network namespace does not panic")
     })
 }
 
@@ -75,29 +86,19 @@ fn socket_netns_cookie(socket: &std::net::UdpSocket) -> std::io::Result<u64> {
 /// `sk_lookup` program hands it connections meant for the pod's address, whatever address it
 /// is bound to, so it takes no port the pod's own programs might want to listen on.
 ///
-/// Made on a short-lived thread that enters the namespace; the socket stays in it.
+/// Made in the namespace ([`in_netns`]); the socket stays in it.
 pub fn listener_in(path: &Path, backlog: i32) -> Result<std::net::TcpListener, NetnsError> {
-    let file =
-        std::fs::File::open(path).map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
-    let path = path.to_owned();
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
-                    .map_err(|source| NetnsError::Enter { path: path.clone(), source })?;
-                let listen = || -> std::io::Result<std::net::TcpListener> {
-                    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-                    // The pod's loopback may not be up yet; the address need not be.
-                    socket.set_freebind_v4(true)?;
-                    socket.set_nonblocking(true)?;
-                    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
-                    socket.listen(backlog)?;
-                    Ok(socket.into())
-                };
-                listen().map_err(|source| NetnsError::Listen { path, source })
-            })
-            .join()
-            .expect("capture listener thread does not panic")
+    in_netns(path, |path| {
+        let listen = || -> std::io::Result<std::net::TcpListener> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            // The pod's loopback may not be up yet; the address need not be.
+            socket.set_freebind_v4(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+            socket.listen(backlog)?;
+            Ok(socket.into())
+        };
+        listen().map_err(|source| NetnsError::Listen { path: path.to_owned(), source })
     })
 }
 
