@@ -89,6 +89,12 @@ impl PeerAuthentication {
         }
     }
 
+    /// The mode a label says (an unknown value: strict), or `otherwise` with no label: a
+    /// pod's own label over its namespace's, a namespace's over the default.
+    pub fn of_label(value: Option<&str>, otherwise: Self) -> Self {
+        value.map_or(otherwise, |value| Self::parse(value).unwrap_or_else(|strict| strict))
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Strict => "strict",
@@ -477,11 +483,12 @@ impl Authz {
 
     /// A workload's peer authentication: its own label, else its namespace's.
     pub fn peer_authentication(&self, target: &Target<'_>) -> PeerAuthentication {
-        match target.labels.get(PEER_AUTHENTICATION_LABEL) {
-            Some(value) => PeerAuthentication::parse(value).unwrap_or_else(|strict| strict),
-            None if self.strict_namespaces.contains(target.namespace) => PeerAuthentication::Strict,
-            None => PeerAuthentication::Permissive,
-        }
+        let namespace = if self.strict_namespaces.contains(target.namespace) {
+            PeerAuthentication::Strict
+        } else {
+            PeerAuthentication::Permissive
+        };
+        PeerAuthentication::of_label(target.labels.get(PEER_AUTHENTICATION_LABEL), namespace)
     }
 
     pub fn policies(&self) -> &[Arc<Policy>] {

@@ -11,7 +11,6 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering::Relaxed},
-    time::Duration,
 };
 
 use tokio::{
@@ -71,24 +70,15 @@ async fn accept_loop(listener: TcpListener, captures: Arc<Captures>, pod: String
     let accept_errors = crate::limits::EverySecond::new();
     let mut drain = captures.mesh.drain.clone();
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = crate::hbone::drained(&mut drain) => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(err) if crate::outbound::is_transient(&err) => {
-                if accept_errors.should_log() {
-                    warn!(%pod, error = %err, "accept failed on a capture listener; continuing");
+        let (stream, peer) =
+            match crate::outbound::accept(&listener, &mut drain, &accept_errors, "capture").await {
+                Ok(Some(conn)) => conn,
+                Ok(None) => return,
+                Err(err) => {
+                    warn!(%pod, error = %err, "capture listener stopped");
+                    return;
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-            Err(err) => {
-                warn!(%pod, error = %err, "capture listener stopped");
-                return;
-            }
-        };
+            };
         let local = match stream.local_addr() {
             // Dialled at the listener's own address (from inside the pod): not a connection
             // meant for the pod, and never relayed back to the listener itself.
@@ -105,16 +95,16 @@ async fn accept_loop(listener: TcpListener, captures: Arc<Captures>, pod: String
         let slot = match captures.limits.admit(peer.ip()) {
             Ok(slot) => slot,
             Err(refusal) => {
-                captures
-                    .stats
-                    .limited
-                    .get_or_create(&crate::stats::LimitLabels {
-                        listener: "capture",
-                        reason: refusal.reason(),
-                        source: peer.ip().to_string(),
-                    })
-                    .inc();
-                crate::limits::log_refusal(&captures.limits, refusal, peer.ip(), "capture");
+                // Outside the mesh: the source is no workload to name.
+                let source = "unauthenticated".to_owned();
+                crate::limits::refused(
+                    &captures.stats,
+                    &captures.limits,
+                    refusal,
+                    peer.ip(),
+                    "capture",
+                    source,
+                );
                 let _ = stream.set_zero_linger();
                 continue;
             }

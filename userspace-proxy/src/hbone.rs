@@ -149,6 +149,25 @@ impl Mesh {
     }
 }
 
+impl Hop {
+    /// Counts and logs a [`Hop::Deny`] (`path="local"`), naming each end by its identity when
+    /// it is a workload, else by its address. Nothing for another hop.
+    pub(crate) fn record_denial(
+        &self,
+        stats: &crate::stats::OutboundStats,
+        snapshot: &Snapshot,
+        client: SocketAddr,
+        target: SocketAddr,
+    ) {
+        let Hop::Deny { policy, reason } = self else { return };
+        let name = |addr: SocketAddr| {
+            snapshot.workloads.get(&addr.ip()).map_or_else(|| addr.to_string(), |w| w.uri().to_string())
+        };
+        let decision = crate::authz::Decision::Deny { policy: policy.clone(), reason: *reason };
+        crate::authz::Authz::record(stats, &decision, "local", &name(client), &name(target), target);
+    }
+}
+
 /// `for=…` of a `forwarded` header (RFC 7239: an IPv6 address quoted and bracketed).
 fn forwarded_for(ip: std::net::IpAddr) -> String {
     match ip {
@@ -307,9 +326,7 @@ impl Inbound {
 
     /// Counts and (rate-limited) logs a connection or tunnel refused at a limit.
     fn limited(&self, refusal: crate::limits::Refusal, peer: std::net::IpAddr, source: String) {
-        let labels = crate::stats::LimitLabels { listener: "hbone", reason: refusal.reason(), source };
-        self.stats.limited.get_or_create(&labels).inc();
-        crate::limits::log_refusal(&self.limits, refusal, peer, "hbone");
+        crate::limits::refused(&self.stats, &self.limits, refusal, peer, "hbone", source);
     }
 }
 

@@ -401,18 +401,8 @@ async fn forward_to(
         endpoint: endpoint_index,
         tunnelled: matches!(hop, crate::hbone::Hop::Tunnel { .. }),
     };
-    if let crate::hbone::Hop::Deny { policy, reason } = &hop {
-        let snap = ctx.snapshot.borrow().clone();
-        let src = snap
-            .workloads
-            .get(&ctx.client.ip())
-            .map_or_else(|| ctx.client.to_string(), |w| w.uri().to_string());
-        let dst = snap
-            .workloads
-            .get(&endpoint.addr().ip())
-            .map_or_else(|| endpoint.addr().to_string(), |w| w.uri().to_string());
-        let decision = crate::authz::Decision::Deny { policy: policy.clone(), reason: *reason };
-        crate::authz::Authz::record(&ctx.stats, &decision, "local", &src, &dst, endpoint.addr());
+    if matches!(hop, crate::hbone::Hop::Deny { .. }) {
+        hop.record_denial(&ctx.stats, &ctx.snapshot.borrow(), ctx.client, endpoint.addr());
     }
     let answer = match upstream_of(hop) {
         Ok((target, via)) => forward_along(req, target, &via, h2, plan.as_ref(), ctx).await,

@@ -130,9 +130,22 @@ impl Drop for Slot {
 }
 
 /// Logs a refusal, at most once a second per reason.
-pub(crate) fn log_refusal(limits: &ConnLimits, refusal: Refusal, source: IpAddr, listener: &'static str) {
+/// Counts a connection refused at a limit (`gammaray_limited{listener, reason, source}`,
+/// `source` naming the client's workload) and logs it, at most once a second per reason.
+pub(crate) fn refused(
+    stats: &crate::stats::OutboundStats,
+    limits: &ConnLimits,
+    refusal: Refusal,
+    peer: IpAddr,
+    listener: &'static str,
+    source: String,
+) {
+    stats
+        .limited
+        .get_or_create(&crate::stats::LimitLabels { listener, reason: refusal.reason(), source })
+        .inc();
     if limits.should_log(refusal) {
-        warn!(%source, listener, reason = refusal.reason(), held = limits.held(), "connection refused at its limit (logged at most once a second)");
+        warn!(source = %peer, listener, reason = refusal.reason(), held = limits.held(), "connection refused at its limit (logged at most once a second)");
     }
 }
 

@@ -64,23 +64,11 @@ pub(crate) async fn serve(listener: TcpListener, outbound: Outbound) -> Result<(
     let accept_errors = crate::limits::EverySecond::new();
     let mut drain = mesh.drain.clone();
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = crate::hbone::drained(&mut drain) => {
+        let (stream, peer) = match accept(&listener, &mut drain, &accept_errors, "outbound").await {
+            Ok(Some(conn)) => conn,
+            Ok(None) => {
                 info!(%addr, component = "outbound", "draining: the listener stops accepting");
                 return Ok(());
-            }
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => conn,
-            // Per-connection failures (the peer reset before accept, fd limits) must not stop
-            // the listener; back off briefly so an fd exhaustion does not spin.
-            Err(err) if is_transient(&err) => {
-                if accept_errors.should_log() {
-                    warn!(%addr, error = %err, "accept failed; continuing (logged at most once a second)");
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
             }
             Err(source) => return Err(OutboundError::Accept { addr, source }),
         };
@@ -128,15 +116,39 @@ fn refuse(
     }
     let source =
         snapshot.borrow().workloads.get(&peer.ip()).map_or_else(|| "unknown".to_owned(), |w| w.label());
-    stats
-        .limited
-        .get_or_create(&crate::stats::LimitLabels { listener: "outbound", reason: refusal.reason(), source })
-        .inc();
-    crate::limits::log_refusal(limits, refusal, peer.ip(), "outbound");
+    crate::limits::refused(stats, limits, refusal, peer.ip(), "outbound", source);
     let _ = stream.set_zero_linger();
 }
 
-pub(crate) fn is_transient(err: &std::io::Error) -> bool {
+/// The next connection on `listener`, riding out the failures of single connections (the peer
+/// reset before accept, descriptor limits: logged at most once a second through `errors`, after
+/// a short back-off so an exhaustion does not spin); `None` once the proxy drains; an error
+/// that ends the listener.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    drain: &mut crate::hbone::Drain,
+    errors: &crate::limits::EverySecond,
+    component: &'static str,
+) -> std::io::Result<Option<(TcpStream, SocketAddr)>> {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = crate::hbone::drained(drain) => return Ok(None),
+        };
+        match accepted {
+            Ok(conn) => return Ok(Some(conn)),
+            Err(err) if is_transient(&err) => {
+                if errors.should_log() {
+                    warn!(component, error = %err, "accept failed; continuing (logged at most once a second)");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+fn is_transient(err: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(err.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
         || err.raw_os_error() == Some(24) // EMFILE
@@ -204,16 +216,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, conn: Conn) {
     };
     let snap = snapshot.borrow().clone();
     let hop = mesh.hop(&snap, std::net::IpAddr::V4(*peer.ip()), target);
-    if let Hop::Deny { policy, reason } = &hop {
-        let src = snap
-            .workloads
-            .get(&std::net::IpAddr::V4(*peer.ip()))
-            .map_or_else(|| peer.to_string(), |w| w.uri().to_string());
-        let dst =
-            snap.workloads.get(&target.ip()).map_or_else(|| target.to_string(), |w| w.uri().to_string());
-        let decision = crate::authz::Decision::Deny { policy: policy.clone(), reason: *reason };
-        crate::authz::Authz::record(&stats, &decision, "local", &src, &dst, target);
-    }
+    hop.record_denial(&stats, &snap, SocketAddr::V4(peer), target);
     let client_ip = std::net::IpAddr::V4(*peer.ip());
     let guard = Guard::of(&snap, &mesh, client_ip, target);
     // The connection may last: it keeps what its guard needs, not the whole snapshot.
