@@ -162,10 +162,30 @@ pub struct Refusal {
     pub effect: &'static str,
 }
 
+/// What the store's policies and namespaces compile to: the policies, with the namespaces
+/// their labels make `strict`, and every refusal (policies and labels).
+pub fn compile_store(store: &crate::store::Store) -> (Authz, Vec<Refusal>) {
+    let (authz, mut refusals) = compile(
+        ROOT_NAMESPACE,
+        store.authorization_policies.iter().map(|((ns, name), o)| (&**ns, &**name, &**o)),
+    );
+    let (strict, label_refusals) = strict_namespaces(store.namespaces.iter().map(|(name, ns)| {
+        let label = ns
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(gammaray_proxy::authz::PEER_AUTHENTICATION_LABEL))
+            .map(String::as_str);
+        (name.as_str(), label)
+    }));
+    refusals.extend(label_refusals);
+    (authz.with_strict_namespaces(strict), refusals)
+}
+
 /// The namespaces whose workloads are `strict` by their label
 /// ([`gammaray_proxy::authz::PEER_AUTHENTICATION_LABEL`]), with a refusal for each label that is
 /// neither `strict` nor `permissive` (such a namespace is strict: never weaker than meant).
-pub fn strict_namespaces<'a>(
+fn strict_namespaces<'a>(
     namespaces: impl Iterator<Item = (&'a str, Option<&'a str>)>,
 ) -> (Vec<Arc<str>>, Vec<Refusal>) {
     use gammaray_proxy::authz::{PEER_AUTHENTICATION_LABEL, PeerAuthentication};

@@ -126,6 +126,11 @@ pub async fn serve(listener: UnixListener, state: Arc<State>) -> Result<(), Cont
     }
 }
 
+/// The value of `key` in a query string (`a=1&b=2`), as written.
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|p| p.strip_prefix(key)?.strip_prefix('=')).map(str::to_owned)
+}
+
 async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let route = (req.method().clone(), req.uri().path().to_owned());
     let route_query = req.uri().query().map(str::to_owned);
@@ -133,13 +138,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Fu
     Ok(match (route.0, route.1.as_str()) {
         (Method::GET, "/describe") => {
             let query = route_query.unwrap_or_default();
-            let param = |k: &str| {
-                query
-                    .split('&')
-                    .find_map(|p| p.strip_prefix(&format!("{k}=")))
-                    .map(str::to_owned)
-                    .unwrap_or_default()
-            };
+            let param = |k: &str| query_param(&query, k).unwrap_or_default();
             let (ns, name) = (param("namespace"), param("name"));
             let generation = state.generation.borrow().clone();
             match crate::describe::describe(
@@ -158,8 +157,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Fu
         }
         (Method::GET, "/describe/workload") => {
             let query = route_query.unwrap_or_default();
-            let param =
-                |k: &str| query.split('&').find_map(|p| p.strip_prefix(&format!("{k}=")).map(str::to_owned));
+            let param = |k: &str| query_param(&query, k);
             let (ns, name) = (param("namespace").unwrap_or_default(), param("name").unwrap_or_default());
             let port = param("port").and_then(|p| p.parse().ok()).unwrap_or(80);
             let from = match param("from").filter(|f| !f.is_empty()) {

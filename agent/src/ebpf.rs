@@ -616,19 +616,13 @@ impl Datapath {
             node_addr: u32::from(pod.node_addr).to_be(),
             flags: if pod.strict { INBOUND_FLAG_STRICT } else { 0 },
         };
+        self.recapture(pod.ips, listener)?;
+        let mut pods = self.inbound_pods.lock().expect("inbound pods lock");
         for ip in pod.ips {
-            let key = u32::from(*ip).to_be();
-            self.inbound_socks
-                .lock()
-                .expect("inbound socks lock")
-                .insert(&key, listener.as_raw_fd(), 0)
-                .map_err(|source| EbpfError::Map { name: MAP_INBOUND_SOCKS, source })?;
-            self.inbound_pods
-                .lock()
-                .expect("inbound pods lock")
-                .insert(&key, &entry, 0)
+            pods.insert(&u32::from(*ip).to_be(), &entry, 0)
                 .map_err(|source| EbpfError::Map { name: MAP_INBOUND_PODS, source })?;
         }
+        drop(pods);
         let path = self.pins.inbound_link(pod.netns_cookie);
         let mut ebpf = self.ebpf.lock().expect("ebpf lock");
         let err = |source| EbpfError::Program { name: PROG_INBOUND, source };
@@ -654,8 +648,9 @@ impl Datapath {
         Ok(())
     }
 
-    /// Points a pod's addresses at `listener` again, where an agent that has since exited may
-    /// have left no entry (its socket closed): the same as [`Datapath::capture`] did.
+    /// Points a pod's addresses at `listener` in the socket hash: part of
+    /// [`Datapath::capture`], and again later, where an agent that has since exited may have
+    /// left no entry (its socket closed).
     pub fn recapture(&self, ips: &[Ipv4Addr], listener: BorrowedFd<'_>) -> Result<(), EbpfError> {
         let mut socks = self.inbound_socks.lock().expect("inbound socks lock");
         for ip in ips {

@@ -51,22 +51,16 @@ pub struct Wanted {
     pub strict: bool,
 }
 
-/// A pod's peer authentication: its own label, else its namespace's; a value that is neither
-/// `strict` nor `permissive` reads as strict.
+/// A pod's peer authentication is `strict`: its own label's, else its namespace's (as the
+/// proxy decides it); a value that is neither `strict` nor `permissive` reads as strict.
 fn strict(pod: &PodInfo, namespace: Option<&k8s_openapi::api::core::v1::Namespace>) -> bool {
     use gammaray_proxy::authz::{PEER_AUTHENTICATION_LABEL, PeerAuthentication};
-    let namespace_label = || {
-        namespace
-            .and_then(|n| n.metadata.labels.as_ref())
-            .and_then(|l| l.get(PEER_AUTHENTICATION_LABEL))
-            .map(String::as_str)
-    };
-    pod.class
-        .labels
-        .get(PEER_AUTHENTICATION_LABEL)
-        .or_else(namespace_label)
-        .map(|v| PeerAuthentication::parse(v).unwrap_or_else(|s| s))
-        .unwrap_or_default()
+    let label = namespace
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(PEER_AUTHENTICATION_LABEL))
+        .map(String::as_str);
+    let namespace = PeerAuthentication::of_label(label, PeerAuthentication::Permissive);
+    PeerAuthentication::of_label(pod.class.labels.get(PEER_AUTHENTICATION_LABEL), namespace)
         == PeerAuthentication::Strict
 }
 

@@ -97,47 +97,32 @@ impl Publisher {
         self.options.version += 1;
         let started = Instant::now();
         let mut step = self.translator.apply(&objects, self.options.version);
-        if !objects.authorization_policies.ptr_eq(&self.policies.0)
-            || !objects.namespaces.ptr_eq(&self.policies.3)
+        if !objects.authorization_policies.ptr_eq(&self.policies.policies)
+            || !objects.namespaces.ptr_eq(&self.policies.namespaces)
         {
-            let (authz, mut refusals) = crate::authz::compile(
-                crate::authz::ROOT_NAMESPACE,
-                objects.authorization_policies.iter().map(|((ns, name), o)| (&**ns, &**name, &**o)),
-            );
-            let (strict, label_refusals) =
-                crate::authz::strict_namespaces(objects.namespaces.iter().map(|(name, ns)| {
-                    let label = ns
-                        .metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(gammaray_proxy::authz::PEER_AUTHENTICATION_LABEL))
-                        .map(String::as_str);
-                    (name.as_str(), label)
-                }));
-            refusals.extend(label_refusals);
-            let authz = authz.with_strict_namespaces(strict);
-            log_changed_refusals(&self.policies.2, &refusals);
+            let (authz, refusals) = crate::authz::compile_store(&objects);
+            log_changed_refusals(&self.policies.refusals, &refusals);
             info!(
                 policies = authz.policies().len(),
                 strict_namespaces = ?authz.strict_namespaces(),
                 refused = refusals.len(),
                 "authorization policies compiled"
             );
-            self.policies = (
-                objects.authorization_policies.clone(),
-                Arc::new(authz),
-                Arc::new(refusals),
-                objects.namespaces.clone(),
-            );
+            self.policies = Compiled {
+                policies: objects.authorization_policies.clone(),
+                namespaces: objects.namespaces.clone(),
+                authz: Arc::new(authz),
+                refusals: Arc::new(refusals),
+            };
         }
-        step.snapshot.authz = self.policies.1.clone();
+        step.snapshot.authz = self.policies.authz.clone();
         let before = self.generation.borrow().statuses.clone();
         let generation = Arc::new(Generation {
             version: self.options.version,
             snapshot: Arc::new(step.snapshot),
             statuses: step.statuses,
             objects,
-            policy_refusals: self.policies.2.clone(),
+            policy_refusals: self.policies.refusals.clone(),
         });
         log_changed_conditions(&before, &generation.statuses, &mut self.logged);
         info!(
@@ -178,15 +163,15 @@ impl Publisher {
     }
 }
 
-/// The policies as last compiled: the store's map (compared by pointer to know whether they
-/// changed), what they compiled to, the refusals, and the namespaces (whose labels set peer
-/// authentication; also compared by pointer).
-type Compiled = (
-    imbl::OrdMap<crate::store::Key, Arc<serde_json::Value>>,
-    Arc<gammaray_proxy::authz::Authz>,
-    Arc<Vec<crate::authz::Refusal>>,
-    imbl::OrdMap<String, Arc<k8s_openapi::api::core::v1::Namespace>>,
-);
+/// The policies as last compiled, and what from: compiled again only when the store's
+/// policies or namespaces (whose labels set peer authentication) are other maps.
+#[derive(Default)]
+struct Compiled {
+    policies: imbl::OrdMap<crate::store::Key, Arc<serde_json::Value>>,
+    namespaces: imbl::OrdMap<String, Arc<k8s_openapi::api::core::v1::Namespace>>,
+    authz: Arc<gammaray_proxy::authz::Authz>,
+    refusals: Arc<Vec<crate::authz::Refusal>>,
+}
 
 /// Logs each policy refusal that is new or changed, and each that no longer holds.
 fn log_changed_refusals(before: &[crate::authz::Refusal], now: &[crate::authz::Refusal]) {

@@ -18,7 +18,7 @@ use gammaray_common::{
     COUNTER_INBOUND_REFUSED_NO_PROXY, INBOUND_FLAG_STRICT,
 };
 
-use crate::maps::{GR_CONFIG, GR_INBOUND_PODS, GR_INBOUND_SOCKS, count};
+use crate::maps::{GR_INBOUND_PODS, GR_INBOUND_SOCKS, config, count};
 
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
@@ -59,7 +59,7 @@ fn steer(ctx: &SkLookupContext) -> u32 {
             SK_DROP
         }
         Err(_) => {
-            let open = GR_CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_FLAG_FAIL_OPEN != 0);
+            let open = config().is_some_and(|c| c.flags & CONFIG_FLAG_FAIL_OPEN != 0);
             if open && pod.flags & INBOUND_FLAG_STRICT == 0 {
                 count(COUNTER_INBOUND_PASSED_NO_PROXY);
                 SK_PASS
