@@ -324,20 +324,12 @@ pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
         .find(|(p, _)| p.node == "node1" && p.name.starts_with("backend-v1"))
         .context("a v1 pod on node1")?;
     let direct = SocketAddr::from((v1.ip, scenarios::TARGET_PORT));
-    let plain = |pod: &Pod| -> anyhow::Result<std::io::Result<u16>> {
-        Ok(pod.run(|| {
-            HttpClient::connect(direct, "backend", TIMEOUT)
-                .and_then(|mut c| c.get("/", &[]))
-                .map(|r| r.status)
-        })?)
+    // The status of a GET of v1's pod, sent from where `run` runs it (a pod, or the node).
+    let get = || {
+        HttpClient::connect(direct, "backend", TIMEOUT).and_then(|mut c| c.get("/", &[])).map(|r| r.status)
     };
-    let probe = || -> anyhow::Result<std::io::Result<u16>> {
-        Ok(cluster.node(1).run(|| {
-            HttpClient::connect(direct, "backend", TIMEOUT)
-                .and_then(|mut c| c.get("/", &[]))
-                .map(|r| r.status)
-        })?)
-    };
+    let plain = |pod: &Pod| -> anyhow::Result<std::io::Result<u16>> { Ok(pod.run(get)?) };
+    let probe = || -> anyhow::Result<std::io::Result<u16>> { Ok(cluster.node(1).run(get)?) };
     println!(
         "    permissive (the default): {} → {:?}: node1 captured it in the pod (sk_lookup) and let it on, unauthenticated",
         direct,

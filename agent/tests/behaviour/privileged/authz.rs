@@ -28,19 +28,20 @@ fn backend_on(mesh: &CanaryMesh, node: &str, version: &str) -> SocketAddr {
 
 /// Whether the client pod's request to `dst` (L4, the pod's address) is answered.
 fn answered(mesh: &CanaryMesh, dst: SocketAddr) -> bool {
-    mesh.canary
-        .client
-        .run(|| HttpClient::connect(dst, "backend", TIMEOUT).and_then(|mut c| c.get("/", &[])))
-        .expect("enter the client pod")
-        .is_ok_and(|r| r.status == 200)
+    answered_from(&mesh.canary.client, dst)
 }
 
 /// Writes the policies and waits until both agents route by them.
 fn apply_policies(mesh: &CanaryMesh, yaml: &str) {
+    apply_manifest(mesh, "policies.yaml", yaml);
+}
+
+/// Writes the manifest `file` and waits until both agents route by it.
+fn apply_manifest(mesh: &CanaryMesh, file: &str, yaml: &str) {
     let versions: Vec<u64> = mesh.agents.iter().map(|(_, a)| a.status().config_version).collect();
-    write_manifest(&mesh.dir.join("policies.yaml"), yaml);
+    write_manifest(&mesh.dir.join(file), yaml);
     for ((n, agent), before) in mesh.agents.iter().zip(versions) {
-        assert_eventually(&format!("node{n} applies the policies"), TIMEOUT, || {
+        assert_eventually(&format!("node{n} applies {file}"), TIMEOUT, || {
             let v = agent.status().config_version;
             (v > before).then_some(()).ok_or(format!("still version {v}"))
         });
@@ -254,18 +255,15 @@ fn node_metrics(mesh: &CanaryMesh, n: u8) -> String {
     .body
 }
 
-/// A stream from the client to an echo server on the backend pod of `node`, open and echoing.
-fn stream_to(
+/// [`stream_to`], echoing.
+fn echoing(
     mesh: &CanaryMesh,
+    from: &gammaray_testkit::Pod,
     node: &str,
     port: u16,
 ) -> (std::net::TcpStream, gammaray_testkit::echo::EchoServer) {
-    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == node).expect("a backend there");
-    let listener = pod.run(|| std::net::TcpListener::bind((pod.ip, port))).expect("enter pod").expect("bind");
-    let echo = gammaray_testkit::echo::EchoServer::start(listener, &pod.name).expect("an echo server");
-    let (_, mut conn) =
-        mesh.canary.client.run(|| open_and_greet(SocketAddr::from((pod.ip, port)))).expect("enter client");
-    echo_line(&mut conn, "before the policy");
+    let (mut conn, _, echo) = stream_to(mesh, from, node, port);
+    echo_line(&mut conn, "before the change");
     (conn, echo)
 }
 
@@ -277,11 +275,11 @@ fn a_policy_change_closes_the_connections_it_no_longer_allows() {
     if !require_privileged("authz: revocation") {
         return;
     }
-    use std::io::Read as _;
     let mesh = CanaryMesh::start(&Canary::route(50, 50), &[1, 2]);
-    let (mut same, _e1) = stream_to(&mesh, "node1", 9401);
-    let (mut cross, _e2) = stream_to(&mesh, "node2", 9402);
-    let (mut other_port, _e3) = stream_to(&mesh, "node2", 9403);
+    let client = &mesh.canary.client;
+    let (mut same, _e1) = echoing(&mesh, client, "node1", 9401);
+    let (mut cross, _e2) = echoing(&mesh, client, "node2", 9402);
+    let (mut other_port, _e3) = echoing(&mesh, client, "node2", 9403);
     apply_policies(
         &mesh,
         &policy(
@@ -291,30 +289,16 @@ fn a_policy_change_closes_the_connections_it_no_longer_allows() {
         ),
     );
     for (what, conn) in [("same node", &mut same), ("across nodes", &mut cross)] {
-        conn.set_read_timeout(Some(std::time::Duration::from_secs(1))).expect("timeout");
-        let mut buf = [0u8; 16];
-        match conn.read(&mut buf) {
-            Ok(0) => {}
-            Err(e)
-                if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut => {
-            }
-            other => {
-                panic!("{what}: the denied connection is still open a second after the policy: {other:?}")
-            }
-        }
+        assert!(
+            closed_within_a_second(conn),
+            "{what}: the denied connection is still open a second after the policy"
+        );
     }
     echo_line(&mut other_port, "a port the policy leaves alone");
     for (n, path) in [(1, "local_revoked"), (2, "inbound_revoked")] {
         let metrics = node_metrics(&mesh, n);
         assert!(metrics.contains(&format!("path=\"{path}\"")), "node{n} counted it: {metrics}");
     }
-}
-
-/// Whether `pod`'s request to `dst` (HTTP on the pod's address) is answered 200.
-fn answered_from(pod: &gammaray_testkit::Pod, dst: SocketAddr) -> bool {
-    pod.run(|| HttpClient::connect(dst, "backend", TIMEOUT).and_then(|mut c| c.get("/", &[])))
-        .expect("enter the pod")
-        .is_ok_and(|r| r.status == 200)
 }
 
 /// Whether a probe from `node`'s own address (as the kubelet's) to `dst` is answered.
@@ -389,24 +373,13 @@ fn inbound_capture_enforces_peer_authentication() {
     apply_policies(&mesh, "");
 
     // An open plaintext connection, then strict.
-    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == "node1").expect("a backend on node1");
-    let listener = pod.run(|| std::net::TcpListener::bind((pod.ip, 9501))).expect("enter").expect("bind");
-    let _echo = gammaray_testkit::echo::EchoServer::start(listener, &pod.name).expect("an echo server");
-    let (_, mut open) = outside2.run(|| open_and_greet(SocketAddr::from((pod.ip, 9501)))).expect("enter");
-    echo_line(&mut open, "plaintext while permissive");
+    let (mut open, _echo) = echoing(&mesh, &outside2, "node1", 9501);
     let strict = mesh.canary.objects.replace(
         "gammaray.dev/dataplane-mode: ambient}",
         "gammaray.dev/dataplane-mode: ambient, gammaray.dev/peer-authentication: strict}",
     );
     assert_ne!(strict, mesh.canary.objects, "the namespace's labels are where the test expects them");
-    let versions: Vec<u64> = mesh.agents.iter().map(|(_, a)| a.status().config_version).collect();
-    write_manifest(&mesh.dir.join("objects.yaml"), &strict);
-    for ((n, agent), before) in mesh.agents.iter().zip(versions) {
-        assert_eventually(&format!("node{n} applies the label"), TIMEOUT, || {
-            let v = agent.status().config_version;
-            (v > before).then_some(()).ok_or(format!("still version {v}"))
-        });
-    }
+    apply_manifest(&mesh, "objects.yaml", &strict);
     assert!(closed_within_a_second(&mut open), "strict closes the open plaintext connection");
     for (pod, node) in strangers {
         for dst in [same, cross] {
@@ -438,7 +411,7 @@ fn inbound_capture_enforces_peer_authentication() {
     }
     let text = gammaray_testkit::agent::block_on(mesh.agent(1).control().describe_workload(
         "demo",
-        &pod.name,
+        &own.name,
         None,
         scenarios::TARGET_PORT,
     ))

@@ -76,6 +76,13 @@ pub fn backend(cluster: &Cluster, node: u8, name: &str) -> (Arc<Pod>, Vec<EchoSe
     (pod, servers)
 }
 
+/// Whether `pod`'s GET of `dst` (HTTP on a pod's address) is answered 200.
+pub fn answered_from(pod: &Pod, dst: SocketAddr) -> bool {
+    pod.run(|| HttpClient::connect(dst, "backend", TIMEOUT).and_then(|mut c| c.get("/", &[])))
+        .expect("enter the pod")
+        .is_ok_and(|r| r.status == 200)
+}
+
 pub fn call_from(pod: &Pod, dst: SocketAddr) -> Greeting {
     pod.run(|| echo::call(dst, TIMEOUT)).expect("enter pod").expect("call through the mesh")
 }
@@ -167,12 +174,23 @@ impl CanaryMesh {
 /// An L4 stream from the client pod on node1 to a backend pod on node2 (through node1's proxy
 /// and HBONE), to an echo server on `port` there: the stream, its destination and the server.
 pub fn open_stream(mesh: &CanaryMesh, port: u16) -> (TcpStream, SocketAddr, EchoServer) {
-    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == "node2").expect("a backend on node2");
+    stream_to(mesh, &mesh.canary.client, "node2", port)
+}
+
+/// A stream from `from` to an echo server on `port` of a backend pod on `node`, greeted: the
+/// stream, its destination and the server.
+pub fn stream_to(
+    mesh: &CanaryMesh,
+    from: &Pod,
+    node: &str,
+    port: u16,
+) -> (TcpStream, SocketAddr, EchoServer) {
+    let (pod, _) = mesh.canary.backends.iter().find(|(p, _)| p.node == node).expect("a backend on that node");
     let listener = pod.run(|| std::net::TcpListener::bind((pod.ip, port))).expect("enter pod").expect("bind");
     let echo = EchoServer::start(listener, &pod.name).expect("an echo server");
     let dst = SocketAddr::from((pod.ip, port));
-    let (greeting, conn) = mesh.canary.client.run(|| open_and_greet(dst)).expect("enter client pod");
-    assert_eq!(greeting.hostname, pod.name, "reached the pod on node2");
+    let (greeting, conn) = from.run(|| open_and_greet(dst)).expect("enter the pod");
+    assert_eq!(greeting.hostname, pod.name, "reached the pod on {node}");
     (conn, dst, echo)
 }
 
