@@ -33,7 +33,7 @@ use gammaray_agent::{
 };
 use gammaray_proxy::{
     Inputs, Proxy, ProxyConfig,
-    identity::{Authority, CertStore},
+    identity::{Authority, CertStore, Trust, TrustBundle, node_ca},
     orig_dst::StaticTable,
 };
 use gammaray_testkit::lanes::Lane;
@@ -334,7 +334,10 @@ async fn proxies(world: &World) -> anyhow::Result<Proxies> {
         let inputs = Inputs {
             snapshot: snapshot.clone(),
             lookup,
-            certs: Some(Arc::new(CertStore::new(authority.clone()))),
+            certs: Some(Arc::new(CertStore::with_issuer(
+                Arc::new(Trust::new(TrustBundle::of(&authority))),
+                Arc::new(node_ca::issue_directly(&authority, TRUST_DOMAIN, name, Duration::from_secs(3600))?),
+            ))),
         };
         Proxy::start(config, inputs, &runtime).with_context(|| format!("start {name}'s proxy on {ip}"))
     };

@@ -84,6 +84,11 @@ fn registry(state: &Arc<State>, readiness: &Readiness) -> Registry {
         state.outbound.hbone_refused.clone(),
     );
     registry.register(
+        "hbone_server_refused",
+        "HBONE connections this node dialled whose server certificate it refused, by reason",
+        state.outbound.hbone_server_refused.clone(),
+    );
+    registry.register(
         "connections_limited",
         "Connections and tunnels refused at a limit, by listener, reason and source",
         state.outbound.limited.clone(),
@@ -210,8 +215,8 @@ fn not_ready(state: &State, readiness: &Readiness) -> Option<&'static str> {
     if readiness.expects_config && state.generation.borrow().version == 0 {
         return Some("no configuration applied yet");
     }
-    if state.mtls && readiness.certs.is_none() {
-        return Some("mesh CA not loaded");
+    if state.mtls && readiness.certs.as_ref().is_none_or(|c| c.issuer().is_none()) {
+        return Some("no node CA from the signer yet");
     }
     None
 }
@@ -369,6 +374,40 @@ impl Collector for Scrape {
                 None,
                 g.metric_type(),
             )?)?;
+        }
+        if let Some(certs) = &self.certs {
+            let bundle = certs.trust().get();
+            let g = ConstGauge::new(bundle.len() as i64);
+            g.encode(encoder.encode_descriptor(
+                "trust_bundle_roots",
+                "Roots this node trusts (two during a root rotation)",
+                None,
+                g.metric_type(),
+            )?)?;
+            counter(
+                &mut encoder,
+                "node_ca_renewals",
+                "Node CAs this agent was issued",
+                certs.issuer_changes(),
+            )?;
+            if let Some(ca) = certs.issuer() {
+                let secs =
+                    ca.not_after.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+                let g = ConstGauge::new(secs);
+                g.encode(encoder.encode_descriptor(
+                    "node_ca_expiry_timestamp_seconds",
+                    "When this node's CA expires (it is renewed at half its life)",
+                    None,
+                    g.metric_type(),
+                )?)?;
+                let g = ConstGauge::new(i64::from(bundle.issued_by_active(ca.cert_der())));
+                g.encode(encoder.encode_descriptor(
+                    "node_ca_current",
+                    "1 when this node's CA is signed by the root the signer signs with now",
+                    None,
+                    g.metric_type(),
+                )?)?;
+            }
         }
         Ok(())
     }

@@ -75,13 +75,16 @@ pub enum Command {
         /// Trust domain of the SPIFFE identities.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
-        /// The mesh root CA certificate (PEM). With --ca-key, traffic between nodes is carried
-        /// over mutual TLS (HBONE); without, it is plaintext.
-        #[arg(long, requires = "ca_key")]
-        ca_cert: Option<PathBuf>,
-        /// The mesh root CA key (PEM).
-        #[arg(long, requires = "ca_cert")]
-        ca_key: Option<PathBuf>,
+        /// Where the node's CA comes from, and with it mutual TLS between nodes (HBONE):
+        /// `kubernetes` (CertificateSigningRequests to the signer `gammaray.dev/node-ca`; the
+        /// default on a cluster), `unix:PATH` (a local signer, `ca serve --local`), or `none`
+        /// (traffic between nodes is plaintext; the default off a cluster).
+        #[arg(long)]
+        signer: Option<String>,
+        /// The token that proves to the signer this agent is its node's: the projected
+        /// service-account token (audience `gammaray.dev/node-ca`) on a cluster.
+        #[arg(long, default_value = "/var/run/secrets/gammaray/node-ca/token")]
+        signer_token: PathBuf,
         /// The admin endpoint: /healthz and /readyz for the kubelet, and /config_dump to a
         /// client on the node's loopback only.
         #[arg(long, default_value = "0.0.0.0:15021")]
@@ -156,33 +159,56 @@ pub struct KubeArgs {
     /// Seconds a status Lease lasts without renewal; it is renewed every third of that.
     #[arg(long, default_value_t = 15)]
     pub lease_duration_secs: u64,
-    /// The Secret holding the mesh CA (ca.crt, ca.key), used when --ca-cert/--ca-key are not
-    /// given; empty to run without mTLS.
-    #[arg(long, default_value = "gammaray-ca")]
-    pub ca_secret: String,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Generate a new root CA as ca.crt and ca.key in a directory (mode 0600 for the key).
-    Generate {
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
+    /// Run the signer: the only holder of the mesh root's key. It issues each node agent its
+    /// node CA and publishes the trust bundle. On a cluster (the Deployment) it serves
+    /// CertificateSigningRequests of `gammaray.dev/node-ca` and keeps the roots in a Secret;
+    /// with --local, a Unix socket and a directory.
+    Serve {
+        #[command(flatten)]
+        at: SignerArgs,
+        /// The Unix socket of a local signer (default: DIR/signer.sock).
+        #[arg(long, requires = "local")]
+        socket: Option<PathBuf>,
+        /// A local signer's node tokens, a line `TOKEN NODE` each (default: DIR/tokens).
+        #[arg(long, requires = "local")]
+        tokens: Option<PathBuf>,
+        /// The agents' service account, in --namespace: only its tokens get node CAs.
+        #[arg(long, default_value = "gammaray-agent")]
+        agent_service_account: String,
+        /// Seconds a node CA is valid; agents renew at half of it.
+        #[arg(long, default_value_t = 24 * 3600)]
+        node_ca_lifetime: u64,
     },
-    /// Create the mesh CA Secret in the cluster unless it exists (run once per cluster, or
-    /// from every agent's init container: only the first creates it).
-    Bootstrap {
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        #[arg(long, env = "POD_NAMESPACE", default_value = "gammaray-system")]
-        namespace: String,
-        #[arg(long, default_value = "gammaray-ca")]
-        name: String,
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
+    /// One step of a root rotation, on the signer's roots (the signer picks it up and
+    /// republishes the bundle; agents follow). Between steps, wait until every agent reports
+    /// the state the step says (`gammaray_trust_bundle_roots`, `gammaray_node_ca_current`).
+    Rotate {
+        #[arg(long, value_enum)]
+        step: crate::signer::RotateStep,
+        #[command(flatten)]
+        at: SignerArgs,
     },
+}
+
+/// Where the signer keeps the roots.
+#[derive(Debug, clap::Args)]
+pub struct SignerArgs {
+    /// A directory of roots (a signer on one machine); without it, the cluster's Secret.
+    #[arg(long)]
+    pub local: Option<PathBuf>,
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "gammaray-system")]
+    pub namespace: String,
+    /// The Secret holding the roots.
+    #[arg(long, default_value = crate::signer::ROOTS_SECRET)]
+    pub secret: String,
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
 }
 
 #[derive(Debug, Subcommand)]

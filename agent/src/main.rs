@@ -2,7 +2,7 @@ use clap::Parser as _;
 use gammaray_agent::{
     cli::{CaCommand, Cli, Command, DescribeCommand},
     control, kube_client, logging,
-    run::{KubeSettings, RunConfig, run, shutdown_signal},
+    run::{KubeSettings, RunConfig, SignerChoice, run, shutdown_signal},
     status_writer,
 };
 
@@ -25,8 +25,8 @@ fn main() -> anyhow::Result<()> {
                 proxy_threads,
                 manifests,
                 trust_domain,
-                ca_cert,
-                ca_key,
+                signer,
+                signer_token,
                 admin_addr,
                 metrics_addr,
                 kube,
@@ -43,8 +43,17 @@ fn main() -> anyhow::Result<()> {
                         identity: node.clone(),
                         duration: std::time::Duration::from_secs(kube.lease_duration_secs.max(1)),
                     },
-                    ca_secret: (!kube.ca_secret.is_empty()).then_some((kube.namespace, kube.ca_secret)),
                 });
+                let signer = match signer.as_deref() {
+                    Some("none") => None,
+                    Some("kubernetes") => Some(SignerChoice::Kube),
+                    Some(other) => match other.strip_prefix("unix:") {
+                        Some(path) => Some(SignerChoice::Local(path.into())),
+                        None => anyhow::bail!("--signer {other:?}: give kubernetes, unix:PATH or none"),
+                    },
+                    None if kube_settings.is_some() => Some(SignerChoice::Kube),
+                    None => None,
+                };
                 let cfg = RunConfig {
                     node,
                     proxy: gammaray_proxy::ProxyConfig {
@@ -58,7 +67,8 @@ fn main() -> anyhow::Result<()> {
                     btf_path: btf,
                     proxy_threads,
                     manifests,
-                    ca: ca_cert.zip(ca_key),
+                    signer,
+                    signer_token,
                     admin_addr,
                     metrics_addr,
                     kube: kube_settings,
@@ -93,25 +103,22 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
                 Ok(())
             }
-            Command::Ca { command: CaCommand::Generate { out, trust_domain } } => {
-                let ca = gammaray_proxy::identity::Authority::generate(&trust_domain)?;
-                std::fs::create_dir_all(&out)?;
-                std::fs::write(out.join("ca.crt"), ca.cert_pem())?;
-                let key = out.join("ca.key");
-                std::fs::write(&key, ca.key_pem())?;
-                std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-                println!("wrote {} and {}", out.join("ca.crt").display(), key.display());
-                Ok(())
+            Command::Ca {
+                command: CaCommand::Serve { at, socket, tokens, agent_service_account, node_ca_lifetime },
+            } => {
+                let lifetime = std::time::Duration::from_secs(node_ca_lifetime.max(2));
+                gammaray_agent::signer::serve(
+                    &at,
+                    socket,
+                    tokens,
+                    agent_service_account,
+                    lifetime,
+                    shutdown_signal(),
+                )
+                .await
             }
-            Command::Ca { command: CaCommand::Bootstrap { kubeconfig, namespace, name, trust_domain } } => {
-                let access = kube_client::Access::detect(kubeconfig)
-                    .ok_or_else(|| anyhow::anyhow!("no cluster: give --kubeconfig or run in a pod"))?;
-                let client = kube_client::client(&access).await?;
-                if kube_client::bootstrap_ca(&client, &namespace, &name, &trust_domain).await? {
-                    println!("created the mesh CA Secret {namespace}/{name}");
-                } else {
-                    println!("the mesh CA Secret {namespace}/{name} already exists; left as it is");
-                }
+            Command::Ca { command: CaCommand::Rotate { step, at } } => {
+                println!("{}", gammaray_agent::signer::rotate_at(&at, step).await?);
                 Ok(())
             }
             Command::Describe { what: DescribeCommand::Service { name, namespace } } => {

@@ -4,9 +4,18 @@
 use std::{path::PathBuf, sync::Arc};
 
 use crate::{
-    admin, control, ebpf, enrolment, generation, kube_client, kube_source, manifests, preflight,
+    admin, control, ebpf, enrolment, generation, kube_client, kube_source, manifests, node_ca, preflight,
     status_writer, translate,
 };
+
+/// Ends a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 use anyhow::Context as _;
 
 #[derive(Debug, Clone)]
@@ -23,8 +32,10 @@ pub struct RunConfig {
     pub proxy_threads: usize,
     /// Directory of Kubernetes manifests to route by (the source without a cluster).
     pub manifests: Option<PathBuf>,
-    /// The mesh CA's certificate and key files; `None` leaves traffic between nodes plaintext.
-    pub ca: Option<(PathBuf, PathBuf)>,
+    /// Where the node CA comes from; `None` leaves traffic between nodes plaintext.
+    pub signer: Option<SignerChoice>,
+    /// The token proving to the signer that this agent is its node's.
+    pub signer_token: PathBuf,
     /// Where /healthz and /readyz are served (and /config_dump, to the node's loopback only).
     pub admin_addr: std::net::SocketAddr,
     /// Where /metrics is served; the admin listener serves it too when the addresses agree.
@@ -51,11 +62,21 @@ const LIVENESS: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct KubeSettings {
     pub access: kube_client::Access,
-    /// The Lease whose holder writes route status.
+    /// The Lease whose holder writes route status (its namespace is the signer's too).
     pub lease: status_writer::LeaseConfig,
-    /// The Secret holding the mesh CA (`namespace`, `name`), used when no CA files are given.
-    pub ca_secret: Option<(String, String)>,
 }
+
+/// Where the node CA comes from.
+#[derive(Debug, Clone)]
+pub enum SignerChoice {
+    /// A local signer's Unix socket.
+    Local(PathBuf),
+    /// CertificateSigningRequests on the cluster the agent watches.
+    Kube,
+}
+
+/// How long a starting agent waits for the signer's trust bundle.
+const SIGNER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Runs the agent until `shutdown` completes.
 pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
@@ -98,27 +119,41 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
             None
         }
     };
-    let ca_pem = match (&cfg.ca, &kube) {
-        (Some((cert, key)), _) => {
-            let read = |p: &PathBuf| {
-                std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+    // The trust bundle first (handshakes check peers against it), then the node CA, asked of
+    // the signer in the background: until it comes, handshakes fail and the agent is not
+    // ready; nothing goes plaintext.
+    let node_ca = match (&cfg.signer, &kube) {
+        (None, _) => None,
+        (Some(SignerChoice::Local(socket)), _) => Some(node_ca::Way::Local(socket.clone())),
+        (Some(SignerChoice::Kube), Some((client, settings))) => {
+            Some(node_ca::Way::Kube { client: client.clone(), namespace: settings.lease.namespace.clone() })
+        }
+        (Some(SignerChoice::Kube), None) => {
+            anyhow::bail!("--signer kubernetes needs a cluster (--kubeconfig, or running in a pod)")
+        }
+    }
+    .map(|way| node_ca::NodeCa {
+        way,
+        token: cfg.signer_token.clone(),
+        node: cfg.node.clone(),
+        trust_domain: cfg.proxy.trust_domain.clone(),
+    });
+    let (certs, _node_ca_task) = match node_ca {
+        Some(node_ca) => {
+            let bundle = node_ca.first_bundle(SIGNER_WAIT).await?;
+            tracing::info!(signer = ?node_ca.way, roots = bundle.len(), "trust bundle loaded; asking the signer for this node's CA");
+            let trust = Arc::new(gammaray_proxy::identity::Trust::new(bundle));
+            let certs = Arc::new(gammaray_proxy::identity::CertStore::new(trust));
+            let every = match node_ca.way {
+                node_ca::Way::Local(_) => std::time::Duration::from_millis(500),
+                node_ca::Way::Kube { .. } => std::time::Duration::from_secs(2),
             };
-            Some((read(cert)?, read(key)?))
-        }
-        (None, Some((client, KubeSettings { ca_secret: Some((ns, name)), .. }))) => {
-            Some(kube_client::read_ca(client, ns, name, std::time::Duration::from_secs(30)).await?)
-        }
-        _ => None,
-    };
-    let certs = match ca_pem {
-        Some((cert, key)) => {
-            let authority = gammaray_proxy::identity::Authority::from_pem(&cert, &key)
-                .context("cannot load the mesh CA")?;
-            Some(Arc::new(gammaray_proxy::identity::CertStore::new(Arc::new(authority))))
+            let task = tokio::spawn(node_ca.run(certs.clone(), every));
+            (Some(certs), Some(AbortOnDrop(task)))
         }
         None => {
-            tracing::warn!("no mesh CA (--ca-cert/--ca-key): traffic between nodes is NOT encrypted");
-            None
+            tracing::warn!("no signer (--signer): traffic between nodes is NOT encrypted");
+            (None, None)
         }
     };
 

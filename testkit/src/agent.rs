@@ -24,9 +24,9 @@ pub const PROXY_PORT: u16 = 15001;
 pub struct AgentArgs {
     /// Route by the manifests in this directory (`--manifests`).
     pub manifests: Option<PathBuf>,
-    /// The mesh CA's directory (`ca.crt`, `ca.key`, as [`generate_ca`] writes them): with it,
-    /// traffic between nodes is mutual TLS.
-    pub ca: Option<PathBuf>,
+    /// The local signer the agent gets its node CA from (`--signer unix:…`, with a token of
+    /// its own): with it, traffic between nodes is mutual TLS.
+    pub signer: Option<crate::signer::SignerAccess>,
     /// More arguments of `run` (`--kubeconfig FILE`, …).
     pub extra: Vec<String>,
     /// The agent's log filter (`RUST_LOG`); empty leaves the agent's default.
@@ -77,12 +77,12 @@ impl Agent {
         if let Some(dir) = &args.manifests {
             argv.extend(["--manifests".into(), dir.display().to_string()]);
         }
-        if let Some(dir) = &args.ca {
+        if let Some(signer) = &args.signer {
+            let token = signer.token_for(&node.name).context("a signer token")?;
             argv.extend([
-                "--ca-cert".into(),
-                dir.join("ca.crt").display().to_string(),
-                "--ca-key".into(),
-                dir.join("ca.key").display().to_string(),
+                format!("--signer=unix:{}", signer.socket.display()),
+                "--signer-token".into(),
+                token.display().to_string(),
             ]);
         }
         argv.extend(["--drain-timeout".into(), args.drain_secs.unwrap_or(DRAIN_SECS).to_string()]);
@@ -151,19 +151,6 @@ impl Agent {
             }
         }
     }
-}
-
-/// Generates a mesh root CA into `dir` with the agent's own subcommand; returns what it printed.
-pub fn generate_ca(bin: &Path, dir: &Path) -> anyhow::Result<String> {
-    let out = std::process::Command::new(bin)
-        .args(["ca", "generate", "--out"])
-        .arg(dir)
-        .output()
-        .with_context(|| format!("run {}", bin.display()))?;
-    if !out.status.success() {
-        bail!("cannot generate the CA: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Runs `f` to completion on a runtime of its own, for synchronous callers of async clients.

@@ -26,6 +26,7 @@ pub mod objects;
 pub mod privileged;
 pub mod process;
 pub mod scenarios;
+pub mod signer;
 pub mod sweep;
 
 pub use cluster::{Cluster, Node, Pod};

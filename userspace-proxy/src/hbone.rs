@@ -82,8 +82,9 @@ impl Mesh {
         certs: Option<Arc<CertStore>>,
         drain: Drain,
         policies: crate::authz::Policies,
+        stats: Arc<OutboundStats>,
     ) -> Self {
-        let hbone = certs.map(|certs| Arc::new(Pool::new(certs, config.clone())));
+        let hbone = certs.map(|certs| Arc::new(Pool::new(certs, config.clone(), stats)));
         Self { config, hbone, drain, policies }
     }
 }
@@ -102,8 +103,9 @@ pub(crate) async fn drained(drain: &mut Drain) {
 pub enum Hop {
     /// Same node, not meshed, or no HBONE: a plain TCP connection.
     Direct(SocketAddr),
-    /// A pod on another node: a tunnel through that node.
-    Tunnel { src: Identity, dst: Identity, node: SocketAddr, target: SocketAddr },
+    /// A pod on another node: a tunnel through that node (`node`, its HBONE address, and
+    /// `node_name`, whose node CA the destination's certificate must chain through).
+    Tunnel { src: Identity, dst: Identity, node: SocketAddr, node_name: Arc<str>, target: SocketAddr },
     /// A meshed destination on another node, but the client has no identity: refused.
     Refuse(&'static str),
     /// A workload of this node whose authorization policies deny the client.
@@ -144,6 +146,7 @@ impl Mesh {
             src: src.identity().clone(),
             dst: dst.identity().clone(),
             node: SocketAddr::new(*node_ip, self.config.hbone_port),
+            node_name: dst_node.into(),
             target,
         }
     }
@@ -177,13 +180,14 @@ fn forwarded_for(ip: std::net::IpAddr) -> String {
 }
 
 /// The client address a CONNECT's `forwarded` header names, if it is one workload of the
-/// snapshot with the identity the peer's certificate proved: a node speaks only for its own
-/// pods, so an address that is not one of the peer's is not believed (rules on it then fail
-/// closed).
+/// snapshot with the identity the peer's certificate proved, on the node whose CA signed it:
+/// a node speaks only for its own pods, so an address that is not one of the peer's is not
+/// believed (rules on it then fail closed).
 fn forwarded_client(
     headers: &http::HeaderMap,
     snapshot: &Snapshot,
     peer: &Identity,
+    peer_node: &str,
 ) -> Option<std::net::IpAddr> {
     let value = headers.get(http::header::FORWARDED)?.to_str().ok()?;
     let ip: std::net::IpAddr = value
@@ -195,55 +199,129 @@ fn forwarded_client(
         .parse()
         .ok()?;
     let workload = snapshot.workloads.get(&ip)?;
-    (*workload.identity() == *peer).then_some(ip)
+    (*workload.identity() == *peer && workload.node.as_deref() == Some(peer_node)).then_some(ip)
+}
+
+/// Where identities run, as a handshake asks it: made from a snapshot at the first handshake
+/// after each change of it, not by a pass over every workload of the cluster per handshake.
+struct Placements {
+    node: String,
+    made: Mutex<Option<(Arc<Snapshot>, Arc<Placement>)>>,
+}
+
+#[derive(Default)]
+struct Placement {
+    /// Identities with a workload on this node.
+    here: std::collections::HashSet<Identity>,
+    /// (node, identity) of every workload.
+    placed: std::collections::HashSet<(Arc<str>, Identity)>,
+}
+
+impl Placement {
+    fn runs(&self, node: &Arc<str>, identity: &Identity) -> bool {
+        self.placed.contains(&(node.clone(), identity.clone()))
+    }
+}
+
+impl Placements {
+    fn new(node: String) -> Self {
+        Self { node, made: Mutex::new(None) }
+    }
+
+    fn of(&self, snapshot: &Arc<Snapshot>) -> Arc<Placement> {
+        let mut made = self.made.lock().expect("placements lock");
+        if let Some((from, placement)) = &*made
+            && Arc::ptr_eq(from, snapshot)
+        {
+            return placement.clone();
+        }
+        let mut placement = Placement::default();
+        for w in snapshot.workloads.values() {
+            let Some(node) = &w.node else { continue };
+            if **node == *self.node {
+                placement.here.insert(w.identity().clone());
+            }
+            placement.placed.insert((node.clone(), w.identity().clone()));
+        }
+        let placement = Arc::new(placement);
+        *made = Some((snapshot.clone(), placement.clone()));
+        placement
+    }
 }
 
 /// Outbound HBONE connections, pooled.
 pub(crate) struct Pool {
     certs: Arc<CertStore>,
     config: Arc<ProxyConfig>,
+    stats: Arc<OutboundStats>,
     conns: Mutex<HashMap<Key, PooledConn>>,
 }
 
-/// One HTTP/2 connection to a node, and whether its task has ended.
+/// One HTTP/2 connection to a node, whether its task has ended, and the certificate it was
+/// made with: once that is renewed (at half life, or with a new node CA), new tunnels go on a
+/// new connection and the old one ends with its last stream.
 #[derive(Clone)]
 struct PooledConn {
     sender: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    cert: Arc<rustls::sign::CertifiedKey>,
 }
 
 impl Pool {
-    pub fn new(certs: Arc<CertStore>, config: Arc<ProxyConfig>) -> Self {
-        Self { certs, config, conns: Mutex::new(HashMap::new()) }
+    pub fn new(certs: Arc<CertStore>, config: Arc<ProxyConfig>, stats: Arc<OutboundStats>) -> Self {
+        Self { certs, config, stats, conns: Mutex::new(HashMap::new()) }
+    }
+
+    /// Counts and logs a server certificate this node refused.
+    fn server_refused(&self, node: SocketAddr, dst: &Identity, err: &std::io::Error) {
+        let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else { return };
+        let rustls::Error::InvalidCertificate(cert) = tls else { return };
+        let reason = match cert {
+            rustls::CertificateError::Other(other) if other.0.is::<crate::identity::node_ca::WrongNode>() => {
+                "wrong_node"
+            }
+            rustls::CertificateError::Other(other) if other.0.is::<crate::identity::IdentityMismatch>() => {
+                "identity"
+            }
+            _ => "untrusted",
+        };
+        self.stats.hbone_server_refused.get_or_create(&crate::stats::RefusalLabels { reason }).inc();
+        warn!(%node, dst_identity = %dst, reason, error = %tls, "refused the server's certificate");
     }
 
     /// Opens a tunnel to `target` (a pod on the node at `node`) as `src`, expecting the
     /// destination to be `dst`. `client`, the address of the one pod connection the tunnel
     /// carries, goes along in a `forwarded` header (RFC 7239) for the destination's policies;
-    /// `None` for a tunnel that pooled connections share.
+    /// `None` for a tunnel that pooled connections share. The destination's certificate must
+    /// chain through the CA of `node_name`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn connect(
         &self,
         src: &Identity,
         dst: &Identity,
         node: SocketAddr,
+        node_name: &Arc<str>,
         target: SocketAddr,
         client: Option<std::net::IpAddr>,
     ) -> Result<TunnelStream, HboneError> {
         let key = (src.clone(), dst.clone(), node);
+        let cert = self.certs.get(src)?;
         let pooled = self
             .conns
             .lock()
             .expect("pool lock")
             .get(&key)
-            .filter(|c| !c.closed.load(Relaxed))
+            .filter(|c| !c.closed.load(Relaxed) && Arc::ptr_eq(&c.cert, &cert.certified))
             .map(|c| c.sender.clone());
         let sender = match pooled {
             Some(s) => s,
             None => {
-                let conn =
-                    tokio::time::timeout(self.config.upstream_connect_timeout, self.dial(src, dst, node))
-                        .await
-                        .map_err(|_| HboneError::Timeout { node })??;
+                let conn = tokio::time::timeout(
+                    self.config.upstream_connect_timeout,
+                    self.dial(&cert, dst, node, node_name),
+                )
+                .await
+                .map_err(|_| HboneError::Timeout { node })??;
                 let sender = conn.sender.clone();
                 self.conns.lock().expect("pool lock").insert(key, conn);
                 sender
@@ -265,10 +343,15 @@ impl Pool {
         Ok(TunnelStream::new(send, resp.into_body(), self.config.relay()))
     }
 
-    async fn dial(&self, src: &Identity, dst: &Identity, node: SocketAddr) -> Result<PooledConn, HboneError> {
-        let cert = self.certs.get(src)?;
-        let roots = Arc::new(self.certs.authority().roots());
-        let config = client_config(roots, &cert, dst.clone())?;
+    async fn dial(
+        &self,
+        cert: &crate::identity::Issued,
+        dst: &Identity,
+        node: SocketAddr,
+        node_name: &Arc<str>,
+    ) -> Result<PooledConn, HboneError> {
+        let src = &cert.identity;
+        let config = client_config(self.certs.trust().get(), cert, dst.clone(), node_name.clone())?;
         let tcp = TcpStream::connect(node).await.map_err(|source| HboneError::Connect { node, source })?;
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(dst.server_name()).map_err(|e| HboneError::Tls {
@@ -278,7 +361,10 @@ impl Pool {
         let mut tls = TlsConnector::from(Arc::new(config))
             .connect(name, ReadAhead::new(tcp, self.config.relay_block))
             .await
-            .map_err(|source| HboneError::Tls { node, source })?;
+            .map_err(|source| {
+                self.server_refused(node, dst, &source);
+                HboneError::Tls { node, source }
+            })?;
         tls.get_mut().1.set_buffer_limit(Some(self.config.tls_send_buffer()));
         let (tls, cork) = crate::cork::corked(tls);
         let h2c = &self.config.h2;
@@ -300,7 +386,7 @@ impl Pool {
             ended.store(true, Relaxed);
         });
         info!(%node, src = %src, dst = %dst, "HBONE connection established");
-        Ok(PooledConn { sender, closed })
+        Ok(PooledConn { sender, closed, cert: cert.certified.clone() })
     }
 }
 
@@ -332,40 +418,16 @@ impl Inbound {
 
 /// Serves the inbound HBONE listener until the task is dropped.
 pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) -> Result<(), HboneError> {
-    let snapshot = inbound.snapshot.clone();
-    let node = inbound.node.clone();
+    let placement = Arc::new(Placements::new(inbound.node.clone()));
+    let (snapshot, placed) = (inbound.snapshot.clone(), placement.clone());
     let resolver = SniResolver {
         store: inbound.certs.clone(),
         trust_domain: inbound.config.trust_domain.clone(),
-        // Only identities with a workload on this node get a certificate here. The set is made
-        // from the snapshot at the first handshake after each change of it, not by a pass over
-        // every workload of the cluster per handshake.
-        allowed: {
-            // The snapshot the set was made from is held, so a new one is never taken for it.
-            let local: std::sync::Mutex<Option<(Arc<Snapshot>, std::collections::HashSet<Identity>)>> =
-                Default::default();
-            Box::new(move |id| {
-                let snap = snapshot.borrow().clone();
-                let mut local = local.lock().expect("identities lock");
-                let (_, here) = match local.take() {
-                    Some((made_from, here)) if Arc::ptr_eq(&made_from, &snap) => {
-                        local.insert((made_from, here))
-                    }
-                    _ => {
-                        let here = snap
-                            .workloads
-                            .values()
-                            .filter(|w| w.node.as_deref() == Some(node.as_str()))
-                            .map(|w| w.identity().clone())
-                            .collect();
-                        local.insert((snap, here))
-                    }
-                };
-                here.contains(id)
-            })
-        },
+        // Only identities with a workload on this node get a certificate here.
+        allowed: Box::new(move |id| placed.of(&snapshot.borrow()).here.contains(id)),
     };
-    let config = server_config(Arc::new(inbound.certs.authority().roots()), Arc::new(resolver))?;
+    let config =
+        server_config(inbound.certs.trust().clone(), &inbound.config.trust_domain, Arc::new(resolver))?;
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, component = "inbound", "listener ready");
@@ -401,6 +463,7 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let inbound = inbound.clone();
+        let placement = placement.clone();
         tokio::spawn(
             async move {
                 // The connection's place, held until it ends.
@@ -420,8 +483,9 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
                     }
                 };
                 let conn = tls.get_ref().1;
-                let (Some(peer_id), Some(local_id)) = (
+                let (Some(peer_id), Some(peer_node), Some(local_id)) = (
                     conn.peer_certificates().and_then(|c| c.first()).and_then(|c| identity_of(c).ok()),
+                    conn.peer_certificates().and_then(crate::identity::node_ca::peer_node),
                     conn.server_name()
                         .and_then(|n| Identity::from_server_name(n, &inbound.config.trust_domain)),
                 ) else {
@@ -434,7 +498,17 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
                     warn!(src_identity = %peer_id, trust_domain = %inbound.config.trust_domain, "inbound client of another trust domain; closing");
                     return;
                 }
-                info!(src_identity = %peer_id, dst_identity = %local_id, "inbound mTLS connection");
+                // A node speaks only for its own pods: the peer's identity must have a workload on
+                // the node whose CA signed it.
+                let peer_node: Arc<str> = peer_node.into();
+                let snapshot = inbound.snapshot.borrow().clone();
+                if !placement.of(&snapshot).runs(&peer_node, &peer_id) {
+                    inbound.refused("wrong_node");
+                    warn!(src_identity = %peer_id, %peer_node, "inbound client's certificate is issued through a node that runs no workload of its identity; closing");
+                    return;
+                }
+                drop(snapshot);
+                info!(src_identity = %peer_id, %peer_node, dst_identity = %local_id, "inbound mTLS connection");
                 tls.get_mut().1.set_buffer_limit(Some(inbound.config.tls_send_buffer()));
                 let (tls, cork) = crate::cork::corked(tls);
                 let h2c = &inbound.config.h2;
@@ -469,7 +543,9 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
                         };
                         let Some(accepted) = accepted else { break };
                         match accepted {
-                            Ok((req, respond)) => tunnel(req, respond, &inbound, peer.ip(), &peer_id, &local_id),
+                            Ok((req, respond)) => {
+                                tunnel(req, respond, &inbound, peer.ip(), (&peer_id, &peer_node), &local_id)
+                            }
                             Err(err) => {
                                 debug!(error = %err, "inbound HBONE connection ended");
                                 return;
@@ -500,7 +576,7 @@ fn tunnel(
     mut respond: SendResponse<Bytes>,
     inbound: &Inbound,
     peer_ip: std::net::IpAddr,
-    peer: &Identity,
+    (peer, peer_node): (&Identity, &Arc<str>),
     local: &Identity,
 ) {
     if req.method() != Method::CONNECT {
@@ -519,7 +595,7 @@ fn tunnel(
     // The destination's policies, with the identity the peer's certificate proves, and the
     // client's address when the peer vouches for one of its own pods (rules on an unknown one
     // fail closed).
-    let client_ip = forwarded_client(req.headers(), &snapshot, peer);
+    let client_ip = forwarded_client(req.headers(), &snapshot, peer, peer_node);
     let decision = snapshot.authz.check(
         &crate::authz::Peer { identity: Some(peer), ip: client_ip },
         &crate::authz::Target {
@@ -632,7 +708,7 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         let mut named = |ip: &str| {
             headers.insert(http::header::FORWARDED, forwarded_for(ip.parse().unwrap()).parse().unwrap());
-            forwarded_client(&headers, &snapshot, &id("client"))
+            forwarded_client(&headers, &snapshot, &id("client"), "node1")
         };
         assert_eq!(named("10.244.1.5"), Some("10.244.1.5".parse().unwrap()));
         assert_eq!(named("fd00::5"), Some("fd00::5".parse().unwrap()), "IPv6, quoted and bracketed");

@@ -467,7 +467,9 @@ fn upstream_of(hop: crate::hbone::Hop) -> Result<(SocketAddr, crate::upstream::V
         Hop::Direct(target) => Ok((target, Via::Direct)),
         Hop::Refuse(why) => Err(LocalError::MtlsRequired(why)),
         Hop::Deny { policy, .. } => Err(LocalError::Denied { policy }),
-        Hop::Tunnel { src, dst, node, target } => Ok((target, Via::Tunnel { src, dst, node })),
+        Hop::Tunnel { src, dst, node, node_name, target } => {
+            Ok((target, Via::Tunnel { src, dst, node, node_name }))
+        }
     }
 }
 

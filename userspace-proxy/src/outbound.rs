@@ -284,9 +284,9 @@ pub(crate) async fn relay(
             let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
             return;
         }
-        Hop::Tunnel { src, dst, node, target } => {
+        Hop::Tunnel { src, dst, node, node_name, target } => {
             let pool = mesh.hbone.as_ref().expect("a tunnel hop implies HBONE");
-            match pool.connect(&src, &dst, node, target, Some(client_ip)).await {
+            match pool.connect(&src, &dst, node, &node_name, target, Some(client_ip)).await {
                 Ok(tunnel) => {
                     stats.hbone_tunnels.fetch_add(1, Relaxed);
                     let _ = client.set_nodelay(true);

@@ -104,7 +104,7 @@ impl Proxy {
             tasks.push(runtime.spawn(log_end("inbound", crate::hbone::serve_inbound(listener, inbound))));
         }
         tasks.push(runtime.spawn(follow_policies));
-        let mesh = Arc::new(Mesh::new(config, certs, draining, policies));
+        let mesh = Arc::new(Mesh::new(config, certs, draining, policies, stats.clone()));
         let captures = Arc::new(crate::capture::Captures {
             mesh: mesh.clone(),
             limits: limits.clone(),

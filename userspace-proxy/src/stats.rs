@@ -64,6 +64,13 @@ pub struct OutboundStats {
         RefusalLabels,
         prometheus_client::metrics::counter::Counter,
     >,
+    /// HBONE connections this node dialled whose server certificate it refused, by reason:
+    /// `wrong_node` (not through the CA of the destination's node), `untrusted` (another root,
+    /// expired, malformed) or `identity` (not the destination's identity).
+    pub hbone_server_refused: prometheus_client::metrics::family::Family<
+        RefusalLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
     /// Connections, tunnels and requests an authorization policy denied.
     pub authz_denied: prometheus_client::metrics::family::Family<
         DeniedLabels,

@@ -36,7 +36,7 @@ pub enum Via {
     /// A TCP connection from this node.
     Direct,
     /// An HBONE stream through `node`, speaking as `src` to a pod that must prove it is `dst`.
-    Tunnel { src: Identity, dst: Identity, node: SocketAddr },
+    Tunnel { src: Identity, dst: Identity, node: SocketAddr, node_name: std::sync::Arc<str> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,10 +258,10 @@ where
                 let _ = tcp.set_nodelay(true);
                 handshake(TokioIo::new(tcp), h2).await?
             }
-            Via::Tunnel { src, dst, node } => {
+            Via::Tunnel { src, dst, node, node_name } => {
                 let pool = self.hbone.as_ref().ok_or(UpstreamError::NoHbone)?;
                 // Pooled: the tunnel carries requests of many clients, so it names none.
-                let tunnel = pool.connect(src, dst, *node, target, None).await?;
+                let tunnel = pool.connect(src, dst, *node, node_name, target, None).await?;
                 self.stats.hbone_tunnels.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 handshake(TokioIo::new(tunnel), h2).await?
             }

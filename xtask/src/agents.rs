@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use gammaray_agent::control::{Client, Status};
-pub use gammaray_testkit::agent::{Agent, AgentArgs, TIMEOUT, generate_ca};
+pub use gammaray_testkit::agent::{Agent, AgentArgs, TIMEOUT};
+pub use gammaray_testkit::signer::{Signer, SignerAccess};
 use gammaray_testkit::{
     Cluster,
     agent::block_on,
@@ -76,10 +77,10 @@ pub fn real_api_server(
     Ok((plane, kubeconfig))
 }
 
-/// An agent watching the API server of `kubeconfig`, with mTLS by the CA in `ca`.
-pub fn kubeconfig_agent(kubeconfig: &Path, ca: &Path, rust_log: &str) -> AgentArgs {
+/// An agent watching the API server of `kubeconfig`, with mTLS by a node CA from `signer`.
+pub fn kubeconfig_agent(kubeconfig: &Path, signer: &SignerAccess, rust_log: &str) -> AgentArgs {
     AgentArgs {
-        ca: Some(ca.to_owned()),
+        signer: Some(signer.clone()),
         extra: vec!["--kubeconfig".to_owned(), kubeconfig.display().to_string()],
         rust_log: rust_log.to_owned(),
         ..AgentArgs::default()
@@ -95,11 +96,11 @@ pub fn create_on(plane: &ControlPlane, object: &serde_json::Value) -> gammaray_t
         .ok_or_else(|| gammaray_testkit::Error::Other(format!("no uid in {created}")))
 }
 
-/// An agent routing by the manifests in `manifests`, with mTLS by the CA in `ca`.
-pub fn manifest_agent(manifests: &Path, ca: &Path, rust_log: &str) -> AgentArgs {
+/// An agent routing by the manifests in `manifests`, with mTLS by a node CA from `signer`.
+pub fn manifest_agent(manifests: &Path, signer: &SignerAccess, rust_log: &str) -> AgentArgs {
     AgentArgs {
         manifests: Some(manifests.to_owned()),
-        ca: Some(ca.to_owned()),
+        signer: Some(signer.clone()),
         rust_log: rust_log.to_owned(),
         ..AgentArgs::default()
     }

@@ -33,7 +33,7 @@ use serde_json::Value;
 
 pub use crate::agents::Source;
 use crate::agents::{
-    Agent, Control as _, generate_ca, kubeconfig_agent, manifest_agent, real_api_server, require_privileges,
+    Agent, Control as _, Signer, kubeconfig_agent, manifest_agent, real_api_server, require_privileges,
     write_atomically,
 };
 
@@ -136,8 +136,9 @@ fn run_base(
     for text in &bases {
         assigned.extend(catalogue::cluster_ip_assignments(text));
     }
-    let ca = cluster.dir().join("ca");
-    generate_ca(agent_bin, &ca)?;
+    // Held to the end of the run: the agents renew their node CAs with it.
+    let signer = Signer::start(agent_bin, &cluster.dir().join("signer"), &[])?;
+    let ca = signer.access();
     let (mut config, args) = match assets {
         None => {
             let manifests = cluster.dir().join("manifests");

@@ -23,7 +23,7 @@ use gammaray_testkit::{
 use gammaray_testkit::controlplane::{Assets, ControlPlane};
 
 use crate::agents::{
-    Agent, AgentArgs, Build, Control as _, Source, TIMEOUT, agent_binary, create_on, generate_ca,
+    Agent, AgentArgs, Build, Control as _, Signer, Source, TIMEOUT, agent_binary, create_on,
     kubeconfig_agent, manifest_agent, real_api_server, require_privileges, write_atomically,
 };
 const REQUESTS: usize = 1000;
@@ -116,7 +116,14 @@ pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
 
     step("creating a simulated cluster: 2 nodes on a bridge, pods as network namespaces");
     let cluster = Cluster::new(2).context("building the simulated cluster")?;
-    let ca = cluster.dir().join("ca");
+    step("starting the signer (gammaray-agent ca serve --local): the only process with the root key");
+    let signer = Signer::start(&agent_bin, &cluster.dir().join("signer"), &[])?;
+    println!(
+        "    pid {}, roots in {}; each agent gets a token of its own node and asks for that node's CA",
+        signer.pid(),
+        signer.dir.display()
+    );
+    let ca = signer.access();
     let (objects, agent_args) = match &assets {
         None => {
             let dir = cluster.dir().join("manifests");
@@ -161,9 +168,6 @@ pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
     }
     objects.route(&Canary::route(90, 10), None)?;
     print!("{}", indent(&Canary::route(90, 10)));
-
-    step("generating the mesh root CA (gammaray-agent ca generate)");
-    println!("    {}", generate_ca(&agent_bin, &ca)?);
 
     step("starting one gammaray agent per node (eBPF redirect, node proxy, HBONE mTLS on :15008)");
     let mut agents = Vec::new();

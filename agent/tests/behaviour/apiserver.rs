@@ -681,49 +681,6 @@ async fn on_a_real_server_one_agent_holds_the_lease_and_another_takes_over() {
     one_lease_holder_and_takeovers(server, Corner { ns: "lease", net: 6 }, "lease-test-lease", || None).await;
 }
 
-/// The CA Secret `gammaray-system/name` is created once and read back as a usable CA.
-async fn ca_secret_created_once(server: &impl Server, name: &str) {
-    server.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: gammaray-system}\n");
-    let client = server.client().await;
-    let ns = "gammaray-system";
-    assert!(
-        gammaray_agent::kube_client::bootstrap_ca(&client, ns, name, "cluster.local")
-            .await
-            .expect("bootstrap")
-    );
-    let data = |server: &dyn Fn() -> Option<Value>| server().map(|s| s["data"].clone());
-    let read = || server.get("v1", "Secret", ns, name);
-    let first = data(&read).expect("the Secret exists");
-    assert!(
-        !gammaray_agent::kube_client::bootstrap_ca(&client, ns, name, "cluster.local")
-            .await
-            .expect("bootstrap again"),
-        "a second bootstrap leaves the existing CA alone"
-    );
-    assert_eq!(data(&read).expect("still there"), first, "unchanged");
-    let (cert, key) = gammaray_agent::kube_client::read_ca(&client, ns, name, Duration::from_secs(1))
-        .await
-        .expect("read back");
-    gammaray_proxy::identity::Authority::from_pem(&cert, &key).expect("a usable CA");
-    let missing = gammaray_agent::kube_client::read_ca(&client, ns, "nope", Duration::from_millis(100)).await;
-    assert!(
-        missing.expect_err("no such Secret").to_string().contains("ca bootstrap"),
-        "the error says what to do"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ca_secret_on_the_fake_is_created_once_and_read_back_as_a_usable_ca() {
-    let server = ApiServer::start().expect("fake API server");
-    ca_secret_created_once(&server, "gammaray-ca").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ca_secret_on_a_real_server_is_created_once_and_read_back_as_a_usable_ca() {
-    let Some(server) = real("the CA Secret on a real API server") else { return };
-    ca_secret_created_once(server, "ca-secret-test").await;
-}
-
 /// A status the Gateway API CRDs refuse (a condition reason outside their pattern) is counted and
 /// not written again while neither the route nor the status changes; nothing of it is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

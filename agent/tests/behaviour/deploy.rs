@@ -218,11 +218,29 @@ fn grants(rules: &[PolicyRule], group: &str, resource: &str, verb: &str, name: O
     })
 }
 
+/// The rules of the roles named `name`: (cluster-wide, in its namespace).
+fn rules_of(m: &Manifests, name: &str) -> (Vec<PolicyRule>, Vec<PolicyRule>) {
+    let named = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        meta.name.as_deref() == Some(name)
+    };
+    (
+        m.cluster_roles
+            .iter()
+            .filter(|r| named(&r.metadata))
+            .flat_map(|r| r.rules.clone().unwrap_or_default())
+            .collect(),
+        m.roles
+            .iter()
+            .filter(|r| named(&r.metadata))
+            .flat_map(|r| r.rules.clone().unwrap_or_default())
+            .collect(),
+    )
+}
+
 #[test]
 fn the_rbac_grants_what_the_agent_does_and_writes_only_route_status() {
     let m = read_all();
-    let cluster: Vec<PolicyRule> =
-        m.cluster_roles.iter().flat_map(|r| r.rules.clone().unwrap_or_default()).collect();
+    let (cluster, ns) = rules_of(&m, "gammaray-agent");
     for k in gammaray_agent::kube_source::KINDS {
         for verb in ["list", "watch"] {
             assert!(grants(&cluster, k.group, k.plural, verb, None), "{verb} {}", k.plural);
@@ -231,12 +249,15 @@ fn the_rbac_grants_what_the_agent_does_and_writes_only_route_status() {
     for status in ["httproutes/status", "grpcroutes/status"] {
         assert!(grants(&cluster, "gateway.networking.k8s.io", status, "update", None), "update {status}");
     }
+    assert!(grants(&cluster, "certificates.k8s.io", "certificatesigningrequests", "create", None));
     let writes = ["create", "update", "patch", "delete", "deletecollection", "*"];
     for r in &cluster {
         if r.verbs.iter().any(|v| writes.contains(&v.as_str())) {
+            let csr_create = r.resources.iter().flatten().all(|x| x == "certificatesigningrequests")
+                && r.verbs.iter().all(|v| v == "create" || v == "get");
             assert!(
-                r.resources.iter().flatten().all(|x| x.ends_with("/status")),
-                "cluster-wide writes only on status: {r:?}"
+                csr_create || r.resources.iter().flatten().all(|x| x.ends_with("/status")),
+                "cluster-wide writes only on status, and requests for a node CA: {r:?}"
             );
         }
     }
@@ -247,7 +268,6 @@ fn the_rbac_grants_what_the_agent_does_and_writes_only_route_status() {
     else {
         unreachable!()
     };
-    let ns: Vec<PolicyRule> = m.roles.iter().flat_map(|r| r.rules.clone().unwrap_or_default()).collect();
     for verb in ["get", "update"] {
         assert!(
             grants(&ns, "coordination.k8s.io", "leases", verb, Some(&kube.lease_name)),
@@ -255,6 +275,31 @@ fn the_rbac_grants_what_the_agent_does_and_writes_only_route_status() {
         );
     }
     assert!(grants(&ns, "coordination.k8s.io", "leases", "create", None));
-    assert!(grants(&ns, "", "secrets", "get", Some(&kube.ca_secret)), "read the CA Secret");
-    assert!(!grants(&ns, "", "secrets", "get", Some("some-other-secret")), "and no other Secret");
+    use gammaray_agent::signer::{BUNDLE_CONFIGMAP, ROOTS_SECRET};
+    assert!(!grants(&ns, "", "secrets", "get", Some(ROOTS_SECRET)), "no agent reads the mesh root");
+    assert!(!grants(&ns, "", "secrets", "get", Some("some-other-secret")), "nor any other Secret");
+    assert!(!grants(&cluster, "", "secrets", "get", Some(ROOTS_SECRET)), "anywhere");
+    assert!(grants(&ns, "", "configmaps", "get", Some(BUNDLE_CONFIGMAP)), "it reads the trust bundle");
+
+    // The signer alone reads the root, approves and signs for its own signer name only.
+    let (signer_cluster, signer_ns) = rules_of(&m, "gammaray-signer");
+    assert!(grants(&signer_ns, "", "secrets", "get", Some(ROOTS_SECRET)));
+    assert!(!grants(&signer_ns, "", "secrets", "get", Some("some-other-secret")));
+    for verb in ["approve", "sign"] {
+        assert!(grants(
+            &signer_cluster,
+            "certificates.k8s.io",
+            "signers",
+            verb,
+            Some("gammaray.dev/node-ca")
+        ));
+        assert!(!grants(
+            &signer_cluster,
+            "certificates.k8s.io",
+            "signers",
+            verb,
+            Some("kubernetes.io/kube-apiserver-client")
+        ));
+    }
+    assert!(grants(&signer_cluster, "authentication.k8s.io", "tokenreviews", "create", None));
 }

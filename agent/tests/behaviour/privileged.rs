@@ -4,6 +4,7 @@
 
 mod authz;
 mod hostile;
+mod identity;
 mod kubernetes;
 mod lifecycle;
 mod mtls;

@@ -699,7 +699,9 @@ async fn a_tls_handshake_that_never_ends_is_cut_at_its_timeout() {
     let inputs = Inputs {
         snapshot: rx,
         lookup: Arc::new(StaticTable::default()),
-        certs: Some(Arc::new(gammaray_proxy::identity::CertStore::new(authority))),
+        certs: Some(Arc::new(gammaray_proxy::identity::CertStore::new(Arc::new(
+            gammaray_proxy::identity::Trust::new(gammaray_proxy::identity::TrustBundle::of(&authority)),
+        )))),
     };
     let proxy =
         gammaray_proxy::Proxy::start(config, inputs, &tokio::runtime::Handle::current()).expect("proxy");

@@ -1,8 +1,8 @@
 //! `deploy/` on a real API server: applied with `kubectl apply -k --server-side` (after a
 //! server-side dry run), the agent's Kubernetes wiring runs with a token minted for its
-//! ServiceAccount (TokenRequest), not as admin. It lists and watches every kind, bootstraps and
-//! reads the CA Secret, holds its Lease and writes route status without one refusal; what it
-//! must not do, the API server refuses.
+//! ServiceAccount (TokenRequest), not as admin. It lists and watches every kind, holds its Lease
+//! and writes route status without one refusal; what it must not do, reading the mesh root
+//! among it, the API server refuses.
 
 use std::{path::Path, time::Duration};
 
@@ -11,7 +11,7 @@ use kube::{Api, api::PostParams};
 
 use gammaray_agent::{
     cli::{Cli, Command},
-    kube_client::{Access, bootstrap_ca, client as agent_client, read_ca},
+    kube_client::{Access, client as agent_client},
     kube_source::SourceOptions,
 };
 
@@ -51,7 +51,7 @@ async fn the_deployed_rbac_is_enough_for_the_agent_and_no_more() {
     else {
         unreachable!("`run` parses as the run command")
     };
-    let (ns, lease, ca) = (kube.namespace, kube.lease_name, kube.ca_secret);
+    let (ns, lease) = (kube.namespace, kube.lease_name);
     let token = server.token(&ns, "gammaray-agent").expect("a token for the agent's ServiceAccount");
     let kubeconfig =
         std::env::temp_dir().join(format!("{}-agent-kubeconfig", gammaray_testkit::names::unique_run()));
@@ -63,8 +63,6 @@ async fn the_deployed_rbac_is_enough_for_the_agent_and_no_more() {
     let corner = Corner { ns: "rbac", net: 4 };
     server.apply_yaml(&corner.world());
     server.apply_yaml(&corner.canary(90, 10));
-    bootstrap_ca(&client, &ns, &ca, "cluster.local").await.expect("the agent bootstraps the CA Secret");
-    read_ca(&client, &ns, &ca, Duration::from_secs(5)).await.expect("and reads it back");
     // The first snapshot waits for every kind to list (up to a minute): it comes only if no list
     // or watch is refused.
     let mut source = start_source_with(
@@ -89,6 +87,14 @@ async fn the_deployed_rbac_is_enough_for_the_agent_and_no_more() {
     ));
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     assert!(forbidden(secrets.get("other-secret").await), "reading another Secret is refused");
+    server.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {}, namespace: {ns}}}\nstringData: {{ca.key: not-here}}\n",
+        gammaray_agent::signer::ROOTS_SECRET
+    ));
+    assert!(
+        forbidden(secrets.get(gammaray_agent::signer::ROOTS_SECRET).await),
+        "reading the mesh root is refused: only the signer may"
+    );
     assert!(forbidden(secrets.list(&Default::default()).await), "listing Secrets is refused");
     let services: Api<Service> = Api::namespaced(client.clone(), corner.ns);
     let service: Service = serde_json::from_value(serde_json::json!({

@@ -162,6 +162,7 @@ async fn connections_are_kept_apart_by_protocol_and_by_how_they_reach_the_pod() 
         src: "spiffe://cluster.local/ns/demo/sa/client".parse().expect("identity"),
         dst: "spiffe://cluster.local/ns/demo/sa/backend".parse().expect("identity"),
         node: SocketAddr::from((Ipv4Addr::LOCALHOST, 15008)),
+        node_name: "node2".into(),
     };
     assert!(
         pool.checkout(addr, &tunnel, false).is_none(),

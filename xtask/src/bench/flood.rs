@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use gammaray_proxy::identity::{Authority, CertStore, Identity, client_config};
+use gammaray_proxy::identity::{Authority, Identity, TrustBundle, client_config, node_ca};
 use gammaray_testkit::{cluster::node_ip, lanes::Lane, process::Process};
 
 use super::{
@@ -170,7 +170,7 @@ impl Flood {
         let stop = Arc::new(AtomicBool::new(false));
         let streams = {
             let (attacker, stop) = (ctx.bed.world.clients["direct-1"].clone(), stop.clone());
-            let ca = ctx.bed.ca.clone();
+            let ca = ctx.bed.signer.root_pem()?;
             let target = SocketAddr::from((ctx.bed.world.web_a.ip, 8080));
             std::thread::spawn(move || {
                 attacker.run(|| {
@@ -252,14 +252,20 @@ pub fn hold_connections(to: SocketAddr, count: usize) -> anyhow::Result<()> {
 
 /// CONNECTs to `target` on node2 from [`HBONE_CONNECTIONS`] mTLS connections, each sending its
 /// next as soon as its last is answered, until `stop`; admitted streams are held open.
-async fn hbone_flood(ca: &Path, target: SocketAddr, stop: &Arc<AtomicBool>) -> anyhow::Result<Streams> {
-    let read =
-        |f: &str| std::fs::read_to_string(ca.join(f)).with_context(|| format!("{f} in {}", ca.display()));
-    let authority = Arc::new(Authority::from_pem(&read("ca.crt")?, &read("ca.key")?)?);
-    let client: Identity = "spiffe://cluster.local/ns/plain/sa/flood".parse()?;
+/// The flood plays node1 itself: a node CA of node1 from the signer's root, and the identity
+/// of the attacking pod, which runs there.
+async fn hbone_flood(
+    (root_cert, root_key): &(String, String),
+    target: SocketAddr,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<Streams> {
+    let root = Authority::from_pem(root_cert, root_key)?;
+    let node1 = node_ca::issue_directly(&root, "cluster.local", "node1", Duration::from_secs(3600))?;
+    let client: Identity = "spiffe://cluster.local/ns/plain/sa/direct-1".parse()?;
     let server: Identity = "spiffe://cluster.local/ns/bench/sa/web-a".parse()?;
-    let issued = CertStore::new(authority.clone()).get(&client)?;
-    let config = Arc::new(client_config(Arc::new(authority.roots()), &issued, server.clone())?);
+    let issued = node1.issue(&client)?;
+    let config =
+        Arc::new(client_config(Arc::new(TrustBundle::of(&root)), &issued, server.clone(), "node2".into())?);
     let counts = Arc::new(Counts::default());
     let mut connections = tokio::task::JoinSet::new();
     for _ in 0..HBONE_CONNECTIONS {

@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use gammaray_testkit::{Cluster, Pod, apiserver::ApiServer, lanes::Lane, objects, process::Process};
 
 use super::measure::oha;
-use crate::agents::{Agent, AgentArgs, Control as _, generate_ca};
+use crate::agents::{Agent, AgentArgs, Control as _, Signer};
 
 pub(super) const MESH_NS: &str = "bench";
 pub(super) const PLAIN_NS: &str = "plain";
@@ -224,8 +224,8 @@ pub(super) struct Testbed {
     pub servers: Vec<Process>,
     pub server: ApiServer,
     pub world: World,
-    /// The mesh CA's directory (`ca.crt`, `ca.key`).
-    pub ca: PathBuf,
+    /// The signer the agents get their node CAs from (the flood plays node1 with its root).
+    pub signer: Signer,
     /// What the agents were started with (an upgrade starts another with the same).
     pub args: AgentArgs,
     /// Dropped last: its guards remove the nodes' and pods' namespaces and cgroups.
@@ -299,10 +299,9 @@ impl Testbed {
         let kubeconfig = cluster.dir().join("kubeconfig");
         server.write_kubeconfig(&kubeconfig)?;
         server.apply_yaml(&objects(&cluster, &web_a, &web_b, &clients));
-        let ca = cluster.dir().join("ca");
-        generate_ca(agent_bin, &ca)?;
+        let signer = Signer::start(agent_bin, &cluster.dir().join("signer"), &[])?;
         let args = AgentArgs {
-            ca: Some(ca.clone()),
+            signer: Some(signer.access()),
             extra: vec!["--kubeconfig".to_owned(), kubeconfig.display().to_string()],
             rust_log: log_filter(),
             ..AgentArgs::default()
@@ -349,7 +348,7 @@ impl Testbed {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Ok(Self { agents, relays, servers, server, world, ca, args, _cluster: cluster })
+        Ok(Self { agents, relays, servers, server, world, signer, args, _cluster: cluster })
     }
 
     pub(super) fn cluster(&self) -> &Cluster {

@@ -72,15 +72,18 @@ fn between_nodes_traffic_is_mutual_tls_with_spiffe_identities() {
             .ok_or_else(|| format!("no inbound line with the client identity in:\n{log}"))
     });
 
-    // A certificate from another CA is refused at the handshake, and counted.
-    let rogue = gammaray_proxy::identity::Authority::generate("cluster.local").expect("rogue CA");
-    let cert = rogue
+    // A certificate from another root is refused at the handshake, and counted.
+    use gammaray_proxy::identity::{Authority, TrustBundle, client_config, node_ca};
+    let rogue = Authority::generate("cluster.local").expect("rogue root");
+    let rogue_node1 = node_ca::issue_directly(&rogue, "cluster.local", "node1", Duration::from_secs(600))
+        .expect("rogue node CA");
+    let cert = rogue_node1
         .issue(&"spiffe://cluster.local/ns/demo/sa/client".parse().expect("identity"))
         .expect("rogue cert");
     let expected: gammaray_proxy::identity::Identity =
         "spiffe://cluster.local/ns/demo/sa/backend-v1".parse().expect("identity");
     let config =
-        gammaray_proxy::identity::client_config(std::sync::Arc::new(rogue.roots()), &cert, expected.clone())
+        client_config(std::sync::Arc::new(TrustBundle::of(&rogue)), &cert, expected.clone(), "node2".into())
             .expect("config");
     let node2_addr = SocketAddr::from((cluster.node(2).ip, 15008));
     let refused = cluster
@@ -175,11 +178,14 @@ fn an_expired_certificate_and_a_wrong_identity_are_refused_by_a_real_node() {
     if !require_privileged("refusals") {
         return;
     }
-    use gammaray_proxy::identity::{Authority, Identity, client_config};
+    use gammaray_proxy::identity::{Authority, Identity, TrustBundle, client_config, node_ca};
     let mesh = CanaryMesh::start("", &[2]);
-    let (cluster, ca_dir, node2) = (&mesh.cluster, &mesh.ca, mesh.agent(2));
-    let read = |f: &str| std::fs::read_to_string(ca_dir.join(f)).expect("CA file");
-    let ca = Authority::from_pem(&read("ca.crt"), &read("ca.key")).expect("the mesh CA");
+    let (cluster, node2) = (&mesh.cluster, mesh.agent(2));
+    let (root_cert, root_key) = mesh.signer.root_pem().expect("the signer's root");
+    let root = Authority::from_pem(&root_cert, &root_key).expect("the mesh root");
+    // The client's own node's CA, as node1's agent holds it.
+    let ca =
+        node_ca::issue_directly(&root, "cluster.local", "node1", Duration::from_secs(600)).expect("node CA");
     let client: Identity = "spiffe://cluster.local/ns/demo/sa/client".parse().expect("identity");
     let backend: Identity = "spiffe://cluster.local/ns/demo/sa/backend-v1".parse().expect("identity");
     let node2_addr = SocketAddr::from((cluster.node(2).ip, 15008));
@@ -208,26 +214,23 @@ fn an_expired_certificate_and_a_wrong_identity_are_refused_by_a_real_node() {
             })
             .expect("enter node1")
     };
-    let roots = std::sync::Arc::new(ca.roots());
+    let roots = std::sync::Arc::new(TrustBundle::of(&root));
+    let config = |cert: &gammaray_proxy::identity::Issued, expected: &Identity| {
+        client_config(roots.clone(), cert, expected.clone(), "node2".into()).expect("config")
+    };
     let good = ca.issue(&client).expect("cert");
-    attempt(client_config(roots.clone(), &good, backend.clone()).expect("config"), &backend)
-        .expect("a valid certificate from the mesh CA is accepted");
+    attempt(config(&good, &backend), &backend).expect("a valid certificate from the mesh CA is accepted");
 
     let expired = ca
-        .issue_at(
-            &client,
-            std::time::SystemTime::now() - Duration::from_secs(3 * 86400),
-            Duration::from_secs(3600),
-        )
+        .issue_at(&client, std::time::SystemTime::now() - Duration::from_secs(300), Duration::from_secs(60))
         .expect("expired cert");
-    let err = attempt(client_config(roots.clone(), &expired, backend.clone()).expect("config"), &backend)
-        .expect_err("an expired client certificate is refused");
+    let err =
+        attempt(config(&expired, &backend), &backend).expect_err("an expired client certificate is refused");
     eprintln!("expired: {err}");
 
     // The node presents backend-v1's certificate; a client expecting backend-v2 refuses it.
     let v2: Identity = "spiffe://cluster.local/ns/demo/sa/backend-v2".parse().expect("identity");
-    let err = attempt(client_config(roots, &good, v2).expect("config"), &backend)
-        .expect_err("a server with the wrong identity is refused");
+    let err = attempt(config(&good, &v2), &backend).expect_err("a server with the wrong identity is refused");
     assert!(err.contains("IdentityMismatch"), "{err}");
     assert_eventually("node2 counts the refused handshakes", TIMEOUT, || {
         let n = node2.status().outbound.tls_refused;

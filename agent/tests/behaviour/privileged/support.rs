@@ -12,11 +12,12 @@ use std::{
 use gammaray_agent::control::{Client, Status};
 use gammaray_testkit::{
     Cluster, Pod,
-    agent::{Agent, AgentArgs, block_on, generate_ca},
+    agent::{Agent, AgentArgs, block_on},
     assert_eventually,
     echo::{self, EchoServer, Greeting},
     http::HttpClient,
     scenarios::{self, Canary},
+    signer::Signer,
 };
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -122,13 +123,14 @@ pub fn canary_split(pod: &Pod, n: usize) -> std::collections::BTreeMap<String, u
 }
 
 /// The canary world on two nodes, agents on `nodes` routing by a manifest directory (the
-/// world's objects plus `route`), mTLS between nodes, the client enrolled when node 1 has an
-/// agent. Fields drop in order: agents, backends, then the cluster.
+/// world's objects plus `route`), mTLS between nodes by node CAs from a local signer, the
+/// client enrolled when node 1 has an agent. Fields drop in order: agents, backends, the
+/// signer, then the cluster.
 pub struct CanaryMesh {
     pub agents: Vec<(u8, Agent)>,
     pub canary: Canary,
     pub dir: PathBuf,
-    pub ca: PathBuf,
+    pub signer: Signer,
     pub cluster: Cluster,
 }
 
@@ -137,20 +139,26 @@ impl CanaryMesh {
         Self::start_with(route, nodes, AgentArgs::default())
     }
 
-    /// [`CanaryMesh::start`] with agents started with `args` (manifests and CA filled in).
+    /// [`CanaryMesh::start`] with agents started with `args` (manifests and signer filled in).
     pub fn start_with(route: &str, nodes: &[u8], args: AgentArgs) -> Self {
+        Self::start_signed(route, nodes, args, &[])
+    }
+
+    /// [`CanaryMesh::start_with`], the signer started with `signer_args` of `ca serve`.
+    pub fn start_signed(route: &str, nodes: &[u8], args: AgentArgs, signer_args: &[String]) -> Self {
         let cluster = Cluster::new(2).expect("cluster");
         let canary = Canary::build(&cluster).expect("canary world");
         let dir = cluster.dir().join("manifests");
-        let ca = cluster.dir().join("ca");
         std::fs::create_dir_all(&dir).expect("manifest dir");
-        generate_ca(agent_bin(), &ca).expect("a mesh CA");
+        let signer =
+            Signer::start(agent_bin(), &cluster.dir().join("signer"), signer_args).expect("a signer");
         std::fs::write(dir.join("objects.yaml"), &canary.objects).expect("objects");
         write_manifest(&dir.join("route.yaml"), route);
         let agents: Vec<(u8, Agent)> = nodes
             .iter()
             .map(|&n| {
-                let args = AgentArgs { manifests: Some(dir.clone()), ca: Some(ca.clone()), ..args.clone() };
+                let args =
+                    AgentArgs { manifests: Some(dir.clone()), signer: Some(signer.access()), ..args.clone() };
                 (n, start_agent(&cluster, n, args))
             })
             .collect();
@@ -163,7 +171,7 @@ impl CanaryMesh {
                 agent.enrol(&canary.client);
             }
         }
-        Self { agents, canary, dir, ca, cluster }
+        Self { agents, canary, dir, signer, cluster }
     }
 
     pub fn agent(&self, node: u8) -> &Agent {

@@ -38,7 +38,7 @@ fn try_greet(dst: SocketAddr) -> std::io::Result<Greeting> {
 
 /// The arguments node1's agent was started with by [`CanaryMesh::start_with`].
 fn mesh_args(mesh: &CanaryMesh, args: AgentArgs) -> AgentArgs {
-    AgentArgs { manifests: Some(mesh.dir.clone()), ca: Some(mesh.ca.clone()), ..args }
+    AgentArgs { manifests: Some(mesh.dir.clone()), signer: Some(mesh.signer.access()), ..args }
 }
 
 /// Replaces node1's agent in the mesh (so it stops before the cluster goes).
