@@ -183,6 +183,14 @@ pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
             st.config_version,
             st.frontends
         );
+        let issued = agent.wait_for("the node CA from the signer", || {
+            let log = agent.log_text();
+            log.lines()
+                .find(|l| l.contains("node CA issued"))
+                .map(|l| l.split("node CA issued").nth(1).unwrap_or_default().trim().to_owned())
+                .ok_or_else(|| "not yet".to_owned())
+        })?;
+        println!("    {}: node CA issued by the signer for this node only ({issued})", node.name);
         agents.push(agent);
     }
     step("enrolment follows the namespace label gammaray.dev/dataplane-mode=ambient");

@@ -8,3 +8,4 @@ mod hbone;
 mod privileged;
 mod proxy;
 mod rbac;
+mod signer;

@@ -46,8 +46,7 @@ fn labelling_a_namespace_on_the_api_server_enrols_its_pods_and_removing_it_unenr
     server.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n");
     server.apply_yaml(&objects::pod(&bystander, &[("app", "bystander")]));
 
-    let extra =
-        vec!["--kubeconfig".into(), kubeconfig.display().to_string(), "--ca-secret".into(), String::new()];
+    let extra = vec!["--kubeconfig".into(), kubeconfig.display().to_string(), "--signer=none".into()];
     let agent = start_agent(&cluster, 1, AgentArgs { extra, ..AgentArgs::default() });
     assert_eventually("the agent applies the cluster's objects", TIMEOUT, || {
         let st = agent.status();
