@@ -381,23 +381,30 @@ pub fn provider() -> Arc<CryptoProvider> {
     PROVIDER.clone()
 }
 
-/// The SPIFFE identity in a certificate's URI subject alternative name.
-pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, IdentityError> {
+/// The URIs among a certificate's subject alternative names.
+fn san_uris(cert: &CertificateDer<'_>) -> Result<Vec<String>, IdentityError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| IdentityError::PeerCert(e.to_string()))?;
     let san = parsed
         .subject_alternative_name()
         .map_err(|e| IdentityError::PeerCert(e.to_string()))?
         .ok_or(IdentityError::NoIdentity)?;
-    san.value
+    Ok(san
+        .value
         .general_names
         .iter()
-        .find_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
-                uri.parse().ok()
-            }
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(uri) => Some((*uri).to_owned()),
             _ => None,
         })
+        .collect())
+}
+
+/// The SPIFFE identity in a certificate's URI subject alternative name.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, IdentityError> {
+    san_uris(cert)?
+        .iter()
+        .find_map(|uri| uri.starts_with("spiffe://").then(|| uri.parse().ok()).flatten())
         .ok_or(IdentityError::NoIdentity)
 }
 

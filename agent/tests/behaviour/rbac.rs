@@ -25,11 +25,8 @@ fn forbidden<T: std::fmt::Debug>(result: kube::Result<T>) -> bool {
     matches!(result, Err(kube::Error::Api(ref s)) if s.code == 403)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_deployed_rbac_is_enough_for_the_agent_and_no_more() {
-    let Some(server) = gammaray_testkit::controlplane::shared("deploy/'s RBAC on a real API server") else {
-        return;
-    };
+/// `kubectl apply -k deploy/ --server-side`, after a server-side dry run.
+pub(crate) fn apply_deploy(server: &gammaray_testkit::controlplane::ControlPlane) {
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     let deploy = deploy.to_str().expect("a UTF-8 path");
     // A server-side dry run checks namespaced objects against their namespace, which must exist.
@@ -42,6 +39,14 @@ async fn the_deployed_rbac_is_enough_for_the_agent_and_no_more() {
     server
         .kubectl(&["apply", "-k", deploy, "--server-side"])
         .unwrap_or_else(|e| panic!("apply deploy/: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deployed_rbac_is_enough_for_the_agent_and_no_more() {
+    let Some(server) = gammaray_testkit::controlplane::shared("deploy/'s RBAC on a real API server") else {
+        return;
+    };
+    apply_deploy(server);
 
     // The names the DaemonSet's agent uses: its defaults.
     let Command::Run { kube, .. } =

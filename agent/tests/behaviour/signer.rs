@@ -5,7 +5,7 @@
 //! node's, or a request replayed by another account is denied, with the reason in the CSR's
 //! status and in the signer's log. The agents' own token may not read the root.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use gammaray_agent::{
     kube_client::{Access, client as kube_client},
@@ -33,14 +33,7 @@ async fn the_signer_issues_a_node_ca_only_to_that_nodes_agent_and_says_why_not()
     let Some(server) = gammaray_testkit::controlplane::shared("the signer on a real API server") else {
         return;
     };
-    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    let deploy = deploy.to_str().expect("a UTF-8 path");
-    server
-        .kubectl(&["apply", "--server-side", "-f", &format!("{deploy}/namespace.yaml")])
-        .unwrap_or_else(|e| panic!("apply deploy/namespace.yaml: {e}"));
-    server
-        .kubectl(&["apply", "-k", deploy, "--server-side"])
-        .unwrap_or_else(|e| panic!("apply deploy/: {e}"));
+    super::rbac::apply_deploy(server);
     let run = gammaray_testkit::names::unique_run();
     let kubeconfig_of = |account: &str| {
         let token = server.token(NS, account).expect("a token");

@@ -49,21 +49,7 @@ fn parse_node_uri(uri: &str) -> Option<(String, String)> {
 
 /// The (trust domain, node) a node CA certificate names.
 pub fn node_of(cert: &CertificateDer<'_>) -> Result<(String, String), IdentityError> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| IdentityError::PeerCert(e.to_string()))?;
-    let san = parsed
-        .subject_alternative_name()
-        .map_err(|e| IdentityError::PeerCert(e.to_string()))?
-        .ok_or(IdentityError::NoIdentity)?;
-    let uris: Vec<_> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        })
-        .collect();
+    let uris = super::san_uris(cert)?;
     match uris.as_slice() {
         [uri] => parse_node_uri(uri).ok_or(IdentityError::NoIdentity),
         _ => Err(IdentityError::NoIdentity),

@@ -208,10 +208,18 @@ impl Traffic {
         }
     }
 
-    fn finish(self) -> (usize, Vec<String>) {
+    /// Stops the load; how many requests were answered, once none failed.
+    fn finish_without_failures(self) -> usize {
         let (a, b) = (self.service.finish(), self.direct.finish());
+        let answered = a.answers.len() + b.answers.len();
         let failures: Vec<String> = a.failures.into_iter().chain(b.failures).collect();
-        (a.answers.len() + b.answers.len(), failures)
+        assert!(
+            failures.is_empty(),
+            "{} of {answered} requests failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+        answered
     }
 }
 
@@ -229,14 +237,7 @@ fn an_expiring_node_ca_is_renewed_under_load_with_no_failed_request() {
     );
     let traffic = Traffic::start(&mesh);
     std::thread::sleep(Duration::from_secs(10));
-    let (answered, failures) = traffic.finish();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failures.len(),
-        answered,
-        &failures[..failures.len().min(5)]
-    );
+    let answered = traffic.finish_without_failures();
     assert!(answered > 1000, "the load ran: {answered} answers");
     for n in [1, 2] {
         let renewals = metric(&mesh, n, "gammaray_node_ca_renewals_total", "");
@@ -293,14 +294,8 @@ fn a_root_rotation_under_load_fails_no_request() {
     rotate(&mesh, "remove");
     wait_all(&mesh, "trusts the new root only", "gammaray_trust_bundle_roots", 1.0);
     std::thread::sleep(Duration::from_secs(2));
-    let (answered, failures) = traffic.finish();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failures.len(),
-        answered,
-        &failures[..failures.len().min(5)]
-    );
+    let answered = traffic.finish_without_failures();
+    assert!(answered > 500, "the load ran through the rotation: {answered} answers");
     let (new_root, _) = mesh.signer.root_pem().expect("the root");
     assert_ne!(old_root, new_root, "the root was replaced");
     // The old root's chains are refused now; the new root's are served.
