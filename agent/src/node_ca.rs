@@ -105,15 +105,63 @@ impl NodeCa {
         Authority::node_ca(&pem, key).context("the signer's certificate is not a node CA for this key")
     }
 
+    /// Follows the published trust bundle into `tx`: a watch of its ConfigMap on a cluster, the
+    /// local signer asked every `every`.
+    async fn follow_bundle(way: Way, tx: tokio::sync::watch::Sender<Option<String>>, every: Duration) {
+        match way {
+            Way::Local(socket) => loop {
+                match local::ask(&socket, &local::Request { bundle: true, ..Default::default() }).await {
+                    Ok(answer) => {
+                        tx.send_if_modified(|held| {
+                            let changed = answer.bundle.is_some() && *held != answer.bundle;
+                            if changed {
+                                held.clone_from(&answer.bundle);
+                            }
+                            changed
+                        });
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot reach the signer for the trust bundle"),
+                }
+                tokio::time::sleep(every).await;
+            },
+            Way::Kube { client, namespace } => {
+                use futures::StreamExt as _;
+                use kube::runtime::{WatchStreamExt as _, watcher};
+                let maps: Api<ConfigMap> = Api::namespaced(client, &namespace);
+                let config = watcher::Config::default().fields(&format!("metadata.name={BUNDLE_CONFIGMAP}"));
+                let stream = watcher(maps, config).default_backoff().applied_objects();
+                tokio::pin!(stream);
+                while let Some(event) = stream.next().await {
+                    match event {
+                        Ok(map) => {
+                            if let Some(pem) = map.data.and_then(|mut d| d.remove(BUNDLE_KEY)) {
+                                tx.send_replace(Some(pem));
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "trust bundle watch interrupted; resuming"),
+                    }
+                }
+            }
+        }
+    }
+
     /// Keeps `certs` supplied until the task is dropped: a node CA at once (retried until the
     /// signer answers), renewed at half life or when the bundle's signing root is not the one
-    /// that signed it, and the bundle followed every `every`. A node CA that cannot be renewed
+    /// that signed it, and the bundle followed as it changes. A node CA that cannot be renewed
     /// is kept until it expires; then handshakes fail, never fall back to plaintext.
     pub async fn run(self, certs: Arc<CertStore>, every: Duration) {
+        let (tx, mut bundles) = tokio::sync::watch::channel(None);
+        let _follow =
+            crate::signer::AbortOnDrop(tokio::spawn(Self::follow_bundle(self.way.clone(), tx, every)));
         let mut backoff = Duration::from_millis(200);
+        // Until the follower ends (it does not, short of the task's end).
+        let mut following = true;
         loop {
-            match self.bundle().await {
-                Ok(pem) if pem != certs.trust().get().pem() => match TrustBundle::from_pem(&pem) {
+            let published = bundles.borrow_and_update().clone();
+            if let Some(pem) = published
+                && pem != certs.trust().get().pem()
+            {
+                match TrustBundle::from_pem(&pem) {
                     Ok(bundle) => {
                         tracing::info!(roots = bundle.len(), "trust bundle updated");
                         certs.trust().set(bundle);
@@ -121,10 +169,6 @@ impl NodeCa {
                     Err(e) => {
                         tracing::warn!(error = %e, "the signer's trust bundle does not parse; keeping the one in force")
                     }
-                },
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot read the trust bundle; keeping the one in force")
                 }
             }
             let now = std::time::SystemTime::now();
@@ -150,7 +194,11 @@ impl NodeCa {
                     }
                 }
             }
-            tokio::time::sleep(every).await;
+            // A new bundle is looked at at once; renewal is checked every `every`.
+            tokio::select! {
+                changed = bundles.changed(), if following => following = changed.is_ok(),
+                () = tokio::time::sleep(every) => {}
+            }
         }
     }
 }

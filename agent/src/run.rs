@@ -8,14 +8,6 @@ use crate::{
     status_writer, translate,
 };
 
-/// Ends a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 use anyhow::Context as _;
 
 #[derive(Debug, Clone)]
@@ -149,7 +141,19 @@ pub async fn run(cfg: RunConfig, shutdown: impl std::future::Future<Output = ()>
                 node_ca::Way::Kube { .. } => std::time::Duration::from_secs(2),
             };
             let task = tokio::spawn(node_ca.run(certs.clone(), every));
-            (Some(certs), Some(AbortOnDrop(task)))
+            // The node CA before the data path: an agent that takes over from another (an
+            // upgrade) must not take its traffic before it can carry it between nodes. Bounded:
+            // without a signer the agent starts all the same, not ready, refusing what needs mTLS.
+            let deadline = tokio::time::Instant::now() + SIGNER_WAIT;
+            while certs.issuer().is_none() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            if certs.issuer().is_none() {
+                tracing::warn!(
+                    "no node CA from the signer after {SIGNER_WAIT:?}: starting without one; traffic between nodes is refused until it comes"
+                );
+            }
+            (Some(certs), Some(crate::signer::AbortOnDrop(task)))
         }
         None => {
             tracing::warn!("no signer (--signer): traffic between nodes is NOT encrypted");

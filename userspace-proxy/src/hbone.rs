@@ -682,7 +682,8 @@ fn tunnel(
 mod tests {
     use super::*;
 
-    /// A `forwarded` header names the client only when it is a pod with the peer's identity.
+    /// A `forwarded` header names the client only when it is a pod with the peer's identity, on
+    /// the node whose CA signed the peer's certificate.
     #[test]
     fn a_forwarded_client_is_believed_only_for_the_peers_own_pods() {
         let mut snapshot = Snapshot::default();
@@ -706,10 +707,12 @@ mod tests {
         workloads.insert("10.244.1.6".parse().unwrap(), workload("other"));
         snapshot.workloads = workloads;
         let mut headers = http::HeaderMap::new();
-        let mut named = |ip: &str| {
+        let mut named_by = |ip: &str, node: &str| {
             headers.insert(http::header::FORWARDED, forwarded_for(ip.parse().unwrap()).parse().unwrap());
-            forwarded_client(&headers, &snapshot, &id("client"), "node1")
+            forwarded_client(&headers, &snapshot, &id("client"), node)
         };
+        assert_eq!(named_by("10.244.1.5", "node2"), None, "node2's CA does not speak for node1's pod");
+        let mut named = |ip: &str| named_by(ip, "node1");
         assert_eq!(named("10.244.1.5"), Some("10.244.1.5".parse().unwrap()));
         assert_eq!(named("fd00::5"), Some("fd00::5".parse().unwrap()), "IPv6, quoted and bracketed");
         assert_eq!(named("10.244.1.6"), None, "another identity's pod");

@@ -77,6 +77,79 @@ pub fn real_api_server(
     Ok((plane, kubeconfig))
 }
 
+/// The signer as a cluster runs it (`deploy/signer.yaml`): `ca serve` on node1 with its own
+/// ServiceAccount's token, deciding the agents' CertificateSigningRequests. Each node gets an
+/// agent Pod object (the DaemonSet's pod, which the token is bound to) and a token of the agents'
+/// ServiceAccount bound to it, for the signer only: what the DaemonSet's projected volume holds.
+pub struct ClusterSigner {
+    _process: gammaray_testkit::process::Process,
+    pub log: PathBuf,
+    /// Each node's `run` arguments for it: `--signer=kubernetes --signer-token FILE`.
+    pub args: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl ClusterSigner {
+    pub fn start(agent_bin: &Path, cluster: &Cluster, plane: &ControlPlane) -> anyhow::Result<Self> {
+        let ns = "gammaray-system";
+        let token =
+            plane.token(ns, "gammaray-signer").map_err(|e| anyhow::anyhow!("the signer's token: {e}"))?;
+        let kubeconfig = cluster.dir().join("signer-kubeconfig");
+        plane.write_token_kubeconfig(&kubeconfig, &token)?;
+        let log = cluster.dir().join("signer.log");
+        let argv: Vec<String> = ["ca", "serve", "--namespace", ns, "--kubeconfig"]
+            .map(str::to_owned)
+            .into_iter()
+            .chain([kubeconfig.display().to_string()])
+            .collect();
+        let process = cluster.node(1).spawn("signer", agent_bin, &argv, &[], Some(&log))?;
+        let mut args = std::collections::BTreeMap::new();
+        for node in cluster.nodes() {
+            let pod = format!("gammaray-agent-{}", node.name);
+            let objects = format!(
+                "{}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {ns}}}\nspec: {{nodeName: {}, serviceAccountName: gammaray-agent, containers: [{{name: agent, image: agent}}]}}\n",
+                gammaray_testkit::objects::node(&node.name, node.ip),
+                node.name
+            );
+            plane.try_apply_yaml(&objects).map_err(|e| anyhow::anyhow!("{pod}: {e}"))?;
+            let token = plane
+                .kubectl(&[
+                    "create",
+                    "token",
+                    "gammaray-agent",
+                    "-n",
+                    ns,
+                    "--audience",
+                    gammaray_proxy::identity::node_ca::SIGNER_NAME,
+                    "--bound-object-kind",
+                    "Pod",
+                    "--bound-object-name",
+                    &pod,
+                    "--duration",
+                    "1h",
+                ])
+                .map_err(|e| anyhow::anyhow!("a token bound to {pod}: {e}"))?;
+            let file = cluster.dir().join(format!("{}-node-ca.token", node.name));
+            std::fs::write(&file, token.trim())?;
+            args.insert(
+                node.name.clone(),
+                vec![
+                    "--signer=kubernetes".to_owned(),
+                    "--signer-token".to_owned(),
+                    file.display().to_string(),
+                ],
+            );
+        }
+        Ok(Self { _process: process, log, args })
+    }
+
+    /// `base` with the agent of `node` asking this signer.
+    pub fn agent_args(&self, node: &str, base: &AgentArgs) -> AgentArgs {
+        let mut extra = base.extra.clone();
+        extra.extend(self.args.get(node).cloned().unwrap_or_default());
+        AgentArgs { signer: None, extra, ..base.clone() }
+    }
+}
+
 /// An agent watching the API server of `kubeconfig`, with mTLS by a node CA from `signer`.
 pub fn kubeconfig_agent(kubeconfig: &Path, signer: &SignerAccess, rust_log: &str) -> AgentArgs {
     AgentArgs {

@@ -23,8 +23,8 @@ use gammaray_testkit::{
 use gammaray_testkit::controlplane::{Assets, ControlPlane};
 
 use crate::agents::{
-    Agent, AgentArgs, Build, Control as _, Signer, Source, TIMEOUT, agent_binary, create_on,
-    kubeconfig_agent, manifest_agent, real_api_server, require_privileges, write_atomically,
+    Agent, AgentArgs, Build, ClusterSigner, Control as _, Signer, Source, TIMEOUT, agent_binary, create_on,
+    manifest_agent, real_api_server, require_privileges, write_atomically,
 };
 const REQUESTS: usize = 1000;
 
@@ -33,6 +33,14 @@ fn step(msg: &str) {
 }
 
 /// Where the demo's objects live: the agents' manifest directory, or a real API server.
+/// Where the agents' node CAs come from.
+enum DemoSigner {
+    /// `ca serve --local`: the demo on one machine.
+    Local(Signer),
+    /// `ca serve` against the real API server, through CertificateSigningRequests.
+    Cluster(ClusterSigner),
+}
+
 enum Objects {
     Dir(std::path::PathBuf),
     Real(Box<ControlPlane>),
@@ -116,20 +124,20 @@ pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
 
     step("creating a simulated cluster: 2 nodes on a bridge, pods as network namespaces");
     let cluster = Cluster::new(2).context("building the simulated cluster")?;
-    step("starting the signer (gammaray-agent ca serve --local): the only process with the root key");
-    let signer = Signer::start(&agent_bin, &cluster.dir().join("signer"), &[])?;
-    println!(
-        "    pid {}, roots in {}; each agent gets a token of its own node and asks for that node's CA",
-        signer.pid(),
-        signer.dir.display()
-    );
-    let ca = signer.access();
-    let (objects, agent_args) = match &assets {
+    // Held to the end: the agents renew their node CAs with it.
+    let (objects, agent_args, signer) = match &assets {
         None => {
+            step("starting the signer (gammaray-agent ca serve --local): the only process with the root key");
+            let signer = Signer::start(&agent_bin, &cluster.dir().join("signer"), &[])?;
+            println!(
+                "    pid {}, roots in {}; each agent gets a token of its own node and asks for that node's CA",
+                signer.pid(),
+                signer.dir.display()
+            );
             let dir = cluster.dir().join("manifests");
             std::fs::create_dir_all(&dir)?;
-            let args = manifest_agent(&dir, &ca, "info,gammaray::kernel=debug");
-            (Objects::Dir(dir), args)
+            let args = manifest_agent(&dir, &signer.access(), "info,gammaray::kernel=debug");
+            (Objects::Dir(dir), args, DemoSigner::Local(signer))
         }
         Some(assets) => {
             step(
@@ -144,9 +152,27 @@ pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
                 "    {} ready; the agents use a token of ServiceAccount gammaray-system/gammaray-agent",
                 plane.url()
             );
-            let args = kubeconfig_agent(&kubeconfig, &ca, "info,gammaray::kernel=debug");
-            (Objects::Real(Box::new(plane)), args)
+            step(
+                "starting the signer as deploy/signer.yaml runs it: its own ServiceAccount, the only one that reads the root",
+            );
+            let signer = ClusterSigner::start(&agent_bin, &cluster, &plane)?;
+            println!(
+                "    each agent asks with a CertificateSigningRequest (signer gammaray.dev/node-ca) carrying a token bound to its own Pod;"
+            );
+            println!(
+                "    the signer reviews the token and signs a node's CA only for the agent of that node"
+            );
+            let args = AgentArgs {
+                extra: vec!["--kubeconfig".to_owned(), kubeconfig.display().to_string()],
+                rust_log: "info,gammaray::kernel=debug".to_owned(),
+                ..AgentArgs::default()
+            };
+            (Objects::Real(Box::new(plane)), args, DemoSigner::Cluster(signer))
         }
+    };
+    let args_for = |node: &str| match &signer {
+        DemoSigner::Local(_) => agent_args.clone(),
+        DemoSigner::Cluster(signer) => signer.agent_args(node, &agent_args),
     };
     let canary = match &objects {
         Objects::Dir(_) => Canary::build(&cluster),
@@ -172,7 +198,7 @@ pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
     step("starting one gammaray agent per node (eBPF redirect, node proxy, HBONE mTLS on :15008)");
     let mut agents = Vec::new();
     for node in cluster.nodes() {
-        let agent = Agent::start(&agent_bin, &cluster, node, &agent_args)?;
+        let agent = Agent::start(&agent_bin, &cluster, node, &args_for(&node.name))?;
         let st = agent.wait_until(|s| s.frontends >= 3)?;
         println!(
             "    {}: eBPF links {:?} at {}, proxy on {}, config v{} with {} Service frontends",
@@ -192,6 +218,13 @@ pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
         })?;
         println!("    {}: node CA issued by the signer for this node only ({issued})", node.name);
         agents.push(agent);
+    }
+    let signer_log = match &signer {
+        DemoSigner::Local(signer) => signer.log_text(),
+        DemoSigner::Cluster(signer) => std::fs::read_to_string(&signer.log).unwrap_or_default(),
+    };
+    for line in signer_log.lines().filter(|l| l.contains("node CA issued")) {
+        println!("    signer log: {}", line.split_once(" INFO ").map_or(line, |(_, rest)| rest).trim());
     }
     step("enrolment follows the namespace label gammaray.dev/dataplane-mode=ambient");
     let started_enrol = Instant::now();
@@ -414,7 +447,7 @@ pub fn run(build: Build, source: Source) -> anyhow::Result<()> {
     let (upgraded, (ok, failed), drained) = std::thread::scope(|s| -> anyhow::Result<_> {
         let load = s.spawn(|| steady(&canary.client, &stop));
         std::thread::sleep(Duration::from_millis(300));
-        let args = AgentArgs { instance: Some("upgraded".into()), ..agent_args.clone() };
+        let args = AgentArgs { instance: Some("upgraded".into()), ..args_for(&cluster.node(1).name) };
         let upgraded = Agent::start(&agent_bin, &cluster, cluster.node(1), &args)?;
         upgraded.wait_until(|s| s.frontends >= 3)?;
         let signalled = Instant::now();

@@ -33,6 +33,10 @@ pub struct Config {
     pub agent_service_account: String,
 }
 
+/// How many decided requests the signer remembers before it forgets them all (a request
+/// decided already is recognised by its status then).
+const RECORDED_LIMIT: usize = 10_000;
+
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
@@ -160,6 +164,7 @@ pub async fn serve(client: Client, config: Config, signer: Arc<Signer>) -> anyho
             .default_backoff()
             .applied_objects();
     tokio::pin!(watch);
+    let mut recorded = std::collections::HashSet::new();
     while let Some(event) = watch.next().await {
         let csr = match event {
             Ok(csr) => csr,
@@ -168,13 +173,21 @@ pub async fn serve(client: Client, config: Config, signer: Arc<Signer>) -> anyho
                 continue;
             }
         };
-        if decided(&csr) {
+        let name = csr.metadata.name.clone().unwrap_or_default();
+        // The approval's own change comes back before the certificate is on the status: what
+        // this signer decided is not decided again. A request approved but left unsigned by an
+        // earlier signer is decided afresh.
+        if decided(&csr) || !recorded.insert(name.clone()) {
             continue;
         }
-        let name = csr.metadata.name.clone().unwrap_or_default();
+        if recorded.len() > RECORDED_LIMIT {
+            recorded.clear();
+            recorded.insert(name.clone());
+        }
         let decision = decide(&client, &config, &signer, &csr).await;
         if let Err(e) = record(&csrs, &name, decision).await {
             tracing::warn!(csr = %name, error = %e, "cannot record the decision on the CSR");
+            recorded.remove(&name);
         }
     }
     Ok(())

@@ -159,7 +159,7 @@ async fn the_signer_issues_a_node_ca_only_to_that_nodes_agent_and_says_why_not()
             "{reason} in the signer's log:\n{logged}"
         );
     }
-    assert!(logged.contains("node CA issued"), "{logged}");
+    assert_eq!(logged.matches("node CA issued").count(), 1, "one request granted, signed once:\n{logged}");
 
     // The root: the signer made it; the agents' token may not read it.
     let secrets: Api<Secret> = Api::namespaced(agent.clone(), NS);
