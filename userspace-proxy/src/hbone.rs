@@ -129,10 +129,10 @@ impl Mesh {
         let (Some(node), Some(_)) = (&self.config.node, &self.hbone) else {
             return Hop::Direct(target);
         };
-        let Some(dst_node) = dst.node.as_deref() else {
+        let Some(dst_node) = &dst.node else {
             return Hop::Direct(target);
         };
-        let Some(node_ip) = snapshot.nodes.get(dst_node) else {
+        let Some(node_ip) = snapshot.nodes.get(&**dst_node) else {
             return Hop::Refuse("the destination's node has no known address");
         };
         let Some(src) = snapshot.workloads.get(&client) else {
@@ -146,7 +146,8 @@ impl Mesh {
             src: src.identity().clone(),
             dst: dst.identity().clone(),
             node: SocketAddr::new(*node_ip, self.config.hbone_port),
-            node_name: dst_node.into(),
+            // The snapshot's own name, shared: a hop is made per request.
+            node_name: dst_node.clone(),
             target,
         }
     }
@@ -424,7 +425,11 @@ pub(crate) async fn serve_inbound(listener: TcpListener, inbound: Arc<Inbound>) 
         store: inbound.certs.clone(),
         trust_domain: inbound.config.trust_domain.clone(),
         // Only identities with a workload on this node get a certificate here.
-        allowed: Box::new(move |id| placed.of(&snapshot.borrow()).here.contains(id)),
+        allowed: Box::new(move |id| {
+            // Cloned out, so the snapshot channel is not held while a new placement is made.
+            let current = snapshot.borrow().clone();
+            placed.of(&current).here.contains(id)
+        }),
     };
     let config =
         server_config(inbound.certs.trust().clone(), &inbound.config.trust_domain, Arc::new(resolver))?;
