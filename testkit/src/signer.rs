@@ -78,6 +78,13 @@ impl Signer {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// SIGKILL: the signer is gone until another is started on the same directory (which
+    /// keeps the roots and the tokens).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Signer {

@@ -310,3 +310,48 @@ fn a_root_rotation_under_load_fails_no_request() {
     let direct = SocketAddr::from((mesh.canary.backends[1].0.ip, scenarios::TARGET_PORT));
     assert!(answered_from(&mesh.canary.client, direct), "traffic flows on the new root");
 }
+
+/// An agent that takes over from another (an upgrade) loads the data path only once it has its
+/// node CA: with the signer gone, the new agent waits and the old one goes on serving; once a
+/// signer is back, the new one takes over, and no request fails.
+#[test]
+fn an_upgraded_agent_takes_over_only_once_it_has_its_node_ca() {
+    if !require_privileged("take-over after the node CA") {
+        return;
+    }
+    let mut mesh = CanaryMesh::start(&Canary::route(50, 50), &[1, 2]);
+    let traffic = Traffic::start(&mesh);
+    std::thread::sleep(Duration::from_secs(1));
+    mesh.signer.kill();
+    let dir = mesh.signer.dir.clone();
+    let back = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        gammaray_testkit::signer::Signer::start(agent_bin(), &dir, &[]).expect("the signer again")
+    });
+    let args = gammaray_testkit::agent::AgentArgs {
+        manifests: Some(mesh.dir.clone()),
+        signer: Some(mesh.signer.access()),
+        instance: Some("new".into()),
+        ..Default::default()
+    };
+    // Returns once the new agent's control socket accepts: after the signer is back.
+    let mut new = start_agent(&mesh.cluster, 1, args);
+    let _signer = back.join().expect("the signer restarts");
+    let log = new.log_text();
+    let at =
+        |what: &str| log.find(what).unwrap_or_else(|| panic!("no {what:?} in the new agent's log:\n{log}"));
+    assert!(
+        at("node CA issued") < at("eBPF programs attached"),
+        "the new agent took over the data path before it had its node CA:\n{log}"
+    );
+    let old = &mut mesh.agents.iter_mut().find(|(n, _)| *n == 1).expect("node1's agent").1;
+    old.terminate();
+    assert!(
+        old.wait_exit(Duration::from_secs(20)).is_some_and(|s| s.success()),
+        "the old agent drains and exits"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let answered = traffic.finish_without_failures();
+    assert!(answered > 500, "the load ran through the hand-over: {answered} answers");
+    new.stop(Duration::from_secs(5));
+}
