@@ -53,11 +53,7 @@ impl NodeCa {
     /// The trust bundle as the signer publishes it.
     pub async fn bundle(&self) -> anyhow::Result<String> {
         match &self.way {
-            Way::Local(socket) => {
-                let answer =
-                    local::ask(socket, &local::Request { bundle: true, ..Default::default() }).await?;
-                answer.bundle.context("the signer sent no bundle")
-            }
+            Way::Local(socket) => local_bundle(socket).await,
             Way::Kube { client, namespace } => {
                 let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
                 let map = maps.get_opt(BUNDLE_CONFIGMAP).await.context("cannot read the trust bundle")?;
@@ -110,12 +106,12 @@ impl NodeCa {
     async fn follow_bundle(way: Way, tx: tokio::sync::watch::Sender<Option<String>>, every: Duration) {
         match way {
             Way::Local(socket) => loop {
-                match local::ask(&socket, &local::Request { bundle: true, ..Default::default() }).await {
-                    Ok(answer) => {
+                match local_bundle(&socket).await {
+                    Ok(pem) => {
                         tx.send_if_modified(|held| {
-                            let changed = answer.bundle.is_some() && *held != answer.bundle;
+                            let changed = held.as_ref() != Some(&pem);
                             if changed {
-                                held.clone_from(&answer.bundle);
+                                *held = Some(pem);
                             }
                             changed
                         });
@@ -181,7 +177,7 @@ impl NodeCa {
             if let Some(why) = due {
                 match self.issue().await {
                     Ok(ca) => {
-                        let not_after = humantime_secs(ca.not_after);
+                        let not_after = unix_secs(ca.not_after);
                         tracing::info!(node = %self.node, why, not_after, "node CA issued");
                         certs.set_issuer(Arc::new(ca));
                         backoff = Duration::from_millis(200);
@@ -203,7 +199,13 @@ impl NodeCa {
     }
 }
 
-fn humantime_secs(t: std::time::SystemTime) -> u64 {
+/// The bundle a local signer publishes.
+async fn local_bundle(socket: &std::path::Path) -> anyhow::Result<String> {
+    let answer = local::ask(socket, &local::Request { bundle: true, ..Default::default() }).await?;
+    answer.bundle.context("the signer sent no bundle")
+}
+
+fn unix_secs(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 

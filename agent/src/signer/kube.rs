@@ -202,78 +202,84 @@ fn decided(csr: &CertificateSigningRequest) -> bool {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Denied" || c.type_ == "Failed"))
 }
 
-/// Checks who asks and signs: the token is the agent's, bound to a pod of the agent's
+/// Checks who asks, then signs: the token is the agent's, bound to a pod of the agent's
 /// account, the request was created by that account, and the pod runs on the node asked for.
+/// Every refusal is logged once: here when it is about the requester, by [`Signer::sign`] when
+/// it is about the request.
 async fn decide(
     client: &Client,
     config: &Config,
     signer: &Signer,
     csr: &CertificateSigningRequest,
 ) -> Result<String, Refusal> {
-    let name = csr.metadata.name.as_deref().unwrap_or_default();
-    let requester = format!("CSR {name}");
-    let result = async {
-        let token =
-            csr.metadata.annotations.as_ref().and_then(|a| a.get(TOKEN_ANNOTATION)).ok_or_else(|| {
-                Refusal::Unauthenticated(format!("no token in the {TOKEN_ANNOTATION} annotation"))
-            })?;
-        let review = TokenReview {
-            spec: TokenReviewSpec { token: Some(token.clone()), audiences: Some(vec![SIGNER_NAME.into()]) },
-            ..Default::default()
-        };
-        let reviewed = Api::<TokenReview>::all(client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| Refusal::Signer(format!("TokenReview failed: {e}")))?;
-        let status = reviewed.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
-            let why = status.error.unwrap_or_else(|| "not authenticated".into());
-            return Err(Refusal::Unauthenticated(format!("the token is not valid: {why}")));
+    let requester = format!("CSR {}", csr.metadata.name.as_deref().unwrap_or_default());
+    match authenticate(client, config, csr).await {
+        Ok((node, pod)) => {
+            // Not PEM is the request's fault, which the review says.
+            let request = String::from_utf8_lossy(&csr.spec.request.0);
+            signer.sign(&request, &node, &format!("{requester} from pod {pod}"))
         }
-        let user = status.user.unwrap_or_default();
-        let username = user.username.unwrap_or_default();
-        let agent = format!("system:serviceaccount:{}:{}", config.namespace, config.agent_service_account);
-        if username != agent {
-            return Err(Refusal::NotAnAgent(format!("the token is {username}'s, not {agent}'s")));
+        Err(refusal) => {
+            super::refused(&refusal, &requester);
+            Err(refusal)
         }
-        if csr.spec.username.as_deref() != Some(username.as_str()) {
-            return Err(Refusal::NotAnAgent(format!(
-                "the request was created by {}, not by the token's account",
-                csr.spec.username.as_deref().unwrap_or("nobody")
-            )));
-        }
-        let extra = user.extra.unwrap_or_default();
-        let one = |k: &str| extra.get(k).and_then(|v| v.first().cloned());
-        let (Some(pod_name), Some(pod_uid)) = (one(POD_NAME), one(POD_UID)) else {
-            return Err(Refusal::Unauthenticated("the token is not bound to a pod".into()));
-        };
-        let pods: Api<Pod> = Api::namespaced(client.clone(), &config.namespace);
-        let pod = pods
-            .get_opt(&pod_name)
-            .await
-            .map_err(|e| Refusal::Signer(format!("cannot read pod {pod_name}: {e}")))?
-            .ok_or_else(|| {
-                Refusal::Unauthenticated(format!("the token's pod {pod_name} no longer exists"))
-            })?;
-        if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
-            return Err(Refusal::Unauthenticated(format!("the token's pod {pod_name} was replaced")));
-        }
-        let node = pod
-            .spec
-            .and_then(|s| s.node_name)
-            .ok_or_else(|| Refusal::NotAnAgent(format!("pod {pod_name} is not scheduled to a node")))?;
-        let request = String::from_utf8(csr.spec.request.0.clone())
-            .map_err(|_| Refusal::Malformed("the request is not PEM".into()))?;
-        signer.sign(&request, &node, &format!("{requester} from pod {pod_name}"))
     }
-    .await;
-    if let Err(refusal) = &result
-        && !matches!(refusal, Refusal::OtherNode { .. } | Refusal::Names { .. } | Refusal::Malformed(_))
-    {
-        // `sign` logged those it decided itself.
-        super::refused(refusal, &requester);
+}
+
+/// The node of the agent that made `csr`, and its pod, or why it is not one.
+async fn authenticate(
+    client: &Client,
+    config: &Config,
+    csr: &CertificateSigningRequest,
+) -> Result<(String, String), Refusal> {
+    let token =
+        csr.metadata.annotations.as_ref().and_then(|a| a.get(TOKEN_ANNOTATION)).ok_or_else(|| {
+            Refusal::Unauthenticated(format!("no token in the {TOKEN_ANNOTATION} annotation"))
+        })?;
+    let review = TokenReview {
+        spec: TokenReviewSpec { token: Some(token.clone()), audiences: Some(vec![SIGNER_NAME.into()]) },
+        ..Default::default()
+    };
+    let reviewed = Api::<TokenReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .map_err(|e| Refusal::Signer(format!("TokenReview failed: {e}")))?;
+    let status = reviewed.status.unwrap_or_default();
+    if status.authenticated != Some(true) {
+        let why = status.error.unwrap_or_else(|| "not authenticated".into());
+        return Err(Refusal::Unauthenticated(format!("the token is not valid: {why}")));
     }
-    result
+    let user = status.user.unwrap_or_default();
+    let username = user.username.unwrap_or_default();
+    let agent = format!("system:serviceaccount:{}:{}", config.namespace, config.agent_service_account);
+    if username != agent {
+        return Err(Refusal::NotAnAgent(format!("the token is {username}'s, not {agent}'s")));
+    }
+    if csr.spec.username.as_deref() != Some(username.as_str()) {
+        return Err(Refusal::NotAnAgent(format!(
+            "the request was created by {}, not by the token's account",
+            csr.spec.username.as_deref().unwrap_or("nobody")
+        )));
+    }
+    let extra = user.extra.unwrap_or_default();
+    let one = |k: &str| extra.get(k).and_then(|v| v.first().cloned());
+    let (Some(pod_name), Some(pod_uid)) = (one(POD_NAME), one(POD_UID)) else {
+        return Err(Refusal::Unauthenticated("the token is not bound to a pod".into()));
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &config.namespace);
+    let pod = pods
+        .get_opt(&pod_name)
+        .await
+        .map_err(|e| Refusal::Signer(format!("cannot read pod {pod_name}: {e}")))?
+        .ok_or_else(|| Refusal::Unauthenticated(format!("the token's pod {pod_name} no longer exists")))?;
+    if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
+        return Err(Refusal::Unauthenticated(format!("the token's pod {pod_name} was replaced")));
+    }
+    let node = pod
+        .spec
+        .and_then(|s| s.node_name)
+        .ok_or_else(|| Refusal::NotAnAgent(format!("pod {pod_name} is not scheduled to a node")))?;
+    Ok((node, pod_name))
 }
 
 /// Approves and signs, or denies with the reason.

@@ -153,6 +153,7 @@ async fn the_signer_issues_a_node_ca_only_to_that_nodes_agent_and_says_why_not()
     );
 
     let logged = signer_log();
+    assert_eq!(logged.matches("node CA request refused").count(), 5, "each refusal logged once:\n{logged}");
     for reason in ["OtherNode", "Unauthenticated", "UnexpectedNames", "NotAnAgent"] {
         assert!(
             logged.contains(reason) && logged.contains("node CA request refused"),
